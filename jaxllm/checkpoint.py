@@ -1,0 +1,165 @@
+"""The Flax checkpoint layout, defined once for the trainer, the converter and `jaxllm.load`.
+
+A checkpoint directory is an Orbax `CheckpointManager` directory: one numbered subdirectory per
+saved step, each with up to three items:
+
+- `params`: `{"params": <nested dict of nnx.Param>, "router_bias": <nested dict of RouterBias>}`,
+  the Flax layout of `jaxllm.model` (layers stacked, kernels `[in, out]`), float32 master weights;
+- `train_state` (written by training only): `{"opt_state": ..., "step": int, "rng": key data}`;
+- `meta` (JSON): `{"format": 1, "config": <config.json dict>, "data": <data position>,
+  "tokenizer": <what the tokenizer was loaded from, or null>, "step": int}`.
+
+A checkpoint written by `convert/torch_to_flax.py` has `params` and `meta` only; training
+started from it (`--init-from`) builds a fresh optimizer state. Saves are atomic (Orbax writes a
+temporary directory and renames it when complete), so an interrupted save never shadows the
+previous step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxllm.config import LLMConfig
+
+FORMAT_VERSION = 1
+ITEMS = ("params", "train_state", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used (missing, empty, corrupt, another model)."""
+
+
+def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, create: bool = True,
+            async_save: bool = False) -> ocp.CheckpointManager:
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint path {ckpt_dir} exists and is not a directory")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+
+
+def split_weights(model) -> dict[str, Any]:
+    """The `params` item of a model: parameters and router biases, as nested pure dicts."""
+    from jaxllm.model import RouterBias
+
+    return {
+        "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        "router_bias": nnx.to_pure_dict(nnx.state(model, RouterBias)),
+    }
+
+
+def save(mngr: ocp.CheckpointManager, step: int, *, weights: dict, config: LLMConfig,
+         train_state: dict | None = None, data: dict | None = None, tokenizer: str | None = None,
+         force: bool = False) -> bool:
+    """Save one step. `weights` is `split_weights(model)` (or arrays of the same structure)."""
+    meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "data": data or {},
+            "tokenizer": tokenizer, "step": int(step)}
+    items = {"params": ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta)}
+    if train_state is not None:
+        items["train_state"] = ocp.args.StandardSave(train_state)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _require_steps(ckpt_dir: str) -> None:
+    if not os.path.exists(ckpt_dir):
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint path {ckpt_dir} is not a directory")
+
+
+def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
+    ckpt_dir = os.fspath(ckpt_dir)
+    _require_steps(ckpt_dir)
+    return manager(ckpt_dir, create=False).latest_step()
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot read its metadata ({e})") from e
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: metadata has no model config")
+    return meta
+
+
+def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {mngr.directory} (an empty or non-Orbax directory)")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise CheckpointError(f"step {step} not in {mngr.directory}; saved steps: {sorted(steps)}")
+    return step
+
+
+def restore_weights(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
+    """Restore the `params` item onto `target` (arrays or `jax.ShapeDtypeStruct`s, possibly with
+    shardings); a shape mismatch raises CheckpointError naming the tensor."""
+    _check_shapes(mngr, step, "params", target)
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot restore weights ({e})") from e
+
+
+def _check_shapes(mngr, step, item, target) -> None:
+    try:
+        meta = mngr.item_metadata(step)[item]
+    except Exception:  # noqa: BLE001 - fall back to Orbax's own errors
+        return
+    if meta is None:
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} has no '{item}' item")
+    want = jax.tree_util.tree_flatten_with_path(target)[0]
+    have = dict(jax.tree_util.tree_flatten_with_path(meta)[0])
+    for path, leaf in want:
+        if path not in have:
+            raise CheckpointError(f"checkpoint step {step}: missing tensor {jax.tree_util.keystr(path)}")
+        shape = tuple(getattr(have[path], "shape", ()) or ())
+        if shape != tuple(leaf.shape):
+            raise CheckpointError(
+                f"checkpoint step {step}: tensor {jax.tree_util.keystr(path)} has shape {shape}, the model "
+                f"expects {tuple(leaf.shape)} (a checkpoint of another model size?)")
+
+
+def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
+    """`model, config = jaxllm.load(ckpt_dir)`: the model of a checkpoint written by training or by
+    `convert/torch_to_flax.py` (latest step unless `step`). `model_kw` go to `CustomLLM` (dtype,
+    moe_impl, ...)."""
+    from jaxllm.model import create_model
+
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    _require_steps(ckpt_dir)
+    mngr = manager(ckpt_dir, create=False)
+    step = resolve_step(mngr, step)
+    meta = read_meta(mngr, step)
+    config = LLMConfig.from_dict(meta["config"])
+    model = create_model(config, abstract=True, **model_kw)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), split_weights(model))
+    weights = restore_weights(mngr, step, target)
+    set_split_weights(model, weights)
+    return model, config
+
+
+def set_split_weights(model, weights: dict) -> None:
+    from jaxllm.model import RouterBias
+
+    for kind, key in ((nnx.Param, "params"), (RouterBias, "router_bias")):
+        state = nnx.state(model, kind)
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x), weights[key]))
+        nnx.update(model, state)
+
+
+def to_numpy_tree(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

@@ -1,0 +1,414 @@
+"""CustomLLM in Flax NNX: Multi-Head Latent Attention + DeepSeekMoE (ARCHITECTURE.md).
+
+Layout chosen for speed, mapped to the canonical PyTorch names by `convert/`:
+- the decoder layers are stored stacked (every parameter has a leading `layers` axis) and run
+  under `jax.lax.scan`, so compile time does not grow with the depth;
+- linear kernels are `[in, out]`; experts are stacked `[experts, in, out]`;
+- every parameter carries its logical axis names (`axes` metadata); `jaxllm.sharding` maps them to
+  mesh axes through one rules table.
+
+Shape suffixes in names: B batch, T query tokens, S key tokens, D hidden, H heads, L layers,
+E experts, N flattened tokens, K experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import LLMConfig
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+class RouterBias(nnx.Variable):
+    """Expert-choice bias of auxiliary-loss-free balancing: state, never touched by the optimizer
+    (which only sees `nnx.Param`)."""
+
+
+def _normal_param(rngs: nnx.Rngs, shape, std, dtype, axes) -> nnx.Param:
+    """A Normal(0, std) parameter. The `init` metadata lets `create_model` draw every parameter
+    from one random call (fast to compile) instead of one per parameter."""
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes, init=("normal", std))
+
+
+class Dense(nnx.Module):
+    """A bias-free (unless asked) linear layer with an `[*lead, in, out]` kernel; `lead` is the
+    stacked `layers` (and `experts`) axes."""
+
+    def __init__(self, d_in, d_out, axes, *, rngs, std, lead=(), use_bias=False,
+                 dtype=F32, param_dtype=F32):
+        self.kernel = _normal_param(rngs, (*lead, d_in, d_out), std, param_dtype, axes)
+        self.bias = nnx.Param(jnp.zeros((*lead, d_out), param_dtype), axes=axes[:-2] + axes[-1:],
+                              init=("zeros",)) \
+            if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: Array, out_dtype=None) -> Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """`w * x / sqrt(mean(x^2) + eps)` in float32, cast back to the input dtype."""
+
+    def __init__(self, dim, eps, *, lead=(), param_dtype=F32):
+        self.weight = nnx.Param(jnp.ones((*lead, dim), param_dtype), axes=("layers", "norm")[-1 - len(lead):],
+                                init=("ones",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(F32) * y).astype(x.dtype)
+
+
+def rope_tables(positions_BT: Array, dim: int, theta: float) -> tuple[Array, Array]:
+    """cos, sin [B, T, dim] of rotate-half RoPE: `inv_freq[i] = theta^(-2i/dim)`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
+    freqs = positions_BT.astype(F32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BTHd: Array, cos_BTd: Array, sin_BTd: Array) -> Array:
+    x = x_BTHd.astype(F32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos_BTd[:, :, None] + rotated * sin_BTd[:, :, None]).astype(x_BTHd.dtype)
+
+
+class LayerCache(NamedTuple):
+    """MLA's latent cache for one layer (or all layers, stacked on a leading axis): only `c_kv`
+    and the rotated `k_rope` are kept, never full keys and values."""
+
+    c_kv: Array  # [B, S_max, latent]
+    k_rope: Array  # [B, S_max, H, rope]
+
+
+class MultiHeadLatentAttention(nnx.Module):
+    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32):
+        std = c.initializer_range
+        D, lat, H = c.hidden_size, c.latent_dim, c.num_attention_heads
+        la = ("layers",) * len(lead)
+        mk = functools.partial(Dense, rngs=rngs, std=std, lead=lead, dtype=dtype, param_dtype=param_dtype)
+        self.kv_proj_d = mk(D, lat, la + ("embed", "kv_lora"))
+        self.q_proj_d = mk(D, lat, la + ("embed", "q_lora"))
+        self.k_proj_u = mk(lat, H * c.nope_head_dim, la + ("kv_lora", "heads"))
+        self.v_proj_u = mk(lat, H * c.v_head_dim, la + ("kv_lora", "heads"))
+        self.q_proj_u = mk(lat, H * c.nope_head_dim, la + ("q_lora", "heads"))
+        self.rope_k = mk(D, H * c.rope_head_dim, la + ("embed", "heads"))
+        self.rope_q = mk(lat, H * c.rope_head_dim, la + ("q_lora", "heads"))
+        self.o_proj = mk(H * c.v_head_dim, D, la + ("heads", "embed"))
+        self.num_heads, self.nope, self.rope, self.dv = H, c.nope_head_dim, c.rope_head_dim, c.v_head_dim
+        self.theta = c.rope_theta
+        self.scale = (c.nope_head_dim + c.rope_head_dim) ** -0.5
+        self.dtype = dtype
+
+    def __call__(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array | None,
+                 cache: LayerCache | None = None, cache_index: Array | None = None):
+        B, T, _ = x_BTD.shape
+        H = self.num_heads
+        c_q = self.q_proj_d(x_BTD)  # [B, T, latent]
+        c_kv = self.kv_proj_d(x_BTD)  # [B, T, latent]
+        cos, sin = rope_tables(positions_BT, self.rope, self.theta)
+        q_nope = self.q_proj_u(c_q).reshape(B, T, H, self.nope)
+        q_rope = apply_rope(self.rope_q(c_q).reshape(B, T, H, self.rope), cos, sin)
+        k_rope = apply_rope(self.rope_k(x_BTD).reshape(B, T, H, self.rope), cos, sin)
+        new_cache = None
+        if cache is not None:
+            c_kv = jax.lax.dynamic_update_slice_in_dim(cache.c_kv, c_kv.astype(cache.c_kv.dtype), cache_index, 1)
+            k_rope = jax.lax.dynamic_update_slice_in_dim(cache.k_rope, k_rope.astype(cache.k_rope.dtype), cache_index, 1)
+            new_cache = LayerCache(c_kv, k_rope)
+        S = c_kv.shape[1]
+        k_nope = self.k_proj_u(c_kv).reshape(B, S, H, self.nope)
+        v = self.v_proj_u(c_kv).reshape(B, S, H, self.dv)
+        q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)  # [B, T, H, nope+rope]
+        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)  # [B, S, H, nope+rope]
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) * self.scale
+        if mask_BTS is None:  # plain causal self-attention (T == S)
+            mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
+        logits = jnp.where(mask_BTS[:, None], logits, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        o = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * self.dv)
+        return self.o_proj(o), new_cache
+
+
+class Experts(nnx.Module):
+    """A stack of SwiGLU experts: `down(silu(gate(x)) * up(x))`, kernels `[*lead, E, in, out]`."""
+
+    def __init__(self, n, d, f, *, rngs, std, lead=(), dtype=F32, param_dtype=F32):
+        la = ("layers",) * len(lead)
+        shape = (*lead, n)
+        self.gate_proj = _normal_param(rngs, (*shape, d, f), std, param_dtype, la + ("exp", "embed", "mlp"))
+        self.up_proj = _normal_param(rngs, (*shape, d, f), std, param_dtype, la + ("exp", "embed", "mlp"))
+        self.down_proj = _normal_param(rngs, (*shape, f, d), std, param_dtype, la + ("exp", "mlp", "embed"))
+        self.dtype = dtype
+
+    def weights(self):
+        return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+
+def swiglu(x, wg, wu, wd, up: str, down: str):
+    """Batched SwiGLU expert(s): `down(silu(x @ wg) * (x @ wu))` with explicit einsum specs."""
+    h = jax.nn.silu(jnp.einsum(up, x, wg)) * jnp.einsum(up, x, wu)
+    return jnp.einsum(down, h, wd)
+
+
+def route(scores_NE: Array, router_bias_E: Array, k: int) -> tuple[Array, Array]:
+    """Top-k of `scores + router_bias` (ties to the lower index: `lax.top_k` is stable); weights
+    are the chosen unbiased scores normalised to sum to 1. Everything float32."""
+    _, chosen_NK = jax.lax.top_k(scores_NE + router_bias_E, k)
+    w_NK = jnp.take_along_axis(scores_NE, chosen_NK, axis=-1)
+    return chosen_NK, w_NK / jnp.sum(w_NK, axis=-1, keepdims=True)
+
+
+def balance_loss(scores_BTE: Array, chosen_BTK: Array, E: int) -> Array:
+    """DeepSeek-V3 sequence-wise balance loss per sequence: sum_e f_e * P_e, [B]."""
+    _, T, K = chosen_BTK.shape
+    counts_BE = jax.nn.one_hot(chosen_BTK, E, dtype=F32).sum(axis=(1, 2))
+    f_BE = counts_BE * (E / (K * T))
+    p_BE = jnp.mean(scores_BTE / jnp.sum(scores_BTE, -1, keepdims=True), axis=1)
+    return jnp.sum(f_BE * p_BE, axis=-1)
+
+
+def dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
+    """Reference: every routed expert on every token, masked by the routing weights."""
+    E = wg.shape[0]
+    combine_NE = jnp.sum(jax.nn.one_hot(chosen_NK, E, dtype=F32) * w_NK[..., None], axis=1)
+    y_END = swiglu(x_ND, wg, wu, wd, "nd,edf->enf", "enf,efd->end")
+    return jnp.einsum("ne,end->nd", combine_NE.astype(y_END.dtype), y_END)
+
+
+def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
+    """Dropless sparse dispatch with static shapes: the N*K (token, slot) assignments are sorted by
+    expert, each expert's rows padded to a multiple of `block`, and one batched matmul runs over
+    the blocks, each with its expert's weights. Work grows with K, not with E; exact."""
+    N, K = chosen_NK.shape
+    E, D = wg.shape[0], x_ND.shape[1]
+    M = N * K
+    e_M = chosen_NK.reshape(M)
+    order_M = jnp.argsort(e_M, stable=True)
+    e_sorted = e_M[order_M]
+    counts_E = jnp.bincount(e_M, length=E)
+    padded_E = (counts_E + block - 1) // block * block
+    pad_end_E = jnp.cumsum(padded_E)
+    rank_M = jnp.arange(M) - (jnp.cumsum(counts_E) - counts_E)[e_sorted]
+    dest_sorted = (pad_end_E - padded_E)[e_sorted] + rank_M  # row of each sorted assignment
+    n_blocks = (M + E * (block - 1)) // block  # static upper bound on sum(padded_E) / block
+    P = n_blocks * block
+    src_P = jnp.full((P,), N, jnp.int32).at[dest_sorted].set((order_M // K).astype(jnp.int32))
+    x_PD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[src_P]
+    block_expert = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
+    y_PD = swiglu(x_PD.reshape(n_blocks, block, D), wg[block_expert], wu[block_expert], wd[block_expert],
+                  "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(P, D)
+    dest_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_sorted.astype(jnp.int32))
+    y_NKD = y_PD[dest_M].reshape(N, K, D)
+    return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
+
+
+class DeepSeekMoE(nnx.Module):
+    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32,
+                 moe_impl: str = "sparse", moe_block: int = 64):
+        if moe_impl not in ("sparse", "dense"):
+            raise ValueError(f"moe_impl must be 'sparse' or 'dense', got {moe_impl!r}")
+        la = ("layers",) * len(lead)
+        std = c.initializer_range
+        kw = dict(rngs=rngs, std=std, lead=lead, dtype=dtype, param_dtype=param_dtype)
+        self.shared_experts = Experts(c.num_shared_experts, c.hidden_size, c.intermediate_size, **kw) \
+            if c.num_shared_experts else None
+        self.routed_experts = Experts(c.num_routed_experts, c.hidden_size, c.intermediate_size, **kw)
+        self.router = Dense(c.hidden_size, c.num_routed_experts, la + ("embed", "exp_router"),
+                            rngs=rngs, std=std, lead=lead, dtype=F32, param_dtype=param_dtype)
+        self.router_bias = RouterBias(jnp.zeros((*lead, c.num_routed_experts), F32), axes=la + ("exp_router",),
+                                      init=("zeros",))
+        self.k, self.E = c.num_experts_per_tok, c.num_routed_experts
+        self.moe_impl, self.moe_block = moe_impl, moe_block
+
+    def __call__(self, x_BTD: Array):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D).astype(self.routed_experts.dtype)
+        out_ND = jnp.zeros_like(x_ND)
+        if self.shared_experts is not None:
+            y_SND = swiglu(x_ND, *self.shared_experts.weights(), "nd,edf->enf", "enf,efd->end")
+            out_ND = out_ND + jnp.sum(y_SND, axis=0)
+        scores_NE = jax.nn.sigmoid(self.router(x_BTD.reshape(B * T, D).astype(F32)))
+        chosen_NK, w_NK = route(scores_NE, self.router_bias[...], self.k)
+        wg, wu, wd = self.routed_experts.weights()
+        if self.moe_impl == "dense":
+            routed = dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
+        else:
+            routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
+        out_ND = out_ND + routed
+        aux_B = balance_loss(scores_NE.reshape(B, T, self.E), chosen_NK.reshape(B, T, self.k), self.E)
+        counts_E = jnp.bincount(chosen_NK.reshape(-1), length=self.E)
+        return out_ND.reshape(B, T, D).astype(x_BTD.dtype), aux_B, counts_E
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: `h + attn(norm(h))`, then `h + moe(norm(h))`."""
+
+    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32, **moe_kw):
+        self.self_attn = MultiHeadLatentAttention(c, rngs=rngs, lead=lead, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = DeepSeekMoE(c, rngs=rngs, lead=lead, dtype=dtype, param_dtype=param_dtype, **moe_kw)
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, lead=lead, param_dtype=param_dtype)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, lead=lead, param_dtype=param_dtype)
+
+    def __call__(self, h, positions, mask, cache=None, cache_index=None):
+        a, new_cache = self.self_attn(self.input_norm(h), positions, mask, cache, cache_index)
+        h = h + a
+        m, aux_B, counts_E = self.mlp(self.post_attn_norm(h))
+        return h + m, aux_B, counts_E, new_cache
+
+
+class ModelOutput(NamedTuple):
+    logits: Array  # [B, T, V] float32
+    aux_loss: Array  # [B] balance loss per sequence, summed over layers (before the coefficient)
+    expert_counts: Array  # [L, E] (token, slot) assignments per layer and routed expert
+    cache: LayerCache | None = None  # stacked over layers when decoding
+
+
+class CustomLLM(nnx.Module):
+    """The Flax model. `model(input_ids)` gives float32 logits `[B, T, vocab]`; `model.forward`
+    also returns the balance loss and expert loads.
+
+    Runtime settings (not part of the config): `dtype` (compute: float32 or bfloat16; norms,
+    router, softmax and logits stay float32), `param_dtype` (master weights), `moe_impl`
+    ("sparse" or "dense" routed-expert dispatch, equal results), `moe_block` (rows per block of
+    the sparse dispatch), `remat` (recompute each layer in the backward pass to save memory).
+    """
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype=F32, param_dtype=F32,
+                 moe_impl: str = "sparse", moe_block: int = 64, remat: bool = False):
+        c = self.config = config
+        std = c.initializer_range
+        self.token_embeddings = _normal_param(rngs, (c.vocab_size, c.hidden_size), std, param_dtype,
+                                              ("vocab", "embed"))
+        self.position_embeddings = _normal_param(rngs, (c.max_position_embeddings, c.hidden_size), std,
+                                                 param_dtype, ("positions", "embed"))
+        self.decoder_layers = DecoderLayer(c, rngs=rngs, lead=(c.num_hidden_layers,), dtype=dtype,
+                                           param_dtype=param_dtype, moe_impl=moe_impl, moe_block=moe_block)
+        self.lm_head = Dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, std=std,
+                             use_bias=c.lm_head_bias, dtype=dtype, param_dtype=param_dtype)
+        self.dtype, self.remat = dtype, remat
+
+    def __call__(self, input_ids: Array, **kw) -> Array:
+        return self.forward(input_ids, **kw).logits
+
+    def forward(self, input_ids: Array, *, positions: Array | None = None, dropout_rng: Array | None = None,
+                attention_mask: Array | None = None, cache: LayerCache | None = None,
+                cache_index: Array | int = 0) -> ModelOutput:
+        """input_ids [B, T]. `positions` default to `cache_index + arange(T)`. `dropout_rng` turns
+        embedding dropout on (training). With `cache` (stacked `[L, B, S_max, ...]`), the new
+        tokens are written at `cache_index` and attend to every earlier cached token whose
+        `attention_mask` [B, S_max] is true."""
+        c = self.config
+        B, T = input_ids.shape
+        if positions is None:
+            positions = cache_index + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        h = self.token_embeddings[...][input_ids] + self.position_embeddings[...][positions]
+        if dropout_rng is not None and c.embedding_dropout > 0:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - c.embedding_dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - c.embedding_dropout), 0.0)
+        h = h.astype(self.dtype)
+        mask = None
+        if cache is not None:
+            S = cache.c_kv.shape[2]
+            q_idx = cache_index + jnp.arange(T)
+            mask = jnp.arange(S)[None, :] <= q_idx[:, None]  # [T, S] causal over the cache
+            mask = mask[None] if attention_mask is None else mask[None] & attention_mask[:, None, :].astype(bool)
+        elif attention_mask is not None:
+            mask = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :].astype(bool)
+        if mask is not None:  # a query that sees no key (a pad) sees all keys, to stay finite
+            mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+
+        graphdef, layer_state = nnx.split(self.decoder_layers)
+
+        def body(h, xs):
+            state, layer_cache = xs
+            layer = nnx.merge(graphdef, state)
+            h, aux_B, counts_E, new_cache = layer(h, positions, mask, layer_cache, cache_index)
+            return h, (aux_B, counts_E, new_cache)
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        h, (aux_LB, counts_LE, new_cache) = jax.lax.scan(body, h, (layer_state, cache))
+        logits = self.lm_head(h, out_dtype=F32)
+        return ModelOutput(logits.astype(F32), jnp.sum(aux_LB, axis=0), counts_LE, new_cache)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> LayerCache:
+        """An empty latent cache for `max_len` tokens: 576 numbers per token and layer for
+        `seed-973m` (latent 192 + 12 heads x 32 rope dims)."""
+        c = self.config
+        dtype = dtype or self.dtype
+        L = c.num_hidden_layers
+        return LayerCache(jnp.zeros((L, batch_size, max_len, c.latent_dim), dtype),
+                          jnp.zeros((L, batch_size, max_len, c.num_attention_heads, c.rope_head_dim), dtype))
+
+
+def lm_loss_sums(logits_BTV: Array, labels_BT: Array) -> tuple[Array, Array]:
+    """Sum of the shifted causal-LM cross-entropy over labels that are not -100, and their count."""
+    logits = logits_BTV[:, :-1].astype(F32)
+    labels = labels_BT[:, 1:]
+    valid = labels != -100
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
+
+
+def loss_fn(model: CustomLLM, input_ids, labels=None, **kw):
+    """ARCHITECTURE.md's loss: mean shifted cross-entropy + `router_aux_loss_coef` x the balance
+    loss (mean over sequences). Returns (loss, (lm_loss, aux_loss, expert_counts))."""
+    out = model.forward(input_ids, **kw)
+    ce_sum, n = lm_loss_sums(out.logits, input_ids if labels is None else labels)
+    lm = ce_sum / n
+    aux = jnp.mean(out.aux_loss)
+    return lm + model.config.router_aux_loss_coef * aux, (lm, aux, out.expert_counts)
+
+
+def create_model(config: LLMConfig, *, seed: int = 0, abstract: bool = False, shardings=None,
+                 **model_kw) -> CustomLLM:
+    """A freshly initialised model (ARCHITECTURE.md's scheme: Normal(0, initializer_range) for
+    linear weights and embeddings, zeros for biases and `router_bias`, ones for norms).
+
+    All normal draws come from one `jax.random.normal` call inside one `jit` (XLA compiles one
+    random call per parameter slowly on CPU). `shardings`, a function from the abstract state to
+    a pytree of shardings, places every array where it belongs as it is created.
+    `abstract=True` allocates nothing: every variable is a `jax.ShapeDtypeStruct`."""
+    model = nnx.eval_shape(lambda: CustomLLM(config, rngs=nnx.Rngs(seed), **model_kw))
+    if abstract:
+        return model
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    specs = [(v.get_metadata().get("init", ("zeros",)), v.get_value().shape, v.get_value().dtype) for v in leaves]
+    total = sum(math.prod(shape) for (kind, *_), shape, _ in specs if kind == "normal")
+
+    def fill():
+        flat = jax.random.normal(jax.random.key(seed), (total,), F32)
+        values, offset = [], 0
+        for (kind, *args), shape, dtype in specs:
+            if kind == "normal":
+                n = math.prod(shape)
+                values.append((args[0] * flat[offset:offset + n]).reshape(shape).astype(dtype))
+                offset += n
+            else:
+                values.append((jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype))
+        return values
+
+    out_shardings = None
+    if shardings is not None:
+        out_shardings = jax.tree_util.tree_leaves(shardings(state))
+    values = jax.jit(fill, out_shardings=out_shardings)()
+    for var, value in zip(leaves, values):
+        var.set_value(value)
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))

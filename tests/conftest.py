@@ -1,0 +1,28 @@
+"""Test set-up: 8 simulated CPU devices (sharding tests), full float32 matmuls (parity tests),
+no network (Hugging Face offline)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+ASSETS = SHARED / "assets"
+
+
+@pytest.fixture
+def assets():
+    """../shared/assets, or a skip with a clear reason where it does not exist (a user's clone)."""
+    if not ASSETS.is_dir():
+        pytest.skip(f"{ASSETS} not present (only the project's development checkout has it)")
+    return ASSETS

@@ -1,0 +1,85 @@
+"""The one configuration: presets, exact parameter counts, JSON on both sides, clear errors."""
+
+import json
+
+import pytest
+
+from jaxllm.config import PRESETS, LLMConfig, count_params
+
+
+def test_seed_preset_has_the_seed_documents_parameter_count():
+    assert count_params(LLMConfig.from_preset("seed-973m")) == 973_122_048
+
+
+def test_small_preset_is_a_cpu_demo_size():
+    assert 10e6 <= count_params(LLMConfig.from_preset("small")) <= 40e6
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_change_sizes_not_structure(name):
+    c = LLMConfig.from_preset(name)
+    assert (c.num_shared_experts, c.num_routed_experts, c.num_experts_per_tok) == (1, 7, 2)
+    assert c.lm_head_bias and not c.tie_word_embeddings
+
+
+def test_count_params_matches_an_abstract_flax_model():
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxllm.model import create_model
+
+    c = LLMConfig.from_preset("seed-973m")
+    abstract = create_model(c, abstract=True)  # allocates nothing
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert n == count_params(c) == 973_122_048
+
+
+def test_json_round_trip_is_identity(tmp_path):
+    c = LLMConfig.from_preset("tiny", rope_theta=5000.0)
+    p = tmp_path / "config.json"
+    p.write_text(c.to_json_string())
+    assert LLMConfig.from_json_file(p) == c
+    assert json.loads(p.read_text())["model_type"] == "customllm"
+
+
+def test_same_config_json_on_both_sides(tmp_path):
+    from torch_ref import CustomLLMConfig
+
+    c = LLMConfig.from_preset("tiny")
+    hf = CustomLLMConfig.from_llm_config(c)
+    hf.save_pretrained(tmp_path)
+    back = LLMConfig.from_json_file(tmp_path / "config.json")  # HF's extra keys are ignored
+    assert back == c
+    assert CustomLLMConfig.from_pretrained(tmp_path).to_llm_config() == c
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers"),
+    ({"num_experts_per_tok": 8}, "num_experts_per_tok"),
+    ({"rope_head_dim": 7}, "rope_head_dim"),
+    ({"v_head_dim": 10}, "v_head_dim"),
+    ({"latent_dim": 4096}, "latent_dim"),
+    ({"embedding_dropout": 1.5}, "embedding_dropout"),
+    ({"eos_token_id": 10**6}, "eos_token_id"),
+    ({"vocab_size": 3.5}, "vocab_size"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+])
+def test_invalid_values_raise_valueerror_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        LLMConfig.from_preset("tiny", **overrides)
+
+
+def test_unknown_preset_and_unknown_field_are_named():
+    with pytest.raises(ValueError, match="huge"):
+        LLMConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="hidden_szie"):
+        LLMConfig.from_dict({"hidden_szie": 12})
+
+
+def test_torch_config_validates_too():
+    from torch_ref import CustomLLMConfig
+
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        CustomLLMConfig.from_preset("tiny", num_experts_per_tok=9)

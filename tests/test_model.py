@@ -1,0 +1,265 @@
+"""The Flax model and the PyTorch reference compute the same thing (ARCHITECTURE.md)."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from helpers import model_pair, rel_err
+from jaxllm.config import LLMConfig
+from jaxllm.model import apply_rope, balance_loss, create_model, loss_fn, rope_tables, route
+
+SEED_TREE = """\
+CustomLLM(
+  (token_embeddings): Embedding(49152, 768)
+  (position_embeddings): Embedding(2048, 768)
+  (dropout): Dropout(p=0.1, inplace=False)
+  (decoder_layers): ModuleList(
+    (0-29): 30 x DecoderLayer(
+      (self_attn): MultiHeadLatentAttention(
+        (kv_proj_d): Linear(in_features=768, out_features=192, bias=False)
+        (q_proj_d): Linear(in_features=768, out_features=192, bias=False)
+        (k_proj_u): Linear(in_features=192, out_features=384, bias=False)
+        (v_proj_u): Linear(in_features=192, out_features=768, bias=False)
+        (q_proj_u): Linear(in_features=192, out_features=384, bias=False)
+        (rope_k): Linear(in_features=768, out_features=384, bias=False)
+        (rope_q): Linear(in_features=192, out_features=384, bias=False)
+        (o_proj): Linear(in_features=768, out_features=768, bias=False)
+        (rotary_emb): RotaryEmbedding()
+      )
+      (mlp): LlamaMLP(
+        (moe): DeepSeekMoE(
+          (shared_experts): ModuleList(
+            (0): DeepSeekExpertLayer(
+              (gate_proj): Linear(in_features=768, out_features=1536, bias=False)
+              (up_proj): Linear(in_features=768, out_features=1536, bias=False)
+              (down_proj): Linear(in_features=1536, out_features=768, bias=False)
+              (act_fn): SiLU()
+            )
+          )
+          (routed_experts): ModuleList(
+            (0-6): 7 x DeepSeekExpertLayer(
+              (gate_proj): Linear(in_features=768, out_features=1536, bias=False)
+              (up_proj): Linear(in_features=768, out_features=1536, bias=False)
+              (down_proj): Linear(in_features=1536, out_features=768, bias=False)
+              (act_fn): SiLU()
+            )
+          )
+          (router): Linear(in_features=768, out_features=7, bias=False)
+        )
+      )
+      (input_norm): CustomRMSNorm()
+      (post_attn_norm): CustomRMSNorm()
+    )
+  )
+  (lm_head): Linear(in_features=768, out_features=49152, bias=True)
+)"""
+
+TINY = LLMConfig.from_preset("tiny")
+
+
+def _ids(shape, seed=0, vocab=TINY.vocab_size):
+    return np.random.RandomState(seed).randint(0, vocab, shape)
+
+
+def _seed_tree_from_document():
+    from conftest import SHARED
+
+    path = SHARED / "seed" / "000_c1d86efeb08b3295.txt"
+    if not path.exists():
+        return None
+    text = path.read_text()
+    block = text.split("### Example Output\n```\n", 1)[1].split("```", 1)[0]
+    return block.split("\n", 1)[1].strip()  # drop the "Model parameters" line
+
+
+def test_printed_tree_and_parameter_count_of_seed_preset():
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    with torch.device("meta"):  # no memory for 973M parameters
+        model = CustomLLM(CustomLLMConfig.from_preset("seed-973m"))
+    assert str(model) == SEED_TREE
+    assert sum(p.numel() for p in model.parameters()) == 973_122_048
+    assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M" == "973.12M"
+    from_doc = _seed_tree_from_document()
+    if from_doc is not None:  # the development checkout has the seed document itself
+        assert str(model) == from_doc
+
+
+@pytest.mark.parametrize("moe_impl", ["dense", "sparse"])
+def test_forward_parity_tiny(moe_impl):
+    jm, tm = model_pair(TINY, seed=0, moe_impl=moe_impl)
+    ids = _ids((2, 48))
+    loss, (lm, aux, counts) = loss_fn(jm, jnp.asarray(ids))
+    logits = np.asarray(jm(jnp.asarray(ids)))
+    with torch.no_grad():
+        out = tm(torch.from_numpy(ids), labels=torch.from_numpy(ids))
+    # Routing decisions identical (inputs are not near top-k ties), so the comparison is exact math.
+    np.testing.assert_array_equal(np.asarray(counts), out.expert_counts.numpy())
+    assert rel_err(logits, out.logits.numpy()) <= 1e-5
+    assert abs(float(loss) - float(out.loss)) <= 1e-5
+    assert abs(float(aux) - float(out.aux_loss)) <= 1e-5
+
+
+def test_loss_with_ignored_labels_parity_and_hand_computed():
+    jm, tm = model_pair(TINY, seed=1)
+    ids = _ids((2, 20), seed=3)
+    labels = ids.copy()
+    labels[0, 5:9] = -100
+    labels[1, -3:] = -100
+    loss, (lm, aux, _) = loss_fn(jm, jnp.asarray(ids), jnp.asarray(labels))
+    logits = np.asarray(jm(jnp.asarray(ids)), np.float64)
+    # By hand: log-softmax, position t predicts label t+1, mean over labels that are not -100.
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = [-logp[b, t, labels[b, t + 1]] for b in range(2) for t in range(19) if labels[b, t + 1] != -100]
+    assert abs(float(lm) - np.mean(nll)) <= 1e-5
+    assert abs(float(loss) - (np.mean(nll) + TINY.router_aux_loss_coef * float(aux))) <= 1e-5
+    with torch.no_grad():
+        out = tm(torch.from_numpy(ids), labels=torch.from_numpy(labels))
+    assert abs(float(out.lm_loss) - np.mean(nll)) <= 1e-5
+    assert abs(float(out.loss) - float(loss)) <= 1e-5
+
+
+def test_causality_in_both_frameworks():
+    jm, tm = model_pair(TINY, seed=2)
+    ids = _ids((1, 24), seed=5)
+    t = 10
+    changed = ids.copy()
+    changed[0, t + 1] = (changed[0, t + 1] + 1) % TINY.vocab_size
+    a, b = np.asarray(jm(jnp.asarray(ids))), np.asarray(jm(jnp.asarray(changed)))
+    np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
+    assert not np.allclose(a[:, t + 1], b[:, t + 1])
+    with torch.no_grad():
+        ta, tb = tm(torch.from_numpy(ids)).logits, tm(torch.from_numpy(changed)).logits
+    torch.testing.assert_close(ta[:, : t + 1], tb[:, : t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(ta[:, t + 1], tb[:, t + 1])
+
+
+def test_routing_top_k_weights_and_bias_in_both_frameworks():
+    from torch_ref.modeling_customllm import route as torch_route
+
+    rng = np.random.RandomState(0)
+    scores = (1 / (1 + np.exp(-rng.randn(64, 7)))).astype(np.float32)
+    bias0 = np.zeros(7, np.float32)
+    bias = np.array([0, 0, 0, 0, 0, 0, 10.0], np.float32)  # forces expert 6 into every choice
+    for b in (bias0, bias):
+        jc, jw = route(jnp.asarray(scores), jnp.asarray(b), 2)
+        tc, tw = torch_route(torch.from_numpy(scores), torch.from_numpy(b), 2)
+        jc, jw = np.asarray(jc), np.asarray(jw)
+        np.testing.assert_array_equal(jc, tc.numpy())
+        np.testing.assert_allclose(jw, tw.numpy(), rtol=1e-6)
+        assert jc.shape == (64, 2) and all(len(set(row)) == 2 for row in jc)  # exactly k distinct experts
+        np.testing.assert_allclose(jw.sum(-1), 1.0, rtol=1e-6)
+        # Weights are the chosen *unbiased* scores, normalised.
+        picked = np.take_along_axis(scores, jc, -1)
+        np.testing.assert_allclose(jw, picked / picked.sum(-1, keepdims=True), rtol=1e-6)
+    jc0, _ = route(jnp.asarray(scores), jnp.asarray(bias0), 2)
+    jcb, _ = route(jnp.asarray(scores), jnp.asarray(bias), 2)
+    assert (np.asarray(jcb) == 6).any(-1).all() and not (np.asarray(jc0) == 6).any(-1).all()
+
+
+def test_routing_ties_go_to_the_lower_expert_in_both_frameworks():
+    from torch_ref.modeling_customllm import route as torch_route
+
+    scores = np.full((3, 7), 0.5, np.float32)
+    jc, _ = route(jnp.asarray(scores), jnp.zeros(7), 2)
+    tc, _ = torch_route(torch.from_numpy(scores), torch.zeros(7), 2)
+    np.testing.assert_array_equal(np.asarray(jc), [[0, 1]] * 3)
+    np.testing.assert_array_equal(tc.numpy(), [[0, 1]] * 3)
+
+
+def test_balance_loss_matches_formula():
+    rng = np.random.RandomState(1)
+    s = (1 / (1 + np.exp(-rng.randn(2, 5, 7)))).astype(np.float32)
+    chosen = np.stack([np.argsort(-s[b], axis=-1, kind="stable")[:, :2] for b in range(2)])
+    expected = []
+    for b in range(2):
+        f = np.array([7 / (2 * 5) * (chosen[b] == e).sum() for e in range(7)])
+        p = (s[b] / s[b].sum(-1, keepdims=True)).mean(0)
+        expected.append((f * p).sum())
+    np.testing.assert_allclose(np.asarray(balance_loss(jnp.asarray(s), jnp.asarray(chosen), 7)), expected, rtol=1e-6)
+
+
+def test_rope_against_direct_formula():
+    d, theta = 8, 10000.0
+    x = np.random.RandomState(0).randn(1, 5, 2, d).astype(np.float32)
+    pos = np.array([[0, 1, 7, 100, 2047]])
+    cos, sin = rope_tables(jnp.asarray(pos), d, theta)
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    want = np.empty_like(x)
+    for t in range(5):
+        for i in range(d // 2):
+            a = pos[0, t] * theta ** (-2 * i / d)
+            x1, x2 = x[0, t, :, i], x[0, t, :, i + d // 2]
+            want[0, t, :, i] = x1 * np.cos(a) - x2 * np.sin(a)
+            want[0, t, :, i + d // 2] = x2 * np.cos(a) + x1 * np.sin(a)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    from torch_ref.modeling_customllm import RotaryEmbedding, apply_rope as torch_rope
+
+    tcos, tsin = RotaryEmbedding(d, theta)(torch.from_numpy(pos))
+    np.testing.assert_allclose(torch_rope(torch.from_numpy(x), tcos, tsin).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_and_dense_dispatch_agree_in_value_and_gradient():
+    dense = create_model(TINY, seed=4, moe_impl="dense")
+    sparse = create_model(TINY, seed=4, moe_impl="sparse", moe_block=8)
+    ids = jnp.asarray(_ids((3, 40), seed=7))
+    from flax import nnx
+
+    def grads(m):
+        return nnx.grad(lambda m: loss_fn(m, ids)[0])(m)
+
+    gd, gs = grads(dense), grads(sparse)
+    assert rel_err(sparse(ids), dense(ids)) <= 1e-5
+    for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gd)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_stays_close():
+    f32 = create_model(TINY, seed=0)
+    bf16 = create_model(TINY, seed=0, dtype=jnp.bfloat16)
+    ids = jnp.asarray(_ids((2, 16)))
+    out = bf16(ids)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, f32(ids)) < 5e-2
+
+
+@pytest.mark.parametrize("blocked, check", [
+    ("jax", "import torch_ref; from torch_ref import CustomLLM, CustomLLMConfig; "
+            "CustomLLM(CustomLLMConfig.from_preset('tiny'))"),
+    ("torch", "import jaxllm, jax.numpy as jnp; m = jaxllm.create_model(jaxllm.LLMConfig.from_preset('tiny')); "
+              "m(jnp.zeros((1, 4), jnp.int32))"),
+])
+def test_each_side_imports_without_the_other_framework(blocked, check):
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("{blocked}", "{blocked}lib"):
+            sys.modules[name] = None   # any import of it now fails
+        {check}
+        assert "{blocked}" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_forward_parity_seed_973m_batch1_64_tokens():
+    config = LLMConfig.from_preset("seed-973m")
+    jm, tm = model_pair(config, seed=0)
+    ids = _ids((1, 64), seed=11, vocab=config.vocab_size)
+    loss, (lm, aux, counts) = loss_fn(jm, jnp.asarray(ids))
+    logits = np.asarray(jm(jnp.asarray(ids)))
+    with torch.no_grad():
+        out = tm(torch.from_numpy(ids), labels=torch.from_numpy(ids))
+    np.testing.assert_array_equal(np.asarray(counts), out.expert_counts.numpy())
+    err = rel_err(logits, out.logits.numpy())
+    print(f"seed-973m logits rel err {err:.3e}, loss jax {float(loss):.6f} torch {float(out.loss):.6f}")
+    assert err <= 1e-5
+    assert abs(float(loss) - float(out.loss)) <= 1e-5

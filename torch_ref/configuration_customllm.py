@@ -1,0 +1,43 @@
+"""Hugging Face configuration of CustomLLM.
+
+The field names, defaults, presets and validation live in one place, `jaxllm/config.py` (pure
+Python); this class only wraps them in a `PretrainedConfig`. When a checkpoint is exported with
+its modeling code, the converter ships that module beside this one and rewrites the import below.
+"""
+
+from transformers import PretrainedConfig
+
+from jaxllm.config import MODEL_TYPE, LLMConfig, field_names
+
+_DEFAULTS = LLMConfig().to_dict()
+
+
+class CustomLLMConfig(PretrainedConfig):
+    model_type = MODEL_TYPE
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(self, **kwargs):
+        ours = {k: kwargs.pop(k, _DEFAULTS[k]) for k in field_names()}
+        LLMConfig(**ours)  # validates; raises ValueError naming the field
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+            kwargs[name] = ours.pop(name)
+        for k, v in ours.items():
+            setattr(self, k, v)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CustomLLMConfig":
+        return cls.from_llm_config(LLMConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def from_llm_config(cls, config: LLMConfig, **kwargs) -> "CustomLLMConfig":
+        d = config.to_dict()
+        d.pop("model_type")
+        return cls(**d, **kwargs)
+
+    def to_llm_config(self) -> LLMConfig:
+        return LLMConfig(**{k: getattr(self, k) for k in field_names()})
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.nope_head_dim + self.rope_head_dim

@@ -1,0 +1,369 @@
+"""PyTorch reference of CustomLLM: Multi-Head Latent Attention + DeepSeekMoE (ARCHITECTURE.md).
+
+A Hugging Face `PreTrainedModel` whose parameter names are the checkpoint keys. It imports and
+runs without JAX; the converter ships this file (with its configuration) next to exported weights
+so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_customllm import CustomLLMConfig
+
+try:  # transformers >= 5: init functions that respect already-loaded weights
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+
+@dataclass
+class CustomLLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the MoE bookkeeping: `aux_loss` (the balance loss summed over
+    layers, before `router_aux_loss_coef`), `lm_loss` (cross-entropy alone) and `expert_counts`
+    ([layers, routed experts]: (token, slot) assignments of this forward pass)."""
+
+    aux_loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    expert_counts: torch.LongTensor | None = None
+
+
+class CustomRMSNorm(nn.Module):
+    """`w * x / sqrt(mean(x^2) + eps)`, computed in float32 and cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE tables: `inv_freq[i] = theta^(-2i/d)`, cos/sin of `concat(freqs, freqs)`."""
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        self.dim, self.theta = dim, theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # [B, T, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, d]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, d]; cos, sin: [B, T, d]. Rotation in float32, result in x's dtype."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA: queries and keys/values pass through a `latent_dim` bottleneck; each head is
+    `[nope | rope]`. With a cache, only `c_kv` and the rotated `k_rope` are stored per token."""
+
+    def __init__(self, config: CustomLLMConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads = c.num_attention_heads
+        self.nope_head_dim, self.rope_head_dim, self.v_head_dim = c.nope_head_dim, c.rope_head_dim, c.v_head_dim
+        self.latent_dim = c.latent_dim
+        self.scale = (c.nope_head_dim + c.rope_head_dim) ** -0.5
+        h, lat, n = c.hidden_size, c.latent_dim, c.num_attention_heads
+        # Declaration order = the seed document's printed module tree.
+        self.kv_proj_d = nn.Linear(h, lat, bias=False)
+        self.q_proj_d = nn.Linear(h, lat, bias=False)
+        self.k_proj_u = nn.Linear(lat, n * c.nope_head_dim, bias=False)
+        self.v_proj_u = nn.Linear(lat, n * c.v_head_dim, bias=False)
+        self.q_proj_u = nn.Linear(lat, n * c.nope_head_dim, bias=False)
+        self.rope_k = nn.Linear(h, n * c.rope_head_dim, bias=False)
+        self.rope_q = nn.Linear(lat, n * c.rope_head_dim, bias=False)
+        self.o_proj = nn.Linear(n * c.v_head_dim, h, bias=False)
+        self.rotary_emb = RotaryEmbedding(c.rope_head_dim, c.rope_theta)
+
+    def forward(self, x, position_ids, cache: Cache | None = None, attn_mask: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        n = self.num_heads
+        c_q = self.q_proj_d(x)  # [B, T, latent]
+        c_kv = self.kv_proj_d(x)  # [B, T, latent]
+        cos, sin = self.rotary_emb(position_ids)
+        q_nope = self.q_proj_u(c_q).view(B, T, n, self.nope_head_dim)
+        q_rope = apply_rope(self.rope_q(c_q).view(B, T, n, self.rope_head_dim), cos, sin)
+        k_rope = apply_rope(self.rope_k(x).view(B, T, n, self.rope_head_dim), cos, sin)
+        if cache is not None:
+            # The latent cache: c_kv as one "head" [B, 1, S, latent], k_rope as [B, n, S, rope].
+            c_kv, k_rope_t = cache.update(c_kv[:, None], k_rope.transpose(1, 2), self.layer_idx)
+            c_kv, k_rope = c_kv[:, 0], k_rope_t.transpose(1, 2)
+        S = c_kv.shape[1]
+        k_nope = self.k_proj_u(c_kv).view(B, S, n, self.nope_head_dim)
+        v = self.v_proj_u(c_kv).view(B, S, n, self.v_head_dim)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, n, T, dqk]
+        k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # [B, n, S, dqk]
+        v = v.transpose(1, 2)  # [B, n, S, dv]
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, n * self.v_head_dim))
+
+
+class DeepSeekExpertLayer(nn.Module):
+    """SwiGLU expert: `down_proj(silu(gate_proj(x)) * up_proj(x))`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(scores: torch.Tensor, router_bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of `scores + router_bias` (ties to the lower expert index, via a stable sort);
+    weights are the chosen *unbiased* scores, normalised to sum to 1. scores: [N, E] float32."""
+    chosen = torch.sort(scores + router_bias, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = scores.gather(-1, chosen)
+    return chosen, w / w.sum(-1, keepdim=True)
+
+
+def balance_loss(scores: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss, one value per sequence.
+    scores: [B, T, E] sigmoid affinities (float32); chosen: [B, T, k]."""
+    B, T, k = chosen.shape
+    counts = F.one_hot(chosen, num_experts).sum(dim=(1, 2)).float()  # [B, E]
+    f = counts * (num_experts / (k * T))
+    p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)  # [B, E]
+    return (f * p).sum(-1)
+
+
+class DeepSeekMoE(nn.Module):
+    """1 always-on shared expert + top-k of the routed experts by sigmoid affinity. The routed
+    experts run only on the tokens routed to them (dropless). `router_bias` is a persistent buffer
+    that chooses experts but never weights them (auxiliary-loss-free balancing)."""
+
+    def __init__(self, config: CustomLLMConfig):
+        super().__init__()
+        c = config
+        self.num_experts, self.top_k = c.num_routed_experts, c.num_experts_per_tok
+        self.shared_experts = nn.ModuleList(
+            [DeepSeekExpertLayer(c.hidden_size, c.intermediate_size) for _ in range(c.num_shared_experts)])
+        self.routed_experts = nn.ModuleList(
+            [DeepSeekExpertLayer(c.hidden_size, c.intermediate_size) for _ in range(c.num_routed_experts)])
+        self.router = nn.Linear(c.hidden_size, c.num_routed_experts, bias=False)
+        self.register_buffer("router_bias", torch.zeros(c.num_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)
+        out = torch.zeros_like(xf)
+        for expert in self.shared_experts:
+            out = out + expert(xf)
+        scores = torch.sigmoid(F.linear(xf.float(), self.router.weight.float()))  # [N, E] float32
+        chosen, w = route(scores, self.router_bias.float(), self.top_k)
+        for e, expert in enumerate(self.routed_experts):
+            tok, slot = torch.nonzero(chosen == e, as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            y = expert(xf[tok]) * w[tok, slot, None].to(xf.dtype)
+            out = out.index_add(0, tok, y)
+        aux = balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1), self.num_experts)
+        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        return out.view(B, T, D), aux, counts
+
+
+class LlamaMLP(nn.Module):
+    """The seed's name for the feed-forward block; it holds the DeepSeekMoE."""
+
+    def __init__(self, config: CustomLLMConfig):
+        super().__init__()
+        self.moe = DeepSeekMoE(config)
+
+    def forward(self, x):
+        return self.moe(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: CustomLLMConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attn_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, position_ids, cache=None, attn_mask=None):
+        h = h + self.self_attn(self.input_norm(h), position_ids, cache, attn_mask)
+        moe_out, aux, counts = self.mlp(self.post_attn_norm(h))
+        return h + moe_out, aux, counts
+
+
+class CustomLLMPreTrainedModel(PreTrainedModel):
+    config_class = CustomLLMConfig
+    config: CustomLLMConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, CustomRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DeepSeekMoE):
+            init.zeros_(module.router_bias)
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
+    """CustomLLM: learned position + token embeddings, MLA + DeepSeekMoE decoder layers, no final
+    norm, an untied `lm_head` with bias. `forward(input_ids, labels=input_ids)` gives the shifted
+    causal-LM loss plus `router_aux_loss_coef` x the balance loss."""
+
+    def __init__(self, config: CustomLLMConfig):
+        super().__init__(config)
+        c = config
+        self.token_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.dropout = nn.Dropout(c.embedding_dropout)
+        self.decoder_layers = nn.ModuleList([DecoderLayer(c, i) for i in range(c.num_hidden_layers)])
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=c.lm_head_bias)
+        self.post_init()
+
+    @classmethod
+    def from_state_dict(cls, config: CustomLLMConfig, state_dict: dict[str, torch.Tensor]) -> "CustomLLM":
+        """Build a model around existing tensors without allocating or initialising weights first
+        (fast for large models). Missing or unexpected keys raise."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.inv_freq = module.compute_inv_freq()
+        return model.eval()
+
+    def get_input_embeddings(self):
+        return self.token_embeddings
+
+    def set_input_embeddings(self, value):
+        self.token_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CustomLLMOutput:
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        cache = cache if cache is not None else past_key_values
+        B, T = input_ids.shape
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {past + T} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})")
+        attn_mask = None
+        if position_ids is None:
+            if attention_mask is not None and (attention_mask == 0).any():
+                # Left padding: real tokens count positions from 0.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        if (attention_mask is not None and (attention_mask == 0).any()) or (past > 0 and T > 1):
+            attn_mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
+
+        h = self.token_embeddings(input_ids) + self.position_embeddings(position_ids)
+        h = self.dropout(h)
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        all_counts = []
+        for layer in self.decoder_layers:
+            h, aux, counts = layer(h, position_ids, cache, attn_mask)
+            aux_total = aux_total + aux.mean()
+            all_counts.append(counts)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h).float()
+
+        loss = lm_loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            ce_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+            denom = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
+            if isinstance(denom, torch.Tensor):
+                denom = denom.to(ce_sum.device)
+            lm_loss = ce_sum / denom
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_total
+        return CustomLLMOutput(
+            loss=loss, logits=logits, cache=cache if use_cache else None,
+            aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))
+
+    @staticmethod
+    def _attention_mask(attention_mask, B, T, past, device):
+        """Boolean [B, 1, T, S] mask: causal over cached + new tokens, minus padded keys."""
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        allowed = torch.arange(S, device=device)[None, :] <= q_pos  # [T, S]
+        allowed = allowed[None, None].expand(B, 1, T, S)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :S].bool()
+            # A padded query has no allowed key: let it see every key so that it stays finite
+            # (its output is never used).
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return allowed
+
+    @torch.no_grad()
+    def update_router_bias(self, expert_counts: torch.Tensor) -> None:
+        """DeepSeek-V3 auxiliary-loss-free balancing, after an optimizer step. `expert_counts`:
+        [layers, experts] (token, slot) assignments of the whole step (all micro-batches and
+        processes). `router_bias_e += rate * sign(mean(load) - load_e)`."""
+        load = expert_counts.float() / expert_counts.sum(-1, keepdim=True).clamp(min=1)
+        delta = self.config.router_bias_update_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+        for layer, d in zip(self.decoder_layers, delta):
+            layer.mlp.moe.router_bias.add_(d.to(layer.mlp.moe.router_bias.device))
