@@ -395,6 +395,9 @@ def create_model(config: LLMConfig, *, seed: int = 0, abstract: bool = False, sh
 
     def fill():
         flat = jax.random.normal(jax.random.key(seed), (total,), F32)
+        if out_shardings is not None:  # every device slices its shards out of the same numbers
+            replicated = jax.sharding.NamedSharding(out_shardings[0].mesh, jax.sharding.PartitionSpec())
+            flat = jax.lax.with_sharding_constraint(flat, replicated)
         values, offset = [], 0
         for (kind, *args), shape, dtype in specs:
             if kind == "normal":

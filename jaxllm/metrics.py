@@ -1,0 +1,81 @@
+"""Training metrics: `metrics.jsonl` (one line per logging step), TensorBoard event files when the
+`tensorboard` package is installed (written through its own event writer: neither TensorFlow nor
+PyTorch is needed), and a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if tensorboard:
+            try:
+                from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+                self._tb = EventFileWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in record.items()
+                      if isinstance(v, (int, float)) and k != "step"]
+            self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(record["step"]),
+                                               summary=summary_pb2.Summary(value=values)))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
+    """Loss (and learning rate) against step from metrics.jsonl; returns the PNG path, or None
+    when there is nothing to plot or matplotlib is missing."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], label="loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in records], label="learning rate", color="tab:orange", alpha=0.6)
+    ax2.set_ylabel("learning rate")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,132 @@
+"""Sharding as data: a device `Mesh` from a flag, and one table from logical axes to mesh axes.
+
+Every model variable carries logical axis names (`axes` metadata, e.g. `("layers", "embed",
+"kv_lora")`). `RULES` maps each logical axis to a mesh axis (or None, replicated); a dimension is
+sharded only when the mesh axis divides it, and a mesh axis is used at most once per array, so any
+mesh works for any preset (7 experts on a 2-way `expert` axis simply stay replicated).
+
+Mesh axes:
+- `data`: pure data parallelism (parameters replicated);
+- `fsdp`: data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3 style;
+  XLA inserts the all-gathers and reduce-scatters);
+- `expert`: expert parallelism (routed experts split across devices; tokens sharded too).
+The batch is sharded over all three.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = MESH_AXES
+
+# logical axis -> mesh axis. The one table; change it to change the parallelism.
+RULES: dict[str, str | None] = {
+    "layers": None,
+    "embed": "fsdp",
+    "vocab": None,
+    "positions": None,
+    "q_lora": None,
+    "kv_lora": None,
+    "heads": None,
+    "mlp": None,
+    "exp": "expert",
+    "exp_router": None,
+    "norm": None,
+}
+
+
+def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
+    """`"data=2,fsdp=4"` -> sizes of every mesh axis (missing axes are 1; one axis may be `-1`, the
+    rest of the devices). Default (None or ""): every device on `data`."""
+    sizes = {a: 1 for a in MESH_AXES}
+    if not spec:
+        sizes["data"] = n_devices
+        return sizes
+    free = None
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ValueError(f"--mesh: expected axis=size with axes {', '.join(MESH_AXES)}, got {part!r}")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh: size of axis {name!r} must be an integer, got {value!r}") from None
+        if size == -1:
+            if free is not None:
+                raise ValueError("--mesh: only one axis may be -1")
+            free = name
+        elif size <= 0:
+            raise ValueError(f"--mesh: size of axis {name!r} must be positive, got {size}")
+        sizes[name] = size
+    if free is not None:
+        rest = math.prod(v for k, v in sizes.items() if k != free)
+        if n_devices % rest:
+            raise ValueError(f"--mesh: {n_devices} devices cannot be split as {spec}")
+        sizes[free] = n_devices // rest
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"--mesh {spec} uses {math.prod(sizes.values())} devices, but there are {n_devices}")
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - fall back to device order (CPU, odd topologies)
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    rules: dict[str, str | None] = RULES) -> P:
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        mesh_axis = rules.get(name) if name else None
+        if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]:
+            out.append(None)
+        else:
+            used.add(mesh_axis)
+            out.append(mesh_axis)
+    return P(*out)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: dict[str, str | None] = RULES):
+    """A pytree of NamedShardings for an `nnx.State` (abstract or not), from the `axes` metadata."""
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            value = v.get_value()
+            axes = v.get_metadata().get("axes") or (None,) * len(value.shape)
+            return v.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_spec(mesh: Mesh, batch_size: int, leading: int = 0) -> P:
+    """PartitionSpec of a `[*leading, batch, ...]` array: batch over every mesh axis that divides
+    it (all of them for a valid batch, see `check_batch`)."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    return P(*([None] * leading), axes if axes else None)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    n = data_parallel_size(mesh)
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} cannot be divided over the mesh's {n} batch shards "
+                         f"({dict(mesh.shape)}); use a multiple of {n}")
