@@ -151,7 +151,8 @@ def run(rc: RunConfig) -> dict:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
     if existing:
-        state, data_state = restore_train_state(mngr, trainer, config)
+        state, saved_data = restore_train_state(mngr, trainer, config)
+        data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
@@ -170,7 +171,8 @@ def run(rc: RunConfig) -> dict:
     def save(step: int, st) -> None:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
                       train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
-                      config=config, data=data.state_dict(), tokenizer=tok_source, force=True)
+                      config=config, data=gather_data_states(data.state_dict()), tokenizer=tok_source,
+                      force=True)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
@@ -270,6 +272,36 @@ def run(rc: RunConfig) -> dict:
     summary["model"] = trainer.model(state)
     summary["tokenizer"] = tokenizer
     return summary
+
+
+def gather_data_states(state: dict) -> dict:
+    """Every process's data position (each reads its own share), gathered so that the checkpoint's
+    metadata, written by process 0, holds all of them."""
+    if jax.process_count() == 1:
+        return {"process_count": 1, "states": [state]}
+    import json
+
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded))
+    return {"process_count": jax.process_count(),
+            "states": [json.loads(bytes(blobs[i, : sizes[i]]).decode()) for i in range(len(sizes))]}
+
+
+def select_data_state(saved: dict | None) -> dict | None:
+    """This process's data position, or None (start of the stream, with a warning) when the
+    checkpoint was written by a different number of processes."""
+    if not saved or "states" not in saved:
+        return None
+    if saved["process_count"] != jax.process_count():
+        log(f"warning: the data position was saved by {saved['process_count']} process(es) and this run has "
+            f"{jax.process_count()}; the data stream restarts from its beginning")
+        return None
+    return saved["states"][jax.process_index()]
 
 
 def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):

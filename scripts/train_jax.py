@@ -66,6 +66,8 @@ def parse_args(argv=None):
     a("--coordinator", help="multi-host: coordinator address HOST:PORT")
     a("--num-processes", type=int, help="multi-host: number of processes")
     a("--process-id", type=int, help="multi-host: this process's index")
+    a("--heartbeat-timeout", type=int, default=100,
+      help="multi-host: seconds without a heartbeat before a lost process fails the others (default 100)")
     args = p.parse_args(argv)
 
     settings = dataclasses.asdict(d)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     try:
         from jaxllm.distributed import maybe_initialize
 
-        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+        maybe_initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
         from jaxllm.loop import run
 
         summary = run(rc)
