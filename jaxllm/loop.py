@@ -339,3 +339,21 @@ def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:
         raise ValueError(f"--init-from {path}: a checkpoint of another model (differs in {', '.join(diff)})")
     target = trainer.abstract_state()
     return ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
+
+
+def print_samples(model, tokenizer, prompts, max_new_tokens: int, *, seed: int = 0, temperature: float = 0.8,
+                  top_k: int = 40) -> list[str]:
+    """The seed's TextGenerationCallback: continue a few prompts with the trained model (latent-cache
+    decoding) and print them. Returns the continuations."""
+    from jaxllm.generate import Sampling, generate
+
+    encoded = [tokenizer.encode(p, add_special_tokens=False) or [model.config.bos_token_id] for p in prompts]
+    longest = max(len(e) for e in encoded)
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - longest)
+    out = generate(model, encoded, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k), seed=seed)
+    texts = [tokenizer.decode(tokens[:n], skip_special_tokens=True) for tokens, n in zip(out.tokens, out.lengths)]
+    if jax.process_index() == 0:
+        print("\ngenerated text:")
+        for p, t in zip(prompts, texts):
+            print(f"  {p!r} -> {p}{t}")
+    return texts
