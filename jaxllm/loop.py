@@ -25,7 +25,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import sharding as shd
 from jaxllm.config import LLMConfig
 from jaxllm.flops import device_peak_flops, training_flops_per_token
-from jaxllm.metrics import MetricsWriter, plot_loss_curve
+from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -154,6 +154,8 @@ def run(rc: RunConfig) -> dict:
         state, saved_data = restore_train_state(mngr, trainer, config)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
+        if jax.process_index() == 0:
+            truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), int(state["step"]))
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}")
@@ -305,24 +307,63 @@ def select_data_state(saved: dict | None) -> dict | None:
 
 
 def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
-    step = ckpt_lib.resolve_step(mngr, None)
-    meta = ckpt_lib.read_meta(mngr, step)
-    saved = LLMConfig.from_dict(meta["config"])
+    """The newest readable checkpoint's train state and data position. A checkpoint that cannot be
+    read (a corrupt file) is skipped with a warning and the one before it is used; a checkpoint of
+    another model is an error."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
+    error, unreadable = None, []
+    for step in steps:
+        try:
+            restored = _restore_step(mngr, step, trainer, config)
+        except ckpt_lib.CheckpointError as e:
+            error = e
+            unreadable.append(step)
+            if jax.process_index() == 0:
+                print(f"warning: cannot use checkpoint step {step} ({e}); trying an earlier one", file=sys.stderr)
+            continue
+        _set_aside(mngr, unreadable)
+        return restored
+    raise error
+
+
+def _set_aside(mngr, steps) -> None:
+    """Rename unreadable newer steps to `<step>.unreadable-<time>` (kept for inspection, ignored by
+    Orbax) so that training can save those step numbers again."""
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            src = os.path.join(str(mngr.directory), str(step))
+            if os.path.isdir(src):
+                os.rename(src, f"{src}.unreadable-{stamp}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("set aside unreadable checkpoints")
+    mngr.reload()
+
+
+def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:
     if saved != config:
         diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
-        raise ValueError(f"{mngr.directory} holds a checkpoint of another model (differs in "
-                         f"{', '.join(diff)}); use another --ckpt-dir or the same config")
-    target = trainer.abstract_state()
-    weights = ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
+        raise ValueError(f"{where} holds a checkpoint of another model (differs in {', '.join(diff)})")
+
+
+def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
     import orbax.checkpoint as ocp
 
+    meta = ckpt_lib.read_meta(mngr, step)
+    _check_same_model(LLMConfig.from_dict(meta["config"]), config, str(mngr.directory))
+    target = trainer.abstract_state()
+    weights = ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
     ts_target = {"opt_state": target["opt_state"], "step": target["step"], "rng": target["rng"]}
     try:
         ts = mngr.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore(ts_target)))["train_state"]
-    except Exception as e:  # noqa: BLE001
-        raise ckpt_lib.CheckpointError(
-            f"checkpoint step {step} in {mngr.directory} has no usable optimizer state ({e}); "
-            "start from its weights with --init-from into another --ckpt-dir") from e
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+        raise ckpt_lib.CheckpointError(f"step {step} has no readable optimizer state: {e}") from e
     state = {"params": weights["params"], "router_bias": weights["router_bias"], **ts}
     return state, meta.get("data") or None
 
@@ -333,10 +374,7 @@ def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:
     if mngr is None:
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
     step = ckpt_lib.resolve_step(mngr, None)
-    saved = LLMConfig.from_dict(ckpt_lib.read_meta(mngr, step)["config"])
-    if saved != config:
-        diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
-        raise ValueError(f"--init-from {path}: a checkpoint of another model (differs in {', '.join(diff)})")
+    _check_same_model(LLMConfig.from_dict(ckpt_lib.read_meta(mngr, step)["config"]), config, f"--init-from {path}")
     target = trainer.abstract_state()
     return ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
 

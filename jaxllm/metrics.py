@@ -52,6 +52,18 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop records after `step` (written by a run that crashed after its last checkpoint), so
+    that a resumed run's metrics have each step once."""
+    records = read_metrics(path)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    if len(keep) != len(records):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, path)
+
+
 def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
     """Loss (and learning rate) against step from metrics.jsonl; returns the PNG path, or None
     when there is nothing to plot or matplotlib is missing."""
