@@ -48,8 +48,14 @@ class MetricsWriter:
 def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+    return records
 
 
 def truncate_metrics(path: str, step: int) -> None:
