@@ -135,7 +135,9 @@ def run(rc: RunConfig) -> dict:
     mesh = shd.make_mesh(rc.mesh)
     shd.check_batch(rc.batch_size, mesh)
 
-    tokenizer = data_lib.load_tokenizer(rc.tokenizer)
+    # The embedded tokenizer is trained to fit the model: min(vocab_size, 4096) tokens.
+    tok_kw = {} if rc.tokenizer else {"vocab_size": min(config.vocab_size, data_lib.EMBEDDED_VOCAB_SIZE)}
+    tokenizer = data_lib.load_tokenizer(rc.tokenizer, **tok_kw)
     data_lib.check_vocab(tokenizer, config)
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
@@ -168,7 +170,7 @@ def run(rc: RunConfig) -> dict:
                             text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
         tokenizer, rows=trainer.rows_per_process(), process_index=jax.process_index(),
         process_count=jax.process_count(), state=data_state)
-    tok_source = data_lib.tokenizer_source(rc.tokenizer)
+    tok_source = data_lib.tokenizer_source(rc.tokenizer, **tok_kw)
 
     def save(step: int, st) -> None:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
