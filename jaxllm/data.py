@@ -578,13 +578,9 @@ class PackedBatches:
         return batch
 
     def close(self) -> None:
-        """Stop the background thread (it finishes the document batch it is tokenizing)."""
+        """Stop the background thread: it finishes the documents it is tokenizing and exits
+        instead of waiting for room in the queue. Safe to call twice, and at interpreter exit."""
         self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
         self._thread.join(timeout=10)
 
     def __enter__(self):
