@@ -348,15 +348,14 @@ class _Source:
             return
         if _looks_local(cfg.dataset):
             builder, files = _local_files(cfg.dataset)
-            kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
-            load = lambda: datasets.load_dataset(builder, data_files=files, split="train",  # noqa: E731
-                                                 streaming=True, **kwargs)
+            args, kwargs = (builder,), {"data_files": files, "split": "train"}
+            if builder == "text":
+                kwargs["sample_by"] = cfg.sample_by
         else:
             _check_hub(cfg.dataset, "dataset", "dataset", "a parquet/jsonl/txt file, glob or directory")
-            load = lambda: datasets.load_dataset(cfg.dataset, cfg.dataset_config,  # noqa: E731
-                                                 split=cfg.split, streaming=True)
+            args, kwargs = (cfg.dataset, cfg.dataset_config), {"split": cfg.split}
         try:
-            ds = load()
+            ds = datasets.load_dataset(*args, streaming=True, **kwargs)
         except StopIteration:  # the json builder's way of saying that it found no record
             raise ValueError(f"{self.name} is empty: it has no documents") from None
         except Exception as e:
