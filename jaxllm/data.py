@@ -217,13 +217,19 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
       byte-level BPE (`vocab_size` tokens, default 4096 = preset `small`; `<|endoftext|>` = 0 is
       BOS, EOS, pad and unk), trained once on `embedded_corpus()` and cached under `cache_dir`
       (default `$JAXLLM_CACHE` or `~/.cache/jaxllm`) by a hash of corpus and settings;
-    - a local `tokenizer.json` file, or a local directory (`AutoTokenizer.from_pretrained`);
+    - a local `tokenizer.json` file, or a local directory holding one (and maybe a
+      `tokenizer_config.json` naming the special tokens);
     - a Hub id such as `HuggingFaceTB/cosmo2-tokenizer` (a clear ValueError when offline or
       unreachable and not in the Hugging Face cache).
 
+    Directories and Hub ids load with `PreTrainedTokenizerFast.from_pretrained`, so the tokenizer
+    is exactly its `tokenizer.json`: `AutoTokenizer` would build the class named in
+    `tokenizer_config.json` (GPT2Tokenizer for cosmo2), which in transformers 5 replaces the
+    file's pre-tokenizer (dropping SmolLM2's digit splitting).
+
     `vocab_size` applies to the embedded tokenizer only. Raises ValueError naming the problem.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if spec is None or spec == EMBEDDED or spec.startswith(EMBEDDED + ":"):
         expected = spec.split(":", 1)[1] if spec and ":" in spec else None
@@ -237,20 +243,21 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
         except Exception as e:
             raise ValueError(f"cannot read tokenizer file {spec}: {e}") from None
     elif os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise ValueError(f"tokenizer directory {spec} has no tokenizer.json")
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
         except Exception as e:
             raise ValueError(f"cannot load a tokenizer from directory {spec}: {e}") from None
     elif _looks_local(spec):
         raise ValueError(f"tokenizer {spec}: no such file or directory")
     else:
-        hint = "a tokenizer.json file or a directory holding one"
         try:
-            tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)  # the HF cache
+            tok = PreTrainedTokenizerFast.from_pretrained(spec, local_files_only=True)  # HF cache
         except Exception:
-            _check_hub(spec, "model", "tokenizer", hint)
+            _check_hub(spec, "model", "tokenizer", "a tokenizer.json file or a directory holding one")
             try:
-                tok = AutoTokenizer.from_pretrained(spec)
+                tok = PreTrainedTokenizerFast.from_pretrained(spec)
             except Exception as e:
                 raise ValueError(f"cannot load tokenizer {spec!r} from the Hub: {e}") from None
     return _ensure_eos(tok, spec)

@@ -325,6 +325,18 @@ def test_real_tokenizer_from_a_file_and_a_directory(assets):
     assert data.tokenizer_source(str(spec)) == str(spec)
 
 
+def test_a_tokenizer_directory_is_exactly_its_tokenizer_json(assets, tmp_path):
+    """cosmo2's tokenizer_config.json names GPT2Tokenizer, whose transformers-5 class would replace
+    the file's pre-tokenizer; the loaded tokenizer must keep SmolLM2's digit splitting."""
+    (tmp_path / "tokenizer.json").symlink_to(assets / "smollm2-tokenizer" / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(str(tmp_path))
+    pre = json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"]
+    assert pre == json.loads((assets / "smollm2-tokenizer" / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert "Digits" in json.dumps(pre) and (tok.bos_token_id, tok.eos_token_id) == (0, 0)
+
+
 def test_real_parquet_layout_packs_and_splits_by_shard(assets):
     tok = load_tokenizer(str(assets / "smollm2-tokenizer" / "tokenizer.json"))
     cfg = DataConfig(dataset=str(assets / "cosmopedia-v2-format" / "*.parquet"), seq_len=256)
