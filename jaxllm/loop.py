@@ -146,8 +146,9 @@ def run(rc: RunConfig) -> dict:
                       remat=rc.remat)
 
     # ---- state: resume, start from converted weights, or initialise -------------------------
-    mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
-    existing = mngr.all_steps()
+    # Nothing is written before the data source has been opened and checked.
+    mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep, create=False) if os.path.isdir(ckpt_dir) else None
+    existing = mngr.all_steps() if mngr is not None else []
     data_state = None
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
@@ -171,6 +172,8 @@ def run(rc: RunConfig) -> dict:
         tokenizer, rows=trainer.rows_per_process(), process_index=jax.process_index(),
         process_count=jax.process_count(), state=data_state)
     tok_source = data_lib.tokenizer_source(rc.tokenizer, **tok_kw)
+    if mngr is None:
+        mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
 
     def save(step: int, st) -> None:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},

@@ -1,0 +1,255 @@
+"""Crashes cost at most the steps since the last checkpoint; preemption saves; bad input costs nothing."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = str(ROOT / "scripts" / "train_jax.py")
+TINY_RUN = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
+            "--warmup-steps", "2", "--log-every", "1", "--save-every", "1", "--keep", "3", "--max-new-tokens", "0",
+            "--no-progress"]
+pytestmark = pytest.mark.timeout(900)
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one device, like a user's laptop
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _start(ckpt, steps, extra=()):
+    return subprocess.Popen([sys.executable, SCRIPT, *TINY_RUN, "--steps", str(steps), "--ckpt-dir", str(ckpt), *extra],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(ckpt, steps, extra=()):
+    p = _start(ckpt, steps, extra)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def _final_state(ckpt):
+    """Every array of the newest checkpoint (weights and optimizer state), as numpy."""
+    mngr = ocp.CheckpointManager(str(ckpt), item_handlers={
+        "params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler()})
+    step = mngr.latest_step()
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                          train_state=ocp.args.StandardRestore()))
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path({"params": restored["params"], "train": restored["train_state"]})[0]
+    return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def _steps(ckpt):
+    return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+
+
+def _tmp_dirs(ckpt):
+    return [d for d in os.listdir(ckpt) if "tmp" in d] if os.path.isdir(ckpt) else []
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_kill_minus_9_at_several_moments_then_resume_ends_identical(tmp_path):
+    steps = 8
+    ref = tmp_path / "ref"
+    _run(ref, steps)
+    reference = _final_state(ref)
+
+    ckpt = tmp_path / "killed"
+    moments = []
+
+    def kill_when(condition, label, limit=300):
+        p = _start(ckpt, steps)
+        t0 = time.time()
+        while p.poll() is None and time.time() - t0 < limit:
+            if condition():
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                moments.append((label, _steps(ckpt), bool(_tmp_dirs(ckpt))))
+                return True
+            time.sleep(0.002)
+        p.kill()
+        p.wait()
+        return False
+
+    # 1. during start-up / compilation, before any checkpoint exists
+    assert kill_when(lambda: os.path.exists(ckpt / "metrics.jsonl") or os.path.isdir(ckpt), "start-up")
+    # 2. just after a checkpoint completed
+    assert kill_when(lambda: len(_steps(ckpt)) >= 1 and max(_steps(ckpt)) >= 2, "after a save")
+    # 3. in the middle of writing a checkpoint (Orbax's temporary directory exists)
+    mid = kill_when(lambda: bool(_tmp_dirs(ckpt)), "mid-save")
+    # 4. between saves, after more progress
+    assert kill_when(lambda: _steps(ckpt) and max(_steps(ckpt)) >= 5, "later")
+    out = _run(ckpt, steps)
+    assert "resuming" in out
+    for step in _steps(ckpt):  # no checkpoint left unreadable
+        mngr = ocp.CheckpointManager(str(ckpt), item_handlers={"meta": ocp.JsonCheckpointHandler()})
+        assert mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["step"] == step
+    _assert_same(_final_state(ckpt), reference)
+    records = [json.loads(line) for line in open(ckpt / "metrics.jsonl")]
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records}), "each step logged once"
+    print("kills:", moments, "mid-save caught:", mid)
+    assert len(moments) == 4 if mid else 3
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    ref = tmp_path / "ref"
+    _run(ref, 5)
+    ckpt = tmp_path / "ck"
+    _run(ckpt, 4)
+    # Corrupt every data file of step 4's optimizer state.
+    for root, _, files in os.walk(ckpt / "4" / "train_state"):
+        for f in files:
+            if f not in ("_METADATA", "_sharding", "manifest.ocdbt"):
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(3)
+    out = _run(ckpt, 5)
+    assert "warning: cannot use checkpoint step 4" in out
+    assert "resuming from" in out and "at step 3" in out
+    assert any(d.startswith("4.unreadable") for d in os.listdir(ckpt))  # set aside, not deleted
+    _assert_same(_final_state(ckpt), _final_state(ref))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_next_start_resumes(tmp_path):
+    ref = tmp_path / "ref"
+    _run(ref, 6)
+    ckpt = tmp_path / "ck"
+    p = _start(ckpt, 6, ["--save-every", "100"])  # only the SIGTERM save can produce a checkpoint
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if (ckpt / "metrics.jsonl").exists() and sum(1 for _ in open(ckpt / "metrics.jsonl")) >= 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    assert "SIGTERM: saved a checkpoint at step" in out
+    assert 1 <= max(_steps(ckpt)) < 6
+    out = _run(ckpt, 6, ["--save-every", "100"])
+    assert "resuming" in out
+    _assert_same(_final_state(ckpt), _final_state(ref))
+
+
+# ---- bad input: one line, exit status 2, nothing overwritten ----------------------------------
+def _main(argv, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    code = train_jax.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+# In-process runs see conftest's 8 simulated devices: the batch divides over them.
+BASE = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "2", "--max-new-tokens", "0",
+        "--no-progress"]
+
+
+def _case_files(tmp_path):
+    (tmp_path / "bad_config.json").write_text(json.dumps({"hidden_size": 0}))
+    (tmp_path / "no_text.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "a_file").write_text("precious")
+
+
+BAD_INPUTS = [
+    ("invalid config value", ["--config", "{tmp}/bad_config.json"], "hidden_size"),
+    ("missing checkpoint for --init-from", ["--init-from", "{tmp}/nowhere"], "nowhere"),
+    ("dataset without the text column", ["--dataset", "{tmp}/no_text.jsonl"], "text"),
+    ("empty dataset", ["--dataset", "{tmp}/empty.jsonl"], "empty"),
+    ("sequence longer than max_position_embeddings", ["--seq-len", "4096"], "max_position_embeddings"),
+    ("batch the mesh cannot divide", ["--batch-size", "3"], "batch size 3"),
+    ("Hub dataset id while offline", ["--dataset", "someorg/somedata"], "offline"),
+    ("Hub tokenizer id while offline", ["--tokenizer", "someorg/sometok"], "offline"),
+    ("output directory that is a file", ["--ckpt-dir", "{tmp}/a_file"], "not a directory"),
+    ("unknown preset", ["--preset", "huge"], "huge"),
+    ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
+]
+
+
+@pytest.mark.parametrize("label, args, needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_line_exit_2(label, args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _case_files(tmp_path)
+    argv = BASE + ["--ckpt-dir", str(tmp_path / "ck")] + [a.format(tmp=tmp_path) for a in args]
+    code, err = _main(argv, capsys)
+    print(f"{label}: {err}")
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("train_jax.py: error:"), err
+    assert needle.lower() in err.lower()
+    assert (tmp_path / "a_file").read_text() == "precious"
+    assert not (tmp_path / "ck").exists() or not os.listdir(tmp_path / "ck"), "nothing written"
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """A one-step checkpoint directory, made once for the tests below (they copy it)."""
+    ckpt = tmp_path_factory.mktemp("trained") / "ck"
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    assert train_jax.main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "1"]) == 0
+    return ckpt
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(trained_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt) for p in fs}
+    other = ["--config", str(tmp_path / "other.json")]
+    from jaxllm.config import LLMConfig
+
+    (tmp_path / "other.json").write_text(LLMConfig.from_preset("tiny", hidden_size=128, v_head_dim=32).to_json_string())
+    for argv in (BASE + other + ["--ckpt-dir", str(ckpt)],  # resume into another shape
+                 BASE + other + ["--ckpt-dir", str(tmp_path / "new"), "--init-from", str(ckpt)]):
+        code, err = _main(argv, capsys)
+        print(err)
+        assert code == 2 and len(err.splitlines()) == 1 and "another model" in err
+    after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt) for p in fs}
+    assert before == after
+    assert not (tmp_path / "new").exists()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
+    from jaxllm.data import load_tokenizer
+
+    tok = load_tokenizer(None, vocab_size=1024)  # tiny's vocabulary is 512
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "ck"), "--tokenizer", str(tmp_path / "tokenizer.json")],
+                      capsys)
+    print(err)
+    assert code == 2 and "vocab_size" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ck").exists()
+
+
+def test_no_resume_refuses_a_directory_with_checkpoints(trained_ckpt, capsys):
+    before = sorted(os.listdir(trained_ckpt))
+    code, err = _main(BASE + ["--ckpt-dir", str(trained_ckpt), "--no-resume"], capsys)
+    assert code == 2 and "--no-resume" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(trained_ckpt)) == before
