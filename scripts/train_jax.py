@@ -91,7 +91,13 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"train_jax.py: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # non-finite loss
+    except RuntimeError as e:  # a non-finite loss, or a lost peer process
+        import jax
+
+        if jax.process_count() > 1:
+            print(f"train_jax.py: error in process {jax.process_index()} of {jax.process_count()} (did another "
+                  f"process die?): {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            os._exit(1)  # skip the shutdown barrier, which would wait for the dead process and abort
         print(f"train_jax.py: {e}", file=sys.stderr)
         return 1
     if summary.get("stopped_by") is None and rc.prompts and rc.max_new_tokens > 0:

@@ -48,3 +48,63 @@ def test_two_processes_match_one_process(tmp_path):
     for name in one.files:
         if name != "losses":
             np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+TRAIN = str(ROOT / "scripts" / "train_jax.py")
+CLI = ["--preset", "tiny", "--mesh", "data=2,fsdp=2", "--batch-size", "8", "--seq-len", "32", "--log-every", "1",
+       "--max-new-tokens", "0", "--no-progress", "--heartbeat-timeout", "10"]
+
+
+def _launch(n, devices, args):
+    env = _env()
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    port = free_port()
+    extra = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)] \
+        if n > 1 else []
+    return [subprocess.Popen([sys.executable, TRAIN, *CLI, *args, *extra(i)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(n)]
+
+
+def _wait_all(procs, timeout=500):
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out[-3000:]
+        outs.append(out)
+    return outs
+
+
+def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
+    ckpt = tmp_path / "ck"
+    p0, p1 = _launch(2, 2, ["--steps", "1000", "--save-every", "1000", "--ckpt-dir", str(ckpt)])
+    t0 = time.time()
+    while time.time() - t0 < 400:
+        if (ckpt / "metrics.jsonl").exists() and sum(1 for _ in open(ckpt / "metrics.jsonl")) >= 2:
+            break
+        assert p0.poll() is None and p1.poll() is None, "training ended early"
+        time.sleep(0.2)
+    p1.kill()
+    killed = time.time()
+    out, _ = p0.communicate(timeout=120)  # bounded: the test fails instead of hanging
+    waited = time.time() - killed
+    print(f"survivor exited with status {p0.returncode} {waited:.1f} s after the kill")
+    assert p0.returncode != 0
+    assert "did another process die?" in out
+    assert waited < 60
+
+
+def test_two_process_run_resumes_as_two_and_as_one_process(tmp_path):
+    ckpt = tmp_path / "ck"
+    _wait_all(_launch(2, 2, ["--steps", "4", "--save-every", "2", "--ckpt-dir", str(ckpt)]))
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())[-1] == 4
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "ck1")
+    outs = _wait_all(_launch(2, 2, ["--steps", "6", "--save-every", "2", "--ckpt-dir", str(ckpt)]))
+    assert "resuming from" in outs[0] and "at step 4" in outs[0]
+    assert "restarts" not in outs[0]  # same process count: the data position is kept
+    (out,) = _wait_all(_launch(1, 4, ["--steps", "6", "--save-every", "2", "--ckpt-dir", str(tmp_path / "ck1")]))
+    assert "resuming from" in out and "at step 4" in out
+    assert "data stream restarts" in out
+    for d in (ckpt, tmp_path / "ck1"):
+        assert max(int(x) for x in os.listdir(d) if x.isdigit()) == 6
