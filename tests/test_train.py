@@ -129,3 +129,15 @@ def test_analytic_flops_within_10_percent_of_xla_cost_analysis():
     cost = cost[0] if isinstance(cost, list) else cost
     analytic = forward_flops_per_token(config, T)["total"] * B * T
     assert abs(cost["flops"] - analytic) / analytic <= 0.10, (cost["flops"], analytic)
+
+
+def test_expert_parallel_mesh_on_7_devices_equals_one_device():
+    batches = _batches(2, 7, seed=3)
+    s1, l1 = _run(_trainer(batch_size=7), batches)
+    tr7 = _trainer("expert=7", n_devices=7, batch_size=7)
+    s7, l7 = _run(tr7, batches)
+    spec = s7["params"]["decoder_layers"]["mlp"]["routed_experts"]["gate_proj"].sharding.spec
+    assert tuple(spec)[1] == "expert"  # [layers, experts, in, out]: one routed expert per device
+    np.testing.assert_allclose(l7, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s7["params"]), jax.tree.leaves(s1["params"])):
+        assert rel_err(a, b) <= 1e-5
