@@ -81,8 +81,12 @@ def worker_jax(args) -> dict:
         jax.block_until_ready(m["loss"])
 
     times = _timeit(one, args.warmup, args.iters)
-    return {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
-            "jax_peak_rss_gb": _peak_rss_gb()}
+    out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
+           "jax_peak_rss_gb": _peak_rss_gb()}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["jax_peak_device_gb"] = stats["peak_bytes_in_use"] / 2**30
+    return out
 
 
 def worker_torch(args) -> dict:
@@ -91,23 +95,32 @@ def worker_torch(args) -> dict:
     from torch_ref import CustomLLM, CustomLLMConfig
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     config = CustomLLMConfig.from_preset(args.preset, embedding_dropout=0.0)
-    model = CustomLLM(config).train()
+    model = CustomLLM(config).to(device).train()
+    # Mixed precision as the Trainer does it (bf16=True): float32 weights, bfloat16 autocast.
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     rng = np.random.RandomState(0)
-    ids = torch.from_numpy(rng.randint(0, config.vocab_size, (args.batch_size, args.seq_len)))
+    ids = torch.from_numpy(rng.randint(0, config.vocab_size, (args.batch_size, args.seq_len))).to(device)
 
     def one():
-        out = model(ids, labels=ids)
+        with autocast:
+            out = model(ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_router_bias(out.expert_counts)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     times = _timeit(one, args.warmup, args.iters)
-    return {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
-            "torch_threads": torch.get_num_threads()}
+    out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
+           "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        out["torch_peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "torch": worker_torch}
