@@ -190,12 +190,18 @@ def dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
     return jnp.einsum("ne,end->nd", combine_NE.astype(y_END.dtype), y_END)
 
 
-def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
-    """Dropless sparse dispatch with static shapes: the N*K (token, slot) assignments are sorted by
-    expert, each expert's rows padded to a multiple of `block`, and one batched matmul runs over
-    the blocks, each with its expert's weights. Work grows with K, not with E; exact."""
+class BlockLayout(NamedTuple):
+    """Where each (token, slot) assignment goes when they are sorted by expert and every expert's
+    rows are padded to a multiple of `block`: static shapes, dropless."""
+
+    src_P: Array  # [P] token of each padded row (N = a zero row, for padding)
+    dest_M: Array  # [N*K] padded row of each assignment, in (token, slot) order
+    block_expert: Array  # [P / block] expert of each block
+    group_sizes: Array  # [E] assignments per expert (unpadded)
+
+
+def block_layout(chosen_NK: Array, E: int, block: int) -> BlockLayout:
     N, K = chosen_NK.shape
-    E, D = wg.shape[0], x_ND.shape[1]
     M = N * K
     e_M = chosen_NK.reshape(M)
     order_M = jnp.argsort(e_M, stable=True)
@@ -204,24 +210,69 @@ def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
     padded_E = (counts_E + block - 1) // block * block
     pad_end_E = jnp.cumsum(padded_E)
     rank_M = jnp.arange(M) - (jnp.cumsum(counts_E) - counts_E)[e_sorted]
-    dest_sorted = (pad_end_E - padded_E)[e_sorted] + rank_M  # row of each sorted assignment
+    dest_sorted = ((pad_end_E - padded_E)[e_sorted] + rank_M).astype(jnp.int32)
     n_blocks = (M + E * (block - 1)) // block  # static upper bound on sum(padded_E) / block
-    P = n_blocks * block
-    src_P = jnp.full((P,), N, jnp.int32).at[dest_sorted].set((order_M // K).astype(jnp.int32))
-    x_PD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[src_P]
+    src_P = jnp.full((n_blocks * block,), N, jnp.int32).at[dest_sorted].set((order_M // K).astype(jnp.int32))
     block_expert = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
-    y_PD = swiglu(x_PD.reshape(n_blocks, block, D), wg[block_expert], wu[block_expert], wd[block_expert],
-                  "nbd,ndf->nbf", "nbf,nfd->nbd").reshape(P, D)
-    dest_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_sorted.astype(jnp.int32))
-    y_NKD = y_PD[dest_M].reshape(N, K, D)
+    dest_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_sorted)
+    return BlockLayout(src_P, dest_M, block_expert, counts_E)
+
+
+def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, loop: bool = False):
+    """Dropless sparse dispatch with static shapes: the N*K assignments are sorted by expert, each
+    expert's rows padded to a multiple of `block`, and every block runs through its own expert.
+    `loop=False`: one batched matmul over the blocks with each block's expert weights gathered;
+    `loop=True`: a `lax.scan` over the blocks that indexes the expert weights (no weight copies).
+    Work grows with K, not with E; results equal the dense reference."""
+    N, K = chosen_NK.shape
+    D = x_ND.shape[1]
+    lay = block_layout(chosen_NK, wg.shape[0], block)
+    x_BbD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[lay.src_P].reshape(-1, block, D)
+    if loop:
+        def body(_, xs):
+            x_bD, e = xs
+            g, u, d = (jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in (wg, wu, wd))
+            return None, swiglu(x_bD, g, u, d, "bd,df->bf", "bf,fd->bd")
+
+        _, y_BbD = jax.lax.scan(body, None, (x_BbD, lay.block_expert))
+    else:
+        e = lay.block_expert
+        y_BbD = swiglu(x_BbD, wg[e], wu[e], wd[e], "nbd,ndf->nbf", "nbf,nfd->nbd")
+    y_NKD = y_BbD.reshape(-1, D)[lay.dest_M].reshape(N, K, D)
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
+
+
+def ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
+    """Dropless sparse dispatch through `jax.lax.ragged_dot` (grouped matmuls; fast on GPUs, its
+    CPU lowering is slow): assignments sorted by expert, no padding."""
+    N, K = chosen_NK.shape
+    e_M = chosen_NK.reshape(N * K)
+    order_M = jnp.argsort(e_M, stable=True)
+    sizes_E = jnp.bincount(e_M, length=wg.shape[0]).astype(jnp.int32)
+    x_MD = x_ND[order_M // K]
+    h = jax.nn.silu(jax.lax.ragged_dot(x_MD, wg, sizes_E)) * jax.lax.ragged_dot(x_MD, wu, sizes_E)
+    y_MD = jax.lax.ragged_dot(h, wd, sizes_E)
+    y_NKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(N, K, -1)
+    return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
+
+
+MOE_IMPLS = ("sparse", "gather", "scan", "ragged", "dense")
+
+
+def resolve_moe_impl(moe_impl: str) -> str:
+    """"sparse" picks the fastest exact sparse dispatch for the platform: `ragged_dot` on GPUs and
+    TPUs, the gathered-block batched matmul on CPUs (measured in BENCHMARKS.md)."""
+    if moe_impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {moe_impl!r}")
+    if moe_impl == "sparse":
+        return "gather" if jax.default_backend() == "cpu" else "ragged"
+    return moe_impl
 
 
 class DeepSeekMoE(nnx.Module):
     def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32,
-                 moe_impl: str = "sparse", moe_block: int = 64):
-        if moe_impl not in ("sparse", "dense"):
-            raise ValueError(f"moe_impl must be 'sparse' or 'dense', got {moe_impl!r}")
+                 moe_impl: str = "sparse", moe_block: int = 128):
+        resolve_moe_impl(moe_impl)  # validates
         la = ("layers",) * len(lead)
         std = c.initializer_range
         kw = dict(rngs=rngs, std=std, lead=lead, dtype=dtype, param_dtype=param_dtype)
@@ -245,10 +296,13 @@ class DeepSeekMoE(nnx.Module):
         scores_NE = jax.nn.sigmoid(self.router(x_BTD.reshape(B * T, D).astype(F32)))
         chosen_NK, w_NK = route(scores_NE, self.router_bias[...], self.k)
         wg, wu, wd = self.routed_experts.weights()
-        if self.moe_impl == "dense":
+        impl = resolve_moe_impl(self.moe_impl)
+        if impl == "dense":
             routed = dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
+        elif impl == "ragged":
+            routed = ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         else:
-            routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
+            routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block, loop=impl == "scan")
         out_ND = out_ND + routed
         aux_B = balance_loss(scores_NE.reshape(B, T, self.E), chosen_NK.reshape(B, T, self.k), self.E)
         counts_E = jnp.bincount(chosen_NK.reshape(-1), length=self.E)
@@ -284,12 +338,13 @@ class CustomLLM(nnx.Module):
 
     Runtime settings (not part of the config): `dtype` (compute: float32 or bfloat16; norms,
     router, softmax and logits stay float32), `param_dtype` (master weights), `moe_impl`
-    ("sparse" or "dense" routed-expert dispatch, equal results), `moe_block` (rows per block of
+    (routed-expert dispatch, equal results: "sparse" = the platform's best of "gather", "scan",
+    "ragged"; "dense" computes every expert), `moe_block` (rows per block of
     the sparse dispatch), `remat` (recompute each layer in the backward pass to save memory).
     """
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype=F32, param_dtype=F32,
-                 moe_impl: str = "sparse", moe_block: int = 64, remat: bool = False):
+                 moe_impl: str = "sparse", moe_block: int = 128, remat: bool = False):
         c = self.config = config
         std = c.initializer_range
         self.token_embeddings = _normal_param(rngs, (c.vocab_size, c.hidden_size), std, param_dtype,

@@ -55,7 +55,8 @@ def parse_args(argv=None):
     a("--seed", type=int, help=f"random seed (default {d.seed})")
     a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
     a("--init-from", help="start from the weights of this checkpoint (e.g. made by convert/torch_to_flax.py)")
-    a("--moe-impl", choices=["sparse", "dense"], help="routed-expert dispatch (default sparse; equal results)")
+    a("--moe-impl", choices=["sparse", "gather", "scan", "ragged", "dense"],
+      help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
     a("--remat", action="store_true", default=None, help="recompute layers in the backward pass (less memory)")
     a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")

@@ -206,9 +206,10 @@ def test_rope_against_direct_formula():
     np.testing.assert_allclose(torch_rope(torch.from_numpy(x), tcos, tsin).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_and_dense_dispatch_agree_in_value_and_gradient():
+@pytest.mark.parametrize("impl", ["gather", "scan", "ragged"])
+def test_sparse_and_dense_dispatch_agree_in_value_and_gradient(impl):
     dense = create_model(TINY, seed=4, moe_impl="dense")
-    sparse = create_model(TINY, seed=4, moe_impl="sparse", moe_block=8)
+    sparse = create_model(TINY, seed=4, moe_impl=impl, moe_block=8)
     ids = jnp.asarray(_ids((3, 40), seed=7))
     from flax import nnx
 
