@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in result.notes:
         print(f"flax_to_torch: note: {note}", file=sys.stderr)
-    print(f"wrote {result.out_dir} (step {result.step}, {result.dtype}, {', '.join(result.weight_files)}"
+    files = result.weight_files
+    print(f"wrote {result.out_dir} (step {result.step}, {result.dtype}, "
+          f"{files[0] if len(files) == 1 else f'{len(files)} safetensors shards'}"
           f"{', tokenizer' if result.tokenizer else ''})")
     return 0
 

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
         print(f"torch_to_flax: error: {error_line(e)}", file=sys.stderr)
         return 2
-    print(f"wrote {result.out_dir} (step 0, from {', '.join(result.weight_files)}"
+    files = result.weight_files
+    print(f"wrote {result.out_dir} (step 0, from {files[0] if len(files) == 1 else f'{len(files)} shards'}"
           f"{', tokenizer ' + result.tokenizer if result.tokenizer else ''})")
     return 0
 

@@ -178,7 +178,7 @@ def parity(tmp_path_factory):
     (loss, (_, _, counts)), grads = nnx.jit(nnx.value_and_grad(lambda m: loss_fn(m, ids), has_aux=True))(model)
     logits = nnx.jit(lambda m: m(ids))(model)
     return SimpleNamespace(
-        model=model, hf_dir=export_hf(ckpt).out_dir, logits=np.asarray(logits), loss=float(loss),
+        model=model, ckpt=ckpt, hf_dir=export_hf(ckpt).out_dir, logits=np.asarray(logits), loss=float(loss),
         counts=np.asarray(counts), grads={k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(grads)).items()})
 
 
@@ -308,3 +308,237 @@ def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity
     assert config["model_type"] == "customllm" and config["auto_map"]["AutoModelForCausalLM"]
     gen = json.loads(open(os.path.join(hf_dir, "generation_config.json")).read())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 0, 0)
+
+
+# ---- tokenizer files ------------------------------------------------------------------------------
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "the": 1, "cat": 2, "sat": 3, "[UNK]": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monkeypatch):
+    """The checkpoint names its tokenizer; `jaxllm.data.load_tokenizer` loads it (stubbed here:
+    this test pins the converter's side of that contract)."""
+    loaded = []
+    fake = SimpleNamespace(load_tokenizer=lambda spec: loaded.append(spec) or _word_tokenizer())
+    monkeypatch.setitem(sys.modules, "jaxllm.data", fake)
+    ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
+    result = export_hf(ckpt)
+    assert loaded == ["words-v1"] and result.tokenizer == "words-v1" and result.notes == []
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(result.out_dir)
+    assert tok("the cat sat")["input_ids"] == [1, 2, 3]
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == 0
+
+    # The way back records the directory's tokenizer.json in the checkpoint's metadata.
+    back = import_hf(result.out_dir, tmp_path / "back")
+    assert back.tokenizer == os.path.join(result.out_dir, "tokenizer.json")
+    mngr = checkpoint.manager(back.out_dir, read_only=True)
+    assert checkpoint.read_meta(mngr, 0)["tokenizer"] == back.tokenizer
+    mngr.close()
+
+
+def test_tokenizer_that_cannot_be_loaded_is_left_out_with_a_note(parity, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jaxllm.data", None)  # jaxllm.data unavailable
+    ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
+    result = export_hf(ckpt)
+    assert result.tokenizer is None and "not exported" in result.notes[0]
+    assert not os.path.exists(os.path.join(result.out_dir, "tokenizer.json"))
+    assert os.path.exists(os.path.join(result.out_dir, "model.safetensors"))
+
+
+# ---- bad input: one line, exit status 2, no partial output ----------------------------------------
+
+def _run_main(script_main, argv, capsys):
+    rc = script_main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory):
+    """A PyTorch reference model saved by transformers itself (a "real" Hugging Face directory)."""
+    path = tmp_path_factory.mktemp("src") / "hf"
+    _torch_model(seed=1).save_pretrained(path)
+    HF_SRC[:] = [path]
+    return path
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_weights(hf_dir, change):
+    path = hf_dir / "model.safetensors"
+    sd = load_file(path)
+    change(sd)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def _other_preset_weights(hf_dir):
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    other = CustomLLM(CustomLLMConfig.from_llm_config(TINY.replace(intermediate_size=96)))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, hf_dir / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def _truncate(hf_dir):
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _llama_config(hf_dir):
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 512}))
+
+
+TORCH_TO_FLAX_ERRORS = {
+    "missing directory": (lambda d: None, "does not exist"),
+    "empty directory": (lambda d: d.mkdir(), "is empty"),
+    "another architecture": (lambda d: _llama_config(_copy(HF_SRC[0], d)), "model_type is 'llama'"),
+    "another preset": (lambda d: _other_preset_weights(_copy(HF_SRC[0], d)), "has shape"),
+    "missing tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.pop("lm_head.bias")),
+                       "missing tensor lm_head.bias"),
+    "unexpected tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.update(extra=torch.ones(3))),
+                          "unexpected tensor extra"),
+    "corrupt safetensors": (lambda d: _truncate(_copy(HF_SRC[0], d)), "not a readable safetensors file"),
+    "garbage safetensors": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").write_bytes(b"\x00" * 64),
+                            "not a readable safetensors file"),
+    "no weights": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").unlink(), "has no weights"),
+}
+HF_SRC = []  # set by the `hf_src` fixture for the table above
+
+
+@pytest.mark.parametrize("case", list(TORCH_TO_FLAX_ERRORS))
+def test_torch_to_flax_refuses_bad_input(case, hf_src, tmp_path, capsys):
+    from convert.torch_to_flax import main
+
+    make, message = TORCH_TO_FLAX_ERRORS[case]
+    make(tmp_path / "in")
+    rc, err = _run_main(main, [tmp_path / "in", "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("torch_to_flax: error: "), err
+    assert message in err, err
+    assert _no_leftovers(tmp_path, "ckpt") == []
+
+
+def _flax_weights(config):
+    return checkpoint.split_weights(create_model(config, abstract=True))
+
+
+def _zeros(tree):
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+
+
+def _without_lm_head_bias(tree):
+    del tree["params"]["lm_head"]["bias"]
+    return tree
+
+
+def _with_extra_tensor(tree):
+    tree["params"]["extra"] = {"kernel": np.zeros((3, 3), np.float32)}
+    return tree
+
+
+FLAX_TO_TORCH_ERRORS = {
+    "missing directory": (lambda d: None, "does not exist"),
+    "empty directory": (lambda d: d.mkdir(), "no checkpoint found"),
+    "a Hugging Face directory": (lambda d: _copy(HF_SRC[0], d), "no checkpoint found"),
+    "another preset": (lambda d: _save_flax(None, TINY, d, weights=_zeros(_flax_weights(TINY.replace(latent_dim=8)))),
+                       "has shape"),
+    "missing tensor": (lambda d: _save_flax(None, TINY, d, weights=_without_lm_head_bias(_zeros(_flax_weights(TINY)))),
+                       "missing tensor"),
+    "unexpected tensor": (lambda d: _save_flax(None, TINY, d, weights=_with_extra_tensor(_zeros(_flax_weights(TINY)))),
+                          "unexpected tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAX_TO_TORCH_ERRORS))
+def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
+    from convert.flax_to_torch import main
+
+    make, message = FLAX_TO_TORCH_ERRORS[case]
+    make(tmp_path / "in")
+    rc, err = _run_main(main, [tmp_path / "in", "--out", tmp_path / "hf"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("flax_to_torch: error: "), err
+    assert message in err, err
+    assert _no_leftovers(tmp_path, "hf") == []
+
+
+def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_complete(
+        parity, hf_src, tmp_path, capsys, monkeypatch):
+    from convert import hf_export
+    from convert.flax_to_torch import main as flax_to_torch_main
+    from convert.torch_to_flax import main as torch_to_flax_main
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an old export
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out], capsys)
+    assert rc == 2 and "already exists" in err and err.count("\n") == 1
+    assert os.listdir(out) == ["config.json"]
+
+    # --force, but the new export fails half-way: the old output stays, nothing else is left.
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_export, "write_remote_code", broken)
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out, "--force"], capsys)
+    assert rc == 2 and "disk full" in err
+    assert os.listdir(out) == ["config.json"] and _no_leftovers(tmp_path, "hf") == ["hf"]
+    monkeypatch.undo()
+
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out, "--force"], capsys)
+    assert rc == 0, err
+    assert os.path.isfile(out / "model.safetensors") and _no_leftovers(tmp_path, "hf") == ["hf"]
+
+    # A directory that is not an output of this kind is never replaced, even with --force.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", precious, "--force"], capsys)
+    assert rc == 2 and "refusing to replace" in err
+    assert os.listdir(precious) == ["notes.txt"]
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 0, err
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and "already exists" in err
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt", "--force"], capsys)
+    assert rc == 0, err
+
+
+def _script(name, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, f"convert/{name}.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_command_lines_run_from_the_repository_root(parity, tmp_path):
+    """Both scripts as a user runs them: a conversion each way, and failures that print one line
+    on stderr (nothing else: no traceback, no log noise) with exit status 2."""
+    r = _script("flax_to_torch", parity.ckpt, "--out", tmp_path / "hf", "--dtype", "bfloat16")
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    r = _script("torch_to_flax", tmp_path / "hf", "--out", tmp_path / "ckpt")
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    model, config = jaxllm.load(tmp_path / "ckpt")
+    want = get_weights(parity.model)
+    for path, v in get_weights(model).items():  # bfloat16 on the way: the rounded weights come back
+        np.testing.assert_array_equal(v, want[path].astype(ml_dtypes.bfloat16).astype(np.float32)
+                                      if path != BIAS else want[path])
+
+    for name, args, message in [
+        ("flax_to_torch", [tmp_path / "hf"], "no checkpoint found"),  # a Hugging Face dir is no checkpoint
+        ("torch_to_flax", [tmp_path / "ckpt", "--out", tmp_path / "x"], "no config.json"),
+    ]:
+        r = _script(name, *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+        assert r.stderr.startswith(f"{name}: error: ")
