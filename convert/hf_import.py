@@ -12,7 +12,6 @@ float32 weights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -54,19 +53,18 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
     if not os.listdir(hf_dir):
         raise ConvertError(f"Hugging Face directory {hf_dir} is empty")
     config = read_hf_config(hf_dir)
-    with TorchWeights(hf_dir) as weights:
-        try:
-            mapping.check_torch_state(weights.shapes, config)
-        except ValueError as e:
-            raise ConvertError(f"{hf_dir}: {e}") from None
-        out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
-        flat = mapping.torch_to_flax(weights, config)  # loads tensor by tensor
-        files = weights.files
+    weights = TorchWeights(hf_dir)
+    try:
+        mapping.check_torch_state(weights.shapes, config)
+    except ValueError as e:
+        raise ConvertError(f"{hf_dir}: {e}") from None
+    out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
+    flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
     tokenizer = os.path.join(hf_dir, "tokenizer.json")
     tokenizer = tokenizer if os.path.isfile(tokenizer) else None
     with atomic_output_dir(out) as tmp:
         save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer)
-    return ImportResult(out, files, tokenizer)
+    return ImportResult(out, weights.files, tokenizer)
 
 
 def read_hf_config(hf_dir: str) -> LLMConfig:
@@ -92,55 +90,33 @@ def read_hf_config(hf_dir: str) -> LLMConfig:
 class TorchWeights(Mapping):
     """The tensors of a Hugging Face directory as a read-only mapping {name: float32 numpy array}.
     Names, shapes and dtypes (`shapes`, `dtypes`) come from the file headers; a tensor's data is
-    read only when it is looked up. Use as a context manager (it holds the files open)."""
+    read only when it is looked up, each read opening its file afresh: safetensors memory-maps a
+    file, and a mapping kept open would count every tensor read so far in the process's memory."""
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
-        self._stack = contextlib.ExitStack()
-        self._source: dict[str, object] = {}  # name -> open safetensors file or loaded (mmap) state dict
+        self._source: dict[str, tuple[str, torch.Tensor | None]] = {}  # name -> (file, tensor of a .bin)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        try:
-            self.files = self._open()
-        except BaseException:
-            self._stack.close()
-            raise
+        self.files = self._scan()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._stack.close()
-
-    def _open(self) -> list[str]:
+    def _scan(self) -> list[str]:
         join = lambda name: os.path.join(self.hf_dir, name)  # noqa: E731
-        if os.path.isfile(join(SAFETENSORS_INDEX)):
-            names = self._index(join(SAFETENSORS_INDEX))
-            files = sorted(set(names.values()))
-            handles = {f: self._open_safetensors(join(f)) for f in files}
-            for name, f in names.items():
-                if name not in handles[f][1]:
-                    raise ConvertError(f"{join(SAFETENSORS_INDEX)} maps tensor {name} to {f}, which does not hold it")
-                self._add_safetensors(name, handles[f][0], join(f))
-            return files
-        if os.path.isfile(join(SAFETENSORS)):
-            handle, keys = self._open_safetensors(join(SAFETENSORS))
-            for name in keys:
-                self._add_safetensors(name, handle, join(SAFETENSORS))
-            return [SAFETENSORS]
-        if os.path.isfile(join(PYTORCH_BIN_INDEX)):
-            names = self._index(join(PYTORCH_BIN_INDEX))
-            files = sorted(set(names.values()))
-            loaded = {f: self._load_bin(join(f)) for f in files}
-            for name, f in names.items():
-                if name not in loaded[f]:
-                    raise ConvertError(f"{join(PYTORCH_BIN_INDEX)} maps tensor {name} to {f}, which does not hold it")
-                self._add_tensor(name, loaded[f][name], join(f))
-            return files
-        if os.path.isfile(join(PYTORCH_BIN)):
-            for name, t in self._load_bin(join(PYTORCH_BIN)).items():
-                self._add_tensor(name, t, join(PYTORCH_BIN))
-            return [PYTORCH_BIN]
+        for index, load in ((SAFETENSORS_INDEX, self._safetensors_header), (PYTORCH_BIN_INDEX, self._load_bin)):
+            if os.path.isfile(join(index)):
+                names = self._index(join(index))
+                files = sorted(set(names.values()))
+                contents = {f: load(join(f)) for f in files}
+                for name, f in names.items():
+                    if name not in contents[f]:
+                        raise ConvertError(f"{join(index)} maps tensor {name} to {f}, which does not hold it")
+                    self._register(name, contents[f][name], join(f))
+                return files
+        for single, load in ((SAFETENSORS, self._safetensors_header), (PYTORCH_BIN, self._load_bin)):
+            if os.path.isfile(join(single)):
+                for name, content in load(join(single)).items():
+                    self._register(name, content, join(single))
+                return [single]
         raise ConvertError(f"{self.hf_dir} has no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
 
     @staticmethod
@@ -157,25 +133,21 @@ class TorchWeights(Mapping):
                 raise ConvertError(f"{path}: lists shard {f!r}, which is not a file of the directory")
         return weight_map
 
-    def _open_safetensors(self, path: str):
+    @staticmethod
+    def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+        """{name: (shape, dtype)} from a safetensors header, without reading tensor data."""
         from safetensors import safe_open
 
         try:
-            handle = self._stack.enter_context(safe_open(path, framework="pt"))
-            keys = set(handle.keys())
+            with safe_open(path, framework="pt") as f:
+                slices = {name: f.get_slice(name) for name in f.keys()}
+                return {name: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                        for name, s in slices.items()}
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise ConvertError(f"{path}: not a readable safetensors file ({error_line(e)})") from None
-        return handle, keys
 
-    def _add_safetensors(self, name: str, handle, path: str) -> None:
-        try:
-            s = handle.get_slice(name)
-            shape, dtype = tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype())
-        except Exception as e:  # noqa: BLE001
-            raise ConvertError(f"{path}: cannot read the header of tensor {name} ({error_line(e)})") from None
-        self._register(name, shape, dtype, path, handle)
-
-    def _load_bin(self, path: str) -> dict:
+    @staticmethod
+    def _load_bin(path: str) -> dict[str, torch.Tensor]:
         """A legacy pickle checkpoint, loaded with `weights_only=True` (no arbitrary code) and memory
         mapped where the format allows it."""
         try:
@@ -189,26 +161,26 @@ class TorchWeights(Mapping):
             raise ConvertError(f"{path}: does not hold a state dict of tensors")
         return sd
 
-    def _add_tensor(self, name: str, t: torch.Tensor, path: str) -> None:
-        self._register(name, tuple(t.shape), t.dtype, path, t)
-
-    def _register(self, name, shape, dtype, path, source) -> None:
+    def _register(self, name: str, content, path: str) -> None:
+        shape, dtype, tensor = (tuple(content.shape), content.dtype, content) if isinstance(content, torch.Tensor) \
+            else (*content, None)
         if name in self._source:
             raise ConvertError(f"{path}: tensor {name} appears twice in the directory")
         if dtype not in FLOAT_DTYPES:
             raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
-        self.shapes[name], self.dtypes[name], self._source[name] = shape, dtype, (source, path)
+        self.shapes[name], self.dtypes[name], self._source[name] = shape, dtype, (path, tensor)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        source, path = self._source[name]
-        if isinstance(source, torch.Tensor):
-            t = source
-        else:
+        from safetensors import safe_open
+
+        path, tensor = self._source[name]
+        if tensor is None:
             try:
-                t = source.get_tensor(name)
+                with safe_open(path, framework="pt") as f:
+                    tensor = f.get_tensor(name)
             except Exception as e:  # noqa: BLE001
                 raise ConvertError(f"{path}: cannot read tensor {name} ({error_line(e)})") from None
-        return t.to(torch.float32).numpy()
+        return tensor.to(torch.float32).numpy()
 
     def __iter__(self):
         return iter(self._source)
@@ -224,12 +196,16 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 def save_flax_checkpoint(ckpt_dir: str, flat: dict, config: LLMConfig, *, tokenizer: str | None) -> None:
     """Step 0 of a Flax checkpoint (`params` + `meta` items) from a flat Flax dict (consumed)."""
+    import jax.numpy as jnp
+
     from jaxllm import checkpoint
     from jaxllm.model import create_model
     from jaxllm.weights import flatten, unflatten
 
     abstract = checkpoint.split_weights(create_model(config, abstract=True))
-    weights = {kind: unflatten({path: flat.pop(path) for path in flatten(abstract[kind])})
+    # JAX arrays, one at a time (each numpy array freed once copied): Orbax would otherwise copy
+    # every numpy array at once while saving.
+    weights = {kind: unflatten({path: jnp.asarray(flat.pop(path)) for path in flatten(abstract[kind])})
                for kind in ("params", "router_bias")}
     mngr = checkpoint.manager(ckpt_dir, create=True)
     try:

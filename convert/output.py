@@ -44,7 +44,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+        _default_permissions(tmp)
         if os.path.lexists(out):
             old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
             os.rename(out, os.path.join(old, name))
@@ -62,7 +62,14 @@ def atomic_output_dir(out: str) -> Iterator[str]:
         raise
 
 
-def _umask() -> int:
+def _default_permissions(top: str) -> None:
+    """The permissions of files the user creates (umask), not the private ones of `mkdtemp` and
+    of some writers (safetensors files are created 0600)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    os.chmod(top, 0o777 & ~mask)
+    for root, dirs, files in os.walk(top):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)

@@ -542,3 +542,63 @@ def test_command_lines_run_from_the_repository_root(parity, tmp_path):
         r = _script(name, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
         assert r.stderr.startswith(f"{name}: error: ")
+
+
+# ---- seed-973m ------------------------------------------------------------------------------------
+
+def _large_model(config, seed=0):
+    """A randomly initialised model of ARCHITECTURE.md's scheme, drawn tensor by tensor on the host
+    (numpy, in place): peak memory one copy of the weights plus one tensor. (`create_model` draws
+    every parameter from one random call, whose temporaries peak near 19 GB for seed-973m.)"""
+    model = create_model(config, abstract=True)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    rng = np.random.default_rng(seed)
+    for var in leaves:
+        kind, *args = var.get_metadata().get("init", ("zeros",))
+        shape = var.get_value().shape
+        if kind == "normal":
+            a = np.empty(shape, np.float32)
+            rng.standard_normal(dtype=np.float32, out=a)
+            a *= args[0]
+        else:
+            a = (np.ones if kind == "ones" else np.zeros)(shape, np.float32)
+        var.set_value(jnp.asarray(a))
+        del a
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+@pytest.mark.slow
+def test_seed_973m_logits_and_loss_match_through_the_converter(tmp_path):
+    """Batch 1 x 64 tokens: Flax checkpoint -> `convert/flax_to_torch.py` -> PyTorch. Memory: the
+    Flax model is freed before the export (a process of its own) and the PyTorch model is built
+    around the loaded tensors (`from_state_dict`, no second initialised copy)."""
+    import gc
+
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    config = LLMConfig.from_preset("seed-973m")
+    model = _large_model(config)
+    ids = _ids((1, 64), seed=11, vocab=config.vocab_size)
+    loss, (_, _, counts) = nnx.jit(lambda m: loss_fn(m, jnp.asarray(ids)))(model)
+    logits = np.asarray(nnx.jit(lambda m: m(jnp.asarray(ids)))(model))
+    loss, counts = float(loss), np.asarray(counts)
+    ckpt = _save_flax(model, config, tmp_path / "ckpt")
+    del model
+    gc.collect()
+
+    r = _script("flax_to_torch", ckpt, "--out", tmp_path / "hf", timeout=600)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    sd = {}
+    for f in sorted(set(index["weight_map"].values())):  # 3.9 GB in float32: sharded at 2 GB
+        sd.update(load_file(tmp_path / "hf" / f))
+    tm = CustomLLM.from_state_dict(CustomLLMConfig.from_pretrained(tmp_path / "hf"), sd)
+    del sd
+    with torch.no_grad():
+        out = tm(torch.from_numpy(ids), labels=torch.from_numpy(ids))
+    np.testing.assert_array_equal(counts, out.expert_counts.numpy())
+    err = rel_err(logits, out.logits.numpy())
+    print(f"seed-973m through the converter: logits rel err {err:.3e}, loss jax {loss:.6f} torch {out.loss.item():.6f}")
+    assert err <= 1e-5
+    assert abs(loss - out.loss.item()) <= 1e-5
