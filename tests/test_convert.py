@@ -474,6 +474,22 @@ def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
     assert _no_leftovers(tmp_path, "hf") == []
 
 
+def test_latest_step_by_default_or_the_step_asked_for(tmp_path, capsys):
+    from convert.flax_to_torch import main
+
+    weights = _zeros(_flax_weights(TINY))
+    for step in (3, 9):  # two saves: lm_head.bias holds the step number
+        weights["params"]["lm_head"]["bias"] = np.full(TINY.vocab_size, step, np.float32)
+        _save_flax(None, TINY, tmp_path / "ckpt", step=step, weights=weights)
+    assert export_hf(tmp_path / "ckpt").step == 9
+    assert float(load_file(tmp_path / "ckpt-hf" / "model.safetensors")["lm_head.bias"][0]) == 9
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf3", step=3).step == 3
+    assert float(load_file(tmp_path / "hf3" / "model.safetensors")["lm_head.bias"][0]) == 3
+    rc, err = _run_main(main, [tmp_path / "ckpt", "--out", tmp_path / "hf5", "--step", 5], capsys)
+    assert rc == 2 and "step 5 not in" in err and "[3, 9]" in err
+    assert _no_leftovers(tmp_path, "hf5") == []
+
+
 def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_complete(
         parity, hf_src, tmp_path, capsys, monkeypatch):
     from convert import hf_export
