@@ -126,7 +126,7 @@ def test_flax_torch_flax_round_trip_is_bit_exact(tmp_path, dtype):
     assert os.path.isfile(os.path.join(result.out_dir, "model.safetensors.index.json"))
 
     # The exported tensors are exactly the Flax weights under their PyTorch names, in `dtype`
-    # (router_bias float32): the bit patterns of a round-to-nearest-even cast.
+    # (router_bias float32). (Weights that bfloat16 must round: the command-line test.)
     want = flax_to_torch(get_weights(model), TINY)
     exported = {}
     for f in result.weight_files:
@@ -495,6 +495,16 @@ def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and err.startswith("flax_to_torch: error: "), err
     assert message in err, err
     assert _no_leftovers(tmp_path, "hf") == []
+
+
+def test_the_libraries_raise_convert_errors(parity, tmp_path):
+    with pytest.raises(ConvertError, match="dtype must be one of float32, bfloat16"):
+        export_hf(parity.ckpt, tmp_path / "hf", dtype="float16")
+    with pytest.raises(ConvertError, match="overlaps the input"):
+        export_hf(parity.ckpt, os.path.join(parity.ckpt, "hf"))
+    with pytest.raises(ConvertError, match="does not exist"):
+        import_hf(tmp_path / "nothing", tmp_path / "ckpt")
+    assert _no_leftovers(tmp_path, "hf") == [] and _no_leftovers(tmp_path, "ckpt") == []
 
 
 def test_latest_step_by_default_or_the_step_asked_for(tmp_path, capsys):
