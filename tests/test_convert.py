@@ -315,8 +315,9 @@ def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({hf_dir!r}, trust_remote_code=True).eval()
         assert type(m).__module__.startswith("transformers_modules."), type(m).__module__
+        ids = torch.from_numpy(np.load({str(tmp_path / "ids.npy")!r}))
         with torch.no_grad():
-            np.save({str(tmp_path / "logits.npy")!r}, m(torch.from_numpy(np.load({str(tmp_path / "ids.npy")!r}))).logits.numpy())
+            np.save({str(tmp_path / "logits.npy")!r}, m(ids).logits.numpy())
         loaded = [n for n, mod in sys.modules.items() if mod is not None and n.split(".")[0] in
                   ("jaxllm", "torch_ref", "convert", "jax")]
         assert not loaded, loaded
