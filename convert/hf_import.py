@@ -6,8 +6,8 @@ tensor name and shape against the config (`mapping.check_torch_state`) *before* 
 data, and writes step 0 of an Orbax checkpoint in the layout of `jaxllm/checkpoint.py` (the
 `params` and `meta` items; training started from it builds a fresh optimizer state).
 Weights are stored as float32 master weights whatever the source dtype (bfloat16 -> float32 is
-exact). Tensors are read one stacked entry at a time, so peak memory stays near one copy of the
-float32 weights.
+exact). Tensors are read one at a time and stacked entry by entry; Orbax's save then sets the
+peak (about 2.3x the float32 weights for seed-973m).
 """
 
 from __future__ import annotations
