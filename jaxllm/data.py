@@ -1,0 +1,600 @@
+"""Training data: the embedded default corpus and tokenizer, and packed token batches streamed
+from `datasets`, shared by `scripts/train_jax.py` and `scripts/train_torch.py`.
+
+Pure Python + numpy + datasets/tokenizers/transformers (no JAX, no PyTorch), so both trainers
+use the same code and see the same batches.
+
+- **Sources.** Every source is a `datasets.IterableDataset` of documents read through the same
+  code: a Hub id is streamed with `load_dataset(id, config, split=, streaming=True)`; a local
+  `.parquet` / `.jsonl` / `.json` / `.txt` file, glob or directory with
+  `load_dataset("parquet"|"json"|"text", data_files=..., streaming=True)`; the embedded corpus
+  (`embedded_corpus()`) with `Dataset.from_dict(...).to_iterable_dataset()`. In a `.txt` file a
+  document is a paragraph: text separated by a blank line (`DataConfig.sample_by` changes that).
+- **Packing.** Each document is tokenized without special tokens and followed by EOS; the
+  documents of a process's share form one endless token stream (epoch after epoch), cut into
+  rows of exactly `seq_len` tokens: no padding, and a document may continue into the next row.
+  Tokenization runs in a background thread that keeps `prefetch` batches ready.
+- **Processes.** `datasets.distributed.split_dataset_by_node` gives each process its share
+  (whole files when their number divides by the process count, else every n-th document).
+- **Resume.** The position is `(epoch, documents, offset)`: the stream continues at token
+  `offset` of document `documents` (counted in this process's share) of epoch `epoch`. That is
+  exact and independent of `rows`/`seq_len`; resuming re-reads, without tokenizing, the
+  documents of the current epoch before that position, so it costs O(documents skipped).
+- **The embedded corpus** is shuffled at the start of every epoch (seed `DataConfig.seed` +
+  epoch); other sources are read in their stored order every epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import queue
+import re
+import threading
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+
+EMBEDDED = "embedded"
+EOS_TOKEN = "<|endoftext|>"
+EMBEDDED_VOCAB_SIZE = 4096          # preset `small`'s vocab_size
+STATE_FORMAT = 1
+
+# File suffix -> `datasets` packaged builder.
+BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+# EOS names tried, in order, for a tokenizer file that does not say which token is EOS.
+KNOWN_EOS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+
+
+# ---- the embedded corpus --------------------------------------------------------------------
+_SECTION = re.compile(r"\n(?=[^\n]+\n[=\-*~^]{3,}\n)")   # before a line underlined with = - * ~ ^
+_MIN_SECTION_CHARS = 200
+
+
+def embedded_corpus() -> list[str]:
+    """The documents of the embedded default corpus: the sections of Python's own reference
+    documentation (`pydoc_data.topics`, ~465 KB, shipped with every CPython), topics in sorted
+    order, each cut at its section headings; a heading-only section is merged into the next one.
+    Never downloaded; identical for a given Python version (~200 documents for 3.11)."""
+    from pydoc_data.topics import topics
+
+    docs: list[str] = []
+    for name in sorted(topics):
+        pending = ""
+        for section in _SECTION.split(topics[name]):
+            pending += section
+            if len(pending) >= _MIN_SECTION_CHARS:
+                docs.append(pending)
+                pending = ""
+            else:
+                pending += "\n"
+        if pending.strip():
+            docs.append(pending.rstrip("\n"))
+    return docs
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+def _cache_root(cache_dir) -> str:
+    if cache_dir is None:
+        cache_dir = os.environ.get("JAXLLM_CACHE") or os.path.join("~", ".cache", "jaxllm")
+    return os.path.expanduser(os.fspath(cache_dir))
+
+
+def _embedded_settings(vocab_size: int) -> dict[str, Any]:
+    """Everything besides the corpus that decides the embedded tokenizer (part of its key)."""
+    return {"model": "byte-level BPE", "vocab_size": vocab_size, "special_tokens": [EOS_TOKEN],
+            "min_frequency": 2, "add_prefix_space": False, "corpus": "pydoc_data.topics sections"}
+
+
+def embedded_tokenizer_key(vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
+    """A hash of the embedded corpus and the training settings: the tokenizer's cache key."""
+    h = hashlib.sha256(json.dumps(_embedded_settings(vocab_size), sort_keys=True).encode())
+    for doc in embedded_corpus():
+        h.update(b"\0" + doc.encode())
+    return h.hexdigest()[:16]
+
+
+def train_embedded_tokenizer(vocab_size: int = EMBEDDED_VOCAB_SIZE):
+    """Train the byte-level BPE of the embedded default on `embedded_corpus()` (well under a
+    second). `<|endoftext|>` is id 0, as in the cosmo2 tokenizer. Returns a `tokenizers.Tokenizer`;
+    training is deterministic, so every call gives the same vocabulary and merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    settings = _embedded_settings(vocab_size)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=settings["add_prefix_space"])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=settings["min_frequency"],
+        special_tokens=settings["special_tokens"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    docs = embedded_corpus()
+    tok.train_from_iterator(docs, trainer, length=len(docs))
+    return tok
+
+
+def _wrap_embedded(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+
+
+def _embedded_tokenizer(cache_dir, vocab_size: int, expected_key: str | None = None):
+    """The embedded tokenizer from `<cache>/tokenizer-<key>/tokenizer.json`, trained and written
+    there (atomically) when absent or unreadable."""
+    from tokenizers import Tokenizer
+
+    key = embedded_tokenizer_key(vocab_size)
+    if expected_key is not None and expected_key != key:
+        raise ValueError(
+            f"tokenizer 'embedded:{expected_key}' (recorded in a checkpoint) differs from the "
+            f"embedded tokenizer this installation builds ('embedded:{key}', vocab {vocab_size}): "
+            f"the embedded corpus (Python's pydoc_data) or the vocabulary size changed")
+    path = os.path.join(_cache_root(cache_dir), f"tokenizer-{key}", "tokenizer.json")
+    if os.path.isfile(path):
+        try:
+            return _wrap_embedded(Tokenizer.from_file(path))
+        except Exception as e:  # a damaged cache entry: train again and overwrite it
+            warnings.warn(f"ignoring unreadable cached tokenizer {path} ({e}); training it again")
+    tok = train_embedded_tokenizer(vocab_size)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        tok.save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not cache the embedded tokenizer in {path}: {e}")
+    return _wrap_embedded(tok)
+
+
+def _offline() -> bool:
+    """Whether Hugging Face offline mode is on (environment read now, not at import time)."""
+    import huggingface_hub.constants
+
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return huggingface_hub.constants.HF_HUB_OFFLINE or any(
+        f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _looks_local(spec: str) -> bool:
+    """A path rather than a Hub id ("name" or "owner/name")."""
+    return (os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec)
+            or spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+            or os.path.splitext(spec)[1].lower() in (*BUILDERS, ".gz"))
+
+
+def _check_hub(repo_id: str, repo_type: str, what: str, local_hint: str) -> None:
+    """Fail fast and clearly when `repo_id` cannot be used from the Hub: offline mode, no
+    network (one request, 10 s timeout, no retries), no such repository, or gated."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    if _offline():
+        raise ValueError(
+            f"{what} {repo_id!r} is a Hugging Face Hub id, but the Hub cannot be reached: offline "
+            f"mode is on (HF_HUB_OFFLINE). Pass a local path instead ({local_hint})")
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
+    except HFValidationError:
+        raise ValueError(f"{what} {repo_id!r}: no such file, and not a valid Hub id") from None
+    except GatedRepoError:
+        raise ValueError(f"{what} {repo_id!r} is gated on the Hub: accept its terms and log in "
+                         f"(`hf auth login`), or pass a local path ({local_hint})") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{what} {repo_id!r}: no such local file, and no such {repo_type} "
+                         f"repository on the Hugging Face Hub") from None
+    except Exception as e:
+        raise ValueError(
+            f"{what} {repo_id!r} is a Hugging Face Hub id, but the Hub cannot be reached "
+            f"({type(e).__name__}: {e}). Pass a local path instead ({local_hint})") from None
+
+
+def _ensure_eos(tok, spec: str):
+    """Every tokenizer we return has an EOS token (it separates packed documents) and a pad token
+    (the EOS when the tokenizer names none, for batched generation)."""
+    if tok.eos_token_id is None:
+        vocab = tok.get_vocab()
+        name = next((t for t in KNOWN_EOS if t in vocab), None)
+        if name is None:
+            raise ValueError(f"tokenizer {spec!r} defines no EOS token, and has none of "
+                             f"{', '.join(KNOWN_EOS)}; packing needs one to separate documents")
+        tok.eos_token = name
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int = EMBEDDED_VOCAB_SIZE):
+    """A `transformers` fast tokenizer from `spec`:
+
+    - None, "embedded" or "embedded:<key>" (what `tokenizer_source` records): the embedded
+      byte-level BPE (`vocab_size` tokens, default 4096 = preset `small`; `<|endoftext|>` = 0 is
+      BOS, EOS, pad and unk), trained once on `embedded_corpus()` and cached under `cache_dir`
+      (default `$JAXLLM_CACHE` or `~/.cache/jaxllm`) by a hash of corpus and settings;
+    - a local `tokenizer.json` file, or a local directory holding one (and maybe a
+      `tokenizer_config.json` naming the special tokens);
+    - a Hub id such as `HuggingFaceTB/cosmo2-tokenizer` (a clear ValueError when offline or
+      unreachable and not in the Hugging Face cache).
+
+    Directories and Hub ids load with `PreTrainedTokenizerFast.from_pretrained`, so the tokenizer
+    is exactly its `tokenizer.json`: `AutoTokenizer` would build the class named in
+    `tokenizer_config.json` (GPT2Tokenizer for cosmo2), which in transformers 5 replaces the
+    file's pre-tokenizer (dropping SmolLM2's digit splitting).
+
+    `vocab_size` applies to the embedded tokenizer only. Raises ValueError naming the problem.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if spec is None or spec == EMBEDDED or spec.startswith(EMBEDDED + ":"):
+        expected = spec.split(":", 1)[1] if spec and ":" in spec else None
+        return _embedded_tokenizer(cache_dir, vocab_size, expected)
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path):
+        if not path.endswith(".json"):
+            raise ValueError(f"tokenizer file {spec}: expected a tokenizer.json (or a directory)")
+        try:
+            tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        except Exception as e:
+            raise ValueError(f"cannot read tokenizer file {spec}: {e}") from None
+    elif os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise ValueError(f"tokenizer directory {spec} has no tokenizer.json")
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        except Exception as e:
+            raise ValueError(f"cannot load a tokenizer from directory {spec}: {e}") from None
+    elif _looks_local(spec):
+        raise ValueError(f"tokenizer {spec}: no such file or directory")
+    else:
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(spec, local_files_only=True)  # HF cache
+        except Exception:
+            _check_hub(spec, "model", "tokenizer", "a tokenizer.json file or a directory holding one")
+            try:
+                tok = PreTrainedTokenizerFast.from_pretrained(spec)
+            except Exception as e:
+                raise ValueError(f"cannot load tokenizer {spec!r} from the Hub: {e}") from None
+    return _ensure_eos(tok, spec)
+
+
+def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
+    """What a checkpoint records about its tokenizer, loadable again with `load_tokenizer`:
+    "embedded:<key>" (the cache key: corpus + settings), an absolute local path, or the Hub id."""
+    if spec is None or spec == EMBEDDED:
+        return f"{EMBEDDED}:{embedded_tokenizer_key(vocab_size)}"
+    if spec.startswith(EMBEDDED + ":") or not _looks_local(spec):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def check_vocab(tokenizer, config) -> None:
+    """ValueError when the tokenizer has ids the model's embedding table cannot hold."""
+    n = len(tokenizer)
+    if n > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {n} tokens but the model's vocab_size is {config.vocab_size}: use a "
+            f"tokenizer with at most {config.vocab_size} tokens or a config with vocab_size >= {n}")
+
+
+# ---- document sources ------------------------------------------------------------------------
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str | None = None          # None/"embedded", a Hub id, or a local parquet/jsonl/json/txt file, glob or directory
+    dataset_config: str | None = None   # the Hub dataset's config, e.g. "cosmopedia-v2"
+    split: str = "train"               # the Hub dataset's split (local files are one split)
+    text_column: str = "text"
+    seq_len: int = 256
+    seed: int = 0                       # shuffling of the embedded corpus, every epoch
+    sample_by: str = "paragraph"        # documents of a .txt file: "paragraph" (blank-line separated), "line" or "document"
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.sample_by not in ("paragraph", "line", "document"):
+            raise ValueError(f"sample_by must be 'paragraph', 'line' or 'document', got {self.sample_by!r}")
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.dataset is None or self.dataset == EMBEDDED
+
+
+def _local_files(spec: str) -> tuple[str, list[str]]:
+    """(builder, sorted files) of a local file, glob or directory; ValueError when none is usable."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        files = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                 if os.path.splitext(f)[1].lower() in BUILDERS and os.path.isfile(f)]
+        if not files:
+            raise ValueError(f"dataset directory {spec} holds no {'/'.join(BUILDERS)} file")
+    elif glob.has_magic(path):
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+        if not files:
+            raise ValueError(f"dataset {spec}: no file matches")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise ValueError(f"dataset {spec}: no such file or directory")
+    suffixes = sorted({os.path.splitext(f)[1].lower() for f in files})
+    unknown = [s or "(none)" for s in suffixes if s not in BUILDERS]
+    if unknown:
+        raise ValueError(f"dataset {spec}: unsupported file type {', '.join(unknown)} "
+                         f"(supported: {', '.join(BUILDERS)})")
+    builders = {BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise ValueError(f"dataset {spec} mixes file types {', '.join(suffixes)}; use one type")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise ValueError(f"dataset file {f} is not readable (permission denied)")
+    return builders.pop(), sorted(os.path.abspath(f) for f in files)
+
+
+def _describe(cfg: DataConfig) -> str:
+    return "the embedded corpus" if cfg.is_embedded else f"dataset {cfg.dataset}"
+
+
+class _Source:
+    """The documents of `cfg` as `datasets.IterableDataset`s: `epoch(e)` gives epoch e's stream
+    of this process's share, with one column, the text."""
+
+    def __init__(self, cfg: DataConfig, process_index: int, process_count: int):
+        import datasets
+
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+        self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
+        self.name = _describe(cfg)
+        if cfg.is_embedded:
+            self._docs = embedded_corpus()
+            self._dataset = None
+            return
+        if _looks_local(cfg.dataset):
+            builder, files = _local_files(cfg.dataset)
+            args, kwargs = (builder,), {"data_files": files, "split": "train"}
+            if builder == "text":
+                kwargs["sample_by"] = cfg.sample_by
+        else:
+            _check_hub(cfg.dataset, "dataset", "dataset", "a parquet/jsonl/txt file, glob or directory")
+            args, kwargs = (cfg.dataset, cfg.dataset_config), {"split": cfg.split}
+        try:
+            ds = datasets.load_dataset(*args, streaming=True, **kwargs)
+        except StopIteration:  # the json builder's way of saying that it found no record
+            raise ValueError(f"{self.name} is empty: it has no documents") from None
+        except Exception as e:
+            raise ValueError(f"cannot read {self.name}: {_reason(e)}") from e
+        features = ds.features
+        if features is not None and cfg.text_column not in features:
+            raise self._missing_column(list(features))
+        self._dataset = ds
+
+    def _missing_column(self, columns) -> ValueError:
+        return ValueError(f"{self.name} has no text column {self.cfg.text_column!r}; its columns: "
+                          f"{', '.join(map(str, columns)) or '(none)'} (choose one with --text-column)")
+
+    def epoch(self, epoch: int):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        if self._dataset is None:  # the embedded corpus, in a fresh order every epoch
+            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self._docs))
+            ds = datasets.Dataset.from_dict(
+                {self.cfg.text_column: [self._docs[i] for i in order]}).to_iterable_dataset()
+        else:
+            ds = self._dataset
+        if self.process_count > 1:
+            ds = split_dataset_by_node(ds, rank=self.process_index, world_size=self.process_count)
+        return ds
+
+    def texts(self, epoch: int, start: int = 0, batch_size: int = 64) -> Iterator[list]:
+        """Lists of consecutive texts (str or None) of epoch `epoch`, beginning at document `start`
+        of this process's share; the documents before it are read but not returned."""
+        batches = iter(self.epoch(epoch).iter(batch_size=batch_size))
+        seen = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise ValueError(f"cannot read {self.name}: {_reason(e)}") from e
+            if self.cfg.text_column not in batch:
+                raise self._missing_column(list(batch))
+            texts = batch[self.cfg.text_column]
+            seen += len(texts)
+            if seen > start:
+                yield texts[max(0, len(texts) - (seen - start)):]
+                start = seen
+
+
+def _reason(e: Exception) -> str:
+    return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+
+
+def iter_documents(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                   epoch: int = 0) -> Iterator[str]:
+    """The texts of one epoch of this process's share, in the order packing reads them (empty
+    documents included, as the stream position counts them)."""
+    source = _Source(cfg, process_index, process_count)
+    for texts in source.texts(epoch):
+        yield from ("" if t is None else t for t in texts)
+
+
+# ---- packing -------------------------------------------------------------------------------
+def _encoder(tokenizer):
+    """texts -> token id lists, without special tokens. Uses a private copy of the Rust tokenizer
+    (no truncation, no padding) so that the caller may keep using `tokenizer` meanwhile."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (pure Python) tokenizer
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    return lambda texts: [e.ids for e in own.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+class PackedBatches:
+    """Endless batches `int32 [rows, seq_len]` of packed tokens for this process; see the module
+    docstring. `state_dict()` is the position just after the last batch `next()` returned, and
+    `PackedBatches(..., state=that)` continues with exactly the batches that would have followed.
+
+    Construction reads the first documents, so a missing text column, an empty dataset or an
+    unreadable file raise ValueError here rather than at the first batch. Errors met later by the
+    background thread are raised by `next()`. Call `close()` (or use `with`) when done.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, *, rows: int, process_index: int = 0,
+                 process_count: int = 1, state: dict | None = None, prefetch: int = 4):
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.cfg, self.rows = cfg, rows
+        self.process_index, self.process_count = process_index, process_count
+        self._source = _Source(cfg, process_index, process_count)
+        self._eos = tokenizer.eos_token_id
+        if self._eos is None:
+            raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
+        self._encode = _encoder(tokenizer)
+        self._state = self._initial_state(state)
+        if next(self._source.texts(0), None) is None:
+            share = f" for process {process_index} of {process_count}" if process_count > 1 else ""
+            raise ValueError(f"{self._source.name} is empty: it has no documents{share}")
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._produce, name="PackedBatches", daemon=True)
+        self._thread.start()
+
+    # -- position ---------------------------------------------------------------------------
+    def _position_state(self, epoch: int, documents: int, offset: int) -> dict:
+        return {"format": STATE_FORMAT, "epoch": epoch, "documents": documents, "offset": offset,
+                "process_index": self.process_index, "process_count": self.process_count}
+
+    def _initial_state(self, state: dict | None) -> dict:
+        if state is None:
+            return self._position_state(0, 0, 0)
+        if not isinstance(state, dict):
+            raise ValueError(f"data state must be a dict, got {type(state).__name__}")
+        for key in ("epoch", "documents", "offset", "process_index", "process_count"):
+            if not isinstance(state.get(key), int) or state[key] < 0:
+                raise ValueError(f"data state: {key!r} must be an integer >= 0, got {state.get(key)!r}")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"data state: format {state.get('format')!r}, expected {STATE_FORMAT}")
+        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
+            raise ValueError(
+                f"data state belongs to process {state['process_index']} of {state['process_count']}, "
+                f"not {self.process_index} of {self.process_count}: resume with the same process count")
+        return self._position_state(state["epoch"], state["documents"], state["offset"])
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position just after the last batch returned by `next()`."""
+        return dict(self._state)
+
+    # -- the producer (background thread) ---------------------------------------------------
+    def _documents(self) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(epoch, document, offset of the first token, tokens + EOS) from the saved position on,
+        epoch after epoch. Empty and whitespace-only documents count but give no tokens."""
+        epoch, doc, offset = self._state["epoch"], self._state["documents"], self._state["offset"]
+        column = self.cfg.text_column
+        while True:
+            start, any_tokens = doc, False
+            for texts in self._source.texts(epoch, start=doc):
+                for text in texts:
+                    if text is not None and not isinstance(text, str):
+                        raise ValueError(f"column {column!r} of {self._source.name} holds "
+                                         f"{type(text).__name__} values, not text")
+                kept = [i for i, t in enumerate(texts) if t and not t.isspace()]
+                ids = self._encode([texts[i] for i in kept])
+                for i, doc_ids in zip(kept, ids):
+                    tokens = np.asarray(doc_ids + [self._eos], dtype=np.int32)
+                    skip = offset if doc + i == start else 0
+                    any_tokens = True
+                    yield epoch, doc + i, skip, tokens[skip:]
+                doc += len(texts)
+            if start == 0 and not any_tokens:
+                raise ValueError(f"{self._source.name} has no text: every document's {column!r} "
+                                 f"is empty" + (f" (process {self.process_index} of "
+                                                f"{self.process_count})" if self.process_count > 1 else ""))
+            epoch, doc, offset = epoch + 1, 0, 0
+
+    def _batches(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """(batch [rows, seq_len], position after it): consecutive `rows*seq_len` tokens of the stream."""
+        need = self.rows * self.cfg.seq_len
+        pending: collections.deque = collections.deque()  # [epoch, document, offset, tokens]
+        have = 0
+        for epoch, doc, offset, tokens in self._documents():
+            if len(tokens) == 0:
+                continue
+            pending.append([epoch, doc, offset, tokens])
+            have += len(tokens)
+            while have >= need:
+                parts, take = [], need
+                while take:
+                    chunk = pending[0]
+                    if len(chunk[3]) <= take:
+                        parts.append(chunk[3])
+                        take -= len(chunk[3])
+                        last = pending.popleft()
+                    else:
+                        parts.append(chunk[3][:take])
+                        chunk[3], chunk[2], take = chunk[3][take:], chunk[2] + take, 0
+                have -= need
+                position = pending[0][:3] if pending else (last[0], last[1] + 1, 0)
+                yield (np.concatenate(parts).reshape(self.rows, self.cfg.seq_len),
+                       self._position_state(*position))
+
+    def _produce(self) -> None:
+        try:
+            for item in self._batches():
+                if not self._put(item):
+                    return
+        except BaseException as e:  # handed to the consumer, raised by next()
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    # -- the consumer ------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set():
+            raise RuntimeError("PackedBatches is closed")
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._error = item
+            raise item
+        batch, self._state = item
+        return batch
+
+    def close(self) -> None:
+        """Stop the background thread: it finishes the documents it is tokenizing and exits
+        instead of waiting for room in the queue. Safe to call twice, and at interpreter exit."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()

@@ -1,0 +1,350 @@
+"""Data: the embedded corpus and tokenizer, packing without padding, exact resume, per-process
+shares, clear errors for bad input, and the real tokenizer + parquet layout (assets)."""
+
+import collections
+import json
+import time
+
+import numpy as np
+import pytest
+
+from jaxllm import data
+from jaxllm.config import LLMConfig
+from jaxllm.data import DataConfig, PackedBatches, iter_documents, load_tokenizer
+
+WORDS = "the a small model reads every token of this text once per epoch and learns".split()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jaxllm-cache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache_dir):
+    return load_tokenizer(None, cache_dir=cache_dir)
+
+
+def write_jsonl(path, texts, column="text"):
+    path.write_text("".join(json.dumps({column: t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def make_texts(n, seed=0):
+    """n documents of 1 to 50 words (some longer than a row), and one empty document."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 50)))) + f" doc{i}." for i in range(n)]
+    texts[3] = ""
+    return texts
+
+
+@pytest.fixture
+def small_jsonl(tmp_path):
+    return write_jsonl(tmp_path / "docs.jsonl", make_texts(24))
+
+
+def expected_stream(cfg, tok, epochs, **share):
+    """The token stream packing must produce, built independently: every non-empty document of
+    `iter_documents`, tokenized by the tokenizer itself, followed by EOS."""
+    out = []
+    for epoch in range(epochs):
+        for text in iter_documents(cfg, epoch=epoch, **share):
+            if text.strip():
+                out += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return np.asarray(out, np.int32)
+
+
+def take(batches, n):
+    out, states = [], []
+    for _ in range(n):
+        out.append(next(batches))
+        states.append(batches.state_dict())
+    return out, states
+
+
+# ---- the embedded default ---------------------------------------------------------------------
+def test_embedded_corpus_is_python_reference_text_and_deterministic():
+    docs = data.embedded_corpus()
+    assert docs == data.embedded_corpus()
+    assert len(docs) > 100 and sum(map(len, docs)) > 400_000
+    assert all(isinstance(d, str) and d.strip() for d in docs)
+    assert any('The "if" statement' in d for d in docs)
+
+
+def test_embedded_tokenizer_training_is_deterministic():
+    a, b = data.train_embedded_tokenizer(), data.train_embedded_tokenizer()
+    ma, mb = json.loads(a.to_str())["model"], json.loads(b.to_str())["model"]
+    assert ma["vocab"] == mb["vocab"] and ma["merges"] == mb["merges"]
+    assert a.get_vocab_size() == 4096 and a.token_to_id(data.EOS_TOKEN) == 0
+
+
+def test_embedded_tokenizer_is_cached_and_equals_fresh_training(tmp_path, monkeypatch):
+    first = load_tokenizer(None, cache_dir=tmp_path)
+    cached = tmp_path / f"tokenizer-{data.embedded_tokenizer_key()}" / "tokenizer.json"
+    assert cached.is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the tokenizer is cached")
+
+    monkeypatch.setattr(data, "train_embedded_tokenizer", no_training)
+    again = load_tokenizer("embedded", cache_dir=tmp_path)
+    monkeypatch.undo()
+    fresh = json.loads(data.train_embedded_tokenizer().to_str())["model"]
+    for tok in (first, again):
+        model = json.loads(tok.backend_tokenizer.to_str())["model"]
+        assert model["vocab"] == fresh["vocab"] and model["merges"] == fresh["merges"]
+        assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, len(tok)) == (0, 0, 0, 4096)
+    text = "def f(x):\n    return x ** 2  # squares"
+    assert again.decode(again(text)["input_ids"]) == text  # byte-level: lossless
+
+
+def test_embedded_tokenizer_source_round_trips(tmp_path):
+    source = data.tokenizer_source(None)
+    assert source == f"embedded:{data.embedded_tokenizer_key()}"
+    assert len(load_tokenizer(source, cache_dir=tmp_path)) == 4096
+    with pytest.raises(ValueError, match="differs from the embedded tokenizer"):
+        load_tokenizer("embedded:0123456789abcdef", cache_dir=tmp_path)
+
+
+def test_embedded_tokenizer_vocab_size_follows_the_preset(tmp_path):
+    tiny = LLMConfig.from_preset("tiny")
+    tok = load_tokenizer(None, cache_dir=tmp_path, vocab_size=tiny.vocab_size)
+    assert len(tok) == tiny.vocab_size and tok.eos_token_id == 0
+    data.check_vocab(tok, tiny)
+
+
+# ---- packing ------------------------------------------------------------------------------------
+def test_rows_are_full_documents_end_with_eos_and_epochs_continue(small_jsonl, tokenizer):
+    cfg = DataConfig(dataset=str(small_jsonl), seq_len=32)
+    stream = expected_stream(cfg, tokenizer, epochs=3)
+    eos = tokenizer.eos_token_id
+    assert np.count_nonzero(stream == eos) == 3 * 23  # one EOS after each non-empty document
+    n = len(stream) // (3 * 32)
+    with PackedBatches(cfg, tokenizer, rows=3) as batches:
+        got, states = take(batches, n)
+    assert all(b.shape == (3, 32) and b.dtype == np.int32 for b in got)
+    np.testing.assert_array_equal(np.concatenate(got).ravel(), stream[: n * 3 * 32])  # no padding anywhere
+    assert states[-1]["epoch"] == 2  # the stream went on into the second and third epochs
+
+
+def test_embedded_corpus_packs_through_the_same_path_and_reshuffles_each_epoch(tokenizer):
+    cfg = DataConfig(seq_len=128)
+    first, second = list(iter_documents(cfg, epoch=0)), list(iter_documents(cfg, epoch=1))
+    assert first != second and sorted(first) == sorted(second) == sorted(data.embedded_corpus())
+    stream = expected_stream(cfg, tokenizer, epochs=1)
+    with PackedBatches(cfg, tokenizer, rows=4) as batches:
+        got, _ = take(batches, 6)
+    np.testing.assert_array_equal(np.concatenate(got).ravel(), stream[: 6 * 4 * 128])
+
+
+def test_txt_documents_are_paragraphs(tmp_path, tokenizer):
+    path = tmp_path / "notes.txt"
+    path.write_text("first paragraph\nstill the first\n\nsecond one\n\n\nthird\n")
+    cfg = DataConfig(dataset=str(path), seq_len=4)
+    assert [d.strip() for d in iter_documents(cfg)] == ["first paragraph\nstill the first", "second one", "third"]
+    lines = DataConfig(dataset=str(path), seq_len=4, sample_by="line")
+    assert [d for d in iter_documents(lines) if d] == ["first paragraph", "still the first", "second one", "third"]
+
+
+# ---- exact resume ------------------------------------------------------------------------------
+def test_resume_from_state_dict_continues_with_exactly_the_same_batches(small_jsonl, tokenizer):
+    cfg = DataConfig(dataset=str(small_jsonl), seq_len=16)
+    with PackedBatches(cfg, tokenizer, rows=2, prefetch=4) as batches:
+        reference, states = take(batches, 80)
+    assert states[-1]["epoch"] >= 2
+    crossing = next(k for k, s in enumerate(states) if s["epoch"] == 1)   # first batch state in epoch 1
+    boundary = next((k for k, s in enumerate(states) if s["offset"] == 0 and s["documents"] > 0), None)
+    positions = sorted({0, 7, 23, crossing - 1, crossing, *([boundary] if boundary else [])})
+    for k in positions:
+        state = json.loads(json.dumps(states[k]))       # as a checkpoint stores it
+        with PackedBatches(cfg, tokenizer, rows=2, state=state) as resumed:
+            for expected in reference[k + 1 : k + 6]:
+                np.testing.assert_array_equal(next(resumed), expected, err_msg=f"resumed after batch {k}")
+
+
+def test_state_is_the_position_after_the_last_returned_batch_not_the_prefetched_one(small_jsonl, tokenizer):
+    cfg = DataConfig(dataset=str(small_jsonl), seq_len=16)
+    with PackedBatches(cfg, tokenizer, rows=2, prefetch=3) as batches:
+        first = next(batches)
+        deadline = time.time() + 30
+        while not batches._queue.full() and time.time() < deadline:  # let the thread run ahead
+            time.sleep(0.01)
+        assert batches._queue.full()
+        state = batches.state_dict()
+        following = [next(batches) for _ in range(4)]
+    with PackedBatches(cfg, tokenizer, rows=2, state=state) as resumed:
+        np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(4)]), np.stack(following))
+    assert first.shape == (2, 16)
+
+
+def test_resume_position_does_not_depend_on_the_batch_shape(small_jsonl, tokenizer):
+    """The state is a token position: resuming with other rows continues the same token stream."""
+    cfg = DataConfig(dataset=str(small_jsonl), seq_len=16)
+    with PackedBatches(cfg, tokenizer, rows=3) as batches:
+        head, states = take(batches, 5)
+        tail = [next(batches) for _ in range(4)]        # 4 x 3 rows = 6 x 2 rows
+    with PackedBatches(cfg, tokenizer, rows=2, state=states[-1]) as resumed:
+        other = [next(resumed) for _ in range(6)]
+    np.testing.assert_array_equal(np.concatenate(other), np.concatenate(tail))
+
+
+def test_state_from_another_process_count_is_refused(small_jsonl, tokenizer):
+    cfg = DataConfig(dataset=str(small_jsonl), seq_len=16)
+    with PackedBatches(cfg, tokenizer, rows=2) as batches:
+        next(batches)
+        state = batches.state_dict()
+    with pytest.raises(ValueError, match="same process count"):
+        PackedBatches(cfg, tokenizer, rows=2, process_index=0, process_count=2, state=state)
+
+
+# ---- per-process shares ------------------------------------------------------------------------
+def assert_shares_partition(cfg, tokenizer, n_batches=4, rows=2):
+    whole = list(iter_documents(cfg))
+    shares = [list(iter_documents(cfg, process_index=i, process_count=2)) for i in range(2)]
+    assert shares[0] and shares[1]
+    assert not (collections.Counter(shares[0]) & collections.Counter(shares[1]))     # no overlap
+    assert collections.Counter(shares[0]) + collections.Counter(shares[1]) == collections.Counter(whole)
+    for i in range(2):  # each process packs exactly its own documents
+        stream = expected_stream(cfg, tokenizer, epochs=1, process_index=i, process_count=2)
+        with PackedBatches(cfg, tokenizer, rows=rows, process_index=i, process_count=2) as batches:
+            got = np.concatenate([next(batches) for _ in range(n_batches)]).ravel()
+        np.testing.assert_array_equal(got, stream[: got.size])
+    return shares
+
+
+def test_two_processes_split_the_embedded_corpus(tokenizer):
+    assert_shares_partition(DataConfig(seq_len=64), tokenizer)
+
+
+def test_two_processes_split_two_files_by_file(tmp_path, tokenizer):
+    texts = make_texts(20)
+    write_jsonl(tmp_path / "part-0.jsonl", texts[:12])
+    write_jsonl(tmp_path / "part-1.jsonl", texts[12:])
+    shares = assert_shares_partition(DataConfig(dataset=str(tmp_path / "*.jsonl"), seq_len=16), tokenizer)
+    assert shares == [texts[:12], texts[12:]]
+
+
+# ---- bad input: one clear ValueError each -----------------------------------------------------
+def test_missing_text_column_names_it_and_lists_the_columns(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["a b c", "d e"], column="content")
+    with pytest.raises(ValueError, match=r"no text column 'text'.*content, id"):
+        PackedBatches(DataConfig(dataset=str(path)), tokenizer, rows=1)
+
+
+def test_missing_text_column_of_a_parquet_file(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["some text"], "n": [1]}), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match=r"no text column 'text'.*body, n"):
+        PackedBatches(DataConfig(dataset=str(tmp_path / "x.parquet")), tokenizer, rows=1)
+
+
+def test_empty_dataset(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        PackedBatches(DataConfig(dataset=str(tmp_path / "empty.jsonl")), tokenizer, rows=1)
+
+
+def test_dataset_without_any_text(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "blank.jsonl", ["", "  \n", ""])
+    with PackedBatches(DataConfig(dataset=str(path)), tokenizer, rows=1) as batches:
+        with pytest.raises(ValueError, match="has no text"):
+            next(batches)
+
+
+def test_fewer_documents_than_processes(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "one.jsonl", ["only one document"])
+    with pytest.raises(ValueError, match="no documents for process 1 of 2"):
+        PackedBatches(DataConfig(dataset=str(path)), tokenizer, rows=1, process_index=1, process_count=2)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("broken.parquet", b"this is not a parquet file" * 10, "Parquet magic bytes not found"),
+    ("broken.jsonl", b'{"text": "fine"}\n{broken\n', "JSON parse error"),
+    ("latin1.txt", b"fine\n\ncaf\xe9\n", "can't decode byte 0xe9"),
+])
+def test_unreadable_file(tmp_path, tokenizer, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"cannot read dataset .*{name}: .*{message}"):
+        with PackedBatches(DataConfig(dataset=str(tmp_path / name), seq_len=4), tokenizer, rows=1) as batches:
+            next(batches)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{tmp}/missing.parquet", "no such file"),
+    ("{tmp}/*.jsonl", "no file matches"),
+    ("{tmp}", "holds no .parquet/.jsonl/.json/.txt file"),
+    ("{tmp}/data.csv", "unsupported file type .csv"),
+])
+def test_bad_local_paths(tmp_path, tokenizer, spec, message):
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=message):
+        PackedBatches(DataConfig(dataset=spec.format(tmp=tmp_path)), tokenizer, rows=1)
+
+
+def test_hub_dataset_while_offline_says_so_and_suggests_a_local_path(tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(dataset="HuggingFaceTB/smollm-corpus", dataset_config="cosmopedia-v2")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"Hub cannot be reached.*offline.*local path"):
+        PackedBatches(cfg, tokenizer, rows=1)
+    assert time.time() - t0 < 5
+
+
+def test_hub_tokenizer_while_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"Hub cannot be reached.*offline.*local path"):
+        load_tokenizer("jaxllm-tests/not-in-any-cache")
+    assert time.time() - t0 < 10
+
+
+def test_bad_tokenizer_paths(tmp_path):
+    with pytest.raises(ValueError, match="no such file or directory"):
+        load_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read tokenizer file"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_vocabulary_larger_than_the_model_names_both_numbers(tokenizer):
+    with pytest.raises(ValueError, match=r"4096 tokens.*vocab_size is 512"):
+        data.check_vocab(tokenizer, LLMConfig.from_preset("tiny"))
+    data.check_vocab(tokenizer, LLMConfig.from_preset("small"))
+
+
+# ---- the real tokenizer and parquet layout (../shared/assets) -----------------------------
+def test_real_tokenizer_from_a_file_and_a_directory(assets):
+    for spec in (assets / "smollm2-tokenizer" / "tokenizer.json", assets / "smollm2-tokenizer"):
+        tok = load_tokenizer(str(spec))
+        assert len(tok) == 49152 and tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+        data.check_vocab(tok, LLMConfig.from_preset("seed-973m"))
+        with pytest.raises(ValueError, match="49152 tokens.*vocab_size is 4096"):
+            data.check_vocab(tok, LLMConfig.from_preset("small"))
+    assert data.tokenizer_source(str(spec)) == str(spec)
+
+
+def test_a_tokenizer_directory_is_exactly_its_tokenizer_json(assets, tmp_path):
+    """cosmo2's tokenizer_config.json names GPT2Tokenizer, whose transformers-5 class would replace
+    the file's pre-tokenizer; the loaded tokenizer must keep SmolLM2's digit splitting."""
+    (tmp_path / "tokenizer.json").symlink_to(assets / "smollm2-tokenizer" / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(str(tmp_path))
+    pre = json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"]
+    assert pre == json.loads((assets / "smollm2-tokenizer" / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert "Digits" in json.dumps(pre) and (tok.bos_token_id, tok.eos_token_id) == (0, 0)
+
+
+def test_real_parquet_layout_packs_and_splits_by_shard(assets):
+    tok = load_tokenizer(str(assets / "smollm2-tokenizer" / "tokenizer.json"))
+    cfg = DataConfig(dataset=str(assets / "cosmopedia-v2-format" / "*.parquet"), seq_len=256)
+    shares = assert_shares_partition(cfg, tok, n_batches=3, rows=4)
+    assert len(shares[0]) + len(shares[1]) == 2491
+    with PackedBatches(cfg, tok, rows=4) as batches:
+        reference, states = take(batches, 6)
+    with PackedBatches(cfg, tok, rows=4, state=states[2]) as resumed:
+        np.testing.assert_array_equal(next(resumed), reference[3])
+    with pytest.raises(ValueError, match=r"no text column 'story'.*prompt, text, token_length"):
+        PackedBatches(DataConfig(dataset=cfg.dataset, text_column="story"), tok, rows=1)
