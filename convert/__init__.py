@@ -1,0 +1,33 @@
+"""Converters between the Flax checkpoint (`jaxllm.checkpoint`) and a Hugging Face directory.
+
+- `export_hf(ckpt_dir, out_dir)`: Flax (Orbax) checkpoint -> Hugging Face directory with the
+  modeling code (`convert/flax_to_torch.py` on the command line);
+- `import_hf(hf_dir, out_dir)`: Hugging Face directory -> Flax checkpoint that `jaxllm.load`
+  and training read (`convert/torch_to_flax.py`);
+- `convert.mapping`: the one name/layout map both directions (and the tests) use.
+
+The converters are imported lazily: `convert.mapping` needs numpy only.
+"""
+
+
+class ConvertError(ValueError):
+    """An input that cannot be converted or an output that must not be written; the message names
+    the file, directory or tensor."""
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as the one line a command line prints on stderr."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+__all__ = ["ConvertError", "error_line", "export_hf", "import_hf"]
+
+_LAZY = {"export_hf": "convert.hf_export", "import_hf": "convert.hf_import"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'convert' has no attribute {name!r}")

@@ -72,12 +72,15 @@ def torch_names(config: LLMConfig) -> list[str]:
     return [name for entry in entries(config) for name, _ in _expand(entry, config)]
 
 
-def flax_to_torch(flat: dict[tuple[str, ...], np.ndarray], config: LLMConfig) -> dict[str, np.ndarray]:
-    """Flax flat dict -> PyTorch state dict (numpy arrays, contiguous)."""
+def flax_to_torch(flat: dict[tuple[str, ...], np.ndarray], config: LLMConfig, *,
+                  consume: bool = False) -> dict[str, np.ndarray]:
+    """Flax flat dict -> PyTorch state dict (numpy arrays, contiguous). `consume=True` deletes each
+    Flax array from `flat` as soon as it is converted, so that a large model is not held twice
+    (the converter's peak memory)."""
     _check_keys(set(flat), {e.flax_path for e in entries(config)}, "Flax")
     sd = {}
     for entry in entries(config):
-        arr = np.asarray(flat[entry.flax_path])
+        arr = np.asarray(flat.pop(entry.flax_path) if consume else flat[entry.flax_path])
         for name, idx in _expand(entry, config):
             t = arr[idx]
             sd[name] = np.ascontiguousarray(t.T if entry.transpose else t)

@@ -36,13 +36,17 @@ class CheckpointError(ValueError):
 
 
 def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, create: bool = True,
-            async_save: bool = False) -> ocp.CheckpointManager:
+            async_save: bool = False, read_only: bool = False) -> ocp.CheckpointManager:
+    """`read_only=True` for readers (export, inspection): the manager creates, cleans up and
+    deletes nothing, so reading is safe while a trainer writes to the same directory, and no
+    background clean-up outlives the reader."""
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint path {ckpt_dir} exists and is not a directory")
+    # (Not Orbax's own `read_only` option, which logs a warning on every use.)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=create and not read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only)
     handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)

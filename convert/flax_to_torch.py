@@ -1,0 +1,56 @@
+"""Flax checkpoint -> Hugging Face directory.
+
+    python convert/flax_to_torch.py CKPT_DIR [--out HF_DIR] [--step N] [--dtype float32|bfloat16]
+                                    [--max-shard-size 2GB] [--force]
+
+Reads step N (default: the latest) of an Orbax checkpoint directory as training or
+`convert/torch_to_flax.py` writes it, and writes `HF_DIR` (default `CKPT_DIR-hf`): config.json,
+model.safetensors (sharded above --max-shard-size), generation_config.json, tokenizer files when
+the checkpoint records a tokenizer, and the modeling code, so that
+`AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)` works anywhere.
+An existing HF_DIR is refused unless --force. Errors: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("convert") is None:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flax_to_torch.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt_dir", help="Orbax checkpoint directory")
+    p.add_argument("--out", help="output Hugging Face directory (default: CKPT_DIR-hf)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the exported weights (router_bias stays float32)")
+    p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    args = p.parse_args(argv)
+
+    from convert import error_line
+
+    try:
+        from convert.hf_export import export_hf
+
+        result = export_hf(args.ckpt_dir, args.out, step=args.step, dtype=args.dtype, force=args.force,
+                           max_shard_size=args.max_shard_size)
+    except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
+        print(f"flax_to_torch: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"flax_to_torch: note: {note}", file=sys.stderr)
+    files = result.weight_files
+    print(f"wrote {result.out_dir} (step {result.step}, {result.dtype}, "
+          f"{files[0] if len(files) == 1 else f'{len(files)} safetensors shards'}"
+          f"{', tokenizer' if result.tokenizer else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Flax checkpoint -> Hugging Face directory (`export_hf`).
+
+The directory holds `config.json` (with `auto_map`), the weights as safetensors (one
+`model.safetensors`, or shards plus `model.safetensors.index.json` above `max_shard_size`),
+`generation_config.json`, the tokenizer files when the checkpoint records a tokenizer that loads,
+and the modeling code, so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+works in a process that never imported this project. The remote code is `torch_ref`'s two files
+plus `jaxllm/config.py` under the name `customllm_config_core.py`; the one import of
+`jaxllm.config` is rewritten into a relative import (transformers copies relative imports of
+remote code along with it).
+
+Peak memory is about one copy of the float32 weights plus the largest stacked tensor: the
+Orbax checkpoint is restored into numpy arrays, and each one is freed as soon as it is mapped
+to PyTorch names (`mapping.flax_to_torch(..., consume=True)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import numpy as np
+import torch
+
+from convert import ConvertError, error_line, mapping
+from convert.output import atomic_output_dir, check_output
+from jaxllm import checkpoint
+from jaxllm.config import LLMConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+CORE_MODULE = "customllm_config_core"
+AUTO_MAP = {
+    "AutoConfig": "configuration_customllm.CustomLLMConfig",
+    "AutoModelForCausalLM": "modeling_customllm.CustomLLM",
+}
+# Tensors kept in float32 whatever the export dtype: `router_bias` is state that moves in steps of
+# `router_bias_update_rate` and only chooses experts (ARCHITECTURE.md: float32).
+KEEP_FLOAT32 = ("router_bias",)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out_dir: str
+    step: int
+    dtype: str
+    weight_files: list[str]
+    tokenizer: str | None  # what the exported tokenizer files came from; None: none exported
+    notes: list[str]  # why something optional (the tokenizer) was left out
+
+
+def default_out_dir(ckpt_dir: str | os.PathLike) -> str:
+    """`CKPT_DIR-hf`, next to the checkpoint directory."""
+    return os.path.abspath(os.fspath(ckpt_dir)).rstrip(os.sep) + "-hf"
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, step: int | None = None,
+              dtype: str = "float32", force: bool = False,
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> ExportResult:
+    """Write the Hugging Face directory of step `step` (default: the latest) of the Flax checkpoint
+    `ckpt_dir` to `out_dir` (default `CKPT_DIR-hf`), weights in `dtype` ("float32" or "bfloat16";
+    `router_bias` stays float32). An existing `out_dir` is replaced only with `force`, and only
+    once the new directory is complete. Raises ConvertError / CheckpointError naming the problem."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    _require_dir(ckpt_dir, "checkpoint directory")
+    out = check_output(out_dir if out_dir is not None else default_out_dir(ckpt_dir), force=force,
+                       kind="Hugging Face model", is_kind=is_hf_dir, source=ckpt_dir)
+    config, step, meta, flat = read_flax_checkpoint(ckpt_dir, step)
+    tensors = to_torch_tensors(flat, config, DTYPES[dtype])
+    with atomic_output_dir(out) as tmp:
+        write_weights(tensors, tmp, max_shard_size=max_shard_size, step=step)
+        del tensors
+        write_config(config, tmp, dtype)
+        write_remote_code(tmp)
+        tokenizer, notes = write_tokenizer(meta.get("tokenizer"), config, tmp)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    return ExportResult(out, step, dtype, files, tokenizer, notes)
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise ConvertError(f"{what} {path} does not exist")
+    if not os.path.isdir(path):
+        raise ConvertError(f"{what} {path} is not a directory")
+
+
+def read_flax_checkpoint(ckpt_dir: str, step: int | None):
+    """(config, step, meta, flat weights {path tuple: float32 numpy}) of one checkpoint step.
+    The config in the checkpoint's metadata decides the expected tensors; a checkpoint whose
+    weights do not match it (another preset, a missing or unexpected tensor) is refused."""
+    from jaxllm.model import create_model
+    from jaxllm.weights import flatten
+
+    mngr = checkpoint.manager(ckpt_dir, read_only=True)
+    try:
+        step = checkpoint.resolve_step(mngr, step)
+        meta = checkpoint.read_meta(mngr, step)
+        try:
+            config = LLMConfig.from_dict(meta["config"])
+        except ValueError as e:
+            raise checkpoint.CheckpointError(
+                f"checkpoint step {step} in {ckpt_dir}: its config is not a CustomLLM config ({e})") from None
+        abstract = checkpoint.split_weights(create_model(config, abstract=True))
+        _check_no_unexpected(mngr, step, abstract)
+        # numpy targets: restored straight into host memory, float32 whatever was saved.
+        target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
+        weights = checkpoint.restore_weights(mngr, step, target)
+    finally:
+        mngr.close()
+    flat = {**flatten(weights.pop("params")), **flatten(weights.pop("router_bias"))}
+    return config, step, meta, flat
+
+
+def _check_no_unexpected(mngr, step: int, abstract: dict) -> None:
+    """`restore_weights` checks that every expected tensor is there with its shape; this refuses
+    a checkpoint that holds more (the weights of another architecture)."""
+    try:
+        saved = mngr.item_metadata(step)["params"]
+    except Exception:  # noqa: BLE001 - no readable metadata: restore_weights reports it
+        return
+    if saved is None:
+        return
+    want = {path for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    extra = sorted(jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(saved)[0]
+                   if path not in want)
+    if extra:
+        raise checkpoint.CheckpointError(
+            f"checkpoint step {step} in {mngr.directory}: unexpected tensor {extra[0]}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + " (a checkpoint of another model?)")
+
+
+def to_torch_tensors(flat: dict, config: LLMConfig, torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Flax flat dict (consumed) -> PyTorch state dict in `torch_dtype`. Every tensor owns its
+    memory (safetensors refuses tensors that share storage, e.g. slices of one stacked array)."""
+    sd = mapping.flax_to_torch(flat, config, consume=True)
+    tensors = {}
+    for name in list(sd):
+        t = torch.from_numpy(np.require(sd.pop(name), np.float32, ["C", "W", "O"]))
+        if not name.endswith(KEEP_FLOAT32):
+            t = t.to(torch_dtype)
+        tensors[name] = t
+    return tensors
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: str, *, max_shard_size: int | str, step: int) -> None:
+    """`model.safetensors`, or shards and their index above `max_shard_size` (Hugging Face's own
+    writer, so the layout is exactly what `from_pretrained` expects)."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"jaxllm_step": str(step)})
+
+
+def write_config(config: LLMConfig, out: str, dtype: str) -> None:
+    """`config.json` (the fields of `jaxllm/config.py`, `model_type` "customllm", `auto_map`) and
+    `generation_config.json` (the special token ids)."""
+    from transformers import GenerationConfig
+
+    from torch_ref import CustomLLMConfig
+
+    hf_config = CustomLLMConfig.from_llm_config(config, architectures=["CustomLLM"], auto_map=AUTO_MAP,
+                                                dtype=dtype)
+    hf_config.save_pretrained(out)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id).save_pretrained(out)
+
+
+def remote_code_files() -> dict[str, str]:
+    """{file name: source} of the modeling code shipped with the weights, with the import of
+    `jaxllm.config` made relative. Raises if the sources no longer have the expected shape
+    (exactly one such import, no other import of this project or of JAX)."""
+    import jaxllm.config
+    import torch_ref
+
+    ref_dir = os.path.dirname(torch_ref.__file__)
+    files = {}
+    for name in ("configuration_customllm.py", "modeling_customllm.py"):
+        with open(os.path.join(ref_dir, name)) as f:
+            files[name] = f.read()
+    with open(jaxllm.config.__file__) as f:
+        files[f"{CORE_MODULE}.py"] = f.read()
+    text, n = re.subn(r"^from jaxllm\.config import ", f"from .{CORE_MODULE} import ",
+                      files["configuration_customllm.py"], flags=re.M)
+    if n != 1:
+        raise ConvertError(f"torch_ref/configuration_customllm.py: expected one 'from jaxllm.config import' "
+                           f"line to make relative, found {n}")
+    files["configuration_customllm.py"] = text
+    for name, text in files.items():
+        bad = re.search(r"^\s*(?:from|import)\s+(jaxllm|torch_ref|convert|jax|flax)\b", text, re.M)
+        if bad:
+            raise ConvertError(f"remote code {name} imports {bad.group(1)}, which an exported directory "
+                               "cannot ship")
+    return files
+
+
+def write_remote_code(out: str) -> None:
+    for name, text in remote_code_files().items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+
+
+def write_tokenizer(spec, config: LLMConfig, out: str) -> tuple[str | None, list[str]]:
+    """Save the tokenizer that the checkpoint's metadata records (via `jaxllm.data.load_tokenizer`).
+    Optional: a tokenizer that cannot be loaded here is left out with a note, not an error (the
+    weights are the conversion's point)."""
+    if not spec:
+        return None, []
+    try:
+        from jaxllm.data import load_tokenizer
+    except ImportError as e:
+        return None, [f"tokenizer {spec!r} not exported: jaxllm.data.load_tokenizer is not available ({e})"]
+    try:
+        tok = load_tokenizer(spec)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, the weights are still exported
+        return None, [f"tokenizer {spec!r} not exported: it does not load here ({error_line(e)})"]
+    if not hasattr(tok, "save_pretrained"):  # a bare `tokenizers.Tokenizer`
+        from transformers import PreTrainedTokenizerFast
+
+        names = {f"{k}_token": tok.id_to_token(getattr(config, f"{k}_token_id")) for k in ("bos", "eos", "pad")}
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.max_position_embeddings,
+                                      **{k: v for k, v in names.items() if v is not None})
+    tok.save_pretrained(out)
+    return str(spec), []

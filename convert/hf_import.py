@@ -1,0 +1,239 @@
+"""Hugging Face directory -> Flax checkpoint (`import_hf`).
+
+Reads `config.json` and the weights (`model.safetensors`, sharded safetensors with their index,
+or a legacy `pytorch_model.bin`, loaded with `torch.load(weights_only=True)` only), checks every
+tensor name and shape against the config (`mapping.check_torch_state`) *before* loading any
+data, and writes step 0 of an Orbax checkpoint in the layout of `jaxllm/checkpoint.py` (the
+`params` and `meta` items; training started from it builds a fresh optimizer state).
+Weights are stored as float32 master weights whatever the source dtype (bfloat16 -> float32 is
+exact). Tensors are read one stacked entry at a time, so peak memory stays near one copy of the
+float32 weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from convert import ConvertError, error_line, mapping
+from convert.output import atomic_output_dir, check_output
+from jaxllm.config import MODEL_TYPE, LLMConfig
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+
+
+@dataclasses.dataclass
+class ImportResult:
+    out_dir: str
+    weight_files: list[str]
+    tokenizer: str | None  # recorded in the checkpoint's metadata (the source's tokenizer.json)
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """An Orbax checkpoint directory: it holds at least one numbered step."""
+    return any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> ImportResult:
+    """Convert the Hugging Face directory `hf_dir` into a Flax checkpoint at `out_dir` (step 0).
+    An existing `out_dir` is replaced only with `force`, and only once the new checkpoint is
+    complete. Raises ConvertError naming the file or tensor at fault."""
+    hf_dir = os.path.abspath(os.fspath(hf_dir))
+    if not os.path.exists(hf_dir):
+        raise ConvertError(f"Hugging Face directory {hf_dir} does not exist")
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"Hugging Face directory {hf_dir} is not a directory")
+    if not os.listdir(hf_dir):
+        raise ConvertError(f"Hugging Face directory {hf_dir} is empty")
+    config = read_hf_config(hf_dir)
+    with TorchWeights(hf_dir) as weights:
+        try:
+            mapping.check_torch_state(weights.shapes, config)
+        except ValueError as e:
+            raise ConvertError(f"{hf_dir}: {e}") from None
+        out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
+        flat = mapping.torch_to_flax(weights, config)  # loads tensor by tensor
+        files = weights.files
+    tokenizer = os.path.join(hf_dir, "tokenizer.json")
+    tokenizer = tokenizer if os.path.isfile(tokenizer) else None
+    with atomic_output_dir(out) as tmp:
+        save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer)
+    return ImportResult(out, files, tokenizer)
+
+
+def read_hf_config(hf_dir: str) -> LLMConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    if d.get("model_type") != MODEL_TYPE:
+        raise ConvertError(f"{path}: model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r} "
+                           "(a checkpoint of another architecture)")
+    try:
+        return LLMConfig.from_dict(d)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}") from None
+
+
+class TorchWeights(Mapping):
+    """The tensors of a Hugging Face directory as a read-only mapping {name: float32 numpy array}.
+    Names, shapes and dtypes (`shapes`, `dtypes`) come from the file headers; a tensor's data is
+    read only when it is looked up. Use as a context manager (it holds the files open)."""
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        self._stack = contextlib.ExitStack()
+        self._source: dict[str, object] = {}  # name -> open safetensors file or loaded (mmap) state dict
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        try:
+            self.files = self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+    def _open(self) -> list[str]:
+        join = lambda name: os.path.join(self.hf_dir, name)  # noqa: E731
+        if os.path.isfile(join(SAFETENSORS_INDEX)):
+            names = self._index(join(SAFETENSORS_INDEX))
+            files = sorted(set(names.values()))
+            handles = {f: self._open_safetensors(join(f)) for f in files}
+            for name, f in names.items():
+                if name not in handles[f][1]:
+                    raise ConvertError(f"{join(SAFETENSORS_INDEX)} maps tensor {name} to {f}, which does not hold it")
+                self._add_safetensors(name, handles[f][0], join(f))
+            return files
+        if os.path.isfile(join(SAFETENSORS)):
+            handle, keys = self._open_safetensors(join(SAFETENSORS))
+            for name in keys:
+                self._add_safetensors(name, handle, join(SAFETENSORS))
+            return [SAFETENSORS]
+        if os.path.isfile(join(PYTORCH_BIN_INDEX)):
+            names = self._index(join(PYTORCH_BIN_INDEX))
+            files = sorted(set(names.values()))
+            loaded = {f: self._load_bin(join(f)) for f in files}
+            for name, f in names.items():
+                if name not in loaded[f]:
+                    raise ConvertError(f"{join(PYTORCH_BIN_INDEX)} maps tensor {name} to {f}, which does not hold it")
+                self._add_tensor(name, loaded[f][name], join(f))
+            return files
+        if os.path.isfile(join(PYTORCH_BIN)):
+            for name, t in self._load_bin(join(PYTORCH_BIN)).items():
+                self._add_tensor(name, t, join(PYTORCH_BIN))
+            return [PYTORCH_BIN]
+        raise ConvertError(f"{self.hf_dir} has no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
+
+    @staticmethod
+    def _index(path: str) -> dict[str, str]:
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConvertError(f"{path}: not a readable weight index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConvertError(f"{path}: weight_map must map tensor names to file names")
+        for f in set(weight_map.values()):
+            if os.path.basename(f) != f or not os.path.isfile(os.path.join(os.path.dirname(path), f)):
+                raise ConvertError(f"{path}: lists shard {f!r}, which is not a file of the directory")
+        return weight_map
+
+    def _open_safetensors(self, path: str):
+        from safetensors import safe_open
+
+        try:
+            handle = self._stack.enter_context(safe_open(path, framework="pt"))
+            keys = set(handle.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ConvertError(f"{path}: not a readable safetensors file ({error_line(e)})") from None
+        return handle, keys
+
+    def _add_safetensors(self, name: str, handle, path: str) -> None:
+        try:
+            s = handle.get_slice(name)
+            shape, dtype = tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype())
+        except Exception as e:  # noqa: BLE001
+            raise ConvertError(f"{path}: cannot read the header of tensor {name} ({error_line(e)})") from None
+        self._register(name, shape, dtype, path, handle)
+
+    def _load_bin(self, path: str) -> dict:
+        """A legacy pickle checkpoint, loaded with `weights_only=True` (no arbitrary code) and memory
+        mapped where the format allows it."""
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the pre-zip format cannot be memory mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling raises many types
+            raise ConvertError(f"{path}: not a loadable PyTorch weights file ({error_line(e)})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ConvertError(f"{path}: does not hold a state dict of tensors")
+        return sd
+
+    def _add_tensor(self, name: str, t: torch.Tensor, path: str) -> None:
+        self._register(name, tuple(t.shape), t.dtype, path, t)
+
+    def _register(self, name, shape, dtype, path, source) -> None:
+        if name in self._source:
+            raise ConvertError(f"{path}: tensor {name} appears twice in the directory")
+        if dtype not in FLOAT_DTYPES:
+            raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
+        self.shapes[name], self.dtypes[name], self._source[name] = shape, dtype, (source, path)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        source, path = self._source[name]
+        if isinstance(source, torch.Tensor):
+            t = source
+        else:
+            try:
+                t = source.get_tensor(name)
+            except Exception as e:  # noqa: BLE001
+                raise ConvertError(f"{path}: cannot read tensor {name} ({error_line(e)})") from None
+        return t.to(torch.float32).numpy()
+
+    def __iter__(self):
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def save_flax_checkpoint(ckpt_dir: str, flat: dict, config: LLMConfig, *, tokenizer: str | None) -> None:
+    """Step 0 of a Flax checkpoint (`params` + `meta` items) from a flat Flax dict (consumed)."""
+    from jaxllm import checkpoint
+    from jaxllm.model import create_model
+    from jaxllm.weights import flatten, unflatten
+
+    abstract = checkpoint.split_weights(create_model(config, abstract=True))
+    weights = {kind: unflatten({path: flat.pop(path) for path in flatten(abstract[kind])})
+               for kind in ("params", "router_bias")}
+    mngr = checkpoint.manager(ckpt_dir, create=True)
+    try:
+        checkpoint.save(mngr, 0, weights=weights, config=config, tokenizer=tokenizer)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()

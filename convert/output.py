@@ -1,0 +1,68 @@
+"""Writing a conversion's output all at once.
+
+Everything goes into a temporary directory next to the target (same file system), which is
+renamed into place only when complete: a failed or interrupted conversion leaves no partial
+output, and `force=True` replaces an existing output only after the new one is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator
+
+from convert import ConvertError
+
+
+def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str], bool],
+                 source: str | None = None) -> str:
+    """The absolute output path, or ConvertError: it exists without `force`, it exists and is not a
+    `kind` directory (never replaced, even with `force`: a mistyped path must not delete a home
+    directory), or it overlaps the `source` directory."""
+    out = os.path.abspath(os.fspath(out_dir))
+    if source is not None:
+        src = os.path.abspath(os.fspath(source))
+        if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
+            raise ConvertError(f"output {out} overlaps the input {src}; choose another output directory")
+    if os.path.lexists(out):
+        if not force:
+            raise ConvertError(f"output {out} already exists (--force / force=True replaces it)")
+        if not os.path.isdir(out) or os.path.islink(out) or not (is_kind(out) or not os.listdir(out)):
+            raise ConvertError(f"output {out} exists and is not a {kind} directory; refusing to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str) -> Iterator[str]:
+    """Yield a fresh temporary directory next to `out`; on success rename it to `out` (replacing
+    an existing `out`, which the caller has vetted with `check_output`); on any error remove it."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(out)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+        if os.path.lexists(out):
+            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
+            os.rename(out, os.path.join(old, name))
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(os.path.join(old, name), out)  # put the old output back
+                os.rmdir(old)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

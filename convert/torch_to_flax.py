@@ -1,0 +1,46 @@
+"""Hugging Face directory -> Flax checkpoint.
+
+    python convert/torch_to_flax.py HF_DIR --out CKPT_DIR [--force]
+
+Reads config.json and the weights of HF_DIR (model.safetensors, sharded safetensors, or a legacy
+pytorch_model.bin loaded with weights_only=True), checks every tensor name and shape against the
+config before loading data, and writes step 0 of an Orbax checkpoint (float32 master weights,
+router_bias, config) that `jaxllm.load(CKPT_DIR)` and training (--init-from) read.
+An existing CKPT_DIR is refused unless --force. Errors: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("convert") is None:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="torch_to_flax.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("hf_dir", help="Hugging Face model directory")
+    p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output checkpoint directory")
+    args = p.parse_args(argv)
+
+    from convert import error_line
+
+    try:
+        from convert.hf_import import import_hf
+
+        result = import_hf(args.hf_dir, args.out, force=args.force)
+    except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
+        print(f"torch_to_flax: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    files = result.weight_files
+    print(f"wrote {result.out_dir} (step 0, from {files[0] if len(files) == 1 else f'{len(files)} shards'}"
+          f"{', tokenizer ' + result.tokenizer if result.tokenizer else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""The converter (convert/): round trips are bit-exact, the converted model computes the same
+logits, loss, gradients and optimizer step in both frameworks, an exported directory loads with
+`trust_remote_code=True` in a process that never imported this project, and bad input gives one
+line naming the problem, exit status 2 and no partial output."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from safetensors.torch import load_file, save_file
+
+import jaxllm
+from conftest import ROOT
+from convert import ConvertError, export_hf, import_hf
+from convert.mapping import flax_to_torch
+from helpers import rel_err
+from jaxllm import checkpoint
+from jaxllm.config import LLMConfig
+from jaxllm.model import create_model, loss_fn
+from jaxllm.weights import flatten, get_weights, set_weights
+
+TINY = LLMConfig.from_preset("tiny")
+STEP = 7
+
+
+def _ids(shape, seed, vocab=TINY.vocab_size):
+    return np.random.RandomState(seed).randint(0, vocab, shape)
+
+
+def _flax_model(config=TINY, seed=0, bf16_exact=False):
+    """A model whose every tensor is non-trivial: random router biases, norm weights and lm_head
+    bias (zeros and ones would hide a mix-up). `bf16_exact`: float32 values that bfloat16 holds
+    exactly (a bfloat16 round trip then preserves them bit for bit)."""
+    model = create_model(config, seed=seed)
+    rng = np.random.RandomState(seed + 100)
+    flat = get_weights(model)
+    for path, v in flat.items():
+        if path[-1] == "router_bias":
+            flat[path] = (0.01 * rng.randn(*v.shape)).astype(np.float32)
+        elif path[-1] == "weight" or path[-1] == "bias":
+            flat[path] = (v + 0.1 * rng.randn(*v.shape)).astype(np.float32)
+        if bf16_exact:
+            flat[path] = flat[path].astype(ml_dtypes.bfloat16).astype(np.float32)
+    set_weights(model, flat)
+    return model
+
+
+def _save_flax(model, config, path, step=STEP, weights=None, tokenizer=None):
+    mngr = checkpoint.manager(path)
+    checkpoint.save(mngr, step, weights=weights or checkpoint.split_weights(model), config=config,
+                    tokenizer=tokenizer)
+    mngr.wait_until_finished()
+    mngr.close()
+    return str(path)
+
+
+def _torch_model(config=TINY, seed=0, dtype=torch.float32):
+    """A PyTorch reference model with non-trivial router biases, norms and lm_head bias; in
+    bfloat16 every weight is bfloat16 and `router_bias` stays float32 (as an export writes it)."""
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    torch.manual_seed(seed)
+    model = CustomLLM(CustomLLMConfig.from_llm_config(config)).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(("router_bias", "norm.weight", "lm_head.bias")):
+                t.add_(0.05 * torch.randn_like(t))
+    model = model.to(dtype)
+    for layer in model.decoder_layers:
+        layer.mlp.moe.router_bias = layer.mlp.moe.router_bias.float()
+    return model
+
+
+def _no_leftovers(parent, name):
+    """Nothing that belongs to a (failed) output `name` remains in `parent`."""
+    return [n for n in os.listdir(parent) if n == name or n.startswith(f".{name}.")]
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.view(torch.int32).numpy()
+
+
+# ---- round trips --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flax_torch_flax_round_trip_is_bit_exact(tmp_path, dtype):
+    model = _flax_model(bf16_exact=dtype == "bfloat16")
+    ckpt = _save_flax(model, TINY, tmp_path / "ckpt")
+    result = export_hf(ckpt, dtype=dtype, max_shard_size="300KB")  # tiny is ~2 MB: several shards
+    assert result.out_dir == ckpt + "-hf" and result.step == STEP and len(result.weight_files) > 1
+    assert os.path.isfile(os.path.join(result.out_dir, "model.safetensors.index.json"))
+
+    # The exported tensors are exactly the Flax weights under their PyTorch names, in `dtype`
+    # (router_bias float32): the bit patterns of a round-to-nearest-even cast.
+    want = flax_to_torch(get_weights(model), TINY)
+    exported = {}
+    for f in result.weight_files:
+        exported.update(load_file(os.path.join(result.out_dir, f)))
+    assert sorted(exported) == sorted(want)
+    for name, t in exported.items():
+        expect_dtype = torch.float32 if name.endswith("router_bias") or dtype == "float32" else torch.bfloat16
+        assert t.dtype == expect_dtype, name
+        ref = torch.from_numpy(np.array(want[name])).to(expect_dtype)
+        np.testing.assert_array_equal(_bits(t), _bits(ref), err_msg=name)
+
+    back = import_hf(result.out_dir, tmp_path / "back")
+    model2, config2 = jaxllm.load(back.out_dir)
+    assert config2 == TINY
+    got, orig = get_weights(model2), get_weights(model)
+    assert sorted(got) == sorted(orig)
+    for path in orig:
+        assert got[path].dtype == np.float32
+        np.testing.assert_array_equal(got[path].view(np.int32), orig[path].view(np.int32), err_msg=str(path))
+
+
+@pytest.mark.parametrize("dtype, source", [
+    (torch.float32, "safetensors"),
+    (torch.bfloat16, "sharded"),
+    (torch.float32, "pytorch_model.bin"),
+])
+def test_torch_flax_torch_round_trip_is_bit_exact(tmp_path, dtype, source):
+    tm = _torch_model(dtype=dtype)
+    src = tmp_path / "src"
+    if source == "pytorch_model.bin":  # a legacy pickle directory
+        tm.config.save_pretrained(src)
+        torch.save(tm.state_dict(), src / "pytorch_model.bin")
+    else:
+        tm.save_pretrained(src, max_shard_size="300KB" if source == "sharded" else "5GB")
+    assert (src / "model.safetensors.index.json").exists() == (source == "sharded")
+
+    imported = import_hf(src, tmp_path / "ckpt")
+    assert imported.weight_files[0].startswith("pytorch_model" if source.endswith("bin") else "model")
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    result = export_hf(imported.out_dir, tmp_path / "out", dtype=name)
+    out = load_file(os.path.join(result.out_dir, "model.safetensors"))
+    sd = tm.state_dict()
+    assert sorted(out) == sorted(sd)
+    for k, t in sd.items():
+        assert out[k].dtype == t.dtype, k
+        np.testing.assert_array_equal(_bits(out[k]), _bits(t), err_msg=k)
+
+    # The Flax checkpoint is a model: `jaxllm.load` + `model(ids)` give the PyTorch logits.
+    model, config = jaxllm.load(imported.out_dir)
+    assert config == TINY
+    if dtype == torch.float32:
+        ids = _ids((2, 16), seed=1)
+        with torch.no_grad():
+            want = tm(torch.from_numpy(ids)).logits.numpy()
+        assert rel_err(model(jnp.asarray(ids)), want) <= 1e-5
+
+
+# ---- parity through the converter -----------------------------------------------------------------
+
+# Inputs chosen (seed 5) so that no token is near a top-k tie: both frameworks route alike
+# (`_min_top_k_margin` checks it, identical expert counts confirm it).
+PARITY_IDS = _ids((2, 48), seed=5)
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """A Flax model, its exported Hugging Face directory, and the JAX side of the comparison
+    (logits, loss, expert counts, gradients as a flat dict), computed once under `jit`."""
+    model = _flax_model(seed=3)
+    ckpt = _save_flax(model, TINY, tmp_path_factory.mktemp("parity") / "ckpt")
+    ids = jnp.asarray(PARITY_IDS)
+    (loss, (_, _, counts)), grads = nnx.jit(nnx.value_and_grad(lambda m: loss_fn(m, ids), has_aux=True))(model)
+    logits = nnx.jit(lambda m: m(ids))(model)
+    return SimpleNamespace(
+        model=model, ckpt=ckpt, hf_dir=export_hf(ckpt).out_dir, logits=np.asarray(logits), loss=float(loss),
+        counts=np.asarray(counts), grads={k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(grads)).items()})
+
+
+def _load_torch(hf_dir):
+    from torch_ref import CustomLLM
+
+    return CustomLLM.from_pretrained(hf_dir).eval()  # eval: no embedding dropout
+
+
+def _min_top_k_margin(tm, ids) -> float:
+    """Smallest gap, over tokens and layers, between the k-th and the (k+1)-th biased router score:
+    the inputs are safe from near ties when it is far above float32 rounding (~1e-7)."""
+    margins = []
+
+    def hook(moe, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        s = torch.sigmoid(x @ moe.router.weight.float().T) + moe.router_bias
+        top = torch.sort(s, dim=-1, descending=True).values
+        margins.append(float((top[:, moe.top_k - 1] - top[:, moe.top_k]).min()))
+
+    handles = [layer.mlp.moe.register_forward_pre_hook(hook) for layer in tm.decoder_layers]
+    with torch.no_grad():
+        tm(torch.from_numpy(ids))
+    for h in handles:
+        h.remove()
+    return min(margins)
+
+
+def test_logits_loss_and_gradients_match_through_the_converter(parity):
+    tm = _load_torch(parity.hf_dir)
+    ids = PARITY_IDS
+    assert _min_top_k_margin(tm, ids) > 1e-5
+    out = tm(torch.from_numpy(ids), labels=torch.from_numpy(ids))
+    out.loss.backward()
+    np.testing.assert_array_equal(parity.counts, out.expert_counts.numpy())
+    assert rel_err(parity.logits, out.logits.detach().numpy()) <= 1e-5
+    assert abs(parity.loss - out.loss.item()) <= 1e-5
+
+    # JAX gradients under PyTorch names (router_bias has none: zeros fill its slot in the map).
+    jax_grads = flax_to_torch({**parity.grads, BIAS: np.zeros((TINY.num_hidden_layers, TINY.num_routed_experts),
+                                                               np.float32)}, TINY)
+    torch_grads = {k: p.grad.numpy() for k, p in tm.named_parameters()}
+    assert sorted(torch_grads) == sorted(k for k in jax_grads if not k.endswith("router_bias"))
+    for name, g in torch_grads.items():
+        assert np.linalg.norm(g) > 0, name  # every tensor takes part (all experts receive tokens)
+        assert rel_err(jax_grads[name], g) <= 1e-4, name
+
+
+# One optimizer step, same hyper-parameters in both frameworks.
+LR, WARMUP, TOTAL, CLIP = 1e-3, 10, 100, 1.0
+BIAS = ("decoder_layers", "mlp", "router_bias")
+
+
+def test_one_optimizer_step_matches_through_the_converter(parity):
+    """AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on every parameter) after global-norm
+    clipping to 1.0, linear warm-up then cosine decay, then the router-bias update from the step's
+    expert counts. Schedule convention: optimizer step s = 1, 2, ... uses `schedule(s)`, so step 1
+    runs at LR / WARMUP (schedule(0) = 0 would make the step a no-op). Optax counts updates from
+    0 and LambdaLR counts scheduler steps from 0, so both read the schedule at count + 1."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    jax_schedule = optax.warmup_cosine_decay_schedule(0.0, LR, WARMUP, TOTAL)
+    hf_lambda = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1.0), WARMUP, TOTAL).lr_lambdas[0]
+    steps = np.arange(TOTAL + 1)  # the same curve in both libraries
+    np.testing.assert_allclose(jax_schedule(steps), [LR * hf_lambda(int(s)) for s in steps], rtol=1e-5, atol=1e-6 * LR)
+
+    # JAX: optax on the parameters (the gradients of the fixture); router_bias is state, moved by
+    # ARCHITECTURE.md's rule: bias_e += rate * sign(mean(load) - load_e).
+    tx = optax.chain(optax.clip_by_global_norm(CLIP),
+                     optax.adamw(lambda count: jax_schedule(count + 1), b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=0.01))
+    before = get_weights(parity.model)
+    params = {k: jnp.asarray(v) for k, v in before.items() if k != BIAS}
+    grads = {k: jnp.asarray(parity.grads[k]) for k in params}
+    step = jax.jit(lambda g, p: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))
+    after = {k: np.asarray(v) for k, v in step(grads, params).items()}
+    load = parity.counts / parity.counts.sum(-1, keepdims=True)  # [L, E]
+    after[BIAS] = before[BIAS] + TINY.router_bias_update_rate * np.sign(load.mean(-1, keepdims=True) - load)
+
+    # PyTorch: the usual Trainer-style step on the exported model.
+    tm = _load_torch(parity.hf_dir)
+    opt = torch.optim.AdamW(tm.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_lambda(s + 1))
+    assert math.isclose(opt.param_groups[0]["lr"], LR / WARMUP)
+    assert math.isclose(float(jax_schedule(1)), LR / WARMUP, rel_tol=1e-6)
+    out = tm(torch.from_numpy(PARITY_IDS), labels=torch.from_numpy(PARITY_IDS))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(tm.parameters(), CLIP)
+    opt.step()
+    sched.step()
+    tm.update_router_bias(out.expert_counts)
+
+    np.testing.assert_array_equal(parity.counts, out.expert_counts.numpy())
+    after, before = flax_to_torch(after, TINY), flax_to_torch(before, TINY)
+    for name, t in tm.state_dict().items():
+        assert rel_err(after[name], t.numpy()) <= 1e-5, name
+        assert not np.array_equal(after[name], before[name]), name  # the step moved every tensor
+
+
+def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity, tmp_path):
+    """`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` with jaxllm, torch_ref,
+    convert and JAX unimportable and the repository off sys.path: the shipped code suffices."""
+    hf_dir, ids = parity.hf_dir, PARITY_IDS
+    np.save(tmp_path / "ids.npy", ids)
+    code = textwrap.dedent(f"""
+        import os, sys
+        for name in ("jaxllm", "torch_ref", "convert", "jax", "jaxlib", "flax", "orbax"):
+            sys.modules[name] = None  # any import of them now fails
+        sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "jaxllm"))]
+        import numpy as np, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({hf_dir!r}, trust_remote_code=True).eval()
+        assert type(m).__module__.startswith("transformers_modules."), type(m).__module__
+        with torch.no_grad():
+            np.save({str(tmp_path / "logits.npy")!r}, m(torch.from_numpy(np.load({str(tmp_path / "ids.npy")!r}))).logits.numpy())
+        loaded = [n for n, mod in sys.modules.items() if mod is not None and n.split(".")[0] in
+                  ("jaxllm", "torch_ref", "convert", "jax")]
+        assert not loaded, loaded
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rel_err(np.load(tmp_path / "logits.npy"), parity.logits) <= 1e-5
+    config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    assert config["model_type"] == "customllm" and config["auto_map"]["AutoModelForCausalLM"]
+    gen = json.loads(open(os.path.join(hf_dir, "generation_config.json")).read())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 0, 0)
+
+
+# ---- tokenizer files ------------------------------------------------------------------------------
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "the": 1, "cat": 2, "sat": 3, "[UNK]": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monkeypatch):
+    """The checkpoint names its tokenizer; `jaxllm.data.load_tokenizer` loads it (stubbed here:
+    this test pins the converter's side of that contract)."""
+    loaded = []
+    fake = SimpleNamespace(load_tokenizer=lambda spec: loaded.append(spec) or _word_tokenizer())
+    monkeypatch.setitem(sys.modules, "jaxllm.data", fake)
+    ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
+    result = export_hf(ckpt)
+    assert loaded == ["words-v1"] and result.tokenizer == "words-v1" and result.notes == []
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(result.out_dir)
+    assert tok("the cat sat")["input_ids"] == [1, 2, 3]
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == 0
+
+    # The way back records the directory's tokenizer.json in the checkpoint's metadata.
+    back = import_hf(result.out_dir, tmp_path / "back")
+    assert back.tokenizer == os.path.join(result.out_dir, "tokenizer.json")
+    mngr = checkpoint.manager(back.out_dir, read_only=True)
+    assert checkpoint.read_meta(mngr, 0)["tokenizer"] == back.tokenizer
+    mngr.close()
+
+
+def test_tokenizer_that_cannot_be_loaded_is_left_out_with_a_note(parity, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jaxllm.data", None)  # jaxllm.data unavailable
+    ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
+    result = export_hf(ckpt)
+    assert result.tokenizer is None and "not exported" in result.notes[0]
+    assert not os.path.exists(os.path.join(result.out_dir, "tokenizer.json"))
+    assert os.path.exists(os.path.join(result.out_dir, "model.safetensors"))
+
+
+# ---- bad input: one line, exit status 2, no partial output ----------------------------------------
+
+def _run_main(script_main, argv, capsys):
+    rc = script_main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory):
+    """A PyTorch reference model saved by transformers itself (a "real" Hugging Face directory)."""
+    path = tmp_path_factory.mktemp("src") / "hf"
+    _torch_model(seed=1).save_pretrained(path)
+    HF_SRC[:] = [path]
+    return path
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_weights(hf_dir, change):
+    path = hf_dir / "model.safetensors"
+    sd = load_file(path)
+    change(sd)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def _other_preset_weights(hf_dir):
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    other = CustomLLM(CustomLLMConfig.from_llm_config(TINY.replace(intermediate_size=96)))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, hf_dir / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def _truncate(hf_dir):
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _llama_config(hf_dir):
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 512}))
+
+
+TORCH_TO_FLAX_ERRORS = {
+    "missing directory": (lambda d: None, "does not exist"),
+    "empty directory": (lambda d: d.mkdir(), "is empty"),
+    "another architecture": (lambda d: _llama_config(_copy(HF_SRC[0], d)), "model_type is 'llama'"),
+    "another preset": (lambda d: _other_preset_weights(_copy(HF_SRC[0], d)), "has shape"),
+    "missing tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.pop("lm_head.bias")),
+                       "missing tensor lm_head.bias"),
+    "unexpected tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.update(extra=torch.ones(3))),
+                          "unexpected tensor extra"),
+    "corrupt safetensors": (lambda d: _truncate(_copy(HF_SRC[0], d)), "not a readable safetensors file"),
+    "garbage safetensors": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").write_bytes(b"\x00" * 64),
+                            "not a readable safetensors file"),
+    "no weights": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").unlink(), "has no weights"),
+}
+HF_SRC = []  # set by the `hf_src` fixture for the table above
+
+
+@pytest.mark.parametrize("case", list(TORCH_TO_FLAX_ERRORS))
+def test_torch_to_flax_refuses_bad_input(case, hf_src, tmp_path, capsys):
+    from convert.torch_to_flax import main
+
+    make, message = TORCH_TO_FLAX_ERRORS[case]
+    make(tmp_path / "in")
+    rc, err = _run_main(main, [tmp_path / "in", "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("torch_to_flax: error: "), err
+    assert message in err, err
+    assert _no_leftovers(tmp_path, "ckpt") == []
+
+
+def _flax_weights(config):
+    return checkpoint.split_weights(create_model(config, abstract=True))
+
+
+def _zeros(tree):
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+
+
+def _without_lm_head_bias(tree):
+    del tree["params"]["lm_head"]["bias"]
+    return tree
+
+
+def _with_extra_tensor(tree):
+    tree["params"]["extra"] = {"kernel": np.zeros((3, 3), np.float32)}
+    return tree
+
+
+FLAX_TO_TORCH_ERRORS = {
+    "missing directory": (lambda d: None, "does not exist"),
+    "empty directory": (lambda d: d.mkdir(), "no checkpoint found"),
+    "a Hugging Face directory": (lambda d: _copy(HF_SRC[0], d), "no checkpoint found"),
+    "another preset": (lambda d: _save_flax(None, TINY, d, weights=_zeros(_flax_weights(TINY.replace(latent_dim=8)))),
+                       "has shape"),
+    "missing tensor": (lambda d: _save_flax(None, TINY, d, weights=_without_lm_head_bias(_zeros(_flax_weights(TINY)))),
+                       "missing tensor"),
+    "unexpected tensor": (lambda d: _save_flax(None, TINY, d, weights=_with_extra_tensor(_zeros(_flax_weights(TINY)))),
+                          "unexpected tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAX_TO_TORCH_ERRORS))
+def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
+    from convert.flax_to_torch import main
+
+    make, message = FLAX_TO_TORCH_ERRORS[case]
+    make(tmp_path / "in")
+    rc, err = _run_main(main, [tmp_path / "in", "--out", tmp_path / "hf"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("flax_to_torch: error: "), err
+    assert message in err, err
+    assert _no_leftovers(tmp_path, "hf") == []
+
+
+def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_complete(
+        parity, hf_src, tmp_path, capsys, monkeypatch):
+    from convert import hf_export
+    from convert.flax_to_torch import main as flax_to_torch_main
+    from convert.torch_to_flax import main as torch_to_flax_main
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an old export
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out], capsys)
+    assert rc == 2 and "already exists" in err and err.count("\n") == 1
+    assert os.listdir(out) == ["config.json"]
+
+    # --force, but the new export fails half-way: the old output stays, nothing else is left.
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_export, "write_remote_code", broken)
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out, "--force"], capsys)
+    assert rc == 2 and "disk full" in err
+    assert os.listdir(out) == ["config.json"] and _no_leftovers(tmp_path, "hf") == ["hf"]
+    monkeypatch.undo()
+
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out, "--force"], capsys)
+    assert rc == 0, err
+    assert os.path.isfile(out / "model.safetensors") and _no_leftovers(tmp_path, "hf") == ["hf"]
+
+    # A directory that is not an output of this kind is never replaced, even with --force.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", precious, "--force"], capsys)
+    assert rc == 2 and "refusing to replace" in err
+    assert os.listdir(precious) == ["notes.txt"]
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 0, err
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and "already exists" in err
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt", "--force"], capsys)
+    assert rc == 0, err
+
+
+def _script(name, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, f"convert/{name}.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_command_lines_run_from_the_repository_root(parity, tmp_path):
+    """Both scripts as a user runs them: a conversion each way, and failures that print one line
+    on stderr (nothing else: no traceback, no log noise) with exit status 2."""
+    r = _script("flax_to_torch", parity.ckpt, "--out", tmp_path / "hf", "--dtype", "bfloat16")
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    r = _script("torch_to_flax", tmp_path / "hf", "--out", tmp_path / "ckpt")
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    model, config = jaxllm.load(tmp_path / "ckpt")
+    want = get_weights(parity.model)
+    for path, v in get_weights(model).items():  # bfloat16 on the way: the rounded weights come back
+        np.testing.assert_array_equal(v, want[path].astype(ml_dtypes.bfloat16).astype(np.float32)
+                                      if path != BIAS else want[path])
+
+    for name, args, message in [
+        ("flax_to_torch", [tmp_path / "hf"], "no checkpoint found"),  # a Hugging Face dir is no checkpoint
+        ("torch_to_flax", [tmp_path / "ckpt", "--out", tmp_path / "x"], "no config.json"),
+    ]:
+        r = _script(name, *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+        assert r.stderr.startswith(f"{name}: error: ")
