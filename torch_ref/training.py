@@ -166,6 +166,20 @@ class RouterBiasCallback(TrainerCallback):
                 "expert_load_max": load.max(-1).values.tolist()}
 
 
+class DenseGradientsCallback(TrainerCallback):
+    """Before each optimizer step, gives every trainable parameter without a gradient a zero one.
+
+    A routed expert that no token of the whole step chose has `grad is None` (the Trainer zeroes
+    gradients with `set_to_none`), and torch's AdamW then skips it entirely: no moment decay, no
+    weight decay, no step count. optax (the JAX side) sees a zero gradient and still decays the
+    moments, applies the momentum update and the weight decay. Zeros make both the same."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
 class MPSCallback(TrainerCallback):
     """Releases the MPS allocator's cached memory after every optimizer step and checkpoint
     (Apple GPUs keep freed blocks cached, which starves the rest of the machine). No-op elsewhere."""
@@ -312,14 +326,17 @@ class CustomLLMTrainer(Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if getattr(model, "loss_type", None) is None:
             model.loss_type = "ForCausalLM"
-        super().__init__(*args, callbacks=[self.router_bias_callback, *(callbacks or [])], **kwargs)
+        super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(), *(callbacks or [])],
+                         **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
         # The dataset yields this process's micro-batches already: no sampler, no collator and no
-        # Accelerate sharding; `_prepare_inputs` moves the tensors to the device.
+        # Accelerate sharding; `_prepare_inputs` moves the tensors to the device. The loader's own
+        # generator keeps `iter()` from drawing on the global RNG, which the Trainer restores from
+        # a checkpoint just before that call: a draw there would shift every later dropout mask.
         if self.train_dataset is None:
             raise ValueError("CustomLLMTrainer: training requires a train_dataset")
-        return DataLoader(self.train_dataset, batch_size=None, num_workers=0)
+        return DataLoader(self.train_dataset, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, labels = inputs["input_ids"], inputs.get("labels", inputs["input_ids"])
