@@ -234,3 +234,27 @@ def test_jax_and_torch_trainers_agree_for_20_steps_with_accumulation():
     assert result.max_weight_gap[1] <= 1e-4, result.table()
     assert result.router_bias_max_abs_diff == 0.0
     assert result.jax_losses[-1] < result.jax_losses[0] - 0.3  # it trained
+
+
+@pytest.mark.slow
+def test_two_processes_train_exactly_like_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the loss normalised over both processes, the DDP
+    gradient average, the all-reduced expert counts and unused experts give the one-process run."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    batches = np.random.RandomState(0).randint(0, 512, (3, 8, 16))
+    np.save(tmp_path / "batches.npy", batches)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               os.path.join(root, "tests", "ddp_worker.py"), str(tmp_path / "batches.npy"),
+               str(tmp_path / f"out{n}.npz"), str(tmp_path / f"run{n}")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = np.load(tmp_path / "out1.npz"), np.load(tmp_path / "out2.npz")
+    assert len(one["losses"]) == 3
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+    for k in one.files:
+        if k != "losses":
+            assert rel_err(two[k], one[k]) <= 1e-5 if np.any(one[k]) else np.array_equal(two[k], one[k]), k

@@ -77,6 +77,7 @@ def cross_check(config: LLMConfig, batches_SRT: np.ndarray, *, grad_accum: int =
     """Train `len(batches_SRT)` optimizer steps in each framework (micro-batch = rows / grad_accum)
     from the same initial weights; return both loss curves and the final weight gaps."""
     import jax
+    from transformers import PrinterCallback
 
     from convert.mapping import flax_to_torch
     from jaxllm import sharding as shd
@@ -121,8 +122,10 @@ def cross_check(config: LLMConfig, batches_SRT: np.ndarray, *, grad_accum: int =
     metrics = MetricsCallback(None, rows * seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(rc, tmp, per_device_batch=batch, dtype="float32", save=False, use_cpu=True)
-        CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches_SRT, batch),
-                         callbacks=[metrics]).train()
+        trainer = CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches_SRT, batch),
+                                   callbacks=[metrics])
+        trainer.remove_callback(PrinterCallback)  # the curves are the result; no per-step log lines
+        trainer.train()
     torch_losses = [r["loss"] for r in metrics.records]
     if len(torch_losses) != steps:
         raise RuntimeError(f"the PyTorch run logged {len(torch_losses)} losses for {steps} steps")

@@ -105,15 +105,21 @@ class StreamDataset(IterableDataset):
 class FixedBatches(IterableDataset):
     """Micro-batches from given token arrays `[steps, grad_accum * batch, seq]`, in order: step s,
     micro-batch i holds rows `i*batch:(i+1)*batch` (the split `jaxllm.train.Trainer.put_batch`
-    makes). For checks that feed both frameworks the very same batches."""
+    makes), `batch` being global: process p of n gets the p-th n-th of each micro-batch. For checks
+    that feed both frameworks, or several processes and one, the very same batches."""
 
-    def __init__(self, batches_SRT: np.ndarray, batch_size: int):
+    def __init__(self, batches_SRT: np.ndarray, batch_size: int, *, process_index: int = 0, process_count: int = 1):
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} cannot be split over {process_count} processes")
         self.batches, self.batch_size = np.asarray(batches_SRT, dtype=np.int64), batch_size
+        self.process_index, self.process_count = process_index, process_count
 
     def __iter__(self):
+        b = self.batch_size // self.process_count
         for rows in self.batches:
             for i in range(0, len(rows), self.batch_size):
-                ids = torch.from_numpy(rows[i:i + self.batch_size])
+                start = i + self.process_index * b
+                ids = torch.from_numpy(rows[start:start + b])
                 yield {"input_ids": ids, "labels": ids}
 
 
