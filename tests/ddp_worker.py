@@ -1,6 +1,7 @@
 """Run by tests/test_train_torch.py under `torchrun --nproc-per-node N`: trains the tiny model on
 fixed batches, each process on its share, and has process 0 write the losses and final weights."""
 
+import os
 import sys
 
 import numpy as np
@@ -16,7 +17,7 @@ def main(batches_path: str, out_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     from accelerate import PartialState
 
-    dist = PartialState()
+    dist = PartialState(cpu=True)
     batches = np.load(batches_path)
     steps, rows, _ = batches.shape
     config = LLMConfig.from_preset("tiny")
@@ -26,6 +27,7 @@ def main(batches_path: str, out_path: str, out_dir: str) -> None:
     rc = RunConfig(steps=steps, grad_accum=2, lr=2e-3, warmup_steps=1, log_every=1, progress=False)
     per_device = rows // 2 // dist.num_processes
     args = training_arguments(rc, out_dir, per_device_batch=per_device, save=False, use_cpu=True)
+    assert args.world_size == dist.num_processes == int(os.environ["WORLD_SIZE"]), "not one DDP group"
     metrics = MetricsCallback(None, 1)
     data = FixedBatches(batches, rows // 2, process_index=dist.process_index, process_count=dist.num_processes)
     CustomLLMTrainer(model=model, args=args, train_dataset=data, callbacks=[metrics]).train()

@@ -375,12 +375,21 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def cpu_only() -> bool:
+    """No GPU or other accelerator: then the Trainer must be told `use_cpu`, or processes started
+    by torchrun / accelerate launch would each train alone instead of together (gloo DDP)."""
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, MPS, XPU, ...
+        return not torch.accelerator.is_available()
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 def training_arguments(rc: RunConfig, output_dir: str, *, per_device_batch: int, dtype: str = "float32",
                        save: bool = True, **overrides) -> TrainingArguments:
     """The Trainer's arguments for the settings `rc` (the optimizer and schedule of `jaxllm.train`).
     Accelerate picks the device (CUDA, MPS or CPU); `dtype` "bfloat16" is autocast mixed precision
     with float32 master weights."""
     kw = dict(
+        use_cpu=cpu_only(),
         output_dir=output_dir, max_steps=rc.steps, per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=rc.grad_accum, learning_rate=rc.lr, lr_scheduler_type="cosine",
         warmup_steps=min(rc.warmup_steps, rc.steps),  # as jaxllm.train.lr_schedule clamps it
@@ -458,7 +467,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
                          "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
 
-    dist = PartialState()  # reads the torchrun / accelerate launch environment
+    dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
     rank, world = dist.process_index, dist.num_processes
     if rc.batch_size % world:
         raise ValueError(f"--batch-size {rc.batch_size} (global) cannot be split over {world} processes")
