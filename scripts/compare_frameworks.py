@@ -23,9 +23,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("--preset", default="tiny", help="model preset; its vocabulary becomes the tokenizer's (default tiny)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog="\n".join(__doc__.split("\n")[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model preset, with the tokenizer's vocabulary (default tiny)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch size (default 4)")

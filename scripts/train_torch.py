@@ -30,8 +30,8 @@ def parse_args(argv=None):
     from torch_ref.training import DEFAULT_CKPT_DIR, DTYPES
 
     d = dataclasses.replace(RunConfig(), ckpt_dir=DEFAULT_CKPT_DIR)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog="\n".join(__doc__.split("\n")[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
     a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     a("--log-every", type=int, help=f"metrics every N steps (default {d.log_every})")
     a("--seed", type=int, help=f"random seed (default {d.seed})")
     a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
-    a("--init-from", help="start from the weights of this Hugging Face directory (e.g. made by convert/flax_to_torch.py)")
+    a("--init-from", help="start from the weights of this Hugging Face directory (e.g. from convert/flax_to_torch.py)")
     a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
     a("--prompt", dest="prompts", action="append", help="prompt for the generated text at the end (repeatable)")
     a("--max-new-tokens", type=int, help=f"tokens generated per prompt at the end (default {d.max_new_tokens})")
