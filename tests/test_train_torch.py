@@ -185,6 +185,21 @@ def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp_path):
+    rc, _ = trained
+    source = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    out = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run"), init_from=source, steps=1, save_every=1,
+                                  max_new_tokens=0), dtype="float32")
+    assert out["start_step"] == 0 and out["end_step"] == 1
+    a = load_file(os.path.join(source, "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
+    for k in a:  # step 1 has learning rate 0 (warm-up): only the router biases moved
+        if not k.endswith("router_bias"):
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    with pytest.raises(ValueError, match="another model"):
+        run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "other"), init_from=source, preset="tiny", config=None))
+
+
 def test_saved_directory_converts_to_flax_with_the_same_logits(trained, tmp_path):
     from convert import import_hf
 

@@ -479,13 +479,14 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
                          "use an empty --ckpt-dir or drop --no-resume")
     if last:
         _check_saved_config(last[0], config, "--ckpt-dir checkpoint")
+    elif rc.init_from:
+        _check_saved_config(rc.init_from, config, "--init-from")
 
     tokenizer = data_lib.load_tokenizer(rc.tokenizer)
     data_lib.check_vocab(tokenizer, config)
 
     set_seed(rc.seed)  # the initial weights; the Trainer seeds again for dropout
     if rc.init_from and not last:
-        _check_saved_config(rc.init_from, config, "--init-from")
         model = CustomLLM.from_pretrained(rc.init_from, dtype=torch.float32)
         _log(f"starting from the weights in {rc.init_from}", rank)
     else:
