@@ -185,6 +185,34 @@ def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+def test_generation_is_seeded_and_leaves_the_global_rng_alone(trained):
+    from torch_ref.training import generate_samples
+
+    rc, summary = trained
+    model = CustomLLM.from_pretrained(os.path.join(rc.ckpt_dir, "checkpoint-10"), dtype=torch.float32)
+    tok = summary["tokenizer"]
+    state = torch.random.get_rng_state()
+    a = generate_samples(model, tok, ["The", ""], 6, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a == generate_samples(model, tok, ["The", ""], 6, seed=1)
+    assert a[0][1].startswith("The") and len(tok(a[0][1])["input_ids"]) > 1
+    greedy = generate_samples(model, tok, ["The"], 3, temperature=0)[0][1]
+    ids = tok("The", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert greedy == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_finished_run_trains_no_further(trained, tmp_path):
+    rc, summary = trained
+    shutil.copytree(rc.ckpt_dir, tmp_path / "run")
+    again = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run")), dtype="float32")
+    assert again["start_step"] == again["end_step"] == 10 and not again["records"]
+    assert not (tmp_path / "run" / "checkpoint-11").exists()
+    assert [p for p, _ in again["samples"]] == list(rc.prompts)
+
+
 def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp_path):
     rc, _ = trained
     source = os.path.join(rc.ckpt_dir, "checkpoint-10")

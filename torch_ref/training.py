@@ -197,49 +197,57 @@ class MPSCallback(TrainerCallback):
     on_save = on_step_end
 
 
-def generate_samples(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[str, str]]:
-    """Greedy continuations (`model.generate`, ties to the lower token id) of each prompt, as
-    (prompt, text) pairs. A prompt that tokenizes to nothing starts from the EOS token."""
+def generate_samples(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, seed: int = 0,
+                     temperature: float = 0.8, top_k: int = 40) -> list[tuple[str, str]]:
+    """Continuations of each prompt by `model.generate`, as (prompt, text) pairs: sampled with
+    `temperature` and `top_k` (the JAX side's `print_samples` defaults), seeded by `seed` without
+    touching the global RNG; `temperature=0` is greedy. A prompt that tokenizes to nothing starts
+    from the BOS token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
     out = []
     try:
-        for prompt in prompts:
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [eos]
-            n_new = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
-            if n_new <= 0:
-                raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, no room left in "
-                                 f"max_position_embeddings ({model.config.max_position_embeddings})")
-            x = torch.tensor([ids], device=device)
-            with torch.no_grad():
-                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
-                                   eos_token_id=eos, pad_token_id=eos)
-            out.append((prompt, tokenizer.decode(y[0], skip_special_tokens=True)))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for prompt in prompts:
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [model.config.bos_token_id]
+                n_new = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+                if n_new <= 0:
+                    raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, no room left in "
+                                     f"max_position_embeddings ({model.config.max_position_embeddings})")
+                x = torch.tensor([ids], device=device)
+                with torch.no_grad():
+                    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
+                                       eos_token_id=eos, pad_token_id=eos, **sampling)
+                out.append((prompt, tokenizer.decode(y[0], skip_special_tokens=True)))
     finally:
         model.train(was_training)
     return out
 
 
 def print_samples(samples: Iterable[tuple[str, str]], file=None) -> None:
+    """The JAX side's format: `'prompt' -> prompt + continuation`, one line per prompt."""
     file = file or sys.stdout
+    print("\ngenerated text:", file=file)
     for prompt, text in samples:
-        print(f"--- {prompt!r}\n{text}", file=file, flush=True)
+        print(f"  {prompt!r} -> {text}", file=file, flush=True)
 
 
 class TextGenerationCallback(TrainerCallback):
-    """At the end of training, prints generated text for each prompt (process 0 only) and keeps
-    it in `samples`."""
+    """The seed's callback: at the end of training, prints generated text for each prompt
+    (process 0 only) and keeps it in `samples`."""
 
-    def __init__(self, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40):
-        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, tuple(prompts), max_new_tokens
+    def __init__(self, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40, *, seed: int = 0):
+        self.tokenizer, self.prompts, self.max_new_tokens, self.seed = tokenizer, tuple(prompts), max_new_tokens, seed
         self.samples: list[tuple[str, str]] = []
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or not self.prompts or self.max_new_tokens <= 0:
             return
-        self.samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens)
+        self.samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, seed=self.seed)
         print_samples(self.samples)
 
 
@@ -502,7 +510,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         tokenizer, rows=per_device, process_index=rank, process_count=world, state=data_state)
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
     metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0)
-    generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens)
+    generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[metrics, DataStateCallback(dataset), MPSCallback(), generation])
@@ -520,7 +528,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
             _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
             if rank == 0 and rc.prompts and rc.max_new_tokens > 0:
                 done = CustomLLM.from_pretrained(last[0], dtype=torch.float32).to(args.device)
-                generation.samples = generate_samples(done, tokenizer, rc.prompts, rc.max_new_tokens)
+                generation.samples = generate_samples(done, tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
                 print_samples(generation.samples)
     finally:
         dataset.close()
