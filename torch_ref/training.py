@@ -541,8 +541,8 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     }
     if rank == 0 and metrics.writer is not None:
         summary["loss_png"] = plot_loss_curve(metrics.writer.path, os.path.join(out_dir, "loss.png"))
-        _log(f"done: step {summary['end_step']}, loss {summary['first_loss']} -> {summary['last_loss']} in "
-             f"{summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
+        losses = f", loss {summary['first_loss']} -> {summary['last_loss']}" if metrics.records else ""
+        _log(f"done: step {summary['end_step']}{losses} in {summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
              + (f", curve in {summary['loss_png']}" if summary.get("loss_png") else ""), rank)
     summary["model"] = model
     summary["tokenizer"] = tokenizer
