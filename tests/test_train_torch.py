@@ -301,3 +301,22 @@ def test_two_processes_train_exactly_like_one(tmp_path):
     for k in one.files:
         if k != "losses":
             assert rel_err(two[k], one[k]) <= 1e-5 if np.any(one[k]) else np.array_equal(two[k], one[k]), k
+
+
+def test_the_torch_side_trains_without_jax(tmp_path):
+    """scripts/train_torch.py in a process where `import jax` fails (and flax, optax, orbax)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(TINY.to_json_string())
+    code = ("import sys; sys.modules.update(dict.fromkeys(['jax', 'flax', 'optax', 'orbax'])); "
+            "sys.argv = ['train_torch.py'] + sys.argv[1:]; import runpy; "
+            f"runpy.run_path({os.path.join(root, 'scripts', 'train_torch.py')!r}, run_name='__main__')")
+    cmd = [sys.executable, "-c", code, "--config", str(cfg), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+           "--ckpt-dir", str(tmp_path / "run"), "--max-new-tokens", "4", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: step 2" in proc.stdout and "generated text:" in proc.stdout
+    assert os.path.isfile(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
