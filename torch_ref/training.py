@@ -267,6 +267,10 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t, self._step = time.perf_counter(), state.global_step
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:  # the last step is logged too, as on the JAX side
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
