@@ -1,14 +1,11 @@
 """The training run behind `scripts/train_jax.py`: data, model, sharded step, checkpoints, metrics.
 
-`RunConfig` holds every setting (the script's flags). `RECIPES` are named bundles of settings:
-`embedded` (the default: `small` on the embedded corpus, minutes on a laptop CPU) and `seed` (the
-seed document's run: `seed-973m` on cosmopedia-v2, sequence 256, micro-batch 4, accumulation 8,
-AdamW lr 2e-5, cosine with 2,000 warm-up steps, weight decay 0.01, clip 1.0, 10,000 steps).
+Its settings (`RunConfig`) and named bundles of them (`RECIPES`) live in `jaxllm/recipes.py`
+(pure Python, shared with the PyTorch side) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
@@ -26,54 +23,9 @@ from jaxllm import sharding as shd
 from jaxllm.config import LLMConfig
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
+from jaxllm.recipes import RECIPES, RunConfig  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.train import OptimConfig, Trainer
 
-
-@dataclasses.dataclass
-class RunConfig:
-    preset: str = "small"
-    config: str | None = None  # a config.json path; overrides preset
-    dataset: str | None = None  # None: the embedded corpus
-    dataset_config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    tokenizer: str | None = None  # None: the embedded tokenizer
-    seq_len: int = 128
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    steps: int = 300
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
-    dtype: str = "float32"
-    mesh: str | None = None
-    ckpt_dir: str = "ckpt"
-    save_every: int = 100
-    keep: int = 3
-    log_every: int = 10
-    seed: int = 0
-    no_resume: bool = False
-    init_from: str | None = None
-    moe_impl: str = "sparse"
-    remat: bool = False
-    dropout: bool = True
-    peak_flops: float | None = None
-    skip_nonfinite: bool = False
-    prompts: tuple[str, ...] = ("The", "In Python,", "A list is")
-    max_new_tokens: int = 40
-    progress: bool = True
-
-
-RECIPES: dict[str, dict[str, Any]] = {
-    "embedded": {},
-    "seed": dict(
-        preset="seed-973m", dataset="HuggingFaceTB/smollm-corpus", dataset_config="cosmopedia-v2",
-        tokenizer="HuggingFaceTB/cosmo2-tokenizer", seq_len=256, batch_size=4, grad_accum=8, lr=2e-5,
-        warmup_steps=2000, steps=10_000, weight_decay=0.01, clip_norm=1.0, save_every=500, log_every=10,
-        prompts=("Once upon a time", "The meaning of life is", "In a distant galaxy"),
-    ),
-}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -1,0 +1,322 @@
+"""PyTorch training with the Hugging Face Trainer (torch_ref/training.py, scripts/train_torch.py):
+optimizer parity with jaxllm.train, the data stream, learning, exact resume, conversion of the
+saved directory to Flax, and the cross-framework check against the JAX trainer."""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from helpers import rel_err
+from jaxllm import data as data_lib
+from jaxllm.config import LLMConfig
+from jaxllm.recipes import RunConfig
+from torch_ref import CustomLLM, CustomLLMConfig
+from torch_ref.training import CustomLLMTrainer, FixedBatches, StreamDataset, run, training_arguments
+
+# The tiny model with the embedded tokenizer's vocabulary (4,096), so that real text trains it.
+TINY = LLMConfig.from_preset("tiny", vocab_size=data_lib.EMBEDDED_VOCAB_SIZE)
+# One intra-op thread: the models here are too small to gain from more, and on a busy machine
+# OpenMP threads that wait for each other make a step a hundred times slower.
+torch.set_num_threads(1)
+
+
+def _rc(tmp_path, **kw) -> RunConfig:
+    cfg = tmp_path / "tiny.json"
+    if not cfg.exists():
+        cfg.write_text(TINY.to_json_string())
+    settings = dict(config=str(cfg), seq_len=32, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=1, steps=10,
+                    save_every=4, keep=3, log_every=1, prompts=("The",), max_new_tokens=8, progress=False)
+    settings.update(kw)
+    return RunConfig(ckpt_dir=str(tmp_path / "run"), **settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 10-step run of `run()` (dropout on, checkpoints at steps 4, 8, 10)."""
+    tmp = tmp_path_factory.mktemp("torchtrain")
+    rc = _rc(tmp)
+    summary = run(rc, dtype="float32")
+    return rc, summary
+
+
+# ---- optimizer parity with jaxllm.train ------------------------------------------------------
+def _trainer(tmp_path, model=None, **rc_kw):
+    model = model or CustomLLM(CustomLLMConfig.from_llm_config(TINY))
+    rc = RunConfig(**{"steps": 20, "warmup_steps": 5, "lr": 1e-3, "progress": False, **rc_kw})
+    args = training_arguments(rc, str(tmp_path), per_device_batch=2, save=False, use_cpu=True)
+    batches = np.zeros((1, 2, 8), np.int64)
+    return CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches, 2))
+
+
+def test_weight_decay_on_the_parameters_jax_decays(tmp_path):
+    from convert.mapping import flax_to_torch
+    from flax import nnx
+
+    from jaxllm.model import RouterBias, create_model
+    from jaxllm.train import decay_mask
+    from jaxllm.weights import flatten
+
+    _, params, rb = nnx.split(create_model(TINY), nnx.Param, RouterBias)
+    pure = nnx.to_pure_dict(params)
+    flat = {k: np.full(v.shape, m) for (k, v), m in
+            zip(flatten(pure).items(), flatten(decay_mask(pure)).values())}
+    flat.update({k: np.zeros(v.shape, bool) for k, v in flatten(nnx.to_pure_dict(rb)).items()})
+    jax_decayed = {name for name, m in flax_to_torch(flat, TINY).items() if m.all()}
+    assert all(m.all() or not m.any() for m in flax_to_torch(flat, TINY).values())
+
+    tr = _trainer(tmp_path)
+    torch_decayed = set(tr.get_decay_parameter_names(tr.model))
+    assert torch_decayed == jax_decayed
+    assert "lm_head.bias" not in torch_decayed and "decoder_layers.0.input_norm.weight" not in torch_decayed
+    tr.create_optimizer()
+    groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in tr.optimizer.param_groups}
+    named = dict(tr.model.named_parameters())
+    assert groups[0.01] == {id(named[n]) for n in jax_decayed}
+    assert type(tr.optimizer).__name__ == "AdamW"
+    assert tr.optimizer.defaults["betas"] == (0.9, 0.999) and tr.optimizer.defaults["eps"] == 1e-8
+
+
+def test_an_expert_no_token_chose_still_gets_weight_decay_as_in_optax(tmp_path):
+    model = CustomLLM(CustomLLMConfig.from_llm_config(TINY))
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            layer.mlp.moe.router_bias[-1] = -10.0  # no token selects the last routed expert
+    before = model.decoder_layers[0].mlp.moe.routed_experts[-1].up_proj.weight.detach().clone()
+    rc = RunConfig(steps=1, warmup_steps=0, lr=1e-2, progress=False)
+    args = training_arguments(rc, str(tmp_path), per_device_batch=2, save=False, use_cpu=True)
+    batches = np.random.RandomState(0).randint(0, TINY.vocab_size, (1, 2, 16))
+    CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches, 2)).train()
+    after = model.decoder_layers[0].mlp.moe.routed_experts[-1].up_proj.weight.detach()
+    # Zero gradient: Adam's update is 0, decoupled weight decay still shrinks the weights.
+    torch.testing.assert_close(after, before * (1 - 1e-2 * rc.weight_decay), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("warmup, total", [(5, 20), (30, 300), (0, 10), (25, 10)])
+def test_schedule_equals_jax_warmup_cosine(tmp_path, warmup, total):
+    from jaxllm.train import OptimConfig, lr_schedule
+
+    tr = _trainer(tmp_path, steps=total, warmup_steps=warmup)
+    tr.create_optimizer_and_scheduler(num_training_steps=total)
+    hf = []
+    for _ in range(total):
+        hf.append(tr.lr_scheduler.get_last_lr()[0])
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+    jx = lr_schedule(OptimConfig(lr=1e-3, warmup_steps=warmup, total_steps=total))
+    # optax evaluates the schedule in float32: agreement to float32 rounding of the peak rate.
+    np.testing.assert_allclose(hf, [float(jx(s)) for s in range(total)], rtol=0, atol=1e-6 * 1e-3)
+
+
+# ---- the data stream -------------------------------------------------------------------------
+def test_stream_dataset_is_the_shared_packing_per_process_and_resumes_exactly():
+    tok = data_lib.load_tokenizer(None)
+    cfg = data_lib.DataConfig(seq_len=16)
+    shares = []
+    for rank in range(2):
+        ds = StreamDataset(cfg, tok, rows=3, process_index=rank, process_count=2)
+        it = iter(ds)
+        got = [next(it) for _ in range(4)]
+        state = ds.state_dict()
+        nxt = next(it)["input_ids"]
+        ds.close()
+        ref = data_lib.PackedBatches(cfg, tok, rows=3, process_index=rank, process_count=2)
+        try:
+            want = [next(ref) for _ in range(5)]
+        finally:
+            ref.close()
+        for b, w in zip(got, want):
+            assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape == (3, 16)
+            np.testing.assert_array_equal(b["input_ids"].numpy(), w)
+            assert b["labels"] is b["input_ids"]
+        resumed = StreamDataset(cfg, tok, rows=3, process_index=rank, process_count=2, state=state)
+        np.testing.assert_array_equal(next(iter(resumed))["input_ids"].numpy(), nxt.numpy())
+        resumed.close()
+        shares.append(np.concatenate(want))
+    assert not np.array_equal(shares[0], shares[1])
+
+
+# ---- training, checkpoints, resume, conversion ----------------------------------------------
+def test_loss_falls_and_checkpoints_are_hf_directories(trained):
+    rc, summary = trained
+    losses = [r["loss"] for r in summary["records"]]
+    assert [r["step"] for r in summary["records"]] == list(range(1, 11))
+    assert summary["start_step"] == 0 and summary["end_step"] == 10
+    assert losses[-1] < losses[0] - 0.4 and losses[-1] == min(losses), losses
+    rec = summary["records"][-1]
+    assert abs(rec["loss"] - (rec["lm_loss"] + TINY.router_aux_loss_coef * rec["aux_loss"])) < 1e-5
+    assert len(rec["expert_load_max"]) == TINY.num_hidden_layers
+    assert summary["samples"] and summary["samples"][0][1].startswith("The")
+
+    ckpt = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    assert sorted(n for n in os.listdir(rc.ckpt_dir) if n.startswith("checkpoint-")) == \
+        ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "trainer_state.json", "data_state.rank0.json"):
+        assert os.path.isfile(os.path.join(ckpt, name)), name
+    assert LLMConfig.from_json_file(os.path.join(ckpt, "config.json")) == TINY
+    sd = load_file(os.path.join(ckpt, "model.safetensors"))
+    rb = sd["decoder_layers.0.mlp.moe.router_bias"]
+    assert rb.shape == (TINY.num_routed_experts,) and np.any(rb != 0), "the router bias is trained and saved"
+    assert not any("inv_freq" in k for k in sd)
+    with open(os.path.join(rc.ckpt_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
+
+
+def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
+    rc, summary = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    shutil.rmtree(copy / "checkpoint-10")
+    resumed = run(dataclasses.replace(rc, ckpt_dir=str(copy)), dtype="float32")
+    assert resumed["start_step"] == 8 and resumed["end_step"] == 10
+    assert [r["step"] for r in resumed["records"]] == [9, 10]
+    want = [r["loss"] for r in summary["records"][8:]]
+    np.testing.assert_allclose([r["loss"] for r in resumed["records"]], want, rtol=1e-6)
+    a = load_file(os.path.join(rc.ckpt_dir, "checkpoint-10", "model.safetensors"))
+    b = load_file(str(copy / "checkpoint-10" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_generation_is_seeded_and_leaves_the_global_rng_alone(trained):
+    from torch_ref.training import generate_samples
+
+    rc, summary = trained
+    model = CustomLLM.from_pretrained(os.path.join(rc.ckpt_dir, "checkpoint-10"), dtype=torch.float32)
+    tok = summary["tokenizer"]
+    state = torch.random.get_rng_state()
+    a = generate_samples(model, tok, ["The", ""], 6, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a == generate_samples(model, tok, ["The", ""], 6, seed=1)
+    assert a[0][1].startswith("The") and len(tok(a[0][1])["input_ids"]) > 1
+    greedy = generate_samples(model, tok, ["The"], 3, temperature=0)[0][1]
+    ids = tok("The", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert greedy == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_finished_run_trains_no_further(trained, tmp_path):
+    rc, summary = trained
+    shutil.copytree(rc.ckpt_dir, tmp_path / "run")
+    again = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run")), dtype="float32")
+    assert again["start_step"] == again["end_step"] == 10 and not again["records"]
+    assert not (tmp_path / "run" / "checkpoint-11").exists()
+    assert [p for p, _ in again["samples"]] == list(rc.prompts)
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp_path):
+    rc, _ = trained
+    source = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    out = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run"), init_from=source, steps=1, save_every=1,
+                                  max_new_tokens=0), dtype="float32")
+    assert out["start_step"] == 0 and out["end_step"] == 1
+    a = load_file(os.path.join(source, "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
+    for k in a:  # step 1 has learning rate 0 (warm-up): only the router biases moved
+        if not k.endswith("router_bias"):
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    with pytest.raises(ValueError, match="another model"):
+        run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "other"), init_from=source, preset="tiny", config=None))
+
+
+def test_saved_directory_converts_to_flax_with_the_same_logits(trained, tmp_path):
+    from convert import import_hf
+
+    import jaxllm
+    from jaxllm.weights import get_weights
+
+    rc, _ = trained
+    ckpt = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    import_hf(ckpt, tmp_path / "flax")
+    jm, config = jaxllm.load(tmp_path / "flax")
+    assert config == TINY
+    tm = CustomLLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = np.random.RandomState(0).randint(0, TINY.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = tm(torch.from_numpy(ids)).logits.numpy()
+    assert rel_err(np.asarray(jm(ids)), want) < 1e-5
+    rb = get_weights(jm)[("decoder_layers", "mlp", "router_bias")]
+    np.testing.assert_array_equal(rb[0], tm.decoder_layers[0].mlp.moe.router_bias.numpy())
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    try:
+        import train_torch
+    finally:
+        sys.path.pop(0)
+    assert train_torch.main(["--steps", "0", "--ckpt-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_torch.py: error: --steps must be positive") and err.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    assert train_torch.main(["--ckpt-dir", str(tmp_path / "file")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    args, rc = train_torch.parse_args(["--recipe", "seed", "--steps", "7"])
+    assert rc.preset == "seed-973m" and rc.grad_accum == 8 and rc.steps == 7 and rc.lr == 2e-5
+    assert train_torch.parse_args([])[1].ckpt_dir == "ckpt-torch"
+
+
+# ---- the cross-framework check ----------------------------------------------------------------
+@pytest.mark.slow
+def test_jax_and_torch_trainers_agree_for_20_steps_with_accumulation():
+    from torch_ref.crosscheck import cross_check, embedded_batches
+
+    batches, _ = embedded_batches(20, 8, 32)
+    result = cross_check(TINY, batches, grad_accum=2, lr=2e-3, warmup_steps=5)
+    print(result.table())
+    assert result.max_loss_gap <= 1e-4, result.table()
+    assert result.max_weight_gap[1] <= 1e-4, result.table()
+    assert result.router_bias_max_abs_diff == 0.0
+    assert result.jax_losses[-1] < result.jax_losses[0] - 0.3  # it trained
+
+
+@pytest.mark.slow
+def test_two_processes_train_exactly_like_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the loss normalised over both processes, the DDP
+    gradient average, the all-reduced expert counts and unused experts give the one-process run."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    batches = np.random.RandomState(0).randint(0, 512, (3, 8, 16))
+    np.save(tmp_path / "batches.npy", batches)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               os.path.join(root, "tests", "ddp_worker.py"), str(tmp_path / "batches.npy"),
+               str(tmp_path / f"out{n}.npz"), str(tmp_path / f"run{n}")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = np.load(tmp_path / "out1.npz"), np.load(tmp_path / "out2.npz")
+    assert len(one["losses"]) == 3
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+    for k in one.files:
+        if k != "losses":
+            assert rel_err(two[k], one[k]) <= 1e-5 if np.any(one[k]) else np.array_equal(two[k], one[k]), k
+
+
+def test_the_torch_side_trains_without_jax(tmp_path):
+    """scripts/train_torch.py in a process where `import jax` fails (and flax, optax, orbax)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(TINY.to_json_string())
+    code = ("import sys; sys.modules.update(dict.fromkeys(['jax', 'flax', 'optax', 'orbax'])); "
+            "sys.argv = ['train_torch.py'] + sys.argv[1:]; import runpy; "
+            f"runpy.run_path({os.path.join(root, 'scripts', 'train_torch.py')!r}, run_name='__main__')")
+    cmd = [sys.executable, "-c", code, "--config", str(cfg), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+           "--ckpt-dir", str(tmp_path / "run"), "--max-new-tokens", "4", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: step 2" in proc.stdout and "generated text:" in proc.stdout
+    assert os.path.isfile(tmp_path / "run" / "checkpoint-2" / "model.safetensors")

@@ -1,0 +1,553 @@
+"""Training the PyTorch reference with the Hugging Face `Trainer` (the seed document's way).
+
+The pieces behind `scripts/train_torch.py`, written so that a step here equals a step of the JAX
+trainer (`jaxllm/train.py`) on the same batches:
+
+- `StreamDataset`: a torch `IterableDataset` over `jaxllm.data.PackedBatches` (the same streaming,
+  tokenizing and packing code as the JAX side, not a copy). Each process reads only its own share
+  and the dataset yields whole micro-batches, so the `Trainer` gets a plain `DataLoader` over it
+  (`CustomLLMTrainer.get_train_dataloader`): Accelerate's default for iterable datasets would make
+  every process read all the data and keep a slice, or process 0 read it all and dispatch.
+- `CustomLLMTrainer`: the loss of a micro-batch is normalised by the *whole step*: cross-entropy
+  sum / tokens of the step (the Trainer's `num_items_in_batch`, over all micro-batches and
+  processes) + `router_aux_loss_coef` x balance-loss sum / sequences of the step. That is
+  `jaxllm.train`'s loss, so gradient accumulation equals one large batch.
+- `RouterBiasCallback`: after every optimizer step, the expert counts of the step (every
+  micro-batch, all-reduced over processes) update `router_bias` (auxiliary-loss-free balancing).
+- `MPSCallback`, `TextGenerationCallback`, `MetricsCallback` (`metrics.jsonl` as the JAX side
+  writes it), `DataStateCallback` (the data position saved into every checkpoint, so a resumed
+  run continues the stream exactly where it stopped).
+- `run(rc)`: the whole run from a `jaxllm.recipes.RunConfig` (the settings both scripts share),
+  with automatic resume from the latest `checkpoint-*` of the output directory.
+
+Optimizer parity with `jaxllm.train.make_optimizer` (checked by tests/test_train_torch.py):
+AdamW (0.9, 0.999, eps 1e-8, decoupled weight decay x lr), weight decay on everything but the
+biases and norm weights (the Trainer's `get_decay_parameter_names` leaves out exactly
+`lm_head.bias` and the `*_norm.weight`s, as `jaxllm.train.decay_mask` does), linear warm-up from 0
+then cosine to 0 (`get_cosine_schedule_with_warmup` = `optax.warmup_cosine_decay_schedule(0, lr,
+W, T, 0)` at every step 0..T-1, up to float32 rounding), global-norm clipping (torch divides by
+`norm + 1e-6`, optax by `norm`: a relative difference of 1e-6 / norm on clipped steps).
+
+Checkpoints are Hugging Face directories (`checkpoint-N/`: config.json, model.safetensors with the
+canonical names and the persistent `router_bias` buffers, generation_config.json, tokenizer files,
+optimizer/scheduler/RNG state, trainer_state.json, data_state.rank*.json) that
+`convert/torch_to_flax.py` reads. Nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from jaxllm.config import LLMConfig
+from jaxllm.recipes import RunConfig
+from torch_ref.configuration_customllm import CustomLLMConfig
+from torch_ref.modeling_customllm import CustomLLM
+
+DEFAULT_CKPT_DIR = "ckpt-torch"  # the JAX side's default is "ckpt" (Orbax); the two layouts never share a directory
+DTYPES = ("auto", "float32", "bfloat16")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _data_state_name(process_index: int) -> str:
+    return f"data_state.rank{process_index}.json"
+
+
+# ---- data -------------------------------------------------------------------------------------
+class StreamDataset(IterableDataset):
+    """Micro-batches `{"input_ids", "labels"}` (int64 `[rows, seq_len]`, labels = input_ids: the
+    model shifts them) from `jaxllm.data.PackedBatches`: streamed, tokenized on the fly, packed
+    into full rows exactly like the JAX side, this process's share only (`process_index` of
+    `process_count`). Endless (the data restarts at its end). `state` (from `state_dict()`)
+    resumes the stream exactly; iterating again continues where the last iteration stopped."""
+
+    def __init__(self, data_config, tokenizer, *, rows: int, process_index: int = 0, process_count: int = 1,
+                 state: dict | None = None):
+        if rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")
+        self.data_config, self.tokenizer, self.rows = data_config, tokenizer, rows
+        self.process_index, self.process_count = process_index, process_count
+        self._state = state
+        self._batches = None
+
+    def __iter__(self):
+        from jaxllm import data as data_lib
+
+        self.close()
+        self._batches = data_lib.PackedBatches(
+            self.data_config, self.tokenizer, rows=self.rows, process_index=self.process_index,
+            process_count=self.process_count, state=self._state)
+        for rows_BT in self._batches:
+            ids = torch.from_numpy(np.asarray(rows_BT, dtype=np.int64))
+            yield {"input_ids": ids, "labels": ids}
+
+    def state_dict(self) -> dict | None:
+        """The position just after the last micro-batch yielded (JSON-serialisable)."""
+        return self._batches.state_dict() if self._batches is not None else self._state
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._state = self._batches.state_dict()
+            self._batches.close()
+            self._batches = None
+
+
+class FixedBatches(IterableDataset):
+    """Micro-batches from given token arrays `[steps, grad_accum * batch, seq]`, in order: step s,
+    micro-batch i holds rows `i*batch:(i+1)*batch` (the split `jaxllm.train.Trainer.put_batch`
+    makes), `batch` being global: process p of n gets the p-th n-th of each micro-batch. For checks
+    that feed both frameworks, or several processes and one, the very same batches."""
+
+    def __init__(self, batches_SRT: np.ndarray, batch_size: int, *, process_index: int = 0, process_count: int = 1):
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} cannot be split over {process_count} processes")
+        self.batches, self.batch_size = np.asarray(batches_SRT, dtype=np.int64), batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def __iter__(self):
+        b = self.batch_size // self.process_count
+        for rows in self.batches:
+            for i in range(0, len(rows), self.batch_size):
+                start = i + self.process_index * b
+                ids = torch.from_numpy(rows[start:start + b])
+                yield {"input_ids": ids, "labels": ids}
+
+
+# ---- callbacks --------------------------------------------------------------------------------
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+class RouterBiasCallback(TrainerCallback):
+    """Auxiliary-loss-free balancing: `CustomLLMTrainer.compute_loss` adds each micro-batch's
+    `expert_counts` ([layers, experts]); after the optimizer step their sum over the step (and over
+    processes) goes to `model.update_router_bias`. Also keeps the step's loss parts for logging."""
+
+    def __init__(self):
+        self._counts = None  # this step, this process
+        self._lm = self._aux = 0.0  # this step, this process (already normalised by the step)
+        self._window = None  # [lm, aux] summed over the optimizer steps since the last log
+        self._window_steps = 0
+        self.last_counts = None  # the last step's global counts
+
+    def add(self, expert_counts: torch.Tensor, lm_part: torch.Tensor, aux_part: torch.Tensor) -> None:
+        c = expert_counts.detach()
+        self._counts = c.clone() if self._counts is None else self._counts + c
+        self._lm = self._lm + lm_part.detach().float()
+        self._aux = self._aux + aux_part.detach().float()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._counts is None:
+            return
+        counts = _all_reduce_sum(self._counts)
+        model.update_router_bias(counts)
+        self.last_counts = counts
+        parts = torch.stack([torch.as_tensor(self._lm), torch.as_tensor(self._aux)]).to(counts.device)
+        self._window = parts if self._window is None else self._window + parts
+        self._window_steps += 1
+        self._counts, self._lm, self._aux = None, 0.0, 0.0
+
+    def pop_window(self) -> dict[str, Any]:
+        """Mean `lm_loss` / `aux_loss` over the steps since the last call (summed over processes:
+        every process holds its part of the step's normalised sums), and the last step's
+        per-layer min / max expert load. Collective under torch.distributed: call on every rank."""
+        if self._window is None:
+            return {}
+        lm, aux = (_all_reduce_sum(self._window.clone()) / self._window_steps).tolist()
+        load = self.last_counts.float() / self.last_counts.sum(-1, keepdim=True).clamp(min=1)
+        self._window, self._window_steps = None, 0
+        return {"lm_loss": lm, "aux_loss": aux, "expert_load_min": load.min(-1).values.tolist(),
+                "expert_load_max": load.max(-1).values.tolist()}
+
+
+class DenseGradientsCallback(TrainerCallback):
+    """Before each optimizer step, gives every trainable parameter without a gradient a zero one.
+
+    A routed expert that no token of the whole step chose has `grad is None` (the Trainer zeroes
+    gradients with `set_to_none`), and torch's AdamW then skips it entirely: no moment decay, no
+    weight decay, no step count. optax (the JAX side) sees a zero gradient and still decays the
+    moments, applies the momentum update and the weight decay. Zeros make both the same."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
+class MPSCallback(TrainerCallback):
+    """Releases the MPS allocator's cached memory after every optimizer step and checkpoint
+    (Apple GPUs keep freed blocks cached, which starves the rest of the machine). No-op elsewhere."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.device.type == "mps":
+            torch.mps.empty_cache()
+
+    on_save = on_step_end
+
+
+def generate_samples(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, seed: int = 0,
+                     temperature: float = 0.8, top_k: int = 40) -> list[tuple[str, str]]:
+    """Continuations of each prompt by `model.generate`, as (prompt, text) pairs: sampled with
+    `temperature` and `top_k` (the JAX side's `print_samples` defaults), seeded by `seed` without
+    touching the global RNG; `temperature=0` is greedy. A prompt that tokenizes to nothing starts
+    from the BOS token."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+    out = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for prompt in prompts:
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [model.config.bos_token_id]
+                n_new = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+                if n_new <= 0:
+                    raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, no room left in "
+                                     f"max_position_embeddings ({model.config.max_position_embeddings})")
+                x = torch.tensor([ids], device=device)
+                with torch.no_grad():
+                    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
+                                       eos_token_id=eos, pad_token_id=eos, **sampling)
+                out.append((prompt, tokenizer.decode(y[0], skip_special_tokens=True)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def print_samples(samples: Iterable[tuple[str, str]], file=None) -> None:
+    """The JAX side's format: `'prompt' -> prompt + continuation`, one line per prompt."""
+    file = file or sys.stdout
+    print("\ngenerated text:", file=file)
+    for prompt, text in samples:
+        print(f"  {prompt!r} -> {text}", file=file, flush=True)
+
+
+class TextGenerationCallback(TrainerCallback):
+    """The seed's callback: at the end of training, prints generated text for each prompt
+    (process 0 only) and keeps it in `samples`."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40, *, seed: int = 0):
+        self.tokenizer, self.prompts, self.max_new_tokens, self.seed = tokenizer, tuple(prompts), max_new_tokens, seed
+        self.samples: list[tuple[str, str]] = []
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or not self.prompts or self.max_new_tokens <= 0:
+            return
+        self.samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, seed=self.seed)
+        print_samples(self.samples)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes every training log to `metrics.jsonl` with the JAX side's keys (`step`, `loss`,
+    `lm_loss`, `aux_loss`, `lr`, `grad_norm`, `tokens_per_sec`, `step_time_s`, expert loads) through
+    `jaxllm.metrics.MetricsWriter`, and keeps the records (`records`) on process 0."""
+
+    def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True):
+        from jaxllm.metrics import MetricsWriter
+
+        self.writer = MetricsWriter(out_dir, enabled=enabled) if out_dir else None
+        self.tokens_per_step = tokens_per_step
+        self.records: list[dict[str, Any]] = []
+        self._t = self._step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t, self._step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:  # the last step is logged too, as on the JAX side
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        steps = max(state.global_step - self._step, 1)
+        dt = now - self._t
+        rec = {"step": state.global_step, "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0)),
+               "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+               "tokens_per_sec": steps * self.tokens_per_step / dt if dt > 0 else 0.0, "step_time_s": dt / steps}
+        rec.update({k: logs[k] for k in ("lm_loss", "aux_loss", "expert_load_min", "expert_load_max") if k in logs})
+        self.records.append(rec)
+        if self.writer is not None:
+            self.writer.write(rec)
+        self._t, self._step = now, state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class DataStateCallback(TrainerCallback):
+    """Saves the data position of this process into every checkpoint
+    (`checkpoint-N/data_state.rank{i}.json`), so that a resumed run reads the batches that the
+    interrupted one would have read next."""
+
+    def __init__(self, dataset: StreamDataset):
+        self.dataset = dataset
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(ckpt, exist_ok=True)
+        record = {"process_count": self.dataset.process_count, "state": self.dataset.state_dict()}
+        path = os.path.join(ckpt, _data_state_name(self.dataset.process_index))
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+
+
+def read_data_state(checkpoint: str, process_index: int, process_count: int) -> dict | None:
+    """This process's data position saved in `checkpoint`, or None (with a warning on stderr)
+    when it is missing or was written by another number of processes."""
+    path = os.path.join(checkpoint, _data_state_name(process_index))
+    if not os.path.isfile(path):
+        print(f"warning: {path} is missing; the data stream starts from its beginning", file=sys.stderr)
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("process_count") != process_count:
+        print(f"warning: {checkpoint} was written by {record.get('process_count')} process(es), this run has "
+              f"{process_count}; the data stream starts from its beginning", file=sys.stderr)
+        return None
+    return record["state"]
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+class CustomLLMTrainer(Trainer):
+    """`Trainer` with `jaxllm.train`'s step loss, the router-bias update and a rank-aware stream.
+
+    Per micro-batch, with S_tok / S_seq the shifted tokens / sequences of the whole optimizer step
+    over all processes and P the number of processes:
+        loss = P * (ce_sum / S_tok + router_aux_loss_coef * aux_sum / S_seq)
+    (P because DDP averages the gradients over processes). Summed over the step's micro-batches and
+    processes that is `jaxllm.train`'s `ce / n_tokens + coef * aux / n_seqs`. S_tok is the Trainer's
+    `num_items_in_batch`; it counts `labels[:, 1:]` only because the model is declared a causal-LM
+    loss (`loss_type = "ForCausalLM"`: CustomLLM's class name is not one the Trainer recognises)."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        self.router_bias_callback = RouterBiasCallback()
+        model = kwargs.get("model", args[0] if args else None)
+        if getattr(model, "loss_type", None) is None:
+            model.loss_type = "ForCausalLM"
+        super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(), *(callbacks or [])],
+                         **kwargs)
+
+    def get_train_dataloader(self) -> DataLoader:
+        # The dataset yields this process's micro-batches already: no sampler, no collator and no
+        # Accelerate sharding; `_prepare_inputs` moves the tensors to the device. The loader's own
+        # generator keeps `iter()` from drawing on the global RNG, which the Trainer restores from
+        # a checkpoint just before that call: a draw there would shift every later dropout mask.
+        if self.train_dataset is None:
+            raise ValueError("CustomLLMTrainer: training requires a train_dataset")
+        return DataLoader(self.train_dataset, batch_size=None, num_workers=0, generator=torch.Generator())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, labels = inputs["input_ids"], inputs.get("labels", inputs["input_ids"])
+        if num_items_in_batch is None:  # not inside the Trainer's step (no step totals): this batch alone
+            num_items_in_batch = (labels[:, 1:] != -100).sum()
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=num_items_in_batch)
+        P = self.accelerator.num_processes
+        seqs_step = ids.shape[0] * getattr(self, "current_gradient_accumulation_steps", 1) * P
+        cfg = self.accelerator.unwrap_model(model).config
+        aux_part = out.aux_loss * ids.shape[0] / seqs_step  # the model's aux_loss is a mean over this batch
+        loss = P * (out.lm_loss + cfg.router_aux_loss_coef * aux_part)
+        if model.training:
+            self.router_bias_callback.add(out.expert_counts, out.lm_loss, aux_part)
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self.router_bias_callback.pop_window()}
+        super().log(logs, start_time)
+
+
+# ---- settings -> TrainingArguments ------------------------------------------------------------
+def resolve_dtype(dtype: str) -> str:
+    """"auto": bfloat16 mixed precision where the accelerator supports it (CUDA with bf16), else
+    float32 (CPU, MPS, older GPUs)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return dtype
+
+
+def cpu_only() -> bool:
+    """No GPU or other accelerator: then the Trainer must be told `use_cpu`, or processes started
+    by torchrun / accelerate launch would each train alone instead of together (gloo DDP)."""
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, MPS, XPU, ...
+        return not torch.accelerator.is_available()
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def training_arguments(rc: RunConfig, output_dir: str, *, per_device_batch: int, dtype: str = "float32",
+                       save: bool = True, **overrides) -> TrainingArguments:
+    """The Trainer's arguments for the settings `rc` (the optimizer and schedule of `jaxllm.train`).
+    Accelerate picks the device (CUDA, MPS or CPU); `dtype` "bfloat16" is autocast mixed precision
+    with float32 master weights."""
+    kw = dict(
+        use_cpu=cpu_only(),
+        output_dir=output_dir, max_steps=rc.steps, per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=rc.grad_accum, learning_rate=rc.lr, lr_scheduler_type="cosine",
+        warmup_steps=min(rc.warmup_steps, rc.steps),  # as jaxllm.train.lr_schedule clamps it
+        weight_decay=rc.weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
+        max_grad_norm=rc.clip_norm, bf16=dtype == "bfloat16",
+        logging_steps=rc.log_every, logging_first_step=True,
+        save_strategy="steps" if save else "no", save_steps=rc.save_every, save_total_limit=rc.keep,
+        seed=rc.seed, report_to="none", disable_tqdm=not rc.progress,
+        dataloader_num_workers=0, ignore_data_skip=True,  # the data position is restored, not replayed
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=True,  # a routed expert can get no token in a micro-batch
+    )
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+def model_config(rc: RunConfig) -> LLMConfig:
+    return LLMConfig.from_json_file(rc.config) if rc.config else LLMConfig.from_preset(rc.preset)
+
+
+def latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
+    """(path, step) of the highest `checkpoint-N` in `output_dir` that holds a trainer state."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        m = CHECKPOINT_RE.match(os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(m.group(1)), path))
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
+def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
+    try:
+        saved = LLMConfig.from_json_file(os.path.join(path, "config.json"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path}: cannot read its config.json ({e})") from None
+    if saved != config:
+        diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
+        raise ValueError(f"{what} {path} holds another model (differs in {', '.join(diff)}); "
+                         "use another --ckpt-dir or the same --preset/--config")
+
+
+def _log(msg: str, process_index: int) -> None:
+    if process_index == 0:
+        print(msg, flush=True)
+
+
+def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
+    """Train as `rc` says (resuming from the latest checkpoint in `rc.ckpt_dir`); returns a summary
+    (start/end step, first/last logged loss, wall time, generated samples, checkpoint directory).
+    Raises ValueError for bad settings or inputs."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from jaxllm import data as data_lib
+    from jaxllm.metrics import plot_loss_curve
+
+    t_start = time.perf_counter()
+    for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
+        if getattr(rc, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
+    if rc.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be non-negative, got {rc.warmup_steps}")
+    dtype = resolve_dtype(dtype)
+    config = model_config(rc)
+    if rc.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    out_dir = os.path.abspath(rc.ckpt_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
+        raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
+                         "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
+
+    dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
+    rank, world = dist.process_index, dist.num_processes
+    if rc.batch_size % world:
+        raise ValueError(f"--batch-size {rc.batch_size} (global) cannot be split over {world} processes")
+    per_device = rc.batch_size // world
+
+    last = latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    if last and rc.no_resume:
+        raise ValueError(f"--no-resume: {out_dir} already holds checkpoints (latest {last[0]}); "
+                         "use an empty --ckpt-dir or drop --no-resume")
+    if last:
+        _check_saved_config(last[0], config, "--ckpt-dir checkpoint")
+    elif rc.init_from:
+        _check_saved_config(rc.init_from, config, "--init-from")
+
+    tokenizer = data_lib.load_tokenizer(rc.tokenizer)
+    data_lib.check_vocab(tokenizer, config)
+
+    set_seed(rc.seed)  # the initial weights; the Trainer seeds again for dropout
+    if rc.init_from and not last:
+        model = CustomLLM.from_pretrained(rc.init_from, dtype=torch.float32)
+        _log(f"starting from the weights in {rc.init_from}", rank)
+    else:
+        model = CustomLLM(CustomLLMConfig.from_llm_config(config))
+    if not rc.dropout:
+        model.dropout.p = 0.0  # a runtime switch: the saved config keeps its embedding_dropout
+
+    args = training_arguments(rc, out_dir, per_device_batch=per_device, dtype=dtype)
+    data_state = read_data_state(last[0], rank, world) if last else None
+    dataset = StreamDataset(
+        data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
+                            text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
+        tokenizer, rows=per_device, process_index=rank, process_count=world, state=data_state)
+    tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
+    metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0)
+    generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
+    trainer = CustomLLMTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[metrics, DataStateCallback(dataset), MPSCallback(), generation])
+
+    start = last[1] if last else 0
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
+         f"{world} process(es)", rank)
+    _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
+         f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else ""), rank)
+    try:
+        if start < rc.steps:
+            trainer.train(resume_from_checkpoint=last[0] if last else None)
+        else:  # the Trainer would run one more step; there is nothing left to do but the samples
+            _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
+            if rank == 0 and rc.prompts and rc.max_new_tokens > 0:
+                done = CustomLLM.from_pretrained(last[0], dtype=torch.float32).to(args.device)
+                generation.samples = generate_samples(done, tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
+                print_samples(generation.samples)
+    finally:
+        dataset.close()
+    summary: dict[str, Any] = {
+        "start_step": start, "end_step": max(trainer.state.global_step, start), "ckpt_dir": out_dir,
+        "first_loss": metrics.records[0]["loss"] if metrics.records else None,
+        "last_loss": metrics.records[-1]["loss"] if metrics.records else None,
+        "records": metrics.records, "samples": generation.samples, "dtype": dtype,
+        "device": args.device.type, "wall_s": time.perf_counter() - t_start,
+    }
+    if rank == 0 and metrics.writer is not None:
+        summary["loss_png"] = plot_loss_curve(metrics.writer.path, os.path.join(out_dir, "loss.png"))
+        losses = f", loss {summary['first_loss']} -> {summary['last_loss']}" if metrics.records else ""
+        _log(f"done: step {summary['end_step']}{losses} in {summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
+             + (f", curve in {summary['loss_png']}" if summary.get("loss_png") else ""), rank)
+    summary["model"] = model
+    summary["tokenizer"] = tokenizer
+    return summary
