@@ -184,7 +184,8 @@ class DeepSeekMoE(nn.Module):
         out = torch.zeros_like(xf)
         for expert in self.shared_experts:
             out = out + expert(xf)
-        scores = torch.sigmoid(F.linear(xf.float(), self.router.weight.float()))  # [N, E] float32
+        with torch.autocast(xf.device.type, enabled=False):  # the router stays float32 under autocast
+            scores = torch.sigmoid(F.linear(xf.float(), self.router.weight.float()))  # [N, E]
         chosen, w = route(scores, self.router_bias.float(), self.top_k)
         for e, expert in enumerate(self.routed_experts):
             tok, slot = torch.nonzero(chosen == e, as_tuple=True)
