@@ -22,6 +22,12 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import torch  # noqa: E402
+
+# One PyTorch intra-op thread for the whole session: the test models are too small to gain from
+# more, and on a busy machine OpenMP threads waiting for each other make a step 100x slower.
+torch.set_num_threads(1)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ASSETS = SHARED / "assets"

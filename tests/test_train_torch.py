@@ -22,9 +22,6 @@ from torch_ref.training import CustomLLMTrainer, FixedBatches, StreamDataset, ru
 
 # The tiny model with the embedded tokenizer's vocabulary (4,096), so that real text trains it.
 TINY = LLMConfig.from_preset("tiny", vocab_size=data_lib.EMBEDDED_VOCAB_SIZE)
-# One intra-op thread: the models here are too small to gain from more, and on a busy machine
-# OpenMP threads that wait for each other make a step a hundred times slower.
-torch.set_num_threads(1)
 
 
 def _rc(tmp_path, **kw) -> RunConfig:
