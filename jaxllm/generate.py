@@ -100,27 +100,31 @@ class Generation(NamedTuple):
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
-             seed: int = 0, eos_token_id: int | None = -1, pad_token_id: int | None = None,
+             seed: int = 0, eos_token_id: int | None = None, stop_at_eos: bool = True, pad_token_id: int | None = None,
              use_cache: bool = True, on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
              return_logits: bool = False) -> Generation:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
-    `eos_token_id`: generation of a sequence stops after it emits this token (default: the
-    config's; None never stops early). `pad_token_id` fills the left padding and the tokens after
-    a stop (default: the config's). `seed` makes sampling reproducible. `on_token(step, tokens_B,
-    live_B)` is called on the host as each token is made, from inside the jitted loop (for
-    streaming); `live_B` says which sequences were still running. A different `on_token` function
-    means a new compilation, so reuse one callable across calls.
+    A sequence stops after it emits `eos_token_id` (default: the config's) unless `stop_at_eos`
+    is false; the loop ends when every sequence has stopped. `pad_token_id` (default: the
+    config's) fills the left padding and the tokens after a stop. `seed` makes sampling
+    reproducible. `on_token(step, tokens_B, live_B)` is called on the host as each token is made,
+    from inside the jitted loop (streaming); `live_B` says which sequences were still running.
+    Compilations are cached on the shapes, `sampling`, `use_cache`, `return_logits` and the
+    identity of `on_token` (reuse one callable); ids and the seed are runtime values.
     """
     c: LLMConfig = model.config
-    eos_token_id = c.eos_token_id if eos_token_id == -1 else eos_token_id
+    eos_token_id = c.eos_token_id if eos_token_id is None else eos_token_id
     pad_token_id = c.pad_token_id if pad_token_id is None else pad_token_id
+    for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < c.vocab_size:
+            raise ValueError(f"{name} must be a token id in [0, {c.vocab_size}), got {v!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     ids, mask = left_pad(prompts, pad_token_id)
-    bad = ids[mask]
-    if bad.size and (bad.min() < 0 or bad.max() >= c.vocab_size):
-        raise ValueError(f"prompts: token ids must be in [0, {c.vocab_size}), got {int(bad.min())}..{int(bad.max())}")
+    real = ids[mask]
+    if real.min() < 0 or real.max() >= c.vocab_size:
+        raise ValueError(f"prompts: token ids must be in [0, {c.vocab_size}), got {int(real.min())}..{int(real.max())}")
     P = ids.shape[1]
     if P + max_new_tokens > c.max_position_embeddings:
         raise ValueError(
@@ -129,15 +133,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     graphdef, state = nnx.split(model)
     tokens, lengths, logits = _generate(
         graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, sampling=sampling, use_cache=use_cache, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, on_token=on_token, return_logits=return_logits)
+        jnp.int32(eos_token_id if stop_at_eos else -1), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens,
+        sampling=sampling, use_cache=use_cache, on_token=on_token, return_logits=return_logits)
     return Generation(np.asarray(tokens), np.asarray(lengths), np.asarray(logits) if return_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "use_cache", "eos_token_id",
-                                             "pad_token_id", "on_token", "return_logits"))
-def _generate(graphdef, state, ids_BP, mask_BP, key, *, max_new_tokens, sampling, use_cache, eos_token_id,
-              pad_token_id, on_token, return_logits):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "use_cache", "on_token",
+                                             "return_logits"))
+def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, *, max_new_tokens, sampling, use_cache,
+              on_token, return_logits):
+    """The jitted body of `generate`. `eos_id` -1: never stop early."""
     B, P = ids_BP.shape
     N, S = max_new_tokens, P + max_new_tokens
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, N), bool)], axis=1)
@@ -157,7 +162,7 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, *, max_new_tokens, sampling
             return o.cache, o.logits[:, 0]
     else:
         model = _merged_for_tokens(graphdef, state, B * S)
-        memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_token_id, ids_BP.dtype)], axis=1)  # [B, S]
+        memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_id, ids_BP.dtype)], axis=1)  # [B, S]
         out = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
 
         def next_logits(memory, tok_B, i):
@@ -169,7 +174,7 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, *, max_new_tokens, sampling
     V = out.logits.shape[-1]
     carry = dict(
         i=jnp.int32(0), memory=memory, logits=out.logits[:, P - 1],
-        tokens=jnp.full((B, N), pad_token_id, jnp.int32), done=jnp.zeros((B,), bool),
+        tokens=jnp.full((B, N), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
         lengths=jnp.zeros((B,), jnp.int32),
         all_logits=jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32))
 
@@ -179,11 +184,11 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, *, max_new_tokens, sampling
     def body(s):
         i, live = s["i"], ~s["done"]
         tok = sample_logits(s["logits"], jax.random.fold_in(key, i), sampling)
-        tok = jnp.where(live, tok, pad_token_id)
+        tok = jnp.where(live, tok, pad_id)
         if on_token is not None:
             io_callback(lambda i, t, l: on_token(int(i), np.asarray(t), np.asarray(l)), None, i, tok, live,
                         ordered=True)
-        done = s["done"] | (tok == eos_token_id) if eos_token_id is not None else s["done"]
+        done = s["done"] | (tok == eos_id)
         all_logits = s["all_logits"].at[:, i].set(s["logits"]) if return_logits else s["all_logits"]
         memory, logits = next_logits(s["memory"], tok, i)
         return dict(i=i + 1, memory=memory, logits=logits, tokens=s["tokens"].at[:, i].set(tok), done=done,
