@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -110,8 +111,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     config's) fills the left padding and the tokens after a stop. `seed` makes sampling
     reproducible. `on_token(step, tokens_B, live_B)` is called on the host as each token is made,
     from inside the jitted loop (streaming); `live_B` says which sequences were still running.
-    Compilations are cached on the shapes, `sampling`, `use_cache`, `return_logits` and the
-    identity of `on_token` (reuse one callable); ids and the seed are runtime values.
+    Compilations are cached on the shapes, `sampling`, `use_cache`, `return_logits` and whether
+    there is an `on_token`; token ids, the seed and the callback itself are runtime values.
     """
     c: LLMConfig = model.config
     eos_token_id = c.eos_token_id if eos_token_id is None else eos_token_id
@@ -131,17 +132,37 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
             f"max_new_tokens: a prompt of {P} tokens + {max_new_tokens} new tokens exceeds "
             f"max_position_embeddings ({c.max_position_embeddings})")
     graphdef, state = nnx.split(model)
-    tokens, lengths, logits = _generate(
-        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-        jnp.int32(eos_token_id if stop_at_eos else -1), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens,
-        sampling=sampling, use_cache=use_cache, on_token=on_token, return_logits=return_logits)
-    return Generation(np.asarray(tokens), np.asarray(lengths), np.asarray(logits) if return_logits else None)
+    callback_id = next(_callback_ids)
+    if on_token is not None:
+        _callbacks[callback_id] = on_token
+    try:
+        tokens, lengths, logits = _generate(
+            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+            jnp.int32(eos_token_id if stop_at_eos else -1), jnp.int32(pad_token_id), jnp.int32(callback_id),
+            max_new_tokens=max_new_tokens, sampling=sampling, use_cache=use_cache, stream=on_token is not None,
+            return_logits=return_logits)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        if on_token is not None:
+            jax.effects_barrier()  # every callback has run
+    finally:
+        _callbacks.pop(callback_id, None)
+    return Generation(tokens, lengths, np.asarray(logits) if return_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "use_cache", "on_token",
+# `on_token` callbacks of the running `generate` calls, by call id: the compiled loop receives
+# the id as a runtime value, so a new callback does not mean a new compilation.
+_callbacks: dict[int, Callable] = {}
+_callback_ids = itertools.count()
+
+
+def _emit(callback_id, step, tokens_B, live_B):
+    _callbacks[int(callback_id)](int(step), np.asarray(tokens_B), np.asarray(live_B))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "use_cache", "stream",
                                              "return_logits"))
-def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, *, max_new_tokens, sampling, use_cache,
-              on_token, return_logits):
+def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id, *, max_new_tokens, sampling,
+              use_cache, stream, return_logits):
     """The jitted body of `generate`. `eos_id` -1: never stop early."""
     B, P = ids_BP.shape
     N, S = max_new_tokens, P + max_new_tokens
@@ -185,9 +206,8 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, *, max_new_
         i, live = s["i"], ~s["done"]
         tok = sample_logits(s["logits"], jax.random.fold_in(key, i), sampling)
         tok = jnp.where(live, tok, pad_id)
-        if on_token is not None:
-            io_callback(lambda i, t, l: on_token(int(i), np.asarray(t), np.asarray(l)), None, i, tok, live,
-                        ordered=True)
+        if stream:
+            io_callback(_emit, None, callback_id, i, tok, live, ordered=True)
         done = s["done"] | (tok == eos_id)
         all_logits = s["all_logits"].at[:, i].set(s["logits"]) if return_logits else s["all_logits"]
         memory, logits = next_logits(s["memory"], tok, i)

@@ -1,12 +1,20 @@
 """Generation with MLA's latent cache, in both frameworks (jaxllm/generate.py, torch_ref's
 `generate()`), and `scripts/generate.py`."""
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from helpers import model_pair, rel_err
 from jaxllm.config import LLMConfig
 from jaxllm.generate import (Sampling, cache_bytes_per_token, cache_shape, full_kv_bytes_per_token, generate,
@@ -18,23 +26,9 @@ STEPS = 32
 PROMPTS = [[5, 17, 300, 42, 7, 99, 250, 3, 11, 480, 64, 128], [23, 9, 311], [402, 77, 1, 250, 18, 200, 6]]
 
 
-class Recorder:
-    """An `on_token` callback that keeps what it is given. One instance for the whole module, so
-    that the runs below share one compilation."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, step, tokens, live):
-        self.calls.append((step, tokens.copy(), live.copy()))
-
-
-STREAM = Recorder()
-
-
 def _generate(jm, prompts=PROMPTS, **kw):
     """`generate` with the settings most tests share (one compilation for all of them)."""
-    kw = {"max_new_tokens": STEPS, "stop_at_eos": False, "return_logits": True, "on_token": STREAM, **kw}
+    kw = {"max_new_tokens": STEPS, "stop_at_eos": False, "return_logits": True, "on_token": lambda *a: None, **kw}
     return generate(jm, prompts, **kw)
 
 
@@ -47,9 +41,9 @@ def pair():
 def greedy(pair):
     """The greedy continuations of PROMPTS (a left-padded batch) with the latent cache, and the
     host callbacks made while they were generated."""
-    STREAM.calls.clear()
-    out = _generate(pair[0])
-    return out, list(STREAM.calls)
+    calls = []
+    out = _generate(pair[0], on_token=lambda step, tokens, live: calls.append((step, tokens.copy(), live.copy())))
+    return out, calls
 
 
 def _torch_generate(tm, prompts, steps=STEPS, pad=True, **kw):
@@ -199,3 +193,162 @@ def test_bad_arguments_raise_naming_the_field(pair):
         Sampling(temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         Sampling(top_k=-2)
+
+
+# ---- scripts/generate.py ------------------------------------------------------------------------
+TEXTS = ["Once upon a time there was a little fox who loved the forest.",
+         "The sun rose over the hills and the birds began to sing.",
+         "Café, naïve, jalapeño: a few words with accents."] * 20
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    """A small byte-level BPE (`<|endoftext|>` = 0, as in the real tokenizer) trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
+        vocab_size=TINY.vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """scripts/generate.py as a module. Where `jaxllm/data.py` (the tokenizer loader, written in
+    parallel) is not on this branch yet, a stand-in with its interface loads tokenizer.json files."""
+    try:
+        import jaxllm.data  # noqa: F401
+    except ImportError:
+        from transformers import PreTrainedTokenizerFast
+
+        def load_tokenizer(spec=None, *, vocab_size=4096):
+            if spec is None:
+                raise ValueError("the stand-in has no embedded tokenizer")
+            path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+            return PreTrainedTokenizerFast(tokenizer_file=path)
+
+        stub = types.ModuleType("jaxllm.data")
+        stub.EMBEDDED_VOCAB_SIZE, stub.load_tokenizer = 4096, load_tokenizer
+        monkeypatch.setitem(sys.modules, "jaxllm.data", stub)
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(pair, tokenizer_json, tmp_path_factory):
+    """The tiny model as an Orbax checkpoint (recording the tokenizer) and as a Hugging Face
+    directory (with its tokenizer.json)."""
+    from jaxllm import checkpoint
+
+    jm, tm = pair
+    orbax_dir = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    mngr = checkpoint.manager(orbax_dir)
+    checkpoint.save(mngr, 0, weights=checkpoint.split_weights(jm), config=TINY, tokenizer=str(tokenizer_json))
+    mngr.wait_until_finished()
+    hf_dir = tmp_path_factory.mktemp("hf") / "hf"
+    tm.save_pretrained(hf_dir)
+    shutil.copy(tokenizer_json, hf_dir / "tokenizer.json")
+    return {"orbax": str(orbax_dir), "hf": str(hf_dir)}
+
+
+class Writes:
+    """A stdout that keeps each write, to see the text arrive piece by piece."""
+
+    def __init__(self):
+        self.pieces = []
+
+    def write(self, s):
+        self.pieces.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_script_streams_the_same_text_from_both_checkpoint_kinds_in_both_frameworks(
+        pair, script, checkpoints, tokenizer_json):
+    from transformers import PreTrainedTokenizerFast
+
+    jm, _ = pair
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
+    prompt = "Once upon a time"
+    expected = generate(jm, [tok.encode(prompt)], max_new_tokens=12, on_token=lambda *a: None)
+    n = expected.lengths[0]
+    want = prompt + tok.decode(expected.tokens[0, :n], skip_special_tokens=True) + "\n"
+    for kind, framework in [("orbax", "jax"), ("hf", "jax"), ("orbax", "torch"), ("hf", "torch")]:
+        out = Writes()
+        args = script.parse_args(["--checkpoint", checkpoints[kind], "--prompt", prompt, "--max-new-tokens", "12",
+                                  "--framework", framework])
+        script.run(args, out=out)
+        assert "".join(out.pieces) == want, (kind, framework)
+        assert len(out.pieces) >= 3  # the prompt, then the continuation as it is made
+
+
+def test_script_sampling_is_reproducible(script, checkpoints, capsys):
+    argv = ["--checkpoint", checkpoints["orbax"], "--prompt", "The sun", "--max-new-tokens", "10",
+            "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "5"]
+    outputs = []
+    for framework in ("jax", "jax", "torch", "torch"):
+        assert script.main(argv + ["--framework", framework]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[2] == outputs[3]
+    assert all(o.startswith("The sun") for o in outputs)
+
+
+def test_text_stream_holds_back_split_characters(assets, script):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(assets / "smollm2-tokenizer" / "tokenizer.json"))
+    text = " Naïve café — 日本語のテキスト 🙂 done."
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode(ids[:k]) for k in range(1, len(ids)))  # the case being tested occurs
+    out = Writes()
+    stream = script.TextStream(tok, out)
+    for t in ids + [0]:  # then EOS, which is not printed
+        stream.push(t)
+    stream.end()
+    assert "".join(out.pieces) == text + "\n"
+    assert not any("\ufffd" in p for p in out.pieces)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent/ckpt", "--prompt", "x"], "does not exist"),
+    (["--checkpoint", "{tok}", "--prompt", "x"], "is not a directory"),
+    (["--checkpoint", "{empty}", "--prompt", "x"], "neither a Hugging Face directory"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--top-p", "2"], "top_p"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "1000"], "max_position_embeddings"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--framework", "mxnet"], "--framework"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "many"], "--top-k"),
+    (["--prompt", "x"], "--checkpoint"),
+])
+def test_script_bad_input_is_one_line_on_stderr_and_exit_2(script, checkpoints, tokenizer_json, tmp_path, capsys,
+                                                            argv, message):
+    (tmp_path / "empty").mkdir()
+    fill = {"tok": str(tokenizer_json), "empty": str(tmp_path / "empty"), "orbax": checkpoints["orbax"]}
+    argv = [a.format(**fill) for a in argv]
+    try:
+        rc = script.main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_script_bad_input_from_the_command_line_has_no_traceback():
+    r = subprocess.run([sys.executable, "scripts/generate.py", "--checkpoint", "/nonexistent", "--prompt", "x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["generate.py: error: --checkpoint /nonexistent does not exist"]
