@@ -1,8 +1,10 @@
 """Text generation with MLA's latent cache: one prefill, then a jitted decode loop.
 
 Per layer and token the cache holds only `c_kv` (latent_dim numbers) and the rotated `k_rope`
-(heads x rope_head_dim): 576 numbers for `seed-973m` instead of 1,536 for full keys and values.
-Each decode step recomputes `k_nope` and `v` from the cached `c_kv` (ARCHITECTURE.md).
+(heads x rope_head_dim): 576 numbers for `seed-973m` instead of 1,536 for full keys and values
+(ARCHITECTURE.md). The prefill computes `k_nope` and `v` from `c_kv` as training does; each
+one-token decode step attends on the cached latent directly, with `k_proj_u` folded into the
+query and `v_proj_u` into the output ("absorbed" MLA, `MultiHeadLatentAttention._absorbed`).
 
 Everything runs inside one `jax.jit` with static shapes: prompts are left-padded to the longest
 one (P tokens), the cache holds P + max_new_tokens slots, and a `lax.while_loop` makes one token
