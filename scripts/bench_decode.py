@@ -108,8 +108,8 @@ def markdown(r: dict) -> str:
     for fw in ("jax", "torch"):
         if f"{fw}_speedup" in r:
             name = f"torch ({r['torch_threads']} threads)" if fw == "torch" else fw
-            rows.append(f"| {name} | {r[f'{fw}_cached_tokens_per_sec']:.1f} | {r[f'{fw}_recompute_tokens_per_sec']:.2f} "
-                        f"| {r[f'{fw}_speedup']:.1f}x |")
+            cached, full = r[f"{fw}_cached_tokens_per_sec"], r[f"{fw}_recompute_tokens_per_sec"]
+            rows.append(f"| {name} | {cached:.1f} | {full:.2f} | {r[f'{fw}_speedup']:.1f}x |")
     latent, full = r["seed973m_cache_bytes_per_token"], r["seed973m_full_kv_bytes_per_token"]
     rows += ["", f"All runs made the same tokens: {r['same_tokens']}.",
              f"Cache per token, `seed-973m`, float32: latent {latent:,} B (576 numbers x 30 layers) vs full K/V "
