@@ -130,6 +130,8 @@ class MultiHeadLatentAttention(nnx.Module):
             c_kv = jax.lax.dynamic_update_slice_in_dim(cache.c_kv, c_kv.astype(cache.c_kv.dtype), cache_index, 1)
             k_rope = jax.lax.dynamic_update_slice_in_dim(cache.k_rope, k_rope.astype(cache.k_rope.dtype), cache_index, 1)
             new_cache = LayerCache(c_kv, k_rope)
+            if T == 1:
+                return self._absorbed(q_nope, q_rope, c_kv, k_rope, mask_BTS), new_cache
         S = c_kv.shape[1]
         k_nope = self.k_proj_u(c_kv).reshape(B, S, H, self.nope)
         v = self.v_proj_u(c_kv).reshape(B, S, H, self.dv)
@@ -142,6 +144,26 @@ class MultiHeadLatentAttention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         o = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * self.dv)
         return self.o_proj(o), new_cache
+
+    def _absorbed(self, q_nope, q_rope, c_kv_BSL, k_rope_BSHr, mask_BTS):
+        """Decoding attention computed on the cached latent itself ("absorbed" MLA): since
+        `q_nope . k_nope = (q_nope W_uk^T) . c_kv` and `sum_s p_s v_s = (sum_s p_s c_kv_s) W_uv`,
+        k_proj_u is folded into the query and v_proj_u into the output, so a decode step costs
+        O(S x heads x latent) instead of recomputing k_nope and v for all S cached tokens. Same
+        math as the path above, summed in another order (equal within float32 rounding)."""
+        B, T, H, _ = q_nope.shape
+        lat = c_kv_BSL.shape[-1]
+        w_uk = self.k_proj_u.kernel[...].astype(self.dtype).reshape(lat, H, self.nope)
+        w_uv = self.v_proj_u.kernel[...].astype(self.dtype).reshape(lat, H, self.dv)
+        q_lat = jnp.einsum("bthd,lhd->bthl", q_nope, w_uk)  # [B, T, H, latent]
+        logits = (jnp.einsum("bthl,bsl->bhts", q_lat, c_kv_BSL.astype(q_lat.dtype), preferred_element_type=F32)
+                  + jnp.einsum("bthr,bshr->bhts", q_rope.astype(q_lat.dtype), k_rope_BSHr.astype(q_lat.dtype),
+                               preferred_element_type=F32)) * self.scale
+        logits = jnp.where(mask_BTS[:, None], logits, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(q_lat.dtype)
+        o_lat = jnp.einsum("bhts,bsl->bthl", probs, c_kv_BSL.astype(q_lat.dtype))  # [B, T, H, latent]
+        o = jnp.einsum("bthl,lhd->bthd", o_lat, w_uv).reshape(B, T, H * self.dv)
+        return self.o_proj(o)
 
 
 class Experts(nnx.Module):

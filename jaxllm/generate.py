@@ -1,0 +1,253 @@
+"""Text generation with MLA's latent cache: one prefill, then a jitted decode loop.
+
+Per layer and token the cache holds only `c_kv` (latent_dim numbers) and the rotated `k_rope`
+(heads x rope_head_dim): 576 numbers for `seed-973m` instead of 1,536 for full keys and values
+(ARCHITECTURE.md). The prefill computes `k_nope` and `v` from `c_kv` as training does; each
+one-token decode step attends on the cached latent directly, with `k_proj_u` folded into the
+query and `v_proj_u` into the output ("absorbed" MLA, `MultiHeadLatentAttention._absorbed`).
+
+Everything runs inside one `jax.jit` with static shapes: prompts are left-padded to the longest
+one (P tokens), the cache holds P + max_new_tokens slots, and a `lax.while_loop` makes one token
+per step until every sequence has emitted EOS or max_new_tokens is reached. With left padding all
+sequences end at the same cache slot, so one scalar `cache_index` serves the whole batch, while
+each sequence's positions count from 0 at its first real token and the pads are masked out.
+
+`use_cache=False` is the reference (and the benchmark's baseline): every step runs the whole
+model on the full [B, P + max_new_tokens] buffer (static shapes) and reads the logits of the last
+real token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from jaxllm.config import LLMConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. `temperature=0` is greedy (argmax, ties to the lower id);
+    otherwise the logits are divided by `temperature`, then cut to the `top_k` best (0: no cut),
+    then to the smallest set whose probability reaches `top_p` (1: no cut), and a token is drawn.
+    The order is Hugging Face's (temperature, top-k, top-p)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature >= 0 or math.isinf(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_logits(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
+    """One token per row of `logits_BV` (float32) under `sampling`; returns int32 [B]."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_B1, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_BV = -jnp.sort(-logits, axis=-1)  # descending
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs, axis=-1) - probs  # probability of the better tokens
+        n_keep_B1 = jnp.sum(before_BV < sampling.top_p, axis=-1, keepdims=True)  # >= 1
+        threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+        logits = jnp.where(logits < threshold_B1, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists of different lengths -> (ids [B, P] int32, mask [B, P] bool), padded on the
+    left so that every prompt ends in the last column."""
+    if len(prompts) == 0:
+        raise ValueError("prompts: at least one prompt is needed")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompts: prompt {lengths.index(0)} is empty (give at least one token, e.g. BOS)")
+    P = max(lengths)
+    ids = np.full((len(prompts), P), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = np.asarray(p, np.int64)
+        mask[b, P - len(p):] = True
+    return ids, mask
+
+
+class Generation(NamedTuple):
+    tokens: np.ndarray  # [B, max_new_tokens] int32; pad_token_id after a sequence stops
+    lengths: np.ndarray  # [B] tokens made per sequence, its EOS included
+    logits: np.ndarray | None = None  # [B, max_new_tokens, V] float32, the distribution of each token
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
+             seed: int = 0, eos_token_id: int | None = None, stop_at_eos: bool = True, pad_token_id: int | None = None,
+             use_cache: bool = True, on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+             return_logits: bool = False) -> Generation:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+    A sequence stops after it emits `eos_token_id` (default: the config's) unless `stop_at_eos`
+    is false; the loop ends when every sequence has stopped. `pad_token_id` (default: the
+    config's) fills the left padding and the tokens after a stop. `seed` makes sampling
+    reproducible. `on_token(step, tokens_B, live_B)` is called on the host as each token is made,
+    from inside the jitted loop (streaming); `live_B` says which sequences were still running.
+    Compilations are cached on the shapes, `sampling`, `use_cache`, `return_logits` and whether
+    there is an `on_token`; token ids, the seed and the callback itself are runtime values.
+    """
+    c: LLMConfig = model.config
+    eos_token_id = c.eos_token_id if eos_token_id is None else eos_token_id
+    pad_token_id = c.pad_token_id if pad_token_id is None else pad_token_id
+    for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < c.vocab_size:
+            raise ValueError(f"{name} must be a token id in [0, {c.vocab_size}), got {v!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    ids, mask = left_pad(prompts, pad_token_id)
+    real = ids[mask]
+    if real.min() < 0 or real.max() >= c.vocab_size:
+        raise ValueError(f"prompts: token ids must be in [0, {c.vocab_size}), got {int(real.min())}..{int(real.max())}")
+    P = ids.shape[1]
+    if P + max_new_tokens > c.max_position_embeddings:
+        raise ValueError(
+            f"max_new_tokens: a prompt of {P} tokens + {max_new_tokens} new tokens exceeds "
+            f"max_position_embeddings ({c.max_position_embeddings})")
+    graphdef, state = nnx.split(model)
+    callback_id = next(_callback_ids)
+    if on_token is not None:
+        _callbacks[callback_id] = on_token
+    try:
+        tokens, lengths, logits = _generate(
+            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+            jnp.int32(eos_token_id if stop_at_eos else -1), jnp.int32(pad_token_id), jnp.int32(callback_id),
+            max_new_tokens=max_new_tokens, sampling=sampling, use_cache=use_cache, stream=on_token is not None,
+            return_logits=return_logits)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        if on_token is not None:
+            jax.effects_barrier()  # every callback has run
+    finally:
+        _callbacks.pop(callback_id, None)
+    return Generation(tokens, lengths, np.asarray(logits) if return_logits else None)
+
+
+# `on_token` callbacks of the running `generate` calls, by call id: the compiled loop receives
+# the id as a runtime value, so a new callback does not mean a new compilation.
+_callbacks: dict[int, Callable] = {}
+_callback_ids = itertools.count()
+
+
+def _emit(callback_id, step, tokens_B, live_B):
+    _callbacks[int(callback_id)](int(step), np.asarray(tokens_B), np.asarray(live_B))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "use_cache", "stream",
+                                             "return_logits"))
+def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id, *, max_new_tokens, sampling,
+              use_cache, stream, return_logits):
+    """The jitted body of `generate`. `eos_id` -1: never stop early."""
+    B, P = ids_BP.shape
+    N, S = max_new_tokens, P + max_new_tokens
+    mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, N), bool)], axis=1)
+    positions_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1, dtype=jnp.int32) - 1, 0)
+
+    if use_cache:
+        prefill = _merged_for_tokens(graphdef, state, B * P)
+        out = prefill.forward(ids_BP, positions=positions_BS[:, :P], attention_mask=mask_BS,
+                              cache=prefill.init_cache(B, S), cache_index=0)
+        memory = out.cache
+        decode = _merged_for_tokens(graphdef, state, B)
+
+        def next_logits(memory, tok_B, i):
+            """Feed token i (cache slot P + i) and return the logits that follow it."""
+            o = decode.forward(tok_B[:, None], positions=jax.lax.dynamic_slice_in_dim(positions_BS, P + i, 1, 1),
+                               attention_mask=mask_BS, cache=memory, cache_index=P + i)
+            return o.cache, o.logits[:, 0]
+    else:
+        model = _merged_for_tokens(graphdef, state, B * S)
+        memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_id, ids_BP.dtype)], axis=1)  # [B, S]
+        out = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
+
+        def next_logits(memory, tok_B, i):
+            """Write token i into the buffer and run the whole model on it again."""
+            memory = jax.lax.dynamic_update_slice_in_dim(memory, tok_B[:, None].astype(memory.dtype), P + i, 1)
+            o = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
+            return memory, jax.lax.dynamic_index_in_dim(o.logits, P + i, 1, keepdims=False)
+
+    V = out.logits.shape[-1]
+    carry = dict(
+        i=jnp.int32(0), memory=memory, logits=out.logits[:, P - 1],
+        tokens=jnp.full((B, N), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        all_logits=jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32))
+
+    def cond(s):
+        return (s["i"] < N) & ~jnp.all(s["done"])
+
+    def body(s):
+        i, live = s["i"], ~s["done"]
+        tok = sample_logits(s["logits"], jax.random.fold_in(key, i), sampling)
+        tok = jnp.where(live, tok, pad_id)
+        if stream:
+            io_callback(_emit, None, callback_id, i, tok, live, ordered=True)
+        done = s["done"] | (tok == eos_id)
+        all_logits = s["all_logits"].at[:, i].set(s["logits"]) if return_logits else s["all_logits"]
+        memory, logits = next_logits(s["memory"], tok, i)
+        return dict(i=i + 1, memory=memory, logits=logits, tokens=s["tokens"].at[:, i].set(tok), done=done,
+                    lengths=s["lengths"] + live, all_logits=all_logits)
+
+    s = jax.lax.while_loop(cond, body, carry)
+    return s["tokens"], s["lengths"], s["all_logits"]
+
+
+def _merged_for_tokens(graphdef, state, n_tokens: int):
+    """The model for a forward pass over `n_tokens` tokens. The sparse MoE dispatch pads each
+    expert's rows to a multiple of `moe_block` (64 by default, right for training); decoding one
+    token per sequence would then compute and gather ~E x 64 rows for 2 real ones, so the block
+    shrinks to ceil(n_tokens x k / E) rows (1 when decoding a single sequence). Exact either way."""
+    model = nnx.merge(graphdef, state)
+    moe = model.decoder_layers.mlp
+    moe.moe_block = max(1, min(moe.moe_block, -(-n_tokens * moe.k // moe.E)))
+    return model
+
+
+def cache_shape(config: LLMConfig, batch_size: int, max_len: int, dtype=jnp.float32):
+    """The latent cache's shapes and dtypes (`jax.ShapeDtypeStruct`s), nothing allocated."""
+    from jaxllm.model import create_model
+
+    model = create_model(config, abstract=True, dtype=dtype)
+    return jax.eval_shape(lambda: model.init_cache(batch_size, max_len))
+
+
+def cache_bytes_per_token(config: LLMConfig, dtype=jnp.float32) -> int:
+    """Bytes of latent cache per token of one sequence, all layers: (latent_dim + heads x
+    rope_head_dim) x layers x dtype size (576 x 30 x 4 for `seed-973m` in float32)."""
+    shapes = cache_shape(config, 1, 1, dtype)
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+
+
+def full_kv_bytes_per_token(config: LLMConfig, dtype=jnp.float32) -> int:
+    """What a standard cache of full keys and values would take per token: heads x (qk_head_dim +
+    v_head_dim) x layers x dtype size (1,536 numbers per layer for `seed-973m`)."""
+    c = config
+    return c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * c.num_hidden_layers * jnp.dtype(dtype).itemsize

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Generate text from a checkpoint, printing the tokens as they are made.
+
+    python scripts/generate.py --checkpoint ckpt --prompt "Once upon a time"
+    python scripts/generate.py --checkpoint hf_dir --prompt "The sun" --framework torch \\
+        --temperature 0.8 --top-k 40 --top-p 0.95 --seed 1
+
+--checkpoint is a Flax (Orbax) checkpoint directory (jaxllm/checkpoint.py) or a Hugging Face
+directory (config.json + safetensors); which one is detected. Either framework runs either kind:
+the weights are converted in memory through convert/mapping.py. The tokenizer is --tokenizer, or
+the one the checkpoint records (an Orbax checkpoint's metadata, a Hugging Face directory's own
+tokenizer.json), or the embedded one. Greedy unless --temperature > 0; decoding stops at EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+try:
+    import jaxllm  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "generate.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit status 2
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def parse_args(argv=None):
+    p = _Parser(prog=PROG, description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="\n".join(__doc__.split("\n")[2:]))
+    a = p.add_argument
+    a("--checkpoint", required=True, help="Orbax checkpoint directory or Hugging Face model directory")
+    a("--prompt", required=True, help="text to continue")
+    a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching probability p (default 1)")
+    a("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    a("--framework", choices=["jax", "torch"], default="jax", help="which implementation runs (default jax)")
+    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
+    return p.parse_args(argv)
+
+
+def checkpoint_kind(path: str) -> str:
+    """"hf" for a Hugging Face directory (config.json), "orbax" for a Flax checkpoint directory
+    (numbered steps). Raises ValueError naming the path otherwise."""
+    if not os.path.exists(path):
+        raise ValueError(f"--checkpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path} is not a directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path)):
+        return "orbax"
+    raise ValueError(f"--checkpoint {path} is neither a Hugging Face directory (no config.json) nor an Orbax "
+                     "checkpoint directory (no numbered steps)")
+
+
+def checkpoint_info(path: str, kind: str):
+    """(LLMConfig, recorded tokenizer spec) of a checkpoint, without loading its weights. The
+    tokenizer is an Orbax checkpoint's `meta["tokenizer"]`, or a Hugging Face directory itself
+    when it holds a tokenizer.json; None means the embedded one."""
+    from jaxllm.config import LLMConfig
+
+    if kind == "hf":
+        tokenizer = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+        return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer
+    from jaxllm import checkpoint
+
+    mngr = checkpoint.manager(path, create=False)
+    meta = checkpoint.read_meta(mngr, checkpoint.resolve_step(mngr, None))
+    return LLMConfig.from_dict(meta["config"]), meta.get("tokenizer")
+
+
+def load_jax_model(path: str, kind: str):
+    from jaxllm import checkpoint
+
+    if kind == "orbax":
+        return checkpoint.load(path)[0]
+    from convert.mapping import torch_to_flax
+    from jaxllm.model import create_model
+    from jaxllm.weights import set_weights
+
+    torch_model = load_torch_model(path, kind)
+    config = torch_model.config.to_llm_config()
+    flat = torch_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items()}, config)
+    del torch_model
+    model = create_model(config, abstract=True)  # nothing allocated before the weights arrive
+    set_weights(model, flat)
+    return model
+
+
+def load_torch_model(path: str, kind: str):
+    import torch
+
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    if kind == "hf":
+        return CustomLLM.from_pretrained(path, dtype=torch.float32).eval()
+    from convert.mapping import flax_to_torch
+    from jaxllm import checkpoint
+    from jaxllm.weights import get_weights
+
+    model, config = checkpoint.load(path)
+    sd = flax_to_torch(get_weights(model), config)
+    return CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
+                                     {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in sd.items()})
+
+
+class TextStream:
+    """Writes a continuation as its tokens arrive. Each time, all its tokens so far are decoded and
+    the new end of the text is written, except while the text ends in U+FFFD (a character whose
+    bytes are split over tokens is not complete yet)."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.written = 0
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(int(token_id))
+        text = self._text()
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.written:])
+            self.out.flush()
+            self.written = len(text)
+
+    def end(self) -> None:
+        self.out.write(self._text()[self.written:] + "\n")
+        self.out.flush()
+
+
+def run(args, out=None) -> None:
+    """Generate and stream to `out` (default: standard output). Raises ValueError / OSError."""
+    from jaxllm.data import EMBEDDED_VOCAB_SIZE, load_tokenizer
+    from jaxllm.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)  # raises ValueError naming the field
+    kind = checkpoint_kind(args.checkpoint)
+    c, recorded = checkpoint_info(args.checkpoint, kind)
+    # The embedded tokenizer is trained to fit the model (as in training); other specs ignore vocab_size.
+    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else recorded,
+                               vocab_size=min(c.vocab_size, EMBEDDED_VOCAB_SIZE))
+    if len(tokenizer) > c.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
+                         f"({c.vocab_size})")
+    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False) or [c.bos_token_id]
+    if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:
+        raise ValueError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {args.max_new_tokens} new tokens "
+                         f"exceed max_position_embeddings ({c.max_position_embeddings})")
+    model = (load_jax_model if args.framework == "jax" else load_torch_model)(args.checkpoint, kind)
+
+    out = out or sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    stream = TextStream(tokenizer, out)
+    if args.framework == "jax":
+        from jaxllm.generate import generate
+
+        generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                 on_token=lambda step, tokens, live: stream.push(tokens[0]) if live[0] else None)
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)
+        knobs = dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                     top_p=sampling.top_p) if not sampling.greedy else dict(do_sample=False)
+        with torch.no_grad():
+            model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                           max_new_tokens=args.max_new_tokens, eos_token_id=c.eos_token_id,
+                           pad_token_id=c.pad_token_id, streamer=_TorchStreamer(stream), **knobs)
+    stream.end()
+
+
+class _TorchStreamer:
+    """Hugging Face's streamer protocol (`put` gets the prompt first, then each new token)."""
+
+    def __init__(self, stream: TextStream):
+        self.stream, self.prompt_seen = stream, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.stream.push(t)
+
+    def end(self):
+        pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
