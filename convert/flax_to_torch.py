@@ -13,7 +13,6 @@ An existing HF_DIR is refused unless --force. Errors: one line on stderr, exit s
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -23,7 +22,9 @@ if importlib.util.find_spec("convert") is None:  # run from a checkout without i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flax_to_torch.py", description=__doc__.split("\n\n")[0])
+    from jaxllm.cli import ArgumentParser
+
+    p = ArgumentParser(prog="flax_to_torch.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt_dir", help="Orbax checkpoint directory")
     p.add_argument("--out", help="output Hugging Face directory (default: CKPT_DIR-hf)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

@@ -11,7 +11,6 @@ An existing CKPT_DIR is refused unless --force. Errors: one line on stderr, exit
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -21,7 +20,9 @@ if importlib.util.find_spec("convert") is None:  # run from a checkout without i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="torch_to_flax.py", description=__doc__.split("\n\n")[0])
+    from jaxllm.cli import ArgumentParser
+
+    p = ArgumentParser(prog="torch_to_flax.py", description=__doc__.split("\n\n")[0])
     p.add_argument("hf_dir", help="Hugging Face model directory")
     p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
     p.add_argument("--force", action="store_true", help="replace an existing output checkpoint directory")

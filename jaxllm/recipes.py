@@ -24,9 +24,9 @@ class RunConfig:
     text_column: str = "text"
     tokenizer: str | None = None  # None: the embedded tokenizer
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_steps: int = 30
     steps: int = 300
     weight_decay: float = 0.01

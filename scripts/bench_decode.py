@@ -14,7 +14,6 @@ figures for other benchmarks to use.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -118,7 +117,9 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    from jaxllm.cli import parser
+
+    p = parser(__file__, __doc__)
     p.add_argument("--preset", default="small", help="model preset (default small)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")

@@ -12,7 +12,6 @@ final weights, and exits with status 1 when a gap exceeds --tolerance.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,8 +22,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog="\n".join(__doc__.split("\n")[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jaxllm.cli import parser
+
+    p = parser(__file__, __doc__)
     p.add_argument("--preset", default="tiny", help="model preset, with the tokenizer's vocabulary (default tiny)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default 2)")

@@ -14,7 +14,6 @@ tokenizer.json), or the embedded one. Greedy unless --temperature > 0; decoding 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,14 +25,10 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 PROG = "generate.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit status 2
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def parse_args(argv=None):
-    p = _Parser(prog=PROG, description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="\n".join(__doc__.split("\n")[2:]))
+    from jaxllm.cli import parser
+
+    p = parser(__file__, __doc__)
     a = p.add_argument
     a("--checkpoint", required=True, help="Orbax checkpoint directory or Hugging Face model directory")
     a("--prompt", required=True, help="text to continue")

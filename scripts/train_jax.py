@@ -12,7 +12,6 @@ Multi-host: run the same command on every host with --coordinator HOST:PORT --nu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -27,8 +26,9 @@ def parse_args(argv=None):
     from jaxllm.loop import RECIPES, RunConfig
 
     d = RunConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:]))
+    from jaxllm.cli import parser
+
+    p = parser(__file__, __doc__)
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
     a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")

@@ -14,7 +14,6 @@ reads them); an existing --ckpt-dir resumes from its latest checkpoint automatic
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -30,8 +29,9 @@ def parse_args(argv=None):
     from torch_ref.training import DEFAULT_CKPT_DIR, DTYPES
 
     d = dataclasses.replace(RunConfig(), ckpt_dir=DEFAULT_CKPT_DIR)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog="\n".join(__doc__.split("\n")[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jaxllm.cli import parser
+
+    p = parser(__file__, __doc__)
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
     a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")
