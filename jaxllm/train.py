@@ -192,10 +192,13 @@ class Trainer:
             grads = jax.tree.map(jnp.add, grads, g)
             return (grads, ce + ce_i, aux + aux_i, counts + counts_i), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        counts0 = jnp.zeros((c.num_hidden_layers, c.num_routed_experts), jnp.int32)
-        init = (zeros, jnp.zeros((), F32), jnp.zeros((), F32), counts0)
-        (grads, ce, aux, counts), _ = jax.lax.scan(body, init, (batch_ABT, jnp.arange(A)))
+        if A == 1:  # no accumulation: no accumulator buffers, no loop
+            grads, (ce, aux, counts) = grad_fn(state["params"], batch_ABT[0], jax.random.fold_in(step_rng, 0))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            counts0 = jnp.zeros((c.num_hidden_layers, c.num_routed_experts), jnp.int32)
+            init = (zeros, jnp.zeros((), F32), jnp.zeros((), F32), counts0)
+            (grads, ce, aux, counts), _ = jax.lax.scan(body, init, (batch_ABT, jnp.arange(A)))
 
         lm_loss = ce / n_tokens
         aux_loss = aux / n_seqs
