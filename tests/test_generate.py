@@ -95,6 +95,13 @@ def test_torch_generate_with_latent_cache_equals_no_cache(pair):
         assert tuple(layer.values.shape) == (B, TINY.num_attention_heads, S, TINY.rope_head_dim)
 
 
+def test_torch_static_cache_is_refused_clearly(pair):
+    _, tm = pair
+    with pytest.raises(ValueError, match="static"), torch.no_grad():
+        tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=2, cache_implementation="static",
+                    pad_token_id=TINY.pad_token_id)
+
+
 def test_jax_and_torch_greedy_outputs_are_the_same_tokens(pair, greedy):
     _, tm = pair
     jax_out, _ = greedy
