@@ -222,8 +222,8 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
 
 def _merged_for_tokens(graphdef, state, n_tokens: int):
     """The model for a forward pass over `n_tokens` tokens. The sparse MoE dispatch pads each
-    expert's rows to a multiple of `moe_block` (64 by default, right for training); decoding one
-    token per sequence would then compute and gather ~E x 64 rows for 2 real ones, so the block
+    expert's rows to a multiple of `moe_block` (sized for training); decoding one token per
+    sequence would then compute and gather ~E x moe_block rows for k real ones, so the block
     shrinks to ceil(n_tokens x k / E) rows (1 when decoding a single sequence). Exact either way."""
     model = nnx.merge(graphdef, state)
     moe = model.decoder_layers.mlp

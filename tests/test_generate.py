@@ -2,11 +2,9 @@
 `generate()`), and `scripts/generate.py`."""
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +91,13 @@ def test_torch_generate_with_latent_cache_equals_no_cache(pair):
     for layer in out.cache.layers:
         assert tuple(layer.keys.shape) == (B, 1, S, TINY.latent_dim)
         assert tuple(layer.values.shape) == (B, TINY.num_attention_heads, S, TINY.rope_head_dim)
+
+
+def test_torch_static_cache_is_refused_clearly(pair):
+    _, tm = pair
+    with pytest.raises(ValueError, match="static"), torch.no_grad():
+        tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=2, cache_implementation="static",
+                    pad_token_id=TINY.pad_token_id)
 
 
 def test_jax_and_torch_greedy_outputs_are_the_same_tokens(pair, greedy):
@@ -224,24 +229,8 @@ def tokenizer_json(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def script(monkeypatch):
-    """scripts/generate.py as a module. Where `jaxllm/data.py` (the tokenizer loader, written in
-    parallel) is not on this branch yet, a stand-in with its interface loads tokenizer.json files."""
-    try:
-        import jaxllm.data  # noqa: F401
-    except ImportError:
-        from transformers import PreTrainedTokenizerFast
-
-        def load_tokenizer(spec=None, *, vocab_size=4096):
-            if spec is None:
-                raise ValueError("the stand-in has no embedded tokenizer")
-            path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
-            return PreTrainedTokenizerFast(tokenizer_file=path)
-
-        stub = types.ModuleType("jaxllm.data")
-        stub.EMBEDDED_VOCAB_SIZE, stub.load_tokenizer = 4096, load_tokenizer
-        monkeypatch.setitem(sys.modules, "jaxllm.data", stub)
+@pytest.fixture(scope="module")
+def script():
     return _script()
 
 

@@ -301,6 +301,11 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("input_ids is required")
         cache = cache if cache is not None else past_key_values
+        if cache is not None and cache.is_compileable:
+            # A static cache preallocates per-head keys and values; the latent (c_kv as one
+            # "head", k_rope) has other shapes, so only growing caches (DynamicCache) fit.
+            raise ValueError("cache: a static (compileable) cache is not supported; CustomLLM keeps MLA's latent "
+                             "cache in a DynamicCache (the default of generate())")
         B, T = input_ids.shape
         if use_cache and cache is None:
             cache = DynamicCache()
