@@ -453,13 +453,16 @@ def loss_fn(model: CustomLLM, input_ids, labels=None, **kw):
     return lm + model.config.router_aux_loss_coef * aux, (lm, aux, out.expert_counts)
 
 
+_INIT_CHUNK = 1 << 27  # numbers per random call in create_model
+
+
 def create_model(config: LLMConfig, *, seed: int = 0, abstract: bool = False, shardings=None,
                  **model_kw) -> CustomLLM:
     """A freshly initialised model (ARCHITECTURE.md's scheme: Normal(0, initializer_range) for
     linear weights and embeddings, zeros for biases and `router_bias`, ones for norms).
 
-    All normal draws come from one `jax.random.normal` call inside one `jit` (XLA compiles one
-    random call per parameter slowly on CPU). `shardings`, a function from the abstract state to
+    The normal draws come from a few `jax.random.normal` calls over chunks of parameters inside
+    one `jit` (XLA compiles one random call per parameter slowly on CPU). `shardings`, a function from the abstract state to
     a pytree of shardings, places every array where it belongs as it is created.
     `abstract=True` allocates nothing: every variable is a `jax.ShapeDtypeStruct`."""
     model = nnx.eval_shape(lambda: CustomLLM(config, rngs=nnx.Rngs(seed), **model_kw))
@@ -468,21 +471,37 @@ def create_model(config: LLMConfig, *, seed: int = 0, abstract: bool = False, sh
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     specs = [(v.get_metadata().get("init", ("zeros",)), v.get_value().shape, v.get_value().dtype) for v in leaves]
-    total = sum(math.prod(shape) for (kind, *_), shape, _ in specs if kind == "normal")
+    # Normal parameters are drawn in chunks of at most _INIT_CHUNK numbers (one random call each):
+    # few calls to compile, and a bounded transient beside the parameters themselves.
+    chunks: list[list[int]] = [[]]
+    size = 0
+    for i, ((kind, *_), shape, _) in enumerate(specs):
+        if kind != "normal":
+            continue
+        n = math.prod(shape)
+        if chunks[-1] and size + n > _INIT_CHUNK:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
 
     def fill():
-        flat = jax.random.normal(jax.random.key(seed), (total,), F32)
-        if out_shardings is not None:  # every device slices its shards out of the same numbers
-            replicated = jax.sharding.NamedSharding(out_shardings[0].mesh, jax.sharding.PartitionSpec())
-            flat = jax.lax.with_sharding_constraint(flat, replicated)
-        values, offset = [], 0
-        for (kind, *args), shape, dtype in specs:
-            if kind == "normal":
+        values: list = [None] * len(specs)
+        for c, members in enumerate(chunks):
+            total = sum(math.prod(specs[i][1]) for i in members)
+            flat = jax.random.normal(jax.random.fold_in(jax.random.key(seed), c), (total,), F32)
+            if out_shardings is not None:  # every device slices its shards out of the same numbers
+                replicated = jax.sharding.NamedSharding(out_shardings[0].mesh, jax.sharding.PartitionSpec())
+                flat = jax.lax.with_sharding_constraint(flat, replicated)
+            offset = 0
+            for i in members:
+                (_, std), shape, dtype = specs[i]
                 n = math.prod(shape)
-                values.append((args[0] * flat[offset:offset + n]).reshape(shape).astype(dtype))
+                values[i] = (std * flat[offset:offset + n]).reshape(shape).astype(dtype)
                 offset += n
-            else:
-                values.append((jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype))
+        for i, ((kind, *_), shape, dtype) in enumerate(specs):
+            if kind != "normal":
+                values[i] = (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
         return values
 
     out_shardings = None
