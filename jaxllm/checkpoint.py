@@ -84,7 +84,7 @@ def _require_steps(ckpt_dir: str) -> None:
 def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
     ckpt_dir = os.fspath(ckpt_dir)
     _require_steps(ckpt_dir)
-    return manager(ckpt_dir, create=False).latest_step()
+    return manager(ckpt_dir, read_only=True).latest_step()
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -145,7 +145,7 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     _require_steps(ckpt_dir)
-    mngr = manager(ckpt_dir, create=False)
+    mngr = manager(ckpt_dir, read_only=True)
     step = resolve_step(mngr, step)
     meta = read_meta(mngr, step)
     config = LLMConfig.from_dict(meta["config"])

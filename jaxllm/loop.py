@@ -327,7 +327,7 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
 
 def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:
     path = os.path.abspath(path)
-    mngr = ckpt_lib.manager(path, create=False) if os.path.isdir(path) else None
+    mngr = ckpt_lib.manager(path, read_only=True) if os.path.isdir(path) else None
     if mngr is None:
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
     step = ckpt_lib.resolve_step(mngr, None)
