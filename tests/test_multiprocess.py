@@ -89,7 +89,9 @@ def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
     waited = time.time() - killed
     print(f"survivor exited with status {p0.returncode} {waited:.1f} s after the kill")
     assert p0.returncode != 0
-    assert "did another process die?" in out
+    # Either our one-line error (the survivor was inside a collective when its peer vanished) or
+    # JAX's own (its coordination service saw the missed heartbeats first and ends the process).
+    assert "did another process die?" in out or "another task died" in out, out[-2000:]
     assert waited < 60
 
 

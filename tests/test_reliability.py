@@ -40,11 +40,11 @@ def _run(ckpt, steps, extra=()):
     return out
 
 
-def _final_state(ckpt):
-    """Every array of the newest checkpoint (weights and optimizer state), as numpy."""
+def _final_state(ckpt, step=None):
+    """Every array of a checkpoint (the newest unless `step`): weights and optimizer state, as numpy."""
     mngr = ocp.CheckpointManager(str(ckpt), item_handlers={
         "params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler()})
-    step = mngr.latest_step()
+    step = mngr.latest_step() if step is None else step
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
                                                           train_state=ocp.args.StandardRestore()))
     import jax
@@ -68,12 +68,18 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 8-step run keeping every checkpoint: the reference of the tests below."""
+    ref = tmp_path_factory.mktemp("reference") / "ck"
+    _run(ref, 8, ["--keep", "10"])
+    return ref
+
+
 @pytest.mark.slow
-def test_kill_minus_9_at_several_moments_then_resume_ends_identical(tmp_path):
+def test_kill_minus_9_at_several_moments_then_resume_ends_identical(tmp_path, reference):
     steps = 8
-    ref = tmp_path / "ref"
-    _run(ref, steps)
-    reference = _final_state(ref)
+    reference = _final_state(reference, steps)
 
     ckpt = tmp_path / "killed"
     moments = []
@@ -113,30 +119,26 @@ def test_kill_minus_9_at_several_moments_then_resume_ends_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    ref = tmp_path / "ref"
-    _run(ref, 5)
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
     ckpt = tmp_path / "ck"
-    _run(ckpt, 4)
-    # Corrupt every data file of step 4's optimizer state.
-    for root, _, files in os.walk(ckpt / "4" / "train_state"):
+    _run(ckpt, 8)
+    # Corrupt every data file of the last step's optimizer state.
+    for root, _, files in os.walk(ckpt / "8" / "train_state"):
         for f in files:
             if f not in ("_METADATA", "_sharding", "manifest.ocdbt"):
                 with open(os.path.join(root, f), "r+b") as fh:
                     fh.truncate(3)
-    out = _run(ckpt, 5)
-    assert "warning: cannot use checkpoint step 4" in out
-    assert "resuming from" in out and "at step 3" in out
-    assert any(d.startswith("4.unreadable") for d in os.listdir(ckpt))  # set aside, not deleted
-    _assert_same(_final_state(ckpt), _final_state(ref))
+    out = _run(ckpt, 8)
+    assert "warning: cannot use checkpoint step 8" in out
+    assert "resuming from" in out and "at step 7" in out
+    assert any(d.startswith("8.unreadable") for d in os.listdir(ckpt))  # set aside, not deleted
+    _assert_same(_final_state(ckpt), _final_state(reference, 8))
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_the_next_start_resumes(tmp_path):
-    ref = tmp_path / "ref"
-    _run(ref, 6)
+def test_sigterm_saves_and_the_next_start_resumes(tmp_path, reference):
     ckpt = tmp_path / "ck"
-    p = _start(ckpt, 6, ["--save-every", "100"])  # only the SIGTERM save can produce a checkpoint
+    p = _start(ckpt, 8, ["--save-every", "100"])  # only the SIGTERM save can produce a checkpoint
     t0 = time.time()
     while time.time() - t0 < 300:
         if (ckpt / "metrics.jsonl").exists() and sum(1 for _ in open(ckpt / "metrics.jsonl")) >= 2:
@@ -146,10 +148,10 @@ def test_sigterm_saves_and_the_next_start_resumes(tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-2000:]
     assert "SIGTERM: saved a checkpoint at step" in out
-    assert 1 <= max(_steps(ckpt)) < 6
-    out = _run(ckpt, 6, ["--save-every", "100"])
+    assert 1 <= max(_steps(ckpt)) < 8
+    out = _run(ckpt, 8, ["--save-every", "100"])
     assert "resuming" in out
-    _assert_same(_final_state(ckpt), _final_state(ref))
+    _assert_same(_final_state(ckpt), _final_state(reference, 8))
 
 
 # ---- bad input: one line, exit status 2, nothing overwritten ----------------------------------
