@@ -255,3 +255,18 @@ def test_no_resume_refuses_a_directory_with_checkpoints(trained_ckpt, capsys):
     code, err = _main(BASE + ["--ckpt-dir", str(trained_ckpt), "--no-resume"], capsys)
     assert code == 2 and "--no-resume" in err and len(err.splitlines()) == 1
     assert sorted(os.listdir(trained_ckpt)) == before
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, capsys):
+    # A learning rate of 1e30 overflows the weights after the first real update: the loss of a
+    # following step is not finite.
+    argv = BASE + ["--lr", "1e30", "--warmup-steps", "0", "--steps", "4", "--save-every", "1"]
+    code, err = _main(argv + ["--ckpt-dir", str(tmp_path / "stop")], capsys)
+    print(err)
+    assert code == 1 and "non-finite loss or gradient at step" in err
+    saved = _steps(tmp_path / "stop")
+    assert saved and max(saved) < 4  # nothing after the bad step was saved
+    code, err = _main(argv + ["--ckpt-dir", str(tmp_path / "skip"), "--skip-nonfinite"], capsys)
+    assert code == 0
+    records = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert records[-1]["skipped_nonfinite"] >= 1
