@@ -34,6 +34,9 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+MAX_CONSECUTIVE_SKIPS = 10  # with --skip-nonfinite: give up after this many bad batches in a row
+
+
 class _Stop:
     """SIGTERM / first Ctrl-C ask the loop to save and stop; a second Ctrl-C interrupts at once."""
 
@@ -155,6 +158,7 @@ def run(rc: RunConfig) -> dict:
     last_saved = start if existing else None
     window_t, window_steps = time.perf_counter(), 0
     first_loss = last_loss = None
+    consecutive_skips = 0
     try:
         with _Stop() as stop:
             step = start
@@ -176,11 +180,18 @@ def run(rc: RunConfig) -> dict:
                             f"{float(m['grad_norm'])}); the update was not applied and nothing was saved after "
                             f"step {last_saved}. Lower --lr, or pass --skip-nonfinite to skip such steps")
                     summary["skipped_nonfinite"] += 1
+                    consecutive_skips += 1
                     log(f"step {step + 1}: non-finite loss or gradient, update skipped "
                         f"({summary['skipped_nonfinite']} so far)")
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise NonFiniteError(
+                            f"{consecutive_skips} batches in a row gave a non-finite loss or gradient at step "
+                            f"{step + 1}; the weights are not recovering. Lower --lr or resume from an earlier "
+                            "checkpoint")
                     # The step counter did not advance: this batch is dropped, the next one is used.
                     continue
                 step += 1
+                consecutive_skips = 0
                 window_steps += 1
                 if step % rc.log_every == 0 or step == rc.steps or step == start + 1:
                     m = jax.device_get(m)

@@ -266,7 +266,8 @@ def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, c
     assert code == 1 and "non-finite loss or gradient at step" in err
     saved = _steps(tmp_path / "stop")
     assert saved and max(saved) < 4  # nothing after the bad step was saved
+    # Skipping: the overflowed weights never recover, so after 10 skipped batches in a row the run
+    # gives up with a message instead of looping for ever.
     code, err = _main(argv + ["--ckpt-dir", str(tmp_path / "skip"), "--skip-nonfinite"], capsys)
-    assert code == 0
-    records = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
-    assert records[-1]["skipped_nonfinite"] >= 1
+    print(err)
+    assert code == 1 and "10 batches in a row" in err
