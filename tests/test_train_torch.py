@@ -293,6 +293,8 @@ def test_two_processes_train_exactly_like_one(tmp_path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = np.load(tmp_path / "out1.npz"), np.load(tmp_path / "out2.npz")
+    print("1 process  :", one["losses"])
+    print("2 processes:", two["losses"])
     assert len(one["losses"]) == 3
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
     for k in one.files:
