@@ -47,7 +47,11 @@ def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, crea
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=create and not read_only, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only)
-    handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+    # At most 1 GB in flight to disk per item: Orbax's default (96 GB) stages a host copy of nearly
+    # the whole state, +5.2 GiB at seed-973m's save, which set the run's peak memory; bounded, the
+    # save also ran faster here (2 GiB of arrays: 7.0 s against 11.7 s).
+    handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=1),
+                "train_state": ocp.StandardCheckpointHandler(save_concurrent_gb=1),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
 

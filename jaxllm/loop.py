@@ -20,10 +20,10 @@ import numpy as np
 
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import sharding as shd
-from jaxllm.config import LLMConfig
+from jaxllm.config import LLMConfig, count_params
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -98,7 +98,7 @@ def run(rc: RunConfig) -> dict:
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
                       seed=rc.seed, dropout=rc.dropout, dtype=DTYPES[rc.dtype], moe_impl=rc.moe_impl,
-                      remat=rc.remat)
+                      remat=resolve_remat(rc.remat, count_params(config)))
 
     # ---- state: resume, start from converted weights, or initialise -------------------------
     # Nothing is written before the data source has been opened and checked.
@@ -144,7 +144,8 @@ def run(rc: RunConfig) -> dict:
     log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}), mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
     log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = "
-        f"{tokens_per_step} tokens per step, checkpoints in {ckpt_dir}")
+        f"{tokens_per_step} tokens per step, {rc.dtype}{', remat' if trainer.model_kw['remat'] else ''}, "
+        f"checkpoints in {ckpt_dir}")
 
     writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0)
     summary: dict[str, Any] = {"start_step": start, "skipped_nonfinite": 0}

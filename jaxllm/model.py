@@ -366,7 +366,8 @@ class CustomLLM(nnx.Module):
     """
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype=F32, param_dtype=F32,
-                 moe_impl: str = "sparse", moe_block: int = 128, remat: bool = False):
+                 moe_impl: str = "sparse", moe_block: int = 128, remat: bool = False,
+                 scan_unroll: int | bool = 1):
         c = self.config = config
         std = c.initializer_range
         self.token_embeddings = _normal_param(rngs, (c.vocab_size, c.hidden_size), std, param_dtype,
@@ -377,7 +378,7 @@ class CustomLLM(nnx.Module):
                                            param_dtype=param_dtype, moe_impl=moe_impl, moe_block=moe_block)
         self.lm_head = Dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, std=std,
                              use_bias=c.lm_head_bias, dtype=dtype, param_dtype=param_dtype)
-        self.dtype, self.remat = dtype, remat
+        self.dtype, self.remat, self.scan_unroll = dtype, remat, scan_unroll
 
     def __call__(self, input_ids: Array, **kw) -> Array:
         return self.forward(input_ids, **kw).logits
@@ -419,7 +420,7 @@ class CustomLLM(nnx.Module):
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        h, (aux_LB, counts_LE, new_cache) = jax.lax.scan(body, h, (layer_state, cache))
+        h, (aux_LB, counts_LE, new_cache) = jax.lax.scan(body, h, (layer_state, cache), unroll=self.scan_unroll)
         logits = self.lm_head(h, out_dtype=F32)
         return ModelOutput(logits.astype(F32), jnp.sum(aux_LB, axis=0), counts_LE, new_cache)
 

@@ -41,7 +41,7 @@ class RunConfig:
     no_resume: bool = False
     init_from: str | None = None
     moe_impl: str = "sparse"
-    remat: bool = False
+    remat: bool | None = None  # None: on for models of AUTO_REMAT_PARAMS parameters or more
     dropout: bool = True
     peak_flops: float | None = None
     skip_nonfinite: bool = False
@@ -50,13 +50,22 @@ class RunConfig:
     progress: bool = True
 
 
+# Recompute each layer in the backward pass (`remat`) by default from this model size on: for
+# seed-973m the saved activations (mostly the per-block expert weights of the sparse dispatch)
+# would otherwise take about 15 GiB of a float32 step at 4 x 256; small models don't need it.
+AUTO_REMAT_PARAMS = 200_000_000
+
+
+def resolve_remat(remat: bool | None, n_params: int) -> bool:
+    return remat if remat is not None else n_params >= AUTO_REMAT_PARAMS
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     "embedded": {},
     "seed": dict(
         preset="seed-973m", dataset="HuggingFaceTB/smollm-corpus", dataset_config="cosmopedia-v2",
         tokenizer="HuggingFaceTB/cosmo2-tokenizer", seq_len=256, batch_size=4, grad_accum=8, lr=2e-5,
         warmup_steps=2000, steps=10_000, weight_decay=0.01, clip_norm=1.0, save_every=500, log_every=10,
-        remat=True,  # recompute layers in the backward pass: seed-973m's float32 step fits in 20 GiB
         prompts=("Once upon a time", "The meaning of life is", "In a distant galaxy"),
     ),
 }

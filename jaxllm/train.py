@@ -67,10 +67,27 @@ def decay_mask(params) -> Any:
         {k: not (k[-1] == "bias" or any("norm" in part for part in k)) for k in flat})
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` written as one multiplication by a scalar.
+
+    optax divides every element by the norm inside a select; XLA treats the divide as expensive
+    and materialises the clipped gradient (a second gradient-sized buffer, 3.6 GiB for seed-973m)
+    because both Adam moments read it. A multiplication by a precomputed scalar is cheap, so XLA
+    fuses it into each moment's update instead. Same state (none), same result up to rounding."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        g_norm = optax.tree.norm(updates)
+        scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = lr_schedule(oc)
     tx = optax.chain(
-        optax.clip_by_global_norm(oc.clip_norm),
+        clip_by_global_norm(oc.clip_norm),
         optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, mask=decay_mask),
     )
     return tx, schedule
@@ -204,13 +221,18 @@ class Trainer:
         aux_loss = aux / n_seqs
         loss = lm_loss + c.router_aux_loss_coef * aux_loss
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_rb = jax.tree.map(lambda b: router_bias_update(b, counts, c.router_bias_update_rate), rb)
-        new_state = {"params": params, "router_bias": new_rb, "opt_state": opt_state,
-                     "step": state["step"] + 1, "rng": state["rng"]}
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+        def update(state):
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            return {"params": optax.apply_updates(state["params"], updates),
+                    "router_bias": jax.tree.map(
+                        lambda b: router_bias_update(b, counts, c.router_bias_update_rate), state["router_bias"]),
+                    "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+
+        # A conditional, not a `where` between old and new state: the update then runs in place
+        # in the donated buffers (a `where` keeps both alive: +1.3 GiB of copies for seed-973m).
+        new_state = jax.lax.cond(finite, update, lambda s: s, state)
         load = counts.astype(F32) / jnp.maximum(jnp.sum(counts, -1, keepdims=True), 1)
         metrics = {
             "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm,
