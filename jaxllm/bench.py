@@ -68,7 +68,7 @@ def worker_jax(args) -> dict:
                       batch_size=args.batch_size, grad_accum=1, seq_len=args.seq_len, dropout=False,
                       dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
                       moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat,
-                      **({"scan_unroll": args.scan_unroll} if args.scan_unroll != 1 else {}))
+                      **({"scan_unroll": args.scan_unroll} if args.scan_unroll else {}))
     state = trainer.init_state()
     rng = np.random.RandomState(0)
     batch = trainer.put_batch(rng.randint(0, config.vocab_size, (args.batch_size, args.seq_len)))
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--moe-impl", default="sparse", choices=["sparse", "gather", "scan", "ragged", "dense"])
     p.add_argument("--moe-block", type=int, default=128)
     p.add_argument("--remat", action="store_true")
-    p.add_argument("--scan-unroll", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--scan-unroll", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--mesh", default=None)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--torch-matmul", action="store_true")
