@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,83 @@ def _timeit(fn, warmup: int, iters: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _median_seconds(fn, repeats: int, warmup=None) -> float:
+    """Median wall time of `fn` over `repeats` calls, after one call of `warmup` (default `fn`)."""
+    (warmup or fn)()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: int = 16, batch_size: int = 1,
+                   seed: int = 0, frameworks=("jax", "torch"), repeats: int = 3,
+                   torch_threads: int | None = None, recompute: bool = True) -> dict:
+    """Decode tokens/s with the latent cache and with full recomputation for each framework
+    (float32, the same randomly initialised weights, greedy, no early stop), plus the cache
+    bytes per token of `seed-973m` against a full K/V cache. The slow recomputation runs are
+    timed once (after their warm-up). `torch_threads`: PyTorch's intra-op threads (default: its
+    own choice; on a shared machine one thread can be faster for these small matmuls).
+    `recompute=False`: the cached decode only."""
+    import numpy as np
+
+    from jaxllm.config import LLMConfig
+    from jaxllm.generate import cache_bytes_per_token, full_kv_bytes_per_token, generate
+    from jaxllm.model import create_model
+
+    config = LLMConfig.from_preset(preset)
+    if prompt_len + new_tokens > config.max_position_embeddings:
+        raise ValueError(f"new_tokens: {prompt_len} + {new_tokens} tokens exceed max_position_embeddings "
+                         f"({config.max_position_embeddings}) of preset {preset}")
+    prompts = np.random.RandomState(seed).randint(1, config.vocab_size, (batch_size, prompt_len)).tolist()
+    jm = create_model(config, seed=seed)
+    n = batch_size * new_tokens
+    seed_cfg = LLMConfig.from_preset("seed-973m")
+    result = {"preset": preset, "new_tokens": new_tokens, "prompt_len": prompt_len, "batch_size": batch_size,
+              "seed973m_cache_bytes_per_token": cache_bytes_per_token(seed_cfg),
+              "seed973m_full_kv_bytes_per_token": full_kv_bytes_per_token(seed_cfg)}
+    tokens = {}
+    if "jax" in frameworks:
+        for use_cache, key, reps in ((True, "jax_cached", repeats), (False, "jax_recompute", 1))[:1 + recompute]:
+            def run(use_cache=use_cache, key=key):
+                tokens[key] = generate(jm, prompts, max_new_tokens=new_tokens, stop_at_eos=False,
+                                       use_cache=use_cache).tokens
+            result[f"{key}_tokens_per_sec"] = n / _median_seconds(run, reps)
+        if recompute:
+            result["jax_speedup"] = result["jax_cached_tokens_per_sec"] / result["jax_recompute_tokens_per_sec"]
+    if "torch" in frameworks:
+        import torch
+
+        from convert.mapping import flax_to_torch
+        from jaxllm.weights import get_weights
+        from torch_ref import CustomLLM, CustomLLMConfig
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        result["torch_threads"] = torch.get_num_threads()
+        sd = flax_to_torch(get_weights(jm), config)
+        tm = CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
+                                       {k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
+        ids = torch.tensor(prompts)
+        def run(use_cache, steps=new_tokens):
+            with torch.no_grad():
+                out = tm.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                  use_cache=use_cache, eos_token_id=None, pad_token_id=config.pad_token_id)
+            tokens[f"torch_{'cached' if use_cache else 'recompute'}"] = out[:, prompt_len:].numpy()
+
+        for use_cache, key, reps in ((True, "torch_cached", repeats), (False, "torch_recompute", 1))[:1 + recompute]:
+            # Nothing compiles in PyTorch: a 2-token call warms it up.
+            result[f"{key}_tokens_per_sec"] = n / _median_seconds(lambda: run(use_cache), reps,
+                                                           warmup=lambda: run(use_cache, 2))
+        if recompute:
+            result["torch_speedup"] = result["torch_cached_tokens_per_sec"] / result["torch_recompute_tokens_per_sec"]
+    names = sorted(tokens)
+    result["same_tokens"] = all(np.array_equal(tokens[names[0]], tokens[k]) for k in names[1:])
+    return result
 
 
 # ---- workers ------------------------------------------------------------------------------------
@@ -60,14 +138,16 @@ def worker_jax(args) -> dict:
     import jax.numpy as jnp
 
     from jaxllm import sharding as shd
-    from jaxllm.config import LLMConfig
+    from jaxllm.config import LLMConfig, count_params
+    from jaxllm.recipes import resolve_remat
     from jaxllm.train import OptimConfig, Trainer
 
     config = LLMConfig.from_preset(args.preset)
+    remat = resolve_remat(args.remat, count_params(config))
     trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), shd.make_mesh(args.mesh),
                       batch_size=args.batch_size, grad_accum=1, seq_len=args.seq_len, dropout=False,
                       dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                      moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat,
+                      moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat,
                       **({"scan_unroll": args.scan_unroll} if args.scan_unroll else {}))
     state = trainer.init_state()
     rng = np.random.RandomState(0)
@@ -83,7 +163,7 @@ def worker_jax(args) -> dict:
 
     times = _timeit(one, args.warmup, args.iters)
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
-           "jax_peak_rss_gb": _peak_rss_gb()}
+           "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["jax_peak_device_gb"] = stats["peak_bytes_in_use"] / 2**30
@@ -124,7 +204,15 @@ def worker_torch(args) -> dict:
     return out
 
 
-WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "torch": worker_torch}
+def worker_decode(args) -> dict:
+    r = measure_decode(args.preset, new_tokens=args.decode_tokens, prompt_len=16, batch_size=1,
+                       frameworks=tuple(f for f in args.frameworks.split(",") if f in ("jax", "torch")),
+                       recompute=False, repeats=2)
+    return {f"{fw}_decode_tokens_per_sec": r[f"{fw}_cached_tokens_per_sec"] for fw in ("jax", "torch")
+            if f"{fw}_cached_tokens_per_sec" in r}
+
+
+WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "torch": worker_torch, "decode": worker_decode}
 
 
 # ---- orchestration ----------------------------------------------------------------------------
@@ -137,14 +225,15 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
 
 
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
-               moe_impl: str, moe_block: int, remat: bool, mesh: str | None, timeout: int) -> dict:
+               moe_impl: str, moe_block: int, remat: bool | None, mesh: str | None, timeout: int,
+               compare_dense: bool = False, decode_tokens: int = 0) -> dict:
     from jaxllm.config import LLMConfig
     from jaxllm.flops import training_flops_per_token
 
     argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
             "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", moe_impl, "--moe-block", str(moe_block)]
-    if remat:
-        argv.append("--remat")
+    if remat is not None:
+        argv.append("--remat" if remat else "--no-remat")
     if mesh:
         argv += ["--mesh", mesh]
     case = {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "moe_impl": moe_impl}
@@ -162,6 +251,15 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
         case["torch_flops_per_sec"] = flops / case["torch_step_s"]
     if "jax" in frameworks and "torch" in frameworks:
         case["jax_over_torch"] = case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"]
+    if "jax" in frameworks and compare_dense and moe_impl != "dense":
+        dense_argv = argv[:argv.index("--moe-impl")] + ["--moe-impl", "dense"] + argv[argv.index("--moe-impl") + 2:]
+        dense = _run_worker("jax", dense_argv, timeout)
+        case["jax_dense_step_s"] = dense["jax_step_s"]
+        case["jax_dense_peak_rss_gb"] = dense["jax_peak_rss_gb"]
+        case["sparse_over_dense"] = dense["jax_step_s"] / case["jax_step_s"]
+    if decode_tokens:
+        case.update(_run_worker("decode", ["--preset", preset, "--decode-tokens", str(decode_tokens),
+                                           "--frameworks", ",".join(frameworks)], timeout))
     case["peak_rss_gb"] = case.get("jax_peak_rss_gb")
     return case
 
@@ -173,8 +271,9 @@ def markdown(result: dict) -> str:
              + (f", PyTorch {result['matmul']['torch_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
                 if "torch_matmul_float32_flops" in result["matmul"] else ""), "",
              "| preset | batch x seq | dtype | moe | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
-             "JAX MFU (measured peak) | MFU (datasheet) | compile s | JAX peak RSS GB | PyTorch peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "JAX MFU (measured peak) | MFU (datasheet) | compile s | JAX peak RSS GB | PyTorch peak RSS GB | "
+             "sparse/dense step | decode tok/s JAX / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         def f(key, fmt="{:.1f}"):
             return fmt.format(c[key]) if c.get(key) is not None else "-"
@@ -183,7 +282,8 @@ def markdown(result: dict) -> str:
             f"{f('jax_tokens_per_sec')} | {f('torch_tokens_per_sec')} | {f('jax_over_torch', '{:.2f}x')} | "
             f"{f('jax_gflops')} | {f('jax_mfu_measured_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
-            f"{f('torch_peak_rss_gb')} |")
+            f"{f('torch_peak_rss_gb')} | {f('sparse_over_dense', '{:.2f}x')} | "
+            f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} |")
     return "\n".join(lines)
 
 
@@ -200,7 +300,13 @@ def main(argv=None) -> int:
     p.add_argument("--frameworks", default="jax,torch")
     p.add_argument("--moe-impl", default="sparse", choices=["sparse", "gather", "scan", "ragged", "dense"])
     p.add_argument("--moe-block", type=int, default=128)
-    p.add_argument("--remat", action="store_true")
+    p.add_argument("--remat", action="store_true", default=None,
+                   help="recompute layers in the backward pass (default: on from 200M parameters, as train_jax.py)")
+    p.add_argument("--no-remat", dest="remat", action="store_false", default=None)
+    p.add_argument("--compare-dense", action="store_true",
+                   help="also time the JAX step with the dense MoE dispatch (reports sparse/dense)")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="new tokens for the decode measurement (default 64; 0 skips it)")
     p.add_argument("--scan-unroll", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--mesh", default=None)
     p.add_argument("--matmul-size", type=int, default=2048)
@@ -236,7 +342,8 @@ def main(argv=None) -> int:
         print(f"benchmarking {preset} at {b} x {t} ...", file=sys.stderr, flush=True)
         case = bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
                           moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
-                          timeout=args.timeout)
+                          timeout=args.timeout, compare_dense=args.compare_dense,
+                          decode_tokens=64 if args.decode_tokens is None else args.decode_tokens)
         if "jax_flops_per_sec" in case:
             case["jax_mfu_measured_peak"] = case["jax_flops_per_sec"] / peak
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None
