@@ -18,3 +18,58 @@ def parser(file: str, doc: str, **kw) -> ArgumentParser:
     lines = (doc or "").strip("\n").split("\n")
     return ArgumentParser(prog=os.path.basename(file), description=lines[0], epilog="\n".join(lines[1:]),
                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+# ---- the training scripts' shared flags (train_jax.py, train_torch.py) ---------------------------
+def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: str) -> None:
+    """Recipe, model, data and optimizer flags. `d` is the defaults (a `RunConfig`); every flag
+    defaults to None so that only flags given explicitly override the recipe."""
+    from jaxllm.recipes import RECIPES
+
+    a = p.add_argument
+    a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
+    a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")
+    a("--config", help="a config.json with ARCHITECTURE.md's field names (overrides --preset)")
+    a("--dataset", help="Hub dataset id, or a local parquet/jsonl/txt file or glob (default: embedded corpus)")
+    a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
+    a("--split", help=f"dataset split (default {d.split})")
+    a("--text-column", help=f"column holding the text (default {d.text_column})")
+    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: the embedded tokenizer)")
+    a("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    a("--batch-size", type=int, help=f"micro-batch size, global over all {batch_over} (default {d.batch_size})")
+    a("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    a("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    a("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine decay (default {d.warmup_steps})")
+    a("--steps", type=int, help=f"optimizer steps in total (default {d.steps})")
+    a("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    a("--clip-norm", type=float, help=f"global gradient-norm clip (default {d.clip_norm})")
+
+
+def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
+    """Checkpointing, logging and sampling flags (`--ckpt-dir` is each script's own)."""
+    a = p.add_argument
+    a("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
+    a("--keep", type=int, help=f"checkpoints to keep (default {d.keep})")
+    a("--log-every", type=int, help=f"metrics every N steps (default {d.log_every})")
+    a("--seed", type=int, help=f"random seed (default {d.seed})")
+    a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
+    a("--init-from", help=init_from)
+    a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
+    a("--prompt", dest="prompts", action="append", help="prompt for the generated text at the end (repeatable)")
+    a("--max-new-tokens", type=int, help=f"tokens generated per prompt at the end (default {d.max_new_tokens})")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def run_config(args: argparse.Namespace, d):
+    """The run's settings: the defaults `d`, then the recipe, then the flags given explicitly."""
+    import dataclasses
+
+    from jaxllm.recipes import RECIPES
+
+    settings = dataclasses.asdict(d)
+    settings.update(RECIPES[args.recipe])
+    for f in dataclasses.fields(d):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            settings[f.name] = tuple(value) if f.name == "prompts" else value
+    return type(d)(**settings)

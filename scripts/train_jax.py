@@ -12,7 +12,6 @@ Multi-host: run the same command on every host with --coordinator HOST:PORT --nu
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -23,64 +22,32 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 
 def parse_args(argv=None):
-    from jaxllm.loop import RECIPES, RunConfig
+    from jaxllm import cli
+    from jaxllm.recipes import RunConfig
 
     d = RunConfig()
-    from jaxllm.cli import parser
-
-    p = parser(__file__, __doc__)
+    p = cli.parser(__file__, __doc__)
+    cli.add_data_and_optimizer_flags(p, d, batch_over="devices")
     a = p.add_argument
-    a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
-    a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")
-    a("--config", help="a config.json with ARCHITECTURE.md's field names (overrides --preset)")
-    a("--dataset", help="Hub dataset id, or a local parquet/jsonl/txt file or glob (default: embedded corpus)")
-    a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
-    a("--split", help=f"dataset split (default {d.split})")
-    a("--text-column", help=f"column holding the text (default {d.text_column})")
-    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: the embedded tokenizer)")
-    a("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
-    a("--batch-size", type=int, help=f"micro-batch size, global over all devices (default {d.batch_size})")
-    a("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    a("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    a("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine decay (default {d.warmup_steps})")
-    a("--steps", type=int, help=f"optimizer steps in total (default {d.steps})")
-    a("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
-    a("--clip-norm", type=float, help=f"global gradient-norm clip (default {d.clip_norm})")
     a("--dtype", choices=["float32", "bfloat16"], help="compute dtype; weights stay float32 (default float32)")
     a("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, expert; default: all devices on data)")
     a("--ckpt-dir", help=f"checkpoint directory; resumes when it holds checkpoints (default {d.ckpt_dir})")
-    a("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
-    a("--keep", type=int, help=f"checkpoints to keep (default {d.keep})")
-    a("--log-every", type=int, help=f"metrics every N steps (default {d.log_every})")
-    a("--seed", type=int, help=f"random seed (default {d.seed})")
-    a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
-    a("--init-from", help="start from the weights of this checkpoint (e.g. made by convert/torch_to_flax.py)")
+    cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by convert/torch_to_flax.py)")
     a("--moe-impl", choices=["sparse", "gather", "scan", "ragged", "dense"],
       help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
     a("--remat", action="store_true", default=None,
       help="recompute layers in the backward pass: less memory, about 1/3 more work "
            "(default: on for models of 200M parameters or more)")
     a("--no-remat", dest="remat", action="store_false", default=None, help="never recompute layers")
-    a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")
     a("--skip-nonfinite", action="store_true", default=None, help="skip steps with a NaN/Inf loss instead of stopping")
-    a("--prompt", dest="prompts", action="append", help="prompt for the generated text at the end (repeatable)")
-    a("--max-new-tokens", type=int, help=f"tokens generated per prompt at the end (default {d.max_new_tokens})")
-    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     a("--coordinator", help="multi-host: coordinator address HOST:PORT")
     a("--num-processes", type=int, help="multi-host: number of processes")
     a("--process-id", type=int, help="multi-host: this process's index")
     a("--heartbeat-timeout", type=int, default=100,
       help="multi-host: seconds without a heartbeat before a lost process fails the others (default 100)")
     args = p.parse_args(argv)
-
-    settings = dataclasses.asdict(d)
-    settings.update(RECIPES[args.recipe])
-    for f in dataclasses.fields(RunConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            settings[f.name] = tuple(value) if f.name == "prompts" else value
-    return args, RunConfig(**settings)
+    return args, cli.run_config(args, d)
 
 
 def main(argv=None) -> int:
