@@ -72,14 +72,14 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
               "seed973m_cache_bytes_per_token": cache_bytes_per_token(seed_cfg),
               "seed973m_full_kv_bytes_per_token": full_kv_bytes_per_token(seed_cfg)}
     tokens = {}
+    # (use_cache, name, timed calls): the slow recomputation is timed once
+    modes = [(True, "cached", repeats)] + ([(False, "recompute", 1)] if recompute else [])
     if "jax" in frameworks:
-        for use_cache, key, reps in ((True, "jax_cached", repeats), (False, "jax_recompute", 1))[:1 + recompute]:
-            def run(use_cache=use_cache, key=key):
+        for use_cache, mode, reps in modes:
+            def run(use_cache=use_cache, key=f"jax_{mode}"):
                 tokens[key] = generate(jm, prompts, max_new_tokens=new_tokens, stop_at_eos=False,
                                        use_cache=use_cache).tokens
-            result[f"{key}_tokens_per_sec"] = n / _median_seconds(run, reps)
-        if recompute:
-            result["jax_speedup"] = result["jax_cached_tokens_per_sec"] / result["jax_recompute_tokens_per_sec"]
+            result[f"jax_{mode}_tokens_per_sec"] = n / _median_seconds(run, reps)
     if "torch" in frameworks:
         import torch
 
@@ -100,15 +100,24 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
                                   use_cache=use_cache, eos_token_id=None, pad_token_id=config.pad_token_id)
             tokens[f"torch_{'cached' if use_cache else 'recompute'}"] = out[:, prompt_len:].numpy()
 
-        for use_cache, key, reps in ((True, "torch_cached", repeats), (False, "torch_recompute", 1))[:1 + recompute]:
+        for use_cache, mode, reps in modes:
             # Nothing compiles in PyTorch: a 2-token call warms it up.
-            result[f"{key}_tokens_per_sec"] = n / _median_seconds(lambda: run(use_cache), reps,
-                                                           warmup=lambda: run(use_cache, 2))
+            result[f"torch_{mode}_tokens_per_sec"] = n / _median_seconds(lambda: run(use_cache), reps,
+                                                                        warmup=lambda: run(use_cache, 2))
+    for fw in frameworks:
         if recompute:
-            result["torch_speedup"] = result["torch_cached_tokens_per_sec"] / result["torch_recompute_tokens_per_sec"]
+            result[f"{fw}_speedup"] = result[f"{fw}_cached_tokens_per_sec"] / result[f"{fw}_recompute_tokens_per_sec"]
     names = sorted(tokens)
     result["same_tokens"] = all(np.array_equal(tokens[names[0]], tokens[k]) for k in names[1:])
     return result
+
+
+def report(text: str, result: dict, json_path: str | None) -> None:
+    """Print the markdown table; with `--json PATH`, write the same figures there."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 # ---- workers ------------------------------------------------------------------------------------
@@ -147,8 +156,7 @@ def worker_jax(args) -> dict:
     trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), shd.make_mesh(args.mesh),
                       batch_size=args.batch_size, grad_accum=1, seq_len=args.seq_len, dropout=False,
                       dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                      moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat,
-                      **({"scan_unroll": args.scan_unroll} if args.scan_unroll else {}))
+                      moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat)
     state = trainer.init_state()
     rng = np.random.RandomState(0)
     batch = trainer.put_batch(rng.randint(0, config.vocab_size, (args.batch_size, args.seq_len)))
@@ -230,12 +238,14 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     from jaxllm.config import LLMConfig
     from jaxllm.flops import training_flops_per_token
 
-    argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
-            "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", moe_impl, "--moe-block", str(moe_block)]
-    if remat is not None:
-        argv.append("--remat" if remat else "--no-remat")
-    if mesh:
-        argv += ["--mesh", mesh]
+    def worker_argv(impl: str) -> list[str]:
+        argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
+                "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", impl, "--moe-block", str(moe_block)]
+        if remat is not None:
+            argv.append("--remat" if remat else "--no-remat")
+        return argv + (["--mesh", mesh] if mesh else [])
+
+    argv = worker_argv(moe_impl)
     case = {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "moe_impl": moe_impl}
     tokens = batch_size * seq_len
     flops = training_flops_per_token(LLMConfig.from_preset(preset), seq_len) * tokens
@@ -252,8 +262,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     if "jax" in frameworks and "torch" in frameworks:
         case["jax_over_torch"] = case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"]
     if "jax" in frameworks and compare_dense and moe_impl != "dense":
-        dense_argv = argv[:argv.index("--moe-impl")] + ["--moe-impl", "dense"] + argv[argv.index("--moe-impl") + 2:]
-        dense = _run_worker("jax", dense_argv, timeout)
+        dense = _run_worker("jax", worker_argv("dense"), timeout)
         case["jax_dense_step_s"] = dense["jax_step_s"]
         case["jax_dense_peak_rss_gb"] = dense["jax_peak_rss_gb"]
         case["sparse_over_dense"] = dense["jax_step_s"] / case["jax_step_s"]
@@ -301,13 +310,12 @@ def main(argv=None) -> int:
     p.add_argument("--moe-impl", default="sparse", choices=["sparse", "gather", "scan", "ragged", "dense"])
     p.add_argument("--moe-block", type=int, default=128)
     p.add_argument("--remat", action="store_true", default=None,
-                   help="recompute layers in the backward pass (default: on from 200M parameters, as train_jax.py)")
+                   help="recompute layers in the backward pass (default: as train_jax.py, on for large models)")
     p.add_argument("--no-remat", dest="remat", action="store_false", default=None)
     p.add_argument("--compare-dense", action="store_true",
                    help="also time the JAX step with the dense MoE dispatch (reports sparse/dense)")
     p.add_argument("--decode-tokens", type=int, default=None,
                    help="new tokens for the decode measurement (default 64; 0 skips it)")
-    p.add_argument("--scan-unroll", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--mesh", default=None)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--torch-matmul", action="store_true")
@@ -348,10 +356,7 @@ def main(argv=None) -> int:
             case["jax_mfu_measured_peak"] = case["jax_flops_per_sec"] / peak
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None
         result["cases"].append(case)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(markdown(result), result, args.json)
     return 0
 
 

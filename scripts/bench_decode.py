@@ -14,7 +14,6 @@ the figures (bench.py reports them too).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -41,7 +40,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from jaxllm.bench import measure_decode
+    from jaxllm.bench import measure_decode, report
     from jaxllm.cli import parser
 
     p = parser(__file__, __doc__)
@@ -60,10 +59,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"bench_decode.py: error: {e}", file=sys.stderr)
         return 2
-    print(markdown(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    report(markdown(r), r, args.json)
     return 0
 
 

@@ -23,7 +23,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 def parse_args(argv=None):
     from jaxllm import cli
-    from jaxllm.recipes import RunConfig
+    from jaxllm.recipes import AUTO_REMAT_PARAMS, RunConfig
 
     d = RunConfig()
     p = cli.parser(__file__, __doc__)
@@ -37,7 +37,7 @@ def parse_args(argv=None):
       help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
     a("--remat", action="store_true", default=None,
       help="recompute layers in the backward pass: less memory, about 1/3 more work "
-           "(default: on for models of 200M parameters or more)")
+           f"(default: on for models of {AUTO_REMAT_PARAMS / 1e6:.0f}M parameters or more)")
     a("--no-remat", dest="remat", action="store_false", default=None, help="never recompute layers")
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")
     a("--skip-nonfinite", action="store_true", default=None, help="skip steps with a NaN/Inf loss instead of stopping")
