@@ -18,6 +18,9 @@ import time
 
 import numpy as np
 
+from jaxllm import cli
+from jaxllm.recipes import MOE_IMPLS
+
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB (Linux)
@@ -152,7 +155,7 @@ def worker_jax(args) -> dict:
     from jaxllm.train import OptimConfig, Trainer
 
     config = LLMConfig.from_preset(args.preset)
-    remat = resolve_remat(args.remat, count_params(config))
+    remat = resolve_remat(args.remat, count_params(config), grad_accum=1)
     trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), shd.make_mesh(args.mesh),
                       batch_size=args.batch_size, grad_accum=1, seq_len=args.seq_len, dropout=False,
                       dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
@@ -233,7 +236,7 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
 
 
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
-               moe_impl: str, moe_block: int, remat: bool | None, mesh: str | None, timeout: int,
+               moe_impl: str, moe_block: int, remat: str | None, mesh: str | None, timeout: int,
                compare_dense: bool = False, decode_tokens: int = 0) -> dict:
     from jaxllm.config import LLMConfig
     from jaxllm.flops import training_flops_per_token
@@ -242,7 +245,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
         argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
                 "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", impl, "--moe-block", str(moe_block)]
         if remat is not None:
-            argv.append("--remat" if remat else "--no-remat")
+            argv += ["--remat", remat]
         return argv + (["--mesh", mesh] if mesh else [])
 
     argv = worker_argv(moe_impl)
@@ -307,11 +310,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--frameworks", default="jax,torch")
-    p.add_argument("--moe-impl", default="sparse", choices=["sparse", "gather", "scan", "ragged", "dense"])
+    p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS)
     p.add_argument("--moe-block", type=int, default=128)
-    p.add_argument("--remat", action="store_true", default=None,
-                   help="recompute layers in the backward pass (default: as train_jax.py, on for large models)")
-    p.add_argument("--no-remat", dest="remat", action="store_false", default=None)
+    cli.add_remat_flags(p)
     p.add_argument("--compare-dense", action="store_true",
                    help="also time the JAX step with the dense MoE dispatch (reports sparse/dense)")
     p.add_argument("--decode-tokens", type=int, default=None,

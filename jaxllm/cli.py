@@ -60,6 +60,18 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
+def add_remat_flags(p: argparse.ArgumentParser) -> None:
+    """`--remat [POLICY]` and `--no-remat` (JAX scripts)."""
+    from jaxllm.recipes import AUTO_REMAT_PARAMS, REMAT_POLICIES
+
+    a = p.add_argument
+    a("--remat", nargs="?", const="full", choices=REMAT_POLICIES, default=None, metavar="POLICY",
+      help="what the backward pass recomputes to save memory: full (whole layers, about 1/3 more work; "
+           "the value of a bare --remat), moe (all but the routed experts' projections), none. Default: none "
+           f"below {AUTO_REMAT_PARAMS / 1e6:.0f}M parameters; above, moe, or full when accumulating gradients")
+    a("--no-remat", dest="remat", action="store_const", const="none", help="same as --remat none")
+
+
 def run_config(args: argparse.Namespace, d):
     """The run's settings: the defaults `d`, then the recipe, then the flags given explicitly."""
     import dataclasses

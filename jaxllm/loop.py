@@ -98,7 +98,7 @@ def run(rc: RunConfig) -> dict:
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
                       seed=rc.seed, dropout=rc.dropout, dtype=DTYPES[rc.dtype], moe_impl=rc.moe_impl,
-                      remat=resolve_remat(rc.remat, count_params(config)))
+                      remat=resolve_remat(rc.remat, count_params(config), rc.grad_accum))
 
     # ---- state: resume, start from converted weights, or initialise -------------------------
     # Nothing is written before the data source has been opened and checked.
@@ -144,7 +144,7 @@ def run(rc: RunConfig) -> dict:
     log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}), mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
     log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = "
-        f"{tokens_per_step} tokens per step, {rc.dtype}{', remat' if trainer.model_kw['remat'] else ''}, "
+        f"{tokens_per_step} tokens per step, {rc.dtype}, remat {trainer.model_kw['remat']}, "
         f"checkpoints in {ckpt_dir}")
 
     writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0)

@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import LLMConfig
+from jaxllm.recipes import MOE_IMPLS, REMAT_POLICIES
 
 Array = jax.Array
 F32 = jnp.float32
@@ -240,28 +242,138 @@ def block_layout(chosen_NK: Array, E: int, block: int) -> BlockLayout:
     return BlockLayout(src_P, dest_M, block_expert, counts_E)
 
 
-def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, loop: bool = False):
-    """Dropless sparse dispatch with static shapes: the N*K assignments are sorted by expert, each
-    expert's rows padded to a multiple of `block`, and every block runs through its own expert.
-    `loop=False`: one batched matmul over the blocks with each block's expert weights gathered;
-    `loop=True`: a `lax.scan` over the blocks that indexes the expert weights (no weight copies).
-    Work grows with K, not with E; results equal the dense reference."""
-    N, K = chosen_NK.shape
-    D = x_ND.shape[1]
-    lay = block_layout(chosen_NK, wg.shape[0], block)
-    x_BbD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[lay.src_P].reshape(-1, block, D)
-    if loop:
-        def body(_, xs):
-            x_bD, e = xs
-            g, u, d = (jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in (wg, wu, wd))
-            return None, swiglu(x_bD, g, u, d, "bd,df->bf", "bf,fd->bd")
+def dispatch_block(n_assignments: int, E: int, block: int) -> int:
+    """Rows per block of the sparse dispatches: `block`, or fewer when the assignments are few
+    (decoding): a power of two >= n_assignments / E, at least 8."""
+    return min(block, max(8, 1 << max(0, math.ceil(n_assignments / E) - 1).bit_length()))
 
-        _, y_BbD = jax.lax.scan(body, None, (x_BbD, lay.block_expert))
-    else:
-        e = lay.block_expert
-        y_BbD = swiglu(x_BbD, wg[e], wu[e], wd[e], "nbd,ndf->nbf", "nbf,nfd->nbd")
-    y_NKD = y_BbD.reshape(-1, D)[lay.dest_M].reshape(N, K, D)
+
+def _padded_blocks(x_ND, chosen_NK, E: int, block: int):
+    """The assignments' rows sorted by expert, each expert's rows padded to whole blocks:
+    `[n_blocks, block, D]` (padding rows are zeros), and the layout that undoes it."""
+    D = x_ND.shape[1]
+    lay = block_layout(chosen_NK, E, block)
+    x_BbD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[lay.src_P].reshape(-1, block, D)
+    return x_BbD, lay
+
+
+def _combine(y_BbD, lay: BlockLayout, w_NK):
+    N, K = w_NK.shape
+    y_NKD = y_BbD.reshape(-1, y_BbD.shape[-1])[lay.dest_M].reshape(N, K, -1)
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
+
+
+def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
+    """Dropless sparse dispatch with static shapes ("gather"): the N*K assignments are sorted by
+    expert, each expert's rows padded to a multiple of `block`, and one batched matmul runs every
+    block (active or not) through its expert's weights, gathered per block. Work grows with K,
+    not with E; results equal the dense reference."""
+    block = dispatch_block(chosen_NK.size, wg.shape[0], block)
+    x_BbD, lay = _padded_blocks(x_ND, chosen_NK, wg.shape[0], block)
+    e = lay.block_expert
+    y_BbD = swiglu(x_BbD, wg[e], wu[e], wd[e], "nbd,ndf->nbf", "nbf,nfd->nbd")
+    return _combine(y_BbD, lay, w_NK)
+
+
+def _index(a, i):
+    return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+def _put(a, v, i):
+    return jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
+
+
+def _expert_blocks(group_sizes_E, block: int):
+    """First block and block count of each expert, and the experts that have rows, first."""
+    nblk_E = ((group_sizes_E + block - 1) // block).astype(jnp.int32)
+    start_E = jnp.cumsum(nblk_E) - nblk_E
+    order_E = jnp.argsort(nblk_E == 0, stable=True).astype(jnp.int32)
+    return start_E, nblk_E, order_E, jnp.sum(nblk_E > 0)
+
+
+def _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save: bool):
+    """Loops over the experts that have rows, and within each over its blocks only: every active
+    block is one `[block, D] x [D, F]` SwiGLU with its expert's weights read once per expert;
+    blocks past the last active one are never computed (they stay zero)."""
+    z = jnp.zeros((*x_BbD.shape[:2], wg.shape[-1]), x_BbD.dtype) if save else None
+
+    def per_expert(j, carry):
+        e = order_E[j]
+        Wg, Wu, Wd = _index(wg, e), _index(wu, e), _index(wd, e)
+
+        def per_block(i, carry):
+            y, g_all, u_all = carry
+            x = _index(x_BbD, i)
+            g, u = x @ Wg, x @ Wu
+            y = _put(y, (jax.nn.silu(g) * u) @ Wd, i)
+            if save:
+                g_all, u_all = _put(g_all, g, i), _put(u_all, u, i)
+            return y, g_all, u_all
+
+        return jax.lax.fori_loop(start_E[e], start_E[e] + nblk_E[e], per_block, carry)
+
+    return jax.lax.fori_loop(0, n_used, per_expert, (jnp.zeros_like(x_BbD), z, z))
+
+
+@jax.custom_vjp
+def grouped_swiglu(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used):
+    """SwiGLU of each expert's blocks of rows (`_expert_blocks`), `[n_blocks, block, D]` in and out;
+    inactive blocks give zeros. A hand-written backward in the same loops: per-expert weight
+    gradients accumulate in place over that expert's blocks (no gathered weight copies, no
+    per-block gradients)."""
+    return _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save=False)[0]
+
+
+def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used):
+    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save=True)
+    # Named so that a remat policy can keep them (`REMAT_POLICIES["moe"]`).
+    g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
+    return y, (x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, g, u)
+
+
+def _grouped_swiglu_bwd(res, dy_BbD):
+    x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, g_all, u_all = res
+
+    def per_expert(j, carry):
+        dx, dwg, dwu, dwd = carry
+        e = order_E[j]
+        Wg, Wu, Wd = _index(wg, e), _index(wu, e), _index(wd, e)
+
+        def per_block(i, carry):
+            dx, ag, au, ad = carry
+            x, dy, g, u = _index(x_BbD, i), _index(dy_BbD, i), _index(g_all, i), _index(u_all, i)
+            sg = jax.nn.sigmoid(g)
+            silu = g * sg
+            dh = dy @ Wd.T
+            dg = dh * u * (sg + silu * (1 - sg))
+            du = dh * silu
+            dx = _put(dx, dg @ Wg.T + du @ Wu.T, i)
+            dot = functools.partial(jnp.dot, preferred_element_type=F32)
+            return dx, ag + dot(x.T, dg), au + dot(x.T, du), ad + dot((silu * u).T, dy)
+
+        z = jnp.zeros(Wg.shape, F32)
+        dx, ag, au, ad = jax.lax.fori_loop(start_E[e], start_E[e] + nblk_E[e], per_block,
+                                           (dx, z, z, jnp.zeros(Wd.shape, F32)))
+        return dx, _put(dwg, ag, e), _put(dwu, au, e), _put(dwd, ad, e)
+
+    zeros = tuple(jnp.zeros_like(a) for a in (x_BbD, wg, wu, wd))
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, per_expert, zeros)
+    return dx, dwg, dwu, dwd, None, None, None, None
+
+
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+
+
+def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
+    """Dropless sparse dispatch ("grouped", the CPU default): the layout of `sparse_dispatch`, but
+    a loop computes only the active blocks, each with its expert's weights read in place
+    (`grouped_swiglu`)."""
+    E = wg.shape[0]
+    block = dispatch_block(chosen_NK.size, E, block)
+    x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, block)
+    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, *_expert_blocks(lay.group_sizes, block))
+    y_BbD = checkpoint_name(y_BbD, "moe_out")
+    return _combine(y_BbD, lay, w_NK)
 
 
 def ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
@@ -278,16 +390,16 @@ def ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
 
 
-MOE_IMPLS = ("sparse", "gather", "scan", "ragged", "dense")
 
 
 def resolve_moe_impl(moe_impl: str) -> str:
     """"sparse" picks the fastest exact sparse dispatch for the platform: `ragged_dot` on GPUs and
-    TPUs, the gathered-block batched matmul on CPUs (measured in BENCHMARKS.md)."""
+    TPUs, the grouped loop over active blocks on CPUs, the gather there when decoding (measured in
+    BENCHMARKS.md)."""
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {moe_impl!r}")
     if moe_impl == "sparse":
-        return "gather" if jax.default_backend() == "cpu" else "ragged"
+        return "grouped" if jax.default_backend() == "cpu" else "ragged"
     return moe_impl
 
 
@@ -323,12 +435,29 @@ class DeepSeekMoE(nnx.Module):
             routed = dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         elif impl == "ragged":
             routed = ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
+        elif impl == "gather" or (self.moe_impl == "sparse" and
+                                  dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block):
+            # "sparse" with few assignments (decoding) takes the loop-free gather: measured faster
+            # there (seed-973m, batch 1: 2.3 tok/s against 1.5 with the grouped loop).
+            routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
         else:
-            routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block, loop=impl == "scan")
+            routed = grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
         out_ND = out_ND + routed
         aux_B = balance_loss(scores_NE.reshape(B, T, self.E), chosen_NK.reshape(B, T, self.k), self.E)
         counts_E = jnp.bincount(chosen_NK.reshape(-1), length=self.E)
         return out_ND.reshape(B, T, D).astype(x_BTD.dtype), aux_B, counts_E
+
+
+def remat_policy(remat: bool | str):
+    """The `jax.checkpoint` policy of a layer for a `REMAT_POLICIES` name (None: no remat).
+    "full" recomputes the whole layer; "moe" keeps the routed experts' gate and up projections and
+    outputs (named in `grouped_dispatch`; about 45 MB per seed-973m layer at 4 x 256) and
+    recomputes the rest (attention, shared expert, router: about a third of the layer's work)."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    return {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+            "moe": jax.checkpoint_policies.save_only_these_names("moe_gate", "moe_up", "moe_out")}[name]
 
 
 class DecoderLayer(nnx.Module):
@@ -363,15 +492,16 @@ class CustomLLM(nnx.Module):
 
     Runtime settings (not part of the config): `dtype` (compute: float32 or bfloat16; norms,
     router, softmax and logits stay float32), `param_dtype` (master weights), `moe_impl`
-    (routed-expert dispatch, equal results: "sparse" = the platform's best of "gather", "scan",
+    (routed-expert dispatch, equal results: "sparse" = the platform's best of "grouped", "gather",
     "ragged"; "dense" computes every expert), `moe_block` (rows per block of
-    the sparse dispatch), `remat` (recompute each layer in the backward pass to save memory),
+    the sparse dispatch), `remat` (what the backward pass recomputes to save memory: `REMAT_POLICIES`;
+    True = "full", False = "none"),
     `scan_unroll` (unroll of the scan over layers; default: fully unrolled up to 8 layers, a loop
     above).
     """
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype=F32, param_dtype=F32,
-                 moe_impl: str = "sparse", moe_block: int = 128, remat: bool = False,
+                 moe_impl: str = "sparse", moe_block: int = 128, remat: bool | str = False,
                  scan_unroll: int | bool | None = None):
         c = self.config = config
         std = c.initializer_range
@@ -428,8 +558,9 @@ class CustomLLM(nnx.Module):
             h, aux_B, counts_E, new_cache = layer(h, positions, mask, layer_cache, cache_index)
             return h, (aux_B, counts_E, new_cache)
 
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy)
         h, (aux_LB, counts_LE, new_cache) = jax.lax.scan(body, h, (layer_state, cache), unroll=self.scan_unroll)
         logits = self.lm_head(h, out_dtype=F32)
         return ModelOutput(logits.astype(F32), jnp.sum(aux_LB, axis=0), counts_LE, new_cache)

@@ -14,6 +14,13 @@ import dataclasses
 from typing import Any
 
 
+# Routed-expert dispatches of the JAX model (equal results; `jaxllm.model.resolve_moe_impl`).
+MOE_IMPLS = ("sparse", "grouped", "gather", "ragged", "dense")
+# What the backward pass recomputes (`jaxllm.model.remat_policy`): nothing, whole layers, or every
+# layer but its routed experts' projections.
+REMAT_POLICIES = ("none", "full", "moe")
+
+
 @dataclasses.dataclass
 class RunConfig:
     preset: str = "small"
@@ -41,7 +48,7 @@ class RunConfig:
     no_resume: bool = False
     init_from: str | None = None
     moe_impl: str = "sparse"
-    remat: bool | None = None  # None: on for models of AUTO_REMAT_PARAMS parameters or more
+    remat: str | None = None  # a REMAT_POLICIES name; None: by model size (resolve_remat)
     dropout: bool = True
     peak_flops: float | None = None
     skip_nonfinite: bool = False
@@ -50,14 +57,22 @@ class RunConfig:
     progress: bool = True
 
 
-# Recompute each layer in the backward pass (`remat`) by default from this model size on: for
-# seed-973m the saved activations (mostly the per-block expert weights of the sparse dispatch)
-# would otherwise take about 15 GiB of a float32 step at 4 x 256; small models don't need it.
+# Remat by default from this model size on. For seed-973m at 4 x 256 (float32, 2-core CPU) the
+# activations of a step without remat take about 8 GiB of temporaries; "moe" keeps the routed
+# experts' projections (about 1.2 GiB more than "full") and skips their recomputation; "full" when
+# accumulating, which holds a second gradient-sized buffer (BENCHMARKS.md).
 AUTO_REMAT_PARAMS = 200_000_000
 
 
-def resolve_remat(remat: bool | None, n_params: int) -> bool:
-    return remat if remat is not None else n_params >= AUTO_REMAT_PARAMS
+def resolve_remat(remat: str | None, n_params: int, grad_accum: int = 1) -> str:
+    """A `REMAT_POLICIES` name: `remat` if given, else by model size and accumulation."""
+    if remat is not None:
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        return remat
+    if n_params < AUTO_REMAT_PARAMS:
+        return "none"
+    return "moe" if grad_accum == 1 else "full"
 
 
 RECIPES: dict[str, dict[str, Any]] = {

@@ -23,7 +23,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 def parse_args(argv=None):
     from jaxllm import cli
-    from jaxllm.recipes import AUTO_REMAT_PARAMS, RunConfig
+    from jaxllm.recipes import MOE_IMPLS, RunConfig
 
     d = RunConfig()
     p = cli.parser(__file__, __doc__)
@@ -33,12 +33,9 @@ def parse_args(argv=None):
     a("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, expert; default: all devices on data)")
     a("--ckpt-dir", help=f"checkpoint directory; resumes when it holds checkpoints (default {d.ckpt_dir})")
     cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by convert/torch_to_flax.py)")
-    a("--moe-impl", choices=["sparse", "gather", "scan", "ragged", "dense"],
+    a("--moe-impl", choices=MOE_IMPLS,
       help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
-    a("--remat", action="store_true", default=None,
-      help="recompute layers in the backward pass: less memory, about 1/3 more work "
-           f"(default: on for models of {AUTO_REMAT_PARAMS / 1e6:.0f}M parameters or more)")
-    a("--no-remat", dest="remat", action="store_false", default=None, help="never recompute layers")
+    cli.add_remat_flags(p)
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")
     a("--skip-nonfinite", action="store_true", default=None, help="skip steps with a NaN/Inf loss instead of stopping")
     a("--coordinator", help="multi-host: coordinator address HOST:PORT")

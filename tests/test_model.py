@@ -206,7 +206,7 @@ def test_rope_against_direct_formula():
     np.testing.assert_allclose(torch_rope(torch.from_numpy(x), tcos, tsin).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["gather", "scan", "ragged"])
+@pytest.mark.parametrize("impl", ["grouped", "gather", "ragged"])
 def test_sparse_and_dense_dispatch_agree_in_value_and_gradient(impl):
     dense = create_model(TINY, seed=4, moe_impl="dense")
     sparse = create_model(TINY, seed=4, moe_impl=impl, moe_block=8)
@@ -233,6 +233,46 @@ def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():
     g_loop, g_unrolled = (nnx.grad(lambda m: loss_fn(m, ids)[0])(m) for m in (loop, unrolled))
     for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_loop)):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_remat_policies_equal_in_value_and_gradient_and_moe_keeps_the_routed_projections():
+    from flax import nnx
+
+    from jaxllm.model import remat_policy
+
+    ids = jnp.asarray(_ids((3, 40), seed=5))
+    base = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8)
+    g0 = nnx.grad(lambda m: loss_fn(m, ids)[0])(base)
+    for policy in ("full", "moe", True):
+        m = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8, remat=policy)
+        g = nnx.grad(lambda m: loss_fn(m, ids)[0])(m)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            assert rel_err(a, b) <= 1e-6, policy
+
+    # What each policy keeps for the backward pass: "moe" saves the routed experts' gate and up
+    # projections and outputs (their loop does not run again), "full" only the layer's inputs.
+    from jaxllm.model import grouped_dispatch
+
+    N, D, F, E = 48, 16, 32, 4
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k[0], (N, D))
+    w = tuple(0.1 * jax.random.normal(kk, s) for kk, s in zip(k[1:], [(E, D, F), (E, D, F), (E, F, D)]))
+    chosen = jnp.stack([jnp.arange(N) % E, (jnp.arange(N) + 1) % E], axis=1)
+
+    def layer(x, w):
+        return jnp.tanh(grouped_dispatch(x, chosen, jnp.full((N, 2), 0.5), *w, block=8))
+
+    def saved_shapes(policy):
+        p = remat_policy(policy)
+        f = layer if p is None else jax.checkpoint(layer, policy=p)
+        _, vjp_fn = jax.vjp(f, x, w)
+        return {tuple(a.shape) for a in jax.tree.leaves(vjp_fn)}
+
+    gate_up = ((N * 2 + E * 7) // 8, 8, F)  # [static blocks, block, F]
+    assert gate_up in saved_shapes("moe") and gate_up in saved_shapes("none")
+    assert gate_up not in saved_shapes("full")
+    with pytest.raises(ValueError, match="remat"):
+        remat_policy("some")
 
 
 def test_bfloat16_compute_keeps_float32_logits_and_stays_close():

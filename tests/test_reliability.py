@@ -161,7 +161,10 @@ def _main(argv, capsys):
         import train_jax
     finally:
         sys.path.pop(0)
-    code = train_jax.main(argv)
+    try:
+        code = train_jax.main(argv)
+    except SystemExit as e:  # argparse's own checks (choices) exit from the parser
+        code = e.code
     err = capsys.readouterr().err.strip()
     return code, err
 
@@ -190,6 +193,7 @@ BAD_INPUTS = [
     ("output directory that is a file", ["--ckpt-dir", "{tmp}/a_file"], "not a directory"),
     ("unknown preset", ["--preset", "huge"], "huge"),
     ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
+    ("unknown remat policy", ["--remat", "some"], "remat"),
 ]
 
 
