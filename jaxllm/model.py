@@ -183,10 +183,14 @@ class Experts(nnx.Module):
         return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
 
 
-def swiglu(x, wg, wu, wd, up: str, down: str):
-    """Batched SwiGLU expert(s): `down(silu(x @ wg) * (x @ wu))` with explicit einsum specs."""
-    h = jax.nn.silu(jnp.einsum(up, x, wg)) * jnp.einsum(up, x, wu)
-    return jnp.einsum(down, h, wd)
+def swiglu(x, wg, wu, wd, up: str, down: str, routed: bool = False):
+    """Batched SwiGLU expert(s): `down(silu(x @ wg) * (x @ wu))` with explicit einsum specs.
+    `routed`: name the projections and output for the "moe" remat policy."""
+    g, u = jnp.einsum(up, x, wg), jnp.einsum(up, x, wu)
+    if routed:
+        g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
+    y = jnp.einsum(down, jax.nn.silu(g) * u, wd)
+    return checkpoint_name(y, "moe_out") if routed else y
 
 
 def route(scores_NE: Array, router_bias_E: Array, k: int) -> tuple[Array, Array]:
@@ -271,7 +275,7 @@ def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
     block = dispatch_block(chosen_NK.size, wg.shape[0], block)
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, wg.shape[0], block)
     e = lay.block_expert
-    y_BbD = swiglu(x_BbD, wg[e], wu[e], wd[e], "nbd,ndf->nbf", "nbf,nfd->nbd")
+    y_BbD = swiglu(x_BbD, wg[e], wu[e], wd[e], "nbd,ndf->nbf", "nbf,nfd->nbd", routed=True)
     return _combine(y_BbD, lay, w_NK)
 
 
@@ -384,8 +388,9 @@ def ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
     order_M = jnp.argsort(e_M, stable=True)
     sizes_E = jnp.bincount(e_M, length=wg.shape[0]).astype(jnp.int32)
     x_MD = x_ND[order_M // K]
-    h = jax.nn.silu(jax.lax.ragged_dot(x_MD, wg, sizes_E)) * jax.lax.ragged_dot(x_MD, wu, sizes_E)
-    y_MD = jax.lax.ragged_dot(h, wd, sizes_E)
+    g = checkpoint_name(jax.lax.ragged_dot(x_MD, wg, sizes_E), "moe_gate")
+    u = checkpoint_name(jax.lax.ragged_dot(x_MD, wu, sizes_E), "moe_up")
+    y_MD = checkpoint_name(jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, sizes_E), "moe_out")
     y_NKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(N, K, -1)
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
 
@@ -451,7 +456,7 @@ class DeepSeekMoE(nnx.Module):
 def remat_policy(remat: bool | str):
     """The `jax.checkpoint` policy of a layer for a `REMAT_POLICIES` name (None: no remat).
     "full" recomputes the whole layer; "moe" keeps the routed experts' gate and up projections and
-    outputs (named in `grouped_dispatch`; about 45 MB per seed-973m layer at 4 x 256) and
+    outputs (named in the sparse dispatches; about 45 MB per seed-973m layer at 4 x 256) and
     recomputes the rest (attention, shared expert, router: about a third of the layer's work)."""
     name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
     if name not in REMAT_POLICIES:

@@ -1,5 +1,7 @@
 """The Flax model and the PyTorch reference compute the same thing (ARCHITECTURE.md)."""
 
+import functools
+import math
 import subprocess
 import sys
 import textwrap
@@ -250,27 +252,30 @@ def test_remat_policies_equal_in_value_and_gradient_and_moe_keeps_the_routed_pro
             assert rel_err(a, b) <= 1e-6, policy
 
     # What each policy keeps for the backward pass: "moe" saves the routed experts' gate and up
-    # projections and outputs (their loop does not run again), "full" only the layer's inputs.
-    from jaxllm.model import grouped_dispatch
+    # projections (their computation does not run again), "full" only the layer's inputs.
+    from jaxllm.model import grouped_dispatch, ragged_dispatch, sparse_dispatch
 
-    N, D, F, E = 48, 16, 32, 4
+    N, D, F, E = 48, 16, 40, 4
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     x = jax.random.normal(k[0], (N, D))
     w = tuple(0.1 * jax.random.normal(kk, s) for kk, s in zip(k[1:], [(E, D, F), (E, D, F), (E, F, D)]))
     chosen = jnp.stack([jnp.arange(N) % E, (jnp.arange(N) + 1) % E], axis=1)
+    dispatches = [functools.partial(grouped_dispatch, block=8), functools.partial(sparse_dispatch, block=8),
+                  ragged_dispatch]
+    for dispatch in dispatches:
+        def layer(x, w):
+            return jnp.tanh(dispatch(x, chosen, jnp.full((N, 2), 0.5), *w))  # noqa: B023
 
-    def layer(x, w):
-        return jnp.tanh(grouped_dispatch(x, chosen, jnp.full((N, 2), 0.5), *w, block=8))
+        def saved_projections(policy):
+            p = remat_policy(policy)
+            f = layer if p is None else jax.checkpoint(layer, policy=p)  # noqa: B023
+            _, vjp_fn = jax.vjp(f, x, w)
+            # [rows..., F] activations of at least one row per assignment (weights are [E, D, F])
+            return [a.shape for a in jax.tree.leaves(vjp_fn)
+                    if a.ndim >= 2 and a.shape[-1] == F and a.shape != (E, D, F) and math.prod(a.shape[:-1]) >= 2 * N]
 
-    def saved_shapes(policy):
-        p = remat_policy(policy)
-        f = layer if p is None else jax.checkpoint(layer, policy=p)
-        _, vjp_fn = jax.vjp(f, x, w)
-        return {tuple(a.shape) for a in jax.tree.leaves(vjp_fn)}
-
-    gate_up = ((N * 2 + E * 7) // 8, 8, F)  # [static blocks, block, F]
-    assert gate_up in saved_shapes("moe") and gate_up in saved_shapes("none")
-    assert gate_up not in saved_shapes("full")
+        assert len(saved_projections("moe")) >= 2 and len(saved_projections("none")) >= 2, dispatch
+        assert saved_projections("full") == [], dispatch
     with pytest.raises(ValueError, match="remat"):
         remat_policy("some")
 
