@@ -282,7 +282,7 @@ def markdown(result: dict) -> str:
              f"{peak / 1e9:.0f} GFLOP/s"
              + (f", PyTorch {result['matmul']['torch_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
                 if "torch_matmul_float32_flops" in result["matmul"] else ""), "",
-             "| preset | batch x seq | dtype | moe | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
+             "| preset | batch x seq | dtype | moe, remat | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
              "JAX MFU (measured peak) | MFU (datasheet) | compile s | JAX peak RSS GB | PyTorch peak RSS GB | "
              "sparse/dense step | decode tok/s JAX / PyTorch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,7 +290,8 @@ def markdown(result: dict) -> str:
         def f(key, fmt="{:.1f}"):
             return fmt.format(c[key]) if c.get(key) is not None else "-"
         lines.append(
-            f"| {c['preset']} | {c['batch_size']} x {c['seq_len']} | {c['dtype']} | {c['moe_impl']} | "
+            f"| {c['preset']} | {c['batch_size']} x {c['seq_len']} | {c['dtype']} | "
+            f"{c['moe_impl']}, {c.get('remat', '-')} | "
             f"{f('jax_tokens_per_sec')} | {f('torch_tokens_per_sec')} | {f('jax_over_torch', '{:.2f}x')} | "
             f"{f('jax_gflops')} | {f('jax_mfu_measured_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "

@@ -172,11 +172,11 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
     positions_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1, dtype=jnp.int32) - 1, 0)
 
     if use_cache:
-        prefill = _merged_for_tokens(graphdef, state, B * P)
+        prefill = nnx.merge(graphdef, state)
         out = prefill.forward(ids_BP, positions=positions_BS[:, :P], attention_mask=mask_BS,
                               cache=prefill.init_cache(B, S), cache_index=0)
         memory = out.cache
-        decode = _merged_for_tokens(graphdef, state, B)
+        decode = prefill  # the MoE dispatch sizes its blocks by the tokens of each call
 
         def next_logits(memory, tok_B, i):
             """Feed token i (cache slot P + i) and return the logits that follow it."""
@@ -184,7 +184,7 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
                                attention_mask=mask_BS, cache=memory, cache_index=P + i)
             return o.cache, o.logits[:, 0]
     else:
-        model = _merged_for_tokens(graphdef, state, B * S)
+        model = nnx.merge(graphdef, state)
         memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_id, ids_BP.dtype)], axis=1)  # [B, S]
         out = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
 
@@ -218,17 +218,6 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
 
     s = jax.lax.while_loop(cond, body, carry)
     return s["tokens"], s["lengths"], s["all_logits"]
-
-
-def _merged_for_tokens(graphdef, state, n_tokens: int):
-    """The model for a forward pass over `n_tokens` tokens. The sparse MoE dispatch pads each
-    expert's rows to a multiple of `moe_block` (sized for training); decoding one token per
-    sequence would then compute and gather ~E x moe_block rows for k real ones, so the block
-    shrinks to ceil(n_tokens x k / E) rows (1 when decoding a single sequence). Exact either way."""
-    model = nnx.merge(graphdef, state)
-    moe = model.decoder_layers.mlp
-    moe.moe_block = max(1, min(moe.moe_block, -(-n_tokens * moe.k // moe.E)))
-    return model
 
 
 def cache_shape(config: LLMConfig, batch_size: int, max_len: int, dtype=jnp.float32):

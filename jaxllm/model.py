@@ -247,9 +247,10 @@ def block_layout(chosen_NK: Array, E: int, block: int) -> BlockLayout:
 
 
 def dispatch_block(n_assignments: int, E: int, block: int) -> int:
-    """Rows per block of the sparse dispatches: `block`, or fewer when the assignments are few
-    (decoding): a power of two >= n_assignments / E, at least 8."""
-    return min(block, max(8, 1 << max(0, math.ceil(n_assignments / E) - 1).bit_length()))
+    """Rows per block of the sparse dispatches: `block` (sized for training), or ceil(n / E) when
+    the assignments are few: decoding one token of one sequence then pads nothing (1-row
+    blocks) instead of computing and gathering about E x `block` rows for its k real ones."""
+    return max(1, min(block, -(-n_assignments // E)))
 
 
 def _padded_blocks(x_ND, chosen_NK, E: int, block: int):
@@ -442,8 +443,8 @@ class DeepSeekMoE(nnx.Module):
             routed = ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         elif impl == "gather" or (self.moe_impl == "sparse" and
                                   dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block):
-            # "sparse" with few assignments (decoding) takes the loop-free gather: measured faster
-            # there (seed-973m, batch 1: 2.3 tok/s against 1.5 with the grouped loop).
+            # "sparse" with few assignments (decoding) takes the loop-free gather with small
+            # blocks: measured faster there than the grouped loop (BENCHMARKS.md).
             routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
         else:
             routed = grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
