@@ -171,20 +171,18 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, N), bool)], axis=1)
     positions_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1, dtype=jnp.int32) - 1, 0)
 
+    model = nnx.merge(graphdef, state)  # the MoE dispatch sizes its blocks by each call's tokens
     if use_cache:
-        prefill = nnx.merge(graphdef, state)
-        out = prefill.forward(ids_BP, positions=positions_BS[:, :P], attention_mask=mask_BS,
-                              cache=prefill.init_cache(B, S), cache_index=0)
+        out = model.forward(ids_BP, positions=positions_BS[:, :P], attention_mask=mask_BS,
+                            cache=model.init_cache(B, S), cache_index=0)
         memory = out.cache
-        decode = prefill  # the MoE dispatch sizes its blocks by the tokens of each call
 
         def next_logits(memory, tok_B, i):
             """Feed token i (cache slot P + i) and return the logits that follow it."""
-            o = decode.forward(tok_B[:, None], positions=jax.lax.dynamic_slice_in_dim(positions_BS, P + i, 1, 1),
+            o = model.forward(tok_B[:, None], positions=jax.lax.dynamic_slice_in_dim(positions_BS, P + i, 1, 1),
                                attention_mask=mask_BS, cache=memory, cache_index=P + i)
             return o.cache, o.logits[:, 0]
     else:
-        model = nnx.merge(graphdef, state)
         memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_id, ids_BP.dtype)], axis=1)  # [B, S]
         out = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
 

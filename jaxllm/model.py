@@ -288,18 +288,19 @@ def _put(a, v, i):
     return jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
 
 
-def _expert_blocks(group_sizes_E, block: int):
-    """First block and block count of each expert, and the experts that have rows, first."""
-    nblk_E = ((group_sizes_E + block - 1) // block).astype(jnp.int32)
+def _expert_schedule(nblk_E):
+    """From each expert's block count (its blocks are consecutive, in expert order): each expert's
+    first block, the experts that have blocks (first), and how many they are."""
     start_E = jnp.cumsum(nblk_E) - nblk_E
     order_E = jnp.argsort(nblk_E == 0, stable=True).astype(jnp.int32)
-    return start_E, nblk_E, order_E, jnp.sum(nblk_E > 0)
+    return start_E, order_E, jnp.sum(nblk_E > 0)
 
 
-def _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save: bool):
+def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save: bool):
     """Loops over the experts that have rows, and within each over its blocks only: every active
     block is one `[block, D] x [D, F]` SwiGLU with its expert's weights read once per expert;
     blocks past the last active one are never computed (they stay zero)."""
+    start_E, order_E, n_used = _expert_schedule(nblk_E)
     z = jnp.zeros((*x_BbD.shape[:2], wg.shape[-1]), x_BbD.dtype) if save else None
 
     def per_expert(j, carry):
@@ -321,23 +322,25 @@ def _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save: 
 
 
 @jax.custom_vjp
-def grouped_swiglu(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used):
-    """SwiGLU of each expert's blocks of rows (`_expert_blocks`), `[n_blocks, block, D]` in and out;
-    inactive blocks give zeros. A hand-written backward in the same loops: per-expert weight
-    gradients accumulate in place over that expert's blocks (no gathered weight copies, no
-    per-block gradients)."""
-    return _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save=False)[0]
+def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E):
+    """SwiGLU of each expert's blocks of rows, `[n_blocks, block, D]` in and out: expert e owns
+    `nblk_E[e]` consecutive blocks, experts in order; inactive blocks give zeros. A hand-written
+    backward in the same loops: per-expert weight gradients accumulate in place over that expert's
+    blocks (no gathered weight copies, no per-block gradients)."""
+    return _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save=False)[0]
 
 
-def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used):
-    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, save=True)
-    # Named so that a remat policy can keep them (`REMAT_POLICIES["moe"]`).
+def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, nblk_E):
+    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save=True)
+    # Named so that a remat policy can keep them (`remat_policy("moe")`).
     g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
-    return y, (x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, g, u)
+    return y, (x_BbD, wg, wu, wd, nblk_E, g, u)
 
 
 def _grouped_swiglu_bwd(res, dy_BbD):
-    x_BbD, wg, wu, wd, start_E, nblk_E, order_E, n_used, g_all, u_all = res
+    x_BbD, wg, wu, wd, nblk_E, g_all, u_all = res
+    start_E, order_E, n_used = _expert_schedule(nblk_E)
+    dot = functools.partial(jnp.dot, preferred_element_type=F32)  # weight gradients sum in float32
 
     def per_expert(j, carry):
         dx, dwg, dwu, dwd = carry
@@ -353,7 +356,6 @@ def _grouped_swiglu_bwd(res, dy_BbD):
             dg = dh * u * (sg + silu * (1 - sg))
             du = dh * silu
             dx = _put(dx, dg @ Wg.T + du @ Wu.T, i)
-            dot = functools.partial(jnp.dot, preferred_element_type=F32)
             return dx, ag + dot(x.T, dg), au + dot(x.T, du), ad + dot((silu * u).T, dy)
 
         z = jnp.zeros(Wg.shape, F32)
@@ -363,7 +365,7 @@ def _grouped_swiglu_bwd(res, dy_BbD):
 
     zeros = tuple(jnp.zeros_like(a) for a in (x_BbD, wg, wu, wd))
     dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, per_expert, zeros)
-    return dx, dwg, dwu, dwd, None, None, None, None
+    return dx, dwg, dwu, dwd, None
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
@@ -376,7 +378,8 @@ def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
     E = wg.shape[0]
     block = dispatch_block(chosen_NK.size, E, block)
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, block)
-    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, *_expert_blocks(lay.group_sizes, block))
+    nblk_E = ((lay.group_sizes + block - 1) // block).astype(jnp.int32)
+    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E)
     y_BbD = checkpoint_name(y_BbD, "moe_out")
     return _combine(y_BbD, lay, w_NK)
 
@@ -396,16 +399,16 @@ def ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
 
 
-
-
-def resolve_moe_impl(moe_impl: str) -> str:
+def resolve_moe_impl(moe_impl: str, few_assignments: bool = False) -> str:
     """"sparse" picks the fastest exact sparse dispatch for the platform: `ragged_dot` on GPUs and
-    TPUs, the grouped loop over active blocks on CPUs, the gather there when decoding (measured in
-    BENCHMARKS.md)."""
+    TPUs; on CPUs the grouped loop over active blocks, or the loop-free gather when a call has
+    fewer assignments than one full block per expert (decoding; measured in BENCHMARKS.md)."""
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {moe_impl!r}")
     if moe_impl == "sparse":
-        return "grouped" if jax.default_backend() == "cpu" else "ragged"
+        if jax.default_backend() != "cpu":
+            return "ragged"
+        return "gather" if few_assignments else "grouped"
     return moe_impl
 
 
@@ -436,15 +439,13 @@ class DeepSeekMoE(nnx.Module):
         scores_NE = jax.nn.sigmoid(self.router(x_BTD.reshape(B * T, D).astype(F32)))
         chosen_NK, w_NK = route(scores_NE, self.router_bias[...], self.k)
         wg, wu, wd = self.routed_experts.weights()
-        impl = resolve_moe_impl(self.moe_impl)
+        few = dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block
+        impl = resolve_moe_impl(self.moe_impl, few_assignments=few)
         if impl == "dense":
             routed = dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         elif impl == "ragged":
             routed = ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
-        elif impl == "gather" or (self.moe_impl == "sparse" and
-                                  dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block):
-            # "sparse" with few assignments (decoding) takes the loop-free gather with small
-            # blocks: measured faster there than the grouped loop (BENCHMARKS.md).
+        elif impl == "gather":
             routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
         else:
             routed = grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
@@ -459,7 +460,7 @@ def remat_policy(remat: bool | str):
     "full" recomputes the whole layer; "moe" keeps the routed experts' gate and up projections and
     outputs (named in the sparse dispatches; about 45 MB per seed-973m layer at 4 x 256) and
     recomputes the rest (attention, shared expert, router: about a third of the layer's work)."""
-    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    name = ("full" if remat else "none") if isinstance(remat, bool) else remat
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     return {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
