@@ -583,9 +583,12 @@ class CustomLLM(nnx.Module):
 
 
 def lm_loss_sums(logits_BTV: Array, labels_BT: Array) -> tuple[Array, Array]:
-    """Sum of the shifted causal-LM cross-entropy over labels that are not -100, and their count."""
-    logits = logits_BTV[:, :-1].astype(F32)
-    labels = labels_BT[:, 1:]
+    """Sum of the shifted causal-LM cross-entropy over labels that are not -100, and their count.
+    Position t predicts label t + 1; the labels are shifted (the last position gets -100) rather
+    than the logits sliced, so that no `[B, T-1, vocab]` copy of the logits is made, nor padded
+    back in the backward pass (that took about 5 s of a 40 s `seed-973m` step on a CPU)."""
+    logits = logits_BTV.astype(F32)
+    labels = jnp.concatenate([labels_BT[:, 1:], jnp.full_like(labels_BT[:, :1], -100)], axis=1)
     valid = labels != -100
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
