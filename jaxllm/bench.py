@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from jaxllm import cli
+from jaxllm import cli, hostmem
 from jaxllm.recipes import MOE_IMPLS
 
 
@@ -142,6 +142,7 @@ def worker_matmul(args) -> dict:
         times = _timeit(lambda: t @ t, 2, 5)
         out["torch_matmul_float32_flops"] = 2 * n**3 / float(np.median(times))
     out["device"] = str(jax.devices()[0].device_kind)
+    out["malloc"] = hostmem.describe()  # the workers share the orchestrator's environment
     return out
 
 
@@ -278,7 +279,8 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
 
 def markdown(result: dict) -> str:
     peak = result["matmul"].get("jax_matmul_float32_flops")
-    lines = [f"device: {result['matmul'].get('device')}; measured float32 matmul peak: JAX "
+    lines = [f"device: {result['matmul'].get('device')} ({result['matmul'].get('malloc')}); measured float32 "
+             f"matmul peak: JAX "
              f"{peak / 1e9:.0f} GFLOP/s"
              + (f", PyTorch {result['matmul']['torch_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
                 if "torch_matmul_float32_flops" in result["matmul"] else ""), "",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint as ckpt_lib
+from jaxllm import hostmem
 from jaxllm import sharding as shd
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.flops import device_peak_flops, training_flops_per_token
@@ -142,7 +143,8 @@ def run(rc: RunConfig) -> dict:
     peak = rc.peak_flops or device_peak_flops(jax.devices()[0], rc.dtype)
     peak_total = peak * jax.device_count() if peak else None
     log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}), mesh {dict(mesh.shape)} over "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)"
+        + (f"; {hostmem.describe()}" if jax.devices()[0].platform == "cpu" else ""))
     log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = "
         f"{tokens_per_step} tokens per step, {rc.dtype}, remat {trainer.model_kw['remat']}, "
         f"checkpoints in {ckpt_dir}")

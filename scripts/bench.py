@@ -17,4 +17,7 @@ except ImportError:
 from jaxllm.bench import main  # noqa: E402
 
 if __name__ == "__main__":
+    from jaxllm.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # big per-step buffers in huge pages (jaxllm/hostmem.py)
     sys.exit(main())

@@ -1,0 +1,66 @@
+"""Huge pages for the host's malloc (jaxllm/hostmem.py): when the tunable applies, and that a
+re-executed script really runs with it (big blocks land in transparent huge pages)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm import hostmem
+
+
+def test_thp_mode_reads_the_bracketed_mode(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert hostmem.thp_mode(str(f)) == "madvise"
+    f.write_text("[always] madvise never\n")
+    assert hostmem.thp_mode(str(f)) == "always"
+    assert hostmem.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_tuned_environ_applies_only_where_it_can_help():
+    env = hostmem.tuned_environ({"PATH": "/bin"}, thp="madvise", libc="glibc")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": hostmem.TUNABLE}
+    # other tunables are kept
+    env = hostmem.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp="madvise", libc="glibc")
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{hostmem.TUNABLE}"
+    # already set (a re-executed process), opted out, another libc, or a kernel mode where it changes nothing
+    assert hostmem.tuned_environ({"GLIBC_TUNABLES": hostmem.TUNABLE}, thp="madvise", libc="glibc") is None
+    assert hostmem.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp="madvise", libc="glibc") is None
+    assert hostmem.tuned_environ({hostmem.OPT_OUT: "0"}, thp="madvise", libc="glibc") is None
+    assert hostmem.tuned_environ({}, thp="madvise", libc="") is None
+    assert hostmem.tuned_environ({}, thp="always", libc="glibc") is None
+    assert hostmem.tuned_environ({}, thp="never", libc="glibc") is None
+
+
+CHILD = """
+import os, sys
+from jaxllm import hostmem
+hostmem.reexec_with_huge_pages()
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 << 20)  # 64 MiB from malloc itself (numpy asks for huge pages on its own)
+ctypes.memset(block, 1, 64 << 20)
+huge = 0
+with open("/proc/self/smaps_rollup") as f:
+    for line in f:
+        if line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1])
+print(os.environ.get("GLIBC_TUNABLES"), huge, sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(hostmem.tuned_environ({}) is None, reason="huge pages for malloc do not apply on this host")
+def test_reexec_runs_the_same_command_with_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-c", CHILD, "--flag", "x"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split(maxsplit=2)
+    assert out[0] == hostmem.TUNABLE
+    assert int(out[1]) >= 32 * 1024  # kB of the block in huge pages
+    assert out[2].strip() == "['--flag', 'x']"
+    # opted out: no re-execution, 4 KiB pages
+    out = subprocess.run([sys.executable, "-c", CHILD], env={**env, hostmem.OPT_OUT: "0"}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == "None" and int(out[1]) == 0
