@@ -57,8 +57,28 @@ class Dense(nnx.Module):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                     preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = add_bias(y, self.bias[...].astype(y.dtype))
         return y
+
+
+@jax.custom_vjp
+def add_bias(y: Array, b: Array) -> Array:
+    """`y + b` over the last axis. Its backward pass takes the bias gradient as a product with a
+    vector of ones: XLA's CPU reduction of the `[tokens, vocab]` logits' gradient over its rows took
+    about 0.9 s of a `seed-973m` step (0.64 s against 8 ms as a product, BENCHMARKS.md)."""
+    return y + b
+
+
+def _add_bias_fwd(y, b):
+    return y + b, None
+
+
+def _add_bias_bwd(_, g):
+    g2 = g.reshape(-1, g.shape[-1])
+    return g, jnp.ones((g2.shape[0],), g.dtype) @ g2
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class RMSNorm(nnx.Module):
