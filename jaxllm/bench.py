@@ -280,8 +280,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
 def markdown(result: dict) -> str:
     peak = result["matmul"].get("jax_matmul_float32_flops")
     lines = [f"device: {result['matmul'].get('device')} ({result['matmul'].get('malloc')}); measured float32 "
-             f"matmul peak: JAX "
-             f"{peak / 1e9:.0f} GFLOP/s"
+             f"matmul peak: JAX {peak / 1e9:.0f} GFLOP/s"
              + (f", PyTorch {result['matmul']['torch_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
                 if "torch_matmul_float32_flops" in result["matmul"] else ""), "",
              "| preset | batch x seq | dtype | moe, remat | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "

@@ -66,8 +66,8 @@ def reexec_with_huge_pages() -> None:
 
 def describe() -> str:
     """One line for logs: whether this process has huge pages for its malloc."""
-    if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-        return "malloc: transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1)"
+    if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        return f"malloc: transparent huge pages (GLIBC_TUNABLES {TUNABLE})"
     if thp_mode() == "always":
         return "malloc: transparent huge pages (kernel mode always)"
     return "malloc: 4 KiB pages"
