@@ -118,6 +118,21 @@ class LayerCache(NamedTuple):
     k_rope: Array  # [B, S_max, H, rope]
 
 
+def attend(q_BTHd: Array, k_BSHd: Array, v_BSHd: Array, mask_BTS: Array, scale: float) -> Array:
+    """Softmax attention `softmax(q k^T * scale, masked) v`, [B, T, H, dv] out. Computed head-major
+    (`[B, H, T, d]`, batch dimensions leading: XLA's CPU batched products run 3-4x faster than on
+    the token-major layout) and normalised after the product with v: `(e v) / sum(e)` with
+    `e = exp(logits - max)`, which divides a `[.., T, dv]` array instead of the `[.., T, S]` one
+    (same math; equal within float32 rounding). Products and sums in float32."""
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BTHd, k_BSHd, v_BSHd))
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=F32) * scale
+    logits = jnp.where(mask_BTS[:, None], logits, jnp.finfo(F32).min)
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    o = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v, preferred_element_type=F32)
+    o = o / jnp.sum(e, axis=-1, keepdims=True)
+    return jnp.swapaxes(o, 1, 2).astype(v.dtype)
+
+
 class MultiHeadLatentAttention(nnx.Module):
     def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32):
         std = c.initializer_range
@@ -159,12 +174,9 @@ class MultiHeadLatentAttention(nnx.Module):
         v = self.v_proj_u(c_kv).reshape(B, S, H, self.dv)
         q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)  # [B, T, H, nope+rope]
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)  # [B, S, H, nope+rope]
-        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) * self.scale
         if mask_BTS is None:  # plain causal self-attention (T == S)
             mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
-        logits = jnp.where(mask_BTS[:, None], logits, jnp.finfo(F32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * self.dv)
+        o = attend(q, k, v, mask_BTS, self.scale).reshape(B, T, H * self.dv)
         return self.o_proj(o), new_cache
 
     def _absorbed(self, q_nope, q_rope, c_kv_BSL, k_rope_BSHr, mask_BTS):
