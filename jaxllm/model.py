@@ -466,8 +466,10 @@ class DeepSeekMoE(nnx.Module):
         x_ND = x_BTD.reshape(B * T, D).astype(self.routed_experts.dtype)
         out_ND = jnp.zeros_like(x_ND)
         if self.shared_experts is not None:
-            y_SND = swiglu(x_ND, *self.shared_experts.weights(), "nd,edf->enf", "enf,efd->end")
-            out_ND = out_ND + jnp.sum(y_SND, axis=0)
+            # The shared experts' sum is part of the down product (it contracts e and f): no
+            # separate reduction over the expert axis (XLA's CPU took 20 ms per seed-973m layer
+            # to sum over an axis of one), and the `[n, e, f]` layout needs no transposes.
+            out_ND = swiglu(x_ND, *self.shared_experts.weights(), "nd,edf->nef", "nef,efd->nd")
         scores_NE = jax.nn.sigmoid(self.router(x_BTD.reshape(B * T, D).astype(F32)))
         chosen_NK, w_NK = route(scores_NE, self.router_bias[...], self.k)
         wg, wu, wd = self.routed_experts.weights()
