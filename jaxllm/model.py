@@ -43,42 +43,55 @@ def _normal_param(rngs: nnx.Rngs, shape, std, dtype, axes) -> nnx.Param:
 
 class Dense(nnx.Module):
     """A bias-free (unless asked) linear layer with an `[*lead, in, out]` kernel; `lead` is the
-    stacked `layers` (and `experts`) axes."""
+    stacked `layers` (and `experts`) axes. `wide`: a projection to many outputs (the lm_head),
+    differentiated by `wide_linear`."""
 
-    def __init__(self, d_in, d_out, axes, *, rngs, std, lead=(), use_bias=False,
+    def __init__(self, d_in, d_out, axes, *, rngs, std, lead=(), use_bias=False, wide=False,
                  dtype=F32, param_dtype=F32):
         self.kernel = _normal_param(rngs, (*lead, d_in, d_out), std, param_dtype, axes)
         self.bias = nnx.Param(jnp.zeros((*lead, d_out), param_dtype), axes=axes[:-2] + axes[-1:],
                               init=("zeros",)) \
             if use_bias else None
-        self.dtype = dtype
+        self.wide, self.dtype = wide, dtype
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                    preferred_element_type=out_dtype)
-        if self.bias is not None:
-            y = add_bias(y, self.bias[...].astype(y.dtype))
-        return y
+        x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        b = None if self.bias is None else self.bias[...]
+        if self.wide:
+            return wide_linear(x, w, b, out_dtype)
+        y = jnp.dot(x, w, preferred_element_type=out_dtype)
+        return y if b is None else y + b.astype(y.dtype)
 
 
-@jax.custom_vjp
-def add_bias(y: Array, b: Array) -> Array:
-    """`y + b` over the last axis. Its backward pass takes the bias gradient as a product with a
-    vector of ones: XLA's CPU reduction of the `[tokens, vocab]` logits' gradient over its rows took
-    about 0.9 s of a `seed-973m` step (0.64 s against 8 ms as a product, BENCHMARKS.md)."""
-    return y + b
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def wide_linear(x: Array, w: Array, b: Array | None, out_dtype=None) -> Array:
+    """`x @ w + b` (b may be None) with a hand-written backward pass for wide projections such as
+    the `[768, 49152]` lm_head, where XLA's CPU autodiff products are slow (BENCHMARKS.md):
+    - the weight gradient is `x^T @ g` from a materialised `x^T` (an optimization barrier keeps XLA
+      from folding the transpose back into the product): the transposed-operand product over the
+      tokens ran at about 75 GFLOP/s against 145;
+    - the bias gradient is a product with a vector of ones: XLA's CPU reduction of the
+      `[tokens, vocab]` gradient over its rows took 0.64 s against 8 ms.
+    Same math as autodiff's; equal within float32 rounding."""
+    y = jnp.dot(x, w, preferred_element_type=out_dtype)
+    return y if b is None else y + b.astype(y.dtype)
 
 
-def _add_bias_fwd(y, b):
-    return y + b, None
+def _wide_linear_fwd(x, w, b, out_dtype):
+    return wide_linear(x, w, b, out_dtype), (x, w, b)
 
 
-def _add_bias_bwd(_, g):
+def _wide_linear_bwd(out_dtype, res, g):
+    x, w, b = res
     g2 = g.reshape(-1, g.shape[-1])
-    return g, jnp.ones((g2.shape[0],), g.dtype) @ g2
+    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=x.dtype)
+    dw = jax.lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), preferred_element_type=w.dtype)
+    db = None if b is None else jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=F32).astype(b.dtype)
+    return dx, dw, db
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+wide_linear.defvjp(_wide_linear_fwd, _wide_linear_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -553,7 +566,7 @@ class CustomLLM(nnx.Module):
         self.decoder_layers = DecoderLayer(c, rngs=rngs, lead=(c.num_hidden_layers,), dtype=dtype,
                                            param_dtype=param_dtype, moe_impl=moe_impl, moe_block=moe_block)
         self.lm_head = Dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, std=std,
-                             use_bias=c.lm_head_bias, dtype=dtype, param_dtype=param_dtype)
+                             use_bias=c.lm_head_bias, wide=True, dtype=dtype, param_dtype=param_dtype)
         # The layers always run under one `lax.scan` over their stacked weights (compile time does
         # not grow with depth). Shallow models unroll it: for `small` (4 layers) the loop's
         # per-layer slicing and stacking cost about a fifth of the step on a CPU (BENCHMARKS.md).
