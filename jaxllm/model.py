@@ -341,10 +341,31 @@ def _expert_schedule(nblk_E):
     return start_E, order_E, jnp.sum(nblk_E > 0)
 
 
-def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save: bool):
-    """Loops over the experts that have rows, and within each over its blocks only: every active
-    block is one `[block, D] x [D, F]` SwiGLU with its expert's weights read once per expert;
-    blocks past the last active one are never computed (they stay zero)."""
+def _take(a, i, width: int):
+    """`width` consecutive blocks from block `i` of `[n_blocks, block, ...]`, as one `[width * block, ...]`."""
+    return jax.lax.dynamic_slice_in_dim(a, i, width, 0).reshape(width * a.shape[1], *a.shape[2:])
+
+
+def _place(a, v, i, width: int):
+    return jax.lax.dynamic_update_slice_in_dim(a, v.reshape(width, *a.shape[1:]).astype(a.dtype), i, 0)
+
+
+def _over_blocks(start, n, group: int, body, carry):
+    """Runs `body(i, width, carry)` over blocks `start .. start + n`: `group` blocks at a time
+    while a whole group remains, then one at a time (`group == 1`: one loop)."""
+    n_big = n // group
+    carry = jax.lax.fori_loop(0, n_big, lambda j, c: body(start + j * group, group, c), carry)
+    if group == 1:
+        return carry
+    return jax.lax.fori_loop(start + n_big * group, start + n, lambda i, c: body(i, 1, c), carry)
+
+
+def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
+    """Loops over the experts that have rows, and within each over its blocks only, `group`
+    blocks per product while a whole group remains (each expert's last rows in single blocks: less
+    padding at the rate of the large products): every product is a `[rows, D] x [D, F]` SwiGLU
+    with its expert's weights read once per expert; blocks past the last active one are never
+    computed (they stay zero)."""
     start_E, order_E, n_used = _expert_schedule(nblk_E)
     z = jnp.zeros((*x_BbD.shape[:2], wg.shape[-1]), x_BbD.dtype) if save else None
 
@@ -352,37 +373,38 @@ def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save: bool):
         e = order_E[j]
         Wg, Wu, Wd = _index(wg, e), _index(wu, e), _index(wd, e)
 
-        def per_block(i, carry):
+        def body(i, width, carry):
             y, g_all, u_all = carry
-            x = _index(x_BbD, i)
+            x = _take(x_BbD, i, width)
             g, u = x @ Wg, x @ Wu
-            y = _put(y, (jax.nn.silu(g) * u) @ Wd, i)
+            y = _place(y, (jax.nn.silu(g) * u) @ Wd, i, width)
             if save:
-                g_all, u_all = _put(g_all, g, i), _put(u_all, u, i)
+                g_all, u_all = _place(g_all, g, i, width), _place(u_all, u, i, width)
             return y, g_all, u_all
 
-        return jax.lax.fori_loop(start_E[e], start_E[e] + nblk_E[e], per_block, carry)
+        return _over_blocks(start_E[e], nblk_E[e], group, body, carry)
 
     return jax.lax.fori_loop(0, n_used, per_expert, (jnp.zeros_like(x_BbD), z, z))
 
 
-@jax.custom_vjp
-def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group: int = 1):
     """SwiGLU of each expert's blocks of rows, `[n_blocks, block, D]` in and out: expert e owns
-    `nblk_E[e]` consecutive blocks, experts in order; inactive blocks give zeros. A hand-written
-    backward in the same loops: per-expert weight gradients accumulate in place over that expert's
-    blocks (no gathered weight copies, no per-block gradients)."""
-    return _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save=False)[0]
+    `nblk_E[e]` consecutive blocks, experts in order; inactive blocks give zeros; `group` blocks
+    per product where an expert has that many left. A hand-written backward in the same loops:
+    per-expert weight gradients accumulate in place over that expert's blocks (no gathered weight
+    copies, no per-block gradients)."""
+    return _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=False)[0]
 
 
-def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, nblk_E):
-    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, nblk_E, save=True)
+def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, nblk_E, group):
+    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=True)
     # Named so that a remat policy can keep them (`remat_policy("moe")`).
     g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
     return y, (x_BbD, wg, wu, wd, nblk_E, g, u)
 
 
-def _grouped_swiglu_bwd(res, dy_BbD):
+def _grouped_swiglu_bwd(group, res, dy_BbD):
     x_BbD, wg, wu, wd, nblk_E, g_all, u_all = res
     start_E, order_E, n_used = _expert_schedule(nblk_E)
     dot = functools.partial(jnp.dot, preferred_element_type=F32)  # weight gradients sum in float32
@@ -392,20 +414,20 @@ def _grouped_swiglu_bwd(res, dy_BbD):
         e = order_E[j]
         Wg, Wu, Wd = _index(wg, e), _index(wu, e), _index(wd, e)
 
-        def per_block(i, carry):
+        def body(i, width, carry):
             dx, ag, au, ad = carry
-            x, dy, g, u = _index(x_BbD, i), _index(dy_BbD, i), _index(g_all, i), _index(u_all, i)
+            x, dy, g, u = (_take(a, i, width) for a in (x_BbD, dy_BbD, g_all, u_all))
             sg = jax.nn.sigmoid(g)
             silu = g * sg
             dh = dy @ Wd.T
             dg = dh * u * (sg + silu * (1 - sg))
             du = dh * silu
-            dx = _put(dx, dg @ Wg.T + du @ Wu.T, i)
+            dx = _place(dx, dg @ Wg.T + du @ Wu.T, i, width)
             return dx, ag + dot(x.T, dg), au + dot(x.T, du), ad + dot((silu * u).T, dy)
 
         z = jnp.zeros(Wg.shape, F32)
-        dx, ag, au, ad = jax.lax.fori_loop(start_E[e], start_E[e] + nblk_E[e], per_block,
-                                           (dx, z, z, jnp.zeros(Wd.shape, F32)))
+        dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], group, body,
+                                      (dx, z, z, jnp.zeros(Wd.shape, F32)))
         return dx, _put(dwg, ag, e), _put(dwu, au, e), _put(dwd, ad, e)
 
     zeros = tuple(jnp.zeros_like(a) for a in (x_BbD, wg, wu, wd))
@@ -416,15 +438,20 @@ def _grouped_swiglu_bwd(res, dy_BbD):
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
-def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
+def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | None = None):
     """Dropless sparse dispatch ("grouped", the CPU default): the layout of `sparse_dispatch`, but
     a loop computes only the active blocks, each with its expert's weights read in place
-    (`grouped_swiglu`)."""
+    (`grouped_swiglu`). Rows are laid out in blocks of `tail` rows (default `block // 2`) and
+    computed `block` rows at a time, each expert's last rows in `tail`-row products: padding of
+    about `tail / 2` rows per expert instead of `block / 2`."""
     E = wg.shape[0]
     block = dispatch_block(chosen_NK.size, E, block)
-    x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, block)
-    nblk_E = ((lay.group_sizes + block - 1) // block).astype(jnp.int32)
-    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E)
+    tail = tail or (block // 2 if block % 2 == 0 else block)
+    if block % tail:
+        raise ValueError(f"the tail block ({tail} rows) must divide the block ({block} rows)")
+    x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, tail)
+    nblk_E = ((lay.group_sizes + tail - 1) // tail).astype(jnp.int32)
+    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, block // tail)
     y_BbD = checkpoint_name(y_BbD, "moe_out")
     return _combine(y_BbD, lay, w_NK)
 
@@ -548,7 +575,7 @@ class CustomLLM(nnx.Module):
     router, softmax and logits stay float32), `param_dtype` (master weights), `moe_impl`
     (routed-expert dispatch, equal results: "sparse" = the platform's best of "grouped", "gather",
     "ragged"; "dense" computes every expert), `moe_block` (rows per block of
-    the sparse dispatch), `remat` (what the backward pass recomputes to save memory: `REMAT_POLICIES`;
+    the sparse dispatch; "grouped" pads each expert's rows to half blocks only), `remat` (what the backward pass recomputes to save memory: `REMAT_POLICIES`;
     True = "full", False = "none"),
     `scan_unroll` (unroll of the scan over layers; default: fully unrolled up to 8 layers, a loop
     above).

@@ -224,6 +224,42 @@ def test_sparse_and_dense_dispatch_agree_in_value_and_gradient(impl):
         assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("block,tail", [(8, 8), (8, 4), (12, 4), (8, 2)])
+def test_grouped_dispatch_block_and_tail_sizes_equal_dense_in_value_and_gradient(block, tail):
+    """The grouped loop computes `block` rows at a time and each expert's last rows in `tail`-row
+    products; skewed routing gives experts whole groups, a remainder, a lone tail block, or nothing."""
+    from jaxllm.model import dense_dispatch, grouped_dispatch
+
+    N, D, F, E = 30, 8, 12, 5
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (N, D))
+    wg, wu = (jax.random.normal(kk, (E, D, F)) for kk in k[1:3])
+    wd = jax.random.normal(k[3], (E, F, D))
+    experts = np.repeat(np.arange(E), [21, 13, 3, 23, 0])  # 60 assignments; expert 4 gets none
+    chosen = jnp.asarray(np.stack([experts[:N], experts[N:]], axis=1), jnp.int32)  # two distinct per token
+    w = jax.nn.softmax(jax.random.normal(k[4], (N, 2)), axis=-1)
+    r = jax.random.normal(k[5], (N, D))
+
+    def total(f):
+        return lambda x, wg, wu, wd: jnp.sum(f(x, chosen, w, wg, wu, wd) * r)
+
+    grouped = total(lambda *a: grouped_dispatch(*a, block, tail))
+    assert rel_err(grouped_dispatch(x, chosen, w, wg, wu, wd, block, tail),
+                   dense_dispatch(x, chosen, w, wg, wu, wd)) <= 1e-5
+    got = jax.grad(grouped, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+    want = jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_grouped_dispatch_rejects_a_tail_that_does_not_divide_the_block():
+    from jaxllm.model import grouped_dispatch
+
+    x, w3 = jnp.ones((4, 2)), jnp.ones((2, 2, 2))
+    with pytest.raises(ValueError, match="must divide"):
+        grouped_dispatch(x, jnp.zeros((4, 1), jnp.int32), jnp.ones((4, 1)), w3, w3, w3, 4, 3)
+
+
 def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():
     from flax import nnx
 
