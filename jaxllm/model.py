@@ -87,7 +87,9 @@ def _wide_linear_bwd(out_dtype, res, g):
     xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=x.dtype)
     dw = jax.lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), preferred_element_type=w.dtype)
-    db = None if b is None else jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=F32).astype(b.dtype)
+    db = None
+    if b is not None:
+        db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=F32).astype(b.dtype)
     return dx, dw, db
 
 
@@ -342,7 +344,7 @@ def _expert_schedule(nblk_E):
 
 
 def _take(a, i, width: int):
-    """`width` consecutive blocks from block `i` of `[n_blocks, block, ...]`, as one `[width * block, ...]`."""
+    """`width` consecutive blocks from block `i` of `[n_blocks, block, ...]`, as `[width * block, ...]`."""
     return jax.lax.dynamic_slice_in_dim(a, i, width, 0).reshape(width * a.shape[1], *a.shape[2:])
 
 
@@ -388,7 +390,7 @@ def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group: int = 1):
+def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group: int):
     """SwiGLU of each expert's blocks of rows, `[n_blocks, block, D]` in and out: expert e owns
     `nblk_E[e]` consecutive blocks, experts in order; inactive blocks give zeros; `group` blocks
     per product where an expert has that many left. A hand-written backward in the same loops:
@@ -574,9 +576,9 @@ class CustomLLM(nnx.Module):
     Runtime settings (not part of the config): `dtype` (compute: float32 or bfloat16; norms,
     router, softmax and logits stay float32), `param_dtype` (master weights), `moe_impl`
     (routed-expert dispatch, equal results: "sparse" = the platform's best of "grouped", "gather",
-    "ragged"; "dense" computes every expert), `moe_block` (rows per block of
-    the sparse dispatch; "grouped" pads each expert's rows to half blocks only), `remat` (what the backward pass recomputes to save memory: `REMAT_POLICIES`;
-    True = "full", False = "none"),
+    "ragged"; "dense" computes every expert), `moe_block` (rows per block of the sparse
+    dispatch; "grouped" pads each expert's rows to half blocks only), `remat` (what the backward
+    pass recomputes to save memory: `REMAT_POLICIES`; True = "full", False = "none"),
     `scan_unroll` (unroll of the scan over layers; default: fully unrolled up to 8 layers, a loop
     above).
     """
