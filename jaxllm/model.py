@@ -67,9 +67,9 @@ class Dense(nnx.Module):
 def wide_linear(x: Array, w: Array, b: Array | None, out_dtype=None) -> Array:
     """`x @ w + b` (b may be None) with a hand-written backward pass for wide projections such as
     the `[768, 49152]` lm_head, where XLA's CPU autodiff products are slow (BENCHMARKS.md):
-    - the weight gradient is `x^T @ g` from a materialised `x^T` (an optimization barrier keeps XLA
-      from folding the transpose back into the product): the transposed-operand product over the
-      tokens ran at about 75 GFLOP/s against 145;
+    - on one device, the weight gradient is `x^T @ g` from a materialised `x^T` (an optimization
+      barrier keeps XLA from folding the transpose back into the product): the transposed-operand
+      product over the tokens ran at about 75 GFLOP/s against 145;
     - the bias gradient is a product with a vector of ones: XLA's CPU reduction of the
       `[tokens, vocab]` gradient over its rows took 0.64 s against 8 ms.
     Same math as autodiff's; equal within float32 rounding."""
@@ -84,7 +84,12 @@ def _wide_linear_fwd(x, w, b, out_dtype):
 def _wide_linear_bwd(out_dtype, res, g):
     x, w, b = res
     g2 = g.reshape(-1, g.shape[-1])
-    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    xt = x.reshape(-1, x.shape[-1]).T
+    if jax.device_count() == 1:
+        # Materialised on one device only: across several, the barrier changes how the partitioner
+        # splits the product, and so the order of its cross-device sums (a 2-process and a
+        # 1-process run then differ in the last bits, tests/test_multiprocess.py).
+        xt = jax.lax.optimization_barrier(xt)
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=x.dtype)
     dw = jax.lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), preferred_element_type=w.dtype)
     db = None

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -323,6 +324,37 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close():
     out = bf16(ids)
     assert out.dtype == jnp.float32
     assert rel_err(out, f32(ids)) < 5e-2
+
+
+WIDE_LINEAR_CHECK = """
+import jax, jax.numpy as jnp
+from jaxllm.model import wide_linear
+k = jax.random.split(jax.random.key(0), 4)
+def rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+for dt, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    x, w = jax.random.normal(k[0], (2, 6, 16)).astype(dt), jax.random.normal(k[1], (16, 40)).astype(dt)
+    b, r = jax.random.normal(k[2], (40,)), jax.random.normal(k[3], (2, 6, 40))
+    def grad(f):
+        return jax.jit(jax.grad(lambda x, w, b: jnp.sum(f(x, w, b) * r), argnums=(0, 1, 2)))
+    wide = grad(lambda x, w, b: wide_linear(x, w, b, jnp.float32))
+    plain = grad(lambda x, w, b: jnp.dot(x, w, preferred_element_type=jnp.float32) + b)
+    for got, want in zip(wide(x, w, b), plain(x, w, b)):
+        assert got.dtype == want.dtype and rel(got, want) <= tol, (dt, rel(got, want))
+    barrier = "optimization_barrier" in wide.lower(x, w, b).as_text()
+    assert barrier == (jax.device_count() == 1), (jax.device_count(), barrier)
+print("ok", jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_wide_linear_gradients_equal_autodiff_with_the_barrier_on_one_device_only(devices):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    r = subprocess.run([sys.executable, "-c", WIDE_LINEAR_CHECK], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["ok", str(devices)]
 
 
 @pytest.mark.parametrize("blocked, check", [
