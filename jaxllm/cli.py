@@ -67,8 +67,9 @@ def add_remat_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--remat", nargs="?", const="full", choices=REMAT_POLICIES, default=None, metavar="POLICY",
       help="what the backward pass recomputes to save memory: full (whole layers, about 1/3 more work; "
-           "the value of a bare --remat), moe (all but the routed experts' projections), none. Default: none "
-           f"below {AUTO_REMAT_PARAMS / 1e6:.0f}M parameters; above, moe, or full when accumulating gradients")
+           "the value of a bare --remat), moe (all but the routed experts' projections), dots (only attention's "
+           "core and elementwise ops), none. Default: none "
+           f"below {AUTO_REMAT_PARAMS / 1e6:.0f}M parameters; above, dots, or full when accumulating gradients")
     a("--no-remat", dest="remat", action="store_const", const="none", help="same as --remat none")
 
 

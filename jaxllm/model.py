@@ -541,12 +541,17 @@ def remat_policy(remat: bool | str):
     """The `jax.checkpoint` policy of a layer for a `REMAT_POLICIES` name (None: no remat).
     "full" recomputes the whole layer; "moe" keeps the routed experts' gate and up projections and
     outputs (named in the sparse dispatches; about 45 MB per seed-973m layer at 4 x 256) and
-    recomputes the rest (attention, shared expert, router: about a third of the layer's work)."""
+    recomputes the rest (attention, shared expert, router: about a third of the layer's work);
+    "dots" keeps those and every other product without batch dimensions (the attention
+    projections, shared experts and router: about 25 MB more per seed-973m layer) and recomputes
+    only attention's core (`attend`: its batched products and softmax) and elementwise ops."""
     name = ("full" if remat else "none") if isinstance(remat, bool) else remat
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-    return {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-            "moe": jax.checkpoint_policies.save_only_these_names("moe_gate", "moe_up", "moe_out")}[name]
+    cp = jax.checkpoint_policies
+    moe = cp.save_only_these_names("moe_gate", "moe_up", "moe_out")
+    return {"none": None, "full": cp.nothing_saveable, "moe": moe,
+            "dots": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, moe)}[name]
 
 
 class DecoderLayer(nnx.Module):

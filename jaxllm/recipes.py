@@ -16,9 +16,9 @@ from typing import Any
 
 # Routed-expert dispatches of the JAX model (equal results; `jaxllm.model.resolve_moe_impl`).
 MOE_IMPLS = ("sparse", "grouped", "gather", "ragged", "dense")
-# What the backward pass recomputes (`jaxllm.model.remat_policy`): nothing, whole layers, or every
-# layer but its routed experts' projections.
-REMAT_POLICIES = ("none", "full", "moe")
+# What the backward pass recomputes (`jaxllm.model.remat_policy`): nothing, whole layers, every
+# layer but its routed experts' projections, or only attention's core and elementwise ops.
+REMAT_POLICIES = ("none", "full", "moe", "dots")
 
 
 @dataclasses.dataclass
@@ -58,9 +58,9 @@ class RunConfig:
 
 
 # Remat by default from this model size on. For seed-973m at 4 x 256 (float32, 2-core CPU) the
-# activations of a step without remat take about 8 GiB of temporaries; "moe" keeps the routed
-# experts' projections (about 1.2 GiB more than "full") and skips their recomputation; "full" when
-# accumulating, which holds a second gradient-sized buffer (BENCHMARKS.md).
+# temporaries of a step without remat take 7.7 GiB (the gradient's 3.6 included); "dots" keeps
+# every unbatched product (5.85 GiB) and recomputes only attention's core and elementwise ops;
+# "full" when accumulating, which holds a second gradient-sized buffer (BENCHMARKS.md).
 AUTO_REMAT_PARAMS = 200_000_000
 
 
@@ -72,7 +72,7 @@ def resolve_remat(remat: str | None, n_params: int, grad_accum: int = 1) -> str:
         return remat
     if n_params < AUTO_REMAT_PARAMS:
         return "none"
-    return "moe" if grad_accum == 1 else "full"
+    return "dots" if grad_accum == 1 else "full"
 
 
 RECIPES: dict[str, dict[str, Any]] = {

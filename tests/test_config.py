@@ -89,7 +89,7 @@ def test_remat_default_by_model_size_and_accumulation():
     from jaxllm.recipes import AUTO_REMAT_PARAMS, resolve_remat
 
     assert resolve_remat(None, AUTO_REMAT_PARAMS - 1) == "none"
-    assert resolve_remat(None, AUTO_REMAT_PARAMS) == "moe"
+    assert resolve_remat(None, AUTO_REMAT_PARAMS) == "dots"
     assert resolve_remat(None, AUTO_REMAT_PARAMS, grad_accum=8) == "full"
     assert resolve_remat("none", 10**9, grad_accum=8) == "none"
     with pytest.raises(ValueError, match="remat"):

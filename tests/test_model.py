@@ -274,7 +274,7 @@ def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_remat_policies_equal_in_value_and_gradient_and_moe_keeps_the_routed_projections():
+def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     from flax import nnx
 
     from jaxllm.model import remat_policy
@@ -282,7 +282,7 @@ def test_remat_policies_equal_in_value_and_gradient_and_moe_keeps_the_routed_pro
     ids = jnp.asarray(_ids((3, 40), seed=5))
     base = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8)
     g0 = nnx.grad(lambda m: loss_fn(m, ids)[0])(base)
-    for policy in ("full", "moe", True):
+    for policy in ("full", "moe", "dots", True):
         m = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8, remat=policy)
         g = nnx.grad(lambda m: loss_fn(m, ids)[0])(m)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
@@ -311,8 +311,20 @@ def test_remat_policies_equal_in_value_and_gradient_and_moe_keeps_the_routed_pro
             return [a.shape for a in jax.tree.leaves(vjp_fn)
                     if a.ndim >= 2 and a.shape[-1] == F and a.shape != (E, D, F) and math.prod(a.shape[:-1]) >= 2 * N]
 
-        assert len(saved_projections("moe")) >= 2 and len(saved_projections("none")) >= 2, dispatch
+        for policy in ("moe", "dots", "none"):
+            assert len(saved_projections(policy)) >= 2, (dispatch, policy)
         assert saved_projections("full") == [], dispatch
+
+    # "dots" also keeps other (unbatched) products, which "moe" recomputes; neither keeps
+    # batched ones (attention's core).
+    def kept(policy, f, *args):
+        _, vjp_fn = jax.vjp(jax.checkpoint(f, policy=remat_policy(policy)), *args)
+        return [a.shape for a in jax.tree.leaves(vjp_fn) if a.ndim >= 2 and a.shape[-2:] == (N, F)]
+
+    proj = lambda x, w: jnp.sin(x @ w)  # noqa: E731
+    batched = lambda x, w: jnp.sin(jnp.einsum("bnd,bdf->bnf", x, w))  # noqa: E731
+    assert kept("dots", proj, x, w[0][0]) == [(N, F)] and kept("moe", proj, x, w[0][0]) == []
+    assert kept("dots", batched, x[None], w[0][:1]) == [] == kept("moe", batched, x[None], w[0][:1])
     with pytest.raises(ValueError, match="remat"):
         remat_policy("some")
 
