@@ -359,13 +359,15 @@ def _place(a, v, i, width: int):
 
 
 def _over_blocks(start, n, group: int, body, carry):
-    """Runs `body(i, width, carry)` over blocks `start .. start + n`: `group` blocks at a time
-    while a whole group remains, then one at a time (`group == 1`: one loop)."""
-    n_big = n // group
-    carry = jax.lax.fori_loop(0, n_big, lambda j, c: body(start + j * group, group, c), carry)
-    if group == 1:
-        return carry
-    return jax.lax.fori_loop(start + n_big * group, start + n, lambda i, c: body(i, 1, c), carry)
+    """Runs `body(i, width, carry)` over blocks `start .. start + n` in few products: `group`
+    blocks at a time while a whole group remains, then halving the width down to one block
+    (group 4: 4, .., 4, then at most one 2 and one 1; `group == 1`: one loop)."""
+    while True:
+        n_big = n // group
+        carry = jax.lax.fori_loop(0, n_big, lambda j, c, s=start, w=group: body(s + j * w, w, c), carry)
+        if group == 1:
+            return carry
+        start, n, group = start + n_big * group, n - n_big * group, group // 2
 
 
 def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
@@ -399,9 +401,9 @@ def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
 def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group: int):
     """SwiGLU of each expert's blocks of rows, `[n_blocks, block, D]` in and out: expert e owns
     `nblk_E[e]` consecutive blocks, experts in order; inactive blocks give zeros; `group` blocks
-    per product where an expert has that many left. A hand-written backward in the same loops:
-    per-expert weight gradients accumulate in place over that expert's blocks (no gathered weight
-    copies, no per-block gradients)."""
+    per product where an expert has that many left (`2 * group` in the backward pass). A
+    hand-written backward in the same loops: per-expert weight gradients accumulate in place over
+    that expert's blocks (no gathered weight copies, no per-block gradients)."""
     return _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=False)[0]
 
 
@@ -434,7 +436,9 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
             return dx, ag + dot(x.T, dg), au + dot(x.T, du), ad + dot((silu * u).T, dy)
 
         z = jnp.zeros(Wg.shape, F32)
-        dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], group, body,
+        # Twice the forward's rows per product: the weight gradients' products contract over the
+        # rows (longer is faster) and each adds into its accumulator once per product.
+        dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], 2 * group, body,
                                       (dx, z, z, jnp.zeros(Wd.shape, F32)))
         return dx, _put(dwg, ag, e), _put(dwu, au, e), _put(dwd, ad, e)
 
