@@ -114,7 +114,7 @@ def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
 
 def restore_weights(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
     """Restore the `params` item onto `target` (arrays or `jax.ShapeDtypeStruct`s, possibly with
-    shardings); a shape mismatch raises CheckpointError naming the tensor."""
+    shardings); a missing, unexpected or mis-shaped tensor raises CheckpointError naming it."""
     _check_shapes(mngr, step, "params", target)
     try:
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
@@ -139,6 +139,12 @@ def _check_shapes(mngr, step, item, target) -> None:
             raise CheckpointError(
                 f"checkpoint step {step}: tensor {jax.tree_util.keystr(path)} has shape {shape}, the model "
                 f"expects {tuple(leaf.shape)} (a checkpoint of another model size?)")
+    wanted = {path for path, _ in want}
+    extra = sorted(jax.tree_util.keystr(path) for path in have if path not in wanted)
+    if extra:
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.directory}: unexpected tensor {extra[0]}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + " (a checkpoint of another model?)")
 
 
 def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):

@@ -498,6 +498,16 @@ def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
     assert _no_leftovers(tmp_path, "hf") == []
 
 
+@pytest.mark.parametrize("case", ["another preset", "missing tensor", "unexpected tensor"])
+def test_jaxllm_load_refuses_the_checkpoints_the_converter_refuses(case, tmp_path):
+    import jaxllm
+
+    make, message = FLAX_TO_TORCH_ERRORS[case]
+    make(tmp_path / "in")
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        jaxllm.load(tmp_path / "in")
+
+
 def test_the_libraries_raise_convert_errors(parity, tmp_path):
     with pytest.raises(ConvertError, match="dtype must be one of float32, bfloat16"):
         export_hf(parity.ckpt, tmp_path / "hf", dtype="float16")
