@@ -115,14 +115,15 @@ def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
 def restore_weights(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
     """Restore the `params` item onto `target` (arrays or `jax.ShapeDtypeStruct`s, possibly with
     shardings); a missing, unexpected or mis-shaped tensor raises CheckpointError naming it."""
-    _check_shapes(mngr, step, "params", target)
+    _check_tensors(mngr, step, "params", target)
     try:
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot restore weights ({e})") from e
 
 
-def _check_shapes(mngr, step, item, target) -> None:
+def _check_tensors(mngr, step, item, target) -> None:
+    """The saved `item` holds exactly `target`'s tensors with their shapes (from its metadata)."""
     try:
         meta = mngr.item_metadata(step)[item]
     except Exception:  # noqa: BLE001 - fall back to Orbax's own errors
