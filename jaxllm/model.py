@@ -433,10 +433,12 @@ def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | 
     computed `block` rows at a time, each expert's last rows in products halving down to `tail`
     rows: padding of about `tail / 2` rows per expert instead of `block / 2`."""
     E = wg.shape[0]
-    block = dispatch_block(chosen_NK.size, E, block)
     tail = tail or next(block // d for d in (4, 2, 1) if block % d == 0)
     if block % tail:
         raise ValueError(f"the tail block ({tail} rows) must divide the block ({block} rows)")
+    few = dispatch_block(chosen_NK.size, E, tail)
+    if few < tail:  # fewer assignments than a tail block per expert (decoding): blocks of n / E rows
+        block = tail = few
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, tail)
     nblk_E = ((lay.group_sizes + tail - 1) // tail).astype(jnp.int32)
     y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, block // tail)

@@ -253,6 +253,22 @@ def test_grouped_dispatch_block_and_tail_sizes_equal_dense_in_value_and_gradient
         assert rel_err(a, b) <= 1e-5
 
 
+def test_grouped_dispatch_with_fewer_assignments_than_a_tail_block_per_expert_equals_dense():
+    """Decoding-sized calls (here 3 tokens, 6 assignments over 5 experts) shrink the blocks to
+    about n / E rows instead of padding each expert to a whole tail block."""
+    from jaxllm.model import dense_dispatch, grouped_dispatch
+
+    N, D, F, E = 3, 8, 12, 5
+    k = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(k[0], (N, D))
+    wg, wu = (jax.random.normal(kk, (E, D, F)) for kk in k[1:3])
+    wd = jax.random.normal(k[3], (E, F, D))
+    chosen = jnp.asarray([[0, 3], [3, 4], [1, 0]], jnp.int32)
+    w = jax.nn.softmax(jax.random.normal(k[4], (N, 2)), axis=-1)
+    assert rel_err(grouped_dispatch(x, chosen, w, wg, wu, wd, 16),
+                   dense_dispatch(x, chosen, w, wg, wu, wd)) <= 1e-5
+
+
 def test_grouped_dispatch_rejects_a_tail_that_does_not_divide_the_block():
     from jaxllm.model import grouped_dispatch
 
