@@ -361,10 +361,10 @@ def _over_blocks(start, n, group: int, body, carry):
 
 def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
     """A loop over each expert's blocks only (a Python loop over the experts, so that each reads
-    its weights as a static slice), `group` blocks per product while a whole group remains (each
-    expert's last rows in single blocks: less padding at the rate of the large products): every
-    product is a `[rows, D] x [D, F]` SwiGLU; an expert without rows runs no product, and blocks
-    past the last active one are never computed (they stay zero)."""
+    its weights as a static slice), `group` blocks per product while a whole group remains, each
+    expert's last rows in products halving down to one block (less padding at the rate of the large
+    products): every product is a `[rows, D] x [D, F]` SwiGLU; an expert without rows runs no
+    product, and blocks past the last active one are never computed (they stay zero)."""
     start_E = _first_blocks(nblk_E)
     z = jnp.zeros((*x_BbD.shape[:2], wg.shape[-1]), x_BbD.dtype) if save else None
     carry = (jnp.zeros_like(x_BbD), z, z)
@@ -418,7 +418,8 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
 
         z = jnp.zeros(wg.shape[1:], F32)
         dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], group, body, (dx, z, z, jnp.zeros(wd.shape[1:], F32)))
-        dwg.append(ag), dwu.append(au), dwd.append(ad)
+        for parts, acc in zip((dwg, dwu, dwd), (ag, au, ad)):
+            parts.append(acc)
     stack = lambda parts, like: jnp.stack(parts).astype(like.dtype)
     return dx, stack(dwg, wg), stack(dwu, wu), stack(dwd, wd), None
 
