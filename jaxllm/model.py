@@ -404,6 +404,8 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
     start_E = _first_blocks(nblk_E)
     dot = functools.partial(jnp.dot, preferred_element_type=F32)  # weight gradients sum in float32
     dx, dwg, dwu, dwd = jnp.zeros_like(x_BbD), [], [], []
+    # Each expert's weight-gradient accumulators start from these.
+    z_DF, z_FD = jnp.zeros(wg.shape[1:], F32), jnp.zeros(wd.shape[1:], F32)
     for e in range(wg.shape[0]):
         def body(i, width, carry, Wg=wg[e], Wu=wu[e], Wd=wd[e]):
             dx, ag, au, ad = carry
@@ -416,8 +418,7 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
             dx = _place(dx, dg @ Wg.T + du @ Wu.T, i, width)
             return dx, ag + dot(x.T, dg), au + dot(x.T, du), ad + dot((silu * u).T, dy)
 
-        z = jnp.zeros(wg.shape[1:], F32)
-        dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], group, body, (dx, z, z, jnp.zeros(wd.shape[1:], F32)))
+        dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], group, body, (dx, z_DF, z_DF, z_FD))
         for parts, acc in zip((dwg, dwu, dwd), (ag, au, ad)):
             parts.append(acc)
     stack = lambda parts, like: jnp.stack(parts).astype(like.dtype)
