@@ -2,7 +2,8 @@
 
 Per layer and token the cache holds only `c_kv` (latent_dim numbers) and the rotated `k_rope`
 (heads x rope_head_dim): 576 numbers for `seed-973m` instead of 1,536 for full keys and values
-(ARCHITECTURE.md). The prefill computes `k_nope` and `v` from `c_kv` as training does; each
+(ARCHITECTURE.md). The prefill computes `k_nope` and `v` from `c_kv` as training does (and the
+logits of the last prompt position only, the one the first new token needs); each
 one-token decode step attends on the cached latent directly, with `k_proj_u` folded into the
 query and `v_proj_u` into the output ("absorbed" MLA, `MultiHeadLatentAttention._absorbed`).
 
@@ -174,8 +175,8 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
     model = nnx.merge(graphdef, state)  # the MoE dispatch sizes its blocks by each call's tokens
     if use_cache:
         out = model.forward(ids_BP, positions=positions_BS[:, :P], attention_mask=mask_BS,
-                            cache=model.init_cache(B, S), cache_index=0)
-        memory = out.cache
+                            cache=model.init_cache(B, S), cache_index=0, last_logits=True)
+        memory, prompt_logits = out.cache, out.logits[:, -1]
 
         def next_logits(memory, tok_B, i):
             """Feed token i (cache slot P + i) and return the logits that follow it."""
@@ -185,6 +186,7 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
     else:
         memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_id, ids_BP.dtype)], axis=1)  # [B, S]
         out = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
+        prompt_logits = out.logits[:, P - 1]
 
         def next_logits(memory, tok_B, i):
             """Write token i into the buffer and run the whole model on it again."""
@@ -192,9 +194,9 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
             o = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
             return memory, jax.lax.dynamic_index_in_dim(o.logits, P + i, 1, keepdims=False)
 
-    V = out.logits.shape[-1]
+    V = prompt_logits.shape[-1]
     carry = dict(
-        i=jnp.int32(0), memory=memory, logits=out.logits[:, P - 1],
+        i=jnp.int32(0), memory=memory, logits=prompt_logits,
         tokens=jnp.full((B, N), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
         lengths=jnp.zeros((B,), jnp.int32),
         all_logits=jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32))

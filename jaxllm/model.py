@@ -609,11 +609,12 @@ class CustomLLM(nnx.Module):
 
     def forward(self, input_ids: Array, *, positions: Array | None = None, dropout_rng: Array | None = None,
                 attention_mask: Array | None = None, cache: LayerCache | None = None,
-                cache_index: Array | int = 0) -> ModelOutput:
+                cache_index: Array | int = 0, last_logits: bool = False) -> ModelOutput:
         """input_ids [B, T]. `positions` default to `cache_index + arange(T)`. `dropout_rng` turns
         embedding dropout on (training). With `cache` (stacked `[L, B, S_max, ...]`), the new
         tokens are written at `cache_index` and attend to every earlier cached token whose
-        `attention_mask` [B, S_max] is true."""
+        `attention_mask` [B, S_max] is true. `last_logits`: logits of the last position only
+        ([B, 1, V]; a prefill needs no more)."""
         c = self.config
         B, T = input_ids.shape
         if positions is None:
@@ -646,7 +647,7 @@ class CustomLLM(nnx.Module):
         if policy is not None:
             body = jax.checkpoint(body, policy=policy)
         h, (aux_LB, counts_LE, new_cache) = jax.lax.scan(body, h, (layer_state, cache), unroll=self.scan_unroll)
-        logits = self.lm_head(h, out_dtype=F32)
+        logits = self.lm_head(h[:, -1:] if last_logits else h, out_dtype=F32)
         return ModelOutput(logits.astype(F32), jnp.sum(aux_LB, axis=0), counts_LE, new_cache)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> LayerCache:

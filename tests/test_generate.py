@@ -78,6 +78,14 @@ def test_jax_padded_batch_equals_plain_forward_of_each_sequence(pair, greedy):
         np.testing.assert_array_equal(out.tokens[b], plain.argmax(-1))
 
 
+def test_last_logits_are_the_last_position_of_the_full_logits(pair):
+    jm, _ = pair
+    ids = jnp.asarray([PROMPTS[0]])
+    last = jm.forward(ids, last_logits=True).logits
+    assert last.shape == (1, 1, TINY.vocab_size)
+    assert rel_err(last, np.asarray(jm(ids))[:, -1:]) <= 1e-6  # a product of another shape may round apart
+
+
 def test_torch_generate_with_latent_cache_equals_no_cache(pair):
     _, tm = pair
     tok_c, logits_c, out = _torch_generate(tm, PROMPTS, use_cache=True)
