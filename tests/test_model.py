@@ -269,6 +269,29 @@ def test_grouped_dispatch_with_fewer_assignments_than_a_tail_block_per_expert_eq
                    dense_dispatch(x, chosen, w, wg, wu, wd)) <= 1e-5
 
 
+def test_grouped_dispatch_of_a_short_prompt_runs_an_experts_blocks_together_and_equals_dense():
+    """8 tokens, 16 assignments over 5 experts: blocks of 4 rows, products of up to 2 blocks; expert
+    0 takes every token (2 blocks, one product), expert 2 none. Values and gradients."""
+    from jaxllm.model import dense_dispatch, grouped_dispatch
+
+    N, D, F, E = 8, 8, 12, 5
+    k = jax.random.split(jax.random.key(2), 5)
+    x = jax.random.normal(k[0], (N, D))
+    ws = [jax.random.normal(kk, (E, D, F)) for kk in k[1:3]] + [jax.random.normal(k[3], (E, F, D))]
+    chosen = jnp.stack([jnp.zeros(N, jnp.int32), jnp.asarray([1, 3, 4, 1, 3, 4, 1, 1], jnp.int32)], axis=1)
+    w = jax.nn.softmax(jax.random.normal(k[4], (N, 2)), axis=-1)
+
+    def loss(dispatch, x, *ws):
+        return jnp.sum(jnp.sin(dispatch(x, chosen, w, *ws)))
+
+    grouped = functools.partial(grouped_dispatch, block=16)
+    assert rel_err(grouped(x, chosen, w, *ws), dense_dispatch(x, chosen, w, *ws)) <= 1e-5
+    g_grouped = jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3))(x, *ws)
+    g_dense = jax.grad(functools.partial(loss, dense_dispatch), argnums=(0, 1, 2, 3))(x, *ws)
+    for a, b in zip(g_grouped, g_dense):
+        assert rel_err(a, b) <= 1e-5
+
+
 def test_grouped_dispatch_rejects_a_tail_that_does_not_divide_the_block():
     from jaxllm.model import grouped_dispatch
 
@@ -298,7 +321,9 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     ids = jnp.asarray(_ids((3, 40), seed=5))
     base = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8)
     g0 = nnx.grad(lambda m: loss_fn(m, ids)[0])(base)
-    for policy in ("full", "moe", "dots", True):
+    # remat=True is "full" (the same policy), False is "none"
+    assert remat_policy(True) is remat_policy("full") and remat_policy(False) is None is remat_policy("none")
+    for policy in ("full", "moe", "dots"):
         m = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8, remat=policy)
         g = nnx.grad(lambda m: loss_fn(m, ids)[0])(m)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
