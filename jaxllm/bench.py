@@ -216,8 +216,11 @@ def worker_torch(args) -> dict:
     return out
 
 
+DECODE_PROMPT = 16  # prompt tokens of bench.py's decode measurement
+
+
 def worker_decode(args) -> dict:
-    r = measure_decode(args.preset, new_tokens=args.decode_tokens, prompt_len=16, batch_size=1,
+    r = measure_decode(args.preset, new_tokens=args.decode_tokens, prompt_len=DECODE_PROMPT, batch_size=1,
                        frameworks=tuple(f for f in args.frameworks.split(",") if f in ("jax", "torch")),
                        recompute=False, repeats=2)
     return {f"{fw}_decode_tokens_per_sec": r[f"{fw}_cached_tokens_per_sec"] for fw in ("jax", "torch")
@@ -277,6 +280,15 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     return case
 
 
+def _bench_case_or_exit(*a, **kw) -> dict:
+    """`bench_case`, or the failed worker's stderr and exit status 1 (no orchestrator traceback)."""
+    try:
+        return bench_case(*a, **kw)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def markdown(result: dict) -> str:
     peak = result["matmul"].get("jax_matmul_float32_flops")
     lines = [f"device: {result['matmul'].get('device')} ({result['matmul'].get('malloc')}); measured float32 "
@@ -301,8 +313,40 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_args(p, args, shapes, decode_tokens: int) -> None:
+    """Bad input: one line on stderr, exit status 2, before any worker starts."""
+    for flag, lowest in (("batch_size", 1), ("seq_len", 1), ("iters", 1), ("warmup", 0), ("decode_tokens", 0),
+                         ("matmul_size", 1), ("timeout", 1)):
+        v = getattr(args, flag)
+        if v is not None and v < lowest:
+            p.error(f"--{flag.replace('_', '-')} must be at least {lowest}, got {v}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json: the folder of {args.json} does not exist")
+    from jaxllm.config import LLMConfig
+
+    for preset, _, seq_len in shapes:
+        longest = LLMConfig.from_preset(preset).max_position_embeddings
+        if seq_len > longest:
+            p.error(f"--seq-len: preset {preset} holds at most {longest} positions, got {seq_len}")
+        if decode_tokens and DECODE_PROMPT + decode_tokens > longest:
+            p.error(f"--decode-tokens: preset {preset} holds at most {longest} positions, and the decode "
+                    f"measurement starts from a {DECODE_PROMPT}-token prompt")
+    unknown = set(args.frameworks.split(",")) - {"jax", "torch"}
+    if unknown or not args.frameworks:
+        p.error(f"--frameworks: a comma-separated list of jax and torch, got {args.frameworks!r}")
+    if args.mesh:
+        import jax
+
+        from jaxllm.sharding import parse_mesh_spec
+
+        try:
+            parse_mesh_spec(args.mesh, jax.device_count())
+        except ValueError as e:
+            p.error(str(e))
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Side-by-side JAX / PyTorch training-step benchmark.")
+    p = cli.ArgumentParser(prog="bench.py", description="Side-by-side JAX / PyTorch training-step benchmark.")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="small preset only, few iterations (< 3 min on 2 cores)")
     p.add_argument("--preset", default=None, help="only this preset (default: small, and seed-973m unless --quick)")
@@ -329,7 +373,10 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
+    from jaxllm.config import PRESETS
 
+    if args.preset is not None and args.preset not in PRESETS:
+        p.error(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
     frameworks = args.frameworks.split(",")
     if args.preset:
         shapes = [(args.preset, args.batch_size or 4, args.seq_len or 256)]
@@ -338,6 +385,8 @@ def main(argv=None) -> int:
     else:
         shapes = [("small", 8, 128), ("seed-973m", 4, 256)]
     iters = args.iters or (3 if args.quick else 5)
+    decode_tokens = 64 if args.decode_tokens is None else args.decode_tokens
+    _check_args(p, args, shapes, decode_tokens)
     matmul_argv = ["--matmul-size", str(args.matmul_size)] + (["--torch-matmul"] if "torch" in frameworks else [])
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cases": [],
               "matmul": _run_worker("matmul", matmul_argv, args.timeout)}
@@ -351,10 +400,10 @@ def main(argv=None) -> int:
         datasheet = device_peak_flops(jax.devices()[0], args.dtype)
     for preset, b, t in shapes:
         print(f"benchmarking {preset} at {b} x {t} ...", file=sys.stderr, flush=True)
-        case = bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
-                          moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
-                          timeout=args.timeout, compare_dense=args.compare_dense,
-                          decode_tokens=64 if args.decode_tokens is None else args.decode_tokens)
+        case = _bench_case_or_exit(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup,
+                                   frameworks=frameworks, moe_impl=args.moe_impl, moe_block=args.moe_block,
+                                   remat=args.remat, mesh=args.mesh, timeout=args.timeout,
+                                   compare_dense=args.compare_dense, decode_tokens=decode_tokens)
         if "jax_flops_per_sec" in case:
             case["jax_mfu_measured_peak"] = case["jax_flops_per_sec"] / peak
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None

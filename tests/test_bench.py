@@ -1,0 +1,52 @@
+"""scripts/bench.py: its report's figures, and its handling of bad input (no timing is asserted:
+speed lives in BENCHMARKS.md, measured side by side)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = str(ROOT / "scripts" / "bench.py")
+
+
+def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--batch-size", "8", "--seq-len", "8",
+                        "--iters", "2", "--warmup", "1", "--decode-tokens", "0", "--matmul-size", "128",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (case,) = result["cases"]
+    assert case["preset"] == "tiny" and (case["batch_size"], case["seq_len"]) == (8, 8)
+    for key in ("jax_tokens_per_sec", "torch_tokens_per_sec", "jax_mfu_measured_peak", "compile_s", "peak_rss_gb",
+                "jax_over_torch"):
+        assert isinstance(case[key], float) and case[key] > 0, key
+    assert len(case["jax_step_times"]) == len(case["torch_step_times"]) == 2
+    assert case["jax_tokens_per_sec"] == pytest.approx(64 / case["jax_step_s"])
+    assert case["jax_over_torch"] == pytest.approx(case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"])
+    assert result["matmul"]["jax_matmul_float32_flops"] > 0
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| tiny |"))
+    assert f"{case['jax_tokens_per_sec']:.1f} | {case['torch_tokens_per_sec']:.1f} |" in row
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "--preset: unknown preset 'nope'"),
+    (["--iters", "0"], "--iters must be at least 1"),
+    (["--frameworks", "jax,tf"], "--frameworks"),
+    (["--seq-len", "-4"], "--seq-len must be at least 1"),
+    (["--mesh", "data=0"], "--mesh"),
+    (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions, got 256"),
+    (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
+    (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message, capsys):
+    from jaxllm.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
