@@ -50,3 +50,32 @@ def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_the_products_ceiling_inventory_matches_the_analytic_count_of_seed_973m():
+    """scripts/bench_products.py times the step's products; its inventory must be the model's:
+    the projections' FLOPs equal flops.py's, the routed experts run 7 x (256 + 64) rows a layer."""
+    import importlib.util
+
+    from jaxllm.config import LLMConfig
+    from jaxllm.flops import forward_flops_per_token
+
+    spec = importlib.util.spec_from_file_location("bench_products", ROOT / "scripts" / "bench_products.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = LLMConfig.from_preset("seed-973m")
+    inventory = mod.products(config, 1024, 256)
+    flop = {name: 2 * m * k * n * batch * count for name, m, k, n, batch, count in inventory}
+    counted = forward_flops_per_token(config, 256)
+    assert sum(v for name, v in flop.items() if name.startswith("attention ") and "batched" not in name) \
+        == counted["mla_projections"] * 1024
+    # the routed products run 2,240 padded rows a layer for the 2,048 assignments counted
+    routed = sum(v for name, v in flop.items() if name.startswith("routed"))
+    shared = sum(v for name, v in flop.items() if name.startswith("shared"))
+    assert shared + routed * 2048 / 2240 == pytest.approx(counted["experts"] * 1024, rel=1e-12)
+    rows = {name: m * count for name, m, k, n, batch, count in inventory if name.startswith("routed down")}
+    assert sum(rows.values()) == 30 * 7 * (256 + 64)
+    assert flop["lm_head"] == counted["lm_head"] * 1024
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--preset", "tiny", "--seq-len", "500"])
+    assert e.value.code == 2

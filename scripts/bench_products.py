@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""The matrix products of one JAX training step, timed alone: a ceiling for the step's speed.
+
+    python scripts/bench_products.py                       # seed-973m, micro-batch 4 x 256
+    python scripts/bench_products.py --preset small --batch-size 8 --seq-len 128
+
+Every product of the step (forward, input gradient and weight gradient of each projection; the
+routed experts as the default grouped dispatch runs them: per expert, products of 256 rows and a
+last one of 64 over the rows it would get with a perfectly balanced router; attention's batched
+products, the forward twice as the `dots` remat recomputes it; the `lm_head`) is jitted alone at
+its shape and timed (median), interleaved with the float32 2048^3 matmul peak. The sum is the step
+time if nothing but the products took time, so (analytic FLOPs / that time) / peak is the MFU no
+change to the rest of the step can exceed while the products run at these rates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+
+try:
+    import jaxllm  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median_s(f, args, reps: int) -> float:
+    import jax
+
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def products(config, tokens: int, seq_len: int, block: int = 256, tail: int = 64):
+    """(name, m, k, n, batch, count) of every `[m, k] x [k, n]` product (forward shapes) per step."""
+    c = config
+    h, lat, heads, f = c.hidden_size, c.latent_dim, c.num_attention_heads, c.intermediate_size
+    L = c.num_hidden_layers
+    proj = {"q_proj_d": (h, lat), "kv_proj_d": (h, lat), "q_proj_u": (lat, heads * c.nope_head_dim),
+            "k_proj_u": (lat, heads * c.nope_head_dim), "v_proj_u": (lat, heads * c.v_head_dim),
+            "rope_k": (h, heads * c.rope_head_dim), "rope_q": (lat, heads * c.rope_head_dim),
+            "o_proj": (heads * c.v_head_dim, h)}
+    out = [(f"attention {name}", tokens, k, n, 1, L) for name, (k, n) in proj.items()]
+    out += [("shared gate/up", tokens, h, f, 1, 2 * L * c.num_shared_experts),
+            ("shared down", tokens, f, h, 1, L * c.num_shared_experts)]
+    rows = tokens * c.num_experts_per_tok / c.num_routed_experts  # per expert, balanced
+    big, rest = divmod(math.ceil(rows), block)
+    tails = math.ceil(rest / tail)  # the cascade's last products: one of tails * 64 rows
+    for m, n_per_expert in ((block, big), (tails * tail, 1 if tails else 0)):
+        if n_per_expert:
+            count = L * c.num_routed_experts * n_per_expert
+            out += [(f"routed gate/up ({m} rows)", m, h, f, 1, 2 * count), (f"routed down ({m} rows)", m, f, h, 1, count)]
+    B = tokens // seq_len
+    out += [("attention q.k (batched)", seq_len, c.qk_head_dim, seq_len, B * heads, L),
+            ("attention p.v (batched)", seq_len, seq_len, c.v_head_dim, B * heads, L),
+            ("lm_head", tokens, h, c.vocab_size, 1, 1)]
+    return out
+
+
+def main(argv=None) -> int:
+    from jaxllm.cli import parser
+
+    p = parser(__file__, __doc__)
+    p.add_argument("--preset", default="seed-973m", help="model preset (default seed-973m)")
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per product (default 5)")
+    args = p.parse_args(argv)
+    from jaxllm.config import PRESETS, LLMConfig
+
+    if args.preset not in PRESETS:
+        p.error(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
+    for flag in ("batch_size", "seq_len", "reps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    config = LLMConfig.from_preset(args.preset)
+    if args.seq_len > config.max_position_embeddings:
+        p.error(f"--seq-len: preset {args.preset} holds at most {config.max_position_embeddings} positions")
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.flops import training_flops_per_token
+
+    tokens = args.batch_size * args.seq_len
+    key = jax.random.key(0)
+    peak_mm = jax.jit(lambda a: a @ a)
+    a2048 = jnp.ones((2048, 2048), jnp.float32)
+    barrier = jax.lax.optimization_barrier
+    # forward, input gradient, weight gradient (from a materialised x^T, as wide_linear does)
+    forms = {"fwd": lambda x, w, g: x @ w, "dx": lambda x, w, g: g @ jnp.swapaxes(w, -1, -2),
+             "dW": lambda x, w, g: barrier(jnp.swapaxes(x, -1, -2)) @ g}
+    print("| product | [m, k] x [k, n] | per step | fwd ms | dx ms | dW ms | GFLOP/s | seconds per step |")
+    print("|---|---|---|---|---|---|---|---|")
+    total_s, peaks = 0.0, []
+    for name, m, k, n, batch, count in products(config, tokens, args.seq_len):
+        lead = (batch,) if batch > 1 else ()
+        x, w, g = (jax.random.normal(key, (*lead, *s), jnp.float32) for s in ((m, k), (k, n), (m, n)))
+        peaks.append(2 * 2048**3 / _median_s(peak_mm, (a2048,), args.reps))
+        ms = {form: 1e3 * _median_s(jax.jit(f), (x, w, g), args.reps) for form, f in forms.items()}
+        # attention's forward runs twice (remat `dots` recomputes it for the backward pass)
+        per_call = (2 * ms["fwd"] if "batched" in name else ms["fwd"]) + ms["dx"] + ms["dW"]
+        seconds = count * per_call / 1e3
+        total_s += seconds
+        flop = 2 * m * k * n * batch * 3
+        print(f"| {name} | [{m}, {k}] x [{k}, {n}]{f' x {batch}' if batch > 1 else ''} | {count} | "
+              f"{ms['fwd']:.2f} | {ms['dx']:.2f} | {ms['dW']:.2f} | {flop / (sum(ms.values()) / 1e3) / 1e9:.0f} | "
+              f"{seconds:.2f} |")
+    peak = statistics.median(peaks)
+    counted = training_flops_per_token(config, args.seq_len) * tokens
+    print(f"\n{args.preset}, {args.batch_size} x {args.seq_len}: the products alone take {total_s:.1f} s per step; "
+          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s (median over the run, {min(peaks) / 1e9:.0f}-"
+          f"{max(peaks) / 1e9:.0f}); counted training FLOPs {counted / 1e12:.2f} T; "
+          f"MFU ceiling at these product rates: {counted / total_s / peak:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
