@@ -280,10 +280,11 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     return case
 
 
-def _bench_case_or_exit(*a, **kw) -> dict:
-    """`bench_case`, or the failed worker's stderr and exit status 1 (no orchestrator traceback)."""
+def _or_exit(fn, *a, **kw):
+    """`fn(*a, **kw)` (which runs workers), or the failed worker's stderr and exit status 1 (no
+    orchestrator traceback)."""
     try:
-        return bench_case(*a, **kw)
+        return fn(*a, **kw)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
     _check_args(p, args, shapes, decode_tokens)
     matmul_argv = ["--matmul-size", str(args.matmul_size)] + (["--torch-matmul"] if "torch" in frameworks else [])
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cases": [],
-              "matmul": _run_worker("matmul", matmul_argv, args.timeout)}
+              "matmul": _or_exit(_run_worker, "matmul", matmul_argv, args.timeout)}
     peak = result["matmul"]["jax_matmul_float32_flops" if args.dtype == "float32" else "jax_matmul_bfloat16_flops"]
     from jaxllm.flops import device_peak_flops
 
@@ -400,10 +401,10 @@ def main(argv=None) -> int:
         datasheet = device_peak_flops(jax.devices()[0], args.dtype)
     for preset, b, t in shapes:
         print(f"benchmarking {preset} at {b} x {t} ...", file=sys.stderr, flush=True)
-        case = _bench_case_or_exit(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup,
-                                   frameworks=frameworks, moe_impl=args.moe_impl, moe_block=args.moe_block,
-                                   remat=args.remat, mesh=args.mesh, timeout=args.timeout,
-                                   compare_dense=args.compare_dense, decode_tokens=decode_tokens)
+        case = _or_exit(bench_case, preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup,
+                        frameworks=frameworks, moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat,
+                        mesh=args.mesh, timeout=args.timeout, compare_dense=args.compare_dense,
+                        decode_tokens=decode_tokens)
         if "jax_flops_per_sec" in case:
             case["jax_mfu_measured_peak"] = case["jax_flops_per_sec"] / peak
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None

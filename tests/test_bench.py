@@ -1,5 +1,5 @@
-"""scripts/bench.py: its report's figures, and its handling of bad input (no timing is asserted:
-speed lives in BENCHMARKS.md, measured side by side)."""
+"""scripts/bench.py and scripts/bench_products.py: the report's figures, the products' inventory, and bad
+input (no timing is asserted: speed lives in BENCHMARKS.md, measured side by side)."""
 
 import json
 import subprocess
@@ -50,6 +50,20 @@ def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_failed_worker_is_its_error_and_exit_1_without_a_traceback(monkeypatch, capsys):
+    import jaxllm.bench as bench
+
+    def fail(kind, argv, timeout):
+        raise RuntimeError(f"{kind} worker failed:\nMemoryError")
+
+    monkeypatch.setattr(bench, "_run_worker", fail)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bench.py: error: matmul worker failed:") and "Traceback" not in err
 
 
 def test_the_products_ceiling_inventory_matches_the_analytic_count_of_seed_973m():
