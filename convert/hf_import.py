@@ -60,7 +60,8 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
         raise ConvertError(f"{hf_dir}: {e}") from None
     out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
     flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
-    tokenizer = os.path.join(hf_dir, "tokenizer.json")
+    # recorded as an absolute path: the checkpoint may be read from another working directory
+    tokenizer = os.path.abspath(os.path.join(hf_dir, "tokenizer.json"))
     tokenizer = tokenizer if os.path.isfile(tokenizer) else None
     with atomic_output_dir(out) as tmp:
         save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer)

@@ -360,9 +360,11 @@ def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monk
     assert tok("the cat sat")["input_ids"] == [1, 2, 3]
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == 0
 
-    # The way back records the directory's tokenizer.json in the checkpoint's metadata.
-    back = import_hf(result.out_dir, tmp_path / "back")
-    assert back.tokenizer == os.path.join(result.out_dir, "tokenizer.json")
+    # The way back records the directory's tokenizer.json in the checkpoint's metadata, as an
+    # absolute path even when the directory was given relative to the working directory.
+    monkeypatch.chdir(os.path.dirname(result.out_dir))
+    back = import_hf(os.path.basename(result.out_dir), tmp_path / "back")
+    assert os.path.isabs(result.out_dir) and back.tokenizer == os.path.join(result.out_dir, "tokenizer.json")
     mngr = checkpoint.manager(back.out_dir, read_only=True)
     assert checkpoint.read_meta(mngr, 0)["tokenizer"] == back.tokenizer
     mngr.close()
