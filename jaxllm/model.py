@@ -439,12 +439,8 @@ def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | 
     if block % tail:
         raise ValueError(f"the tail block ({tail} rows) must divide the block ({block} rows)")
     few = dispatch_block(chosen_NK.size, E, tail)
-    if few < tail:
-        # Fewer assignments than a tail block per expert (decoding, short prompts): blocks of
-        # ceil(n / E) rows, and products wide enough for all of one expert's rows (at most one per
-        # token), so that each active expert reads its weights in one to a few products.
-        tail = few
-        block = tail * (1 << max(0, -(-chosen_NK.shape[0] // tail) - 1).bit_length())
+    if few < tail:  # fewer assignments than a tail block per expert (decoding): blocks of n / E rows
+        block = tail = few
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, tail)
     nblk_E = ((lay.group_sizes + tail - 1) // tail).astype(jnp.int32)
     y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, block // tail)

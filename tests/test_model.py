@@ -269,9 +269,9 @@ def test_grouped_dispatch_with_fewer_assignments_than_a_tail_block_per_expert_eq
                    dense_dispatch(x, chosen, w, wg, wu, wd)) <= 1e-5
 
 
-def test_grouped_dispatch_of_a_short_prompt_runs_an_experts_blocks_together_and_equals_dense():
-    """8 tokens, 16 assignments over 5 experts: blocks of 4 rows, products of up to 2 blocks; expert
-    0 takes every token (2 blocks, one product), expert 2 none. Values and gradients."""
+def test_grouped_dispatch_of_a_short_prompt_with_an_expert_of_several_blocks_equals_dense():
+    """8 tokens, 16 assignments over 5 experts: blocks of 4 rows; expert 0 takes every token (2
+    blocks), expert 2 none. Values and gradients."""
     from jaxllm.model import dense_dispatch, grouped_dispatch
 
     N, D, F, E = 8, 8, 12, 5
