@@ -57,7 +57,8 @@ def products(config, tokens: int, seq_len: int, block: int = 256, tail: int = 64
     for m, n_per_expert in ((block, big), (tails * tail, 1 if tails else 0)):
         if n_per_expert:
             count = L * c.num_routed_experts * n_per_expert
-            out += [(f"routed gate/up ({m} rows)", m, h, f, 1, 2 * count), (f"routed down ({m} rows)", m, f, h, 1, count)]
+            out += [(f"routed gate/up ({m} rows)", m, h, f, 1, 2 * count),
+                    (f"routed down ({m} rows)", m, f, h, 1, count)]
     B = tokens // seq_len
     out += [("attention q.k (batched)", seq_len, c.qk_head_dim, seq_len, B * heads, L),
             ("attention p.v (batched)", seq_len, seq_len, c.v_head_dim, B * heads, L),
