@@ -316,11 +316,8 @@ def markdown(result: dict) -> str:
 
 def _check_args(p, args, shapes, decode_tokens: int) -> None:
     """Bad input: one line on stderr, exit status 2, before any worker starts."""
-    for flag, lowest in (("batch_size", 1), ("seq_len", 1), ("iters", 1), ("warmup", 0), ("decode_tokens", 0),
-                         ("matmul_size", 1), ("timeout", 1)):
-        v = getattr(args, flag)
-        if v is not None and v < lowest:
-            p.error(f"--{flag.replace('_', '-')} must be at least {lowest}, got {v}")
+    cli.check_at_least(p, args, batch_size=1, seq_len=1, iters=1, warmup=0, decode_tokens=0, matmul_size=1,
+                       timeout=1)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: the folder of {args.json} does not exist")
     from jaxllm.config import LLMConfig
@@ -374,10 +371,13 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
-    from jaxllm.config import PRESETS
+    from jaxllm.config import LLMConfig
 
-    if args.preset is not None and args.preset not in PRESETS:
-        p.error(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
+    if args.preset is not None:
+        try:
+            LLMConfig.from_preset(args.preset)
+        except ValueError as e:
+            p.error(f"--preset: {e}")
     frameworks = args.frameworks.split(",")
     if args.preset:
         shapes = [(args.preset, args.batch_size or 4, args.seq_len or 256)]

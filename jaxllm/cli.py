@@ -20,6 +20,15 @@ def parser(file: str, doc: str, **kw) -> ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
 
+def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowest: int) -> None:
+    """`p.error` (one line, exit status 2) for the first of these flags given below its lowest
+    value; flags left at None are not checked."""
+    for name, low in lowest.items():
+        v = getattr(args, name)
+        if v is not None and v < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+
+
 # ---- the training scripts' shared flags (train_jax.py, train_torch.py) ---------------------------
 def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: str) -> None:
     """Recipe, model, data and optimizer flags. `d` is the defaults (a `RunConfig`); every flag

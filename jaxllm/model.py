@@ -403,7 +403,7 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
     x_BbD, wg, wu, wd, nblk_E, g_all, u_all = res
     start_E = _first_blocks(nblk_E)
     dot = functools.partial(jnp.dot, preferred_element_type=F32)  # weight gradients sum in float32
-    dx, dwg, dwu, dwd = jnp.zeros_like(x_BbD), [], [], []
+    dx, grads = jnp.zeros_like(x_BbD), []
     # Each expert's weight-gradient accumulators start from these.
     z_DF, z_FD = jnp.zeros(wg.shape[1:], F32), jnp.zeros(wd.shape[1:], F32)
     for e in range(wg.shape[0]):
@@ -418,11 +418,10 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
             dx = _place(dx, dg @ Wg.T + du @ Wu.T, i, width)
             return dx, ag + dot(x.T, dg), au + dot(x.T, du), ad + dot((silu * u).T, dy)
 
-        dx, ag, au, ad = _over_blocks(start_E[e], nblk_E[e], group, body, (dx, z_DF, z_DF, z_FD))
-        for parts, acc in zip((dwg, dwu, dwd), (ag, au, ad)):
-            parts.append(acc)
-    stack = lambda parts, like: jnp.stack(parts).astype(like.dtype)
-    return dx, stack(dwg, wg), stack(dwu, wu), stack(dwd, wd), None
+        dx, *acc = _over_blocks(start_E[e], nblk_E[e], group, body, (dx, z_DF, z_DF, z_FD))
+        grads.append(acc)
+    dwg, dwu, dwd = (jnp.stack(per_expert).astype(w.dtype) for per_expert, w in zip(zip(*grads), (wg, wu, wd)))
+    return dx, dwg, dwu, dwd, None
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

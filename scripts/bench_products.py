@@ -21,7 +21,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 try:
     import jaxllm  # noqa: F401
@@ -30,15 +29,12 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 
 def _median_s(f, args, reps: int) -> float:
+    """Median seconds of `f(*args)` to its results (after one warm-up call, which compiles)."""
     import jax
 
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    from jaxllm.bench import _median_seconds
+
+    return _median_seconds(lambda: jax.block_until_ready(f(*args)), reps)
 
 
 def products(config, tokens: int, seq_len: int, block: int = 256, tail: int = 64):
@@ -77,14 +73,14 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per product (default 5)")
     args = p.parse_args(argv)
-    from jaxllm.config import PRESETS, LLMConfig
+    from jaxllm.cli import check_at_least
+    from jaxllm.config import LLMConfig
 
-    if args.preset not in PRESETS:
-        p.error(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
-    for flag in ("batch_size", "seq_len", "reps"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    config = LLMConfig.from_preset(args.preset)
+    check_at_least(p, args, batch_size=1, seq_len=1, reps=1)
+    try:
+        config = LLMConfig.from_preset(args.preset)
+    except ValueError as e:
+        p.error(f"--preset: {e}")
     if args.seq_len > config.max_position_embeddings:
         p.error(f"--seq-len: preset {args.preset} holds at most {config.max_position_embeddings} positions")
 
