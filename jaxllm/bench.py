@@ -128,17 +128,19 @@ def worker_matmul(args) -> dict:
     out = {}
     n = args.matmul_size
     import jax
-    import jax.numpy as jnp
 
-    for dtype in ["float32"] + (["bfloat16"] if jax.devices()[0].platform != "cpu" else []):
-        a = jnp.ones((n, n), dtype)
+    # Random operands: constant ones or zeros draw less power, and GPUs run them faster than real data.
+    # float32 always; bfloat16 on accelerators and whenever the steps run in it (the peak of their MFU).
+    bf16 = args.dtype == "bfloat16" or jax.devices()[0].platform != "cpu"
+    for dtype in ["float32"] + (["bfloat16"] if bf16 else []):
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         f = jax.jit(lambda x: x @ x)
         times = _timeit(lambda: f(a).block_until_ready(), 2, 5)
         out[f"jax_matmul_{dtype}_flops"] = 2 * n**3 / float(np.median(times))
     if args.torch_matmul:
         import torch
 
-        t = torch.ones(n, n)
+        t = torch.randn(n, n)
         times = _timeit(lambda: t @ t, 2, 5)
         out["torch_matmul_float32_flops"] = 2 * n**3 / float(np.median(times))
     out["device"] = str(jax.devices()[0].device_kind)
@@ -241,7 +243,9 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
 
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
                moe_impl: str, moe_block: int, remat: str | None, mesh: str | None, timeout: int,
-               compare_dense: bool = False, decode_tokens: int = 0) -> dict:
+               compare_dense: bool = False, decode_tokens: int = 0, case: dict | None = None) -> dict:
+    """One preset and shape: each framework's worker in turn. `case` (a dict) is filled in as the
+    workers finish, so that a caller keeps what was measured before a worker failed."""
     from jaxllm.config import LLMConfig
     from jaxllm.flops import training_flops_per_token
 
@@ -253,7 +257,8 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
         return argv + (["--mesh", mesh] if mesh else [])
 
     argv = worker_argv(moe_impl)
-    case = {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "moe_impl": moe_impl}
+    case = {} if case is None else case
+    case.update(preset=preset, batch_size=batch_size, seq_len=seq_len, dtype=dtype, moe_impl=moe_impl)
     tokens = batch_size * seq_len
     flops = training_flops_per_token(LLMConfig.from_preset(preset), seq_len) * tokens
     case["train_flops_per_step"] = flops
@@ -291,11 +296,13 @@ def _or_exit(fn, *a, **kw):
 
 
 def markdown(result: dict) -> str:
-    peak = result["matmul"].get("jax_matmul_float32_flops")
-    lines = [f"device: {result['matmul'].get('device')} ({result['matmul'].get('malloc')}); measured float32 "
-             f"matmul peak: JAX {peak / 1e9:.0f} GFLOP/s"
-             + (f", PyTorch {result['matmul']['torch_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
-                if "torch_matmul_float32_flops" in result["matmul"] else ""), "",
+    mm = result["matmul"]
+    lines = [f"device: {mm.get('device')} ({mm.get('malloc')}); measured float32 "
+             f"matmul peak: JAX {mm['jax_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
+             + (f", PyTorch {mm['torch_matmul_float32_flops'] / 1e9:.0f} GFLOP/s"
+                if "torch_matmul_float32_flops" in mm else "")
+             + (f"; bfloat16: JAX {mm['jax_matmul_bfloat16_flops'] / 1e9:.0f} GFLOP/s"
+                if "jax_matmul_bfloat16_flops" in mm else ""), "",
              "| preset | batch x seq | dtype | moe, remat | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
              "JAX MFU (measured peak) | MFU (datasheet) | compile s | JAX peak RSS GB | PyTorch peak RSS GB | "
              "sparse/dense step | decode tok/s JAX / PyTorch |",
@@ -388,7 +395,7 @@ def main(argv=None) -> int:
     iters = args.iters or (3 if args.quick else 5)
     decode_tokens = 64 if args.decode_tokens is None else args.decode_tokens
     _check_args(p, args, shapes, decode_tokens)
-    matmul_argv = ["--matmul-size", str(args.matmul_size)] + (["--torch-matmul"] if "torch" in frameworks else [])
+    matmul_argv = ["--matmul-size", str(args.matmul_size), "--dtype", args.dtype] + (["--torch-matmul"] if "torch" in frameworks else [])
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cases": [],
               "matmul": _or_exit(_run_worker, "matmul", matmul_argv, args.timeout)}
     peak = result["matmul"]["jax_matmul_float32_flops" if args.dtype == "float32" else "jax_matmul_bfloat16_flops"]
@@ -399,17 +406,28 @@ def main(argv=None) -> int:
         import jax
 
         datasheet = device_peak_flops(jax.devices()[0], args.dtype)
+    failed = None
     for preset, b, t in shapes:
         print(f"benchmarking {preset} at {b} x {t} ...", file=sys.stderr, flush=True)
-        case = _or_exit(bench_case, preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup,
-                        frameworks=frameworks, moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat,
-                        mesh=args.mesh, timeout=args.timeout, compare_dense=args.compare_dense,
-                        decode_tokens=decode_tokens)
+        case = {}
+        try:
+            bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
+                       moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
+                       timeout=args.timeout, compare_dense=args.compare_dense, decode_tokens=decode_tokens,
+                       case=case)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:
             case["jax_mfu_measured_peak"] = case["jax_flops_per_sec"] / peak
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None
         result["cases"].append(case)
+        if failed:
+            case["error"] = str(failed).splitlines()[0]
+            break
     report(markdown(result), result, args.json)
+    if failed:
+        print(f"bench.py: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

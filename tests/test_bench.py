@@ -66,6 +66,41 @@ def test_a_failed_worker_is_its_error_and_exit_1_without_a_traceback(monkeypatch
     assert err.startswith("bench.py: error: matmul worker failed:") and "Traceback" not in err
 
 
+def test_a_failed_worker_keeps_what_the_workers_before_it_measured(monkeypatch, tmp_path, capsys):
+    """A PyTorch worker that fails after the JAX one finished: the table and the JSON still hold the
+    JAX figures, the case names the error, and the exit status is 1."""
+    import jaxllm.bench as bench
+
+    def run(kind, argv, timeout):
+        if kind == "matmul":
+            return {"jax_matmul_float32_flops": 1e11, "device": "cpu"}
+        if kind == "jax":
+            return {"jax_step_s": 0.5, "jax_step_times": [0.5], "compile_s": 3.0, "jax_peak_rss_gb": 1.0}
+        raise RuntimeError(f"{kind} worker failed:\nCUDA out of memory")
+
+    monkeypatch.setattr(bench, "_run_worker", run)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--decode-tokens", "0", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "\nbench.py: error: torch worker failed:\n" in captured.err and "Traceback" not in captured.err
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["jax_tokens_per_sec"] == pytest.approx(8 * 128 / 0.5) and case["compile_s"] == 3.0
+    assert case["error"] == "torch worker failed:" and "torch_tokens_per_sec" not in case
+    assert f"| {case['jax_tokens_per_sec']:.1f} | - |" in captured.out
+
+
+def test_the_matmul_worker_measures_the_peak_of_the_steps_dtype():
+    """`--dtype bfloat16` MFU is against the bfloat16 peak, which the worker then measures on CPUs too."""
+    import argparse
+
+    from jaxllm.bench import worker_matmul
+
+    for dtype, keys in (("float32", {"jax_matmul_float32_flops"}),
+                        ("bfloat16", {"jax_matmul_float32_flops", "jax_matmul_bfloat16_flops"})):
+        out = worker_matmul(argparse.Namespace(matmul_size=64, dtype=dtype, torch_matmul=False))
+        assert {k for k in out if k.startswith("jax_matmul")} == keys and all(out[k] > 0 for k in keys)
+
+
 def test_the_products_ceiling_inventory_matches_the_analytic_count_of_seed_973m():
     """scripts/bench_products.py times the step's products; its inventory must be the model's:
     the projections' FLOPs equal flops.py's, the routed experts run 7 x (256 + 64) rows a layer."""
