@@ -95,8 +95,9 @@ def test_torch_generate_with_latent_cache_equals_no_cache(pair):
         assert rel_err(logits_c[b], logits_n[b]) <= 1e-5
     # The Hugging Face cache holds the latent only: c_kv as one "head" and the rotated k_rope.
     B, S = len(PROMPTS), max(map(len, PROMPTS)) + STEPS - 1
-    assert len(out.cache.layers) == TINY.num_hidden_layers
-    for layer in out.cache.layers:
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers < 5.24
+    assert len(cache.layers) == TINY.num_hidden_layers
+    for layer in cache.layers:
         assert tuple(layer.keys.shape) == (B, 1, S, TINY.latent_dim)
         assert tuple(layer.values.shape) == (B, TINY.num_attention_heads, S, TINY.rope_head_dim)
 

@@ -7,6 +7,7 @@ so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` work
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ try:  # transformers >= 5: init functions that respect already-loaded weights
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     from torch.nn import init
+
+# transformers 5.24 renamed the outputs' `past_key_values` to `cache`: fill whichever this version has.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -347,7 +351,7 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             lm_loss = ce_sum / denom
             loss = lm_loss + self.config.router_aux_loss_coef * aux_total
         return CustomLLMOutput(
-            loss=loss, logits=logits, cache=cache if use_cache else None,
+            loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None},
             aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))
 
     @staticmethod
