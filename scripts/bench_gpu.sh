@@ -5,7 +5,8 @@
 # Writes OUT_DIR/bench.md (the tables), OUT_DIR/bench.json (every case) and OUT_DIR/log.txt (versions,
 # progress, errors). Settings (environment):
 #   BATCH_SIZES   micro-batches, run in this order (default "32 4 16"; sequence 256)
-#   EXTRA_IMPLS   MoE dispatches also timed for JAX alone at EXTRA_BATCH (default "grouped dense" at 16)
+#   EXTRA_IMPLS   MoE dispatches also timed for JAX alone at EXTRA_BATCH (default 16), as IMPL or IMPL:BLOCK
+#                 (rows per block of the gather dispatch; default "dense gather:128 gather:512")
 #   BUDGET_S      no case starts after this many seconds, and none runs past it (default 540)
 #   PRESET        default seed-973m; MATMUL_SIZE default 8192; PYTHON default python3
 # A tiny smoke case runs first: if the PyTorch side fails there, the cases run JAX alone.
@@ -53,9 +54,11 @@ for b in ${BATCH_SIZES:-32 4 16}; do
   bench "b$b" --preset "$preset" --batch-size "$b" --seq-len 256 --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" \
     --frameworks "$frameworks"
 done
-for impl in ${EXTRA_IMPLS:-grouped dense}; do
-  bench "b${EXTRA_BATCH:-16}-$impl" --preset "$preset" --batch-size "${EXTRA_BATCH:-16}" --seq-len 256 \
-    --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" --frameworks jax --moe-impl "$impl"
+for spec in ${EXTRA_IMPLS-dense gather:128 gather:512}; do
+  impl="${spec%%:*}" block=128
+  [[ "$spec" == *:* ]] && block="${spec#*:}"
+  bench "b${EXTRA_BATCH:-16}-$impl-$block" --preset "$preset" --batch-size "${EXTRA_BATCH:-16}" --seq-len 256 \
+    --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" --frameworks jax --moe-impl "$impl" --moe-block "$block"
 done
 "$py" - "$cases" "$out/bench.json" <<'EOF'
 import glob, json, os, sys
