@@ -128,3 +128,59 @@ def test_the_products_ceiling_inventory_matches_the_analytic_count_of_seed_973m(
     with pytest.raises(SystemExit) as e:
         mod.main(["--preset", "tiny", "--seq-len", "500"])
     assert e.value.code == 2
+
+
+def _profile_step():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "scripts" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_step_times_each_variant_on_the_cpu():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--preset", "tiny", "--seq-len", "16",
+                        "--dtype", "float32", "--variants", "8:dense:none", "--steps", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8 x 16 dense, remat none: step " in r.stdout and "tok/s" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "2:foo:none"], "--variants: '2:foo:none' is not BATCH:MOE_IMPL:REMAT[:MOE_BLOCK]"),
+    (["--variants", "0:dense:none"], "--variants: '0:dense:none'"),
+    (["--variants", "2:gather:dots:0"], "--variants: '2:gather:dots:0'"),
+    (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--variants", "8:dense:none", "3:dense:none"], "batch size 3 cannot be divided over the mesh's 8 batch shards"),
+    (["--mesh", "data=3"], "--mesh"),
+])
+def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _profile_step().main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_profile_step_names_the_jax_op_behind_a_kernel():
+    """Kernels are named after HLO instructions (`fusion.12` runs as `fusion_12`); a fusion's op is
+    the first one inside it that carries `op_name` metadata."""
+    hlo = """
+%fused_mul.3 (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  ROOT %m = f32[4]{0} multiply(%p0, %p0), metadata={op_name="jit(step)/mul"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %loop_multiply_fusion.12 = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused_mul.3
+  ROOT %sort_7 = f32[4]{0} sort(%loop_multiply_fusion.12), metadata={op_name="jit(step)/sort"}
+}
+"""
+    mod = _profile_step()
+    assert mod.hlo_op_name(hlo, "loop_multiply_fusion_12") == "jit(step)/mul"
+    assert mod.hlo_op_name(hlo, "sort_7") == "jit(step)/sort"
+    assert mod.hlo_op_name(hlo, "nvjet_sm90_tst_256x96") == ""
+    assert mod.GEMM.search("nvjet_sm90_tst_256x96_64x4") and not mod.GEMM.search("loop_select_fusion_2")

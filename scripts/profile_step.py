@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Time variants of the JAX training step in one process, and profile where a step's time goes.
+
+    python scripts/profile_step.py                                   # seed-973m, 16 x 256, bf16: sparse/dense, profiled
+    python scripts/profile_step.py --variants 16:gather:dots:512 16:dense:dots --no-profile
+    python scripts/profile_step.py --preset tiny --seq-len 32 --variants 2:sparse:none --dtype float32
+
+Each variant is BATCH:MOE_IMPL:REMAT[:MOE_BLOCK]. For each: compile, 2 warm-up steps, the median of
+`--steps` timed steps, tokens/s, counted TFLOP/s and MFU against `--peak-flops` (default: the
+device's datasheet peak, where known). With profiling on, 3 more steps run under `jax.profiler` and
+the device's kernels are summed per step: the busy time against the steps' span, the kernel count,
+matrix products (cuBLAS / XLA gemm kernels) against everything else, the heaviest kernels with the
+HLO op they came from. `--out DIR` keeps the first profiled variant's trace and its HLO there.
+On a CPU the trace holds XLA's host threads instead of device streams: use the CPU tools in
+BENCHMARKS.md there (bench_products.py); this script then times the variants only.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+try:
+    import jaxllm  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GEMM = re.compile(r"(nvjet|gemm|cutlass|sm\d+_xmma|ampere_|cublas|triton_gemm)", re.I)
+
+
+def parse_variant(spec: str):
+    from jaxllm.recipes import MOE_IMPLS, REMAT_POLICIES
+
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not parts[0].isdigit() or int(parts[0]) < 1 or parts[1] not in MOE_IMPLS \
+            or parts[2] not in REMAT_POLICIES or (len(parts) == 4 and not (parts[3].isdigit() and int(parts[3]) > 0)):
+        raise ValueError(f"--variants: {spec!r} is not BATCH:MOE_IMPL:REMAT[:MOE_BLOCK] (impls {', '.join(MOE_IMPLS)}; "
+                         f"remat {', '.join(REMAT_POLICIES)})")
+    return int(parts[0]), parts[1], parts[2], int(parts[3]) if len(parts) == 4 else 128
+
+
+def hlo_op_name(hlo: str, kernel: str) -> str:
+    """The JAX op (`op_name` metadata) behind a kernel named after an HLO instruction (`fusion_12`
+    for `%fusion.12`); for a fusion, that of the first op inside it that has one. "" if none."""
+    for name in dict.fromkeys((re.sub(r"_(\d+)$", r".\1", kernel), kernel)):
+        line = re.search(r"^\s*(?:ROOT )?%" + re.escape(name) + r" = [^\n]*", hlo, re.M)
+        if not line:
+            continue
+        own = re.search(r'op_name="([^"]*)"', line.group(0))
+        if own:
+            return own.group(1)
+        called = re.search(r"calls=%([\w.\-]+)", line.group(0))
+        if called:
+            body = re.search(r"^%" + re.escape(called.group(1)) + r" [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)
+            inner = body and re.search(r'op_name="([^"]*)"', body.group(1))
+            if inner:
+                return inner.group(1)
+    return ""
+
+
+def device_kernels(xplane: str, steps: int, hlo: str, top: int) -> list[str]:
+    """Per-step kernel totals of the device planes of a trace, as report lines."""
+    from jax.profiler import ProfileData
+
+    lines = []
+    for plane in ProfileData.from_file(xplane).planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        events = [e for line in plane.lines if line.name.startswith("Stream") or line.name == "XLA Ops"
+                  for e in line.events]
+        if not events:
+            continue
+        busy = collections.Counter()
+        calls = collections.Counter()
+        for e in events:
+            busy[e.name] += e.duration_ns / 1e6 / steps
+            calls[e.name] += 1
+        span = (max(e.start_ns + e.duration_ns for e in events) - min(e.start_ns for e in events)) / 1e6 / steps
+        gemm = sum(v for k, v in busy.items() if GEMM.search(k))
+        short = sum(1 for e in events if e.duration_ns < 10_000) // steps
+        lines.append(f"  {plane.name}: kernels {sum(busy.values()):.1f} ms (summed over streams) in a {span:.1f} ms span per step; "
+                     f"{len(events) // steps} kernels per step ({short} under 10 us); matrix products "
+                     f"{gemm:.1f} ms, everything else {sum(busy.values()) - gemm:.1f} ms")
+        kinds = collections.Counter()
+        for k, v in busy.items():
+            kinds["matrix products" if GEMM.search(k) else re.sub(r"[_.\d]+$", "", k)] += v
+        lines.append("  by kind (ms per step): " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.most_common(14)))
+        lines.append(f"  heaviest kernels (ms per step, calls per step, HLO op):")
+        for k, v in busy.most_common(top):
+            lines.append(f"    {v:8.3f} {calls[k] // steps:5d}  {k[:44]:44s} {hlo_op_name(hlo, k)[-90:]}")
+    return lines
+
+
+def main(argv=None) -> int:
+    from jaxllm import cli
+
+    p = cli.parser(__file__, __doc__)
+    p.add_argument("--preset", default="seed-973m")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--variants", nargs="+", default=["16:sparse:dots", "16:dense:dots"],
+                   help="BATCH:MOE_IMPL:REMAT[:MOE_BLOCK] (default: 16:sparse:dots 16:dense:dots)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
+    p.add_argument("--no-profile", action="store_true", help="time only")
+    p.add_argument("--top", type=int, default=25, help="heaviest kernels listed (default 25)")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: datasheet)")
+    p.add_argument("--out", default=None, help="keep the first profiled trace (.xplane.pb) and its HLO here")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")
+    p.add_argument("--budget", type=float, default=None, help="start no variant after this many seconds")
+    args = p.parse_args(argv)
+    cli.check_at_least(p, args, seq_len=1, steps=1, top=0)
+    try:
+        from jaxllm.config import LLMConfig
+
+        config = LLMConfig.from_preset(args.preset)
+        variants = [parse_variant(v) for v in args.variants]
+    except ValueError as e:
+        p.error(str(e))
+    if args.seq_len > config.max_position_embeddings:
+        p.error(f"--seq-len: preset {args.preset} holds at most {config.max_position_embeddings} positions")
+    if args.out and not os.path.isdir(args.out):
+        p.error(f"--out: {args.out} is not a folder")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxllm import sharding as shd
+    from jaxllm.flops import device_peak_flops, training_flops_per_token
+    from jaxllm.train import OptimConfig, Trainer
+
+    try:  # every variant's batch must divide over the mesh: refuse before any of them runs
+        mesh = shd.make_mesh(args.mesh)
+        for b, *_ in variants:
+            shd.check_batch(b, mesh)
+    except ValueError as e:
+        p.error(" ".join(str(e).split()))
+    t_start = time.time()
+    device = jax.devices()[0]
+    peak = args.peak_flops or device_peak_flops(device, args.dtype)
+    profile = not args.no_profile and device.platform != "cpu"
+    print(f"{device.device_kind}, jax {jax.__version__}; {args.preset}, sequence {args.seq_len}, {args.dtype}"
+          + (f"; MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "; no peak known (--peak-flops)"), flush=True)
+    kept = False
+    for b, impl, remat, block in variants:
+        if args.budget is not None and time.time() - t_start > args.budget:
+            print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
+            break
+        trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), mesh,
+                          batch_size=b, grad_accum=1, seq_len=args.seq_len, dropout=False,
+                          dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                          moe_impl=impl, moe_block=block, remat=remat)
+        state = trainer.init_state()
+        batch = trainer.put_batch(np.random.RandomState(0).randint(0, config.vocab_size, (b, args.seq_len)))
+        t0 = time.perf_counter()
+        step = trainer.step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+
+        def run(n, times=None):
+            nonlocal state
+            for _ in range(n):
+                t = time.perf_counter()
+                state, m = step(state, batch)
+                jax.block_until_ready(m["loss"])
+                if times is not None:
+                    times.append(time.perf_counter() - t)
+            return m
+
+        run(2)
+        times = []
+        m = run(args.steps, times)
+        med = float(np.median(times))
+        flops = training_flops_per_token(config, args.seq_len) * b * args.seq_len
+        mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
+        print(f"{b} x {args.seq_len} {impl}{f'/{block}' if impl in ('gather', 'grouped') else ''}, remat {remat}: "
+              f"step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {b * args.seq_len / med:,.0f} tok/s, "
+              f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
+              + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")
+              + f", loss {float(m['loss']):.3f}", flush=True)
+        if profile:
+            trace_dir = tempfile.mkdtemp(prefix="profile_step_")
+            jax.profiler.start_trace(trace_dir)
+            run(3)
+            jax.profiler.stop_trace()
+            hlo = step.as_text()
+            xplane = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+            print("\n".join(device_kernels(xplane, 3, hlo, args.top)), flush=True)
+            if args.out and not kept:
+                shutil.copy(xplane, os.path.join(args.out, "step.xplane.pb"))
+                with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:
+                    f.write(hlo)
+                kept = True
+            shutil.rmtree(trace_dir, ignore_errors=True)
+        del state, step, trainer, batch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
