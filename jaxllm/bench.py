@@ -94,14 +94,15 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
             torch.set_num_threads(torch_threads)
         result["torch_threads"] = torch.get_num_threads()
         sd = flax_to_torch(get_weights(jm), config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as the JAX side runs on its default device
         tm = CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
-                                       {k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
-        ids = torch.tensor(prompts)
+                                       {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}).to(device)
+        ids = torch.tensor(prompts, device=device)
         def run(use_cache, steps=new_tokens):
             with torch.no_grad():
                 out = tm.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                   use_cache=use_cache, eos_token_id=None, pad_token_id=config.pad_token_id)
-            tokens[f"torch_{'cached' if use_cache else 'recompute'}"] = out[:, prompt_len:].numpy()
+            tokens[f"torch_{'cached' if use_cache else 'recompute'}"] = out[:, prompt_len:].cpu().numpy()
 
         for use_cache, mode, reps in modes:
             # Nothing compiles in PyTorch: a 2-token call warms it up.

@@ -32,6 +32,17 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     assert f"{case['jax_tokens_per_sec']:.1f} | {case['torch_tokens_per_sec']:.1f} |" in row
 
 
+def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
+    """bench.py's decode figures (as its worker asks for them): both frameworks' greedy tokens on the
+    latent cache are the same, and each gets a rate."""
+    from jaxllm.bench import measure_decode
+
+    r = measure_decode("tiny", new_tokens=3, prompt_len=4, batch_size=2, repeats=1, recompute=False)
+    assert r["same_tokens"] is True
+    assert r["jax_cached_tokens_per_sec"] > 0 and r["torch_cached_tokens_per_sec"] > 0
+    assert r["seed973m_cache_bytes_per_token"] < r["seed973m_full_kv_bytes_per_token"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "nope"], "--preset: unknown preset 'nope'"),
     (["--iters", "0"], "--iters must be at least 1"),
