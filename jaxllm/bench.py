@@ -410,7 +410,8 @@ def main(argv=None) -> int:
     iters = args.iters or (3 if args.quick else 5)
     decode_tokens = 64 if args.decode_tokens is None else args.decode_tokens
     _check_args(p, args, shapes, decode_tokens)
-    matmul_argv = ["--matmul-size", str(args.matmul_size), "--dtype", args.dtype] + (["--torch-matmul"] if "torch" in frameworks else [])
+    matmul_argv = (["--matmul-size", str(args.matmul_size), "--dtype", args.dtype]
+                   + (["--torch-matmul"] if "torch" in frameworks else []))
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cases": [],
               "matmul": _or_exit(_run_worker, "matmul", matmul_argv, args.timeout)}
     peak = result["matmul"]["jax_matmul_float32_flops" if args.dtype == "float32" else "jax_matmul_bfloat16_flops"]

@@ -72,8 +72,10 @@ def device_kernels(xplane: str, steps: int, hlo: str, top: int) -> list[str]:
     for plane in ProfileData.from_file(xplane).planes:
         if not plane.name.startswith("/device:"):
             continue
-        events = [e for line in plane.lines if line.name.startswith("Stream") or line.name == "XLA Ops"
-                  for e in line.events]
+        # The CUDA streams' kernels; a trace without stream lines may list XLA's ops instead (never both).
+        streams = ([line for line in plane.lines if line.name.startswith("Stream")]
+                  or [line for line in plane.lines if line.name == "XLA Ops"])
+        events = [e for line in streams for e in line.events]
         if not events:
             continue
         busy = collections.Counter()
@@ -84,14 +86,15 @@ def device_kernels(xplane: str, steps: int, hlo: str, top: int) -> list[str]:
         span = (max(e.start_ns + e.duration_ns for e in events) - min(e.start_ns for e in events)) / 1e6 / steps
         gemm = sum(v for k, v in busy.items() if GEMM.search(k))
         short = sum(1 for e in events if e.duration_ns < 10_000) // steps
-        lines.append(f"  {plane.name}: kernels {sum(busy.values()):.1f} ms (summed over streams) in a {span:.1f} ms span per step; "
+        lines.append(f"  {plane.name}: kernels {sum(busy.values()):.1f} ms (summed over streams) in a "
+                     f"{span:.1f} ms span per step; "
                      f"{len(events) // steps} kernels per step ({short} under 10 us); matrix products "
                      f"{gemm:.1f} ms, everything else {sum(busy.values()) - gemm:.1f} ms")
         kinds = collections.Counter()
         for k, v in busy.items():
             kinds["matrix products" if GEMM.search(k) else re.sub(r"[_.\d]+$", "", k)] += v
         lines.append("  by kind (ms per step): " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.most_common(14)))
-        lines.append(f"  heaviest kernels (ms per step, calls per step, HLO op):")
+        lines.append("  heaviest kernels (ms per step, calls per step, HLO op):")
         for k, v in busy.most_common(top):
             lines.append(f"    {v:8.3f} {calls[k] // steps:5d}  {k[:44]:44s} {hlo_op_name(hlo, k)[-90:]}")
     return lines

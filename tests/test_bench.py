@@ -151,8 +151,8 @@ def _profile_step():
 
 
 def test_profile_step_times_each_variant_on_the_cpu():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--preset", "tiny", "--seq-len", "16",
-                        "--dtype", "float32", "--variants", "8:dense:none", "--steps", "1"],
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--preset", "tiny",
+                        "--seq-len", "16", "--dtype", "float32", "--variants", "8:dense:none", "--steps", "1"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "8 x 16 dense, remat none: step " in r.stdout and "tok/s" in r.stdout

@@ -7,9 +7,8 @@ so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` work
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ except ImportError:  # pragma: no cover
     from torch.nn import init
 
 # transformers 5.24 renamed the outputs' `past_key_values` to `cache`: fill whichever this version has.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
