@@ -37,13 +37,15 @@ def training_flops_per_token(config: LLMConfig, seq_len: int) -> float:
     return 3 * forward_flops_per_token(config, seq_len)["total"]
 
 
-# Dense peak FLOP/s per chip from the vendors' datasheets (no sparsity).
+# Dense peak FLOP/s per chip from the vendors' datasheets (no sparsity). On NVIDIA GPUs "float32"
+# is the TF32 tensor-core peak: XLA runs float32 products as TF32 at JAX's default precision (an
+# H200 ran 8192^3 float32 products at 349-369 TFLOP/s, beyond its 67 TFLOP/s of plain FP32).
 PEAK_FLOPS = {
     # name fragment (lower case): {dtype: FLOP/s}
-    "h200": {"bfloat16": 989e12, "float32": 67e12},
-    "h100": {"bfloat16": 989e12, "float32": 67e12},
-    "a100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "l4": {"bfloat16": 121e12, "float32": 30e12},
+    "h200": {"bfloat16": 989e12, "float32": 494.7e12},
+    "h100": {"bfloat16": 989e12, "float32": 494.7e12},
+    "a100": {"bfloat16": 312e12, "float32": 156e12},
+    "l4": {"bfloat16": 121e12, "float32": 60e12},
     "tpu v4": {"bfloat16": 275e12},
     "tpu v5 lite": {"bfloat16": 197e12},
     "tpu v5e": {"bfloat16": 197e12},
