@@ -111,6 +111,20 @@ def test_exact_resume_through_a_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_datasheet_peaks_by_device_kind():
+    """MFU's datasheet peak: known chips by name (an NVIDIA GPU's float32 is TF32, as XLA runs it),
+    None for CPUs and unknown chips."""
+    from types import SimpleNamespace
+
+    from jaxllm.flops import device_peak_flops
+
+    h200 = SimpleNamespace(device_kind="NVIDIA H200")
+    assert device_peak_flops(h200, "bfloat16") == 989e12 and device_peak_flops(h200, "float32") == 494.7e12
+    assert device_peak_flops(SimpleNamespace(device_kind="TPU v5 lite"), "float32") == 197e12  # bf16's
+    assert device_peak_flops(SimpleNamespace(device_kind="TPU v5p")) == 459e12
+    assert device_peak_flops(SimpleNamespace(device_kind="cpu")) is None
+
+
 def test_analytic_flops_within_10_percent_of_xla_cost_analysis():
     # XLA's cost analysis counts a while-loop body once, so the layer scan is measured on a
     # one-layer model (same structure), with the loop-free "gather" dispatch (the CPU default's
