@@ -163,27 +163,37 @@ def worker_matmul(args) -> dict:
     return out
 
 
+def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, moe_impl: str, moe_block: int,
+                  remat: str):
+    """A benchmark's training step (no dropout, one micro-batch, AdamW), compiled ahead of time for
+    one random batch: (step, state, batch, compile seconds)."""
+    import jax.numpy as jnp
+
+    from jaxllm.train import OptimConfig, Trainer
+
+    trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), mesh,
+                      batch_size=batch_size, grad_accum=1, seq_len=seq_len, dropout=False,
+                      dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                      moe_impl=moe_impl, moe_block=moe_block, remat=remat)
+    state = trainer.init_state()
+    batch = trainer.put_batch(np.random.RandomState(0).randint(0, config.vocab_size, (batch_size, seq_len)))
+    t0 = time.perf_counter()
+    step = trainer.step_fn.lower(state, batch).compile()
+    return step, state, batch, time.perf_counter() - t0
+
+
 def worker_jax(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from jaxllm import sharding as shd
     from jaxllm.config import LLMConfig, count_params
     from jaxllm.recipes import resolve_remat
-    from jaxllm.train import OptimConfig, Trainer
 
     config = LLMConfig.from_preset(args.preset)
     remat = resolve_remat(args.remat, count_params(config), grad_accum=1)
-    trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), shd.make_mesh(args.mesh),
-                      batch_size=args.batch_size, grad_accum=1, seq_len=args.seq_len, dropout=False,
-                      dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                      moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat)
-    state = trainer.init_state()
-    rng = np.random.RandomState(0)
-    batch = trainer.put_batch(rng.randint(0, config.vocab_size, (args.batch_size, args.seq_len)))
-    t0 = time.perf_counter()
-    step = trainer.step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    step, state, batch, compile_s = compiled_step(
+        config, shd.make_mesh(args.mesh), args.batch_size, args.seq_len, dtype=args.dtype,
+        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat)
     holder = {"state": state}
 
     def one():
@@ -342,12 +352,8 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
                        timeout=1)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: the folder of {args.json} does not exist")
-    from jaxllm.config import LLMConfig
-
     for preset, _, seq_len in shapes:
-        longest = LLMConfig.from_preset(preset).max_position_embeddings
-        if seq_len > longest:
-            p.error(f"--seq-len: preset {preset} holds at most {longest} positions, got {seq_len}")
+        longest = cli.preset_config(p, preset, seq_len).max_position_embeddings
         if decode_tokens and DECODE_PROMPT + decode_tokens > longest:
             p.error(f"--decode-tokens: preset {preset} holds at most {longest} positions, and the decode "
                     f"measurement starts from a {DECODE_PROMPT}-token prompt")
@@ -393,13 +399,6 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
-    from jaxllm.config import LLMConfig
-
-    if args.preset is not None:
-        try:
-            LLMConfig.from_preset(args.preset)
-        except ValueError as e:
-            p.error(f"--preset: {e}")
     frameworks = args.frameworks.split(",")
     if args.preset:
         shapes = [(args.preset, args.batch_size or 4, args.seq_len or 256)]

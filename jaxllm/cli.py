@@ -29,6 +29,20 @@ def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowes
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
+def preset_config(p: argparse.ArgumentParser, preset: str, seq_len: int | None = None):
+    """The `LLMConfig` of `preset`, or `p.error` (one line, exit status 2) for an unknown preset or
+    a sequence longer than its positions."""
+    from jaxllm.config import LLMConfig
+
+    try:
+        config = LLMConfig.from_preset(preset)
+    except ValueError as e:
+        p.error(f"--preset: {e}")
+    if seq_len is not None and seq_len > config.max_position_embeddings:
+        p.error(f"--seq-len: preset {preset} holds at most {config.max_position_embeddings} positions, got {seq_len}")
+    return config
+
+
 # ---- the training scripts' shared flags (train_jax.py, train_torch.py) ---------------------------
 def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: str) -> None:
     """Recipe, model, data and optimizer flags. `d` is the defaults (a `RunConfig`); every flag

@@ -73,16 +73,10 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per product (default 5)")
     args = p.parse_args(argv)
-    from jaxllm.cli import check_at_least
-    from jaxllm.config import LLMConfig
+    from jaxllm.cli import check_at_least, preset_config
 
     check_at_least(p, args, batch_size=1, seq_len=1, reps=1)
-    try:
-        config = LLMConfig.from_preset(args.preset)
-    except ValueError as e:
-        p.error(f"--preset: {e}")
-    if args.seq_len > config.max_position_embeddings:
-        p.error(f"--seq-len: preset {args.preset} holds at most {config.max_position_embeddings} positions")
+    config = preset_config(p, args.preset, args.seq_len)
 
     import jax
     import jax.numpy as jnp
@@ -92,7 +86,7 @@ def main(argv=None) -> int:
     tokens = args.batch_size * args.seq_len
     key = jax.random.key(0)
     peak_mm = jax.jit(lambda a: a @ a)
-    a2048 = jnp.ones((2048, 2048), jnp.float32)
+    a2048 = jax.random.normal(key, (2048, 2048), jnp.float32)  # random operands, as bench.py's peak
     barrier = jax.lax.optimization_barrier
     # forward, input gradient, weight gradient (from a materialised x^T, as wide_linear does)
     forms = {"fwd": lambda x, w, g: x @ w, "dx": lambda x, w, g: g @ jnp.swapaxes(w, -1, -2),

@@ -118,25 +118,20 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None, help="start no variant after this many seconds")
     args = p.parse_args(argv)
     cli.check_at_least(p, args, seq_len=1, steps=1, top=0)
+    config = cli.preset_config(p, args.preset, args.seq_len)
     try:
-        from jaxllm.config import LLMConfig
-
-        config = LLMConfig.from_preset(args.preset)
         variants = [parse_variant(v) for v in args.variants]
     except ValueError as e:
         p.error(str(e))
-    if args.seq_len > config.max_position_embeddings:
-        p.error(f"--seq-len: preset {args.preset} holds at most {config.max_position_embeddings} positions")
     if args.out and not os.path.isdir(args.out):
         p.error(f"--out: {args.out} is not a folder")
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jaxllm import sharding as shd
+    from jaxllm.bench import compiled_step
     from jaxllm.flops import device_peak_flops, training_flops_per_token
-    from jaxllm.train import OptimConfig, Trainer
 
     try:  # every variant's batch must divide over the mesh: refuse before any of them runs
         mesh = shd.make_mesh(args.mesh)
@@ -155,15 +150,8 @@ def main(argv=None) -> int:
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
             break
-        trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), mesh,
-                          batch_size=b, grad_accum=1, seq_len=args.seq_len, dropout=False,
-                          dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                          moe_impl=impl, moe_block=block, remat=remat)
-        state = trainer.init_state()
-        batch = trainer.put_batch(np.random.RandomState(0).randint(0, config.vocab_size, (b, args.seq_len)))
-        t0 = time.perf_counter()
-        step = trainer.step_fn.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
+        step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
+                                                      moe_impl=impl, moe_block=block, remat=remat)
 
         def run(n, times=None):
             nonlocal state
@@ -200,7 +188,7 @@ def main(argv=None) -> int:
                     f.write(hlo)
                 kept = True
             shutil.rmtree(trace_dir, ignore_errors=True)
-        del state, step, trainer, batch
+        del state, step, batch
     return 0
 
 
