@@ -2,7 +2,10 @@
 PyTorch reference, plus the machine's matmul peak, all measured in the same run.
 
 Each measurement runs in its own subprocess (`python -m jaxllm.bench --worker ...`) so that peak
-memory is per framework and one framework's threads do not disturb the other's.
+memory is per framework and one framework's threads do not disturb the other's. With `--rounds R`
+the two frameworks' workers take turns R times (JAX first, then PyTorch first, ...), so that a
+shared machine's slow and fast minutes fall on both: the step times pool over the rounds, and
+each round's own JAX/PyTorch ratio is reported next to the pooled one.
 """
 
 from __future__ import annotations
@@ -266,11 +269,27 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _pool(runs: list[dict], fw: str) -> dict:
+    """One framework's figures over rounds: every step time, their median, the median compile time,
+    the largest peak memory."""
+    times = [t for r in runs for t in r[f"{fw}_step_times"]]
+    out = {**runs[-1], f"{fw}_step_times": times, f"{fw}_step_s": float(np.median(times))}
+    for key in ("compile_s",):
+        if key in runs[-1]:
+            out[key] = float(np.median([r[key] for r in runs]))
+    for key in (f"{fw}_peak_rss_gb", f"{fw}_peak_device_gb"):
+        if key in runs[-1]:
+            out[key] = max(r[key] for r in runs)
+    return out
+
+
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
                moe_impl: str, moe_block: int, remat: str | None, mesh: str | None, timeout: int,
-               compare_dense: bool = False, decode_tokens: int = 0, case: dict | None = None) -> dict:
-    """One preset and shape: each framework's worker in turn. `case` (a dict) is filled in as the
-    workers finish, so that a caller keeps what was measured before a worker failed."""
+               compare_dense: bool = False, decode_tokens: int = 0, rounds: int = 1,
+               case: dict | None = None) -> dict:
+    """One preset and shape: each framework's worker in turn, `rounds` times (a fresh process each
+    time; odd rounds start with PyTorch). `case` (a dict) is filled in as the workers finish, so
+    that a caller keeps what was measured before a worker failed."""
     from jaxllm.config import LLMConfig
     from jaxllm.flops import training_flops_per_token
 
@@ -287,17 +306,20 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     tokens = batch_size * seq_len
     flops = training_flops_per_token(LLMConfig.from_preset(preset), seq_len) * tokens
     case["train_flops_per_step"] = flops
-    if "jax" in frameworks:
-        case.update(_run_worker("jax", argv, timeout))
-        case["jax_tokens_per_sec"] = tokens / case["jax_step_s"]
-        case["jax_flops_per_sec"] = flops / case["jax_step_s"]
+    runs = {fw: [] for fw in ("jax", "torch") if fw in frameworks}
+    for r in range(rounds):
+        for fw in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            runs[fw].append(_run_worker(fw, argv, timeout))
+            case.update(_pool(runs[fw], fw))
+            case[f"{fw}_tokens_per_sec"] = tokens / case[f"{fw}_step_s"]
+            case[f"{fw}_flops_per_sec"] = flops / case[f"{fw}_step_s"]
+        if len(runs) == 2:
+            case["jax_over_torch"] = case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"]
+            if rounds > 1:
+                case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
+                                                 for j, t in zip(runs["jax"], runs["torch"])]
+    if "jax" in runs:
         case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
-    if "torch" in frameworks:
-        case.update(_run_worker("torch", argv, timeout))
-        case["torch_tokens_per_sec"] = tokens / case["torch_step_s"]
-        case["torch_flops_per_sec"] = flops / case["torch_step_s"]
-    if "jax" in frameworks and "torch" in frameworks:
-        case["jax_over_torch"] = case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"]
     if "jax" in frameworks and compare_dense and moe_impl != "dense":
         dense = _run_worker("jax", worker_argv("dense"), timeout)
         case["jax_dense_step_s"] = dense["jax_step_s"]
@@ -343,13 +365,17 @@ def markdown(result: dict) -> str:
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
             f"{f('torch_peak_rss_gb')} | {f('sparse_over_dense', '{:.2f}x')} | "
             f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} |")
+    for c in result["cases"]:
+        if c.get("jax_over_torch_rounds"):
+            lines.append(f"\n{c['preset']}: JAX/PyTorch by round (each framework's median step in that round): "
+                         + ", ".join(f"{x:.2f}x" for x in c["jax_over_torch_rounds"]))
     return "\n".join(lines)
 
 
 def _check_args(p, args, shapes, decode_tokens: int) -> None:
     """Bad input: one line on stderr, exit status 2, before any worker starts."""
     cli.check_at_least(p, args, batch_size=1, seq_len=1, iters=1, warmup=0, decode_tokens=0, matmul_size=1,
-                       timeout=1)
+                       timeout=1, rounds=1)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: the folder of {args.json} does not exist")
     for preset, _, seq_len in shapes:
@@ -381,6 +407,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="turns of the JAX and PyTorch workers, alternating which goes first; the step times "
+                        "pool over the rounds (default 3 with --quick, else 1)")
     p.add_argument("--frameworks", default="jax,torch")
     p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS)
     p.add_argument("--moe-block", type=int, default=128)
@@ -407,6 +436,7 @@ def main(argv=None) -> int:
     else:
         shapes = [("small", 8, 128), ("seed-973m", 4, 256)]
     iters = args.iters or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 1)
     decode_tokens = 64 if args.decode_tokens is None else args.decode_tokens
     _check_args(p, args, shapes, decode_tokens)
     matmul_argv = (["--matmul-size", str(args.matmul_size), "--dtype", args.dtype]
@@ -429,7 +459,7 @@ def main(argv=None) -> int:
             bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
                        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
                        timeout=args.timeout, compare_dense=args.compare_dense, decode_tokens=decode_tokens,
-                       case=case)
+                       rounds=rounds, case=case)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:

@@ -46,6 +46,7 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
 @pytest.mark.parametrize("args, message", [
     (["--preset", "nope"], "--preset: unknown preset 'nope'"),
     (["--iters", "0"], "--iters must be at least 1"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
     (["--frameworks", "jax,tf"], "--frameworks"),
     (["--seq-len", "-4"], "--seq-len must be at least 1"),
     (["--mesh", "data=0"], "--mesh"),
@@ -98,6 +99,36 @@ def test_a_failed_worker_keeps_what_the_workers_before_it_measured(monkeypatch, 
     assert case["jax_tokens_per_sec"] == pytest.approx(8 * 128 / 0.5) and case["compile_s"] == 3.0
     assert case["error"] == "torch worker failed:" and "torch_tokens_per_sec" not in case
     assert f"| {case['jax_tokens_per_sec']:.1f} | - |" in captured.out
+
+
+def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(monkeypatch, tmp_path, capsys):
+    """`--rounds 3`: workers in the order J T, T J, J T; every step time pooled into one median per
+    framework; each round's own ratio in the JSON and under the table; the peak memory is the
+    largest of the rounds."""
+    import jaxllm.bench as bench
+
+    order, steps = [], {"jax": iter([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]),
+                        "torch": iter([[3.0, 3.0], [3.0, 3.0], [3.0, 3.0]])}
+
+    def run(kind, argv, timeout):
+        if kind == "matmul":
+            return {"jax_matmul_float32_flops": 1e11, "device": "cpu"}
+        order.append(kind)
+        times = next(steps[kind])
+        out = {f"{kind}_step_times": times, f"{kind}_step_s": times[0], f"{kind}_peak_rss_gb": len(order)}
+        return {**out, "compile_s": 10.0 * len(order)} if kind == "jax" else out
+
+    monkeypatch.setattr(bench, "_run_worker", run)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--rounds", "3", "--decode-tokens", "0", "--json", str(out)]) == 0
+    assert order == ["jax", "torch", "torch", "jax", "jax", "torch"]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["jax_step_times"] == [1.0, 1.0, 2.0, 2.0, 4.0, 4.0] and case["jax_step_s"] == 2.0
+    assert case["torch_step_s"] == 3.0 and case["jax_over_torch"] == pytest.approx(1.5)
+    assert case["jax_over_torch_rounds"] == pytest.approx([3.0, 1.5, 0.75])
+    assert case["compile_s"] == 40.0 and case["jax_peak_rss_gb"] == 5 and case["torch_peak_rss_gb"] == 6
+    assert "small: JAX/PyTorch by round (each framework's median step in that round): 3.00x, 1.50x, 0.75x" \
+        in capsys.readouterr().out
 
 
 def test_the_matmul_worker_measures_the_peak_of_the_steps_dtype():
