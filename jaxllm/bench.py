@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from jaxllm import cli, hostmem
-from jaxllm.recipes import MOE_IMPLS
+from jaxllm.recipes import ATTN_IMPLS, MOE_IMPLS
 
 
 def _peak_rss_gb() -> float:
@@ -167,7 +167,7 @@ def worker_matmul(args) -> dict:
 
 
 def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, moe_impl: str, moe_block: int,
-                  remat: str):
+                  remat: str, attn_impl: str = "xla"):
     """A benchmark's training step (no dropout, one micro-batch, AdamW), compiled ahead of time for
     one random batch: (step, state, batch, compile seconds)."""
     import jax.numpy as jnp
@@ -177,7 +177,7 @@ def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, mo
     trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), mesh,
                       batch_size=batch_size, grad_accum=1, seq_len=seq_len, dropout=False,
                       dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-                      moe_impl=moe_impl, moe_block=moe_block, remat=remat)
+                      moe_impl=moe_impl, moe_block=moe_block, remat=remat, attn_impl=attn_impl)
     state = trainer.init_state()
     batch = trainer.put_batch(np.random.RandomState(0).randint(0, config.vocab_size, (batch_size, seq_len)))
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def worker_jax(args) -> dict:
     remat = resolve_remat(args.remat, count_params(config), grad_accum=1)
     step, state, batch, compile_s = compiled_step(
         config, shd.make_mesh(args.mesh), args.batch_size, args.seq_len, dtype=args.dtype,
-        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat)
+        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat, attn_impl=args.attn_impl)
     holder = {"state": state}
 
     def one():
@@ -285,7 +285,7 @@ def _pool(runs: list[dict], fw: str) -> dict:
 
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
                moe_impl: str, moe_block: int, remat: str | None, mesh: str | None, timeout: int,
-               compare_dense: bool = False, decode_tokens: int = 0, rounds: int = 1,
+               compare_dense: bool = False, decode_tokens: int = 0, rounds: int = 1, attn_impl: str = "xla",
                case: dict | None = None) -> dict:
     """One preset and shape: each framework's worker in turn, `rounds` times (a fresh process each
     time; odd rounds start with PyTorch). `case` (a dict) is filled in as the workers finish, so
@@ -295,14 +295,16 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
 
     def worker_argv(impl: str) -> list[str]:
         argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
-                "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", impl, "--moe-block", str(moe_block)]
+                "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", impl, "--moe-block", str(moe_block),
+                "--attn-impl", attn_impl]
         if remat is not None:
             argv += ["--remat", remat]
         return argv + (["--mesh", mesh] if mesh else [])
 
     argv = worker_argv(moe_impl)
     case = {} if case is None else case
-    case.update(preset=preset, batch_size=batch_size, seq_len=seq_len, dtype=dtype, moe_impl=moe_impl)
+    case.update(preset=preset, batch_size=batch_size, seq_len=seq_len, dtype=dtype, moe_impl=moe_impl,
+                attn_impl=attn_impl)
     tokens = batch_size * seq_len
     flops = training_flops_per_token(LLMConfig.from_preset(preset), seq_len) * tokens
     case["train_flops_per_step"] = flops
@@ -359,7 +361,8 @@ def markdown(result: dict) -> str:
             return fmt.format(c[key]) if c.get(key) is not None else "-"
         lines.append(
             f"| {c['preset']} | {c['batch_size']} x {c['seq_len']} | {c['dtype']} | "
-            f"{c['moe_impl']}, {c.get('remat', '-')} | "
+            f"{c['moe_impl']}, {c.get('remat', '-')}"
+            f"{', ' + c['attn_impl'] + ' attention' if c.get('attn_impl', 'xla') != 'xla' else ''} | "
             f"{f('jax_tokens_per_sec')} | {f('torch_tokens_per_sec')} | {f('jax_over_torch', '{:.2f}x')} | "
             f"{f('jax_gflops')} | {f('jax_mfu_measured_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
@@ -386,6 +389,13 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
     unknown = set(args.frameworks.split(",")) - {"jax", "torch"}
     if unknown or not args.frameworks:
         p.error(f"--frameworks: a comma-separated list of jax and torch, got {args.frameworks!r}")
+    if args.attn_impl != "xla":
+        from jaxllm.model import check_attn_impl
+
+        try:
+            check_attn_impl(args.attn_impl, args.dtype)
+        except ValueError as e:
+            p.error(f"--attn-impl: {e}")
     if args.mesh:
         import jax
 
@@ -413,6 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--frameworks", default="jax,torch")
     p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS)
     p.add_argument("--moe-block", type=int, default=128)
+    p.add_argument("--attn-impl", default="xla", choices=ATTN_IMPLS,
+                   help="the JAX step's attention: xla, or cudnn (cuDNN's fused attention; NVIDIA GPUs, bfloat16)")
     cli.add_remat_flags(p)
     p.add_argument("--compare-dense", action="store_true",
                    help="also time the JAX step with the dense MoE dispatch (reports sparse/dense)")
@@ -459,7 +471,7 @@ def main(argv=None) -> int:
             bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
                        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
                        timeout=args.timeout, compare_dense=args.compare_dense, decode_tokens=decode_tokens,
-                       rounds=rounds, case=case)
+                       rounds=rounds, attn_impl=args.attn_impl, case=case)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:

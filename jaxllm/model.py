@@ -24,7 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import LLMConfig
-from jaxllm.recipes import MOE_IMPLS, REMAT_POLICIES
+from jaxllm.recipes import ATTN_IMPLS, MOE_IMPLS, REMAT_POLICIES
 
 Array = jax.Array
 F32 = jnp.float32
@@ -154,8 +154,34 @@ def attend(q_BTHd: Array, k_BSHd: Array, v_BSHd: Array, mask_BTS: Array, scale: 
     return jnp.swapaxes(o, 1, 2).astype(v.dtype)
 
 
+def fused_causal_attention(q_BTHd: Array, k_BTHd: Array, v_BTHd: Array, scale: float,
+                           implementation: str = "cudnn") -> Array:
+    """Causal self-attention through `jax.nn.dot_product_attention` (`attn_impl="cudnn"`: cuDNN's
+    fused flash attention on NVIDIA GPUs, bfloat16 or float16: no `[B, H, T, T]` logits in memory,
+    one kernel each way instead of XLA's products, softmax and transposes). `implementation="xla"`
+    runs the same call through XLA (how the tests check the layout, scale and mask on a CPU)."""
+    return jax.nn.dot_product_attention(q_BTHd, k_BTHd, v_BTHd, scale=scale, is_causal=True,
+                                        implementation=implementation)
+
+
+def check_attn_impl(attn_impl: str, dtype, config: LLMConfig | None = None) -> None:
+    """ValueError (one line) unless `attn_impl` can run here with this compute dtype (and model)."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {attn_impl!r}")
+    if attn_impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attn_impl 'cudnn' needs an NVIDIA GPU (cuDNN); this process runs on "
+                             f"{jax.default_backend()}")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"attn_impl 'cudnn' needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}")
+        if config is not None and config.v_head_dim != config.nope_head_dim + config.rope_head_dim:
+            raise ValueError(f"attn_impl 'cudnn' needs v_head_dim equal to nope_head_dim + rope_head_dim "
+                             f"(jax.nn.dot_product_attention), got {config.v_head_dim} and "
+                             f"{config.nope_head_dim + config.rope_head_dim}")
+
+
 class MultiHeadLatentAttention(nnx.Module):
-    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32):
+    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32, attn_impl: str = "xla"):
         std = c.initializer_range
         D, lat, H = c.hidden_size, c.latent_dim, c.num_attention_heads
         la = ("layers",) * len(lead)
@@ -171,7 +197,7 @@ class MultiHeadLatentAttention(nnx.Module):
         self.num_heads, self.nope, self.rope, self.dv = H, c.nope_head_dim, c.rope_head_dim, c.v_head_dim
         self.theta = c.rope_theta
         self.scale = (c.nope_head_dim + c.rope_head_dim) ** -0.5
-        self.dtype = dtype
+        self.dtype, self.attn_impl = dtype, attn_impl
 
     def __call__(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array | None,
                  cache: LayerCache | None = None, cache_index: Array | None = None):
@@ -195,6 +221,9 @@ class MultiHeadLatentAttention(nnx.Module):
         v = self.v_proj_u(c_kv).reshape(B, S, H, self.dv)
         q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)  # [B, T, H, nope+rope]
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)  # [B, S, H, nope+rope]
+        if mask_BTS is None and self.attn_impl != "xla":  # plain causal self-attention (training)
+            o = fused_causal_attention(q, k, v, self.scale, self.attn_impl).reshape(B, T, H * self.dv)
+            return self.o_proj(o), new_cache
         if mask_BTS is None:  # plain causal self-attention (T == S)
             mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
         o = attend(q, k, v, mask_BTS, self.scale).reshape(B, T, H * self.dv)
@@ -545,8 +574,10 @@ def remat_policy(remat: bool | str):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: `h + attn(norm(h))`, then `h + moe(norm(h))`."""
 
-    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32, **moe_kw):
-        self.self_attn = MultiHeadLatentAttention(c, rngs=rngs, lead=lead, dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32, attn_impl: str = "xla",
+                 **moe_kw):
+        self.self_attn = MultiHeadLatentAttention(c, rngs=rngs, lead=lead, dtype=dtype, param_dtype=param_dtype,
+                                                  attn_impl=attn_impl)
         self.mlp = DeepSeekMoE(c, rngs=rngs, lead=lead, dtype=dtype, param_dtype=param_dtype, **moe_kw)
         self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, lead=lead, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, lead=lead, param_dtype=param_dtype)
@@ -578,14 +609,17 @@ class CustomLLM(nnx.Module):
     "ragged"; "dense" computes every expert), `moe_block` (rows per block of the sparse
     dispatch; "grouped" pads each expert's rows to half blocks only and computes up to two
     blocks per product), `remat` (what the backward pass recomputes to save memory:
-    `REMAT_POLICIES`; True = "full", False = "none"),
+    `REMAT_POLICIES`; True = "full", False = "none"), `attn_impl` (the training path's causal
+    attention: "xla", the default, or "cudnn", cuDNN's fused attention on NVIDIA GPUs in bfloat16 or
+    float16; cached and padded attention always take the "xla" path),
     `scan_unroll` (unroll of the scan over layers; default: fully unrolled up to 8 layers, a loop
     above).
     """
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype=F32, param_dtype=F32,
                  moe_impl: str = "sparse", moe_block: int = 128, remat: bool | str = False,
-                 scan_unroll: int | bool | None = None):
+                 scan_unroll: int | bool | None = None, attn_impl: str = "xla"):
+        check_attn_impl(attn_impl, dtype, config)
         c = self.config = config
         std = c.initializer_range
         self.token_embeddings = _normal_param(rngs, (c.vocab_size, c.hidden_size), std, param_dtype,
@@ -593,7 +627,8 @@ class CustomLLM(nnx.Module):
         self.position_embeddings = _normal_param(rngs, (c.max_position_embeddings, c.hidden_size), std,
                                                  param_dtype, ("positions", "embed"))
         self.decoder_layers = DecoderLayer(c, rngs=rngs, lead=(c.num_hidden_layers,), dtype=dtype,
-                                           param_dtype=param_dtype, moe_impl=moe_impl, moe_block=moe_block)
+                                           param_dtype=param_dtype, moe_impl=moe_impl, moe_block=moe_block,
+                                           attn_impl=attn_impl)
         self.lm_head = Dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, std=std,
                              use_bias=c.lm_head_bias, wide=True, dtype=dtype, param_dtype=param_dtype)
         # The layers always run under one `lax.scan` over their stacked weights (compile time does

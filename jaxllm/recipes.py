@@ -16,6 +16,9 @@ from typing import Any
 
 # Routed-expert dispatches of the JAX model (equal results; `jaxllm.model.resolve_moe_impl`).
 MOE_IMPLS = ("sparse", "grouped", "gather", "ragged", "dense")
+# The training path's causal attention (`jaxllm.model.fused_causal_attention`): XLA's products and
+# softmax, or cuDNN's fused attention (NVIDIA GPUs, bfloat16/float16).
+ATTN_IMPLS = ("xla", "cudnn")
 # What the backward pass recomputes (`jaxllm.model.remat_policy`): nothing, whole layers, every
 # layer but its routed experts' projections, or only attention's core and elementwise ops.
 REMAT_POLICIES = ("none", "full", "moe", "dots")
@@ -48,6 +51,7 @@ class RunConfig:
     no_resume: bool = False
     init_from: str | None = None
     moe_impl: str = "sparse"
+    attn_impl: str = "xla"
     remat: str | None = None  # a REMAT_POLICIES name; None: by model size (resolve_remat)
     dropout: bool = True
     peak_flops: float | None = None

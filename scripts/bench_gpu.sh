@@ -5,8 +5,9 @@
 # Writes OUT_DIR/bench.md (the tables), OUT_DIR/bench.json (every case) and OUT_DIR/log.txt (versions,
 # progress, errors). Settings (environment):
 #   BATCH_SIZES   micro-batches, run in this order (default "32 4 16"; sequence 256)
-#   EXTRA_IMPLS   MoE dispatches also timed for JAX alone at EXTRA_BATCH (default 16), as IMPL or IMPL:BLOCK
-#                 (rows per block of the gather dispatch; default "dense gather:128 gather:512")
+#   EXTRA_IMPLS   MoE dispatches also timed for JAX alone at EXTRA_BATCH (default 16), as IMPL[:BLOCK][+cudnn]
+#                 (BLOCK: rows per block of the gather dispatch; +cudnn: cuDNN's fused attention;
+#                 default "dense dense+cudnn gather:512 gather:512+cudnn gather:128")
 #   BUDGET_S      no case starts after this many seconds, and none runs past it (default 540)
 #   PRESET        default seed-973m; MATMUL_SIZE default 8192; PYTHON default python3
 # A tiny smoke case runs first: if the PyTorch side fails there, the cases run JAX alone.
@@ -26,7 +27,12 @@ say() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$log"; }
   "$py" -c 'import sys, jax, flax, optax, torch, transformers
 print("python", sys.version.split()[0], "| jax", jax.__version__, "| flax", flax.__version__, "| optax",
       optax.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)
-print("jax devices:", jax.devices(), "| torch cuda:", torch.cuda.is_available())'
+print("jax devices:", jax.devices(), "| torch cuda:", torch.cuda.is_available())
+try:
+    from jax._src.lib import cuda_versions
+    print("cuDNN: jax", cuda_versions.cudnn_get_version(), "| torch", torch.backends.cudnn.version())
+except Exception as e:
+    print("cuDNN version not found:", e)'
 } 2>&1 | tee -a "$log"
 
 # bench ARGS...: one bench.py run; its table goes to bench.md, its JSON to the cases folder.
@@ -54,11 +60,14 @@ for b in ${BATCH_SIZES:-32 4 16}; do
   bench "b$b" --preset "$preset" --batch-size "$b" --seq-len 256 --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" \
     --frameworks "$frameworks"
 done
-for spec in ${EXTRA_IMPLS-dense gather:128 gather:512}; do
+for spec in ${EXTRA_IMPLS-dense dense+cudnn gather:512 gather:512+cudnn gather:128}; do
+  attn=xla
+  if [[ "$spec" == *+cudnn ]]; then attn=cudnn spec="${spec%+cudnn}"; fi
   impl="${spec%%:*}" block=128
   [[ "$spec" == *:* ]] && block="${spec#*:}"
-  bench "b${EXTRA_BATCH:-16}-$impl-$block" --preset "$preset" --batch-size "${EXTRA_BATCH:-16}" --seq-len 256 \
-    --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" --frameworks jax --moe-impl "$impl" --moe-block "$block"
+  bench "b${EXTRA_BATCH:-16}-$impl-$block-$attn" --preset "$preset" --batch-size "${EXTRA_BATCH:-16}" --seq-len 256 \
+    --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" --frameworks jax --moe-impl "$impl" --moe-block "$block" \
+    --attn-impl "$attn"
 done
 "$py" - "$cases" "$out/bench.json" <<'EOF'
 import glob, json, os, sys

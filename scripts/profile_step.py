@@ -102,6 +102,7 @@ def device_kernels(xplane: str, steps: int, hlo: str, top: int) -> list[str]:
 
 def main(argv=None) -> int:
     from jaxllm import cli
+    from jaxllm.recipes import ATTN_IMPLS
 
     p = cli.parser(__file__, __doc__)
     p.add_argument("--preset", default="seed-973m")
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--variants", nargs="+", default=["16:sparse:dots", "16:dense:dots"],
                    help="BATCH:MOE_IMPL:REMAT[:MOE_BLOCK] (default: 16:sparse:dots 16:dense:dots)")
+    p.add_argument("--attn-impl", default="xla", choices=ATTN_IMPLS,
+                   help="every variant's attention: xla (default) or cudnn (NVIDIA GPUs, bfloat16)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
     p.add_argument("--no-profile", action="store_true", help="time only")
     p.add_argument("--top", type=int, default=25, help="heaviest kernels listed (default 25)")
@@ -125,6 +128,13 @@ def main(argv=None) -> int:
         p.error(str(e))
     if args.out and not os.path.isdir(args.out):
         p.error(f"--out: {args.out} is not a folder")
+    if args.attn_impl != "xla":
+        from jaxllm.model import check_attn_impl
+
+        try:
+            check_attn_impl(args.attn_impl, args.dtype)
+        except ValueError as e:
+            p.error(f"--attn-impl: {e}")
 
     import jax
     import numpy as np
@@ -151,7 +161,8 @@ def main(argv=None) -> int:
             print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
             break
         step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
-                                                      moe_impl=impl, moe_block=block, remat=remat)
+                                                      moe_impl=impl, moe_block=block, remat=remat,
+                                                      attn_impl=args.attn_impl)
 
         def run(n, times=None):
             nonlocal state
@@ -169,7 +180,8 @@ def main(argv=None) -> int:
         med = float(np.median(times))
         flops = training_flops_per_token(config, args.seq_len) * b * args.seq_len
         mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
-        print(f"{b} x {args.seq_len} {impl}{f'/{block}' if impl in ('gather', 'grouped') else ''}, remat {remat}: "
+        print(f"{b} x {args.seq_len} {impl}{f'/{block}' if impl in ('gather', 'grouped') else ''}, remat {remat}"
+              f"{'' if args.attn_impl == 'xla' else ', ' + args.attn_impl + ' attention'}: "
               f"step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {b * args.seq_len / med:,.0f} tok/s, "
               f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
               + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")

@@ -27,7 +27,7 @@ os.environ.setdefault("USE_TORCH", "0")
 
 def parse_args(argv=None):
     from jaxllm import cli
-    from jaxllm.recipes import MOE_IMPLS, RunConfig
+    from jaxllm.recipes import ATTN_IMPLS, MOE_IMPLS, RunConfig
 
     d = RunConfig()
     p = cli.parser(__file__, __doc__)
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by convert/torch_to_flax.py)")
     a("--moe-impl", choices=MOE_IMPLS,
       help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
+    a("--attn-impl", choices=ATTN_IMPLS,
+      help="training attention: xla (default) or cudnn (cuDNN's fused attention: NVIDIA GPUs, --dtype bfloat16)")
     cli.add_remat_flags(p)
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")
     a("--skip-nonfinite", action="store_true", default=None, help="skip steps with a NaN/Inf loss instead of stopping")

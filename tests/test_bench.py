@@ -53,6 +53,7 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions, got 256"),
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
     (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
+    (["--quick", "--attn-impl", "cudnn", "--dtype", "bfloat16"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message, capsys):
     from jaxllm.bench import main
@@ -197,6 +198,7 @@ def test_profile_step_times_each_variant_on_the_cpu():
     (["--steps", "0"], "--steps must be at least 1"),
     (["--variants", "8:dense:none", "3:dense:none"], "batch size 3 cannot be divided over the mesh's 8 batch shards"),
     (["--mesh", "data=3"], "--mesh"),
+    (["--attn-impl", "cudnn"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
 def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:

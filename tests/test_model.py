@@ -313,6 +313,51 @@ def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():
         assert rel_err(a, b) <= 1e-5
 
 
+def test_the_fused_attention_call_equals_attend_and_the_model_takes_it_for_causal_training(monkeypatch):
+    """`attn_impl="cudnn"` calls `jax.nn.dot_product_attention`; on a CPU the same call runs through
+    XLA: it equals `attend` (layout, scale, causal mask), and a model routed through it (training
+    path) equals the default model in value and gradient. Cached and padded calls keep `attend`."""
+    from flax import nnx
+
+    import jaxllm.model as model_lib
+
+    r = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(r.randn(2, 24, 4, 16), jnp.float32) for _ in range(3))
+    mask = jnp.tril(jnp.ones((24, 24), bool))[None]
+    fused = model_lib.fused_causal_attention(q, k, v, 0.25, implementation="xla")
+    assert rel_err(fused, model_lib.attend(q, k, v, mask, 0.25)) <= 1e-5
+
+    calls = []
+
+    def on_cpu(q, k, v, scale, implementation):
+        calls.append(implementation)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
+
+    monkeypatch.setattr(model_lib, "fused_causal_attention", on_cpu)
+    plain, routed = create_model(TINY, seed=5), create_model(TINY, seed=5)
+    routed.decoder_layers.self_attn.attn_impl = "cudnn"  # past the GPU check, as on a GPU
+    ids = jnp.asarray(_ids((2, 24), seed=6))
+    assert rel_err(routed(ids), plain(ids)) <= 1e-5 and calls and set(calls) == {"cudnn"}
+    g_plain, g_routed = (nnx.grad(lambda m: loss_fn(m, ids)[0])(m) for m in (plain, routed))
+    for a, b in zip(jax.tree.leaves(g_routed), jax.tree.leaves(g_plain)):
+        assert rel_err(a, b) <= 1e-5
+    calls.clear()
+    routed(ids, attention_mask=jnp.ones((2, 24), jnp.int32))
+    assert not calls
+
+
+def test_cudnn_attention_is_refused_off_a_gpu_and_outside_bf16():
+    from jaxllm.model import check_attn_impl
+
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        create_model(TINY, attn_impl="cudnn", dtype=jnp.bfloat16, abstract=True)
+    with pytest.raises(ValueError, match="must be one of xla, cudnn"):
+        check_attn_impl("flash", jnp.bfloat16)
+    if jax.default_backend() == "gpu":
+        with pytest.raises(ValueError, match="bfloat16 or float16"):
+            check_attn_impl("cudnn", jnp.float32)
+
+
 def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     from flax import nnx
 

@@ -194,6 +194,7 @@ BAD_INPUTS = [
     ("unknown preset", ["--preset", "huge"], "huge"),
     ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
     ("unknown remat policy", ["--remat", "some"], "remat"),
+    ("cuDNN attention without a GPU", ["--attn-impl", "cudnn", "--dtype", "bfloat16"], "needs an NVIDIA GPU"),
 ]
 
 
