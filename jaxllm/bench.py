@@ -389,13 +389,7 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
     unknown = set(args.frameworks.split(",")) - {"jax", "torch"}
     if unknown or not args.frameworks:
         p.error(f"--frameworks: a comma-separated list of jax and torch, got {args.frameworks!r}")
-    if args.attn_impl != "xla":
-        from jaxllm.model import check_attn_impl
-
-        try:
-            check_attn_impl(args.attn_impl, args.dtype)
-        except ValueError as e:
-            p.error(f"--attn-impl: {e}")
+    cli.check_attn_impl(p, args.attn_impl, args.dtype)
     if args.mesh:
         import jax
 

@@ -29,6 +29,18 @@ def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowes
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
+def check_attn_impl(p: argparse.ArgumentParser, attn_impl: str, dtype: str) -> None:
+    """`p.error` (one line, exit status 2) for an `--attn-impl` this process cannot run in `dtype`."""
+    if attn_impl == "xla":
+        return
+    from jaxllm.model import check_attn_impl
+
+    try:
+        check_attn_impl(attn_impl, dtype)
+    except ValueError as e:
+        p.error(f"--attn-impl: {e}")
+
+
 def preset_config(p: argparse.ArgumentParser, preset: str, seq_len: int | None = None):
     """The `LLMConfig` of `preset`, or `p.error` (one line, exit status 2) for an unknown preset or
     a sequence longer than its positions."""

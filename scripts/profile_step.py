@@ -128,13 +128,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     if args.out and not os.path.isdir(args.out):
         p.error(f"--out: {args.out} is not a folder")
-    if args.attn_impl != "xla":
-        from jaxllm.model import check_attn_impl
-
-        try:
-            check_attn_impl(args.attn_impl, args.dtype)
-        except ValueError as e:
-            p.error(f"--attn-impl: {e}")
+    cli.check_attn_impl(p, args.attn_impl, args.dtype)
 
     import jax
     import numpy as np
