@@ -623,9 +623,9 @@ def test_seed_973m_logits_and_loss_match_through_the_converter(tmp_path):
     config = LLMConfig.from_preset("seed-973m")
     model = _host_model(config)
     ids = _ids((1, 64), seed=11, vocab=config.vocab_size)
-    loss, (_, _, counts) = nnx.jit(lambda m: loss_fn(m, jnp.asarray(ids)))(model)
-    logits = np.asarray(nnx.jit(lambda m: m(jnp.asarray(ids)))(model))
-    loss, counts = float(loss), np.asarray(counts)
+    # One program (one compile; XLA computes the shared forward once) for the loss and the logits.
+    (loss, (_, _, counts)), logits = nnx.jit(lambda m: (loss_fn(m, jnp.asarray(ids)), m(jnp.asarray(ids))))(model)
+    loss, counts, logits = float(loss), np.asarray(counts), np.asarray(logits)
     ckpt = _save_flax(model, config, tmp_path / "ckpt")
     del model
     gc.collect()
