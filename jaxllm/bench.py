@@ -269,6 +269,14 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def default_rounds(preset: str) -> int:
+    """Turns of the two frameworks when `--rounds` is not given: 3 where a step takes about a second
+    (presets under 200M parameters, `small`), 1 where a round takes minutes (`seed-973m`)."""
+    from jaxllm.config import LLMConfig, count_params
+
+    return 3 if count_params(LLMConfig.from_preset(preset)) < 200_000_000 else 1
+
+
 def _pool(runs: list[dict], fw: str) -> dict:
     """One framework's figures over rounds: every step time, their median, the median compile time,
     the largest peak memory."""
@@ -413,7 +421,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None,
                    help="turns of the JAX and PyTorch workers, alternating which goes first; the step times "
-                        "pool over the rounds (default 3 with --quick, else 1)")
+                        "pool over the rounds (default: 3 for presets under 200M parameters, 1 above)")
     p.add_argument("--frameworks", default="jax,torch")
     p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS)
     p.add_argument("--moe-block", type=int, default=128)
@@ -442,7 +450,6 @@ def main(argv=None) -> int:
     else:
         shapes = [("small", 8, 128), ("seed-973m", 4, 256)]
     iters = args.iters or (3 if args.quick else 5)
-    rounds = args.rounds or (3 if args.quick else 1)
     decode_tokens = 64 if args.decode_tokens is None else args.decode_tokens
     _check_args(p, args, shapes, decode_tokens)
     matmul_argv = (["--matmul-size", str(args.matmul_size), "--dtype", args.dtype]
@@ -460,6 +467,7 @@ def main(argv=None) -> int:
     failed = None
     for preset, b, t in shapes:
         print(f"benchmarking {preset} at {b} x {t} ...", file=sys.stderr, flush=True)
+        rounds = args.rounds or default_rounds(preset)
         case = {}
         try:
             bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,

@@ -132,6 +132,12 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
         in capsys.readouterr().out
 
 
+def test_rounds_default_to_three_for_small_presets_and_one_for_seed_973m():
+    from jaxllm.bench import default_rounds
+
+    assert (default_rounds("tiny"), default_rounds("small"), default_rounds("seed-973m")) == (3, 3, 1)
+
+
 def test_the_matmul_worker_measures_the_peak_of_the_steps_dtype():
     """`--dtype bfloat16` MFU is against the bfloat16 peak, which the worker then measures on CPUs too."""
     import argparse
