@@ -41,7 +41,7 @@ bench() {
   local left=$((budget - SECONDS))
   if (( left < 45 )); then say "$name: skipped (${left}s of the budget left)"; return 1; fi
   say "$name: $*"
-  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --timeout "$left" \
+  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --rounds 1 --timeout "$left" \
     --json "$cases/$name.json" "$@" >"$cases/$name.md" 2>>"$log"
   local rc=$?
   { echo "### $name"; echo; cat "$cases/$name.md"; echo; } >>"$out/bench.md"

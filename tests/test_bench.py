@@ -16,7 +16,7 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--batch-size", "8", "--seq-len", "8",
                         "--iters", "2", "--warmup", "1", "--decode-tokens", "0", "--matmul-size", "128",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     (case,) = result["cases"]
@@ -24,7 +24,8 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     for key in ("jax_tokens_per_sec", "torch_tokens_per_sec", "jax_mfu_measured_peak", "compile_s", "peak_rss_gb",
                 "jax_over_torch"):
         assert isinstance(case[key], float) and case[key] > 0, key
-    assert len(case["jax_step_times"]) == len(case["torch_step_times"]) == 2
+    assert len(case["jax_step_times"]) == len(case["torch_step_times"]) == 4  # 2 rounds of 2 steps
+    assert len(case["jax_over_torch_rounds"]) == 2
     assert case["jax_tokens_per_sec"] == pytest.approx(64 / case["jax_step_s"])
     assert case["jax_over_torch"] == pytest.approx(case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"])
     assert result["matmul"]["jax_matmul_float32_flops"] > 0
