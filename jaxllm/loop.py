@@ -98,7 +98,8 @@ def run(rc: RunConfig) -> dict:
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
-                      seed=rc.seed, dropout=rc.dropout, dtype=DTYPES[rc.dtype], moe_impl=rc.moe_impl, attn_impl=rc.attn_impl,
+                      seed=rc.seed, dropout=rc.dropout, dtype=DTYPES[rc.dtype], moe_impl=rc.moe_impl,
+                      attn_impl=rc.attn_impl,
                       remat=resolve_remat(rc.remat, count_params(config), rc.grad_accum))
 
     # ---- state: resume, start from converted weights, or initialise -------------------------
