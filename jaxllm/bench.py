@@ -1,5 +1,7 @@
 """Side-by-side benchmark of full training steps (forward, backward, optimizer) in JAX and in the
-PyTorch reference, plus the machine's matmul peak, all measured in the same run.
+PyTorch reference, plus the machine's matmul peak, all measured in the same run: once at the start
+and again by the JAX worker between its timed steps (the MFU's denominator from the same minutes
+as its numerator).
 
 Each measurement runs in its own subprocess (`python -m jaxllm.bench --worker ...`) so that peak
 memory is per framework and one framework's threads do not disturb the other's. With `--rounds R`
@@ -29,14 +31,20 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB (Linux)
 
 
-def _timeit(fn, warmup: int, iters: int) -> list[float]:
+def _timeit(fn, warmup: int, iters: int, between=None) -> list[float]:
+    """Wall times of `iters` calls of `fn` after `warmup` untimed ones; `between` (untimed), if
+    given, runs before each timed call and after the last."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        if between:
+            between()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    if between:
+        between()
     return times
 
 
@@ -128,29 +136,40 @@ def report(text: str, result: dict, json_path: str | None) -> None:
 
 
 # ---- workers ------------------------------------------------------------------------------------
-def worker_matmul(args) -> dict:
-    out = {}
-    n = args.matmul_size
+def jax_matmul_sampler(n: int, dtype: str):
+    """A function that times one sample of JAX's `[n, n] x [n, n]` product in `dtype` and returns its
+    FLOP/s (call it a few times first: the first call compiles). Random operands: constant ones or
+    zeros draw less power, and GPUs run them faster than real data. On an accelerator a sample is
+    10 products back to back (no host round trip between)."""
     import jax
 
-    # Random operands: constant ones or zeros draw less power, and GPUs run them faster than real data.
+    reps = 10 if jax.devices()[0].platform != "cpu" else 1
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+
+    def sample() -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            y = f(a)
+        y.block_until_ready()
+        return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+    return sample
+
+
+def worker_matmul(args) -> dict:
+    out = {}
+    import jax
+
     # float32 always; bfloat16 on accelerators and whenever the steps run in it (the peak of their MFU).
-    # On an accelerator each timed sample is 10 products back to back (no host round trip between).
     accel = jax.devices()[0].platform != "cpu"
-    reps = 10 if accel else 1
     for dtype in ["float32"] + (["bfloat16"] if accel or args.dtype == "bfloat16" else []):
-        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-        f = jax.jit(lambda x: x @ x)
-
-        def products():
-            for _ in range(reps):
-                y = f(a)
-            y.block_until_ready()
-
-        out[f"jax_matmul_{dtype}_flops"] = 2 * n**3 * reps / float(np.median(_timeit(products, 3, 5)))
+        sample = jax_matmul_sampler(args.matmul_size, dtype)
+        out[f"jax_matmul_{dtype}_flops"] = float(np.median([sample() for _ in range(8)][3:]))
     if args.torch_matmul:
         import torch
 
+        n, reps = args.matmul_size, 10 if accel else 1
         device = "cuda" if torch.cuda.is_available() else "cpu"
         t = torch.randn(n, n, device=device)
 
@@ -203,9 +222,15 @@ def worker_jax(args) -> dict:
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready(m["loss"])
 
-    times = _timeit(one, args.warmup, args.iters)
+    # The matmul peak again, one sample before each timed step and after the last, in this process:
+    # the MFU's denominator measured in the same minutes as its numerator (a shared machine's speed
+    # drifts by tens of percent within minutes).
+    sample, peaks = jax_matmul_sampler(args.matmul_size, args.dtype), []
+    for _ in range(3):
+        sample()
+    times = _timeit(one, args.warmup, args.iters, between=lambda: peaks.append(sample()))
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
-           "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat}
+           "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["jax_peak_device_gb"] = stats["peak_bytes_in_use"] / 2**30
@@ -279,9 +304,12 @@ def default_rounds(preset: str) -> int:
 
 def _pool(runs: list[dict], fw: str) -> dict:
     """One framework's figures over rounds: every step time, their median, the median compile time,
-    the largest peak memory."""
+    the largest peak memory, every matmul peak sample taken between the steps and their median."""
     times = [t for r in runs for t in r[f"{fw}_step_times"]]
     out = {**runs[-1], f"{fw}_step_times": times, f"{fw}_step_s": float(np.median(times))}
+    if all(r.get(f"{fw}_peak_samples") for r in runs):
+        out[f"{fw}_peak_samples"] = [p for r in runs for p in r[f"{fw}_peak_samples"]]
+        out[f"{fw}_peak_between_steps_flops"] = float(np.median(out[f"{fw}_peak_samples"]))
     if "compile_s" in out:  # the JAX worker's
         out["compile_s"] = float(np.median([r["compile_s"] for r in runs]))
     for key in (f"{fw}_peak_rss_gb", f"{fw}_peak_device_gb"):
@@ -293,7 +321,7 @@ def _pool(runs: list[dict], fw: str) -> dict:
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
                moe_impl: str, moe_block: int, remat: str | None, mesh: str | None, timeout: int,
                compare_dense: bool = False, decode_tokens: int = 0, rounds: int = 1, attn_impl: str = "xla",
-               case: dict | None = None) -> dict:
+               matmul_size: int = 2048, case: dict | None = None) -> dict:
     """One preset and shape: each framework's worker in turn, `rounds` times (a fresh process each
     time; odd rounds start with PyTorch). `case` (a dict) is filled in as the workers finish, so
     that a caller keeps what was measured before a worker failed."""
@@ -303,7 +331,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     def worker_argv(impl: str) -> list[str]:
         argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
                 "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", impl, "--moe-block", str(moe_block),
-                "--attn-impl", attn_impl]
+                "--attn-impl", attn_impl, "--matmul-size", str(matmul_size)]
         if remat is not None:
             argv += ["--remat", remat]
         return argv + (["--mesh", mesh] if mesh else [])
@@ -327,6 +355,11 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
             if rounds > 1:
                 case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
                                                  for j, t in zip(runs["jax"], runs["torch"])]
+    if "jax" in runs and "jax_peak_between_steps_flops" in case:
+        case["jax_mfu_between_steps_peak"] = case["jax_flops_per_sec"] / case["jax_peak_between_steps_flops"]
+        if rounds > 1:
+            case["jax_mfu_rounds"] = [flops / j["jax_step_s"] / float(np.median(j["jax_peak_samples"]))
+                                      for j in runs["jax"]]
     if "jax" in runs:
         case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
     if "jax" in frameworks and compare_dense and moe_impl != "dense":
@@ -360,8 +393,8 @@ def markdown(result: dict) -> str:
              + (f"; bfloat16: JAX {mm['jax_matmul_bfloat16_flops'] / 1e9:.0f} GFLOP/s"
                 if "jax_matmul_bfloat16_flops" in mm else ""), "",
              "| preset | batch x seq | dtype | moe, remat | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
-             "JAX MFU (measured peak) | MFU (datasheet) | compile s | JAX peak RSS GB | PyTorch peak RSS GB | "
-             "sparse/dense step | decode tok/s JAX / PyTorch |",
+             "JAX MFU (measured peak: between steps / at start) | MFU (datasheet) | compile s | JAX peak RSS GB | "
+             "PyTorch peak RSS GB | sparse/dense step | decode tok/s JAX / PyTorch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         def f(key, fmt="{:.1f}"):
@@ -371,7 +404,7 @@ def markdown(result: dict) -> str:
             f"{c['moe_impl']}, {c.get('remat', '-')}"
             f"{', ' + c['attn_impl'] + ' attention' if c.get('attn_impl', 'xla') != 'xla' else ''} | "
             f"{f('jax_tokens_per_sec')} | {f('torch_tokens_per_sec')} | {f('jax_over_torch', '{:.2f}x')} | "
-            f"{f('jax_gflops')} | {f('jax_mfu_measured_peak', '{:.1%}')} | "
+            f"{f('jax_gflops')} | {f('jax_mfu_between_steps_peak', '{:.1%} / ')}{f('jax_mfu_start_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
             f"{f('torch_peak_rss_gb')} | {f('sparse_over_dense', '{:.2f}x')} | "
             f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} |")
@@ -379,6 +412,12 @@ def markdown(result: dict) -> str:
         if c.get("jax_over_torch_rounds"):
             lines.append(f"\n{c['preset']}: JAX/PyTorch by round (each framework's median step in that round): "
                          + ", ".join(f"{x:.2f}x" for x in c["jax_over_torch_rounds"]))
+        if c.get("jax_peak_samples"):
+            p = np.asarray(c["jax_peak_samples"]) / 1e9
+            lines.append(f"\n{c['preset']}: {c['dtype']} matmul peak sampled between the JAX steps: median "
+                         f"{np.median(p):.0f} GFLOP/s ({p.min():.0f}-{p.max():.0f}, {p.size} samples)"
+                         + ("; JAX MFU by round: " + ", ".join(f"{x:.1%}" for x in c["jax_mfu_rounds"])
+                            if c.get("jax_mfu_rounds") else ""))
     return "\n".join(lines)
 
 
@@ -472,11 +511,13 @@ def main(argv=None) -> int:
             bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
                        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
                        timeout=args.timeout, compare_dense=args.compare_dense, decode_tokens=decode_tokens,
-                       rounds=rounds, attn_impl=args.attn_impl, case=case)
+                       rounds=rounds, attn_impl=args.attn_impl, matmul_size=args.matmul_size, case=case)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:
-            case["jax_mfu_measured_peak"] = case["jax_flops_per_sec"] / peak
+            # Against the peak sampled between the JAX steps (the same minutes), else the run's first one.
+            case["jax_mfu_start_peak"] = case["jax_flops_per_sec"] / peak
+            case["jax_mfu_measured_peak"] = case.get("jax_mfu_between_steps_peak", case["jax_mfu_start_peak"])
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None
         result["cases"].append(case)
         if failed:

@@ -2,6 +2,7 @@
 input (no timing is asserted: speed lives in BENCHMARKS.md, measured side by side)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -29,6 +30,13 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     assert case["jax_tokens_per_sec"] == pytest.approx(64 / case["jax_step_s"])
     assert case["jax_over_torch"] == pytest.approx(case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"])
     assert result["matmul"]["jax_matmul_float32_flops"] > 0
+    # the peak sampled before each timed JAX step and after the last, in both rounds: the MFU's denominator
+    assert len(case["jax_peak_samples"]) == 6 and min(case["jax_peak_samples"]) > 0
+    assert case["jax_mfu_measured_peak"] == pytest.approx(
+        case["jax_flops_per_sec"] / statistics.median(case["jax_peak_samples"]))
+    assert case["jax_mfu_start_peak"] == pytest.approx(
+        case["jax_flops_per_sec"] / result["matmul"]["jax_matmul_float32_flops"])
+    assert len(case["jax_mfu_rounds"]) == 2
     row = next(line for line in r.stdout.splitlines() if line.startswith("| tiny |"))
     assert f"{case['jax_tokens_per_sec']:.1f} | {case['torch_tokens_per_sec']:.1f} |" in row
 
@@ -118,7 +126,8 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
         order.append(kind)
         times = next(steps[kind])
         out = {f"{kind}_step_times": times, f"{kind}_step_s": times[0], f"{kind}_peak_rss_gb": len(order)}
-        return {**out, "compile_s": 10.0 * len(order)} if kind == "jax" else out
+        peaks = [8e10, 1e11, 1.2e11] if len(order) < 3 else [4e10, 5e10, 6e10]  # a slower machine later
+        return {**out, "compile_s": 10.0 * len(order), "jax_peak_samples": peaks} if kind == "jax" else out
 
     monkeypatch.setattr(bench, "_run_worker", run)
     out = tmp_path / "bench.json"
@@ -129,8 +138,19 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
     assert case["torch_step_s"] == 3.0 and case["jax_over_torch"] == pytest.approx(1.5)
     assert case["jax_over_torch_rounds"] == pytest.approx([3.0, 1.5, 0.75])
     assert case["compile_s"] == 40.0 and case["jax_peak_rss_gb"] == 5 and case["torch_peak_rss_gb"] == 6
+    # MFU against the peak sampled between the JAX steps (median of all 9 samples: 6e10), and by round
+    # against that round's own samples; the run's first peak (1e11) gives the other figure
+    flops = case["train_flops_per_step"]
+    assert case["jax_peak_between_steps_flops"] == 6e10
+    assert case["jax_mfu_measured_peak"] == pytest.approx(flops / 2.0 / 6e10)
+    assert case["jax_mfu_start_peak"] == pytest.approx(flops / 2.0 / 1e11)
+    assert case["jax_mfu_rounds"] == pytest.approx([flops / 1.0 / 1e11, flops / 2.0 / 5e10, flops / 4.0 / 5e10])
+    printed = capsys.readouterr().out
     assert "small: JAX/PyTorch by round (each framework's median step in that round): 3.00x, 1.50x, 0.75x" \
-        in capsys.readouterr().out
+        in printed
+    assert "small: float32 matmul peak sampled between the JAX steps: median 60 GFLOP/s (40-120, 9 samples)" \
+        in printed
+    assert f"| {case['jax_mfu_measured_peak']:.1%} / {case['jax_mfu_start_peak']:.1%} |" in printed
 
 
 def test_rounds_default_to_three_for_small_presets_and_one_for_seed_973m():
