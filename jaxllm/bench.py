@@ -157,6 +157,30 @@ def jax_matmul_sampler(n: int, dtype: str):
     return sample
 
 
+def torch_matmul_sampler(n: int, dtype: str):
+    """`jax_matmul_sampler`'s twin for PyTorch (its default device: CUDA if there is one)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reps = 10 if device == "cuda" else 1
+    t = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+
+    def sample() -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            t @ t
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+    return sample
+
+
+def _peak(sample) -> float:
+    """The median of 5 samples after 3 warm-ups."""
+    return float(np.median([sample() for _ in range(8)][3:]))
+
+
 def worker_matmul(args) -> dict:
     out = {}
     import jax
@@ -164,22 +188,9 @@ def worker_matmul(args) -> dict:
     # float32 always; bfloat16 on accelerators and whenever the steps run in it (the peak of their MFU).
     accel = jax.devices()[0].platform != "cpu"
     for dtype in ["float32"] + (["bfloat16"] if accel or args.dtype == "bfloat16" else []):
-        sample = jax_matmul_sampler(args.matmul_size, dtype)
-        out[f"jax_matmul_{dtype}_flops"] = float(np.median([sample() for _ in range(8)][3:]))
+        out[f"jax_matmul_{dtype}_flops"] = _peak(jax_matmul_sampler(args.matmul_size, dtype))
     if args.torch_matmul:
-        import torch
-
-        n, reps = args.matmul_size, 10 if accel else 1
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        t = torch.randn(n, n, device=device)
-
-        def products():
-            for _ in range(reps):
-                t @ t
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        out["torch_matmul_float32_flops"] = 2 * n**3 * reps / float(np.median(_timeit(products, 3, 5)))
+        out["torch_matmul_float32_flops"] = _peak(torch_matmul_sampler(args.matmul_size, "float32"))
     out["device"] = str(jax.devices()[0].device_kind)
     out["malloc"] = hostmem.describe()  # the workers share the orchestrator's environment
     return out
@@ -220,7 +231,7 @@ def worker_jax(args) -> dict:
 
     def one():
         holder["state"], m = step(holder["state"], batch)
-        jax.block_until_ready(m["loss"])
+        jax.block_until_ready((holder["state"], m))  # the whole new state: nothing runs on into the next sample
 
     # The matmul peak again, one sample before each timed step and after the last, in this process:
     # the MFU's denominator measured in the same minutes as its numerator (a shared machine's speed
@@ -263,9 +274,12 @@ def worker_torch(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times = _timeit(one, args.warmup, args.iters)
+    sample, peaks = torch_matmul_sampler(args.matmul_size, args.dtype), []  # as the JAX worker does
+    for _ in range(3):
+        sample()
+    times = _timeit(one, args.warmup, args.iters, between=lambda: peaks.append(sample()))
     out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "torch_peak_samples": peaks}
     if device == "cuda":
         out["torch_peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -355,11 +369,12 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
             if rounds > 1:
                 case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
                                                  for j, t in zip(runs["jax"], runs["torch"])]
-    if "jax" in runs and "jax_peak_between_steps_flops" in case:
-        case["jax_mfu_between_steps_peak"] = case["jax_flops_per_sec"] / case["jax_peak_between_steps_flops"]
-        if rounds > 1:
-            case["jax_mfu_rounds"] = [flops / j["jax_step_s"] / float(np.median(j["jax_peak_samples"]))
-                                      for j in runs["jax"]]
+    for fw, fw_runs in runs.items():  # MFU against the peak sampled between the steps, pooled and by round
+        if f"{fw}_peak_between_steps_flops" in case:
+            case[f"{fw}_mfu_between_steps_peak"] = case[f"{fw}_flops_per_sec"] / case[f"{fw}_peak_between_steps_flops"]
+            if rounds > 1:
+                case[f"{fw}_mfu_rounds"] = [flops / r[f"{fw}_step_s"] / float(np.median(r[f"{fw}_peak_samples"]))
+                                            for r in fw_runs]
     if "jax" in runs:
         case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
     if "jax" in frameworks and compare_dense and moe_impl != "dense":
@@ -412,12 +427,14 @@ def markdown(result: dict) -> str:
         if c.get("jax_over_torch_rounds"):
             lines.append(f"\n{c['preset']}: JAX/PyTorch by round (each framework's median step in that round): "
                          + ", ".join(f"{x:.2f}x" for x in c["jax_over_torch_rounds"]))
-        if c.get("jax_peak_samples"):
-            p = np.asarray(c["jax_peak_samples"]) / 1e9
-            lines.append(f"\n{c['preset']}: {c['dtype']} matmul peak sampled between the JAX steps: median "
-                         f"{np.median(p):.0f} GFLOP/s ({p.min():.0f}-{p.max():.0f}, {p.size} samples)"
-                         + ("; JAX MFU by round: " + ", ".join(f"{x:.1%}" for x in c["jax_mfu_rounds"])
-                            if c.get("jax_mfu_rounds") else ""))
+        for fw, name in (("jax", "JAX"), ("torch", "PyTorch")):
+            if c.get(f"{fw}_peak_samples"):
+                p = np.asarray(c[f"{fw}_peak_samples"]) / 1e9
+                lines.append(f"\n{c['preset']}: {c['dtype']} matmul peak sampled between the {name} steps: median "
+                             f"{np.median(p):.0f} GFLOP/s ({p.min():.0f}-{p.max():.0f}, {p.size} samples); {name} MFU "
+                             f"against it {c[f'{fw}_mfu_between_steps_peak']:.1%}"
+                             + (", by round: " + ", ".join(f"{x:.1%}" for x in c[f"{fw}_mfu_rounds"])
+                                if c.get(f"{fw}_mfu_rounds") else ""))
     return "\n".join(lines)
 
 

@@ -37,6 +37,8 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     assert case["jax_mfu_start_peak"] == pytest.approx(
         case["jax_flops_per_sec"] / result["matmul"]["jax_matmul_float32_flops"])
     assert len(case["jax_mfu_rounds"]) == 2
+    assert len(case["torch_peak_samples"]) == 6 and case["torch_mfu_between_steps_peak"] == pytest.approx(
+        case["torch_flops_per_sec"] / statistics.median(case["torch_peak_samples"]))
     row = next(line for line in r.stdout.splitlines() if line.startswith("| tiny |"))
     assert f"{case['jax_tokens_per_sec']:.1f} | {case['torch_tokens_per_sec']:.1f} |" in row
 
@@ -127,7 +129,9 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
         times = next(steps[kind])
         out = {f"{kind}_step_times": times, f"{kind}_step_s": times[0], f"{kind}_peak_rss_gb": len(order)}
         peaks = [8e10, 1e11, 1.2e11] if len(order) < 3 else [4e10, 5e10, 6e10]  # a slower machine later
-        return {**out, "compile_s": 10.0 * len(order), "jax_peak_samples": peaks} if kind == "jax" else out
+        if kind == "torch":
+            return {**out, "torch_peak_samples": [1e11, 1e11, 1e11]}
+        return {**out, "compile_s": 10.0 * len(order), "jax_peak_samples": peaks}
 
     monkeypatch.setattr(bench, "_run_worker", run)
     out = tmp_path / "bench.json"
@@ -148,7 +152,13 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
     printed = capsys.readouterr().out
     assert "small: JAX/PyTorch by round (each framework's median step in that round): 3.00x, 1.50x, 0.75x" \
         in printed
-    assert "small: float32 matmul peak sampled between the JAX steps: median 60 GFLOP/s (40-120, 9 samples)" \
+    assert case["torch_mfu_between_steps_peak"] == pytest.approx(flops / 3.0 / 1e11)
+    assert case["torch_mfu_rounds"] == pytest.approx([flops / 3.0 / 1e11] * 3)
+    mfu = case["jax_mfu_rounds"]
+    assert (f"small: float32 matmul peak sampled between the JAX steps: median 60 GFLOP/s (40-120, 9 samples); JAX "
+            f"MFU against it {case['jax_mfu_measured_peak']:.1%}, by round: {mfu[0]:.1%}, {mfu[1]:.1%}, {mfu[2]:.1%}") \
+        in printed
+    assert "small: float32 matmul peak sampled between the PyTorch steps: median 100 GFLOP/s (100-100, 9 samples)" \
         in printed
     assert f"| {case['jax_mfu_measured_peak']:.1%} / {case['jax_mfu_start_peak']:.1%} |" in printed
 
