@@ -1,7 +1,7 @@
 """Side-by-side benchmark of full training steps (forward, backward, optimizer) in JAX and in the
 PyTorch reference, plus the machine's matmul peak, all measured in the same run: once at the start
-and again by the JAX worker between its timed steps (the MFU's denominator from the same minutes
-as its numerator).
+and again by each framework's worker just before its steps and after them (the MFU's denominator
+from the same minutes as its numerator).
 
 Each measurement runs in its own subprocess (`python -m jaxllm.bench --worker ...`) so that peak
 memory is per framework and one framework's threads do not disturb the other's. With `--rounds R`
@@ -31,21 +31,37 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB (Linux)
 
 
-def _timeit(fn, warmup: int, iters: int, between=None) -> list[float]:
-    """Wall times of `iters` calls of `fn` after `warmup` untimed ones; `between` (untimed), if
-    given, runs before each timed call and after the last."""
+def _timeit(fn, warmup: int, iters: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if between:
-            between()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    if between:
-        between()
     return times
+
+
+# On a CPU, a product timed right after a large JAX step runs up to a third slower for about a second
+# (seed-973m: 154-206 GFLOP/s in the first samples, 230-273 two seconds later), so the peak samples
+# around the steps wait this long first. Accelerators' products do not share the host's state.
+SETTLE_S = 2.0
+
+
+def _timed_steps_with_peak(one, sample, warmup: int, iters: int, settle_s: float) -> tuple[list[float], list[float]]:
+    """(step times, peak samples): the matmul peak (median of 3 products after `settle_s` of rest) just
+    before the warm-up and after the last timed step, around `_timeit(one, warmup, iters)`; the steps
+    themselves run back to back as without it."""
+    for _ in range(3):  # compile and warm up
+        sample()
+
+    def peak():
+        time.sleep(settle_s)
+        return float(np.median([sample() for _ in range(3)]))
+
+    before = peak()
+    times = _timeit(one, warmup, iters)
+    return times, [before, peak()]
 
 
 def _median_seconds(fn, repeats: int, warmup=None) -> float:
@@ -233,13 +249,11 @@ def worker_jax(args) -> dict:
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready((holder["state"], m))  # the whole new state: nothing runs on into the next sample
 
-    # The matmul peak again, one sample before each timed step and after the last, in this process:
-    # the MFU's denominator measured in the same minutes as its numerator (a shared machine's speed
-    # drifts by tens of percent within minutes).
-    sample, peaks = jax_matmul_sampler(args.matmul_size, args.dtype), []
-    for _ in range(3):
-        sample()
-    times = _timeit(one, args.warmup, args.iters, between=lambda: peaks.append(sample()))
+    # The matmul peak again, before and after the steps, in this process: the MFU's denominator
+    # measured in the same minutes as its numerator (a shared machine's speed drifts within minutes).
+    settle = SETTLE_S if jax.devices()[0].platform == "cpu" else 0.0
+    times, peaks = _timed_steps_with_peak(one, jax_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
+                                          args.iters, settle)
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
            "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks}
     stats = jax.devices()[0].memory_stats() or {}
@@ -274,10 +288,8 @@ def worker_torch(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    sample, peaks = torch_matmul_sampler(args.matmul_size, args.dtype), []  # as the JAX worker does
-    for _ in range(3):
-        sample()
-    times = _timeit(one, args.warmup, args.iters, between=lambda: peaks.append(sample()))
+    times, peaks = _timed_steps_with_peak(one, torch_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
+                                          args.iters, SETTLE_S if device == "cpu" else 0.0)  # as the JAX worker
     out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
            "torch_threads": torch.get_num_threads(), "torch_peak_samples": peaks}
     if device == "cuda":
@@ -318,12 +330,12 @@ def default_rounds(preset: str) -> int:
 
 def _pool(runs: list[dict], fw: str) -> dict:
     """One framework's figures over rounds: every step time, their median, the median compile time,
-    the largest peak memory, every matmul peak sample taken between the steps and their median."""
+    the largest peak memory, every matmul peak sample taken around the steps and their median."""
     times = [t for r in runs for t in r[f"{fw}_step_times"]]
     out = {**runs[-1], f"{fw}_step_times": times, f"{fw}_step_s": float(np.median(times))}
     if all(r.get(f"{fw}_peak_samples") for r in runs):
         out[f"{fw}_peak_samples"] = [p for r in runs for p in r[f"{fw}_peak_samples"]]
-        out[f"{fw}_peak_between_steps_flops"] = float(np.median(out[f"{fw}_peak_samples"]))
+        out[f"{fw}_peak_around_steps_flops"] = float(np.median(out[f"{fw}_peak_samples"]))
     if "compile_s" in out:  # the JAX worker's
         out["compile_s"] = float(np.median([r["compile_s"] for r in runs]))
     for key in (f"{fw}_peak_rss_gb", f"{fw}_peak_device_gb"):
@@ -369,9 +381,9 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
             if rounds > 1:
                 case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
                                                  for j, t in zip(runs["jax"], runs["torch"])]
-    for fw, fw_runs in runs.items():  # MFU against the peak sampled between the steps, pooled and by round
-        if f"{fw}_peak_between_steps_flops" in case:
-            case[f"{fw}_mfu_between_steps_peak"] = case[f"{fw}_flops_per_sec"] / case[f"{fw}_peak_between_steps_flops"]
+    for fw, fw_runs in runs.items():  # MFU against the peak sampled around the steps, pooled and by round
+        if f"{fw}_peak_around_steps_flops" in case:
+            case[f"{fw}_mfu_around_steps_peak"] = case[f"{fw}_flops_per_sec"] / case[f"{fw}_peak_around_steps_flops"]
             if rounds > 1:
                 case[f"{fw}_mfu_rounds"] = [flops / r[f"{fw}_step_s"] / float(np.median(r[f"{fw}_peak_samples"]))
                                             for r in fw_runs]
@@ -408,7 +420,7 @@ def markdown(result: dict) -> str:
              + (f"; bfloat16: JAX {mm['jax_matmul_bfloat16_flops'] / 1e9:.0f} GFLOP/s"
                 if "jax_matmul_bfloat16_flops" in mm else ""), "",
              "| preset | batch x seq | dtype | moe, remat | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
-             "JAX MFU (measured peak: between steps / at start) | MFU (datasheet) | compile s | JAX peak RSS GB | "
+             "JAX MFU (measured peak: around the steps / at start) | MFU (datasheet) | compile s | JAX peak RSS GB | "
              "PyTorch peak RSS GB | sparse/dense step | decode tok/s JAX / PyTorch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
@@ -419,7 +431,7 @@ def markdown(result: dict) -> str:
             f"{c['moe_impl']}, {c.get('remat', '-')}"
             f"{', ' + c['attn_impl'] + ' attention' if c.get('attn_impl', 'xla') != 'xla' else ''} | "
             f"{f('jax_tokens_per_sec')} | {f('torch_tokens_per_sec')} | {f('jax_over_torch', '{:.2f}x')} | "
-            f"{f('jax_gflops')} | {f('jax_mfu_between_steps_peak', '{:.1%} / ')}{f('jax_mfu_start_peak', '{:.1%}')} | "
+            f"{f('jax_gflops')} | {f('jax_mfu_around_steps_peak', '{:.1%} / ')}{f('jax_mfu_start_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
             f"{f('torch_peak_rss_gb')} | {f('sparse_over_dense', '{:.2f}x')} | "
             f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} |")
@@ -430,9 +442,9 @@ def markdown(result: dict) -> str:
         for fw, name in (("jax", "JAX"), ("torch", "PyTorch")):
             if c.get(f"{fw}_peak_samples"):
                 p = np.asarray(c[f"{fw}_peak_samples"]) / 1e9
-                lines.append(f"\n{c['preset']}: {c['dtype']} matmul peak sampled between the {name} steps: median "
+                lines.append(f"\n{c['preset']}: {c['dtype']} matmul peak sampled around the {name} steps: median "
                              f"{np.median(p):.0f} GFLOP/s ({p.min():.0f}-{p.max():.0f}, {p.size} samples); {name} MFU "
-                             f"against it {c[f'{fw}_mfu_between_steps_peak']:.1%}"
+                             f"against it {c[f'{fw}_mfu_around_steps_peak']:.1%}"
                              + (", by round: " + ", ".join(f"{x:.1%}" for x in c[f"{fw}_mfu_rounds"])
                                 if c.get(f"{fw}_mfu_rounds") else ""))
     return "\n".join(lines)
@@ -532,9 +544,9 @@ def main(argv=None) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:
-            # Against the peak sampled between the JAX steps (the same minutes), else the run's first one.
+            # Against the peak sampled around the JAX steps (the same minutes), else the run's first one.
             case["jax_mfu_start_peak"] = case["jax_flops_per_sec"] / peak
-            case["jax_mfu_measured_peak"] = case.get("jax_mfu_between_steps_peak", case["jax_mfu_start_peak"])
+            case["jax_mfu_measured_peak"] = case.get("jax_mfu_around_steps_peak", case["jax_mfu_start_peak"])
             case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None
         result["cases"].append(case)
         if failed:

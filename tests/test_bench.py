@@ -30,14 +30,14 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     assert case["jax_tokens_per_sec"] == pytest.approx(64 / case["jax_step_s"])
     assert case["jax_over_torch"] == pytest.approx(case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"])
     assert result["matmul"]["jax_matmul_float32_flops"] > 0
-    # the peak sampled before each timed JAX step and after the last, in both rounds: the MFU's denominator
-    assert len(case["jax_peak_samples"]) == 6 and min(case["jax_peak_samples"]) > 0
+    # the peak sampled before and after each worker's steps, in both rounds: the MFU's denominator
+    assert len(case["jax_peak_samples"]) == 4 and min(case["jax_peak_samples"]) > 0
     assert case["jax_mfu_measured_peak"] == pytest.approx(
         case["jax_flops_per_sec"] / statistics.median(case["jax_peak_samples"]))
     assert case["jax_mfu_start_peak"] == pytest.approx(
         case["jax_flops_per_sec"] / result["matmul"]["jax_matmul_float32_flops"])
     assert len(case["jax_mfu_rounds"]) == 2
-    assert len(case["torch_peak_samples"]) == 6 and case["torch_mfu_between_steps_peak"] == pytest.approx(
+    assert len(case["torch_peak_samples"]) == 4 and case["torch_mfu_around_steps_peak"] == pytest.approx(
         case["torch_flops_per_sec"] / statistics.median(case["torch_peak_samples"]))
     row = next(line for line in r.stdout.splitlines() if line.startswith("| tiny |"))
     assert f"{case['jax_tokens_per_sec']:.1f} | {case['torch_tokens_per_sec']:.1f} |" in row
@@ -142,25 +142,39 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
     assert case["torch_step_s"] == 3.0 and case["jax_over_torch"] == pytest.approx(1.5)
     assert case["jax_over_torch_rounds"] == pytest.approx([3.0, 1.5, 0.75])
     assert case["compile_s"] == 40.0 and case["jax_peak_rss_gb"] == 5 and case["torch_peak_rss_gb"] == 6
-    # MFU against the peak sampled between the JAX steps (median of all 9 samples: 6e10), and by round
+    # MFU against the peak sampled around the JAX steps (median of all 9 samples: 6e10), and by round
     # against that round's own samples; the run's first peak (1e11) gives the other figure
     flops = case["train_flops_per_step"]
-    assert case["jax_peak_between_steps_flops"] == 6e10
+    assert case["jax_peak_around_steps_flops"] == 6e10
     assert case["jax_mfu_measured_peak"] == pytest.approx(flops / 2.0 / 6e10)
     assert case["jax_mfu_start_peak"] == pytest.approx(flops / 2.0 / 1e11)
     assert case["jax_mfu_rounds"] == pytest.approx([flops / 1.0 / 1e11, flops / 2.0 / 5e10, flops / 4.0 / 5e10])
     printed = capsys.readouterr().out
     assert "small: JAX/PyTorch by round (each framework's median step in that round): 3.00x, 1.50x, 0.75x" \
         in printed
-    assert case["torch_mfu_between_steps_peak"] == pytest.approx(flops / 3.0 / 1e11)
+    assert case["torch_mfu_around_steps_peak"] == pytest.approx(flops / 3.0 / 1e11)
     assert case["torch_mfu_rounds"] == pytest.approx([flops / 3.0 / 1e11] * 3)
     mfu = case["jax_mfu_rounds"]
-    assert (f"small: float32 matmul peak sampled between the JAX steps: median 60 GFLOP/s (40-120, 9 samples); JAX "
+    assert (f"small: float32 matmul peak sampled around the JAX steps: median 60 GFLOP/s (40-120, 9 samples); JAX "
             f"MFU against it {case['jax_mfu_measured_peak']:.1%}, by round: {mfu[0]:.1%}, {mfu[1]:.1%}, {mfu[2]:.1%}") \
         in printed
-    assert "small: float32 matmul peak sampled between the PyTorch steps: median 100 GFLOP/s (100-100, 9 samples)" \
+    assert "small: float32 matmul peak sampled around the PyTorch steps: median 100 GFLOP/s (100-100, 9 samples)" \
         in printed
     assert f"| {case['jax_mfu_measured_peak']:.1%} / {case['jax_mfu_start_peak']:.1%} |" in printed
+
+
+def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_between_steps():
+    from jaxllm.bench import _timed_steps_with_peak
+
+    calls, flops = [], iter(range(1, 100))
+
+    def sample():
+        calls.append("p")
+        return float(next(flops))
+
+    times, peaks = _timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, settle_s=0.0)
+    assert "".join(calls) == "ppp" + "ppp" + "s" + "sss" + "ppp"
+    assert len(times) == 3 and peaks == [5.0, 8.0]  # medians of (4, 5, 6) and (7, 8, 9)
 
 
 def test_rounds_default_to_three_for_small_presets_and_one_for_seed_973m():
