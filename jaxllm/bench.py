@@ -155,15 +155,17 @@ def report(text: str, result: dict, json_path: str | None) -> None:
 def jax_matmul_sampler(n: int, dtype: str):
     """A function that times one sample of JAX's `[n, n] x [n, n]` product in `dtype` and returns its
     FLOP/s (call it a few times first: the first call compiles). Random operands: constant ones or
-    zeros draw less power, and GPUs run them faster than real data. On an accelerator a sample is
-    10 products back to back (no host round trip between)."""
+    zeros draw less power, and GPUs run them faster than real data; made afresh (untimed) for each
+    sample and dropped after it, so that nothing stays allocated between samples (the workers'
+    peak memory is the steps'). On an accelerator a sample is 10 products back to back (no host
+    round trip between)."""
     import jax
 
     reps = 10 if jax.devices()[0].platform != "cpu" else 1
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
 
     def sample() -> float:
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(reps):
             y = f(a)
@@ -179,9 +181,11 @@ def torch_matmul_sampler(n: int, dtype: str):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reps = 10 if device == "cuda" else 1
-    t = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
 
     def sample() -> float:
+        t = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
             t @ t
@@ -247,7 +251,7 @@ def worker_jax(args) -> dict:
 
     def one():
         holder["state"], m = step(holder["state"], batch)
-        jax.block_until_ready((holder["state"], m))  # the whole new state: nothing runs on into the next sample
+        jax.block_until_ready((holder["state"], m))  # all of the step's work, not only the loss
 
     # The matmul peak again, before and after the steps, in this process: the MFU's denominator
     # measured in the same minutes as its numerator (a shared machine's speed drifts within minutes).
