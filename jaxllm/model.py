@@ -195,17 +195,19 @@ class MultiHeadLatentAttention(nnx.Module):
         self.rope_q = mk(lat, H * c.rope_head_dim, la + ("q_lora", "heads"))
         self.o_proj = mk(H * c.v_head_dim, D, la + ("heads", "embed"))
         self.num_heads, self.nope, self.rope, self.dv = H, c.nope_head_dim, c.rope_head_dim, c.v_head_dim
-        self.theta = c.rope_theta
         self.scale = (c.nope_head_dim + c.rope_head_dim) ** -0.5
         self.dtype, self.attn_impl = dtype, attn_impl
 
-    def __call__(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array | None,
+    def __call__(self, x_BTD: Array, rope_BTr: tuple[Array, Array], mask_BTS: Array | None,
                  cache: LayerCache | None = None, cache_index: Array | None = None):
+        """`rope_BTr`: the (cos, sin) tables of the tokens' positions (`rope_tables`), made once per
+        forward pass outside the layer loop: made inside it, XLA's CPU fusions re-evaluated cos and
+        sin for every head (BENCHMARKS.md)."""
         B, T, _ = x_BTD.shape
         H = self.num_heads
         c_q = self.q_proj_d(x_BTD)  # [B, T, latent]
         c_kv = self.kv_proj_d(x_BTD)  # [B, T, latent]
-        cos, sin = rope_tables(positions_BT, self.rope, self.theta)
+        cos, sin = rope_BTr
         q_nope = self.q_proj_u(c_q).reshape(B, T, H, self.nope)
         q_rope = apply_rope(self.rope_q(c_q).reshape(B, T, H, self.rope), cos, sin)
         k_rope = apply_rope(self.rope_k(x_BTD).reshape(B, T, H, self.rope), cos, sin)
@@ -582,8 +584,8 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, lead=lead, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, lead=lead, param_dtype=param_dtype)
 
-    def __call__(self, h, positions, mask, cache=None, cache_index=None):
-        a, new_cache = self.self_attn(self.input_norm(h), positions, mask, cache, cache_index)
+    def __call__(self, h, rope, mask, cache=None, cache_index=None):
+        a, new_cache = self.self_attn(self.input_norm(h), rope, mask, cache, cache_index)
         h = h + a
         m, aux_B, counts_E = self.mlp(self.post_attn_norm(h))
         return h + m, aux_B, counts_E, new_cache
@@ -669,12 +671,13 @@ class CustomLLM(nnx.Module):
         if mask is not None:  # a query that sees no key (a pad) sees all keys, to stay finite
             mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
 
+        rope = rope_tables(positions, c.rope_head_dim, c.rope_theta)
         graphdef, layer_state = nnx.split(self.decoder_layers)
 
         def body(h, xs):
             state, layer_cache = xs
             layer = nnx.merge(graphdef, state)
-            h, aux_B, counts_E, new_cache = layer(h, positions, mask, layer_cache, cache_index)
+            h, aux_B, counts_E, new_cache = layer(h, rope, mask, layer_cache, cache_index)
             return h, (aux_B, counts_E, new_cache)
 
         policy = remat_policy(self.remat)
