@@ -10,9 +10,14 @@ Each variant is BATCH:MOE_IMPL:REMAT[:MOE_BLOCK]. For each: compile, 2 warm-up s
 device's datasheet peak, where known). With profiling on, 3 more steps run under `jax.profiler` and
 the device's kernels are summed per step: the busy time against the steps' span, the kernel count,
 matrix products (cuBLAS / XLA gemm kernels) against everything else, the heaviest kernels with the
-HLO op they came from. `--out DIR` keeps the first profiled variant's trace and its HLO there.
-On a CPU the trace holds XLA's host threads instead of device streams: use the CPU tools in
-BENCHMARKS.md there (bench_products.py); this script then times the variants only.
+HLO op they came from. On a CPU the trace holds XLA's ops on the host's threads instead: the
+report gives how long matrix products (dots and the fusions holding one) ran within the step's
+span, how long only other ops did, how long none did, and the other ops that took the threads'
+time (by kind, then the heaviest, with their shapes):
+
+    python scripts/profile_step.py --dtype float32 --variants 4:sparse:dots --steps 2   # CPU, seed-973m
+
+`--out DIR` keeps the first profiled variant's trace and its HLO there.
 """
 
 from __future__ import annotations
@@ -100,6 +105,99 @@ def device_kernels(xplane: str, steps: int, hlo: str, top: int) -> list[str]:
     return lines
 
 
+CONTROL_FLOW = ("while", "conditional", "call")  # their trace events span the ops they run
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+
+
+def hlo_instructions(hlo: str) -> dict[str, tuple[str, str, bool]]:
+    """Every instruction of an HLO module: name -> (shape, opcode, whether it computes a matrix
+    product: a `dot` or `convolution`, or a fusion whose computation holds one)."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            current = line.split()[0 if not line.startswith("ENTRY") else 1].lstrip("%")
+            bodies[current] = []
+        elif current is not None and line.strip() != "}":
+            bodies[current].append(line)
+
+    def has_product(lines):
+        return any((m := INSTRUCTION.match(x)) and m.group(3) in ("dot", "convolution") for x in lines)
+
+    out = {}
+    for lines in bodies.values():
+        for line in lines:
+            m = INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, shape, opcode, rest = m.groups()
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            product = opcode in ("dot", "convolution") or (
+                opcode == "fusion" and called is not None and has_product(bodies.get(called.group(1), [])))
+            out[name] = (shape.split("{")[0], opcode, product)
+    return out
+
+
+def _covered_ns(intervals) -> int:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.2f} s" if abs(seconds) >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def cpu_ops(events, steps: int, hlo: str, top: int) -> list[str]:
+    """Report lines for the XLA ops of a CPU trace: `events` are (HLO instruction name, start ns,
+    duration ns) from any of XLA's threads. When matrix products ran, when only other ops did, and
+    which other ops took the threads' time (control-flow ops, which span their bodies, left out)."""
+    ops = hlo_instructions(hlo)
+    ev = [(n, s, d) for n, s, d in events if n in ops and ops[n][1] not in CONTROL_FLOW]
+    if not ev:
+        return ["  no XLA ops in the trace"]
+    span = (max(s + d for _, s, d in ev) - min(s for _, s, _ in ev)) / 1e9 / steps
+    prod = [(s, s + d) for n, s, d in ev if ops[n][2]]
+    every = _covered_ns([(s, s + d) for _, s, d in ev]) / 1e9 / steps
+    products = _covered_ns(prod) / 1e9 / steps
+    busy = collections.Counter()
+    calls = collections.Counter()
+    for n, _, d in ev:
+        busy[n] += d / 1e6 / steps
+        calls[n] += 1
+    other = {n: t for n, t in busy.items() if not ops[n][2]}
+    lines = [f"  XLA's ops, per step: a {_dur(span)} span; matrix products (dots and the fusions holding one) "
+             f"running during {_dur(products)}, only other ops during {_dur(every - products)}, none during "
+             f"{_dur(span - every)}",
+             f"  thread time per step (summed over threads): matrix products "
+             f"{_dur((sum(busy.values()) - sum(other.values())) / 1e3)}, other ops {_dur(sum(other.values()) / 1e3)}"]
+    kinds = collections.Counter()
+    for n, t in other.items():
+        kinds[re.sub(r"[.\d]+$", "", n)] += t
+    lines.append("  other ops by kind (thread-ms per step): "
+                 + ", ".join(f"{k} {v:.0f}" if v >= 10 else f"{k} {v:.1f}" for k, v in kinds.most_common(12)))
+    lines.append("  heaviest other ops (thread-ms per step, calls per step, shape, HLO op):")
+    for n, t in sorted(other.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {t:8.1f} {calls[n] // steps:5d}  {n[:36]:36s} {ops[n][0][:28]:28s} "
+                     f"{hlo_op_name(hlo, n)[-70:]}")
+    return lines
+
+
+def host_events(xplane: str):
+    """(name, start ns, duration ns) of every event on the host's threads."""
+    from jax.profiler import ProfileData
+
+    return [(e.name, e.start_ns, e.duration_ns) for plane in ProfileData.from_file(xplane).planes
+            if plane.name == "/host:CPU" for line in plane.lines for e in line.events]
+
+
 def main(argv=None) -> int:
     from jaxllm import cli
     from jaxllm.recipes import ATTN_IMPLS
@@ -146,7 +244,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     device = jax.devices()[0]
     peak = args.peak_flops or device_peak_flops(device, args.dtype)
-    profile = not args.no_profile and device.platform != "cpu"
+    profile = not args.no_profile
+    on_cpu = device.platform == "cpu"
     print(f"{device.device_kind}, jax {jax.__version__}; {args.preset}, sequence {args.seq_len}, {args.dtype}"
           + (f"; MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "; no peak known (--peak-flops)"), flush=True)
     kept = False
@@ -187,7 +286,8 @@ def main(argv=None) -> int:
             jax.profiler.stop_trace()
             hlo = step.as_text()
             xplane = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-            print("\n".join(device_kernels(xplane, 3, hlo, args.top)), flush=True)
+            report = cpu_ops(host_events(xplane), 3, hlo, args.top) if on_cpu else device_kernels(xplane, 3, hlo, args.top)
+            print("\n".join(report), flush=True)
             if args.out and not kept:
                 shutil.copy(xplane, os.path.join(args.out, "step.xplane.pb"))
                 with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:

@@ -239,6 +239,7 @@ def test_profile_step_times_each_variant_on_the_cpu():
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "8 x 16 dense, remat none: step " in r.stdout and "tok/s" in r.stdout
+    assert "XLA's ops, per step: a " in r.stdout and "heaviest other ops" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -279,3 +280,46 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     assert mod.hlo_op_name(hlo, "sort_7") == "jit(step)/sort"
     assert mod.hlo_op_name(hlo, "nvjet_sm90_tst_256x96") == ""
     assert mod.GEMM.search("nvjet_sm90_tst_256x96_64x4") and not mod.GEMM.search("loop_select_fusion_2")
+
+
+def test_profile_step_cpu_report_splits_the_step_into_products_and_the_rest():
+    """On a CPU: the time matrix products ran (a dot, or a fusion holding one), the time only other
+    ops did and the time none did, within the span; `while` events (which span their bodies) and
+    names that are not HLO instructions are left out."""
+    hlo = """
+%fused_dot.1 (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  ROOT %d = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add.2 (p0: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  ROOT %a = f32[4,4]{1,0} add(%p0, %p0), metadata={op_name="jit(step)/add"}
+}
+
+ENTRY %main (x: f32[4,4]) -> (f32[4,4], f32[4,4]) {
+  %x = f32[4,4]{1,0} parameter(0)
+  %ynn_fusion.3 = f32[4,4]{1,0} fusion(%x, %x), kind=kCustom, calls=%fused_dot.1
+  %add_fusion.4 = f32[4,4]{1,0} fusion(%ynn_fusion.3), kind=kLoop, calls=%fused_add.2
+  %dot.5 = f32[4,4]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %while.6 = (f32[4,4], f32[4,4]) while(%x, %x), condition=%c, body=%b
+  ROOT %t = (f32[4,4], f32[4,4]) tuple(%add_fusion.4, %dot.5)
+}
+"""
+    mod = _profile_step()
+    ops = mod.hlo_instructions(hlo)
+    assert ops["ynn_fusion.3"] == ("f32[4,4]", "fusion", True)
+    assert ops["add_fusion.4"] == ("f32[4,4]", "fusion", False)
+    assert ops["dot.5"][2] and ops["while.6"][1] == "while" and ops["t"][0] == "(f32[4,4], f32[4,4])"
+    ms = 1_000_000
+    events = [("ynn_fusion.3", 0, 10 * ms), ("add_fusion.4", 5 * ms, 10 * ms), ("dot.5", 8 * ms, 4 * ms),
+              ("add_fusion.4", 30 * ms, 10 * ms), ("while.6", 0, 60 * ms), ("ThunkExecutor::Execute", 0, 90 * ms)]
+    lines = mod.cpu_ops(events, 2, hlo, top=5)
+    # span 0-40 ms over 2 steps: products 0-12 ms, only other ops 12-15 and 30-40 ms, none 15-30 ms
+    assert lines[0] == ("  XLA's ops, per step: a 20.0 ms span; matrix products (dots and the fusions holding one) "
+                        "running during 6.0 ms, only other ops during 6.5 ms, none during 7.5 ms"), lines[0]
+    assert lines[1] == "  thread time per step (summed over threads): matrix products 7.0 ms, other ops 10.0 ms"
+    assert "add_fusion 10" in lines[2] and "while" not in "\n".join(lines)
+    assert "add_fusion.4" in lines[4] and "f32[4,4]" in lines[4] and "jit(step)/add" in lines[4]
+    assert mod.cpu_ops([("nothing", 0, 1)], 1, hlo, top=5) == ["  no XLA ops in the trace"]
