@@ -313,13 +313,15 @@ ENTRY %main (x: f32[4,4]) -> (f32[4,4], f32[4,4]) {
     assert ops["add_fusion.4"] == ("f32[4,4]", "fusion", False)
     assert ops["dot.5"][2] and ops["while.6"][1] == "while" and ops["t"][0] == "(f32[4,4], f32[4,4])"
     ms = 1_000_000
-    events = [("ynn_fusion.3", 0, 10 * ms), ("add_fusion.4", 5 * ms, 10 * ms), ("dot.5", 8 * ms, 4 * ms),
+    events = [("ynn_fusion.3", 0, 10 * ms), ("add_fusion.4", 5 * ms, 10 * ms), ("dot.5", 20 * ms, 2 * ms),
               ("add_fusion.4", 30 * ms, 10 * ms), ("while.6", 0, 60 * ms), ("ThunkExecutor::Execute", 0, 90 * ms)]
     lines = mod.cpu_ops(events, 2, hlo, top=5)
-    # span 0-40 ms over 2 steps: products 0-12 ms, only other ops 12-15 and 30-40 ms, none 15-30 ms
+    # span 0-40 ms over 2 steps: products 0-10 and 20-22 ms, plus the 15-20 ms gap that ends at the
+    # Eigen dot; only other ops 10-15 and 30-40 ms; none 22-30 ms
     assert lines[0] == ("  XLA's ops, per step: a 20.0 ms span; matrix products (dots and the fusions holding one) "
-                        "running during 6.0 ms, only other ops during 6.5 ms, none during 7.5 ms"), lines[0]
-    assert lines[1] == "  thread time per step (summed over threads): matrix products 7.0 ms, other ops 10.0 ms"
+                        "running during 8.5 ms (2.5 ms of it the gaps before Eigen `dot` ops), only other ops "
+                        "during 7.5 ms, none during 4.0 ms"), lines[0]
+    assert lines[1] == "  thread time per step (summed over threads): matrix products 6.0 ms, other ops 10.0 ms"
     assert "add_fusion 10" in lines[2] and "while" not in "\n".join(lines)
     assert "add_fusion.4" in lines[4] and "f32[4,4]" in lines[4] and "jit(step)/add" in lines[4]
     assert mod.cpu_ops([("nothing", 0, 1)], 1, hlo, top=5) == ["  no XLA ops in the trace"]
