@@ -302,7 +302,8 @@ def main(argv=None) -> int:
             jax.profiler.stop_trace()
             hlo = step.as_text()
             xplane = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-            report = cpu_ops(host_events(xplane), 3, hlo, args.top) if on_cpu else device_kernels(xplane, 3, hlo, args.top)
+            report = (cpu_ops(host_events(xplane), 3, hlo, args.top) if on_cpu
+                      else device_kernels(xplane, 3, hlo, args.top))
             print("\n".join(report), flush=True)
             if args.out and not kept:
                 shutil.copy(xplane, os.path.join(args.out, "step.xplane.pb"))
