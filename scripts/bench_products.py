@@ -7,12 +7,15 @@
 Every product of the step (forward, input gradient and weight gradient of each projection; the
 routed experts as the default grouped dispatch runs them: per expert, products of 256 rows and a
 last one of 64 over the rows it would get with a perfectly balanced router; attention's batched
-products, the forward twice as the `dots` remat recomputes it; the `lm_head`) is jitted alone at
-its shape and timed (median), interleaved with the float32 2048^3 matmul peak. The sum is the step
-time if nothing but the products took time, so (analytic FLOPs / that time) / peak is the MFU no
-change to the rest of the step can exceed while the products run at these rates. At `small`
-sizes each timed call's own overhead (a dispatch for well under a millisecond of work) dominates:
-the sum then overstates the products (0.6 s against a 0.54 s step on 2026-11-28).
+products, the forward twice as the `dots` remat recomputes it; the `lm_head`) is timed alone at
+its shape, interleaved with the float32 2048^3 matmul peak: n products back to back in one jitted
+loop (each iteration's operands tied to the last result through an optimization barrier, so that
+XLA can neither hoist nor drop it; n sized for about 50 ms a call), the median of `--reps` such
+calls divided by n. The sum is the step time if nothing but the products took time, so (analytic
+FLOPs / that time) / peak is the MFU no change to the rest of the step can exceed while the
+products run at these rates. (Until 2026-11-29 each product was one call of its own: each call's
+dispatch and cold operands made the sum 18.1 s where a profile of the step has its products
+running for 13.6 s; see BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -35,6 +38,44 @@ def _median_s(f, args, reps: int) -> float:
     from jaxllm.bench import _median_seconds
 
     return _median_seconds(lambda: jax.block_until_ready(f(*args)), reps)
+
+
+def _per_product_s(f, args, reps: int, call_s: float = 0.05) -> float:
+    """Seconds per `f(*args)` product, timed n at a time back to back in one jitted loop: the
+    carried operands pass through an optimization barrier with each result, so every iteration
+    computes the product again (XLA can neither hoist it out of the loop nor keep only the last)."""
+    import jax
+
+    once = _median_s(jax.jit(f), args, 1)
+    n = max(2, min(64, round(call_s / max(once, 1e-6))))
+    return _median_s(product_loop(f, n), args, reps) / n
+
+
+def product_forms():
+    """The three products of a projection `y = x @ w` with output gradient `g`: forward, input
+    gradient, weight gradient (from a materialised `x^T`, as `wide_linear` does)."""
+    import jax
+    import jax.numpy as jnp
+
+    barrier = jax.lax.optimization_barrier
+    return {"fwd": lambda x, w, g: x @ w, "dx": lambda x, w, g: g @ jnp.swapaxes(w, -1, -2),
+            "dW": lambda x, w, g: barrier(jnp.swapaxes(x, -1, -2)) @ g}
+
+
+def product_loop(f, n: int):
+    """`f(*operands)` computed n times in a jitted `fori_loop`, its last result returned."""
+    import jax
+    import jax.numpy as jnp
+
+    def loop(*operands):
+        def body(_, carry):
+            *ops, _y = carry
+            return jax.lax.optimization_barrier((*ops, f(*ops)))
+
+        y = jnp.zeros(jax.eval_shape(f, *operands).shape, jnp.float32)
+        return jax.lax.fori_loop(0, n, body, (*operands, y))[-1]
+
+    return jax.jit(loop)
 
 
 def products(config, tokens: int, seq_len: int, block: int = 256, tail: int = 64):
@@ -71,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="seed-973m", help="model preset (default seed-973m)")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
-    p.add_argument("--reps", type=int, default=5, help="timed calls per product (default 5)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls (each a loop of products) per product (default 5)")
     args = p.parse_args(argv)
     from jaxllm.cli import check_at_least, preset_config
 
@@ -87,10 +128,7 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
     peak_mm = jax.jit(lambda a: a @ a)
     a2048 = jax.random.normal(key, (2048, 2048), jnp.float32)  # random operands, as bench.py's peak
-    barrier = jax.lax.optimization_barrier
-    # forward, input gradient, weight gradient (from a materialised x^T, as wide_linear does)
-    forms = {"fwd": lambda x, w, g: x @ w, "dx": lambda x, w, g: g @ jnp.swapaxes(w, -1, -2),
-             "dW": lambda x, w, g: barrier(jnp.swapaxes(x, -1, -2)) @ g}
+    forms = product_forms()
     print("| product | [m, k] x [k, n] | per step | fwd ms | dx ms | dW ms | GFLOP/s | seconds per step |")
     print("|---|---|---|---|---|---|---|---|")
     total_s, peaks = 0.0, []
@@ -98,7 +136,7 @@ def main(argv=None) -> int:
         lead = (batch,) if batch > 1 else ()
         x, w, g = (jax.random.normal(key, (*lead, *s), jnp.float32) for s in ((m, k), (k, n), (m, n)))
         peaks.append(2 * 2048**3 / _median_s(peak_mm, (a2048,), args.reps))
-        ms = {form: 1e3 * _median_s(jax.jit(f), (x, w, g), args.reps) for form, f in forms.items()}
+        ms = {form: 1e3 * _per_product_s(f, (x, w, g), args.reps) for form, f in forms.items()}
         # attention's forward runs twice (remat `dots` recomputes it for the backward pass)
         per_call = (2 * ms["fwd"] if "batched" in name else ms["fwd"]) + ms["dx"] + ms["dW"]
         seconds = count * per_call / 1e3

@@ -224,6 +224,42 @@ def test_the_products_ceiling_inventory_matches_the_analytic_count_of_seed_973m(
     assert e.value.code == 2
 
 
+def test_the_products_are_timed_inside_the_loop_not_hoisted_out_of_it():
+    """bench_products.py times n products back to back in one loop: each form's product (forward,
+    input gradient, weight gradient; plain and batched) must stay in the loop's body, where XLA
+    runs it n times, and the loop must give the product's value."""
+    import importlib.util
+    import re
+
+    import jax
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_products", ROOT / "scripts" / "bench_products.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    key = jax.random.split(jax.random.key(0), 3)
+    for lead in ((), (3,)):
+        x, w, g = (jax.random.normal(k, (*lead, *shape)) for k, shape in zip(key, ((8, 16), (16, 32), (8, 32))))
+        for form, f in mod.product_forms().items():
+            loop = mod.product_loop(f, 5)
+            hlo = loop.lower(x, w, g).compile().as_text()
+            body = re.search(r"body=%([\w.\-]+)", hlo).group(1)
+            # the while body's computations (the body and what it calls) hold the product
+            called, todo = set(), [body]
+            while todo:
+                name = todo.pop()
+                if name in called:
+                    continue
+                called.add(name)
+                block = re.search(r"^%" + re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S).group(1)
+                todo += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", block)
+                if re.search(r" dot\(", block):
+                    break
+            else:
+                raise AssertionError(f"{form} {lead}: no product in the loop body\n{hlo}")
+            np.testing.assert_allclose(np.asarray(loop(x, w, g)), np.asarray(f(x, w, g)), rtol=1e-6)
+
+
 def _profile_step():
     import importlib.util
 
