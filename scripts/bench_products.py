@@ -14,8 +14,8 @@ XLA can neither hoist nor drop it; n sized for about 50 ms a call), the median o
 calls divided by n. The sum is the step time if nothing but the products took time, so (analytic
 FLOPs / that time) / peak is the MFU no change to the rest of the step can exceed while the
 products run at these rates. (Until 2026-11-29 each product was one call of its own: each call's
-dispatch and cold operands made the sum 18.1 s where a profile of the step has its products
-running for 13.6 s; see BENCHMARKS.md.)
+dispatch and cold operands made the sum 18.1 s, where profiles of the step have its products
+running for 13.6-17.2 s; see BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="seed-973m", help="model preset (default seed-973m)")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
-    p.add_argument("--reps", type=int, default=5, help="timed calls (each a loop of products) per product (default 5)")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed calls (each a loop of products) per product (default 5)")
     args = p.parse_args(argv)
     from jaxllm.cli import check_at_least, preset_config
 
