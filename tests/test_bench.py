@@ -172,7 +172,7 @@ def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_be
         calls.append("p")
         return float(next(flops))
 
-    times, peaks = _timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, settle_s=0.0)
+    times, peaks = _timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, on_cpu=False)
     assert "".join(calls) == "ppp" + "ppp" + "s" + "sss" + "ppp"
     assert len(times) == 3 and peaks == [5.0, 8.0]  # medians of (4, 5, 6) and (7, 8, 9)
 
