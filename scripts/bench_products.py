@@ -72,7 +72,8 @@ def product_loop(f, n: int):
             *ops, _y = carry
             return jax.lax.optimization_barrier((*ops, f(*ops)))
 
-        y = jnp.zeros(jax.eval_shape(f, *operands).shape, jnp.float32)
+        out = jax.eval_shape(f, *operands)
+        y = jnp.zeros(out.shape, out.dtype)
         return jax.lax.fori_loop(0, n, body, (*operands, y))[-1]
 
     return jax.jit(loop)

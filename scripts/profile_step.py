@@ -122,9 +122,8 @@ def hlo_instructions(hlo: str) -> dict[str, tuple[str, str, bool]]:
         elif current is not None and line.strip() != "}":
             bodies[current].append(line)
 
-    def has_product(lines):
-        return any((m := INSTRUCTION.match(x)) and m.group(3) in ("dot", "convolution") for x in lines)
-
+    with_product = {c for c, lines in bodies.items()
+                    if any((m := INSTRUCTION.match(x)) and m.group(3) in ("dot", "convolution") for x in lines)}
     out = {}
     for lines in bodies.values():
         for line in lines:
@@ -134,7 +133,7 @@ def hlo_instructions(hlo: str) -> dict[str, tuple[str, str, bool]]:
             name, shape, opcode, rest = m.groups()
             called = re.search(r"calls=%([\w.\-]+)", rest)
             product = opcode in ("dot", "convolution") or (
-                opcode == "fusion" and called is not None and has_product(bodies.get(called.group(1), [])))
+                opcode == "fusion" and called is not None and called.group(1) in with_product)
             out[name] = (shape.split("{")[0], opcode, product)
     return out
 
