@@ -220,10 +220,14 @@ def worker_matmul(args) -> dict:
 def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, moe_impl: str, moe_block: int,
                   remat: str, attn_impl: str = "xla"):
     """A benchmark's training step (no dropout, one micro-batch, AdamW), compiled ahead of time for
-    one random batch: (step, state, batch, compile seconds)."""
+    one random batch: (step, state, batch, compile seconds). Turns JAX's persistent compilation
+    cache off in this process (`jaxllm/xla_cache.py`): the seconds are a compile, not a load."""
     import jax.numpy as jnp
 
+    from jaxllm import xla_cache
     from jaxllm.train import OptimConfig, Trainer
+
+    xla_cache.disable()
 
     trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), mesh,
                       batch_size=batch_size, grad_accum=1, seq_len=seq_len, dropout=False,

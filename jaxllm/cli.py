@@ -95,6 +95,13 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
+def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+    """`--compile-cache DIR` (JAX scripts; `jaxllm/xla_cache.py`)."""
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="keep compiled XLA programs here and reuse them in later runs (default $JAXLLM_CACHE/xla, "
+                        "i.e. ~/.cache/jaxllm/xla; 'none': off)")
+
+
 def add_remat_flags(p: argparse.ArgumentParser) -> None:
     """`--remat [POLICY]` and `--no-remat` (JAX scripts)."""
     from jaxllm.recipes import AUTO_REMAT_PARAMS, REMAT_POLICIES

@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import hostmem
 from jaxllm import sharding as shd
+from jaxllm import xla_cache
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
@@ -169,11 +170,12 @@ def run(rc: RunConfig) -> dict:
             while step < rc.steps:
                 batch = trainer.put_batch(next(data))
                 if t_compile is None:
-                    t0 = time.perf_counter()
+                    t0, hits = time.perf_counter(), xla_cache.hits()
                     step_fn = trainer.step_fn.lower(state, batch).compile()
                     t_compile = time.perf_counter() - t0
-                    summary["compile_s"] = t_compile
-                    log(f"compiled the train step in {t_compile:.1f} s")
+                    summary["compile_s"], summary["compile_cached"] = t_compile, xla_cache.hits() > hits
+                    log(f"loaded the train step from the compilation cache in {t_compile:.1f} s"
+                        if summary["compile_cached"] else f"compiled the train step in {t_compile:.1f} s")
                     window_t = time.perf_counter()
                 state, m = step_fn(state, batch)
                 finite = bool(m["finite"])

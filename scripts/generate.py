@@ -26,7 +26,7 @@ PROG = "generate.py"
 
 
 def parse_args(argv=None):
-    from jaxllm.cli import parser
+    from jaxllm.cli import add_compile_cache_flag, parser
 
     p = parser(__file__, __doc__)
     a = p.add_argument
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     a("--framework", choices=["jax", "torch"], default="jax", help="which implementation runs (default jax)")
     a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
+    add_compile_cache_flag(p)
     return p.parse_args(argv)
 
 
@@ -142,6 +143,10 @@ def run(args, out=None) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # raises ValueError naming the field
+    if args.framework == "jax":
+        from jaxllm import xla_cache
+
+        xla_cache.enable(getattr(args, "compile_cache", None))
     kind = checkpoint_kind(args.checkpoint)
     c, recorded = checkpoint_info(args.checkpoint, kind)
     # The embedded tokenizer is trained to fit the model (as in training); other specs ignore vocab_size.

@@ -42,6 +42,7 @@ def parse_args(argv=None):
     a("--attn-impl", choices=ATTN_IMPLS,
       help="training attention: xla (default) or cudnn (cuDNN's fused attention: NVIDIA GPUs, --dtype bfloat16)")
     cli.add_remat_flags(p)
+    cli.add_compile_cache_flag(p)
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")
     a("--skip-nonfinite", action="store_true", default=None, help="skip steps with a NaN/Inf loss instead of stopping")
     a("--coordinator", help="multi-host: coordinator address HOST:PORT")
@@ -56,7 +57,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, rc = parse_args(argv)
     try:
+        from jaxllm import xla_cache
         from jaxllm.distributed import maybe_initialize
+
+        xla_cache.enable(args.compile_cache)
 
         maybe_initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
         from jaxllm.loop import run

@@ -154,6 +154,19 @@ def test_sigterm_saves_and_the_next_start_resumes(tmp_path, reference):
     _assert_same(_final_state(ckpt), _final_state(reference, 8))
 
 
+def test_the_same_command_again_loads_the_train_step_from_the_compilation_cache(tmp_path):
+    """`--compile-cache DIR` (default ~/.cache/jaxllm/xla): the first run compiles the train step and
+    keeps it; a second run of the same command loads it and trains to the same state."""
+    cache = tmp_path / "xla"
+    first = _run(tmp_path / "a", 1, ["--compile-cache", str(cache)])
+    assert "compiled the train step in" in first
+    assert any(f.startswith("jit__train_step") for f in os.listdir(cache))
+    second = _run(tmp_path / "b", 1, ["--compile-cache", str(cache)])
+    assert "loaded the train step from the compilation cache in" in second
+    _assert_same(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+    # (`--compile-cache none`, the default and the environment's directory: tests/test_xla_cache.py)
+
+
 # ---- bad input: one line, exit status 2, nothing overwritten ----------------------------------
 def _main(argv, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -195,6 +208,7 @@ BAD_INPUTS = [
     ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
     ("unknown remat policy", ["--remat", "some"], "remat"),
     ("cuDNN attention without a GPU", ["--attn-impl", "cudnn", "--dtype", "bfloat16"], "needs an NVIDIA GPU"),
+    ("compilation cache under a file", ["--compile-cache", "{tmp}/a_file/xla"], "--compile-cache: cannot create"),
 ]
 
 
