@@ -61,7 +61,6 @@ def main(argv=None) -> int:
         from jaxllm.distributed import maybe_initialize
 
         xla_cache.enable(args.compile_cache)
-
         maybe_initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
         from jaxllm.loop import run
 
