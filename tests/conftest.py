@@ -7,8 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One persistent XLA compilation cache for the whole session, subprocesses included: tests that
-# build the same train step again (and the command-line tests) then compile it once.
+# One persistent XLA compilation cache for the whole session, both pytest-xdist workers and their
+# subprocesses included: tests that build the same train step again (and the command-line tests)
+# then compile it once.
 import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxllm-test-xla-cache"))
