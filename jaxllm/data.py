@@ -79,7 +79,9 @@ def embedded_corpus() -> list[str]:
 
 
 # ---- tokenizers ------------------------------------------------------------------------------
-def _cache_root(cache_dir) -> str:
+def cache_root(cache_dir=None) -> str:
+    """The project's cache directory: `cache_dir`, else `$JAXLLM_CACHE`, else `~/.cache/jaxllm`
+    (the embedded tokenizer here, the scripts' compilation cache in `jaxllm/xla_cache.py`)."""
     if cache_dir is None:
         cache_dir = os.environ.get("JAXLLM_CACHE") or os.path.join("~", ".cache", "jaxllm")
     return os.path.expanduser(os.fspath(cache_dir))
@@ -136,7 +138,7 @@ def _embedded_tokenizer(cache_dir, vocab_size: int, expected_key: str | None = N
             f"tokenizer 'embedded:{expected_key}' (recorded in a checkpoint) differs from the "
             f"embedded tokenizer this installation builds ('embedded:{key}', vocab {vocab_size}): "
             f"the embedded corpus (Python's pydoc_data) or the vocabulary size changed")
-    path = os.path.join(_cache_root(cache_dir), f"tokenizer-{key}", "tokenizer.json")
+    path = os.path.join(cache_root(cache_dir), f"tokenizer-{key}", "tokenizer.json")
     if os.path.isfile(path):
         try:
             return _wrap_embedded(Tokenizer.from_file(path))

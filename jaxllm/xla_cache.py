@@ -30,8 +30,9 @@ _listening = False
 
 def default_dir() -> str:
     """`$JAXLLM_CACHE/xla`, or `~/.cache/jaxllm/xla` (next to the embedded tokenizer's cache)."""
-    root = os.environ.get("JAXLLM_CACHE") or os.path.join("~", ".cache", "jaxllm")
-    return os.path.join(os.path.expanduser(root), "xla")
+    from jaxllm.data import cache_root
+
+    return os.path.join(cache_root(), "xla")
 
 
 def enable(path: str | None = None) -> str | None:
