@@ -194,11 +194,11 @@ def write_tokenizer(spec, config: LLMConfig, out: str) -> tuple[str | None, list
     if not spec:
         return None, []
     try:
-        from jaxllm.data import load_tokenizer
+        from jaxllm.data import embedded_vocab_size, load_tokenizer
     except ImportError as e:
         return None, [f"tokenizer {spec!r} not exported: jaxllm.data.load_tokenizer is not available ({e})"]
     try:
-        tok = load_tokenizer(spec)
+        tok = load_tokenizer(spec, vocab_size=embedded_vocab_size(config))
     except Exception as e:  # noqa: BLE001 - whatever the reason, the weights are still exported
         return None, [f"tokenizer {spec!r} not exported: it does not load here ({error_line(e)})"]
     if not hasattr(tok, "save_pretrained"):  # a bare `tokenizers.Tokenizer`

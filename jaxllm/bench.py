@@ -460,7 +460,7 @@ def markdown(result: dict) -> str:
 
 def _check_args(p, args, shapes, decode_tokens: int) -> None:
     """Bad input: one line on stderr, exit status 2, before any worker starts."""
-    cli.check_at_least(p, args, batch_size=1, seq_len=1, iters=1, warmup=0, decode_tokens=0, matmul_size=1,
+    cli.check_at_least(p, args, batch_size=1, seq_len=2, iters=1, warmup=0, decode_tokens=0, matmul_size=1,
                        timeout=1, rounds=1)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: the folder of {args.json} does not exist")

@@ -275,6 +275,21 @@ def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE)
     return os.path.abspath(os.path.expanduser(spec))
 
 
+def embedded_vocab_size(config) -> int:
+    """The size the embedded tokenizer is trained to for a model of `config`: min(vocab_size, 4096),
+    so that `tiny` (512) works too. Every caller of `load_tokenizer` that knows the model passes it
+    (training records "embedded:<key>" of this size, and the key is checked on loading)."""
+    return min(config.vocab_size, EMBEDDED_VOCAB_SIZE)
+
+
+def model_tokenizer(spec: str | None, config, *, cache_dir=None):
+    """`load_tokenizer(spec)` for a model of `config` (the embedded tokenizer at
+    `embedded_vocab_size(config)`), checked with `check_vocab`."""
+    tokenizer = load_tokenizer(spec, cache_dir=cache_dir, vocab_size=embedded_vocab_size(config))
+    check_vocab(tokenizer, config)
+    return tokenizer
+
+
 def check_vocab(tokenizer, config) -> None:
     """ValueError when the tokenizer has ids the model's embedding table cannot hold."""
     n = len(tokenizer)

@@ -25,7 +25,7 @@ from jaxllm import xla_cache
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, check_run, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -79,23 +79,15 @@ def run(rc: RunConfig) -> dict:
 
     if rc.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
-    for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
-        if getattr(rc, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
     config = model_config(rc)
-    if rc.seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings "
-                         f"({config.max_position_embeddings})")
+    check_run(rc, config.max_position_embeddings)
     ckpt_dir = os.path.abspath(rc.ckpt_dir)
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
     mesh = shd.make_mesh(rc.mesh)
     shd.check_batch(rc.batch_size, mesh)
 
-    # The embedded tokenizer is trained to fit the model: min(vocab_size, 4096) tokens.
-    tok_kw = {} if rc.tokenizer else {"vocab_size": min(config.vocab_size, data_lib.EMBEDDED_VOCAB_SIZE)}
-    tokenizer = data_lib.load_tokenizer(rc.tokenizer, **tok_kw)
-    data_lib.check_vocab(tokenizer, config)
+    tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
@@ -129,7 +121,7 @@ def run(rc: RunConfig) -> dict:
                             text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
         tokenizer, rows=trainer.rows_per_process(), process_index=jax.process_index(),
         process_count=jax.process_count(), state=data_state)
-    tok_source = data_lib.tokenizer_source(rc.tokenizer, **tok_kw)
+    tok_source = data_lib.tokenizer_source(rc.tokenizer, vocab_size=data_lib.embedded_vocab_size(config))
     if mngr is None:
         mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
 

@@ -61,6 +61,20 @@ class RunConfig:
     progress: bool = True
 
 
+def check_run(rc: RunConfig, max_positions: int) -> None:
+    """ValueError naming the flag, for settings that no run can use (both trainers call it before
+    anything is written; `max_positions`: the model's `max_position_embeddings`)."""
+    for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
+        if getattr(rc, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
+    if rc.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be non-negative, got {rc.warmup_steps}")
+    if rc.seq_len < 2:  # the loss predicts each token from the ones before it
+        raise ValueError(f"--seq-len must be at least 2 (a row of one token has nothing to predict), got {rc.seq_len}")
+    if rc.seq_len > max_positions:
+        raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+
+
 # Remat by default from this model size on. For seed-973m at 4 x 256 (float32, 2-core CPU) the
 # temporaries of a step without remat take 7.7 GiB (the gradient's 3.6 included); "dots" keeps
 # every unbatched product (5.85 GiB) and recomputes only attention's core and elementwise ops;

@@ -137,7 +137,7 @@ class TextStream:
 
 def run(args, out=None) -> None:
     """Generate and stream to `out` (default: standard output). Raises ValueError / OSError."""
-    from jaxllm.data import EMBEDDED_VOCAB_SIZE, load_tokenizer
+    from jaxllm.data import model_tokenizer
     from jaxllm.generate import Sampling
 
     if args.max_new_tokens < 1:
@@ -149,12 +149,7 @@ def run(args, out=None) -> None:
         xla_cache.enable(getattr(args, "compile_cache", None))
     kind = checkpoint_kind(args.checkpoint)
     c, recorded = checkpoint_info(args.checkpoint, kind)
-    # The embedded tokenizer is trained to fit the model (as in training); other specs ignore vocab_size.
-    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else recorded,
-                               vocab_size=min(c.vocab_size, EMBEDDED_VOCAB_SIZE))
-    if len(tokenizer) > c.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
-                         f"({c.vocab_size})")
+    tokenizer = model_tokenizer(args.tokenizer if args.tokenizer is not None else recorded, c)
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False) or [c.bos_token_id]
     if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {args.max_new_tokens} new tokens "

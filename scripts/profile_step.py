@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")
     p.add_argument("--budget", type=float, default=None, help="start no variant after this many seconds")
     args = p.parse_args(argv)
-    cli.check_at_least(p, args, seq_len=1, steps=1, top=0)
+    cli.check_at_least(p, args, seq_len=2, steps=1, top=0)
     config = cli.preset_config(p, args.preset, args.seq_len)
     try:
         variants = [parse_variant(v) for v in args.variants]

@@ -59,7 +59,7 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--iters", "0"], "--iters must be at least 1"),
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--frameworks", "jax,tf"], "--frameworks"),
-    (["--seq-len", "-4"], "--seq-len must be at least 1"),
+    (["--seq-len", "-4"], "--seq-len must be at least 2"),
     (["--mesh", "data=0"], "--mesh"),
     (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions, got 256"),
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),

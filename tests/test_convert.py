@@ -351,12 +351,16 @@ def _word_tokenizer():
 def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monkeypatch):
     """The checkpoint names its tokenizer; `jaxllm.data.load_tokenizer` loads it (stubbed here:
     this test pins the converter's side of that contract)."""
+    from jaxllm.data import embedded_vocab_size
+
     loaded = []
-    fake = SimpleNamespace(load_tokenizer=lambda spec: loaded.append(spec) or _word_tokenizer())
+    fake = SimpleNamespace(embedded_vocab_size=embedded_vocab_size,
+                           load_tokenizer=lambda spec, vocab_size: loaded.append((spec, vocab_size)) or _word_tokenizer())
     monkeypatch.setitem(sys.modules, "jaxllm.data", fake)
     ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
     result = export_hf(ckpt)
-    assert loaded == ["words-v1"] and result.tokenizer == "words-v1" and result.notes == []
+    # The size the embedded tokenizer is trained to for this model (other tokenizers ignore it).
+    assert loaded == [("words-v1", TINY.vocab_size)] and result.tokenizer == "words-v1" and result.notes == []
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(result.out_dir)
@@ -371,6 +375,21 @@ def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monk
     mngr = checkpoint.manager(back.out_dir, read_only=True)
     assert checkpoint.read_meta(mngr, 0)["tokenizer"] == back.tokenizer
     mngr.close()
+
+
+def test_embedded_tokenizer_of_a_small_vocabulary_is_exported(parity, tmp_path, monkeypatch):
+    """A `tiny` run records the embedded tokenizer trained to its 512 tokens; the export finds that
+    one (not the 4,096-token default, whose key differs)."""
+    from jaxllm import data
+
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    source = data.tokenizer_source(None, vocab_size=data.embedded_vocab_size(TINY))
+    ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer=source)
+    result = export_hf(ckpt)
+    assert result.tokenizer == source and result.notes == []
+    from transformers import PreTrainedTokenizerFast
+
+    assert len(PreTrainedTokenizerFast.from_pretrained(result.out_dir)) == TINY.vocab_size
 
 
 def test_tokenizer_that_cannot_be_loaded_is_left_out_with_a_note(parity, tmp_path, monkeypatch):

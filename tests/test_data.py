@@ -111,6 +111,13 @@ def test_embedded_tokenizer_vocab_size_follows_the_preset(tmp_path):
     tok = load_tokenizer(None, cache_dir=tmp_path, vocab_size=tiny.vocab_size)
     assert len(tok) == tiny.vocab_size and tok.eos_token_id == 0
     data.check_vocab(tok, tiny)
+    # Every caller that knows the model (training in both frameworks, export, generation) loads it
+    # at that size, also when the run named it ("embedded") or a checkpoint recorded it.
+    recorded = data.tokenizer_source(None, vocab_size=data.embedded_vocab_size(tiny))
+    for spec in (None, "embedded", recorded):
+        assert len(data.model_tokenizer(spec, tiny, cache_dir=tmp_path)) == tiny.vocab_size
+    with pytest.raises(ValueError, match="differs from the embedded tokenizer"):
+        data.model_tokenizer(data.tokenizer_source(None), tiny, cache_dir=tmp_path)
 
 
 # ---- packing ------------------------------------------------------------------------------------

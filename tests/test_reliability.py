@@ -200,6 +200,8 @@ BAD_INPUTS = [
     ("dataset without the text column", ["--dataset", "{tmp}/no_text.jsonl"], "text"),
     ("empty dataset", ["--dataset", "{tmp}/empty.jsonl"], "empty"),
     ("sequence longer than max_position_embeddings", ["--seq-len", "4096"], "max_position_embeddings"),
+    ("sequence of one token", ["--seq-len", "1"], "--seq-len must be at least 2"),
+    ("negative warm-up", ["--warmup-steps", "-1"], "--warmup-steps must be non-negative"),
     ("batch the mesh cannot divide", ["--batch-size", "3"], "batch size 3"),
     ("Hub dataset id while offline", ["--dataset", "someorg/somedata"], "offline"),
     ("Hub tokenizer id while offline", ["--tokenizer", "someorg/sometok"], "offline"),

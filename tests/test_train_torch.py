@@ -257,6 +257,8 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert train_torch.main(["--ckpt-dir", str(tmp_path / "file")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    assert train_torch.main(["--seq-len", "1", "--ckpt-dir", str(tmp_path / "x")]) == 2
+    assert "--seq-len must be at least 2" in capsys.readouterr().err
     args, rc = train_torch.parse_args(["--recipe", "seed", "--steps", "7"])
     assert rc.preset == "seed-973m" and rc.grad_accum == 8 and rc.steps == 7 and rc.lr == 2e-5
     assert train_torch.parse_args([])[1].ckpt_dir == "ckpt-torch"

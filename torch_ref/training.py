@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from jaxllm.config import LLMConfig
-from jaxllm.recipes import RunConfig
+from jaxllm.recipes import RunConfig, check_run
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -462,16 +462,9 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     from jaxllm.metrics import plot_loss_curve
 
     t_start = time.perf_counter()
-    for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
-        if getattr(rc, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
-    if rc.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be non-negative, got {rc.warmup_steps}")
     dtype = resolve_dtype(dtype)
     config = model_config(rc)
-    if rc.seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings "
-                         f"({config.max_position_embeddings})")
+    check_run(rc, config.max_position_embeddings)
     out_dir = os.path.abspath(rc.ckpt_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
@@ -494,8 +487,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     elif rc.init_from:
         _check_saved_config(rc.init_from, config, "--init-from")
 
-    tokenizer = data_lib.load_tokenizer(rc.tokenizer)
-    data_lib.check_vocab(tokenizer, config)
+    tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
 
     set_seed(rc.seed)  # the initial weights; the Trainer seeds again for dropout
     if rc.init_from and not last:
