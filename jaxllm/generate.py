@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from jaxllm.config import LLMConfig
+from jaxllm.model import positions_from_mask
 
 Array = jax.Array
 
@@ -170,7 +171,7 @@ def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id
     B, P = ids_BP.shape
     N, S = max_new_tokens, P + max_new_tokens
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, N), bool)], axis=1)
-    positions_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1, dtype=jnp.int32) - 1, 0)
+    positions_BS = positions_from_mask(mask_BS)
 
     model = nnx.merge(graphdef, state)  # the MoE dispatch sizes its blocks by each call's tokens
     if use_cache:

@@ -116,6 +116,12 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(F32) * y).astype(x.dtype)
 
 
+def positions_from_mask(mask_BS: Array) -> Array:
+    """Each token's position: how many real tokens (mask true) come before it, so that a left-padded
+    row counts from its first real token (pads before it get 0; Hugging Face's rule)."""
+    return jnp.maximum(jnp.cumsum(mask_BS.astype(jnp.int32), axis=-1) - 1, 0)
+
+
 def rope_tables(positions_BT: Array, dim: int, theta: float) -> tuple[Array, Array]:
     """cos, sin [B, T, dim] of rotate-half RoPE: `inv_freq[i] = theta^(-2i/dim)`."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
@@ -646,14 +652,20 @@ class CustomLLM(nnx.Module):
     def forward(self, input_ids: Array, *, positions: Array | None = None, dropout_rng: Array | None = None,
                 attention_mask: Array | None = None, cache: LayerCache | None = None,
                 cache_index: Array | int = 0, last_logits: bool = False) -> ModelOutput:
-        """input_ids [B, T]. `positions` default to `cache_index + arange(T)`. `dropout_rng` turns
+        """input_ids [B, T]. `positions` default to `cache_index + arange(T)`, or with an
+        `attention_mask` to the count of real tokens before each one (`positions_from_mask`: a
+        left-padded row's first real token is at 0, as in the PyTorch reference). `dropout_rng` turns
         embedding dropout on (training). With `cache` (stacked `[L, B, S_max, ...]`), the new
         tokens are written at `cache_index` and attend to every earlier cached token whose
         `attention_mask` [B, S_max] is true. `last_logits`: logits of the last position only
         ([B, 1, V]; a prefill needs no more)."""
         c = self.config
         B, T = input_ids.shape
-        if positions is None:
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask)  # [B, T], or [B, S_max] with a cache
+            if cache is not None:
+                positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, T, axis=1)
+        elif positions is None:
             positions = cache_index + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         h = self.token_embeddings[...][input_ids] + self.position_embeddings[...][positions]
         if dropout_rng is not None and c.embedding_dropout > 0:

@@ -78,6 +78,32 @@ def test_jax_padded_batch_equals_plain_forward_of_each_sequence(pair, greedy):
         np.testing.assert_array_equal(out.tokens[b], plain.argmax(-1))
 
 
+def test_a_padded_batch_given_only_its_mask_has_each_rows_own_logits_in_both_frameworks(pair):
+    """Called with an attention mask and no positions, both models count each row's positions from
+    its first real token (as Hugging Face models do), with and without the latent cache: the real
+    tokens of a left-padded row get the logits of that row alone."""
+    jm, tm = pair
+    ids, mask = left_pad(PROMPTS, TINY.pad_token_id)
+    P = ids.shape[1]
+    jax_logits = np.asarray(jm(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    with torch.no_grad():
+        torch_logits = tm(torch.from_numpy(ids.astype(np.int64)),
+                          attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+    # The same through the cache: the prompt, then one more token, masks over the whole cache.
+    extra = np.full((len(PROMPTS), 1), 42, np.int32)
+    mask_S = jnp.asarray(np.concatenate([mask, np.ones_like(extra, bool)], axis=1))
+    cache = jm.init_cache(len(PROMPTS), P + 1)
+    prefill = jm.forward(jnp.asarray(ids), attention_mask=mask_S, cache=cache, cache_index=0)
+    step = jm.forward(jnp.asarray(extra), attention_mask=mask_S, cache=prefill.cache, cache_index=P)
+    for b, prompt in enumerate(PROMPTS):
+        real = slice(P - len(prompt), P)
+        alone = np.asarray(jm(jnp.asarray([prompt + [42]])))[0]
+        assert rel_err(jax_logits[b, real], alone[:-1]) <= 1e-5
+        assert rel_err(torch_logits[b, real], alone[:-1]) <= 1e-5
+        assert rel_err(np.asarray(prefill.logits)[b, real], alone[:-1]) <= 1e-5
+        assert rel_err(np.asarray(step.logits)[b, 0], alone[-1]) <= 1e-5
+
+
 def test_last_logits_are_the_last_position_of_the_full_logits(pair):
     jm, _ = pair
     ids = jnp.asarray([PROMPTS[0]])
