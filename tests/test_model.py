@@ -424,6 +424,29 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close():
     assert rel_err(out, f32(ids)) < 5e-2
 
 
+
+def test_a_cast_of_the_torch_model_keeps_router_bias_and_rope_in_float32():
+    """`model.to(torch.bfloat16)` / `.half()` cast the weights; `router_bias` (float32 state) keeps
+    its dtype and values and RoPE's frequencies stay float32, so the rotation is not rounded."""
+    from torch_ref import CustomLLM, CustomLLMConfig
+    from torch_ref.modeling_customllm import RotaryEmbedding
+
+    tm = CustomLLM(CustomLLMConfig.from_preset("tiny"))
+    bias = torch.linspace(-0.123456, 0.123456, TINY.num_routed_experts)
+    tm.decoder_layers[0].mlp.moe.router_bias.copy_(bias)
+    rope = next(m for m in tm.modules() if isinstance(m, RotaryEmbedding))
+    want = rope.compute_inv_freq()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(tm)
+        assert torch.equal(tm.decoder_layers[0].mlp.moe.router_bias, bias)
+        assert torch.equal(rope.inv_freq, want)
+    tm.to(torch.bfloat16)
+    assert tm.lm_head.weight.dtype == torch.bfloat16
+    assert tm.state_dict()["decoder_layers.0.mlp.moe.router_bias"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(tm(torch.from_numpy(_ids((2, 16)).astype(np.int64))).logits).all()
+
+
 WIDE_LINEAR_CHECK = """
 import jax, jax.numpy as jnp
 from jaxllm.model import wide_linear

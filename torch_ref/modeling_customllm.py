@@ -64,6 +64,14 @@ class RotaryEmbedding(nn.Module):
     def compute_inv_freq(self) -> torch.Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; the tables stay float32
+        # (rounded frequencies would move the rotation by up to 0.36 at position 2,047).
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids.float()[..., None] * self.inv_freq.float()  # [B, T, d/2]
@@ -180,6 +188,15 @@ class DeepSeekMoE(nn.Module):
             [DeepSeekExpertLayer(c.hidden_size, c.intermediate_size) for _ in range(c.num_routed_experts)])
         self.router = nn.Linear(c.hidden_size, c.num_routed_experts, bias=False)
         self.register_buffer("router_bias", torch.zeros(c.num_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # `router_bias` is float32 state (ARCHITECTURE.md): a cast of the model (`.to(torch.bfloat16)`,
+        # `.half()`) moves it but keeps its dtype and values.
+        bias = self.router_bias
+        super()._apply(fn, recurse)
+        if self.router_bias.dtype != bias.dtype:
+            self.router_bias = bias.to(self.router_bias.device)
+        return self
 
     def forward(self, x: torch.Tensor):
         B, T, D = x.shape
