@@ -661,6 +661,9 @@ class CustomLLM(nnx.Module):
         ([B, 1, V]; a prefill needs no more)."""
         c = self.config
         B, T = input_ids.shape
+        end = T + (cache_index if isinstance(cache_index, int) else 0)
+        if positions is None and end > c.max_position_embeddings:  # a gather would clamp it silently
+            raise ValueError(f"sequence length {end} exceeds max_position_embeddings ({c.max_position_embeddings})")
         if positions is None and attention_mask is not None:
             positions = positions_from_mask(attention_mask)  # [B, T], or [B, S_max] with a cache
             if cache is not None:

@@ -129,6 +129,17 @@ def test_loss_with_ignored_labels_parity_and_hand_computed():
     assert abs(float(out.loss) - float(loss)) <= 1e-5
 
 
+def test_a_sequence_longer_than_the_position_table_is_refused_in_both_frameworks():
+    jm, tm = model_pair(TINY, seed=0)
+    ids = _ids((1, TINY.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        jm(jnp.asarray(ids))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        jm(jnp.asarray(ids[:, :4]), cache=jm.init_cache(1, 8), cache_index=TINY.max_position_embeddings - 3)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        tm(torch.from_numpy(ids))
+
+
 def test_causality_in_both_frameworks():
     jm, tm = model_pair(TINY, seed=2)
     ids = _ids((1, 24), seed=5)
