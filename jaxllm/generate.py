@@ -81,20 +81,30 @@ def sample_logits(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
+             vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token lists of different lengths -> (ids [B, P] int32, mask [B, P] bool), padded on the
-    left so that every prompt ends in the last column."""
+    left so that every prompt ends in the last column. ValueError for an empty prompt, or one that
+    is not integer token ids (in [0, vocab_size) when given), checked before the cast to int32."""
     if len(prompts) == 0:
         raise ValueError("prompts: at least one prompt is needed")
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError(f"prompts: prompt {lengths.index(0)} is empty (give at least one token, e.g. BOS)")
-    P = max(lengths)
+    limit = vocab_size if vocab_size is not None else 2**31
+    rows = []
+    for b, p in enumerate(prompts):
+        tokens = np.asarray(p).tolist()  # Python ints, whatever the container: checked before the cast
+        if isinstance(tokens, list) and len(tokens) == 0:
+            raise ValueError(f"prompts: prompt {b} is empty (give at least one token, e.g. BOS)")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ValueError(f"prompts: prompt {b} must be a list of integer token ids")
+        if min(tokens) < 0 or max(tokens) >= limit:
+            raise ValueError(f"prompts: token ids must be in [0, {limit}), prompt {b} has {min(tokens)}..{max(tokens)}")
+        rows.append(tokens)
+    P = max(len(row) for row in rows)
     ids = np.full((len(prompts), P), pad_token_id, np.int32)
     mask = np.zeros((len(prompts), P), bool)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = np.asarray(p, np.int64)
-        mask[b, P - len(p):] = True
+    for b, row in enumerate(rows):
+        ids[b, P - len(row):] = np.asarray(row, np.int32)
+        mask[b, P - len(row):] = True
     return ids, mask
 
 
@@ -126,10 +136,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
             raise ValueError(f"{name} must be a token id in [0, {c.vocab_size}), got {v!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    ids, mask = left_pad(prompts, pad_token_id)
-    real = ids[mask]
-    if real.min() < 0 or real.max() >= c.vocab_size:
-        raise ValueError(f"prompts: token ids must be in [0, {c.vocab_size}), got {int(real.min())}..{int(real.max())}")
+    ids, mask = left_pad(prompts, pad_token_id, c.vocab_size)
     P = ids.shape[1]
     if P + max_new_tokens > c.max_position_embeddings:
         raise ValueError(

@@ -225,6 +225,11 @@ def test_bad_arguments_raise_naming_the_field(pair):
         generate(jm, [[1, 2], []], max_new_tokens=4)
     with pytest.raises(ValueError, match="prompts"):
         generate(jm, [[1, TINY.vocab_size]], max_new_tokens=4)
+    # Checked before the cast to int32: no wrap-around (2**32 + 5 is not 5), no truncation.
+    for bad in ([1, 2**32 + 5], [1, 2**70], [1, 2.7], [True, False], np.array([1, 2**32 + 5], np.int64), [[1, 2]]):
+        with pytest.raises(ValueError, match=r"prompts: (token ids must be in|prompt 1 must be a list)"):
+            generate(jm, [[4, 5], bad], max_new_tokens=4)
+    assert generate(jm, [np.array([4, 5], np.int64), (6,)], max_new_tokens=1).tokens.shape == (2, 1)
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(jm, PROMPTS, max_new_tokens=4, eos_token_id=TINY.vocab_size)
     with pytest.raises(ValueError, match="top_p"):
