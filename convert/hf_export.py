@@ -99,8 +99,7 @@ def read_flax_checkpoint(ckpt_dir: str, step: int | None):
     from jaxllm.model import create_model
     from jaxllm.weights import flatten
 
-    mngr = checkpoint.manager(ckpt_dir, read_only=True)
-    try:
+    with checkpoint.reading(ckpt_dir) as mngr:
         step = checkpoint.resolve_step(mngr, step)
         meta = checkpoint.read_meta(mngr, step)
         try:
@@ -112,8 +111,6 @@ def read_flax_checkpoint(ckpt_dir: str, step: int | None):
         # numpy targets: restored straight into host memory, float32 whatever was saved.
         target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
         weights = checkpoint.restore_weights(mngr, step, target)
-    finally:
-        mngr.close()
     flat = {**flatten(weights.pop("params")), **flatten(weights.pop("router_bias"))}
     return config, step, meta, flat
 

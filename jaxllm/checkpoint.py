@@ -17,6 +17,7 @@ previous step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -56,6 +57,17 @@ def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, crea
     return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
 
 
+@contextlib.contextmanager
+def reading(ckpt_dir: str | os.PathLike):
+    """`with reading(ckpt_dir) as mngr:` a `read_only` manager, closed on exit. Every reader uses
+    one: a writer's manager would delete the temporary directory of a save in progress."""
+    mngr = manager(ckpt_dir, read_only=True)
+    try:
+        yield mngr
+    finally:
+        mngr.close()
+
+
 def split_weights(model) -> dict[str, Any]:
     """The `params` item of a model: parameters and router biases, as nested pure dicts."""
     from jaxllm.model import RouterBias
@@ -88,7 +100,8 @@ def _require_steps(ckpt_dir: str) -> None:
 def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
     ckpt_dir = os.fspath(ckpt_dir)
     _require_steps(ckpt_dir)
-    return manager(ckpt_dir, read_only=True).latest_step()
+    with reading(ckpt_dir) as mngr:
+        return mngr.latest_step()
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -156,13 +169,13 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     _require_steps(ckpt_dir)
-    mngr = manager(ckpt_dir, read_only=True)
-    step = resolve_step(mngr, step)
-    meta = read_meta(mngr, step)
-    config = LLMConfig.from_dict(meta["config"])
-    model = create_model(config, abstract=True, **model_kw)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), split_weights(model))
-    weights = restore_weights(mngr, step, target)
+    with reading(ckpt_dir) as mngr:
+        step = resolve_step(mngr, step)
+        meta = read_meta(mngr, step)
+        config = LLMConfig.from_dict(meta["config"])
+        model = create_model(config, abstract=True, **model_kw)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), split_weights(model))
+        weights = restore_weights(mngr, step, target)
     set_split_weights(model, weights)
     return model, config
 

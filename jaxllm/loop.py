@@ -336,13 +336,14 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
 
 def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:
     path = os.path.abspath(path)
-    mngr = ckpt_lib.manager(path, read_only=True) if os.path.isdir(path) else None
-    if mngr is None:
+    if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
-    step = ckpt_lib.resolve_step(mngr, None)
-    _check_same_model(LLMConfig.from_dict(ckpt_lib.read_meta(mngr, step)["config"]), config, f"--init-from {path}")
-    target = trainer.abstract_state()
-    return ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
+    with ckpt_lib.reading(path) as mngr:
+        step = ckpt_lib.resolve_step(mngr, None)
+        _check_same_model(LLMConfig.from_dict(ckpt_lib.read_meta(mngr, step)["config"]), config,
+                          f"--init-from {path}")
+        target = trainer.abstract_state()
+        return ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
 
 
 def print_samples(model, tokenizer, prompts, max_new_tokens: int, *, seed: int = 0, temperature: float = 0.8,

@@ -69,8 +69,8 @@ def checkpoint_info(path: str, kind: str):
         return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer
     from jaxllm import checkpoint
 
-    mngr = checkpoint.manager(path, create=False)
-    meta = checkpoint.read_meta(mngr, checkpoint.resolve_step(mngr, None))
+    with checkpoint.reading(path) as mngr:  # read-only: safe while a trainer saves into `path`
+        meta = checkpoint.read_meta(mngr, checkpoint.resolve_step(mngr, None))
     return LLMConfig.from_dict(meta["config"]), meta.get("tokenizer")
 
 

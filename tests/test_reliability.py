@@ -259,6 +259,28 @@ def test_checkpoint_of_another_model_is_refused_and_kept(trained_ckpt, tmp_path,
     assert not (tmp_path / "new").exists()
 
 
+def test_readers_leave_a_save_in_progress_alone(trained_ckpt, tmp_path):
+    """Generation, `jaxllm.load`, `--init-from` and the export read a directory that a trainer may be
+    saving into: none of them deletes the save's temporary directory (a writer's manager would)."""
+    import jaxllm
+    from convert.hf_export import read_flax_checkpoint
+    from jaxllm import checkpoint
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    in_progress = ckpt / "2.orbax-checkpoint-tmp-1764400000000000"
+    (in_progress / "params").mkdir(parents=True)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    config, _ = generate.checkpoint_info(str(ckpt), "orbax")
+    assert jaxllm.load(ckpt)[1] == config and checkpoint.latest_step(ckpt) == 1
+    read_flax_checkpoint(str(ckpt), None)
+    assert in_progress.is_dir()
+
+
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
     from jaxllm.data import load_tokenizer
 
