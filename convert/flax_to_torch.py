@@ -1,7 +1,7 @@
 """Flax checkpoint -> Hugging Face directory.
 
     python convert/flax_to_torch.py CKPT_DIR [--out HF_DIR] [--step N] [--dtype float32|bfloat16]
-                                    [--max-shard-size 2GB] [--force]
+                                    [--max-shard-size 50GB] [--force]
 
 Reads step N (default: the latest) of an Orbax checkpoint directory as training or
 `convert/torch_to_flax.py` writes it, and writes `HF_DIR` (default `CKPT_DIR-hf`): config.json,
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the exported weights (router_bias stays float32)")
-    p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size")
+    p.add_argument("--max-shard-size", default="50GB",  # = hf_export.DEFAULT_MAX_SHARD_SIZE (not imported: slow)
+                   help="shard the safetensors above this size (default 50GB, as Hugging Face's save_pretrained: "
+                        "one model.safetensors below it)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
 

@@ -30,7 +30,7 @@ from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_MAX_SHARD_SIZE = "2GB"
+DEFAULT_MAX_SHARD_SIZE = "50GB"
 CORE_MODULE = "customllm_config_core"
 AUTO_MAP = {
     "AutoConfig": "configuration_customllm.CustomLLMConfig",
