@@ -77,7 +77,7 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
     a("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine decay (default {d.warmup_steps})")
     a("--steps", type=int, help=f"optimizer steps in total (default {d.steps})")
     a("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
-    a("--clip-norm", type=float, help=f"global gradient-norm clip (default {d.clip_norm})")
+    a("--clip-norm", type=float, help=f"global gradient-norm clip, 0 for none (default {d.clip_norm})")
 
 
 def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:

@@ -67,8 +67,13 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
     for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
         if getattr(rc, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
-    if rc.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be non-negative, got {rc.warmup_steps}")
+    for name in ("warmup_steps", "weight_decay", "clip_norm", "max_new_tokens"):  # clip-norm 0: no clipping
+        if not getattr(rc, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(rc, name)}")
+    if not (rc.lr > 0):
+        raise ValueError(f"--lr must be positive, got {rc.lr}")
+    if rc.peak_flops is not None and not rc.peak_flops > 0:
+        raise ValueError(f"--peak-flops must be positive, got {rc.peak_flops}")
     if rc.seq_len < 2:  # the loss predicts each token from the ones before it
         raise ValueError(f"--seq-len must be at least 2 (a row of one token has nothing to predict), got {rc.seq_len}")
     if rc.seq_len > max_positions:

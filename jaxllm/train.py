@@ -34,7 +34,8 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay to 0 (the Hugging Face Trainer's
-    `cosine` schedule: lr is 0 at the first step), global-norm clipping."""
+    `cosine` schedule: lr is 0 at the first step), global-norm clipping (`clip_norm` 0: none,
+    as the Trainer's `max_grad_norm`)."""
 
     lr: float = 2e-5
     warmup_steps: int = 2000
@@ -49,8 +50,9 @@ class OptimConfig:
         for name in ("lr", "total_steps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
+        for name in ("warmup_steps", "weight_decay", "clip_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
 
 
 def lr_schedule(oc: OptimConfig) -> optax.Schedule:
@@ -87,7 +89,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def make_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = lr_schedule(oc)
     tx = optax.chain(
-        clip_by_global_norm(oc.clip_norm),
+        clip_by_global_norm(oc.clip_norm) if oc.clip_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, mask=decay_mask),
     )
     return tx, schedule

@@ -170,6 +170,26 @@ def test_clip_by_global_norm_matches_optax():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
+def test_clip_norm_zero_means_no_clipping_and_a_negative_one_is_refused():
+    """As the Hugging Face Trainer's `max_grad_norm`: 0 turns clipping off (it must not zero the
+    gradient), and a negative norm is an error rather than gradient ascent."""
+    from jaxllm.train import OptimConfig, make_optimizer
+    import optax
+
+    params = {"w": jnp.ones((3, 4))}
+    g = {"w": jnp.full((3, 4), 50.0)}  # norm 173
+    oc = dict(lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.0)
+    tx, _ = make_optimizer(OptimConfig(clip_norm=0.0, **oc))
+    ours, _ = tx.update(g, tx.init(params), params)
+    ref_tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 0, 10, 0.0), weight_decay=0.0)
+    ref_tx = optax.chain(optax.identity(), ref_tx)
+    ref, _ = ref_tx.update(g, ref_tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(ours["w"]), np.asarray(ref["w"]), rtol=1e-6)
+    for field in ("clip_norm", "weight_decay"):
+        with pytest.raises(ValueError, match=f"{field} must be non-negative"):
+            OptimConfig(**{**oc, field: -1.0})
+
+
 def test_step_temporary_memory_is_about_one_gradient():
     """With a batch too small to matter, the step's temporaries are the gradients: the optimizer
     updates the donated state in place (no second gradient-sized buffer for the clipped gradient,
