@@ -61,6 +61,18 @@ class _Stop:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    def agreed(self) -> str | None:
+        """The stop request as every process sees it: a signal to any one of them stops all at the
+        same step (the save is collective: a process that saved alone would hang the others)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        asked = np.asarray(multihost_utils.process_allgather(np.int8(self.requested is not None)))
+        if not asked.any():
+            return None
+        return self.requested or f"a signal to process {int(np.argmax(asked))}"
+
 
 def model_config(rc: RunConfig) -> LLMConfig:
     if rc.config:
@@ -160,6 +172,16 @@ def run(rc: RunConfig) -> dict:
         with _Stop() as stop:
             step = start
             while step < rc.steps:
+                stopped_by = stop.agreed()  # before each step, also after a skipped one
+                if stopped_by:
+                    if last_saved != step:
+                        save(step, state)
+                        last_saved = step
+                    mngr.wait_until_finished()
+                    log(f"\n{stopped_by}: saved a checkpoint at step {step} in {ckpt_dir}; "
+                        "run the same command again to resume")
+                    summary["stopped_by"] = stopped_by
+                    break
                 batch = trainer.put_batch(next(data))
                 if t_compile is None:
                     t0, hits = time.perf_counter(), xla_cache.hits()
@@ -175,8 +197,10 @@ def run(rc: RunConfig) -> dict:
                     if not rc.skip_nonfinite:
                         raise NonFiniteError(
                             f"non-finite loss or gradient at step {step + 1} (loss {float(m['loss'])}, grad norm "
-                            f"{float(m['grad_norm'])}); the update was not applied and nothing was saved after "
-                            f"step {last_saved}. Lower --lr, or pass --skip-nonfinite to skip such steps")
+                            f"{float(m['grad_norm'])}); the update was not applied"
+                            + (f" and nothing was saved after step {last_saved}" if last_saved is not None
+                               else " and no checkpoint was saved") + ". Lower --lr, or pass --skip-nonfinite "
+                            "to skip such steps")
                     summary["skipped_nonfinite"] += 1
                     consecutive_skips += 1
                     log(f"step {step + 1}: non-finite loss or gradient, update skipped "
@@ -215,15 +239,6 @@ def run(rc: RunConfig) -> dict:
                 if step % rc.save_every == 0 or step == rc.steps:
                     save(step, state)
                     last_saved = step
-                if stop.requested:
-                    if last_saved != step:
-                        save(step, state)
-                        last_saved = step
-                    mngr.wait_until_finished()
-                    log(f"\n{stop.requested}: saved a checkpoint at step {step} in {ckpt_dir}; "
-                        "run the same command again to resume")
-                    summary["stopped_by"] = stop.requested
-                    break
     finally:
         if bar is not None:
             bar.close()
@@ -235,8 +250,9 @@ def run(rc: RunConfig) -> dict:
     if jax.process_index() == 0:
         png = plot_loss_curve(writer.path, os.path.join(ckpt_dir, "loss.png"))
         summary["loss_png"] = png
-        log(f"done: step {summary['end_step']}, loss {first_loss} -> {last_loss}; metrics in {writer.path}"
-            + (f", curve in {png}" if png else ""))
+        losses = f", loss {first_loss:.4f} -> {last_loss:.4f}" if last_loss is not None else ""
+        log(f"{'stopped' if summary.get('stopped_by') else 'done'}: step {summary['end_step']}{losses} (logged "
+            f"steps); metrics in {writer.path}" + (f", curve in {png}" if png else ""))
     summary["model"] = trainer.model(state)
     summary["tokenizer"] = tokenizer
     return summary

@@ -13,6 +13,7 @@ Multi-host: run the same command on every host with --coordinator HOST:PORT --nu
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 try:
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
             os._exit(1)  # skip the shutdown barrier, which would wait for the dead process and abort
         print(f"train_jax.py: {e}", file=sys.stderr)
         return 1
-    if summary.get("stopped_by") is None and rc.prompts and rc.max_new_tokens > 0:
+    if summary.get("stopped_by"):  # saved, not finished: 128 + the signal, as a shell reports it
+        return 128 + (signal.SIGINT if summary["stopped_by"] == "SIGINT" else signal.SIGTERM)
+    if rc.prompts and rc.max_new_tokens > 0:
         from jaxllm.loop import print_samples
 
         print_samples(summary["model"], summary["tokenizer"], rc.prompts, rc.max_new_tokens, seed=rc.seed)

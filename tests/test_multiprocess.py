@@ -95,6 +95,26 @@ def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
     assert waited < 60
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    """The save is collective: a signal to one process must stop every process at the same step
+    (each would otherwise wait for the others inside a different collective)."""
+    ckpt = tmp_path / "ck"
+    p0, p1 = _launch(2, 2, ["--steps", "1000", "--save-every", "1000", "--ckpt-dir", str(ckpt)])
+    t0 = time.time()
+    while time.time() - t0 < 400:
+        if (ckpt / "metrics.jsonl").exists() and sum(1 for _ in open(ckpt / "metrics.jsonl")) >= 2:
+            break
+        assert p0.poll() is None and p1.poll() is None, "training ended early"
+        time.sleep(0.2)
+    p1.terminate()  # SIGTERM to process 1 only
+    outs = [p.communicate(timeout=120)[0] for p in (p0, p1)]
+    for p, out in zip((p0, p1), outs):
+        assert p.returncode == 128 + 15, out[-3000:]
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
+    assert len(steps) == 1 and 2 <= steps[0] < 1000
+    assert f"a signal to process 1: saved a checkpoint at step {steps[0]}" in outs[0], outs[0][-2000:]
+
+
 def test_two_process_run_resumes_as_two_and_as_one_process(tmp_path):
     ckpt = tmp_path / "ck"
     _wait_all(_launch(2, 2, ["--steps", "4", "--save-every", "2", "--ckpt-dir", str(ckpt)]))
