@@ -461,8 +461,9 @@ class PackedBatches:
     docstring. `state_dict()` is the position just after the last batch `next()` returned, and
     `PackedBatches(..., state=that)` continues with exactly the batches that would have followed.
 
-    Construction reads the first documents, so a missing text column, an empty dataset or an
-    unreadable file raise ValueError here rather than at the first batch. Errors met later by the
+    Construction reads the first documents and waits for the first batch, so a missing text
+    column, an empty dataset, one whose documents hold no text or an unreadable file raise
+    ValueError here rather than at the first `next()`. Errors met later by the
     background thread are raised by `next()`. Call `close()` (or use `with`) when done.
     """
 
@@ -488,6 +489,12 @@ class PackedBatches:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._produce, name="PackedBatches", daemon=True)
         self._thread.start()
+        # The first batch is waited for here, so that a dataset whose documents hold no text fails
+        # before the caller writes anything; `next()` returns it first.
+        self._head = self._queue.get()
+        if isinstance(self._head, BaseException):
+            self.close()
+            raise self._head
 
     # -- position ---------------------------------------------------------------------------
     def _position_state(self, epoch: int, documents: int, offset: int) -> dict:
@@ -593,7 +600,10 @@ class PackedBatches:
             raise self._error
         if self._stop.is_set():
             raise RuntimeError("PackedBatches is closed")
-        item = self._queue.get()
+        if self._head is not None:
+            item, self._head = self._head, None
+        else:
+            item = self._queue.get()
         if isinstance(item, BaseException):
             self._error = item
             raise item

@@ -119,8 +119,6 @@ def run(rc: RunConfig) -> dict:
         state, saved_data = restore_train_state(mngr, trainer, config)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
-        if jax.process_index() == 0:
-            truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), int(state["step"]))
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}")
@@ -155,6 +153,8 @@ def run(rc: RunConfig) -> dict:
         f"{tokens_per_step} tokens per step, {rc.dtype}, remat {trainer.model_kw['remat']}, "
         f"checkpoints in {ckpt_dir}")
 
+    if jax.process_index() == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
+        truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)
     writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0)
     summary: dict[str, Any] = {"start_step": start, "skipped_nonfinite": 0}
     bar = None
@@ -174,7 +174,7 @@ def run(rc: RunConfig) -> dict:
             while step < rc.steps:
                 stopped_by = stop.agreed()  # before each step, also after a skipped one
                 if stopped_by:
-                    if last_saved != step:
+                    if last_saved != step and step > start:  # no step taken yet: nothing new to save
                         save(step, state)
                         last_saved = step
                     mngr.wait_until_finished()
@@ -184,6 +184,7 @@ def run(rc: RunConfig) -> dict:
                     break
                 batch = trainer.put_batch(next(data))
                 if t_compile is None:
+                    log("compiling the train step (or loading it from the compilation cache) ...")
                     t0, hits = time.perf_counter(), xla_cache.hits()
                     step_fn = trainer.step_fn.lower(state, batch).compile()
                     t_compile = time.perf_counter() - t0
@@ -243,6 +244,7 @@ def run(rc: RunConfig) -> dict:
         if bar is not None:
             bar.close()
         mngr.wait_until_finished()
+        mngr.close()
         data.close()
         writer.close()
     summary.update(end_step=int(jax.device_get(state["step"])), first_loss=first_loss, last_loss=last_loss,

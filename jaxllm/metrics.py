@@ -59,11 +59,19 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def truncate_metrics(path: str, step: int) -> None:
-    """Drop records after `step` (written by a run that crashed after its last checkpoint), so
-    that a resumed run's metrics have each step once."""
+    """Drop records after `step` (written by a run that crashed after its last checkpoint, or
+    before its first: `step` 0) and a last line cut short by a kill (the next record would be
+    appended to it), so that a resumed run's metrics have each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+        cut = size > 0 and f.read(1) != b"\n"
     records = read_metrics(path)
     keep = [r for r in records if r.get("step", 0) <= step]
-    if len(keep) != len(records):
+    if len(keep) != len(records) or cut:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -94,6 +102,8 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
     ax2.set_ylabel("learning rate")
     fig.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    tmp = f"{png_path}.tmp{os.getpid()}"  # replaced whole: a kill never leaves half a picture
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    os.replace(tmp, png_path)
     return png_path

@@ -255,9 +255,8 @@ def test_empty_dataset(tmp_path, tokenizer):
 
 def test_dataset_without_any_text(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "blank.jsonl", ["", "  \n", ""])
-    with PackedBatches(DataConfig(dataset=str(path)), tokenizer, rows=1) as batches:
-        with pytest.raises(ValueError, match="has no text"):
-            next(batches)
+    with pytest.raises(ValueError, match="has no text"):  # at construction: before a caller writes anything
+        PackedBatches(DataConfig(dataset=str(path)), tokenizer, rows=1)
 
 
 def test_fewer_documents_than_processes(tmp_path, tokenizer):

@@ -191,6 +191,7 @@ def _case_files(tmp_path):
     (tmp_path / "bad_config.json").write_text(json.dumps({"hidden_size": 0}))
     (tmp_path / "no_text.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n  \n\n")
     (tmp_path / "a_file").write_text("precious")
 
 
@@ -199,6 +200,7 @@ BAD_INPUTS = [
     ("missing checkpoint for --init-from", ["--init-from", "{tmp}/nowhere"], "nowhere"),
     ("dataset without the text column", ["--dataset", "{tmp}/no_text.jsonl"], "text"),
     ("empty dataset", ["--dataset", "{tmp}/empty.jsonl"], "empty"),
+    ("dataset of blank documents", ["--dataset", "{tmp}/blank.txt"], "has no text"),
     ("sequence longer than max_position_embeddings", ["--seq-len", "4096"], "max_position_embeddings"),
     ("sequence of one token", ["--seq-len", "1"], "--seq-len must be at least 2"),
     ("negative warm-up", ["--warmup-steps", "-1"], "--warmup-steps must be non-negative"),
@@ -262,6 +264,25 @@ def test_checkpoint_of_another_model_is_refused_and_kept(trained_ckpt, tmp_path,
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt) for p in fs}
     assert before == after
     assert not (tmp_path / "new").exists()
+
+
+def test_metrics_of_a_crashed_run_are_truncated_to_the_step_resumed_from(tmp_path):
+    """Records after the resumed step go (step 0: a crash before the first checkpoint), and so does
+    a last line that a kill cut short, which the next record would otherwise be appended to."""
+    from jaxllm.metrics import MetricsWriter, read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (10, 20, 30)]
+    path.write_text("".join(lines) + '{"step": 40, "lo')
+    truncate_metrics(str(path), 20)
+    MetricsWriter(str(tmp_path), tensorboard=False).write({"step": 30, "loss": 2.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [(10, 1.0), (20, 1.0), (30, 2.0)]
+    truncate_metrics(str(path), 0)
+    assert path.read_text() == ""
+    kept = "".join(lines)
+    path.write_text(kept)
+    truncate_metrics(str(path), 30)  # nothing to drop: left as it is
+    assert path.read_text() == kept
 
 
 def test_readers_leave_a_save_in_progress_alone(trained_ckpt, tmp_path):

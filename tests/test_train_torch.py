@@ -259,6 +259,13 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert train_torch.main(["--seq-len", "1", "--ckpt-dir", str(tmp_path / "x")]) == 2
     assert "--seq-len must be at least 2" in capsys.readouterr().err
+    # The data is read before anything is written (a model, a progress bar, the output directory).
+    (tmp_path / "blank.txt").write_text("\n\n \n")
+    for dataset, needle in (("blank.txt", "has no text"), ("missing.parquet", "no such file")):
+        assert train_torch.main(["--dataset", str(tmp_path / dataset), "--ckpt-dir", str(tmp_path / "x")]) == 2
+        out, err = capsys.readouterr()
+        assert needle in err and err.count("\n") == 1 and "model:" not in out, (out, err)
+    assert not (tmp_path / "x").exists()
     args, rc = train_torch.parse_args(["--recipe", "seed", "--steps", "7"])
     assert rc.preset == "seed-973m" and rc.grad_accum == 8 and rc.steps == 7 and rc.lr == 2e-5
     assert train_torch.parse_args([])[1].ckpt_dir == "ckpt-torch"

@@ -78,15 +78,21 @@ class StreamDataset(IterableDataset):
         self.data_config, self.tokenizer, self.rows = data_config, tokenizer, rows
         self.process_index, self.process_count = process_index, process_count
         self._state = state
-        self._batches = None
+        # Opened now: a missing dataset, text column or document raises ValueError here, before
+        # training starts; the first iteration reads from this stream.
+        self._batches, self._fresh = self._open(), True
 
-    def __iter__(self):
+    def _open(self):
         from jaxllm import data as data_lib
 
-        self.close()
-        self._batches = data_lib.PackedBatches(
-            self.data_config, self.tokenizer, rows=self.rows, process_index=self.process_index,
-            process_count=self.process_count, state=self._state)
+        return data_lib.PackedBatches(self.data_config, self.tokenizer, rows=self.rows, state=self._state,
+                                      process_index=self.process_index, process_count=self.process_count)
+
+    def __iter__(self):
+        if not self._fresh or self._batches is None:
+            self.close()
+            self._batches = self._open()
+        self._fresh = False
         for rows_BT in self._batches:
             ids = torch.from_numpy(np.asarray(rows_BT, dtype=np.int64))
             yield {"input_ids": ids, "labels": ids}
@@ -99,7 +105,7 @@ class StreamDataset(IterableDataset):
         if self._batches is not None:
             self._state = self._batches.state_dict()
             self._batches.close()
-            self._batches = None
+            self._batches, self._fresh = None, False
 
 
 class FixedBatches(IterableDataset):
@@ -459,7 +465,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     from transformers import set_seed
 
     from jaxllm import data as data_lib
-    from jaxllm.metrics import plot_loss_curve
+    from jaxllm.metrics import plot_loss_curve, truncate_metrics
 
     t_start = time.perf_counter()
     dtype = resolve_dtype(dtype)
@@ -488,6 +494,15 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         _check_saved_config(rc.init_from, config, "--init-from")
 
     tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
+    data_state = read_data_state(last[0], rank, world) if last else None
+    # Opened before anything else: a dataset that cannot be read fails before a file is written.
+    dataset = StreamDataset(
+        data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
+                            text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
+        tokenizer, rows=per_device, process_index=rank, process_count=world, state=data_state)
+    start = last[1] if last else 0
+    if rank == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
+        truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
 
     set_seed(rc.seed)  # the initial weights; the Trainer seeds again for dropout
     if rc.init_from and not last:
@@ -499,19 +514,12 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         model.dropout.p = 0.0  # a runtime switch: the saved config keeps its embedding_dropout
 
     args = training_arguments(rc, out_dir, per_device_batch=per_device, dtype=dtype)
-    data_state = read_data_state(last[0], rank, world) if last else None
-    dataset = StreamDataset(
-        data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
-                            text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
-        tokenizer, rows=per_device, process_index=rank, process_count=world, state=data_state)
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
     metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0)
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[metrics, DataStateCallback(dataset), MPSCallback(), generation])
-
-    start = last[1] if last else 0
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
