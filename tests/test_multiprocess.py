@@ -28,6 +28,19 @@ def _env():
     return env
 
 
+def test_only_a_launcher_of_several_processes_starts_jax_distributed():
+    from jaxllm.distributed import cluster_has_several_processes as several
+
+    srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    assert not several({})
+    assert not several({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})  # a bare salloc shell: no step
+    assert several({**srun, "SLURM_NTASKS": "2"}) and not several({**srun, "SLURM_NTASKS": "1"})
+    assert several({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"})
+    assert not several({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"})
+    assert several({"TPU_WORKER_HOSTNAMES": "h0,h1"}) and not several({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert several({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+
+
 def test_two_processes_match_one_process(tmp_path):
     port = free_port()
     procs = [subprocess.Popen(
