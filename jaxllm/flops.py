@@ -43,8 +43,12 @@ def training_flops_per_token(config: LLMConfig, seq_len: int) -> float:
 PEAK_FLOPS = {
     # name fragment (lower case): {dtype: FLOP/s}
     "h200": {"bfloat16": 989e12, "float32": 494.7e12},
-    "h100": {"bfloat16": 989e12, "float32": 494.7e12},
+    "h100": {"bfloat16": 989e12, "float32": 494.7e12},  # SXM ("NVIDIA H100 80GB HBM3")
+    "h100 pcie": {"bfloat16": 756e12, "float32": 378e12},
+    "h100 nvl": {"bfloat16": 835e12, "float32": 417.5e12},
     "a100": {"bfloat16": 312e12, "float32": 156e12},
+    "l40s": {"bfloat16": 362e12, "float32": 183e12},
+    "l40": {"bfloat16": 181e12, "float32": 90.5e12},
     "l4": {"bfloat16": 121e12, "float32": 60e12},
     "tpu v4": {"bfloat16": 275e12},
     "tpu v5 lite": {"bfloat16": 197e12},
@@ -59,7 +63,8 @@ def device_peak_flops(device, dtype: str = "bfloat16") -> float | None:
     """Datasheet peak of a known accelerator (`jax.Device`), or None (CPUs and unknown chips:
     give `--peak-flops`)."""
     kind = getattr(device, "device_kind", str(device)).lower()
-    for fragment, peaks in PEAK_FLOPS.items():
+    for fragment in sorted(PEAK_FLOPS, key=len, reverse=True):  # "l40s" before "l40" before "l4"
+        peaks = PEAK_FLOPS[fragment]
         if fragment in kind:
             return peaks.get(dtype) or peaks.get("bfloat16")
     return None
