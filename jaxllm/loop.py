@@ -25,7 +25,7 @@ from jaxllm import xla_cache
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, check_run, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -100,6 +100,7 @@ def run(rc: RunConfig) -> dict:
     shd.check_batch(rc.batch_size, mesh)
 
     tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
+    check_prompts(rc, tokenizer, config.max_position_embeddings)
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,

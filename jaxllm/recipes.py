@@ -80,6 +80,18 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
         raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
 
 
+def check_prompts(rc: RunConfig, tokenizer, max_positions: int) -> None:
+    """ValueError for a `--prompt` (the samples printed at the end) that leaves no room for a new
+    token within `max_positions`: found before training rather than after it."""
+    if rc.max_new_tokens <= 0:
+        return
+    for prompt in rc.prompts:
+        n = len(tokenizer.encode(prompt, add_special_tokens=False))
+        if n >= max_positions:
+            raise ValueError(f"--prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {n} tokens: no room "
+                             f"for new tokens within max_position_embeddings ({max_positions})")
+
+
 # Remat by default from this model size on. For seed-973m at 4 x 256 (float32, 2-core CPU) the
 # temporaries of a step without remat take 7.7 GiB (the gradient's 3.6 included); "dots" keeps
 # every unbatched product (5.85 GiB) and recomputes only attention's core and elementwise ops;

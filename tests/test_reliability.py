@@ -209,6 +209,7 @@ BAD_INPUTS = [
     ("negative sample length", ["--max-new-tokens", "-1"], "--max-new-tokens must be non-negative"),
     ("zero learning rate", ["--lr", "0"], "--lr must be positive"),
     ("negative peak FLOP/s", ["--peak-flops", "-1"], "--peak-flops must be positive"),
+    ("prompt filling the positions", ["--prompt", "x " * 200, "--max-new-tokens", "4"], "no room for new tokens"),
     ("batch the mesh cannot divide", ["--batch-size", "3"], "batch size 3"),
     ("Hub dataset id while offline", ["--dataset", "someorg/somedata"], "offline"),
     ("Hub tokenizer id while offline", ["--tokenizer", "someorg/sometok"], "offline"),

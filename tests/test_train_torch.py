@@ -265,6 +265,8 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         assert train_torch.main(["--dataset", str(tmp_path / dataset), "--ckpt-dir", str(tmp_path / "x")]) == 2
         out, err = capsys.readouterr()
         assert needle in err and err.count("\n") == 1 and "model:" not in out, (out, err)
+    assert train_torch.main(["--preset", "tiny", "--prompt", "x " * 200, "--ckpt-dir", str(tmp_path / "x")]) == 2
+    assert "no room for new tokens" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     args, rc = train_torch.parse_args(["--recipe", "seed", "--steps", "7"])
     assert rc.preset == "seed-973m" and rc.grad_accum == 8 and rc.steps == 7 and rc.lr == 2e-5

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from jaxllm.config import LLMConfig
-from jaxllm.recipes import RunConfig, check_run
+from jaxllm.recipes import RunConfig, check_prompts, check_run
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -494,6 +494,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         _check_saved_config(rc.init_from, config, "--init-from")
 
     tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
+    check_prompts(rc, tokenizer, config.max_position_embeddings)
     data_state = read_data_state(last[0], rank, world) if last else None
     # Opened before anything else: a dataset that cannot be read fails before a file is written.
     dataset = StreamDataset(
