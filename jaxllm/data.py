@@ -275,6 +275,34 @@ def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE)
     return os.path.abspath(os.path.expanduser(spec))
 
 
+def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
+    """What decides the token stream that a saved data position points into: the dataset (an
+    absolute path when local), its config, split, text column and seed, and the tokenizer as
+    `tokenizer_source` records it. A checkpoint stores it; resuming with another one is refused."""
+    dataset = cfg.dataset if cfg.dataset not in (None, EMBEDDED) else EMBEDDED
+    if dataset != EMBEDDED and _looks_local(dataset):
+        dataset = os.path.abspath(os.path.expanduser(dataset))
+    return {"dataset": dataset, "dataset_config": cfg.dataset_config, "split": cfg.split,
+            "text_column": cfg.text_column, "seed": cfg.seed, "tokenizer": tokenizer_spec}
+
+
+FLAGS_OF_SOURCE = {"dataset": "--dataset", "dataset_config": "--dataset-config", "split": "--split",
+                   "text_column": "--text-column", "seed": "--seed", "tokenizer": "--tokenizer"}
+
+
+def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> None:
+    """ValueError when `recorded` (the `stream_source` a checkpoint stored with its data position)
+    is another token stream than this run's `source` (another dataset, tokenizer, seed, ...):
+    resuming would not continue with the batches the run would have seen. Both trainers call it;
+    checkpoints written before the source was recorded (`recorded` None) are not checked."""
+    if not recorded:
+        return
+    for key, flag in FLAGS_OF_SOURCE.items():
+        if recorded.get(key) != source.get(key):
+            raise ValueError(f"{flag} {source.get(key)!r} differs from the {recorded.get(key)!r} that {ckpt_dir} was "
+                             f"trained with: pass the same to resume, or start a new --ckpt-dir")
+
+
 def embedded_vocab_size(config) -> int:
     """The size the embedded tokenizer is trained to for a model of `config`: min(vocab_size, 4096),
     so that `tiny` (512) works too. Every caller of `load_tokenizer` that knows the model passes it

@@ -116,8 +116,13 @@ def run(rc: RunConfig) -> dict:
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
+    data_cfg = data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
+                                   text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
+    tok_source = data_lib.tokenizer_source(rc.tokenizer, vocab_size=data_lib.embedded_vocab_size(config))
+    source = data_lib.stream_source(data_cfg, tok_source)
     if existing:
         state, saved_data = restore_train_state(mngr, trainer, config)
+        data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
     elif rc.init_from:
@@ -127,19 +132,17 @@ def run(rc: RunConfig) -> dict:
         state = trainer.init_state()
     start = int(state["step"])
 
-    data = data_lib.PackedBatches(
-        data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
-                            text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
-        tokenizer, rows=trainer.rows_per_process(), process_index=jax.process_index(),
-        process_count=jax.process_count(), state=data_state)
-    tok_source = data_lib.tokenizer_source(rc.tokenizer, vocab_size=data_lib.embedded_vocab_size(config))
+    data = data_lib.PackedBatches(data_cfg, tokenizer, rows=trainer.rows_per_process(),
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  state=data_state)
     if mngr is None:
         mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
 
     def save(step: int, st) -> None:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
                       train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
-                      config=config, data=gather_data_states(data.state_dict()), tokenizer=tok_source,
+                      config=config, data={**gather_data_states(data.state_dict()), "source": source},
+                      tokenizer=tok_source,
                       force=True)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))

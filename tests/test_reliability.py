@@ -308,6 +308,27 @@ def test_readers_leave_a_save_in_progress_alone(trained_ckpt, tmp_path):
     assert in_progress.is_dir()
 
 
+def test_resuming_on_another_token_stream_is_refused_and_the_checkpoint_kept(trained_ckpt, tmp_path, capsys):
+    """The saved data position points into one stream (dataset, tokenizer, seed, ...): continuing it
+    on another would not give the batches the run would have seen."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    before = sorted(os.listdir(ckpt))
+    (tmp_path / "other.txt").write_text("Another corpus.\n\nWith two documents.\n")
+    from jaxllm import data
+    from jaxllm.config import LLMConfig
+
+    data.model_tokenizer(None, LLMConfig.from_preset("tiny")).save_pretrained(tmp_path / "tok")  # same vocabulary
+    for args, flag in ((["--dataset", str(tmp_path / "other.txt")], "--dataset"), (["--seed", "5"], "--seed"),
+                       (["--tokenizer", str(tmp_path / "tok")], "--tokenizer")):
+        code, err = _main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "2"] + args, capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"train_jax.py: error: {flag} ") and "start a new --ckpt-dir" in err, err
+    assert sorted(os.listdir(ckpt)) == before
+    code, _ = _main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "2"], capsys)  # the same settings resume
+    assert code == 0 and "2" in os.listdir(ckpt)
+
+
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
     from jaxllm.data import load_tokenizer
 

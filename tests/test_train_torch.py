@@ -171,6 +171,9 @@ def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(rc.ckpt_dir, copy)
     shutil.rmtree(copy / "checkpoint-10")
+    # The saved data position belongs to one token stream: another seed (shuffling) is refused.
+    with pytest.raises(ValueError, match=r"--seed 1 differs from the 0 .*start a new --ckpt-dir"):
+        run(dataclasses.replace(rc, ckpt_dir=str(copy), seed=1), dtype="float32")
     resumed = run(dataclasses.replace(rc, ckpt_dir=str(copy)), dtype="float32")
     assert resumed["start_step"] == 8 and resumed["end_step"] == 10
     assert [r["step"] for r in resumed["records"]] == [9, 10]

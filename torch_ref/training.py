@@ -302,28 +302,35 @@ class DataStateCallback(TrainerCallback):
     (`checkpoint-N/data_state.rank{i}.json`), so that a resumed run reads the batches that the
     interrupted one would have read next."""
 
-    def __init__(self, dataset: StreamDataset):
-        self.dataset = dataset
+    def __init__(self, dataset: StreamDataset, source: dict | None = None):
+        self.dataset, self.source = dataset, source  # source: `jaxllm.data.stream_source`, checked on resume
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(ckpt, exist_ok=True)
-        record = {"process_count": self.dataset.process_count, "state": self.dataset.state_dict()}
+        record = {"process_count": self.dataset.process_count, "state": self.dataset.state_dict(),
+                  "source": self.source}
         path = os.path.join(ckpt, _data_state_name(self.dataset.process_index))
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
         os.replace(path + ".tmp", path)
 
 
-def read_data_state(checkpoint: str, process_index: int, process_count: int) -> dict | None:
+def read_data_state(checkpoint: str, process_index: int, process_count: int,
+                    source: dict | None = None) -> dict | None:
     """This process's data position saved in `checkpoint`, or None (with a warning on stderr)
-    when it is missing or was written by another number of processes."""
+    when it is missing or was written by another number of processes. ValueError when it was
+    saved for another token stream than `source` (`jaxllm.data.check_same_stream`)."""
+    from jaxllm import data as data_lib
+
     path = os.path.join(checkpoint, _data_state_name(process_index))
     if not os.path.isfile(path):
         print(f"warning: {path} is missing; the data stream starts from its beginning", file=sys.stderr)
         return None
     with open(path) as f:
         record = json.load(f)
+    if source is not None:
+        data_lib.check_same_stream(record.get("source"), source, os.path.dirname(checkpoint))
     if record.get("process_count") != process_count:
         print(f"warning: {checkpoint} was written by {record.get('process_count')} process(es), this run has "
               f"{process_count}; the data stream starts from its beginning", file=sys.stderr)
@@ -495,12 +502,14 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
 
     tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
     check_prompts(rc, tokenizer, config.max_position_embeddings)
-    data_state = read_data_state(last[0], rank, world) if last else None
+    data_cfg = data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
+                                   text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
+    source = data_lib.stream_source(
+        data_cfg, data_lib.tokenizer_source(rc.tokenizer, vocab_size=data_lib.embedded_vocab_size(config)))
+    data_state = read_data_state(last[0], rank, world, source) if last else None
     # Opened before anything else: a dataset that cannot be read fails before a file is written.
-    dataset = StreamDataset(
-        data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
-                            text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed),
-        tokenizer, rows=per_device, process_index=rank, process_count=world, state=data_state)
+    dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
+                            state=data_state)
     start = last[1] if last else 0
     if rank == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
@@ -520,7 +529,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[metrics, DataStateCallback(dataset), MPSCallback(), generation])
+        callbacks=[metrics, DataStateCallback(dataset, source), MPSCallback(), generation])
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
