@@ -97,6 +97,7 @@ def run(rc: RunConfig) -> dict:
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
     mesh = shd.make_mesh(rc.mesh)
+    shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
     shd.check_batch(rc.batch_size, mesh)
 
     tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)

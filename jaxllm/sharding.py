@@ -3,7 +3,8 @@
 Every model variable carries logical axis names (`axes` metadata, e.g. `("layers", "embed",
 "kv_lora")`). `RULES` maps each logical axis to a mesh axis (or None, replicated); a dimension is
 sharded only when the mesh axis divides it, and a mesh axis is used at most once per array, so any
-mesh works for any preset (7 experts on a 2-way `expert` axis simply stay replicated).
+mesh works for any preset (7 experts on a 2-way `expert` axis simply stay replicated). Training
+refuses such a mesh (`check_mesh`): an axis that splits nothing is a mistake, not a choice.
 
 Mesh axes:
 - `data`: pure data parallelism (parameters replicated);
@@ -130,3 +131,16 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     if batch_size % n:
         raise ValueError(f"batch size {batch_size} cannot be divided over the mesh's {n} batch shards "
                          f"({dict(mesh.shape)}); use a multiple of {n}")
+
+
+def check_mesh(mesh: Mesh, *, hidden_size: int, num_routed_experts: int) -> None:
+    """ValueError (naming `--mesh`) for an axis that would leave what it exists for unsplit: `fsdp`
+    must divide the hidden size (the dimension its parameters are sharded on), `expert` the routed
+    experts. Otherwise every parameter (or expert) would silently stay replicated."""
+    fsdp, expert = mesh.shape["fsdp"], mesh.shape["expert"]
+    if fsdp > 1 and hidden_size % fsdp:
+        raise ValueError(f"--mesh: fsdp={fsdp} does not divide hidden_size {hidden_size}, so no parameter would be "
+                         f"sharded; use a divisor of {hidden_size} (and data= for the other devices)")
+    if expert > 1 and num_routed_experts % expert:
+        raise ValueError(f"--mesh: expert={expert} does not divide the {num_routed_experts} routed experts; "
+                         f"use a divisor of {num_routed_experts} (and data= for the other devices)")

@@ -216,6 +216,7 @@ BAD_INPUTS = [
     ("output directory that is a file", ["--ckpt-dir", "{tmp}/a_file"], "not a directory"),
     ("unknown preset", ["--preset", "huge"], "huge"),
     ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
+    ("expert axis that does not divide the experts", ["--mesh", "expert=2,data=4"], "expert=2 does not divide"),
     ("unknown remat policy", ["--remat", "some"], "remat"),
     ("cuDNN attention without a GPU", ["--attn-impl", "cudnn", "--dtype", "bfloat16"], "needs an NVIDIA GPU"),
     ("compilation cache under a file", ["--compile-cache", "{tmp}/a_file/xla"], "--compile-cache: cannot create"),

@@ -150,6 +150,18 @@ def test_analytic_flops_within_10_percent_of_xla_cost_analysis():
     assert abs(cost["flops"] - analytic) / analytic <= 0.10, (cost["flops"], analytic)
 
 
+def test_a_mesh_axis_that_would_split_nothing_is_refused():
+    from jaxllm.sharding import check_mesh, make_mesh
+
+    mesh = make_mesh("fsdp=8", jax.devices()[:8])
+    check_mesh(mesh, hidden_size=64, num_routed_experts=7)
+    with pytest.raises(ValueError, match="fsdp=8 does not divide hidden_size 12"):
+        check_mesh(mesh, hidden_size=12, num_routed_experts=7)
+    check_mesh(make_mesh("expert=7", jax.devices()[:7]), hidden_size=12, num_routed_experts=7)
+    with pytest.raises(ValueError, match="expert=4 does not divide the 7 routed experts"):
+        check_mesh(make_mesh("expert=4,data=2", jax.devices()[:8]), hidden_size=64, num_routed_experts=7)
+
+
 def test_expert_parallel_mesh_on_7_devices_equals_one_device():
     batches = _batches(2, 7, seed=3)
     s1, l1 = _run(_trainer(batch_size=7), batches)
