@@ -27,10 +27,11 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
         if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
             raise ConvertError(f"output {out} overlaps the input {src}; choose another output directory")
     if os.path.lexists(out):
+        replaceable = os.path.isdir(out) and not os.path.islink(out) and (is_kind(out) or not os.listdir(out))
+        if not replaceable:
+            raise ConvertError(f"output {out} exists and is not a {kind} directory; refusing to replace it")
         if not force:
             raise ConvertError(f"output {out} already exists (--force / force=True replaces it)")
-        if not os.path.isdir(out) or os.path.islink(out) or not (is_kind(out) or not os.listdir(out)):
-            raise ConvertError(f"output {out} exists and is not a {kind} directory; refusing to replace it")
     return out
 
 

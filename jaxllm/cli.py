@@ -64,7 +64,7 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
     a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")
-    a("--config", help="a config.json with ARCHITECTURE.md's field names (overrides --preset)")
+    a("--config", help="a config.json with LLMConfig's field names, jaxllm/config.py (overrides --preset)")
     a("--dataset", help="Hub dataset id, or a local parquet/jsonl/txt file or glob (default: embedded corpus)")
     a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
     a("--split", help=f"dataset split (default {d.split})")

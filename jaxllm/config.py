@@ -81,6 +81,8 @@ class LLMConfig:
                 d = json.load(f)
         except FileNotFoundError:
             raise ValueError(f"config file not found: {path}") from None
+        except OSError as e:  # a directory, no permission, ...
+            raise ValueError(f"cannot read config file {path}: {e.strerror or e}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):

@@ -589,9 +589,13 @@ def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_co
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", precious, "--force"], capsys)
+    for force in (["--force"], []):  # the message says so with or without --force (not "use --force")
+        rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", precious, *force], capsys)
+        assert rc == 2 and "refusing to replace" in err and "--force" not in err
+    (tmp_path / "a_file").write_text("keep me too")
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", tmp_path / "a_file"], capsys)
     assert rc == 2 and "refusing to replace" in err
-    assert os.listdir(precious) == ["notes.txt"]
+    assert os.listdir(precious) == ["notes.txt"] and (tmp_path / "a_file").read_text() == "keep me too"
     rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt"], capsys)
     assert rc == 0, err
     rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", tmp_path / "ckpt"], capsys)

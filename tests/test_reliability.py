@@ -197,6 +197,7 @@ def _case_files(tmp_path):
 
 BAD_INPUTS = [
     ("invalid config value", ["--config", "{tmp}/bad_config.json"], "hidden_size"),
+    ("config path that is a directory", ["--config", "{tmp}"], "cannot read config file"),
     ("missing checkpoint for --init-from", ["--init-from", "{tmp}/nowhere"], "nowhere"),
     ("dataset without the text column", ["--dataset", "{tmp}/no_text.jsonl"], "text"),
     ("empty dataset", ["--dataset", "{tmp}/empty.jsonl"], "empty"),
