@@ -31,6 +31,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -403,6 +404,8 @@ class _Source:
             args, kwargs = (builder,), {"data_files": files, "split": "train"}
             if builder == "text":
                 kwargs["sample_by"] = cfg.sample_by
+            if builder == "json":  # a bad file is reported once, by us (ValueError), not also logged twice
+                logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         else:
             _check_hub(cfg.dataset, "dataset", "dataset", "a parquet/jsonl/txt file, glob or directory")
             args, kwargs = (cfg.dataset, cfg.dataset_config), {"split": cfg.split}

@@ -192,6 +192,7 @@ def _case_files(tmp_path):
     (tmp_path / "no_text.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.txt").write_text("\n\n  \n\n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
     (tmp_path / "a_file").write_text("precious")
 
 
@@ -202,6 +203,7 @@ BAD_INPUTS = [
     ("dataset without the text column", ["--dataset", "{tmp}/no_text.jsonl"], "text"),
     ("empty dataset", ["--dataset", "{tmp}/empty.jsonl"], "empty"),
     ("dataset of blank documents", ["--dataset", "{tmp}/blank.txt"], "has no text"),
+    ("dataset that is not JSON lines", ["--dataset", "{tmp}/broken.jsonl"], "JSON parse error"),
     ("sequence longer than max_position_embeddings", ["--seq-len", "4096"], "max_position_embeddings"),
     ("sequence of one token", ["--seq-len", "1"], "--seq-len must be at least 2"),
     ("negative warm-up", ["--warmup-steps", "-1"], "--warmup-steps must be non-negative"),
