@@ -535,6 +535,11 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
          f"{world} process(es)", rank)
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else ""), rank)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not rc.progress:  # --no-progress: the checkpoints' "Writing model shards" bars too
+        hf_logging.disable_progress_bar()
     try:
         if start < rc.steps:
             trainer.train(resume_from_checkpoint=last[0] if last else None)
@@ -546,6 +551,8 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
                 print_samples(generation.samples)
     finally:
         dataset.close()
+        if bars:
+            hf_logging.enable_progress_bar()
     summary: dict[str, Any] = {
         "start_step": start, "end_step": max(trainer.state.global_step, start), "ckpt_dir": out_dir,
         "first_loss": metrics.records[0]["loss"] if metrics.records else None,
@@ -555,7 +562,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     }
     if rank == 0 and metrics.writer is not None:
         summary["loss_png"] = plot_loss_curve(metrics.writer.path, os.path.join(out_dir, "loss.png"))
-        losses = f", loss {summary['first_loss']} -> {summary['last_loss']}" if metrics.records else ""
+        losses = f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if metrics.records else ""
         _log(f"done: step {summary['end_step']}{losses} in {summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
              + (f", curve in {summary['loss_png']}" if summary.get("loss_png") else ""), rank)
     summary["model"] = model
