@@ -3,9 +3,10 @@
 Reads `config.json` and the weights (`model.safetensors`, sharded safetensors with their index,
 or a legacy `pytorch_model.bin`, loaded with `torch.load(weights_only=True)` only), checks every
 tensor name and shape against the config (`mapping.check_torch_state`) before converting any
-tensor (safetensors: from the files' headers, before reading any data; a `.bin` has no header, so
-its tensors are loaded first), and writes step 0 of an Orbax checkpoint in the layout of `jaxllm/checkpoint.py` (the
-`params` and `meta` items; training started from it builds a fresh optimizer state).
+tensor (safetensors: from the files' headers, before reading any data; a `.bin` has no header,
+so its tensors are loaded first), and writes step 0 of an Orbax checkpoint in the layout of
+`jaxllm/checkpoint.py` (the `params` and `meta` items; training started from it builds a fresh
+optimizer state).
 Weights are stored as float32 master weights whatever the source dtype (bfloat16 -> float32 is
 exact). Tensors are read one at a time and stacked entry by entry; Orbax's save then sets the
 peak (about 2.3x the float32 weights for seed-973m).

@@ -257,9 +257,9 @@ def run(rc: RunConfig) -> dict:
     if jax.process_index() == 0:
         png = plot_loss_curve(writer.path, os.path.join(ckpt_dir, "loss.png"))
         summary["loss_png"] = png
-        losses = f", loss {first_loss:.4f} -> {last_loss:.4f}" if last_loss is not None else ""
-        log(f"{'stopped' if summary.get('stopped_by') else 'done'}: step {summary['end_step']}{losses} (logged "
-            f"steps); metrics in {writer.path}" + (f", curve in {png}" if png else ""))
+        losses = f", loss {first_loss:.4f} -> {last_loss:.4f} (first and last logged)" if last_loss is not None else ""
+        log(f"{'stopped' if summary.get('stopped_by') else 'done'}: step {summary['end_step']}{losses}; "
+            f"metrics in {writer.path}" + (f", curve in {png}" if png else ""))
     summary["model"] = trainer.model(state)
     summary["tokenizer"] = tokenizer
     return summary
