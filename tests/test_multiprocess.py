@@ -87,8 +87,8 @@ def _wait_all(procs, timeout=500):
     return outs
 
 
-def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
-    ckpt = tmp_path / "ck"
+def _two_training(ckpt):
+    """Two processes of a long run into `ckpt`, returned once they have logged two steps."""
     p0, p1 = _launch(2, 2, ["--steps", "1000", "--save-every", "1000", "--ckpt-dir", str(ckpt)])
     t0 = time.time()
     while time.time() - t0 < 400:
@@ -96,6 +96,12 @@ def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
             break
         assert p0.poll() is None and p1.poll() is None, "training ended early"
         time.sleep(0.2)
+    return p0, p1
+
+
+def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
+    ckpt = tmp_path / "ck"
+    p0, p1 = _two_training(ckpt)
     p1.kill()
     killed = time.time()
     out, _ = p0.communicate(timeout=120)  # bounded: the test fails instead of hanging
@@ -112,13 +118,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     """The save is collective: a signal to one process must stop every process at the same step
     (each would otherwise wait for the others inside a different collective)."""
     ckpt = tmp_path / "ck"
-    p0, p1 = _launch(2, 2, ["--steps", "1000", "--save-every", "1000", "--ckpt-dir", str(ckpt)])
-    t0 = time.time()
-    while time.time() - t0 < 400:
-        if (ckpt / "metrics.jsonl").exists() and sum(1 for _ in open(ckpt / "metrics.jsonl")) >= 2:
-            break
-        assert p0.poll() is None and p1.poll() is None, "training ended early"
-        time.sleep(0.2)
+    p0, p1 = _two_training(ckpt)
     p1.terminate()  # SIGTERM to process 1 only
     outs = [p.communicate(timeout=120)[0] for p in (p0, p1)]
     for p, out in zip((p0, p1), outs):
