@@ -114,32 +114,29 @@ def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
     assert waited < 60
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_one_process(tmp_path):
     """The save is collective: a signal to one process must stop every process at the same step
-    (each would otherwise wait for the others inside a different collective)."""
+    (each would otherwise wait for the others inside a different collective). The checkpoint then
+    resumes with two processes (the data position kept) and with one (the stream restarts)."""
+    import shutil
+
     ckpt = tmp_path / "ck"
     p0, p1 = _two_training(ckpt)
     p1.terminate()  # SIGTERM to process 1 only
     outs = [p.communicate(timeout=120)[0] for p in (p0, p1)]
     for p, out in zip((p0, p1), outs):
         assert p.returncode == 128 + 15, out[-3000:]
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
-    assert len(steps) == 1 and 2 <= steps[0] < 1000
-    assert f"a signal to process 1: saved a checkpoint at step {steps[0]}" in outs[0], outs[0][-2000:]
-
-
-def test_two_process_run_resumes_as_two_and_as_one_process(tmp_path):
-    ckpt = tmp_path / "ck"
-    _wait_all(_launch(2, 2, ["--steps", "4", "--save-every", "2", "--ckpt-dir", str(ckpt)]))
-    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())[-1] == 4
-    import shutil
+    (step,) = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
+    assert 2 <= step < 1000
+    assert f"a signal to process 1: saved a checkpoint at step {step}" in outs[0], outs[0][-2000:]
 
     shutil.copytree(ckpt, tmp_path / "ck1")
-    outs = _wait_all(_launch(2, 2, ["--steps", "6", "--save-every", "2", "--ckpt-dir", str(ckpt)]))
-    assert "resuming from" in outs[0] and "at step 4" in outs[0]
+    end = ["--steps", str(step + 2), "--save-every", "2"]
+    outs = _wait_all(_launch(2, 2, [*end, "--ckpt-dir", str(ckpt)]))
+    assert "resuming from" in outs[0] and f"at step {step}" in outs[0]
     assert "restarts" not in outs[0]  # same process count: the data position is kept
-    (out,) = _wait_all(_launch(1, 4, ["--steps", "6", "--save-every", "2", "--ckpt-dir", str(tmp_path / "ck1")]))
-    assert "resuming from" in out and "at step 4" in out
+    (out,) = _wait_all(_launch(1, 4, [*end, "--ckpt-dir", str(tmp_path / "ck1")]))
+    assert "resuming from" in out and f"at step {step}" in out
     assert "data stream restarts" in out
     for d in (ckpt, tmp_path / "ck1"):
-        assert max(int(x) for x in os.listdir(d) if x.isdigit()) == 6
+        assert max(int(x) for x in os.listdir(d) if x.isdigit()) == step + 2
