@@ -198,6 +198,8 @@ def write_tokenizer(spec, config: LLMConfig, out: str) -> tuple[str | None, list
         tok = load_tokenizer(spec, vocab_size=embedded_vocab_size(config))
     except Exception as e:  # noqa: BLE001 - whatever the reason, the weights are still exported
         return None, [f"tokenizer {spec!r} not exported: it does not load here ({error_line(e)})"]
+    if getattr(tok, "model_max_length", 0) > config.max_position_embeddings:  # e.g. 1e30: "no limit known"
+        tok.model_max_length = config.max_position_embeddings
     if not hasattr(tok, "save_pretrained"):  # a bare `tokenizers.Tokenizer`
         from transformers import PreTrainedTokenizerFast
 

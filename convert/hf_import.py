@@ -35,7 +35,7 @@ FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 class ImportResult:
     out_dir: str
     weight_files: list[str]
-    tokenizer: str | None  # recorded in the checkpoint's metadata (the source's tokenizer.json)
+    tokenizer: str | None  # recorded in the checkpoint's metadata: the source directory, when it has a tokenizer.json
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -48,6 +48,21 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
     An existing `out_dir` is replaced only with `force`, and only once the new checkpoint is
     complete. Raises ConvertError naming the file or tensor at fault."""
     hf_dir = os.path.abspath(os.fspath(hf_dir))
+    config, weights = read_hf_dir(hf_dir)
+    out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
+    flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
+    # The directory, as an absolute path (the checkpoint may be read from another working
+    # directory): loading it reads tokenizer_config.json too (special tokens, model_max_length).
+    tokenizer = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None
+    with atomic_output_dir(out) as tmp:
+        save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer)
+    return ImportResult(out, weights.files, tokenizer)
+
+
+def read_hf_dir(hf_dir: str) -> tuple[LLMConfig, "TorchWeights"]:
+    """The config and the (not yet read) tensors of a Hugging Face directory, every tensor name and
+    shape checked against the config: ConvertError naming the file or tensor at fault. Readers
+    that load the directory some other way (`from_pretrained`) check it with this first."""
     if not os.path.exists(hf_dir):
         raise ConvertError(f"Hugging Face directory {hf_dir} does not exist")
     if not os.path.isdir(hf_dir):
@@ -60,14 +75,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
         mapping.check_torch_state(weights.shapes, config)
     except ValueError as e:
         raise ConvertError(f"{hf_dir}: {e}") from None
-    out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
-    flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
-    # recorded as an absolute path: the checkpoint may be read from another working directory
-    tokenizer = os.path.abspath(os.path.join(hf_dir, "tokenizer.json"))
-    tokenizer = tokenizer if os.path.isfile(tokenizer) else None
-    with atomic_output_dir(out) as tmp:
-        save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer)
-    return ImportResult(out, weights.files, tokenizer)
+    return config, weights
 
 
 def read_hf_config(hf_dir: str) -> LLMConfig:

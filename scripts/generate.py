@@ -98,6 +98,9 @@ def load_torch_model(path: str, kind: str):
     from torch_ref import CustomLLM, CustomLLMConfig
 
     if kind == "hf":
+        from convert.hf_import import read_hf_dir
+
+        read_hf_dir(os.path.abspath(path))  # from_pretrained would fill missing tensors with random ones
         return CustomLLM.from_pretrained(path, dtype=torch.float32).eval()
     from convert.mapping import flax_to_torch
     from jaxllm import checkpoint
@@ -137,7 +140,7 @@ class TextStream:
 
 def run(args, out=None) -> None:
     """Generate and stream to `out` (default: standard output). Raises ValueError / OSError."""
-    from jaxllm.data import model_tokenizer
+    from jaxllm.data import EMBEDDED_VOCAB_SIZE, model_tokenizer
     from jaxllm.generate import Sampling
 
     if args.max_new_tokens < 1:
@@ -149,6 +152,9 @@ def run(args, out=None) -> None:
         xla_cache.enable(getattr(args, "compile_cache", None))
     kind = checkpoint_kind(args.checkpoint)
     c, recorded = checkpoint_info(args.checkpoint, kind)
+    if args.tokenizer is None and recorded is None and c.vocab_size > EMBEDDED_VOCAB_SIZE:
+        raise ValueError(f"{args.checkpoint} names no tokenizer, and its vocabulary ({c.vocab_size}) is not the "
+                         f"embedded tokenizer's: pass --tokenizer")
     tokenizer = model_tokenizer(args.tokenizer if args.tokenizer is not None else recorded, c)
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False) or [c.bos_token_id]
     if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:

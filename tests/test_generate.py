@@ -376,6 +376,28 @@ def test_script_bad_input_is_one_line_on_stderr_and_exit_2(script, checkpoints, 
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_script_refuses_a_hugging_face_directory_whose_weights_do_not_fit_its_config(
+        script, checkpoints, tmp_path, capsys, framework, monkeypatch):
+    """`from_pretrained` alone would fill missing tensors with random ones (and ignore extra ones):
+    the directory is checked as the converter checks it, one line, exit status 2."""
+    import json
+
+    bad = tmp_path / "hf"
+    shutil.copytree(checkpoints["hf"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": TINY.num_hidden_layers + 1}))
+    assert script.main(["--checkpoint", str(bad), "--prompt", "the", "--framework", framework]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "decoder_layers.2." in err, err
+    # A checkpoint that names no tokenizer, for a vocabulary the embedded tokenizer is not: refused.
+    from jaxllm.config import LLMConfig
+
+    monkeypatch.setattr(script, "checkpoint_info", lambda path, kind: (LLMConfig.from_preset("seed-973m"), None))
+    assert script.main(["--checkpoint", checkpoints["hf"], "--prompt", "the", "--framework", framework]) == 2
+    assert "names no tokenizer" in capsys.readouterr().err
+
+
 def test_script_bad_input_from_the_command_line_has_no_traceback():
     r = subprocess.run([sys.executable, "scripts/generate.py", "--checkpoint", "/nonexistent", "--prompt", "x"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
