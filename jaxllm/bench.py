@@ -249,8 +249,11 @@ def worker_jax(args) -> dict:
 
     config = LLMConfig.from_preset(args.preset)
     remat = resolve_remat(args.remat, count_params(config), grad_accum=1)
+    # One device, as the PyTorch worker uses, unless --mesh asks for more (then the MFU is against
+    # the peak of that many devices).
+    mesh = shd.make_mesh(args.mesh, None if args.mesh else jax.devices()[:1])
     step, state, batch, compile_s = compiled_step(
-        config, shd.make_mesh(args.mesh), args.batch_size, args.seq_len, dtype=args.dtype,
+        config, mesh, args.batch_size, args.seq_len, dtype=args.dtype,
         moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat, attn_impl=args.attn_impl)
     holder = {"state": state}
 
@@ -263,7 +266,7 @@ def worker_jax(args) -> dict:
     times, peaks = _timed_steps_with_peak(one, jax_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
                                           args.iters, on_cpu=jax.devices()[0].platform == "cpu")
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
-           "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks}
+           "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks, "jax_devices": mesh.size}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["jax_peak_device_gb"] = stats["peak_bytes_in_use"] / 2**30
@@ -390,10 +393,12 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
                 case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
                                                  for j, t in zip(runs["jax"], runs["torch"])]
     for fw, fw_runs in runs.items():  # MFU against the peak sampled around the steps, pooled and by round
+        n = case.get("jax_devices", 1) if fw == "jax" else 1  # the peak is one device's
         if f"{fw}_peak_around_steps_flops" in case:
-            case[f"{fw}_mfu_around_steps_peak"] = case[f"{fw}_flops_per_sec"] / case[f"{fw}_peak_around_steps_flops"]
+            case[f"{fw}_mfu_around_steps_peak"] = (case[f"{fw}_flops_per_sec"]
+                                                   / (n * case[f"{fw}_peak_around_steps_flops"]))
             if rounds > 1:
-                case[f"{fw}_mfu_rounds"] = [flops / r[f"{fw}_step_s"] / float(np.median(r[f"{fw}_peak_samples"]))
+                case[f"{fw}_mfu_rounds"] = [flops / r[f"{fw}_step_s"] / (n * float(np.median(r[f"{fw}_peak_samples"])))
                                             for r in fw_runs]
     if "jax" in runs:
         case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
@@ -507,7 +512,8 @@ def main(argv=None) -> int:
                    help="also time the JAX step with the dense MoE dispatch (reports sparse/dense)")
     p.add_argument("--decode-tokens", type=int, default=None,
                    help="new tokens for the decode measurement (default 64; 0 skips it)")
-    p.add_argument("--mesh", default=None)
+    p.add_argument("--mesh", default=None, help="JAX's device mesh, e.g. data=8 (default: one device, as the PyTorch "
+                   "side; MFU is against the peak of all the mesh's devices)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--torch-matmul", action="store_true")
     p.add_argument("--peak-flops", type=float, default=None, help="datasheet peak per device (known GPUs/TPUs are looked up)")
@@ -553,9 +559,10 @@ def main(argv=None) -> int:
             failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:
             # Against the peak sampled around the JAX steps (the same minutes), else the run's first one.
-            case["jax_mfu_start_peak"] = case["jax_flops_per_sec"] / peak
+            n = case.get("jax_devices", 1)  # the peaks are one device's
+            case["jax_mfu_start_peak"] = case["jax_flops_per_sec"] / (n * peak)
             case["jax_mfu_measured_peak"] = case.get("jax_mfu_around_steps_peak", case["jax_mfu_start_peak"])
-            case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / datasheet if datasheet else None
+            case["jax_mfu_datasheet"] = case["jax_flops_per_sec"] / (n * datasheet) if datasheet else None
         result["cases"].append(case)
         if failed:
             case["error"] = str(failed).splitlines()[0]

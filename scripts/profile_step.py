@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25, help="heaviest kernels listed (default 25)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: datasheet)")
     p.add_argument("--out", default=None, help="keep the first profiled trace (.xplane.pb) and its HLO here")
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: one device; MFU is against the peak of all the mesh's devices)")
     p.add_argument("--budget", type=float, default=None, help="start no variant after this many seconds")
     args = p.parse_args(argv)
     cli.check_at_least(p, args, seq_len=2, steps=1, top=0)
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     from jaxllm.flops import device_peak_flops, training_flops_per_token
 
     try:  # every variant's batch must divide over the mesh: refuse before any of them runs
-        mesh = shd.make_mesh(args.mesh)
+        mesh = shd.make_mesh(args.mesh, None if args.mesh else jax.devices()[:1])  # one device unless --mesh
         for b, *_ in variants:
             shd.check_batch(b, mesh)
     except ValueError as e:
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     device = jax.devices()[0]
     peak = args.peak_flops or device_peak_flops(device, args.dtype)
+    peak = peak * mesh.size if peak else None  # the mesh's devices together
     profile = not args.no_profile
     on_cpu = device.platform == "cpu"
     print(f"{device.device_kind}, jax {jax.__version__}; {args.preset}, sequence {args.seq_len}, {args.dtype}"

@@ -26,6 +26,7 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
                 "jax_over_torch"):
         assert isinstance(case[key], float) and case[key] > 0, key
     assert len(case["jax_step_times"]) == len(case["torch_step_times"]) == 4  # 2 rounds of 2 steps
+    assert case["jax_devices"] == 1  # as the PyTorch worker (the tests simulate 8 CPU devices; no --mesh)
     assert len(case["jax_over_torch_rounds"]) == 2
     assert case["jax_tokens_per_sec"] == pytest.approx(64 / case["jax_step_s"])
     assert case["jax_over_torch"] == pytest.approx(case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"])
@@ -284,7 +285,8 @@ def test_profile_step_times_each_variant_on_the_cpu():
     (["--variants", "2:gather:dots:0"], "--variants: '2:gather:dots:0'"),
     (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--variants", "8:dense:none", "3:dense:none"], "batch size 3 cannot be divided over the mesh's 8 batch shards"),
+    (["--mesh", "data=8", "--variants", "8:dense:none", "3:dense:none"],
+     "batch size 3 cannot be divided over the mesh's 8 batch shards"),
     (["--mesh", "data=3"], "--mesh"),
     (["--attn-impl", "cudnn"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
