@@ -494,8 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="small preset only, few iterations (< 3 min on 2 cores)")
     p.add_argument("--preset", default=None, help="only this preset (default: small, and seed-973m unless --quick)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="with --preset or --quick (default 4, --quick 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="with --preset or --quick (default 256, --quick 128)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
@@ -528,6 +528,9 @@ def main(argv=None) -> int:
         shapes = [(args.preset, args.batch_size or 4, args.seq_len or 256)]
     elif args.quick:
         shapes = [("small", args.batch_size or 8, args.seq_len or 128)]
+    elif args.batch_size or args.seq_len:
+        p.error("--batch-size / --seq-len: give a --preset (or --quick) too; the full run has fixed shapes "
+                "(small 8 x 128, seed-973m 4 x 256)")
     else:
         shapes = [("small", 8, 128), ("seed-973m", 4, 256)]
     iters = args.iters or (3 if args.quick else 5)

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-threads", type=int, help="PyTorch intra-op threads (default: PyTorch's choice)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json: the folder of {args.json} does not exist")  # before the run, not after it
     try:
         r = measure_decode(args.preset, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                            batch_size=args.batch_size, frameworks=tuple(args.framework or ("jax", "torch")),

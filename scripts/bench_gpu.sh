@@ -9,6 +9,7 @@
 #                 (BLOCK: rows per block of the gather dispatch; +cudnn: cuDNN's fused attention;
 #                 default "dense dense+cudnn gather:512 gather:512+cudnn gather:128")
 #   BUDGET_S      no case starts after this many seconds, and none runs past it (default 540)
+# Exit status 1 when a case failed or was cut short (what was measured is still written).
 #   PRESET        default seed-973m; MATMUL_SIZE default 8192; PYTHON default python3
 # A tiny smoke case runs first: if the PyTorch side fails there, the cases run JAX alone.
 set -uo pipefail
@@ -41,15 +42,19 @@ bench() {
   local left=$((budget - SECONDS))
   if (( left < 45 )); then say "$name: skipped (${left}s of the budget left)"; return 1; fi
   say "$name: $*"
-  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --rounds 1 --timeout "$left" \
+  # The workers get 30 s less than the whole call, so that bench.py itself can still write what
+  # was measured (its table and JSON) when a worker runs out of time.
+  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --rounds 1 --timeout "$((left - 30))" \
     --json "$cases/$name.json" "$@" >"$cases/$name.md" 2>>"$log"
   local rc=$?
+  (( rc == 0 )) || failures=$((failures + 1))
   { echo "### $name"; echo; cat "$cases/$name.md"; echo; } >>"$out/bench.md"
   cat "$cases/$name.md"
   say "$name: exit $rc"
   return $rc
 }
 
+failures=0
 frameworks=jax,torch
 if ! bench smoke --preset tiny --batch-size 2 --seq-len 32 --iters 2 --warmup 1 --matmul-size 1024; then
   frameworks=jax
@@ -75,4 +80,5 @@ runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(o
 json.dump(runs, open(sys.argv[2], "w"), indent=2)
 EOF
 rm -rf "$cases"
-say "done: $out/bench.md, $out/bench.json, $log"
+say "done: $out/bench.md, $out/bench.json, $log ($failures case(s) failed or were cut short)"
+exit $(( failures > 0 ))

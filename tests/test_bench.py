@@ -59,8 +59,9 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--preset", "nope"], "--preset: unknown preset 'nope'"),
     (["--iters", "0"], "--iters must be at least 1"),
     (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--batch-size", "2"], "--batch-size / --seq-len: give a --preset"),
     (["--frameworks", "jax,tf"], "--frameworks"),
-    (["--seq-len", "-4"], "--seq-len must be at least 2"),
+    (["--quick", "--seq-len", "-4"], "--seq-len must be at least 2"),
     (["--mesh", "data=0"], "--mesh"),
     (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions, got 256"),
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
@@ -261,13 +262,25 @@ def test_the_products_are_timed_inside_the_loop_not_hoisted_out_of_it():
             np.testing.assert_allclose(np.asarray(loop(x, w, g)), np.asarray(f(x, w, g)), rtol=1e-6)
 
 
-def _profile_step():
+def _script(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "scripts" / "profile_step.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _profile_step():
+    return _script("profile_step")
+
+
+def test_bench_decode_refuses_a_json_path_it_cannot_write_before_it_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        _script("bench_decode").main(["--preset", "tiny", "--json", "/nonexistent/decode.json"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json: the folder of /nonexistent/decode.json does not exist" in err
 
 
 def test_profile_step_times_each_variant_on_the_cpu():
