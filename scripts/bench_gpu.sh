@@ -9,9 +9,9 @@
 #                 (BLOCK: rows per block of the gather dispatch; +cudnn: cuDNN's fused attention;
 #                 default "dense dense+cudnn gather:512 gather:512+cudnn gather:128")
 #   BUDGET_S      no case starts after this many seconds, and none runs past it (default 540)
-# Exit status 1 when a case failed or was cut short (what was measured is still written).
 #   PRESET        default seed-973m; MATMUL_SIZE default 8192; PYTHON default python3
 # A tiny smoke case runs first: if the PyTorch side fails there, the cases run JAX alone.
+# Exit status 1 when a case failed or was cut short (what was measured is still written).
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$here/bench-gpu}}"
