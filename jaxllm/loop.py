@@ -183,8 +183,9 @@ def run(rc: RunConfig) -> dict:
                         save(step, state)
                         last_saved = step
                     mngr.wait_until_finished()
-                    log(f"\n{stopped_by}: saved a checkpoint at step {step} in {ckpt_dir}; "
-                        "run the same command again to resume")
+                    log(f"\n{stopped_by}: " + (f"saved a checkpoint at step {step} in {ckpt_dir}; run the same "
+                                              "command again to resume" if last_saved == step else
+                                              "stopped before the first step; nothing to save"))
                     summary["stopped_by"] = stopped_by
                     break
                 batch = trainer.put_batch(next(data))

@@ -154,6 +154,24 @@ def test_sigterm_saves_and_the_next_start_resumes(tmp_path, reference):
     _assert_same(_final_state(ckpt), _final_state(reference, 8))
 
 
+def test_a_stop_before_the_first_step_saves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    """A signal during start-up or the compile: no step was taken, so no checkpoint of the
+    initial weights is written; the run still exits as stopped (128 + SIGTERM)."""
+    from jaxllm import loop
+
+    monkeypatch.setattr(loop._Stop, "agreed", lambda self: "SIGTERM")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    code = train_jax.main(BASE + ["--ckpt-dir", str(tmp_path / "ck")])
+    out = capsys.readouterr().out
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped before the first step; nothing to save" in out, out
+    assert not [d for d in os.listdir(tmp_path / "ck") if d.isdigit()]
+
+
 def test_the_same_command_again_loads_the_train_step_from_the_compilation_cache(tmp_path):
     """`--compile-cache DIR` (default ~/.cache/jaxllm/xla): the first run compiles the train step and
     keeps it; a second run of the same command loads it and trains to the same state."""
