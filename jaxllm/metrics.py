@@ -100,7 +100,9 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str | None:
     ax2 = ax.twinx()
     ax2.plot(steps, [r["lr"] for r in records], label="learning rate", color="tab:orange", alpha=0.6)
     ax2.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
+    lines = ax.get_lines() + ax2.get_lines()  # one legend, above the plot (a figure legend covered an axis label)
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
+              frameon=False)
     fig.tight_layout()
     tmp = f"{png_path}.tmp{os.getpid()}"  # replaced whole: a kill never leaves half a picture
     fig.savefig(tmp, dpi=100, format="png")
