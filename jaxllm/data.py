@@ -287,6 +287,15 @@ def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
             "text_column": cfg.text_column, "seed": cfg.seed, "tokenizer": tokenizer_spec}
 
 
+def run_stream(rc, config) -> tuple[DataConfig, dict]:
+    """The data settings of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`: its
+    `DataConfig` and its `stream_source`, whose "tokenizer" is what the checkpoint records. Both
+    trainers use it."""
+    cfg = DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
+                     text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
+    return cfg, stream_source(cfg, tokenizer_source(rc.tokenizer, vocab_size=embedded_vocab_size(config)))
+
+
 FLAGS_OF_SOURCE = {"dataset": "--dataset", "dataset_config": "--dataset-config", "split": "--split",
                    "text_column": "--text-column", "seed": "--seed", "tokenizer": "--tokenizer"}
 

@@ -117,10 +117,7 @@ def run(rc: RunConfig) -> dict:
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
-    data_cfg = data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
-                                   text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
-    tok_source = data_lib.tokenizer_source(rc.tokenizer, vocab_size=data_lib.embedded_vocab_size(config))
-    source = data_lib.stream_source(data_cfg, tok_source)
+    data_cfg, source = data_lib.run_stream(rc, config)
     if existing:
         state, saved_data = restore_train_state(mngr, trainer, config)
         data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
@@ -143,7 +140,7 @@ def run(rc: RunConfig) -> dict:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
                       train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
                       config=config, data={**gather_data_states(data.state_dict()), "source": source},
-                      tokenizer=tok_source,
+                      tokenizer=source["tokenizer"],
                       force=True)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))

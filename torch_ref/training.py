@@ -502,10 +502,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
 
     tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
     check_prompts(rc, tokenizer, config.max_position_embeddings)
-    data_cfg = data_lib.DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
-                                   text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
-    source = data_lib.stream_source(
-        data_cfg, data_lib.tokenizer_source(rc.tokenizer, vocab_size=data_lib.embedded_vocab_size(config)))
+    data_cfg, source = data_lib.run_stream(rc, config)
     data_state = read_data_state(last[0], rank, world, source) if last else None
     # Opened before anything else: a dataset that cannot be read fails before a file is written.
     dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
