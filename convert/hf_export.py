@@ -2,7 +2,8 @@
 
 The directory holds `config.json` (with `auto_map`), the weights as safetensors (one
 `model.safetensors`, or shards plus `model.safetensors.index.json` above `max_shard_size`),
-`generation_config.json`, the tokenizer files when the checkpoint records a tokenizer that loads,
+`generation_config.json`, the tokenizer files when the checkpoint has a tokenizer that loads (the
+files it saved, else the tokenizer its metadata names),
 and the modeling code, so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
 works in a process that never imported this project. The remote code is `torch_ref`'s two files
 plus `jaxllm/config.py` under the name `customllm_config_core.py`; the one import of
@@ -74,13 +75,15 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     out = check_output(out_dir if out_dir is not None else default_out_dir(ckpt_dir), force=force,
                        kind="Hugging Face model", is_kind=is_hf_dir, source=ckpt_dir)
     config, step, meta, flat = read_flax_checkpoint(ckpt_dir, step)
+    with checkpoint.reading(ckpt_dir) as mngr:
+        saved_tokenizer = checkpoint.read_tokenizer_files(mngr, step)
     tensors = to_torch_tensors(flat, config, DTYPES[dtype])
     with atomic_output_dir(out) as tmp:
         write_weights(tensors, tmp, max_shard_size=max_shard_size, step=step)
         del tensors
         write_config(config, tmp, dtype)
         write_remote_code(tmp)
-        tokenizer, notes = write_tokenizer(meta.get("tokenizer"), config, tmp)
+        tokenizer, notes = write_tokenizer(meta.get("tokenizer"), config, tmp, files=saved_tokenizer)
     files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     return ExportResult(out, step, dtype, files, tokenizer, notes)
 
@@ -184,20 +187,21 @@ def write_remote_code(out: str) -> None:
             f.write(text)
 
 
-def write_tokenizer(spec, config: LLMConfig, out: str) -> tuple[str | None, list[str]]:
-    """Save the tokenizer that the checkpoint's metadata records (via `jaxllm.data.load_tokenizer`).
-    Optional: a tokenizer that cannot be loaded here is left out with a note, not an error (the
-    weights are the conversion's point)."""
-    if not spec:
+def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = None) -> tuple[str | None, list[str]]:
+    """Save the checkpoint's tokenizer: the `files` it saved (`jaxllm.checkpoint`), else the one its
+    metadata names (`spec`, via `jaxllm.data.load_tokenizer`). Optional: a tokenizer that cannot be
+    loaded here is left out with a note, not an error (the weights are the conversion's point)."""
+    if not spec and not files:
         return None, []
+    what = "the tokenizer saved in the checkpoint" if files else f"tokenizer {spec!r}"
     try:
-        from jaxllm.data import embedded_vocab_size, load_tokenizer
+        from jaxllm.data import embedded_vocab_size, load_tokenizer, tokenizer_from_files
     except ImportError as e:
-        return None, [f"tokenizer {spec!r} not exported: jaxllm.data.load_tokenizer is not available ({e})"]
+        return None, [f"{what} not exported: jaxllm.data.load_tokenizer is not available ({e})"]
     try:
-        tok = load_tokenizer(spec, vocab_size=embedded_vocab_size(config))
+        tok = tokenizer_from_files(files) if files else load_tokenizer(spec, vocab_size=embedded_vocab_size(config))
     except Exception as e:  # noqa: BLE001 - whatever the reason, the weights are still exported
-        return None, [f"tokenizer {spec!r} not exported: it does not load here ({error_line(e)})"]
+        return None, [f"{what} not exported: it does not load here ({error_line(e)})"]
     if getattr(tok, "model_max_length", 0) > config.max_position_embeddings:  # e.g. 1e30: "no limit known"
         tok.model_max_length = config.max_position_embeddings
     if not hasattr(tok, "save_pretrained"):  # a bare `tokenizers.Tokenizer`
@@ -207,4 +211,4 @@ def write_tokenizer(spec, config: LLMConfig, out: str) -> tuple[str | None, list
         tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.max_position_embeddings,
                                       **{k: v for k, v in names.items() if v is not None})
     tok.save_pretrained(out)
-    return str(spec), []
+    return str(spec or "saved with the checkpoint"), []

@@ -36,6 +36,7 @@ class ImportResult:
     out_dir: str
     weight_files: list[str]
     tokenizer: str | None  # recorded in the checkpoint's metadata: the source directory, when it has a tokenizer.json
+    notes: list[str] = dataclasses.field(default_factory=list)  # why the tokenizer was left out
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -51,12 +52,26 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
     config, weights = read_hf_dir(hf_dir)
     out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
     flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
-    # The directory, as an absolute path (the checkpoint may be read from another working
-    # directory): loading it reads tokenizer_config.json too (special tokens, model_max_length).
-    tokenizer = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None
+    tokenizer, files, notes = read_tokenizer(hf_dir, config)
     with atomic_output_dir(out) as tmp:
-        save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer)
-    return ImportResult(out, weights.files, tokenizer)
+        save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer, tokenizer_files=files)
+    return ImportResult(out, weights.files, tokenizer, notes)
+
+
+def read_tokenizer(hf_dir: str, config: LLMConfig) -> tuple[str | None, dict | None, list[str]]:
+    """(what the checkpoint records as its tokenizer's source, the tokenizer's files, notes) of a
+    Hugging Face directory. The files are saved in the checkpoint, so that it keeps its tokenizer
+    when `hf_dir` moves; its absolute path is recorded as where they came from. Optional: a
+    tokenizer that does not load is left out with a note (the weights are the conversion's point)."""
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return None, None, []
+    from jaxllm.data import model_tokenizer, tokenizer_files
+
+    try:
+        tok = model_tokenizer(hf_dir, config)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, the weights are still converted
+        return None, None, [f"the tokenizer of {hf_dir} was not saved: it does not load here ({error_line(e)})"]
+    return hf_dir, tokenizer_files(tok), []
 
 
 def read_hf_dir(hf_dir: str) -> tuple[LLMConfig, "TorchWeights"]:
@@ -205,7 +220,8 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def save_flax_checkpoint(ckpt_dir: str, flat: dict, config: LLMConfig, *, tokenizer: str | None) -> None:
+def save_flax_checkpoint(ckpt_dir: str, flat: dict, config: LLMConfig, *, tokenizer: str | None,
+                         tokenizer_files: dict | None = None) -> None:
     """Step 0 of a Flax checkpoint (`params` + `meta` items) from a flat Flax dict (consumed)."""
     import jax.numpy as jnp
 
@@ -220,7 +236,8 @@ def save_flax_checkpoint(ckpt_dir: str, flat: dict, config: LLMConfig, *, tokeni
                for kind in ("params", "router_bias")}
     mngr = checkpoint.manager(ckpt_dir, create=True)
     try:
-        checkpoint.save(mngr, 0, weights=weights, config=config, tokenizer=tokenizer)
+        checkpoint.save(mngr, 0, weights=weights, config=config, tokenizer=tokenizer,
+                        tokenizer_files=tokenizer_files)
         mngr.wait_until_finished()
     finally:
         mngr.close()

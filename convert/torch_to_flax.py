@@ -5,7 +5,8 @@
 Reads config.json and the weights of HF_DIR (model.safetensors, sharded safetensors, or a legacy
 pytorch_model.bin loaded with weights_only=True), checks every tensor name and shape against the
 config before loading data, and writes step 0 of an Orbax checkpoint (float32 master weights,
-router_bias, config) that `jaxllm.load(CKPT_DIR)` and training (--init-from) read.
+router_bias, config, the directory's tokenizer files) that `jaxllm.load(CKPT_DIR)` and training
+(--init-from) read.
 An existing CKPT_DIR is refused unless --force. Errors: one line on stderr, exit status 2.
 """
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
         print(f"torch_to_flax: error: {error_line(e)}", file=sys.stderr)
         return 2
+    for note in result.notes:
+        print(f"torch_to_flax: note: {note}", file=sys.stderr)
     files = result.weight_files
     print(f"wrote {result.out_dir} (step 0, from {files[0] if len(files) == 1 else f'{len(files)} shards'}"
           f"{', tokenizer ' + result.tokenizer if result.tokenizer else ''})")

@@ -6,12 +6,13 @@
 
 from jaxllm.config import PRESETS, LLMConfig, count_params
 
-__all__ = ["LLMConfig", "PRESETS", "count_params", "CustomLLM", "create_model", "load"]
+__all__ = ["LLMConfig", "PRESETS", "count_params", "CustomLLM", "create_model", "load", "load_tokenizer"]
 
 _LAZY = {
     "CustomLLM": "jaxllm.model",
     "create_model": "jaxllm.model",
     "load": "jaxllm.checkpoint",
+    "load_tokenizer": "jaxllm.checkpoint",
 }
 
 

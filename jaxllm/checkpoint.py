@@ -7,7 +7,12 @@ saved step, each with up to three items:
   the Flax layout of `jaxllm.model` (layers stacked, kernels `[in, out]`), float32 master weights;
 - `train_state` (written by training only): `{"opt_state": ..., "step": int, "rng": key data}`;
 - `meta` (JSON): `{"format": 1, "config": <config.json dict>, "data": <data position>,
-  "tokenizer": <what the tokenizer was loaded from, or null>, "step": int}`.
+  "tokenizer": <what the tokenizer was loaded from, or null>, "step": int}`;
+- `tokenizer` (JSON, when known): `{"format": 1, "files": {<name>: <text>}}`, the files the
+  tokenizer's `save_pretrained` writes (`tokenizer.json`, `tokenizer_config.json`, ...), so that a
+  checkpoint copied to another machine still has its tokenizer (`jaxllm.data.tokenizer_files`).
+  Readers prefer it to `meta["tokenizer"]`, which names where it came from (a local path or a Hub
+  id that the other machine may not have); checkpoints written before it existed have none.
 
 A checkpoint written by `convert/torch_to_flax.py` has `params` and `meta` only; training
 started from it (`--init-from`) builds a fresh optimizer state. Saves are atomic (Orbax writes a
@@ -29,7 +34,7 @@ from flax import nnx
 from jaxllm.config import LLMConfig
 
 FORMAT_VERSION = 1
-ITEMS = ("params", "train_state", "meta")
+ITEMS = ("params", "train_state", "meta", "tokenizer")
 
 
 class CheckpointError(ValueError):
@@ -53,7 +58,7 @@ def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, crea
     # save also ran faster here (2 GiB of arrays: 7.0 s against 11.7 s).
     handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=1),
                 "train_state": ocp.StandardCheckpointHandler(save_concurrent_gb=1),
-                "meta": ocp.JsonCheckpointHandler()}
+                "meta": ocp.JsonCheckpointHandler(), "tokenizer": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
 
 
@@ -80,13 +85,17 @@ def split_weights(model) -> dict[str, Any]:
 
 def save(mngr: ocp.CheckpointManager, step: int, *, weights: dict, config: LLMConfig,
          train_state: dict | None = None, data: dict | None = None, tokenizer: str | None = None,
-         force: bool = False) -> bool:
-    """Save one step. `weights` is `split_weights(model)` (or arrays of the same structure)."""
+         tokenizer_files: dict[str, str] | None = None, force: bool = False) -> bool:
+    """Save one step. `weights` is `split_weights(model)` (or arrays of the same structure);
+    `tokenizer` names where the tokenizer came from, `tokenizer_files` are its files
+    (`jaxllm.data.tokenizer_files`)."""
     meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "data": data or {},
             "tokenizer": tokenizer, "step": int(step)}
     items = {"params": ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta)}
     if train_state is not None:
         items["train_state"] = ocp.args.StandardSave(train_state)
+    if tokenizer_files:
+        items["tokenizer"] = ocp.args.JsonSave({"format": FORMAT_VERSION, "files": dict(tokenizer_files)})
     return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -112,6 +121,21 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: metadata has no model config")
     return meta
+
+
+def read_tokenizer_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, str] | None:
+    """The tokenizer files saved with `step` ({name: text}), or None when the step has none."""
+    if not os.path.isdir(os.path.join(os.fspath(mngr.directory), str(step), "tokenizer")):
+        return None
+    try:
+        saved = mngr.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))["tokenizer"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot read its tokenizer ({e})") from e
+    files = saved.get("files") if isinstance(saved, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: its tokenizer item holds no files")
+    return files
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
@@ -178,6 +202,21 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
         weights = restore_weights(mngr, step, target)
     set_split_weights(model, weights)
     return model, config
+
+
+def load_tokenizer(ckpt_dir: str | os.PathLike, step: int | None = None):
+    """`tokenizer = jaxllm.load_tokenizer(ckpt_dir)`: the tokenizer of a checkpoint (latest step
+    unless `step`): the files it saved, else the tokenizer its metadata names, else the embedded one
+    (`jaxllm.data.checkpoint_tokenizer`). A `transformers` fast tokenizer; ValueError naming the problem."""
+    from jaxllm.data import checkpoint_tokenizer
+
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    _require_steps(ckpt_dir)
+    with reading(ckpt_dir) as mngr:
+        step = resolve_step(mngr, step)
+        meta = read_meta(mngr, step)
+        files = read_tokenizer_files(mngr, step)
+    return checkpoint_tokenizer(meta.get("tokenizer"), LLMConfig.from_dict(meta["config"]), files, where=ckpt_dir)
 
 
 def set_split_weights(model, weights: dict) -> None:

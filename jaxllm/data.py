@@ -266,6 +266,41 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
     return _ensure_eos(tok, spec)
 
 
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The files `tokenizer.save_pretrained` writes ({name: text}): what a Flax checkpoint stores
+    beside its weights so that it carries its own tokenizer (`jaxllm.checkpoint`)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jaxllm-tokenizer-") as d:
+        tokenizer.save_pretrained(d)
+        files = {}
+        for name in sorted(os.listdir(d)):
+            if os.path.isfile(os.path.join(d, name)):
+                with open(os.path.join(d, name), encoding="utf-8") as f:
+                    files[name] = f.read()
+    return files
+
+
+def tokenizer_from_files(files: dict[str, str], config=None):
+    """The tokenizer of `files` (from `tokenizer_files`, as a checkpoint stores them), loaded as
+    `load_tokenizer` loads a directory (and checked against `config`'s vocabulary when given).
+    Raises ValueError naming the problem."""
+    import tempfile
+
+    if "tokenizer.json" not in files:
+        raise ValueError("the saved tokenizer has no tokenizer.json")
+    with tempfile.TemporaryDirectory(prefix="jaxllm-tokenizer-") as d:
+        for name, text in files.items():
+            if not name or name != os.path.basename(name) or name.startswith("."):
+                raise ValueError(f"the saved tokenizer has a file named {name!r}")
+            with open(os.path.join(d, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        tok = load_tokenizer(d)  # everything is read into memory here
+    if config is not None:
+        check_vocab(tok, config)
+    return tok
+
+
 def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
     """What a checkpoint records about its tokenizer, loadable again with `load_tokenizer`:
     "embedded:<key>" (the cache key: corpus + settings), an absolute local path, or the Hub id."""
@@ -287,13 +322,43 @@ def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
             "text_column": cfg.text_column, "seed": cfg.seed, "tokenizer": tokenizer_spec}
 
 
-def run_stream(rc, config) -> tuple[DataConfig, dict]:
+def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None = None, *, where: str):
+    """The tokenizer that a checkpoint (`where`, for messages) of a model of `config` comes with: the
+    `files` it saved, else the one it names (`spec`), else the embedded tokenizer, but only for a
+    vocabulary that one was made for (not a 49,152-token model's). ValueError naming the problem."""
+    if files:
+        return tokenizer_from_files(files, config)
+    if spec is None and config.vocab_size > EMBEDDED_VOCAB_SIZE:
+        raise ValueError(f"{where} names no tokenizer, and its vocabulary ({config.vocab_size}) is not the "
+                         f"embedded tokenizer's: pass --tokenizer")
+    return model_tokenizer(spec, config)
+
+
+def run_tokenizer(rc, config, init_tokenizer: tuple[str | None, dict | None] = (None, None)):
+    """(tokenizer, spec) of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`:
+    `--tokenizer` when given; else, with `--init-from`, the starting checkpoint's own tokenizer
+    (`init_tokenizer`: what it names and the files it saved, read by the trainer), so that training
+    on from converted weights keeps their token ids; else the embedded tokenizer. `spec` is what
+    the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming the problem."""
+    spec, files = init_tokenizer if rc.tokenizer is None and rc.init_from else (rc.tokenizer, None)
+    if files:
+        return tokenizer_from_files(files, config), spec or rc.init_from
+    try:
+        return model_tokenizer(spec, config), spec
+    except ValueError as e:
+        if spec == rc.tokenizer:
+            raise
+        raise ValueError(f"--init-from {rc.init_from}: its tokenizer {spec!r} does not load ({e}); "
+                         f"pass --tokenizer") from None
+
+
+def run_stream(rc, config, tokenizer_spec: str | None) -> tuple[DataConfig, dict]:
     """The data settings of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`: its
-    `DataConfig` and its `stream_source`, whose "tokenizer" is what the checkpoint records. Both
-    trainers use it."""
+    `DataConfig` and its `stream_source`, whose "tokenizer" is what the checkpoint records
+    (`tokenizer_spec` from `run_tokenizer`). Both trainers use it."""
     cfg = DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
                      text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
-    return cfg, stream_source(cfg, tokenizer_source(rc.tokenizer, vocab_size=embedded_vocab_size(config)))
+    return cfg, stream_source(cfg, tokenizer_source(tokenizer_spec, vocab_size=embedded_vocab_size(config)))
 
 
 FLAGS_OF_SOURCE = {"dataset": "--dataset", "dataset_config": "--dataset-config", "split": "--split",

@@ -100,7 +100,8 @@ def run(rc: RunConfig) -> dict:
     shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
     shd.check_batch(rc.batch_size, mesh)
 
-    tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
+    tokenizer, tokenizer_spec = data_lib.run_tokenizer(
+        rc, config, init_tokenizer(rc.init_from) if rc.init_from and rc.tokenizer is None else (None, None))
     check_prompts(rc, tokenizer, config.max_position_embeddings)
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
@@ -117,7 +118,7 @@ def run(rc: RunConfig) -> dict:
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
-    data_cfg, source = data_lib.run_stream(rc, config)
+    data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
     if existing:
         state, saved_data = restore_train_state(mngr, trainer, config)
         data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
@@ -125,7 +126,8 @@ def run(rc: RunConfig) -> dict:
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
-        log(f"starting from the weights in {rc.init_from}")
+        log(f"starting from the weights in {rc.init_from}"
+            + (" with its tokenizer" if rc.tokenizer is None and tokenizer_spec else ""))
     else:
         state = trainer.init_state()
     start = int(state["step"])
@@ -136,11 +138,13 @@ def run(rc: RunConfig) -> dict:
     if mngr is None:
         mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
 
+    saved_tokenizer = data_lib.tokenizer_files(tokenizer)  # each step carries its tokenizer's files
+
     def save(step: int, st) -> None:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
                       train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
                       config=config, data={**gather_data_states(data.state_dict()), "source": source},
-                      tokenizer=source["tokenizer"],
+                      tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
                       force=True)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
@@ -353,6 +357,19 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
         raise ckpt_lib.CheckpointError(f"step {step} has no readable optimizer state: {e}") from e
     state = {"params": weights["params"], "router_bias": weights["router_bias"], **ts}
     return state, meta.get("data") or None
+
+
+def init_tokenizer(path: str) -> tuple[str | None, dict | None]:
+    """(the tokenizer it names, the tokenizer files it saved) of the `--init-from` checkpoint."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--init-from {path}: not a checkpoint directory")
+    try:
+        with ckpt_lib.reading(path) as mngr:
+            step = ckpt_lib.resolve_step(mngr, None)
+            return ckpt_lib.read_meta(mngr, step).get("tokenizer"), ckpt_lib.read_tokenizer_files(mngr, step)
+    except ckpt_lib.CheckpointError as e:
+        raise ValueError(f"--init-from {path}: {e}") from None
 
 
 def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:

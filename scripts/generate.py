@@ -8,8 +8,8 @@
 --checkpoint is a Flax (Orbax) checkpoint directory (jaxllm/checkpoint.py) or a Hugging Face
 directory (config.json + safetensors); which one is detected. Either framework runs either kind:
 the weights are converted in memory through convert/mapping.py. The tokenizer is --tokenizer, or
-the one the checkpoint records (an Orbax checkpoint's metadata, a Hugging Face directory's own
-tokenizer.json), or the embedded one. Greedy unless --temperature > 0; decoding stops at EOS.
+the checkpoint's own (the files an Orbax checkpoint saved, else the one its metadata names; a
+Hugging Face directory's tokenizer.json), or the embedded one. Greedy unless --temperature > 0; decoding stops at EOS.
 """
 
 from __future__ import annotations
@@ -59,19 +59,22 @@ def checkpoint_kind(path: str) -> str:
 
 
 def checkpoint_info(path: str, kind: str):
-    """(LLMConfig, recorded tokenizer spec) of a checkpoint, without loading its weights. The
-    tokenizer is an Orbax checkpoint's `meta["tokenizer"]`, or a Hugging Face directory itself
-    when it holds a tokenizer.json; None means the embedded one."""
+    """(LLMConfig, recorded tokenizer spec, saved tokenizer files) of a checkpoint, without loading
+    its weights. The spec is an Orbax checkpoint's `meta["tokenizer"]`, or a Hugging Face directory
+    itself when it holds a tokenizer.json; None means the embedded one. The files are those an
+    Orbax checkpoint saved (`jaxllm.checkpoint.read_tokenizer_files`), or None."""
     from jaxllm.config import LLMConfig
 
     if kind == "hf":
         tokenizer = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
-        return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer
+        return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer, None
     from jaxllm import checkpoint
 
     with checkpoint.reading(path) as mngr:  # read-only: safe while a trainer saves into `path`
-        meta = checkpoint.read_meta(mngr, checkpoint.resolve_step(mngr, None))
-    return LLMConfig.from_dict(meta["config"]), meta.get("tokenizer")
+        step = checkpoint.resolve_step(mngr, None)
+        meta = checkpoint.read_meta(mngr, step)
+        files = checkpoint.read_tokenizer_files(mngr, step)
+    return LLMConfig.from_dict(meta["config"]), meta.get("tokenizer"), files
 
 
 def load_jax_model(path: str, kind: str):
@@ -140,7 +143,7 @@ class TextStream:
 
 def run(args, out=None) -> None:
     """Generate and stream to `out` (default: standard output). Raises ValueError / OSError."""
-    from jaxllm.data import EMBEDDED_VOCAB_SIZE, model_tokenizer
+    from jaxllm.data import checkpoint_tokenizer, model_tokenizer
     from jaxllm.generate import Sampling
 
     if args.max_new_tokens < 1:
@@ -151,11 +154,9 @@ def run(args, out=None) -> None:
 
         xla_cache.enable(getattr(args, "compile_cache", None))
     kind = checkpoint_kind(args.checkpoint)
-    c, recorded = checkpoint_info(args.checkpoint, kind)
-    if args.tokenizer is None and recorded is None and c.vocab_size > EMBEDDED_VOCAB_SIZE:
-        raise ValueError(f"{args.checkpoint} names no tokenizer, and its vocabulary ({c.vocab_size}) is not the "
-                         f"embedded tokenizer's: pass --tokenizer")
-    tokenizer = model_tokenizer(args.tokenizer if args.tokenizer is not None else recorded, c)
+    c, recorded, saved = checkpoint_info(args.checkpoint, kind)
+    tokenizer = (model_tokenizer(args.tokenizer, c) if args.tokenizer is not None
+                 else checkpoint_tokenizer(recorded, c, saved, where=args.checkpoint))
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False) or [c.bos_token_id]
     if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {args.max_new_tokens} new tokens "

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     a("--dtype", choices=["float32", "bfloat16"], help="compute dtype; weights stay float32 (default float32)")
     a("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, expert; default: all devices on data)")
     a("--ckpt-dir", help=f"checkpoint directory; resumes when it holds checkpoints (default {d.ckpt_dir})")
-    cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by convert/torch_to_flax.py)")
+    cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by "
+                                      "convert/torch_to_flax.py), and its tokenizer unless --tokenizer")
     a("--moe-impl", choices=MOE_IMPLS,
       help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
     a("--attn-impl", choices=ATTN_IMPLS,

@@ -37,7 +37,7 @@ def parse_args(argv=None):
       help="auto: bfloat16 mixed precision on GPUs that support it, else float32 (default auto)")
     a("--ckpt-dir", help=f"output directory of checkpoint-N folders; resumes from the latest (default {d.ckpt_dir})")
     cli.add_run_flags(p, d, init_from="start from the weights of this Hugging Face directory "
-                                      "(e.g. from convert/flax_to_torch.py)")
+                                      "(e.g. from convert/flax_to_torch.py), and its tokenizer unless --tokenizer")
     args = p.parse_args(argv)
     return args, cli.run_config(args, d)
 

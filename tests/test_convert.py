@@ -6,6 +6,7 @@ line naming the problem, exit status 2 and no partial output."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -353,9 +354,12 @@ def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monk
     this test pins the converter's side of that contract)."""
     from jaxllm.data import embedded_vocab_size
 
+    import jaxllm.data as real_data
+
     loaded = []
     fake = SimpleNamespace(embedded_vocab_size=embedded_vocab_size,
-                           load_tokenizer=lambda spec, vocab_size: loaded.append((spec, vocab_size)) or _word_tokenizer())
+                           load_tokenizer=lambda spec, vocab_size: loaded.append((spec, vocab_size)) or _word_tokenizer(),
+                           tokenizer_from_files=lambda files: pytest.fail("this checkpoint saved no files"))
     monkeypatch.setitem(sys.modules, "jaxllm.data", fake)
     ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
     result = export_hf(ckpt)
@@ -367,14 +371,54 @@ def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monk
     assert tok("the cat sat")["input_ids"] == [1, 2, 3]
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == 0
 
-    # The way back records the directory's tokenizer.json in the checkpoint's metadata, as an
-    # absolute path even when the directory was given relative to the working directory.
+    # The way back records the directory in the checkpoint's metadata, as an absolute path even
+    # when the directory was given relative to the working directory, and saves its files.
+    monkeypatch.setitem(sys.modules, "jaxllm.data", real_data)
     monkeypatch.chdir(os.path.dirname(result.out_dir))
     back = import_hf(os.path.basename(result.out_dir), tmp_path / "back")
-    assert os.path.isabs(result.out_dir) and back.tokenizer == result.out_dir
-    mngr = checkpoint.manager(back.out_dir, read_only=True)
-    assert checkpoint.read_meta(mngr, 0)["tokenizer"] == back.tokenizer
+    assert os.path.isabs(result.out_dir) and back.tokenizer == result.out_dir and back.notes == []
+    with checkpoint.reading(back.out_dir) as mngr:
+        assert checkpoint.read_meta(mngr, 0)["tokenizer"] == back.tokenizer
+        files = checkpoint.read_tokenizer_files(mngr, 0)
+    assert json.loads(files["tokenizer_config.json"])["eos_token"] == "<|endoftext|>"
+    assert real_data.tokenizer_from_files(files)("the cat sat")["input_ids"] == [1, 2, 3]
+
+
+def test_a_checkpoint_keeps_its_tokenizer_when_the_source_is_gone(parity, tmp_path):
+    """A checkpoint saves its tokenizer's files: a copy on another machine, where the local path
+    (or Hub id) it was trained with does not exist, still exports it, both ways."""
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxllm import data
+
+    source = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(), eos_token="<|endoftext|>").save_pretrained(source)
+    files = data.tokenizer_files(data.load_tokenizer(str(source)))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    mngr = checkpoint.manager(tmp_path / "ckpt")
+    checkpoint.save(mngr, STEP, weights=checkpoint.split_weights(parity.model), config=TINY,
+                    tokenizer=str(source), tokenizer_files=files)
+    mngr.wait_until_finished()
     mngr.close()
+    shutil.rmtree(source)
+    with pytest.raises(ValueError, match="no such file"):
+        data.load_tokenizer(str(source))  # what the metadata names is gone
+
+    result = export_hf(tmp_path / "ckpt")
+    assert result.notes == [] and result.tokenizer == str(source)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(result.out_dir)
+    assert tok("the cat sat")["input_ids"] == [1, 2, 3] and tok.eos_token == "<|endoftext|>"
+    back = import_hf(result.out_dir, tmp_path / "back")
+    shutil.rmtree(result.out_dir)
+    with checkpoint.reading(back.out_dir) as mngr:
+        again = data.tokenizer_from_files(checkpoint.read_tokenizer_files(mngr, 0), TINY)
+    assert again("the cat sat")["input_ids"] == [1, 2, 3] and again.eos_token == "<|endoftext|>"
+    # A checkpoint without saved files (written before they were) reads as None.
+    _save_flax(parity.model, TINY, tmp_path / "old", tokenizer="words-v1")
+    with checkpoint.reading(tmp_path / "old") as mngr:
+        assert checkpoint.read_tokenizer_files(mngr, STEP) is None
 
 
 def test_embedded_tokenizer_of_a_small_vocabulary_is_exported(parity, tmp_path, monkeypatch):

@@ -276,19 +276,25 @@ def script():
 
 @pytest.fixture(scope="module")
 def checkpoints(pair, tokenizer_json, tmp_path_factory):
-    """The tiny model as an Orbax checkpoint (recording the tokenizer) and as a Hugging Face
+    """The tiny model as an Orbax checkpoint (recording the tokenizer), as one copied to a machine
+    without the tokenizer it records (only the tokenizer files it saved), and as a Hugging Face
     directory (with its tokenizer.json)."""
-    from jaxllm import checkpoint
+    from jaxllm import checkpoint, data
 
     jm, tm = pair
     orbax_dir = tmp_path_factory.mktemp("ckpt") / "ckpt"
     mngr = checkpoint.manager(orbax_dir)
     checkpoint.save(mngr, 0, weights=checkpoint.split_weights(jm), config=TINY, tokenizer=str(tokenizer_json))
     mngr.wait_until_finished()
+    moved = tmp_path_factory.mktemp("moved") / "ckpt"
+    mngr = checkpoint.manager(moved)
+    checkpoint.save(mngr, 0, weights=checkpoint.split_weights(jm), config=TINY, tokenizer=str(moved / "gone.json"),
+                    tokenizer_files=data.tokenizer_files(data.load_tokenizer(str(tokenizer_json))))
+    mngr.wait_until_finished()
     hf_dir = tmp_path_factory.mktemp("hf") / "hf"
     tm.save_pretrained(hf_dir)
     shutil.copy(tokenizer_json, hf_dir / "tokenizer.json")
-    return {"orbax": str(orbax_dir), "hf": str(hf_dir)}
+    return {"orbax": str(orbax_dir), "moved": str(moved), "hf": str(hf_dir)}
 
 
 class Writes:
@@ -314,7 +320,7 @@ def test_script_streams_the_same_text_from_both_checkpoint_kinds_in_both_framewo
     expected = generate(jm, [tok.encode(prompt)], max_new_tokens=12, on_token=lambda *a: None)
     n = expected.lengths[0]
     want = prompt + tok.decode(expected.tokens[0, :n], skip_special_tokens=True) + "\n"
-    for kind, framework in [("orbax", "jax"), ("hf", "jax"), ("orbax", "torch"), ("hf", "torch")]:
+    for kind, framework in [("orbax", "jax"), ("hf", "jax"), ("moved", "jax"), ("orbax", "torch"), ("hf", "torch")]:
         out = Writes()
         args = script.parse_args(["--checkpoint", checkpoints[kind], "--prompt", prompt, "--max-new-tokens", "12",
                                   "--framework", framework])
@@ -393,7 +399,7 @@ def test_script_refuses_a_hugging_face_directory_whose_weights_do_not_fit_its_co
     # A checkpoint that names no tokenizer, for a vocabulary the embedded tokenizer is not: refused.
     from jaxllm.config import LLMConfig
 
-    monkeypatch.setattr(script, "checkpoint_info", lambda path, kind: (LLMConfig.from_preset("seed-973m"), None))
+    monkeypatch.setattr(script, "checkpoint_info", lambda path, kind: (LLMConfig.from_preset("seed-973m"), None, None))
     assert script.main(["--checkpoint", checkpoints["hf"], "--prompt", "the", "--framework", framework]) == 2
     assert "names no tokenizer" in capsys.readouterr().err
 

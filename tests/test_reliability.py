@@ -271,6 +271,65 @@ def trained_ckpt(tmp_path_factory):
     return ckpt
 
 
+def test_each_checkpoint_step_saves_the_run_s_tokenizer(trained_ckpt):
+    from jaxllm import checkpoint, data
+    from jaxllm.config import LLMConfig
+
+    with checkpoint.reading(trained_ckpt) as mngr:
+        step = checkpoint.resolve_step(mngr, None)
+        meta, files = checkpoint.read_meta(mngr, step), checkpoint.read_tokenizer_files(mngr, step)
+    config = LLMConfig.from_dict(meta["config"])
+    saved, used = data.tokenizer_from_files(files, config), data.model_tokenizer(meta["tokenizer"], config)
+    text = "Once upon a time, 42 cats sat on the mat."
+    assert saved(text)["input_ids"] == used(text)["input_ids"] and len(saved) == len(used) == config.vocab_size
+    assert saved.eos_token_id == used.eos_token_id == config.eos_token_id
+    import jaxllm
+
+    assert jaxllm.load_tokenizer(trained_ckpt)(text)["input_ids"] == used(text)["input_ids"]
+
+
+def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt, tmp_path, capsys):
+    """Without --tokenizer, --init-from takes the starting checkpoint's saved tokenizer (here one
+    whose recorded path is gone, as on another machine), and the new run saves it in turn."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import jaxllm
+    from jaxllm import checkpoint, data
+
+    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    files = data.tokenizer_files(PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>"))
+    model, config = jaxllm.load(trained_ckpt)
+    mngr = checkpoint.manager(tmp_path / "start")
+    checkpoint.save(mngr, 0, weights=checkpoint.split_weights(model), config=config,
+                    tokenizer=str(tmp_path / "gone"), tokenizer_files=files)
+    mngr.wait_until_finished()
+    mngr.close()
+    capsys.readouterr()
+    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--steps", "1",
+                                  "--init-from", str(tmp_path / "start")]) == 0
+    assert "with its tokenizer" in capsys.readouterr().out
+    with checkpoint.reading(tmp_path / "run") as mngr:
+        meta, saved = checkpoint.read_meta(mngr, 1), checkpoint.read_tokenizer_files(mngr, 1)
+    assert meta["tokenizer"] == meta["data"]["source"]["tokenizer"] == str(tmp_path / "gone")
+    assert json.loads(saved["tokenizer.json"])["model"]["vocab"] == json.loads(files["tokenizer.json"])["model"]["vocab"]
+    # --tokenizer still wins.
+    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run2"), "--steps", "1",
+                                  "--init-from", str(tmp_path / "start"), "--tokenizer", "embedded"]) == 0
+    with checkpoint.reading(tmp_path / "run2") as mngr:
+        assert checkpoint.read_meta(mngr, 1)["tokenizer"].startswith("embedded:")
+
+
+def train_jax_main(argv):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    return train_jax.main(argv)
+
+
 def test_checkpoint_of_another_model_is_refused_and_kept(trained_ckpt, tmp_path, capsys):
     ckpt = tmp_path / "ck"
     shutil.copytree(trained_ckpt, ckpt)
@@ -324,7 +383,7 @@ def test_readers_leave_a_save_in_progress_alone(trained_ckpt, tmp_path):
         import generate
     finally:
         sys.path.pop(0)
-    config, _ = generate.checkpoint_info(str(ckpt), "orbax")
+    config, _, _ = generate.checkpoint_info(str(ckpt), "orbax")
     assert jaxllm.load(ckpt)[1] == config and checkpoint.latest_step(ckpt) == 1
     read_flax_checkpoint(str(ckpt), None)
     assert in_progress.is_dir()

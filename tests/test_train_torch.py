@@ -219,6 +219,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
     out = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run"), init_from=source, steps=1, save_every=1,
                                   max_new_tokens=0), dtype="float32")
     assert out["start_step"] == 0 and out["end_step"] == 1
+    assert os.path.samefile(out["tokenizer"].name_or_path, source)  # no --tokenizer: the directory's own
     a = load_file(os.path.join(source, "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
     for k in a:  # step 1 has learning rate 0 (warm-up): only the router biases moved

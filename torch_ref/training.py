@@ -500,9 +500,12 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     elif rc.init_from:
         _check_saved_config(rc.init_from, config, "--init-from")
 
-    tokenizer = data_lib.model_tokenizer(rc.tokenizer, config)
+    # Without --tokenizer, training from a Hugging Face directory uses the directory's own.
+    has_tokenizer = bool(rc.init_from) and os.path.isfile(os.path.join(rc.init_from, "tokenizer.json"))
+    tokenizer, tokenizer_spec = data_lib.run_tokenizer(
+        rc, config, (os.path.abspath(rc.init_from), None) if has_tokenizer else (None, None))
     check_prompts(rc, tokenizer, config.max_position_embeddings)
-    data_cfg, source = data_lib.run_stream(rc, config)
+    data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
     data_state = read_data_state(last[0], rank, world, source) if last else None
     # Opened before anything else: a dataset that cannot be read fails before a file is written.
     dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
@@ -514,7 +517,8 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     set_seed(rc.seed)  # the initial weights; the Trainer seeds again for dropout
     if rc.init_from and not last:
         model = CustomLLM.from_pretrained(rc.init_from, dtype=torch.float32)
-        _log(f"starting from the weights in {rc.init_from}", rank)
+        _log(f"starting from the weights in {rc.init_from}"
+             + (" with its tokenizer" if rc.tokenizer is None and has_tokenizer else ""), rank)
     else:
         model = CustomLLM(CustomLLMConfig.from_llm_config(config))
     if not rc.dropout:
