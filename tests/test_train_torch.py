@@ -111,6 +111,60 @@ def test_schedule_equals_jax_warmup_cosine(tmp_path, warmup, total):
     np.testing.assert_allclose(hf, [float(jx(s)) for s in range(total)], rtol=0, atol=1e-6 * 1e-3)
 
 
+# ---- the model under a stock transformers.Trainer ---------------------------------------------
+def _stock_trainer(tmp_path, rows, *, batch, grad_accum=1, callbacks=(), **config):
+    """A plain `Trainer` (no CustomLLMTrainer) for one step at learning rate 0, without clipping,
+    on the fixed `rows`, with a fresh seeded tiny model without dropout."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    llm = LLMConfig.from_preset("tiny", vocab_size=TINY.vocab_size, embedding_dropout=0.0, **config)
+    model = CustomLLM(CustomLLMConfig.from_llm_config(llm))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=batch, per_device_eval_batch_size=len(rows),
+                             gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=0.0,
+                             max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True)
+    data = [{"input_ids": torch.from_numpy(r), "labels": torch.from_numpy(r)} for r in rows]
+    return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=list(callbacks))
+
+
+def test_a_stock_trainer_gets_the_models_own_loss(tmp_path):
+    """`CustomLLM.loss_type` tells the Trainer the loss is a shifted causal-LM loss, so its
+    `num_items_in_batch` counts `labels[:, 1:]`, the tokens the model divides by (not all T)."""
+    rows = np.random.RandomState(0).randint(0, TINY.vocab_size, (8, 16))
+    tr = _stock_trainer(tmp_path, rows, batch=8)
+    x = torch.from_numpy(rows)
+    with torch.no_grad():
+        want = tr.model(x, labels=x).loss.item()
+    eval_loss = tr.evaluate()["eval_loss"]
+    tr.train()
+    train_loss = tr.state.log_history[0]["loss"]
+    print(f"model {want:.6f}  eval_loss {eval_loss:.6f}  logged training loss {train_loss:.6f}")
+    assert eval_loss == pytest.approx(want, rel=1e-6)
+    assert train_loss == pytest.approx(want, rel=1e-6)
+
+
+def test_a_stock_trainer_counts_the_balance_loss_once_per_step_under_accumulation(tmp_path):
+    """With `num_items_in_batch` each micro-batch's balance loss is weighted by its share of the
+    step's tokens: 8 rows as 8x1, 4x2 or 2x4 (batch x accumulation) give the same gradient."""
+    from transformers import TrainerCallback
+
+    rows = np.random.RandomState(0).randint(0, TINY.vocab_size, (8, 16))
+    grads = {}
+
+    class RouterGrads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads[args.gradient_accumulation_steps] = torch.stack(
+                [layer.mlp.moe.router.weight.grad.clone() for layer in model.decoder_layers])
+
+    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+        _stock_trainer(tmp_path, rows, batch=batch, grad_accum=accum, callbacks=[RouterGrads()],
+                       router_aux_loss_coef=1.0).train()
+    print({a: round(g.norm().item(), 6) for a, g in grads.items()})
+    for accum in (2, 4):
+        torch.testing.assert_close(grads[accum], grads[1], rtol=1e-5, atol=1e-7)
+
+
 # ---- the data stream -------------------------------------------------------------------------
 def test_stream_dataset_is_the_shared_packing_per_process_and_resumes_exactly():
     tok = data_lib.load_tokenizer(None)
@@ -275,6 +329,63 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     args, rc = train_torch.parse_args(["--recipe", "seed", "--steps", "7"])
     assert rc.preset == "seed-973m" and rc.grad_accum == 8 and rc.steps == 7 and rc.lr == 2e-5
     assert train_torch.parse_args([])[1].ckpt_dir == "ckpt-torch"
+
+
+def test_metrics_record_the_logging_steps_own_loss(tmp_path):
+    """As on the JAX side, a record of metrics.jsonl holds its step's loss and parts, whatever
+    --log-every (the Trainer's console loss is a mean since the last log)."""
+    kw = dict(steps=6, save_every=6, keep=1, max_new_tokens=0, dropout=False)
+    records = {}
+    for every in (1, 3):
+        (tmp_path / str(every)).mkdir()
+        rc = _rc(tmp_path / str(every), log_every=every, **kw)
+        run(rc, dtype="float32")
+        with open(os.path.join(rc.ckpt_dir, "metrics.jsonl")) as f:
+            records[every] = {r["step"]: r for r in map(json.loads, f)}
+    assert sorted(records[3]) == [1, 3, 6]
+    keys = ("loss", "lm_loss", "aux_loss")
+    for step in (3, 6):
+        sparse, each = records[3][step], records[1][step]
+        print(step, {k: (sparse[k], each[k]) for k in keys})
+        assert [sparse[k] for k in keys] == [each[k] for k in keys]
+
+
+def test_the_data_position_is_saved_before_the_trainer_state(tmp_path, monkeypatch):
+    """The Trainer's save writes trainer_state.json (a resumable checkpoint) and rotates old ones:
+    the data position must already be there, or a crash in between loses it."""
+    from transformers import Trainer
+
+    seen = []
+    save = Trainer._save_checkpoint
+
+    def checked_save(self, model, trial):
+        ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        seen.append((self.state.global_step, os.path.isfile(os.path.join(ckpt, "data_state.rank0.json"))))
+        save(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", checked_save)
+    run(_rc(tmp_path, steps=2, save_every=1, grad_accum=1, max_new_tokens=0), dtype="float32")
+    assert seen == [(1, True), (2, True)]
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, capsys):
+    from torch_ref.training import latest_checkpoint
+
+    def checkpoint(step, *names):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir(exist_ok=True)
+        for name in names:
+            (path / name).write_text(json.dumps({"process_count": 2, "state": None}))
+
+    checkpoint(2, "trainer_state.json", "data_state.rank0.json", "data_state.rank1.json")
+    checkpoint(4, "trainer_state.json", "data_state.rank0.json")  # process 1 had not written its position
+    checkpoint(6, "data_state.rank0.json", "data_state.rank1.json")  # no trainer state yet
+    assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-2"), 2)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "checkpoint-6 lacks trainer_state.json" in err[0], err
+    assert "checkpoint-4 lacks data_state.rank1.json" in err[1], err
+    checkpoint(4, "data_state.rank1.json")
+    assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-4"), 4)
 
 
 # ---- the cross-framework check ----------------------------------------------------------------

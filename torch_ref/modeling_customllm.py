@@ -272,7 +272,8 @@ class CustomLLMPreTrainedModel(PreTrainedModel):
 class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
     """CustomLLM: learned position + token embeddings, MLA + DeepSeekMoE decoder layers, no final
     norm, an untied `lm_head` with bias. `forward(input_ids, labels=input_ids)` gives the shifted
-    causal-LM loss plus `router_aux_loss_coef` x the balance loss."""
+    causal-LM loss plus `router_aux_loss_coef` x the balance loss (given a Trainer's
+    `num_items_in_batch`, both as this micro-batch's part of the optimizer step's loss)."""
 
     def __init__(self, config: CustomLLMConfig):
         super().__init__(config)
@@ -283,6 +284,10 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         self.decoder_layers = nn.ModuleList([DecoderLayer(c, i) for i in range(c.num_hidden_layers)])
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=c.lm_head_bias)
         self.post_init()
+        # transformers derives `loss_type` from the class name and finds none for "CustomLLM"; a
+        # `Trainer` then counts `num_items_in_batch` over every label instead of the shifted
+        # `labels[..., 1:]` this loss divides by (loss and gradients scaled by (T-1)/T).
+        self.loss_type = "ForCausalLM"
 
     @classmethod
     def from_state_dict(cls, config: CustomLLMConfig, state_dict: dict[str, torch.Tensor]) -> "CustomLLM":
@@ -361,11 +366,16 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
             ce_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-            denom = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
+            n_valid = (shift_labels != -100).sum()
+            denom = num_items_in_batch if num_items_in_batch is not None else n_valid
             if isinstance(denom, torch.Tensor):
                 denom = denom.to(ce_sum.device)
             lm_loss = ce_sum / denom
-            loss = lm_loss + self.config.router_aux_loss_coef * aux_total
+            # `num_items_in_batch` (a Trainer's token count of the whole optimizer step, over its
+            # micro-batches and processes) makes this micro-batch one part of the step's loss: its
+            # balance loss is weighted by its share of the step's tokens, so that the step sums to
+            # their token-weighted mean instead of one full balance loss per micro-batch.
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_total * (n_valid / denom)
         return CustomLLMOutput(
             loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None},
             aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))

@@ -15,8 +15,8 @@ trainer (`jaxllm/train.py`) on the same batches:
 - `RouterBiasCallback`: after every optimizer step, the expert counts of the step (every
   micro-batch, all-reduced over processes) update `router_bias` (auxiliary-loss-free balancing).
 - `MPSCallback`, `TextGenerationCallback`, `MetricsCallback` (`metrics.jsonl` as the JAX side
-  writes it), `DataStateCallback` (the data position saved into every checkpoint, so a resumed
-  run continues the stream exactly where it stopped).
+  writes it), `DataStateSaver` (the data position saved into every checkpoint, before the rest of
+  it, so a resumed run continues the stream exactly where it stopped).
 - `run(rc)`: the whole run from a `jaxllm.recipes.RunConfig` (the settings both scripts share),
   with automatic resume from the latest `checkpoint-*` of the output directory.
 
@@ -139,13 +139,12 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 class RouterBiasCallback(TrainerCallback):
     """Auxiliary-loss-free balancing: `CustomLLMTrainer.compute_loss` adds each micro-batch's
     `expert_counts` ([layers, experts]); after the optimizer step their sum over the step (and over
-    processes) goes to `model.update_router_bias`. Also keeps the step's loss parts for logging."""
+    processes) goes to `model.update_router_bias`. Also keeps the last step's loss parts for logging."""
 
     def __init__(self):
         self._counts = None  # this step, this process
         self._lm = self._aux = 0.0  # this step, this process (already normalised by the step)
-        self._window = None  # [lm, aux] summed over the optimizer steps since the last log
-        self._window_steps = 0
+        self._last = None  # [lm, aux] of the last optimizer step, this process
         self.last_counts = None  # the last step's global counts
 
     def add(self, expert_counts: torch.Tensor, lm_part: torch.Tensor, aux_part: torch.Tensor) -> None:
@@ -160,20 +159,19 @@ class RouterBiasCallback(TrainerCallback):
         counts = _all_reduce_sum(self._counts)
         model.update_router_bias(counts)
         self.last_counts = counts
-        parts = torch.stack([torch.as_tensor(self._lm), torch.as_tensor(self._aux)]).to(counts.device)
-        self._window = parts if self._window is None else self._window + parts
-        self._window_steps += 1
+        self._last = torch.stack([torch.as_tensor(self._lm), torch.as_tensor(self._aux)]).to(counts.device)
         self._counts, self._lm, self._aux = None, 0.0, 0.0
 
-    def pop_window(self) -> dict[str, Any]:
-        """Mean `lm_loss` / `aux_loss` over the steps since the last call (summed over processes:
-        every process holds its part of the step's normalised sums), and the last step's
-        per-layer min / max expert load. Collective under torch.distributed: call on every rank."""
-        if self._window is None:
+    def pop_last(self) -> dict[str, Any]:
+        """The last optimizer step's `lm_loss` / `aux_loss` (summed over processes: every process
+        holds its part of the step's normalised sums) and per-layer min / max expert load, as the
+        JAX trainer logs them; {} when no step was taken since the last call. Collective under
+        torch.distributed (reduced here, at log time only): call on every rank."""
+        if self._last is None:
             return {}
-        lm, aux = (_all_reduce_sum(self._window.clone()) / self._window_steps).tolist()
+        lm, aux = _all_reduce_sum(self._last.clone()).tolist()
         load = self.last_counts.float() / self.last_counts.sum(-1, keepdim=True).clamp(min=1)
-        self._window, self._window_steps = None, 0
+        self._last = None
         return {"lm_loss": lm, "aux_loss": aux, "expert_load_min": load.min(-1).values.tolist(),
                 "expert_load_max": load.max(-1).values.tolist()}
 
@@ -258,9 +256,12 @@ class TextGenerationCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Writes every training log to `metrics.jsonl` with the JAX side's keys (`step`, `loss`,
-    `lm_loss`, `aux_loss`, `lr`, `grad_norm`, `tokens_per_sec`, `step_time_s`, expert loads) through
-    `jaxllm.metrics.MetricsWriter`, and keeps the records (`records`) on process 0."""
+    """Writes every training log of a `CustomLLMTrainer` to `metrics.jsonl` with the JAX side's keys
+    and meaning (`step`, `loss`, `lm_loss`, `aux_loss`, `lr`, `grad_norm`, `tokens_per_sec`,
+    `step_time_s`, expert loads) through `jaxllm.metrics.MetricsWriter`, and keeps the records
+    (`records`) on process 0. `loss`, `lm_loss` and `aux_loss` are the logging step's own (`loss` =
+    `lm_loss + router_aux_loss_coef * aux_loss`); the Trainer's console `loss` stays its mean over
+    the steps since the last log. Throughput and step time are means since the last log."""
 
     def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True):
         from jaxllm.metrics import MetricsWriter
@@ -277,13 +278,14 @@ class MetricsCallback(TrainerCallback):
         if state.global_step == state.max_steps:  # the last step is logged too, as on the JAX side
             control.should_log = True
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
         steps = max(state.global_step - self._step, 1)
         dt = now - self._t
-        rec = {"step": state.global_step, "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0)),
+        loss = logs["lm_loss"] + model.config.router_aux_loss_coef * logs["aux_loss"]
+        rec = {"step": state.global_step, "loss": loss, "lr": float(logs.get("learning_rate", 0.0)),
                "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
                "tokens_per_sec": steps * self.tokens_per_step / dt if dt > 0 else 0.0, "step_time_s": dt / steps}
         rec.update({k: logs[k] for k in ("lm_loss", "aux_loss", "expert_load_min", "expert_load_max") if k in logs})
@@ -297,16 +299,16 @@ class MetricsCallback(TrainerCallback):
             self.writer.close()
 
 
-class DataStateCallback(TrainerCallback):
-    """Saves the data position of this process into every checkpoint
+class DataStateSaver:
+    """Saves the data position of this process into a checkpoint
     (`checkpoint-N/data_state.rank{i}.json`), so that a resumed run reads the batches that the
-    interrupted one would have read next."""
+    interrupted one would have read next. Called by `CustomLLMTrainer._save_checkpoint` before the
+    Trainer's own save: a checkpoint with a trainer state always has its data position."""
 
     def __init__(self, dataset: StreamDataset, source: dict | None = None):
         self.dataset, self.source = dataset, source  # source: `jaxllm.data.stream_source`, checked on resume
 
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    def save(self, ckpt: str) -> None:
         os.makedirs(ckpt, exist_ok=True)
         record = {"process_count": self.dataset.process_count, "state": self.dataset.state_dict(),
                   "source": self.source}
@@ -347,16 +349,17 @@ class CustomLLMTrainer(Trainer):
         loss = P * (ce_sum / S_tok + router_aux_loss_coef * aux_sum / S_seq)
     (P because DDP averages the gradients over processes). Summed over the step's micro-batches and
     processes that is `jaxllm.train`'s `ce / n_tokens + coef * aux / n_seqs`. S_tok is the Trainer's
-    `num_items_in_batch`; it counts `labels[:, 1:]` only because the model is declared a causal-LM
-    loss (`loss_type = "ForCausalLM"`: CustomLLM's class name is not one the Trainer recognises)."""
+    `num_items_in_batch`; it counts `labels[:, 1:]` because the model declares a causal-LM loss
+    (`CustomLLM.loss_type`).
+
+    `data_state` (a `DataStateSaver`) writes this process's data position into each checkpoint
+    before the Trainer saves it (`_save_checkpoint`)."""
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, callbacks=None, **kwargs):
+    def __init__(self, *args, callbacks=None, data_state: DataStateSaver | None = None, **kwargs):
         self.router_bias_callback = RouterBiasCallback()
-        model = kwargs.get("model", args[0] if args else None)
-        if getattr(model, "loss_type", None) is None:
-            model.loss_type = "ForCausalLM"
+        self.data_state = data_state
         super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(), *(callbacks or [])],
                          **kwargs)
 
@@ -385,8 +388,19 @@ class CustomLLMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            logs = {**logs, **self.router_bias_callback.pop_window()}
+            logs = {**logs, **self.router_bias_callback.pop_last()}
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Every process's data position goes in first (hence the barrier): the Trainer's save then
+        # writes trainer_state.json, which makes the checkpoint resumable, and deletes older
+        # checkpoints. Written after, a crash in between would leave a checkpoint that resumes the
+        # weights but restarts the data stream.
+        if self.data_state is not None:
+            self.data_state.save(os.path.join(self._get_output_dir(trial=trial),
+                                              f"checkpoint-{self.state.global_step}"))
+            self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
 
 
 # ---- settings -> TrainingArguments ------------------------------------------------------------
@@ -435,17 +449,34 @@ def model_config(rc: RunConfig) -> LLMConfig:
     return LLMConfig.from_json_file(rc.config) if rc.config else LLMConfig.from_preset(rc.preset)
 
 
+def _missing_from_checkpoint(path: str) -> str | None:
+    """The first file that a resumable checkpoint needs and `path` lacks: its trainer state, or the
+    data position of a process (rank 0's records how many processes wrote one); None if complete."""
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return "trainer_state.json"
+    try:
+        with open(os.path.join(path, _data_state_name(0))) as f:
+            count = int(json.load(f)["process_count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return _data_state_name(0)
+    return next((n for n in map(_data_state_name, range(1, count))
+                 if not os.path.isfile(os.path.join(path, n))), None)
+
+
 def latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
-    """(path, step) of the highest `checkpoint-N` in `output_dir` that holds a trainer state."""
+    """(path, step) of the highest complete `checkpoint-N` in `output_dir` (`_missing_from_checkpoint`).
+    A higher incomplete one (a crash while it was being saved) is skipped with a warning on stderr."""
     found = []
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
         m = CHECKPOINT_RE.match(os.path.basename(path))
-        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if m:
             found.append((int(m.group(1)), path))
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
+    for step, path in sorted(found, reverse=True):
+        missing = _missing_from_checkpoint(path)
+        if missing is None:
+            return path, step
+        print(f"warning: {path} lacks {missing} (an interrupted save); not resuming from it", file=sys.stderr)
+    return None
 
 
 def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
@@ -530,7 +561,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[metrics, DataStateCallback(dataset, source), MPSCallback(), generation])
+        callbacks=[metrics, MPSCallback(), generation], data_state=DataStateSaver(dataset, source))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
