@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
@@ -39,7 +40,35 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         return False
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"--num-processes must be positive, got {num_processes}")
+    if coordinator is not None:
+        check_coordinator(coordinator)
+    if heartbeat_timeout < 1:
+        raise ValueError(f"--heartbeat-timeout must be at least 1 second, got {heartbeat_timeout}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout)
     return True
+
+
+def check_coordinator(address: str) -> None:
+    """ValueError unless `address` is HOST:PORT with a port in 1-65535 (JAX would raise an
+    IndexError, or wait for a coordinator that cannot exist)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--coordinator must be HOST:PORT (a port in 1-65535), got {address!r}")
+
+
+def raise_if_any_failed(error: Exception | None, what: str) -> None:
+    """Collective over processes (every process must call it): raise `error` where it happened,
+    and a ValueError naming the failed processes everywhere else. An input that fails on some
+    processes only (a file missing on one host, an empty data share) then ends every process
+    with its one-line error, instead of leaving the others waiting in the next collective."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+        if error is None and failed.any():
+            others = ", ".join(str(i) for i in np.flatnonzero(failed))
+            raise ValueError(f"{what} failed in process(es) {others} of {jax.process_count()} (see their error)")
+    if error is not None:
+        raise error

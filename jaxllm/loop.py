@@ -23,6 +23,7 @@ from jaxllm import hostmem
 from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.config import LLMConfig, count_params
+from jaxllm.distributed import raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
@@ -132,9 +133,13 @@ def run(rc: RunConfig) -> dict:
         state = trainer.init_state()
     start = int(state["step"])
 
-    data = data_lib.PackedBatches(data_cfg, tokenizer, rows=trainer.rows_per_process(),
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  state=data_state)
+    try:  # each process opens its own share: agree that all of them could before going on
+        data, error = data_lib.PackedBatches(data_cfg, tokenizer, rows=trainer.rows_per_process(),
+                                             process_index=jax.process_index(), process_count=jax.process_count(),
+                                             state=data_state), None
+    except (ValueError, OSError) as e:
+        data, error = None, e
+    raise_if_any_failed(error, "opening the data")
     if mngr is None:
         mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
 
@@ -158,6 +163,8 @@ def run(rc: RunConfig) -> dict:
     log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = "
         f"{tokens_per_step} tokens per step, {rc.dtype}, remat {trainer.model_kw['remat']}, "
         f"checkpoints in {ckpt_dir}")
+    if start >= rc.steps:
+        log(f"the checkpoint is at step {start} >= --steps {rc.steps}: nothing to train (raise --steps to go on)")
 
     if jax.process_index() == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)
@@ -291,8 +298,9 @@ def select_data_state(saved: dict | None) -> dict | None:
     if not saved or "states" not in saved:
         return None
     if saved["process_count"] != jax.process_count():
-        log(f"warning: the data position was saved by {saved['process_count']} process(es) and this run has "
-            f"{jax.process_count()}; the data stream restarts from its beginning")
+        if jax.process_index() == 0:
+            print(f"warning: the data position was saved by {saved['process_count']} process(es) and this run has "
+                  f"{jax.process_count()}; the data stream restarts from its beginning", file=sys.stderr, flush=True)
         return None
     return saved["states"][jax.process_index()]
 
@@ -304,6 +312,9 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
+    if not any(os.path.isdir(os.path.join(str(mngr.directory), str(s), "train_state")) for s in steps):
+        raise ValueError(f"{mngr.directory} holds weights only (no optimizer state; a converted checkpoint?): "
+                         f"to train from them, pass it as --init-from with a new --ckpt-dir")
     error, unreadable = None, []
     for step in steps:
         try:
@@ -311,7 +322,7 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
         except ckpt_lib.CheckpointError as e:
             error = e
             unreadable.append(step)
-            if jax.process_index() == 0:
+            if jax.process_index() == 0 and step != steps[-1]:
                 print(f"warning: cannot use checkpoint step {step} ({e}); trying an earlier one", file=sys.stderr)
             continue
         _set_aside(mngr, unreadable)

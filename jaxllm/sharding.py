@@ -50,12 +50,15 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
     if not spec:
         sizes["data"] = n_devices
         return sizes
-    free = None
+    free, seen = None, set()
     for part in spec.split(","):
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in MESH_AXES:
             raise ValueError(f"--mesh: expected axis=size with axes {', '.join(MESH_AXES)}, got {part!r}")
+        if name in seen:
+            raise ValueError(f"--mesh: axis {name!r} is given twice in {spec!r}")
+        seen.add(name)
         try:
             size = int(value)
         except ValueError:
@@ -130,7 +133,8 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     n = data_parallel_size(mesh)
     if batch_size % n:
         raise ValueError(f"batch size {batch_size} cannot be divided over the mesh's {n} batch shards "
-                         f"({dict(mesh.shape)}); use a multiple of {n}")
+                         f"({dict(mesh.shape)}); use a multiple of {n} (--batch-size is global: for the same "
+                         f"sequences per step, raise it and lower --grad-accum)")
 
 
 def check_mesh(mesh: Mesh, *, hidden_size: int, num_routed_experts: int) -> None:

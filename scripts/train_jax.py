@@ -53,6 +53,7 @@ def parse_args(argv=None):
     a("--heartbeat-timeout", type=int, default=100,
       help="multi-host: seconds without a heartbeat before a lost process fails the others (default 100)")
     args = p.parse_args(argv)
+    cli.check_at_least(p, args, heartbeat_timeout=1, num_processes=1, process_id=0)
     return args, cli.run_config(args, d)
 
 
@@ -68,7 +69,15 @@ def main(argv=None) -> int:
 
         summary = run(rc)
     except (ValueError, OSError) as e:
-        print(f"train_jax.py: error: {e}", file=sys.stderr)
+        print(f"train_jax.py: error: {e}", file=sys.stderr, flush=True)
+        import jax
+
+        if jax.process_count() > 1:
+            # Skip JAX's shutdown barrier: a process still inside a collective would never reach
+            # it, and both would wait minutes and abort. Gone, this process fails the others
+            # within --heartbeat-timeout.
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except RuntimeError as e:  # a non-finite loss, or a lost peer process
         import jax

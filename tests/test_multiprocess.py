@@ -114,6 +114,25 @@ def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
     assert waited < 60
 
 
+def test_data_that_fails_on_one_process_ends_every_process_with_exit_2(tmp_path):
+    """One document: process 1's share of the data is empty. Process 0 could open its share and
+    would wait in the next collective for process 1 (until JAX's shutdown barrier gave up after
+    minutes and aborted both): the processes agree first, and both exit 2 with one line."""
+    import json
+
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "just one document here"}) + "\n")
+    started = time.time()
+    procs = _launch(2, 2, ["--steps", "2", "--ckpt-dir", str(tmp_path / "ck"), "--dataset", str(tmp_path / "one.jsonl")])
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    took = time.time() - started
+    print(f"both ended in {took:.1f} s:", *[o.strip().splitlines()[-1] for o in outs], sep="\n")
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    assert "train_jax.py: error: opening the data failed in process(es) 1 of 2" in outs[0], outs[0][-2000:]
+    assert "train_jax.py: error:" in outs[1] and "process 1 of 2" in outs[1], outs[1][-2000:]
+    assert took < 120
+    assert not any(d.isdigit() for d in os.listdir(tmp_path / "ck")) if (tmp_path / "ck").exists() else True
+
+
 def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_one_process(tmp_path):
     """The save is collective: a signal to one process must stop every process at the same step
     (each would otherwise wait for the others inside a different collective). The checkpoint then

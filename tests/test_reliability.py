@@ -237,6 +237,10 @@ BAD_INPUTS = [
     ("output directory that is a file", ["--ckpt-dir", "{tmp}/a_file"], "not a directory"),
     ("unknown preset", ["--preset", "huge"], "huge"),
     ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
+    ("mesh axis given twice", ["--mesh", "data=4,data=2"], "given twice"),
+    ("heartbeat timeout of zero", ["--heartbeat-timeout", "0"], "--heartbeat-timeout must be at least 1"),
+    ("coordinator without a port", ["--coordinator", "notahost", "--num-processes", "1", "--process-id", "0"],
+     "HOST:PORT"),
     ("expert axis that does not divide the experts", ["--mesh", "expert=2,data=4"], "expert=2 does not divide"),
     ("unknown remat policy", ["--remat", "some"], "remat"),
     ("cuDNN attention without a GPU", ["--attn-impl", "cudnn", "--dtype", "bfloat16"], "needs an NVIDIA GPU"),
@@ -314,6 +318,9 @@ def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt,
         meta, saved = checkpoint.read_meta(mngr, 1), checkpoint.read_tokenizer_files(mngr, 1)
     assert meta["tokenizer"] == meta["data"]["source"]["tokenizer"] == str(tmp_path / "gone")
     assert json.loads(saved["tokenizer.json"])["model"]["vocab"] == json.loads(files["tokenizer.json"])["model"]["vocab"]
+    # Weights only (no optimizer state) cannot be resumed: the error says to pass them as --init-from.
+    code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "start")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "pass it as --init-from" in err, err
     # --tokenizer still wins.
     assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run2"), "--steps", "1",
                                   "--init-from", str(tmp_path / "start"), "--tokenizer", "embedded"]) == 0
