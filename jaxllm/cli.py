@@ -69,7 +69,8 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
     a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
     a("--split", help=f"dataset split (default {d.split})")
     a("--text-column", help=f"column holding the text (default {d.text_column})")
-    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: the embedded tokenizer)")
+    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: a resumed run keeps its checkpoint's, "
+                          "--init-from takes that checkpoint's, else the embedded tokenizer)")
     a("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
     a("--batch-size", type=int, help=f"micro-batch size, global over all {batch_over} (default {d.batch_size})")
     a("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")

@@ -334,22 +334,25 @@ def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None 
     return model_tokenizer(spec, config)
 
 
-def run_tokenizer(rc, config, init_tokenizer: tuple[str | None, dict | None] = (None, None)):
+def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, where: str = ""):
     """(tokenizer, spec) of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`:
-    `--tokenizer` when given; else, with `--init-from`, the starting checkpoint's own tokenizer
-    (`init_tokenizer`: what it names and the files it saved, read by the trainer), so that training
-    on from converted weights keeps their token ids; else the embedded tokenizer. `spec` is what
-    the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming the problem."""
-    spec, files = init_tokenizer if rc.tokenizer is None and rc.init_from else (rc.tokenizer, None)
-    if files:
-        return tokenizer_from_files(files, config), spec or rc.init_from
+    `--tokenizer` when given; else the tokenizer of the checkpoint the run continues (`where`: the
+    one it resumes, or the `--init-from` one, so that training on from converted weights keeps
+    their token ids); else the embedded tokenizer. `inherited` is that checkpoint's (what it names,
+    where its own copy is: the files a Flax checkpoint saved, or a directory holding them). `spec`
+    is what the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming
+    the problem."""
+    spec, copy = (rc.tokenizer, None) if rc.tokenizer is not None else inherited
+    if isinstance(copy, dict) and copy:
+        return tokenizer_from_files(copy, config), spec or where
+    if isinstance(copy, str):
+        return model_tokenizer(copy, config), spec or copy
     try:
         return model_tokenizer(spec, config), spec
     except ValueError as e:
         if spec == rc.tokenizer:
             raise
-        raise ValueError(f"--init-from {rc.init_from}: its tokenizer {spec!r} does not load ({e}); "
-                         f"pass --tokenizer") from None
+        raise ValueError(f"{where}: its tokenizer {spec!r} does not load ({e}); pass --tokenizer") from None
 
 
 def run_stream(rc, config, tokenizer_spec: str | None) -> tuple[DataConfig, dict]:

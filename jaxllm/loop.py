@@ -101,9 +101,6 @@ def run(rc: RunConfig) -> dict:
     shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
     shd.check_batch(rc.batch_size, mesh)
 
-    tokenizer, tokenizer_spec = data_lib.run_tokenizer(
-        rc, config, init_tokenizer(rc.init_from) if rc.init_from and rc.tokenizer is None else (None, None))
-    check_prompts(rc, tokenizer, config.max_position_embeddings)
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
@@ -119,18 +116,27 @@ def run(rc: RunConfig) -> dict:
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
-    data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+    # Without --tokenizer, a resumed run keeps its checkpoint's tokenizer and a run from --init-from
+    # takes the starting checkpoint's (`data.run_tokenizer`).
     if existing:
-        state, saved_data = restore_train_state(mngr, trainer, config)
+        state, saved_data, inherited = restore_train_state(mngr, trainer, config)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, where=ckpt_dir)
+        data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
     elif rc.init_from:
+        inherited = init_tokenizer(rc.init_from)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, where=f"--init-from {rc.init_from}")
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}"
-            + (" with its tokenizer" if rc.tokenizer is None and tokenizer_spec else ""))
+            + (" with its tokenizer" if rc.tokenizer is None and any(inherited) else ""))
     else:
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config)
         state = trainer.init_state()
+    if not existing:
+        data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+    check_prompts(rc, tokenizer, config.max_position_embeddings)
     start = int(state["step"])
 
     try:  # each process opens its own share: agree that all of them could before going on
@@ -306,9 +312,10 @@ def select_data_state(saved: dict | None) -> dict | None:
 
 
 def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
-    """The newest readable checkpoint's train state and data position. A checkpoint that cannot be
-    read (a corrupt file) is skipped with a warning and the one before it is used; a checkpoint of
-    another model is an error."""
+    """The newest readable checkpoint's train state, data position and tokenizer (what it names, as
+    the run recorded it, and the files it saved). A checkpoint that cannot be read (a corrupt file)
+    is skipped with a warning and the one before it is used; a checkpoint of another model is an
+    error."""
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
@@ -367,7 +374,9 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
         raise ckpt_lib.CheckpointError(f"step {step} has no readable optimizer state: {e}") from e
     state = {"params": weights["params"], "router_bias": weights["router_bias"], **ts}
-    return state, meta.get("data") or None
+    data = meta.get("data") or None
+    recorded = ((data or {}).get("source") or {}).get("tokenizer", meta.get("tokenizer"))
+    return state, data, (recorded, ckpt_lib.read_tokenizer_files(mngr, step))
 
 
 def init_tokenizer(path: str) -> tuple[str | None, dict | None]:

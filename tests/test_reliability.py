@@ -328,6 +328,28 @@ def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt,
         assert checkpoint.read_meta(mngr, 1)["tokenizer"].startswith("embedded:")
 
 
+def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
+    """The same command without --tokenizer (or on a machine where the file it names is gone)
+    resumes with the checkpoint's own tokenizer instead of refusing the embedded one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxllm import checkpoint
+
+    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
+    ck = str(tmp_path / "ck")
+    assert train_jax_main(BASE + ["--ckpt-dir", ck, "--steps", "1", "--tokenizer", str(tmp_path / "tok")]) == 0
+    shutil.rmtree(tmp_path / "tok")
+    assert train_jax_main(BASE + ["--ckpt-dir", ck, "--steps", "2"]) == 0
+    with checkpoint.reading(ck) as mngr:
+        assert mngr.all_steps() == [1, 2]
+        meta, files = checkpoint.read_meta(mngr, 2), checkpoint.read_tokenizer_files(mngr, 2)
+    assert meta["data"]["source"]["tokenizer"] == str(tmp_path / "tok")
+    assert json.loads(files["tokenizer.json"])["model"]["vocab"] == {"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}
+
+
 def train_jax_main(argv):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

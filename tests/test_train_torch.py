@@ -283,6 +283,23 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
         run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "other"), init_from=source, preset="tiny", config=None))
 
 
+def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
+    """Resumed without --tokenizer (or where the directory it names is gone), a run continues with
+    the tokenizer its checkpoint holds, not the embedded one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
+    rc = _rc(tmp_path, steps=1, save_every=1, grad_accum=1, max_new_tokens=0, tokenizer=str(tmp_path / "tok"))
+    run(rc, dtype="float32")
+    shutil.rmtree(tmp_path / "tok")
+    out = run(dataclasses.replace(rc, steps=2, tokenizer=None), dtype="float32")
+    assert out["start_step"] == 1 and out["end_step"] == 2 and out["tokenizer"].get_vocab() == vocab
+
+
 def test_saved_directory_converts_to_flax_with_the_same_logits(trained, tmp_path):
     from convert import import_hf
 

@@ -479,6 +479,21 @@ def latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
     return None
 
 
+def _tokenizer_dir(path: str) -> str | None:
+    """`path` when it holds a tokenizer (a tokenizer.json), else None."""
+    return os.path.abspath(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
+def _recorded_tokenizer(checkpoint: str) -> str | None:
+    """The tokenizer a run recorded with its data position in `checkpoint` (`stream_source`), or
+    None when it recorded none."""
+    try:
+        with open(os.path.join(checkpoint, _data_state_name(0))) as f:
+            return ((json.load(f).get("source") or {}).get("tokenizer"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
     try:
         saved = LLMConfig.from_json_file(os.path.join(path, "config.json"))
@@ -531,10 +546,14 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     elif rc.init_from:
         _check_saved_config(rc.init_from, config, "--init-from")
 
-    # Without --tokenizer, training from a Hugging Face directory uses the directory's own.
-    has_tokenizer = bool(rc.init_from) and os.path.isfile(os.path.join(rc.init_from, "tokenizer.json"))
-    tokenizer, tokenizer_spec = data_lib.run_tokenizer(
-        rc, config, (os.path.abspath(rc.init_from), None) if has_tokenizer else (None, None))
+    # Without --tokenizer, a resumed run keeps the tokenizer of its checkpoint (which the Trainer
+    # saves there) and a run from --init-from takes the directory's own.
+    if last:
+        where, inherited = last[0], (_recorded_tokenizer(last[0]), _tokenizer_dir(last[0]))
+    else:
+        where = rc.init_from
+        inherited = (os.path.abspath(rc.init_from), None) if rc.init_from and _tokenizer_dir(rc.init_from) else (None, None)
+    tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, where=where)
     check_prompts(rc, tokenizer, config.max_position_embeddings)
     data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
     data_state = read_data_state(last[0], rank, world, source) if last else None
@@ -549,7 +568,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     if rc.init_from and not last:
         model = CustomLLM.from_pretrained(rc.init_from, dtype=torch.float32)
         _log(f"starting from the weights in {rc.init_from}"
-             + (" with its tokenizer" if rc.tokenizer is None and has_tokenizer else ""), rank)
+             + (" with its tokenizer" if rc.tokenizer is None and any(inherited) else ""), rank)
     else:
         model = CustomLLM(CustomLLMConfig.from_llm_config(config))
     if not rc.dropout:
