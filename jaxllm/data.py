@@ -313,13 +313,27 @@ def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE)
 
 def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
     """What decides the token stream that a saved data position points into: the dataset (an
-    absolute path when local), its config, split, text column and seed, and the tokenizer as
-    `tokenizer_source` records it. A checkpoint stores it; resuming with another one is refused."""
+    absolute path when local, with its files' relative paths and sizes), its config, split, text
+    column and seed, and the tokenizer as `tokenizer_source` records it. A checkpoint stores it;
+    resuming with another one is refused (`check_same_stream`)."""
     dataset = cfg.dataset if cfg.dataset not in (None, EMBEDDED) else EMBEDDED
+    files = None
     if dataset != EMBEDDED and _looks_local(dataset):
         dataset = os.path.abspath(os.path.expanduser(dataset))
+        files = _file_list(dataset)
     return {"dataset": dataset, "dataset_config": cfg.dataset_config, "split": cfg.split,
-            "text_column": cfg.text_column, "seed": cfg.seed, "tokenizer": tokenizer_spec}
+            "text_column": cfg.text_column, "seed": cfg.seed, "tokenizer": tokenizer_spec, "files": files}
+
+
+def _file_list(dataset: str) -> list[list] | None:
+    """[[path relative to the files' common directory, size in bytes], ...] of a local dataset (in
+    the order it is read), or None when it cannot be listed (opening it will say why)."""
+    try:
+        files = _local_files(dataset)[1]
+    except ValueError:
+        return None
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    return [[os.path.relpath(f, root), os.path.getsize(f)] for f in files]
 
 
 def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None = None, *, where: str):
@@ -376,6 +390,8 @@ def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> Non
     if not recorded:
         return
     for key, flag in FLAGS_OF_SOURCE.items():
+        if key == "dataset" and recorded.get("files") and recorded.get("files") == source.get("files"):
+            continue  # the same files (names and sizes) in another place: a run moved to another machine
         if recorded.get(key) != source.get(key):
             raise ValueError(f"{flag} {source.get(key)!r} differs from the {recorded.get(key)!r} that {ckpt_dir} was "
                              f"trained with: pass the same to resume, or start a new --ckpt-dir")

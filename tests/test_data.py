@@ -354,3 +354,30 @@ def test_real_parquet_layout_packs_and_splits_by_shard(assets):
         np.testing.assert_array_equal(next(resumed), reference[3])
     with pytest.raises(ValueError, match=r"no text column 'story'.*prompt, text, token_length"):
         PackedBatches(DataConfig(dataset=cfg.dataset, text_column="story"), tok, rows=1)
+
+
+def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path):
+    """The stream source records a local dataset's files (relative paths and sizes): the same files
+    under another path (a run moved to another machine) resume; other files, seeds or tokenizers
+    are refused, naming the flag."""
+    import shutil
+
+    for name, n in (("a.jsonl", 4), ("sub/b.jsonl", 5)):
+        (tmp_path / "here" / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / "here" / name, make_texts(n))
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+
+    def source(where, **kw):
+        return data.stream_source(DataConfig(dataset=str(tmp_path / where), **kw), "embedded:k")
+
+    recorded = json.loads(json.dumps(source("here")))  # as a checkpoint stores it
+    assert recorded["files"] == [["a.jsonl", (tmp_path / "here" / "a.jsonl").stat().st_size],
+                                 ["sub/b.jsonl", (tmp_path / "here" / "sub" / "b.jsonl").stat().st_size]]
+    data.check_same_stream(recorded, source("there"), "ck")
+    with pytest.raises(ValueError, match="--seed"):
+        data.check_same_stream(recorded, source("there", seed=1), "ck")
+    write_jsonl(tmp_path / "there" / "sub" / "b.jsonl", make_texts(5, seed=1))  # other text, another size
+    with pytest.raises(ValueError, match="--dataset"):
+        data.check_same_stream(recorded, source("there"), "ck")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        data.check_same_stream(recorded, data.stream_source(DataConfig(dataset=str(tmp_path / "here")), "other"), "ck")
