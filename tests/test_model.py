@@ -506,3 +506,22 @@ def test_each_side_imports_without_the_other_framework(blocked, check):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_torch_model_follows_hugging_face_output_options():
+    """`output_hidden_states` gives the embeddings and each layer's output (the last one is what
+    `lm_head` reads); `return_dict=False` gives the output as a tuple, loss first."""
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    torch.manual_seed(0)
+    model = CustomLLM(CustomLLMConfig.from_llm_config(TINY)).eval()
+    x = torch.randint(0, TINY.vocab_size, (2, 8))
+    with torch.no_grad():
+        out = model(x, labels=x, output_hidden_states=True)
+        assert model(x).hidden_states is None
+        as_tuple = model(x, labels=x, return_dict=False)
+    assert len(out.hidden_states) == TINY.num_hidden_layers + 1
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]).float(), out.logits)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(as_tuple[1], out.logits)

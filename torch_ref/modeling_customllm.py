@@ -321,8 +321,10 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CustomLLMOutput:
+    ) -> CustomLLMOutput | tuple:
         if input_ids is None:
             raise ValueError("input_ids is required")
         cache = cache if cache is not None else past_key_values
@@ -353,10 +355,15 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         h = self.dropout(h)
         aux_total = h.new_zeros((), dtype=torch.float32)
         all_counts = []
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states = [h] if output_hidden_states else None  # the embeddings, then each layer's output
         for layer in self.decoder_layers:
             h, aux, counts = layer(h, position_ids, cache, attn_mask)
             aux_total = aux_total + aux.mean()
             all_counts.append(counts)
+            if hidden_states is not None:
+                hidden_states.append(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h).float()
@@ -376,9 +383,11 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             # balance loss is weighted by its share of the step's tokens, so that the step sums to
             # their token-weighted mean instead of one full balance loss per micro-batch.
             loss = lm_loss + self.config.router_aux_loss_coef * aux_total * (n_valid / denom)
-        return CustomLLMOutput(
+        out = CustomLLMOutput(
             loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None},
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))
+        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
 
     @staticmethod
     def _attention_mask(attention_mask, B, T, past, device):
