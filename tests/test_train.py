@@ -105,7 +105,7 @@ def test_exact_resume_through_a_checkpoint(tmp_path):
     from jaxllm.loop import restore_train_state
 
     tr2 = _trainer(batch_size=4, lr=1e-3, warmup=2, steps=6)  # a new process would build a new trainer
-    restored, _ = restore_train_state(ckpt_lib.manager(tmp_path / "ck"), tr2, TINY)
+    restored, _, _ = restore_train_state(ckpt_lib.manager(tmp_path / "ck"), tr2, TINY)
     resumed, _ = _run(tr2, batches[3:], state=restored)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
