@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm import sharding as shd
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import ATTN_IMPLS, MOE_IMPLS, REMAT_POLICIES
 
@@ -543,23 +544,26 @@ class DeepSeekMoE(nnx.Module):
                 shared_ND = y_ND if shared_ND is None else shared_ND + y_ND
         scores_NE = jax.nn.sigmoid(self.router(x_BTD.reshape(B * T, D).astype(F32)))
         chosen_NK, w_NK = route(scores_NE, self.router_bias[...], self.k)
-        wg, wu, wd = self.routed_experts.weights()
-        few = dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block
-        impl = resolve_moe_impl(self.moe_impl, few_assignments=few)
-        if impl == "dense":
-            routed = dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
-        elif impl == "ragged":
-            routed = ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
-        elif impl == "gather":
-            routed = sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
-        else:
-            # Products of two blocks (256 rows at the default 128) padded to half blocks: on one
-            # seed-973m layer, forward and backward, 339 ms against 430 for 128-row products.
-            routed = grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, 2 * self.moe_block)
+        routed = shd.map_batch_shards(self._dispatch, (x_ND, chosen_NK, w_NK), self.routed_experts.weights())
         out_ND = routed if shared_ND is None else shared_ND + routed
         aux_B = balance_loss(scores_NE.reshape(B, T, self.E), chosen_NK.reshape(B, T, self.k), self.E)
         counts_E = jnp.bincount(chosen_NK.reshape(-1), length=self.E)
         return out_ND.reshape(B, T, D).astype(x_BTD.dtype), aux_B, counts_E
+
+    def _dispatch(self, x_ND, chosen_NK, w_NK, wg, wu, wd):
+        """The routed experts' output for these tokens (a data-parallel shard's own, under a mesh:
+        `map_batch_shards`)."""
+        few = dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block
+        impl = resolve_moe_impl(self.moe_impl, few_assignments=few)
+        if impl == "dense":
+            return dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
+        if impl == "ragged":
+            return ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
+        if impl == "gather":
+            return sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
+        # Products of two blocks (256 rows at the default 128) padded to half blocks: on one
+        # seed-973m layer, forward and backward, 339 ms against 430 for 128-row products.
+        return grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, 2 * self.moe_block)
 
 
 def remat_policy(remat: bool | str):
@@ -670,7 +674,8 @@ class CustomLLM(nnx.Module):
                 positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, T, axis=1)
         elif positions is None:
             positions = cache_index + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        h = self.token_embeddings[...][input_ids] + self.position_embeddings[...][positions]
+        tok, pos = (shd.replicate(p[...]) for p in (self.token_embeddings, self.position_embeddings))
+        h = tok[input_ids] + pos[positions]
         if dropout_rng is not None and c.embedding_dropout > 0:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - c.embedding_dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - c.embedding_dropout), 0.0)

@@ -11,11 +11,16 @@ Mesh axes:
 - `fsdp`: data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3 style;
   XLA inserts the all-gathers and reduce-scatters);
 - `expert`: expert parallelism (routed experts split across devices; tokens sharded too).
-The batch is sharded over all three.
+The batch is sharded over all three. While the train step is traced (`tracing_on`), the routed
+experts' dispatch runs per `data` x `fsdp` shard (`map_batch_shards`) and the embedding tables are
+gathered before their lookup (`replicate`): left to the partitioner, one sort of the whole step's
+tokens made every device run the experts on all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -148,3 +153,47 @@ def check_mesh(mesh: Mesh, *, hidden_size: int, num_routed_experts: int) -> None
     if expert > 1 and num_routed_experts % expert:
         raise ValueError(f"--mesh: expert={expert} does not divide the {num_routed_experts} routed experts; "
                          f"use a divisor of {num_routed_experts} (and data= for the other devices)")
+
+
+# The mesh of the step being traced (set by the train step): the model's few explicit placements
+# below apply only under it, so that the model itself stays mesh-agnostic.
+_TRACE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("trace_mesh", default=None)
+
+
+@contextlib.contextmanager
+def tracing_on(mesh: Mesh):
+    """`replicate` and `map_batch_shards` act on `mesh` while a function is traced under this."""
+    token = _TRACE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _TRACE_MESH.reset(token)
+
+
+def replicate(x):
+    """`x` whole on every device (a parameter all-gathered before use, ZeRO-3 style) under
+    `tracing_on`; otherwise `x` itself. For the embedding tables: left to itself, the partitioner
+    keeps the lookup's gradient split like the table (hidden over `fsdp`) and, from rows split over
+    `data` and `fsdp`, can only get there by replicating the whole `[batch, seq, hidden]` gradient
+    ("Involuntary full rematerialization")."""
+    mesh = _TRACE_MESH.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
+def map_batch_shards(fn, batched: tuple, whole: tuple):
+    """`fn(*batched, *whole)` for a computation that is independent per row of `batched` (their
+    leading dimension), run under `tracing_on` by each `data` and `fsdp` shard on its own rows
+    with the `whole` arrays gathered in full (`shard_map`; the `expert` axis stays with the
+    partitioner); otherwise `fn` itself. For the routed experts' dispatch: as one global sort of
+    every shard's tokens, the partitioner ran the experts on all of the step's tokens on every
+    device (and resharded their gradient through a full replication)."""
+    mesh = _TRACE_MESH.get()
+    axes = () if mesh is None else tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    if not axes:
+        return fn(*batched, *whole)
+    rows = P(axes)
+    # check_vma=False: jnp.searchsorted fails under shard_map's replication checks (JAX 0.10.2).
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * len(batched) + (P(),) * len(whole),
+                         out_specs=rows, axis_names=set(axes), check_vma=False)(*batched, *whole)

@@ -196,7 +196,8 @@ class Trainer:
 
         def micro_loss(params, ids_BT, rng):
             model = nnx.merge(self.graphdef, params, rb)
-            out = model.forward(ids_BT, dropout_rng=rng if self.dropout else None)
+            with shd.tracing_on(self.mesh):
+                out = model.forward(ids_BT, dropout_rng=rng if self.dropout else None)
             ce_sum, _ = lm_loss_sums(out.logits, ids_BT)
             aux_sum = jnp.sum(out.aux_loss)
             loss = ce_sum / n_tokens + c.router_aux_loss_coef * aux_sum / n_seqs

@@ -222,3 +222,22 @@ def test_step_temporary_memory_is_about_one_gradient():
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
     print(f"params {param_bytes / 2**20:.2f} MiB, step temporaries {mem.temp_size_in_bytes / 2**20:.2f} MiB")
     assert mem.temp_size_in_bytes < 2.0 * param_bytes  # 1.63x here; 2.33x with optax's clip and a where guard
+
+
+def _step_flops_per_device(tr) -> float:
+    state = tr.abstract_state()
+    batch = jax.ShapeDtypeStruct((tr.grad_accum, tr.batch_size, SEQ), jnp.int32,
+                                 sharding=tr.put_batch(np.zeros((tr.batch_size, SEQ), np.int32)).sharding)
+    cost = tr.step_fn.lower(state, batch).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.parametrize("mesh_spec", ["data=4", "data=2,fsdp=2"])
+def test_each_batch_shard_routes_only_its_own_tokens(mesh_spec):
+    """Under a mesh, a device's step does about the work of one device's share of the batch. The
+    routed experts used to sort the whole step's tokens at once, so that every device ran the
+    experts on all of them (at data=4 four times its share)."""
+    one = _step_flops_per_device(_trainer(batch_size=2, moe_impl="gather"))
+    four = _step_flops_per_device(_trainer(mesh_spec, n_devices=4, batch_size=8, moe_impl="gather"))
+    print(f"{mesh_spec}: {four / one:.3f} x one device's share")
+    assert four / one < 1.15
