@@ -177,7 +177,7 @@ def replicate(x):
     `data` and `fsdp`, can only get there by replicating the whole `[batch, seq, hidden]` gradient
     ("Involuntary full rematerialization")."""
     mesh = _TRACE_MESH.get()
-    if mesh is None:
+    if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
