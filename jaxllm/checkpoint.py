@@ -1,7 +1,7 @@
 """The Flax checkpoint layout, defined once for the trainer, the converter and `jaxllm.load`.
 
 A checkpoint directory is an Orbax `CheckpointManager` directory: one numbered subdirectory per
-saved step, each with up to three items:
+saved step, each with up to four items:
 
 - `params`: `{"params": <nested dict of nnx.Param>, "router_bias": <nested dict of RouterBias>}`,
   the Flax layout of `jaxllm.model` (layers stacked, kernels `[in, out]`), float32 master weights;
@@ -14,8 +14,8 @@ saved step, each with up to three items:
   Readers prefer it to `meta["tokenizer"]`, which names where it came from (a local path or a Hub
   id that the other machine may not have); checkpoints written before it existed have none.
 
-A checkpoint written by `convert/torch_to_flax.py` has `params` and `meta` only; training
-started from it (`--init-from`) builds a fresh optimizer state. Saves are atomic (Orbax writes a
+A checkpoint written by `convert/torch_to_flax.py` has `params`, `meta` and (when the Hugging Face
+directory has one) `tokenizer`, no `train_state`; training started from it (`--init-from`) builds a fresh optimizer state. Saves are atomic (Orbax writes a
 temporary directory and renames it when complete), so an interrupted save never shadows the
 previous step.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any
 
 import jax
@@ -124,18 +125,34 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def read_tokenizer_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, str] | None:
-    """The tokenizer files saved with `step` ({name: text}), or None when the step has none."""
+    """The tokenizer files saved with `step` ({name: text}), or None when the step has none or they
+    cannot be read (with a warning: readers then use the tokenizer the metadata names, and the
+    step's weights and optimizer state stay usable)."""
     if not os.path.isdir(os.path.join(os.fspath(mngr.directory), str(step), "tokenizer")):
         return None
     try:
         saved = mngr.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))["tokenizer"]
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot read its tokenizer ({e})") from e
-    files = saved.get("files") if isinstance(saved, dict) else None
-    if not isinstance(files, dict) or not files or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: its tokenizer item holds no files")
+        files = saved.get("files") if isinstance(saved, dict) else None
+        if not isinstance(files, dict) or not files or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise ValueError("it holds no files")
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+        if jax.process_index() == 0:
+            print(f"warning: checkpoint step {step} in {mngr.directory}: its saved tokenizer cannot be read "
+                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); using the tokenizer its "
+                  "metadata names", file=sys.stderr)
+        return None
     return files
+
+
+def read_step_info(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[int, dict, dict | None]:
+    """(step, metadata, saved tokenizer files or None) of a checkpoint's `step` (default: the latest),
+    without its arrays. Read-only."""
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    _require_steps(ckpt_dir)
+    with reading(ckpt_dir) as mngr:
+        step = resolve_step(mngr, step)
+        return step, read_meta(mngr, step), read_tokenizer_files(mngr, step)
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
@@ -210,13 +227,9 @@ def load_tokenizer(ckpt_dir: str | os.PathLike, step: int | None = None):
     (`jaxllm.data.checkpoint_tokenizer`). A `transformers` fast tokenizer; ValueError naming the problem."""
     from jaxllm.data import checkpoint_tokenizer
 
-    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
-    _require_steps(ckpt_dir)
-    with reading(ckpt_dir) as mngr:
-        step = resolve_step(mngr, step)
-        meta = read_meta(mngr, step)
-        files = read_tokenizer_files(mngr, step)
-    return checkpoint_tokenizer(meta.get("tokenizer"), LLMConfig.from_dict(meta["config"]), files, where=ckpt_dir)
+    _, meta, files = read_step_info(ckpt_dir, step)
+    return checkpoint_tokenizer(meta.get("tokenizer"), LLMConfig.from_dict(meta["config"]), files,
+                                where=os.path.abspath(os.fspath(ckpt_dir)))
 
 
 def set_split_weights(model, weights: dict) -> None:

@@ -35,6 +35,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import warnings
 from typing import Any, Iterator
@@ -344,29 +345,36 @@ def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None 
         return tokenizer_from_files(files, config)
     if spec is None and config.vocab_size > EMBEDDED_VOCAB_SIZE:
         raise ValueError(f"{where} names no tokenizer, and its vocabulary ({config.vocab_size}) is not the "
-                         f"embedded tokenizer's: pass --tokenizer")
+                         f"embedded tokenizer's: give one explicitly (--tokenizer)")
     return model_tokenizer(spec, config)
 
 
-def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, where: str = ""):
-    """(tokenizer, spec) of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`:
-    `--tokenizer` when given; else the tokenizer of the checkpoint the run continues (`where`: the
-    one it resumes, or the `--init-from` one, so that training on from converted weights keeps
-    their token ids); else the embedded tokenizer. `inherited` is that checkpoint's (what it names,
-    where its own copy is: the files a Flax checkpoint saved, or a directory holding them). `spec`
+def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, origin: str | None = None):
+    """(tokenizer, spec) of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`.
+
+    `inherited` describes the checkpoint the run continues (`origin`: the one it resumes, or the
+    `--init-from` one): (the tokenizer it names, its own copy: the files a Flax checkpoint saved,
+    or a directory holding them). Without `--tokenizer` the run takes that tokenizer (so training
+    on from converted weights keeps their token ids), else the embedded one. A `--tokenizer` (or a
+    recipe's) naming the same tokenizer as the checkpoint is loaded from the checkpoint's copy too,
+    so that the same command resumes where the original path or Hub id cannot be reached. `spec`
     is what the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming
     the problem."""
-    spec, copy = (rc.tokenizer, None) if rc.tokenizer is not None else inherited
+    recorded, copy = inherited
+    if rc.tokenizer is not None:
+        same = recorded is not None and tokenizer_source(
+            rc.tokenizer, vocab_size=embedded_vocab_size(config)) == recorded
+        if not (same and copy):
+            return model_tokenizer(rc.tokenizer, config), rc.tokenizer
+    spec = recorded if recorded is not None else origin  # a copy named nowhere: recorded as where it came from
     if isinstance(copy, dict) and copy:
-        return tokenizer_from_files(copy, config), spec or where
+        return tokenizer_from_files(copy, config), spec
     if isinstance(copy, str):
-        return model_tokenizer(copy, config), spec or copy
+        return model_tokenizer(copy, config), spec
     try:
-        return model_tokenizer(spec, config), spec
+        return model_tokenizer(recorded, config), recorded
     except ValueError as e:
-        if spec == rc.tokenizer:
-            raise
-        raise ValueError(f"{where}: its tokenizer {spec!r} does not load ({e}); pass --tokenizer") from None
+        raise ValueError(f"the tokenizer {recorded!r} of {origin} does not load ({e}); pass --tokenizer") from None
 
 
 def run_stream(rc, config, tokenizer_spec: str | None) -> tuple[DataConfig, dict]:
@@ -395,6 +403,10 @@ def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> Non
         if recorded.get(key) != source.get(key):
             raise ValueError(f"{flag} {source.get(key)!r} differs from the {recorded.get(key)!r} that {ckpt_dir} was "
                              f"trained with: pass the same to resume, or start a new --ckpt-dir")
+    if recorded.get("files") and source.get("files") and recorded["files"] != source["files"]:
+        # The same path, other files (some added, changed or removed): allowed, as data may grow.
+        print(f"warning: the files of --dataset {source['dataset']} differ from those {ckpt_dir} was trained on; "
+              "the resumed data position points into another stream of documents", file=sys.stderr)
 
 
 def embedded_vocab_size(config) -> int:

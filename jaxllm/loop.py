@@ -120,14 +120,15 @@ def run(rc: RunConfig) -> dict:
     # takes the starting checkpoint's (`data.run_tokenizer`).
     if existing:
         state, saved_data, inherited = restore_train_state(mngr, trainer, config)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, where=ckpt_dir)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=ckpt_dir)
         data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
     elif rc.init_from:
         inherited = init_tokenizer(rc.init_from)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, where=f"--init-from {rc.init_from}")
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited,
+                                                           origin=os.path.abspath(rc.init_from))
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}"
             + (" with its tokenizer" if rc.tokenizer is None and any(inherited) else ""))
@@ -385,11 +386,10 @@ def init_tokenizer(path: str) -> tuple[str | None, dict | None]:
     if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
     try:
-        with ckpt_lib.reading(path) as mngr:
-            step = ckpt_lib.resolve_step(mngr, None)
-            return ckpt_lib.read_meta(mngr, step).get("tokenizer"), ckpt_lib.read_tokenizer_files(mngr, step)
+        _, meta, files = ckpt_lib.read_step_info(path)
     except ckpt_lib.CheckpointError as e:
         raise ValueError(f"--init-from {path}: {e}") from None
+    return meta.get("tokenizer"), files
 
 
 def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:

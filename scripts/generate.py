@@ -70,10 +70,7 @@ def checkpoint_info(path: str, kind: str):
         return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer, None
     from jaxllm import checkpoint
 
-    with checkpoint.reading(path) as mngr:  # read-only: safe while a trainer saves into `path`
-        step = checkpoint.resolve_step(mngr, None)
-        meta = checkpoint.read_meta(mngr, step)
-        files = checkpoint.read_tokenizer_files(mngr, step)
+    _, meta, files = checkpoint.read_step_info(path)  # read-only: safe while a trainer saves into `path`
     return LLMConfig.from_dict(meta["config"]), meta.get("tokenizer"), files
 
 

@@ -356,10 +356,11 @@ def test_real_parquet_layout_packs_and_splits_by_shard(assets):
         PackedBatches(DataConfig(dataset=cfg.dataset, text_column="story"), tok, rows=1)
 
 
-def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path):
+def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path, capsys):
     """The stream source records a local dataset's files (relative paths and sizes): the same files
-    under another path (a run moved to another machine) resume; other files, seeds or tokenizers
-    are refused, naming the flag."""
+    under another path (a run moved to another machine) resume; other files under another path,
+    other seeds or tokenizers are refused, naming the flag; other files under the same path (data
+    that grew) resume with a warning."""
     import shutil
 
     for name, n in (("a.jsonl", 4), ("sub/b.jsonl", 5)):
@@ -374,10 +375,14 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path)
     assert recorded["files"] == [["a.jsonl", (tmp_path / "here" / "a.jsonl").stat().st_size],
                                  ["sub/b.jsonl", (tmp_path / "here" / "sub" / "b.jsonl").stat().st_size]]
     data.check_same_stream(recorded, source("there"), "ck")
+    assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="--seed"):
         data.check_same_stream(recorded, source("there", seed=1), "ck")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        data.check_same_stream(recorded, data.stream_source(DataConfig(dataset=str(tmp_path / "here")), "other"), "ck")
     write_jsonl(tmp_path / "there" / "sub" / "b.jsonl", make_texts(5, seed=1))  # other text, another size
     with pytest.raises(ValueError, match="--dataset"):
         data.check_same_stream(recorded, source("there"), "ck")
-    with pytest.raises(ValueError, match="--tokenizer"):
-        data.check_same_stream(recorded, data.stream_source(DataConfig(dataset=str(tmp_path / "here")), "other"), "ck")
+    write_jsonl(tmp_path / "here" / "c.jsonl", make_texts(4))  # the data grew where it was
+    data.check_same_stream(recorded, source("here"), "ck")
+    assert "differ from those ck was trained on" in capsys.readouterr().err

@@ -348,6 +348,30 @@ def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
         meta, files = checkpoint.read_meta(mngr, 2), checkpoint.read_tokenizer_files(mngr, 2)
     assert meta["data"]["source"]["tokenizer"] == str(tmp_path / "tok")
     assert json.loads(files["tokenizer.json"])["model"]["vocab"] == {"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}
+    # The same command, naming the tokenizer that is gone (as a recipe's Hub id offline): the saved copy.
+    assert train_jax_main(BASE + ["--ckpt-dir", ck, "--steps", "3", "--tokenizer", str(tmp_path / "tok")]) == 0
+
+
+def test_an_unreadable_saved_tokenizer_costs_nothing_but_the_copy(trained_ckpt, tmp_path, capsys):
+    """Damaged tokenizer files in a step: readers warn and use the tokenizer the metadata names; the
+    step's weights and optimizer state still resume (the step is not set aside)."""
+    import jaxllm
+    from convert.hf_export import export_hf
+    from jaxllm import checkpoint
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    step = checkpoint.latest_step(ckpt)
+    for f in (ckpt / str(step) / "tokenizer").iterdir():
+        f.write_text("not json {")
+    text = "Once upon a time"
+    assert jaxllm.load_tokenizer(ckpt)(text)["input_ids"] == jaxllm.load_tokenizer(trained_ckpt)(text)["input_ids"]
+    assert "saved tokenizer cannot be read" in capsys.readouterr().err
+    result = export_hf(ckpt, tmp_path / "hf")
+    assert result.tokenizer and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert train_jax_main(BASE + ["--ckpt-dir", str(ckpt), "--steps", str(step + 1)]) == 0
+    assert checkpoint.latest_step(ckpt) == step + 1
+    assert not [p for p in os.listdir(ckpt) if "unreadable" in p]
 
 
 def train_jax_main(argv):

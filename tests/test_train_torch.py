@@ -403,6 +403,14 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, capsys):
     assert "checkpoint-4 lacks data_state.rank1.json" in err[1], err
     checkpoint(4, "data_state.rank1.json")
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-4"), 4)
+    # None complete: the newest with a trainer state still resumes (not a new run over the old one).
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4" / "data_state.rank0.json").unlink()
+    capsys.readouterr()
+    assert latest_checkpoint(str(tmp_path), warn=False) == (str(tmp_path / "checkpoint-4"), 4)
+    assert capsys.readouterr().err == ""
 
 
 # ---- the cross-framework check ----------------------------------------------------------------

@@ -463,20 +463,29 @@ def _missing_from_checkpoint(path: str) -> str | None:
                  if not os.path.isfile(os.path.join(path, n))), None)
 
 
-def latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
+def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] | None:
     """(path, step) of the highest complete `checkpoint-N` in `output_dir` (`_missing_from_checkpoint`).
-    A higher incomplete one (a crash while it was being saved) is skipped with a warning on stderr."""
+    A higher incomplete one (a crash while it was being saved) is skipped with a warning on stderr
+    (`warn`: one process of several says it). When none is complete, the highest one with a
+    trainer state still resumes (its data stream then restarts, `read_data_state` warns), rather
+    than a new run from step 0 over the old one."""
     found = []
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
         m = CHECKPOINT_RE.match(os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))
-    for step, path in sorted(found, reverse=True):
-        missing = _missing_from_checkpoint(path)
-        if missing is None:
-            return path, step
-        print(f"warning: {path} lacks {missing} (an interrupted save); not resuming from it", file=sys.stderr)
-    return None
+    found.sort(reverse=True)
+    complete = next(((step, path) for step, path in found if _missing_from_checkpoint(path) is None), None)
+    if complete is None:
+        with_state = [(step, path) for step, path in found if os.path.isfile(os.path.join(path, "trainer_state.json"))]
+        return (with_state[0][1], with_state[0][0]) if with_state else None
+    for step, path in found:
+        if step <= complete[0]:
+            break
+        if warn:
+            print(f"warning: {path} lacks {_missing_from_checkpoint(path)} (an interrupted save); not resuming "
+                  "from it", file=sys.stderr)
+    return complete[1], complete[0]
 
 
 def _tokenizer_dir(path: str) -> str | None:
@@ -537,7 +546,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         raise ValueError(f"--batch-size {rc.batch_size} (global) cannot be split over {world} processes")
     per_device = rc.batch_size // world
 
-    last = latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    last = latest_checkpoint(out_dir, warn=rank == 0) if os.path.isdir(out_dir) else None
     if last and rc.no_resume:
         raise ValueError(f"--no-resume: {out_dir} already holds checkpoints (latest {last[0]}); "
                          "use an empty --ckpt-dir or drop --no-resume")
@@ -549,11 +558,11 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     # Without --tokenizer, a resumed run keeps the tokenizer of its checkpoint (which the Trainer
     # saves there) and a run from --init-from takes the directory's own.
     if last:
-        where, inherited = last[0], (_recorded_tokenizer(last[0]), _tokenizer_dir(last[0]))
+        origin, inherited = last[0], (_recorded_tokenizer(last[0]), _tokenizer_dir(last[0]))
     else:
-        where = rc.init_from
+        origin = rc.init_from
         inherited = (os.path.abspath(rc.init_from), None) if rc.init_from and _tokenizer_dir(rc.init_from) else (None, None)
-    tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, where=where)
+    tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
     check_prompts(rc, tokenizer, config.max_position_embeddings)
     data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
     data_state = read_data_state(last[0], rank, world, source) if last else None
