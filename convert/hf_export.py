@@ -74,9 +74,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     _require_dir(ckpt_dir, "checkpoint directory")
     out = check_output(out_dir if out_dir is not None else default_out_dir(ckpt_dir), force=force,
                        kind="Hugging Face model", is_kind=is_hf_dir, source=ckpt_dir)
-    config, step, meta, flat = read_flax_checkpoint(ckpt_dir, step)
-    with checkpoint.reading(ckpt_dir) as mngr:
-        saved_tokenizer = checkpoint.read_tokenizer_files(mngr, step)
+    config, step, meta, flat, saved_tokenizer = read_flax_checkpoint(ckpt_dir, step)
     tensors = to_torch_tensors(flat, config, DTYPES[dtype])
     with atomic_output_dir(out) as tmp:
         write_weights(tensors, tmp, max_shard_size=max_shard_size, step=step)
@@ -96,7 +94,8 @@ def _require_dir(path: str, what: str) -> None:
 
 
 def read_flax_checkpoint(ckpt_dir: str, step: int | None):
-    """(config, step, meta, flat weights {path tuple: float32 numpy}) of one checkpoint step.
+    """(config, step, meta, flat weights {path tuple: float32 numpy}, saved tokenizer files or None)
+    of one checkpoint step.
     The config in the checkpoint's metadata decides the expected tensors; a checkpoint whose
     weights do not match it (another preset, a missing or unexpected tensor) is refused."""
     from jaxllm.model import create_model
@@ -114,8 +113,9 @@ def read_flax_checkpoint(ckpt_dir: str, step: int | None):
         # numpy targets: restored straight into host memory, float32 whatever was saved.
         target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
         weights = checkpoint.restore_weights(mngr, step, target)
+        tokenizer_files = checkpoint.read_tokenizer_files(mngr, step)
     flat = {**flatten(weights.pop("params")), **flatten(weights.pop("router_bias"))}
-    return config, step, meta, flat
+    return config, step, meta, flat, tokenizer_files
 
 
 def to_torch_tensors(flat: dict, config: LLMConfig, torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:

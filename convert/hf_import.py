@@ -63,9 +63,10 @@ def read_tokenizer(hf_dir: str, config: LLMConfig) -> tuple[str | None, dict | N
     Hugging Face directory. The files are saved in the checkpoint, so that it keeps its tokenizer
     when `hf_dir` moves; its absolute path is recorded as where they came from. Optional: a
     tokenizer that does not load is left out with a note (the weights are the conversion's point)."""
-    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    from jaxllm.data import model_tokenizer, tokenizer_dir, tokenizer_files
+
+    if tokenizer_dir(hf_dir) is None:
         return None, None, []
-    from jaxllm.data import model_tokenizer, tokenizer_files
 
     try:
         tok = model_tokenizer(hf_dir, config)

@@ -15,9 +15,9 @@ saved step, each with up to four items:
   id that the other machine may not have); checkpoints written before it existed have none.
 
 A checkpoint written by `convert/torch_to_flax.py` has `params`, `meta` and (when the Hugging Face
-directory has one) `tokenizer`, no `train_state`; training started from it (`--init-from`) builds a fresh optimizer state. Saves are atomic (Orbax writes a
-temporary directory and renames it when complete), so an interrupted save never shadows the
-previous step.
+directory has one) `tokenizer`, no `train_state`; training started from it (`--init-from`) builds
+a fresh optimizer state. Saves are atomic (Orbax writes a temporary directory and renames it when
+complete), so an interrupted save never shadows the previous step.
 """
 
 from __future__ import annotations

@@ -267,6 +267,12 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
     return _ensure_eos(tok, spec)
 
 
+def tokenizer_dir(path: str) -> str | None:
+    """`path` made absolute when it is a directory holding a tokenizer (a tokenizer.json), else None
+    (a Hugging Face model directory, a Trainer checkpoint)."""
+    return os.path.abspath(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
 def tokenizer_files(tokenizer) -> dict[str, str]:
     """The files `tokenizer.save_pretrained` writes ({name: text}): what a Flax checkpoint stores
     beside its weights so that it carries its own tokenizer (`jaxllm.checkpoint`)."""

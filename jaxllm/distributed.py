@@ -58,17 +58,25 @@ def check_coordinator(address: str) -> None:
         raise ValueError(f"--coordinator must be HOST:PORT (a port in 1-65535), got {address!r}")
 
 
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes where `flag` holds. Collective (one small all-gather; every
+    process must call it); in a one-process run, [0] or []."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int8(bool(flag)))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
+
+
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
     """Collective over processes (every process must call it): raise `error` where it happened,
     and a ValueError naming the failed processes everywhere else. An input that fails on some
     processes only (a file missing on one host, an empty data share) then ends every process
     with its one-line error, instead of leaving the others waiting in the next collective."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
-        if error is None and failed.any():
-            others = ", ".join(str(i) for i in np.flatnonzero(failed))
-            raise ValueError(f"{what} failed in process(es) {others} of {jax.process_count()} (see their error)")
+    failed = processes_where(error is not None)
     if error is not None:
         raise error
+    if failed:
+        raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {jax.process_count()} "
+                         "(see their error)")

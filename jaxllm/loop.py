@@ -23,7 +23,7 @@ from jaxllm import hostmem
 from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.config import LLMConfig, count_params
-from jaxllm.distributed import raise_if_any_failed
+from jaxllm.distributed import processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
@@ -67,12 +67,10 @@ class _Stop:
         same step (the save is collective: a process that saved alone would hang the others)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
-        asked = np.asarray(multihost_utils.process_allgather(np.int8(self.requested is not None)))
-        if not asked.any():
+        asked = processes_where(self.requested is not None)
+        if not asked:
             return None
-        return self.requested or f"a signal to process {int(np.argmax(asked))}"
+        return self.requested or f"a signal to process {asked[0]}"
 
 
 def model_config(rc: RunConfig) -> LLMConfig:
@@ -118,26 +116,25 @@ def run(rc: RunConfig) -> dict:
                          "use an empty --ckpt-dir or drop --no-resume")
     # Without --tokenizer, a resumed run keeps its checkpoint's tokenizer and a run from --init-from
     # takes the starting checkpoint's (`data.run_tokenizer`).
+    inherited, origin = (None, None), None
     if existing:
         state, saved_data, inherited = restore_train_state(mngr, trainer, config)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=ckpt_dir)
-        data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+        origin = ckpt_dir
+    elif rc.init_from:
+        inherited, origin = init_tokenizer(rc.init_from), os.path.abspath(rc.init_from)
+    tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
+    check_prompts(rc, tokenizer, config.max_position_embeddings)
+    data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+    if existing:
         data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
     elif rc.init_from:
-        inherited = init_tokenizer(rc.init_from)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited,
-                                                           origin=os.path.abspath(rc.init_from))
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}"
             + (" with its tokenizer" if rc.tokenizer is None and any(inherited) else ""))
     else:
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config)
         state = trainer.init_state()
-    if not existing:
-        data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
-    check_prompts(rc, tokenizer, config.max_position_embeddings)
     start = int(state["step"])
 
     try:  # each process opens its own share: agree that all of them could before going on

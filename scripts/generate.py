@@ -66,7 +66,9 @@ def checkpoint_info(path: str, kind: str):
     from jaxllm.config import LLMConfig
 
     if kind == "hf":
-        tokenizer = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+        from jaxllm.data import tokenizer_dir
+
+        tokenizer = path if tokenizer_dir(path) else None
         return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer, None
     from jaxllm import checkpoint
 

@@ -488,11 +488,6 @@ def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] 
     return complete[1], complete[0]
 
 
-def _tokenizer_dir(path: str) -> str | None:
-    """`path` when it holds a tokenizer (a tokenizer.json), else None."""
-    return os.path.abspath(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
-
-
 def _recorded_tokenizer(checkpoint: str) -> str | None:
     """The tokenizer a run recorded with its data position in `checkpoint` (`stream_source`), or
     None when it recorded none."""
@@ -558,10 +553,10 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     # Without --tokenizer, a resumed run keeps the tokenizer of its checkpoint (which the Trainer
     # saves there) and a run from --init-from takes the directory's own.
     if last:
-        origin, inherited = last[0], (_recorded_tokenizer(last[0]), _tokenizer_dir(last[0]))
+        origin, inherited = last[0], (_recorded_tokenizer(last[0]), data_lib.tokenizer_dir(last[0]))
     else:
         origin = rc.init_from
-        inherited = (os.path.abspath(rc.init_from), None) if rc.init_from and _tokenizer_dir(rc.init_from) else (None, None)
+        inherited = (data_lib.tokenizer_dir(rc.init_from), None) if rc.init_from else (None, None)
     tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
     check_prompts(rc, tokenizer, config.max_position_embeddings)
     data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
