@@ -7,9 +7,10 @@ logits of the last prompt position only, the one the first new token needs); eac
 one-token decode step attends on the cached latent directly, with `k_proj_u` folded into the
 query and `v_proj_u` into the output ("absorbed" MLA, `MultiHeadLatentAttention._absorbed`).
 
-Everything runs inside one `jax.jit` with static shapes: prompts are left-padded to the longest
-one (P tokens), the cache holds P + max_new_tokens slots, and a `lax.while_loop` makes one token
-per step until every sequence has emitted EOS or max_new_tokens is reached. With left padding all
+Two jitted programs with static shapes: a prefill, then a decode `lax.while_loop` that makes one
+token per step until every sequence has emitted EOS or max_new_tokens is reached (in one call, or
+`STREAM_CHUNK` tokens per call when they are streamed to the host). Prompts are left-padded to the
+longest one (P tokens) and the cache holds P + max_new_tokens slots. With left padding all
 sequences end at the same cache slot, so one scalar `cache_index` serves the whole batch, while
 each sequence's positions count from 0 at its first real token and the pads are masked out.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import io_callback
 
 from jaxllm.config import LLMConfig
 from jaxllm.model import positions_from_mask
@@ -123,10 +122,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     A sequence stops after it emits `eos_token_id` (default: the config's) unless `stop_at_eos`
     is false; the loop ends when every sequence has stopped. `pad_token_id` (default: the
     config's) fills the left padding and the tokens after a stop. `seed` makes sampling
-    reproducible. `on_token(step, tokens_B, live_B)` is called on the host as each token is made,
-    from inside the jitted loop (streaming); `live_B` says which sequences were still running.
-    Compilations are cached on the shapes, `sampling`, `use_cache`, `return_logits` and whether
-    there is an `on_token`; token ids, the seed and the callback itself are runtime values.
+    reproducible. `on_token(step, tokens_B, live_B)` is called on the host for each token, in
+    order, as the decode loop returns every `STREAM_CHUNK` tokens (streaming); `live_B` says which
+    sequences were still running. Compilations are cached on the shapes, `sampling`, `use_cache`,
+    `return_logits` and whether there is an `on_token`; token ids and the seed are runtime values.
+    The programs hold no host callback, so JAX's persistent compilation cache can keep them.
     """
     c: LLMConfig = model.config
     eos_token_id = c.eos_token_id if eos_token_id is None else eos_token_id
@@ -143,89 +143,100 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
             f"max_new_tokens: a prompt of {P} tokens + {max_new_tokens} new tokens exceeds "
             f"max_position_embeddings ({c.max_position_embeddings})")
     graphdef, state = nnx.split(model)
-    callback_id = next(_callback_ids)
-    if on_token is not None:
-        _callbacks[callback_id] = on_token
-    try:
-        tokens, lengths, logits = _generate(
-            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-            jnp.int32(eos_token_id if stop_at_eos else -1), jnp.int32(pad_token_id), jnp.int32(callback_id),
-            max_new_tokens=max_new_tokens, sampling=sampling, use_cache=use_cache, stream=on_token is not None,
-            return_logits=return_logits)
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    s = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(pad_token_id),
+                 max_new_tokens=max_new_tokens, use_cache=use_cache, return_logits=return_logits)
+    key, eos = jax.random.key(seed), jnp.int32(eos_token_id if stop_at_eos else -1)
+    chunk = STREAM_CHUNK if on_token is not None else max_new_tokens
+    made = 0
+    while True:
+        s = _decode(graphdef, state, s, jnp.asarray(mask), key, eos, jnp.int32(pad_token_id), chunk=chunk,
+                    sampling=sampling, use_cache=use_cache)
+        i = int(s["i"])
         if on_token is not None:
-            jax.effects_barrier()  # every callback has run
-    finally:
-        _callbacks.pop(callback_id, None)
-    return Generation(tokens, lengths, np.asarray(logits) if return_logits else None)
+            tokens, lengths = np.asarray(s["tokens"]), np.asarray(s["lengths"])
+            for step in range(made, i):  # a sequence was running at `step` iff it made that token
+                on_token(step, tokens[:, step], step < lengths)
+        made = i
+        if i >= max_new_tokens or bool(jnp.all(s["done"])):
+            break
+    logits = np.asarray(s["all_logits"]) if return_logits else None
+    return Generation(np.asarray(s["tokens"]), np.asarray(s["lengths"]), logits)
 
 
-# `on_token` callbacks of the running `generate` calls, by call id: the compiled loop receives
-# the id as a runtime value, so a new callback does not mean a new compilation.
-_callbacks: dict[int, Callable] = {}
-_callback_ids = itertools.count()
+# Tokens per decode call when streaming: each call returns to the host, which then passes the
+# new tokens to `on_token` (no host callback inside the program, so JAX's persistent compilation
+# cache can keep it; a callback makes JAX refuse to cache a program).
+STREAM_CHUNK = 8
 
 
-def _emit(callback_id, step, tokens_B, live_B):
-    _callbacks[int(callback_id)](int(step), np.asarray(tokens_B), np.asarray(live_B))
+def _prompt_layout(mask_BP, max_new_tokens: int):
+    """The mask and positions of the whole [B, P + max_new_tokens] buffer."""
+    B, _ = mask_BP.shape
+    mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, max_new_tokens), bool)], axis=1)
+    return mask_BS, positions_from_mask(mask_BS)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "use_cache", "stream",
-                                             "return_logits"))
-def _generate(graphdef, state, ids_BP, mask_BP, key, eos_id, pad_id, callback_id, *, max_new_tokens, sampling,
-              use_cache, stream, return_logits):
-    """The jitted body of `generate`. `eos_id` -1: never stop early."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "use_cache", "return_logits"))
+def _prefill(graphdef, state, ids_BP, mask_BP, pad_id, *, max_new_tokens, use_cache, return_logits):
+    """The prompt's pass: the decode loop's first state (the cache, or the token buffer without one,
+    and the logits that the first new token is drawn from)."""
     B, P = ids_BP.shape
-    N, S = max_new_tokens, P + max_new_tokens
-    mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, N), bool)], axis=1)
-    positions_BS = positions_from_mask(mask_BS)
-
+    N = max_new_tokens
+    mask_BS, positions_BS = _prompt_layout(mask_BP, N)
     model = nnx.merge(graphdef, state)  # the MoE dispatch sizes its blocks by each call's tokens
     if use_cache:
         out = model.forward(ids_BP, positions=positions_BS[:, :P], attention_mask=mask_BS,
-                            cache=model.init_cache(B, S), cache_index=0, last_logits=True)
-        memory, prompt_logits = out.cache, out.logits[:, -1]
-
-        def next_logits(memory, tok_B, i):
-            """Feed token i (cache slot P + i) and return the logits that follow it."""
-            o = model.forward(tok_B[:, None], positions=jax.lax.dynamic_slice_in_dim(positions_BS, P + i, 1, 1),
-                               attention_mask=mask_BS, cache=memory, cache_index=P + i)
-            return o.cache, o.logits[:, 0]
+                            cache=model.init_cache(B, P + N), cache_index=0, last_logits=True)
+        memory, logits = out.cache, out.logits[:, -1]
     else:
         memory = jnp.concatenate([ids_BP, jnp.full((B, N), pad_id, ids_BP.dtype)], axis=1)  # [B, S]
         out = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
-        prompt_logits = out.logits[:, P - 1]
+        logits = out.logits[:, P - 1]
+    return dict(i=jnp.int32(0), memory=memory, logits=logits, tokens=jnp.full((B, N), pad_id, jnp.int32),
+                done=jnp.zeros((B,), bool), lengths=jnp.zeros((B,), jnp.int32),
+                all_logits=jnp.zeros((B, N, logits.shape[-1]) if return_logits else (0,), jnp.float32))
 
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "sampling", "use_cache"), donate_argnames=("s",))
+def _decode(graphdef, state, s, mask_BP, key, eos_id, pad_id, *, chunk, sampling, use_cache):
+    """Up to `chunk` more tokens: a `while_loop` from the state `s` that `_prefill` (or the call
+    before) left, until `chunk` tokens are made, every sequence has stopped, or the buffer is full.
+    `eos_id` -1: never stop early."""
+    _, P = mask_BP.shape
+    N = s["tokens"].shape[1]
+    mask_BS, positions_BS = _prompt_layout(mask_BP, N)
+    model = nnx.merge(graphdef, state)
+    return_logits = s["all_logits"].ndim == 3
+
+    if use_cache:
+        def next_logits(memory, tok_B, i):
+            """Feed token i (cache slot P + i) and return the logits that follow it."""
+            o = model.forward(tok_B[:, None], positions=jax.lax.dynamic_slice_in_dim(positions_BS, P + i, 1, 1),
+                              attention_mask=mask_BS, cache=memory, cache_index=P + i)
+            return o.cache, o.logits[:, 0]
+    else:
         def next_logits(memory, tok_B, i):
             """Write token i into the buffer and run the whole model on it again."""
             memory = jax.lax.dynamic_update_slice_in_dim(memory, tok_B[:, None].astype(memory.dtype), P + i, 1)
             o = model.forward(memory, positions=positions_BS, attention_mask=mask_BS)
             return memory, jax.lax.dynamic_index_in_dim(o.logits, P + i, 1, keepdims=False)
 
-    V = prompt_logits.shape[-1]
-    carry = dict(
-        i=jnp.int32(0), memory=memory, logits=prompt_logits,
-        tokens=jnp.full((B, N), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
-        lengths=jnp.zeros((B,), jnp.int32),
-        all_logits=jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32))
+    end = jnp.minimum(s["i"] + chunk, N)
 
     def cond(s):
-        return (s["i"] < N) & ~jnp.all(s["done"])
+        return (s["i"] < end) & ~jnp.all(s["done"])
 
     def body(s):
         i, live = s["i"], ~s["done"]
         tok = sample_logits(s["logits"], jax.random.fold_in(key, i), sampling)
         tok = jnp.where(live, tok, pad_id)
-        if stream:
-            io_callback(_emit, None, callback_id, i, tok, live, ordered=True)
         done = s["done"] | (tok == eos_id)
         all_logits = s["all_logits"].at[:, i].set(s["logits"]) if return_logits else s["all_logits"]
         memory, logits = next_logits(s["memory"], tok, i)
         return dict(i=i + 1, memory=memory, logits=logits, tokens=s["tokens"].at[:, i].set(tok), done=done,
                     lengths=s["lengths"] + live, all_logits=all_logits)
 
-    s = jax.lax.while_loop(cond, body, carry)
-    return s["tokens"], s["lengths"], s["all_logits"]
+    return jax.lax.while_loop(cond, body, s)
 
 
 def cache_shape(config: LLMConfig, batch_size: int, max_len: int, dtype=jnp.float32):

@@ -2,6 +2,7 @@
 `generate()`), and `scripts/generate.py`."""
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -213,6 +214,36 @@ def test_tokens_are_streamed_as_they_are_made(greedy):
     assert [step for step, _, _ in calls] == list(range(STEPS))
     np.testing.assert_array_equal(np.stack([t for _, t, _ in calls], 1), out.tokens)
     assert all(live.all() for _, _, live in calls)
+
+
+def test_streaming_says_which_sequences_still_run_and_compiles_programs_the_cache_keeps(pair, greedy, tmp_path):
+    """Tokens reach the host between decode calls of `STREAM_CHUNK` tokens, not through a host
+    callback inside the loop: JAX's persistent compilation cache refuses programs with callbacks, so
+    `generate.py` used to compile its decoder afresh in every run."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    free, _ = greedy
+    eos = int(free.tokens[1, 4])  # the second prompt stops after at most 5 tokens, the others later
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.set_cache_dir(str(tmp_path))  # an empty cache of its own: every program here is compiled and written
+    cc.reset_cache()
+    calls = []
+    try:
+        out = _generate(pair[0], eos_token_id=eos, stop_at_eos=True, max_new_tokens=STEPS - 1,  # new programs
+                        on_token=lambda step, tokens, live: calls.append((step, tokens.copy(), live.copy())))
+    finally:
+        cc.set_cache_dir(saved[0])
+        cc.reset_cache()
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    assert [step for step, _, _ in calls] == list(range(out.lengths.max()))
+    np.testing.assert_array_equal(np.stack([t for _, t, _ in calls], 1), out.tokens[:, :len(calls)])
+    for step, _, live in calls:
+        np.testing.assert_array_equal(live, step < out.lengths)
+    assert not calls[-1][2][1]  # the second prompt had stopped before the last token
+    kept = os.listdir(tmp_path)
+    for program in ("jit__prefill-", "jit__decode-"):
+        assert any(name.startswith(program) for name in kept), program
 
 
 def test_bad_arguments_raise_naming_the_field(pair):
