@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -331,6 +332,21 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _within(timeout: float, deadline: float | None, kind: str) -> float:
+    """A worker's timeout: `timeout`, cut to what is left of the run's `--budget` (a `time.monotonic()`
+    deadline), so that the orchestrator always outlives its workers and writes what they measured."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left < 1:
+        raise RuntimeError(f"--budget spent before the {kind} worker started")
+    return min(timeout, left)
+
+
+def _stop_on_sigterm(signum, frame):
+    raise RuntimeError("stopped by SIGTERM (an outer timeout?) before the workers finished")
+
+
 def default_rounds(preset: str) -> int:
     """Turns of the two frameworks when `--rounds` is not given: 3 where a step takes about a second
     (presets under 200M parameters, `small`), 1 where a round takes minutes (`seed-973m`)."""
@@ -358,7 +374,7 @@ def _pool(runs: list[dict], fw: str) -> dict:
 def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters: int, warmup: int, frameworks,
                moe_impl: str, moe_block: int, remat: str | None, mesh: str | None, timeout: int,
                compare_dense: bool = False, decode_tokens: int = 0, rounds: int = 1, attn_impl: str = "xla",
-               matmul_size: int = 2048, case: dict | None = None) -> dict:
+               matmul_size: int = 2048, case: dict | None = None, deadline: float | None = None) -> dict:
     """One preset and shape: each framework's worker in turn, `rounds` times (a fresh process each
     time; odd rounds start with PyTorch). `case` (a dict) is filled in as the workers finish, so
     that a caller keeps what was measured before a worker failed."""
@@ -381,35 +397,38 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     flops = training_flops_per_token(LLMConfig.from_preset(preset), seq_len) * tokens
     case["train_flops_per_step"] = flops
     runs = {fw: [] for fw in ("jax", "torch") if fw in frameworks}
-    for r in range(rounds):
-        for fw in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            runs[fw].append(_run_worker(fw, argv, timeout))
-            case.update(_pool(runs[fw], fw))
-            case[f"{fw}_tokens_per_sec"] = tokens / case[f"{fw}_step_s"]
-            case[f"{fw}_flops_per_sec"] = flops / case[f"{fw}_step_s"]
-        if len(runs) == 2:
-            case["jax_over_torch"] = case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"]
-            if rounds > 1:
-                case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
-                                                 for j, t in zip(runs["jax"], runs["torch"])]
-    for fw, fw_runs in runs.items():  # MFU against the peak sampled around the steps, pooled and by round
-        n = case.get("jax_devices", 1) if fw == "jax" else 1  # the peak is one device's
-        if f"{fw}_peak_around_steps_flops" in case:
-            case[f"{fw}_mfu_around_steps_peak"] = (case[f"{fw}_flops_per_sec"]
-                                                   / (n * case[f"{fw}_peak_around_steps_flops"]))
-            if rounds > 1:
-                case[f"{fw}_mfu_rounds"] = [flops / r[f"{fw}_step_s"] / (n * float(np.median(r[f"{fw}_peak_samples"])))
-                                            for r in fw_runs]
-    if "jax" in runs:
-        case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
+    try:
+        for r in range(rounds):
+            for fw in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                runs[fw].append(_run_worker(fw, argv, _within(timeout, deadline, fw)))
+                case.update(_pool(runs[fw], fw))
+                case[f"{fw}_tokens_per_sec"] = tokens / case[f"{fw}_step_s"]
+                case[f"{fw}_flops_per_sec"] = flops / case[f"{fw}_step_s"]
+            if len(runs) == 2:
+                case["jax_over_torch"] = case["jax_tokens_per_sec"] / case["torch_tokens_per_sec"]
+                if rounds > 1:
+                    case["jax_over_torch_rounds"] = [t["torch_step_s"] / j["jax_step_s"]
+                                                     for j, t in zip(runs["jax"], runs["torch"])]
+    finally:  # also when a later worker failed: the figures of those that finished stay complete
+        for fw, fw_runs in runs.items():  # MFU against the peak sampled around the steps, pooled and by round
+            n = case.get("jax_devices", 1) if fw == "jax" else 1  # the peak is one device's
+            if f"{fw}_peak_around_steps_flops" in case:
+                case[f"{fw}_mfu_around_steps_peak"] = (case[f"{fw}_flops_per_sec"]
+                                                       / (n * case[f"{fw}_peak_around_steps_flops"]))
+                if rounds > 1:
+                    case[f"{fw}_mfu_rounds"] = [flops / r[f"{fw}_step_s"]
+                                                / (n * float(np.median(r[f"{fw}_peak_samples"]))) for r in fw_runs]
+        if "jax_flops_per_sec" in case:
+            case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
     if "jax" in frameworks and compare_dense and moe_impl != "dense":
-        dense = _run_worker("jax", worker_argv("dense"), timeout)
+        dense = _run_worker("jax", worker_argv("dense"), _within(timeout, deadline, "jax"))
         case["jax_dense_step_s"] = dense["jax_step_s"]
         case["jax_dense_peak_rss_gb"] = dense["jax_peak_rss_gb"]
         case["sparse_over_dense"] = dense["jax_step_s"] / case["jax_step_s"]
     if decode_tokens:
         case.update(_run_worker("decode", ["--preset", preset, "--decode-tokens", str(decode_tokens),
-                                           "--frameworks", ",".join(frameworks)], timeout))
+                                           "--frameworks", ",".join(frameworks)],
+                                _within(timeout, deadline, "decode")))
     case["peak_rss_gb"] = case.get("jax_peak_rss_gb")
     return case
 
@@ -466,9 +485,13 @@ def markdown(result: dict) -> str:
 def _check_args(p, args, shapes, decode_tokens: int) -> None:
     """Bad input: one line on stderr, exit status 2, before any worker starts."""
     cli.check_at_least(p, args, batch_size=1, seq_len=2, iters=1, warmup=0, decode_tokens=0, matmul_size=1,
-                       timeout=1, rounds=1)
+                       timeout=1, rounds=1, budget=1, moe_block=1)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: the folder of {args.json} does not exist")
+    if args.json and os.path.isdir(args.json):
+        p.error(f"--json: {args.json} is a directory (give a file name)")
+    if args.peak_flops is not None and not (0 < args.peak_flops < float("inf")):
+        p.error(f"--peak-flops must be a positive number, got {args.peak_flops}")
     for preset, _, seq_len in shapes:
         longest = cli.preset_config(p, preset, seq_len).max_position_embeddings
         if decode_tokens and DECODE_PROMPT + decode_tokens > longest:
@@ -519,7 +542,14 @@ def main(argv=None) -> int:
     p.add_argument("--peak-flops", type=float, default=None, help="datasheet peak per device (known GPUs/TPUs are looked up)")
     p.add_argument("--json", help="also write the figures as JSON here")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
+    p.add_argument("--budget", type=int, default=None,
+                   help="seconds for the whole run: each worker's timeout is cut to what is left, so that what was "
+                        "measured is still written (give it a margin under any outer timeout)")
     args = p.parse_args(argv)
+    # The orchestrator initialises JAX's backend too (device name, --attn-impl check), and its
+    # workers run beside it: on a GPU, JAX's default preallocation of 75% of the memory in the
+    # orchestrator would leave the workers a quarter. Allocate on demand (set it to override).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
@@ -538,16 +568,17 @@ def main(argv=None) -> int:
     _check_args(p, args, shapes, decode_tokens)
     matmul_argv = (["--matmul-size", str(args.matmul_size), "--dtype", args.dtype]
                    + (["--torch-matmul"] if "torch" in frameworks else []))
+    deadline = None if args.budget is None else time.monotonic() + args.budget
+    if argv is None:  # a command-line run: on an outer `timeout`'s SIGTERM, still write what was measured
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cases": [],
-              "matmul": _or_exit(_run_worker, "matmul", matmul_argv, args.timeout)}
+              "matmul": _or_exit(lambda: _run_worker("matmul", matmul_argv, _within(args.timeout, deadline, "matmul")))}
     peak = result["matmul"]["jax_matmul_float32_flops" if args.dtype == "float32" else "jax_matmul_bfloat16_flops"]
     from jaxllm.flops import device_peak_flops
 
     datasheet = args.peak_flops
-    if datasheet is None:
-        import jax
-
-        datasheet = device_peak_flops(jax.devices()[0], args.dtype)
+    if datasheet is None:  # the matmul worker's device name: no JAX backend (CUDA context) in this process
+        datasheet = device_peak_flops(str(result["matmul"].get("device", "")), args.dtype)
     failed = None
     for preset, b, t in shapes:
         print(f"benchmarking {preset} at {b} x {t} ...", file=sys.stderr, flush=True)
@@ -557,7 +588,8 @@ def main(argv=None) -> int:
             bench_case(preset, b, t, dtype=args.dtype, iters=iters, warmup=args.warmup, frameworks=frameworks,
                        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
                        timeout=args.timeout, compare_dense=args.compare_dense, decode_tokens=decode_tokens,
-                       rounds=rounds, attn_impl=args.attn_impl, matmul_size=args.matmul_size, case=case)
+                       rounds=rounds, attn_impl=args.attn_impl, matmul_size=args.matmul_size, case=case,
+                       deadline=deadline)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             failed = e  # report what was measured, then the error
         if "jax_flops_per_sec" in case:

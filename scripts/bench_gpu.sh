@@ -4,7 +4,7 @@
 #   scripts/bench_gpu.sh [OUT_DIR]      (default ./bench-gpu)
 # Writes OUT_DIR/bench.md (the tables), OUT_DIR/bench.json (every case) and OUT_DIR/log.txt (versions,
 # progress, errors). Settings (environment):
-#   BATCH_SIZES   micro-batches, run in this order (default "32 4 16"; sequence 256)
+#   BATCH_SIZES   micro-batches, run in this order after the EXTRA_IMPLS (default "16 32 4"; sequence 256)
 #   EXTRA_IMPLS   MoE dispatches also timed for JAX alone at EXTRA_BATCH (default 16), as IMPL[:BLOCK][+cudnn]
 #                 (BLOCK: rows per block of the gather dispatch; +cudnn: cuDNN's fused attention;
 #                 default "dense dense+cudnn gather:512 gather:512+cudnn gather:128")
@@ -36,17 +36,28 @@ except Exception as e:
     print("cuDNN version not found:", e)'
 } 2>&1 | tee -a "$log"
 
+# merge: every case's JSON so far into bench.json (after each case: a run cut short keeps it).
+merge() {
+  "$py" - "$cases" "$out/bench.json" <<'EOF'
+import glob, json, os, sys
+runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))}
+json.dump(runs, open(sys.argv[2] + ".tmp", "w"), indent=2)
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+EOF
+}
+
 # bench ARGS...: one bench.py run; its table goes to bench.md, its JSON to the cases folder.
 bench() {
   local name="$1"; shift
   local left=$((budget - SECONDS))
   if (( left < 45 )); then say "$name: skipped (${left}s of the budget left)"; return 1; fi
   say "$name: $*"
-  # The workers get 30 s less than the whole call, so that bench.py itself can still write what
-  # was measured (its table and JSON) when a worker runs out of time.
-  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --rounds 1 --timeout "$((left - 30))" \
-    --json "$cases/$name.json" "$@" >"$cases/$name.md" 2>>"$log"
+  # --budget: bench.py cuts its workers short so that it still writes what they measured (and it
+  # writes it on the outer timeout's SIGTERM too).
+  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --rounds 1 --timeout "$((left - 20))" \
+    --budget "$((left - 20))" --json "$cases/$name.json" "$@" >"$cases/$name.md" 2>>"$log"
   local rc=$?
+  merge
   (( rc == 0 )) || failures=$((failures + 1))
   { echo "### $name"; echo; cat "$cases/$name.md"; echo; } >>"$out/bench.md"
   cat "$cases/$name.md"
@@ -61,24 +72,31 @@ if ! bench smoke --preset tiny --batch-size 2 --seq-len 32 --iters 2 --warmup 1 
   bench smoke-jax --preset tiny --batch-size 2 --seq-len 32 --iters 2 --warmup 1 --matmul-size 1024 \
     --frameworks jax || { say "the JAX smoke case failed: see $log"; exit 1; }
 fi
-for b in ${BATCH_SIZES:-32 4 16}; do
-  bench "b$b" --preset "$preset" --batch-size "$b" --seq-len 256 --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" \
-    --frameworks "$frameworks"
-done
+# cuDNN's fused attention, forward and backward, on a small bf16 batch (seconds): when it fails
+# here, the +cudnn cases are skipped instead of each failing after a minute of set-up.
+cudnn_ok=1
+"$py" -c 'import jax, jax.numpy as jnp
+q = jax.random.normal(jax.random.key(0), (2, 256, 12, 64), jnp.bfloat16)
+f = lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn").astype(jnp.float32).sum()
+print("cuDNN attention probe: ok", float(jax.jit(jax.grad(f))(q).astype(jnp.float32).sum()))' 2>&1 | tail -n 3 >>"$log"
+(( ${PIPESTATUS[0]} == 0 )) || { cudnn_ok=0; say "the cuDNN attention probe failed (see above): the +cudnn cases are skipped"; }
+# The dispatches not yet measured on a GPU first, then the side-by-side cases.
 for spec in ${EXTRA_IMPLS-dense dense+cudnn gather:512 gather:512+cudnn gather:128}; do
   attn=xla
-  if [[ "$spec" == *+cudnn ]]; then attn=cudnn spec="${spec%+cudnn}"; fi
+  if [[ "$spec" == *+cudnn ]]; then
+    (( cudnn_ok )) || { say "$spec: skipped (the cuDNN attention probe failed)"; continue; }
+    attn=cudnn spec="${spec%+cudnn}"
+  fi
   impl="${spec%%:*}" block=128
   [[ "$spec" == *:* ]] && block="${spec#*:}"
   bench "b${EXTRA_BATCH:-16}-$impl-$block-$attn" --preset "$preset" --batch-size "${EXTRA_BATCH:-16}" --seq-len 256 \
     --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" --frameworks jax --moe-impl "$impl" --moe-block "$block" \
     --attn-impl "$attn"
 done
-"$py" - "$cases" "$out/bench.json" <<'EOF'
-import glob, json, os, sys
-runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))}
-json.dump(runs, open(sys.argv[2], "w"), indent=2)
-EOF
+for b in ${BATCH_SIZES:-16 32 4}; do
+  bench "b$b" --preset "$preset" --batch-size "$b" --seq-len 256 --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" \
+    --frameworks "$frameworks"
+done
 rm -rf "$cases"
 say "done: $out/bench.md, $out/bench.json, $log ($failures case(s) failed or were cut short)"
 exit $(( failures > 0 ))

@@ -265,54 +265,64 @@ def main(argv=None) -> int:
     print(f"{device.device_kind}, jax {jax.__version__}; {args.preset}, sequence {args.seq_len}, {args.dtype}"
           + (f"; MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "; no peak known (--peak-flops)"), flush=True)
     kept = False
+    failed = 0
     for b, impl, remat, block in variants:
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
             break
-        step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
-                                                      moe_impl=impl, moe_block=block, remat=remat,
-                                                      attn_impl=args.attn_impl)
+        try:  # one variant failing (out of memory, cuDNN) costs that variant only
+            step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
+                                                          moe_impl=impl, moe_block=block, remat=remat,
+                                                          attn_impl=args.attn_impl)
 
-        def run(n, times=None):
-            nonlocal state
-            for _ in range(n):
-                t = time.perf_counter()
-                state, m = step(state, batch)
-                jax.block_until_ready(m["loss"])
-                if times is not None:
-                    times.append(time.perf_counter() - t)
-            return m
+            def run(n, times=None):
+                nonlocal state
+                for _ in range(n):
+                    t = time.perf_counter()
+                    state, m = step(state, batch)
+                    jax.block_until_ready(m["loss"])
+                    if times is not None:
+                        times.append(time.perf_counter() - t)
+                return m
 
-        run(2)
-        times = []
-        m = run(args.steps, times)
-        med = float(np.median(times))
-        flops = training_flops_per_token(config, args.seq_len) * b * args.seq_len
-        mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
-        print(f"{b} x {args.seq_len} {impl}{f'/{block}' if impl in ('gather', 'grouped') else ''}, remat {remat}"
-              f"{'' if args.attn_impl == 'xla' else ', ' + args.attn_impl + ' attention'}: "
-              f"step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {b * args.seq_len / med:,.0f} tok/s, "
-              f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
-              + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")
-              + f", loss {float(m['loss']):.3f}", flush=True)
-        if profile:
-            trace_dir = tempfile.mkdtemp(prefix="profile_step_")
-            jax.profiler.start_trace(trace_dir)
-            run(3)
-            jax.profiler.stop_trace()
-            hlo = step.as_text()
-            xplane = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-            report = (cpu_ops(host_events(xplane), 3, hlo, args.top) if on_cpu
-                      else device_kernels(xplane, 3, hlo, args.top))
-            print("\n".join(report), flush=True)
-            if args.out and not kept:
-                shutil.copy(xplane, os.path.join(args.out, "step.xplane.pb"))
-                with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:
-                    f.write(hlo)
-                kept = True
-            shutil.rmtree(trace_dir, ignore_errors=True)
-        del state, step, batch
-    return 0
+            run(2)
+            times = []
+            m = run(args.steps, times)
+            med = float(np.median(times))
+            flops = training_flops_per_token(config, args.seq_len) * b * args.seq_len
+            mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
+            print(f"{b} x {args.seq_len} {impl}{f'/{block}' if impl in ('gather', 'grouped') else ''}, remat {remat}"
+                  f"{'' if args.attn_impl == 'xla' else ', ' + args.attn_impl + ' attention'}: "
+                  f"step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {b * args.seq_len / med:,.0f} tok/s, "
+                  f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
+                  + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")
+                  + f", loss {float(m['loss']):.3f}", flush=True)
+            if profile:
+                trace_dir = tempfile.mkdtemp(prefix="profile_step_")
+                jax.profiler.start_trace(trace_dir)
+                run(3)
+                jax.profiler.stop_trace()
+                hlo = step.as_text()
+                xplane = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+                report = (cpu_ops(host_events(xplane), 3, hlo, args.top) if on_cpu
+                          else device_kernels(xplane, 3, hlo, args.top))
+                print("\n".join(report), flush=True)
+                if args.out and not kept:
+                    shutil.copy(xplane, os.path.join(args.out, "step.xplane.pb"))
+                    with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:
+                        f.write(hlo)
+                    kept = True
+                shutil.rmtree(trace_dir, ignore_errors=True)
+            del state, step, batch
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            try:  # a trace left open would refuse the next variant's
+                jax.profiler.stop_trace()
+            except Exception:  # noqa: BLE001
+                pass
+            print(f"{b}:{impl}:{remat}:{block}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
+                  flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions, got 256"),
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
     (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
+    (["--quick", "--json", "/tmp"], "--json: /tmp is a directory"),
+    (["--quick", "--moe-block", "0"], "--moe-block must be at least 1"),
+    (["--quick", "--peak-flops", "-1"], "--peak-flops must be a positive number"),
     (["--quick", "--attn-impl", "cudnn", "--dtype", "bfloat16"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message, capsys):
@@ -101,7 +104,8 @@ def test_a_failed_worker_keeps_what_the_workers_before_it_measured(monkeypatch, 
         if kind == "matmul":
             return {"jax_matmul_float32_flops": 1e11, "device": "cpu"}
         if kind == "jax":
-            return {"jax_step_s": 0.5, "jax_step_times": [0.5], "compile_s": 3.0, "jax_peak_rss_gb": 1.0}
+            return {"jax_step_s": 0.5, "jax_step_times": [0.5], "compile_s": 3.0, "jax_peak_rss_gb": 1.0,
+                    "jax_peak_samples": [1e11, 1.2e11]}
         raise RuntimeError(f"{kind} worker failed:\nCUDA out of memory")
 
     monkeypatch.setattr(bench, "_run_worker", run)
@@ -113,6 +117,28 @@ def test_a_failed_worker_keeps_what_the_workers_before_it_measured(monkeypatch, 
     assert case["jax_tokens_per_sec"] == pytest.approx(8 * 128 / 0.5) and case["compile_s"] == 3.0
     assert case["error"] == "torch worker failed:" and "torch_tokens_per_sec" not in case
     assert f"| {case['jax_tokens_per_sec']:.1f} | - |" in captured.out
+    assert case["jax_mfu_around_steps_peak"] == pytest.approx(case["jax_flops_per_sec"] / 1.1e11)
+
+
+def test_budget_cuts_every_workers_timeout_to_what_is_left_of_the_run(monkeypatch, capsys):
+    """`--budget`: the workers together fit in it (an outer `timeout` then never kills the
+    orchestrator before it writes what they measured)."""
+    import jaxllm.bench as bench
+
+    timeouts = []
+
+    def run(kind, argv, timeout):
+        timeouts.append(timeout)
+        if kind == "matmul":
+            return {"jax_matmul_float32_flops": 1e11, "device": "cpu"}
+        return {f"{kind}_step_s": 0.5, f"{kind}_step_times": [0.5], "compile_s": 3.0, f"{kind}_peak_rss_gb": 1.0}
+
+    monkeypatch.setattr(bench, "_run_worker", run)
+    assert bench.main(["--quick", "--decode-tokens", "0", "--rounds", "1", "--timeout", "1800", "--budget", "90"]) == 0
+    assert len(timeouts) == 3 and all(0 < t <= 90 for t in timeouts)
+    assert bench.main(["--quick", "--decode-tokens", "0", "--rounds", "1", "--timeout", "60", "--budget", "90"]) == 0
+    assert timeouts[3:] == [60, 60, 60]
+    capsys.readouterr()
 
 
 def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(monkeypatch, tmp_path, capsys):
