@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start N cooperating train_jax.py processes on 127.0.0.1, to try multi-host training on one machine.
-#   scripts/launch_local.sh 2 --preset tiny --mesh data=2,fsdp=2 --steps 20
+#   scripts/launch_local.sh 2 --preset tiny --mesh data=2,fsdp=2 --steps 20 --ckpt-dir ckpt-multi
 # Each process gets DEVICES_PER_PROCESS simulated CPU devices (default 2). The processes find each
 # other through a coordinator on a free local port; process 0 prints the logs. Ctrl-C stops all.
 set -u
