@@ -12,12 +12,19 @@ The converters are imported lazily: `convert.mapping` needs numpy only.
 
 class ConvertError(ValueError):
     """An input that cannot be converted or an output that must not be written; the message names
-    the file, directory or tensor."""
+    the file, directory or tensor. `cli`: the message as a command line words it (its flags rather
+    than the library's arguments), when that differs."""
+
+    def __init__(self, message: str, *, cli: str | None = None):
+        super().__init__(message)
+        self.cli = cli
 
 
-def error_line(e: BaseException) -> str:
-    """An exception as the one line a command line prints on stderr."""
-    return " ".join(str(e).split()) or type(e).__name__
+def error_line(e: BaseException, *, cli: bool = False) -> str:
+    """An exception as the one line a command line prints on stderr (`cli`: its command-line
+    wording, where it has one)."""
+    text = (getattr(e, "cli", None) if cli else None) or str(e)
+    return " ".join(text.split()) or type(e).__name__
 
 
 __all__ = ["ConvertError", "error_line", "export_hf", "import_hf"]

@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         result = export_hf(args.ckpt_dir, args.out, step=args.step, dtype=args.dtype, force=args.force,
                            max_shard_size=args.max_shard_size)
     except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
-        print(f"flax_to_torch: error: {error_line(e)}", file=sys.stderr)
+        print(f"{p.prog}: error: {error_line(e, cli=True)}", file=sys.stderr)
         return 2
     for note in result.notes:
-        print(f"flax_to_torch: note: {note}", file=sys.stderr)
+        print(f"{p.prog}: note: {note}", file=sys.stderr)
     files = result.weight_files
     print(f"wrote {result.out_dir} (step {result.step}, {result.dtype}, "
           f"{files[0] if len(files) == 1 else f'{len(files)} safetensors shards'}"

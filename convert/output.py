@@ -31,7 +31,8 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
         if not replaceable:
             raise ConvertError(f"output {out} exists and is not a {kind} directory; refusing to replace it")
         if not force:
-            raise ConvertError(f"output {out} already exists (--force / force=True replaces it)")
+            raise ConvertError(f"output {out} already exists (force=True replaces it)",
+                               cli=f"output {out} already exists (--force replaces it)")
     return out
 
 

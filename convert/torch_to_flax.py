@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
         result = import_hf(args.hf_dir, args.out, force=args.force)
     except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
-        print(f"torch_to_flax: error: {error_line(e)}", file=sys.stderr)
+        print(f"{p.prog}: error: {error_line(e, cli=True)}", file=sys.stderr)
         return 2
     for note in result.notes:
-        print(f"torch_to_flax: note: {note}", file=sys.stderr)
+        print(f"{p.prog}: note: {note}", file=sys.stderr)
     files = result.weight_files
     print(f"wrote {result.out_dir} (step 0, from {files[0] if len(files) == 1 else f'{len(files)} shards'}"
           f"{', tokenizer ' + result.tokenizer if result.tokenizer else ''})")

@@ -518,7 +518,7 @@ def test_torch_to_flax_refuses_bad_input(case, hf_src, tmp_path, capsys):
     make, message = TORCH_TO_FLAX_ERRORS[case]
     make(tmp_path / "in")
     rc, err = _run_main(main, [tmp_path / "in", "--out", tmp_path / "ckpt"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("torch_to_flax: error: "), err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("torch_to_flax.py: error: "), err
     assert message in err, err
     assert _no_leftovers(tmp_path, "ckpt") == []
 
@@ -561,7 +561,7 @@ def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
     make, message = FLAX_TO_TORCH_ERRORS[case]
     make(tmp_path / "in")
     rc, err = _run_main(main, [tmp_path / "in", "--out", tmp_path / "hf"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("flax_to_torch: error: "), err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("flax_to_torch.py: error: "), err
     assert message in err, err
     assert _no_leftovers(tmp_path, "hf") == []
 
@@ -583,6 +583,8 @@ def test_the_libraries_raise_convert_errors(parity, tmp_path):
         export_hf(parity.ckpt, os.path.join(parity.ckpt, "hf"))
     with pytest.raises(ConvertError, match="does not exist"):
         import_hf(tmp_path / "nothing", tmp_path / "ckpt")
+    with pytest.raises(ConvertError, match=r"already exists \(force=True replaces it\)$"):
+        export_hf(parity.ckpt, parity.hf_dir)
     assert _no_leftovers(tmp_path, "hf") == [] and _no_leftovers(tmp_path, "ckpt") == []
 
 
@@ -612,8 +614,8 @@ def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_co
     out.mkdir()
     (out / "config.json").write_text("{}")  # an old export
     rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", out], capsys)
-    assert rc == 2 and "already exists" in err and err.count("\n") == 1
-    assert os.listdir(out) == ["config.json"]
+    assert rc == 2 and "already exists (--force replaces it)" in err and err.count("\n") == 1, err
+    assert "force=True" not in err and os.listdir(out) == ["config.json"]
 
     # --force, but the new export fails half-way: the old output stays, nothing else is left.
     def broken(*args, **kwargs):
@@ -676,7 +678,7 @@ def test_command_lines_run_from_the_repository_root(parity, tmp_path, capsys):
     ]:
         r = _script(name, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
-        assert r.stderr.startswith(f"{name}: error: ")
+        assert r.stderr.startswith(f"{name}.py: error: ")  # as argparse's own errors
 
 
 # ---- seed-973m ------------------------------------------------------------------------------------
