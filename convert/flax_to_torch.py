@@ -8,7 +8,9 @@ Reads step N (default: the latest) of an Orbax checkpoint directory as training 
 model.safetensors (sharded above --max-shard-size), generation_config.json, tokenizer files when
 the checkpoint records a tokenizer, and the modeling code, so that
 `AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)` works anywhere.
-An existing HF_DIR is refused unless --force. Errors: one line on stderr, exit status 2.
+An existing HF_DIR is refused unless --force, and never replaced when it holds what an export does
+not write (a Trainer checkpoint's training state, other files). Errors: one line on stderr, exit
+status 2.
 """
 
 from __future__ import annotations

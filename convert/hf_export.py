@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from convert import ConvertError, error_line, mapping
-from convert.output import atomic_output_dir, check_output
+from convert.output import atomic_output_dir, check_output, listing
 from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
 
@@ -40,6 +40,7 @@ AUTO_MAP = {
 # Tensors kept in float32 whatever the export dtype: `router_bias` is state that moves in steps of
 # `router_bias_update_rate` and only chooses experts (ARCHITECTURE.md: float32).
 KEEP_FLOAT32 = ("router_bias",)
+REMOTE_CODE = ("configuration_customllm.py", "modeling_customllm.py")  # torch_ref's files shipped with the weights
 
 
 @dataclasses.dataclass
@@ -61,6 +62,29 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+# What an export writes (the tokenizer's files depend on its kind) and what else a Hugging Face
+# model directory may hold in its place (legacy weights); anything else is not replaced.
+HF_DIR_FILES = re.compile("|".join([
+    r"config\.json", r"generation_config\.json",
+    r"model(-\d+-of-\d+)?\.safetensors", r"model\.safetensors\.index\.json",
+    r"pytorch_model(-\d+-of-\d+)?\.bin", r"pytorch_model\.bin\.index\.json",
+    *(re.escape(name) for name in (*REMOTE_CODE, f"{CORE_MODULE}.py")),
+    r"tokenizer(_config)?\.json", r"tokenizer\.model", r"special_tokens_map\.json", r"added_tokens\.json",
+    r"vocab\.(json|txt)", r"merges\.txt", r"chat_template\.(jinja|json)"]))
+# A Trainer checkpoint's (`checkpoint-N`, scripts/train_torch.py) state beside its weights.
+TRAINING_STATE = re.compile(r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|trainer_state\.json"
+                            r"|training_args\.bin|data_state\.rank\d+\.json")
+
+
+def hf_dir_extras(path: str) -> list[str]:
+    """What the Hugging Face directory `path` holds that `export_hf` does not write: training state
+    (first), subdirectories, other files."""
+    other = [n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in sorted(os.listdir(path))
+             if not (HF_DIR_FILES.fullmatch(n) and os.path.isfile(os.path.join(path, n)))]
+    state = [n for n in other if TRAINING_STATE.fullmatch(n)]
+    return ([f"training state ({listing(state)})"] if state else []) + [n for n in other if n not in state]
+
+
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, step: int | None = None,
               dtype: str = "float32", force: bool = False,
               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> ExportResult:
@@ -73,7 +97,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     _require_dir(ckpt_dir, "checkpoint directory")
     out = check_output(out_dir if out_dir is not None else default_out_dir(ckpt_dir), force=force,
-                       kind="Hugging Face model", is_kind=is_hf_dir, source=ckpt_dir)
+                       kind="Hugging Face model", is_kind=is_hf_dir, extras=hf_dir_extras, source=ckpt_dir)
     config, step, meta, flat, saved_tokenizer = read_flax_checkpoint(ckpt_dir, step)
     tensors = to_torch_tensors(flat, config, DTYPES[dtype])
     with atomic_output_dir(out) as tmp:
@@ -162,7 +186,7 @@ def remote_code_files() -> dict[str, str]:
 
     ref_dir = os.path.dirname(torch_ref.__file__)
     files = {}
-    for name in ("configuration_customllm.py", "modeling_customllm.py"):
+    for name in REMOTE_CODE:
         with open(os.path.join(ref_dir, name)) as f:
             files[name] = f.read()
     with open(jaxllm.config.__file__) as f:

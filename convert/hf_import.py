@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from convert import ConvertError, error_line, mapping
-from convert.output import atomic_output_dir, check_output
+from convert.output import atomic_output_dir, check_output, listing
 from jaxllm.config import MODEL_TYPE, LLMConfig
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -44,13 +44,26 @@ def is_checkpoint_dir(path: str) -> bool:
     return any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
 
 
+def checkpoint_extras(path: str) -> list[str]:
+    """What the Orbax checkpoint directory `path` holds that `import_hf` does not write: training
+    state (a step's `train_state`, first) and anything but numbered steps (a run's metrics.jsonl,
+    loss.png)."""
+    names = sorted(os.listdir(path))
+    is_step = {n: n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in names}
+    trained = [str(s) for s in sorted(int(n) for n in names if is_step[n])
+               if os.path.isdir(os.path.join(path, str(s), "train_state"))]
+    state = [f"training state (train_state in step{'s' if len(trained) > 1 else ''} {listing(trained)})"]
+    return (state if trained else []) + [n for n in names if not is_step[n]]
+
+
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> ImportResult:
     """Convert the Hugging Face directory `hf_dir` into a Flax checkpoint at `out_dir` (step 0).
     An existing `out_dir` is replaced only with `force`, and only once the new checkpoint is
     complete. Raises ConvertError naming the file or tensor at fault."""
     hf_dir = os.path.abspath(os.fspath(hf_dir))
     config, weights = read_hf_dir(hf_dir)
-    out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir, source=hf_dir)
+    out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir,
+                       extras=checkpoint_extras, source=hf_dir)
     flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
     tokenizer, files, notes = read_tokenizer(hf_dir, config)
     with atomic_output_dir(out) as tmp:

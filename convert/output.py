@@ -17,23 +17,36 @@ from convert import ConvertError
 
 
 def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str], bool],
-                 source: str | None = None) -> str:
-    """The absolute output path, or ConvertError: it exists without `force`, it exists and is not a
-    `kind` directory (never replaced, even with `force`: a mistyped path must not delete a home
-    directory), or it overlaps the `source` directory."""
+                 extras: Callable[[str], list[str]], source: str | None = None) -> str:
+    """The absolute output path, or ConvertError: it overlaps the `source` directory, it exists
+    without `force`, or it exists and is not a `kind` directory as the converter writes it: not
+    `is_kind`, or holding `extras` (what such a directory does not hold: training state, other
+    files). That one is never replaced, even with `force`: a mistyped path must not delete a home
+    directory or a training run."""
     out = os.path.abspath(os.fspath(out_dir))
     if source is not None:
         src = os.path.abspath(os.fspath(source))
         if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
             raise ConvertError(f"output {out} overlaps the input {src}; choose another output directory")
     if os.path.lexists(out):
-        replaceable = os.path.isdir(out) and not os.path.islink(out) and (is_kind(out) or not os.listdir(out))
-        if not replaceable:
+        if not os.path.isdir(out) or os.path.islink(out):
             raise ConvertError(f"output {out} exists and is not a {kind} directory; refusing to replace it")
+        names = sorted(os.listdir(out))
+        held = (extras(out) or ([] if is_kind(out) else names)) if names else []
+        if held:
+            msg = f"output {out} is not a {kind} directory as this converter writes it (it holds {listing(held)}); " \
+                  "refusing to replace it"
+            raise ConvertError(f"{msg}: choose another output directory", cli=f"{msg}: use another --out")
         if not force:
             raise ConvertError(f"output {out} already exists (force=True replaces it)",
                                cli=f"output {out} already exists (--force replaces it)")
     return out
+
+
+def listing(items: list[str], most: int = 4) -> str:
+    """`a, b, c` or `a, b, c, d and 3 more`."""
+    shown = ", ".join(items[:most])
+    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ pytorch_model.bin loaded with weights_only=True), checks every tensor name and s
 config before loading data, and writes step 0 of an Orbax checkpoint (float32 master weights,
 router_bias, config, the directory's tokenizer files) that `jaxllm.load(CKPT_DIR)` and training
 (--init-from) read.
-An existing CKPT_DIR is refused unless --force. Errors: one line on stderr, exit status 2.
+An existing CKPT_DIR is refused unless --force, and never replaced when it holds what a conversion
+does not write (a training run's optimizer state, metrics, other files). Errors: one line on
+stderr, exit status 2.
 """
 
 from __future__ import annotations

@@ -650,6 +650,45 @@ def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_co
     assert rc == 0, err
 
 
+def _trainer_checkpoint(path, *, complete=True):
+    """A `checkpoint-N` as scripts/train_torch.py saves it: a Hugging Face directory with the
+    Trainer's state beside it (`complete=False`: a save cut short, before its trainer state)."""
+    _copy(HF_SRC[0], path)
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
+    (path / "data_state.rank0.json").write_text(json.dumps({"process_count": 1, "state": None}))
+    if complete:
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_force_never_replaces_training_state(parity, hf_src, tmp_path, capsys):
+    """--force replaces an earlier conversion, never a training run: a JAX run's steps with their
+    train_state and its metrics, or a Trainer checkpoint (an optimizer and trainer state beside
+    the weights). The error says what the directory holds."""
+    from convert.flax_to_torch import main as flax_to_torch_main
+    from convert.torch_to_flax import main as torch_to_flax_main
+
+    run = tmp_path / "run"
+    (run / "300" / "train_state").mkdir(parents=True)
+    (run / "300" / "params").mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    rc, err = _run_main(torch_to_flax_main, [hf_src, "--out", run, "--force"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "refusing to replace it: use another --out" in err, err
+    assert "it holds training state (train_state in step 300), metrics.jsonl" in err, err
+    assert sorted(os.listdir(run)) == ["300", "metrics.jsonl"] and sorted(os.listdir(run / "300")) == \
+        ["params", "train_state"]
+    with pytest.raises(ConvertError, match="training state .* choose another output directory"):
+        import_hf(hf_src, run, force=True)
+
+    ckpt = _trainer_checkpoint(tmp_path / "checkpoint-10")
+    files = {n: (ckpt / n).read_bytes() for n in os.listdir(ckpt)}
+    rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", ckpt, "--force"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "training state (data_state.rank0.json, optimizer.pt, trainer_state.json)" in err, err
+    assert {n: (ckpt / n).read_bytes() for n in os.listdir(ckpt)} == files
+    assert _no_leftovers(tmp_path, "run") == ["run"] and _no_leftovers(tmp_path, "checkpoint-10") == ["checkpoint-10"]
+
+
 def _script(name, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, f"convert/{name}.py", *map(str, args)], cwd=ROOT, env=env,
