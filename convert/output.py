@@ -1,16 +1,22 @@
 """Writing a conversion's output all at once.
 
 Everything goes into a temporary directory next to the target (same file system), which is
-renamed into place only when complete: a failed or interrupted conversion leaves no partial
-output, and `force=True` replaces an existing output only after the new one is whole.
+renamed into place only when complete: a failed or interrupted conversion (an error, Ctrl-C,
+SIGTERM) leaves no partial output, and `force=True` replaces an existing output only after the
+new one is whole. A temporary directory that a killed run (SIGKILL, power loss) left behind is
+removed by the next conversion to the same target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from typing import Callable, Iterator
 
 from convert import ConvertError
@@ -52,11 +58,32 @@ def listing(items: list[str], most: int = 4) -> str:
 @contextlib.contextmanager
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a fresh temporary directory next to `out`; on success rename it to `out` (replacing
-    an existing `out`, which the caller has vetted with `check_output`); on any error remove it."""
+    an existing `out`, which the caller has vetted with `check_output`); on any error remove it.
+    SIGTERM is handled as Ctrl-C while inside (SystemExit(143) from the main thread: the temporary
+    directory is removed, the process exits with status 143), the previous handler restored after."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        with _atomic_output_dir(out) as tmp:
+            yield tmp
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _atomic_output_dir(out: str) -> Iterator[str]:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(out)
+    _remove_abandoned(parent, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    lock = _lock(tmp)  # held while it is written: marks it as in use to another run's `_remove_abandoned`
     try:
         yield tmp
         _default_permissions(tmp)
@@ -75,6 +102,41 @@ def atomic_output_dir(out: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock(path: str) -> int | None:
+    """A file descriptor of `path` holding an exclusive lock (released when closed or when the
+    process dies, however), or None where `path` cannot be locked."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_abandoned(parent: str, name: str) -> None:
+    """Remove the temporary directories of `name` (`.NAME.XXXXXXXX.tmp`, as `mkdtemp` names them
+    here) that no running conversion holds locked: what a killed run left, partial files that can
+    be GBs. (The `.old` directories are kept: one left between the two renames holds the only copy
+    of the previous output.)"""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        if pattern.fullmatch(entry) and os.path.isdir(path) and not os.path.islink(path):
+            lock = _lock(path)
+            if lock is not None:  # no run holds it
+                try:
+                    shutil.rmtree(path, ignore_errors=True)
+                finally:
+                    os.close(lock)
 
 
 def _default_permissions(top: str) -> None:

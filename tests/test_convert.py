@@ -689,6 +689,49 @@ def test_force_never_replaces_training_state(parity, hf_src, tmp_path, capsys):
     assert _no_leftovers(tmp_path, "run") == ["run"] and _no_leftovers(tmp_path, "checkpoint-10") == ["checkpoint-10"]
 
 
+def test_sigterm_removes_the_partial_output_as_ctrl_c_does(tmp_path):
+    """A conversion stopped by SIGTERM (kill, a timeout) exits with status 143 and leaves nothing
+    behind; the previous SIGTERM handler is back once an output is written."""
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        from convert.output import atomic_output_dir
+        with atomic_output_dir(sys.argv[1] + "-done") as tmp:
+            open(os.path.join(tmp, "f"), "w").close()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        with atomic_output_dir(sys.argv[1]) as tmp:
+            open(os.path.join(tmp, "partial"), "w").close()
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert os.listdir(tmp_path) == ["out-done"]
+
+
+def test_the_temporary_output_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
+    """What a killed run (SIGKILL) left, a `.NAME.XXXXXXXX.tmp` directory, goes when the next
+    conversion to NAME starts; kept: another name's, an `.old` one (the previous output, when the
+    kill came between the two renames) and the one a running conversion holds."""
+    from convert.output import atomic_output_dir
+
+    names = [".out.k1ll3d_0.tmp", ".out.abcd1234.old", ".out.other.tmp", ".output.abcd1234.tmp"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "partial").write_text("x")
+    with atomic_output_dir(str(tmp_path / "out")) as running:
+        with atomic_output_dir(str(tmp_path / "out")):
+            pass
+        assert os.path.isdir(running)
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:] + ["out"])
+
+
 def _script(name, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, f"convert/{name}.py", *map(str, args)], cwd=ROOT, env=env,
