@@ -23,6 +23,17 @@ if importlib.util.find_spec("convert") is None:  # run from a checkout without i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _max_shard_size(value: str) -> int:
+    import argparse
+
+    from convert.output import parse_max_shard_size
+
+    try:
+        return parse_max_shard_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxllm.cli import ArgumentParser
 
@@ -32,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the exported weights (router_bias stays float32)")
-    p.add_argument("--max-shard-size", default="50GB",  # = hf_export.DEFAULT_MAX_SHARD_SIZE (not imported: slow)
+    # default = hf_export.DEFAULT_MAX_SHARD_SIZE (not imported: slow); checked here, before anything is read
+    p.add_argument("--max-shard-size", type=_max_shard_size, default="50GB",
                    help="shard the safetensors above this size (default 50GB, as Hugging Face's save_pretrained: "
                         "one model.safetensors below it)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from convert import ConvertError, error_line, mapping
-from convert.output import atomic_output_dir, check_output, listing
+from convert.output import atomic_output_dir, check_output, listing, parse_max_shard_size
 from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
 
@@ -94,6 +94,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     once the new directory is complete. Raises ConvertError / CheckpointError naming the problem."""
     if dtype not in DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    max_shard_size = parse_max_shard_size(max_shard_size)
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     _require_dir(ckpt_dir, "checkpoint directory")
     out = check_output(out_dir if out_dir is not None else default_out_dir(ckpt_dir), force=force,

@@ -55,6 +55,19 @@ def listing(items: list[str], most: int = 4) -> str:
     return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
 
 
+def parse_max_shard_size(size: int | str) -> int:
+    """A shard size in bytes from an int or a string such as "50GB" or "500MB" (Hugging Face's
+    units: KB, MB, GB, TB, powers of 1000; digits alone are bytes); ConvertError unless positive."""
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(KB|MB|GB|TB)?\s*", size.upper())
+        n = int(float(m[1]) * 1000 ** ("", "KB", "MB", "GB", "TB").index(m[2] or "")) if m else 0
+    else:
+        n = size if isinstance(size, int) else 0
+    if n <= 0:
+        raise ConvertError(f"max shard size must be a positive size such as 50GB or 500MB, got {size!r}")
+    return n
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a fresh temporary directory next to `out`; on success rename it to `out` (replacing

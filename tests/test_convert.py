@@ -585,6 +585,8 @@ def test_the_libraries_raise_convert_errors(parity, tmp_path):
         import_hf(tmp_path / "nothing", tmp_path / "ckpt")
     with pytest.raises(ConvertError, match=r"already exists \(force=True replaces it\)$"):
         export_hf(parity.ckpt, parity.hf_dir)
+    with pytest.raises(ConvertError, match="max shard size must be a positive size"):  # before reading anything
+        export_hf(tmp_path / "nothing", tmp_path / "hf", max_shard_size=0)
     assert _no_leftovers(tmp_path, "hf") == [] and _no_leftovers(tmp_path, "ckpt") == []
 
 
@@ -687,6 +689,19 @@ def test_force_never_replaces_training_state(parity, hf_src, tmp_path, capsys):
     assert "training state (data_state.rank0.json, optimizer.pt, trainer_state.json)" in err, err
     assert {n: (ckpt / n).read_bytes() for n in os.listdir(ckpt)} == files
     assert _no_leftovers(tmp_path, "run") == ["run"] and _no_leftovers(tmp_path, "checkpoint-10") == ["checkpoint-10"]
+
+
+def test_max_shard_size_is_checked_before_the_checkpoint_is_read(parity, tmp_path, capsys):
+    from convert.flax_to_torch import main
+
+    for size in ("0", "0KB", "5XB"):
+        with pytest.raises(SystemExit) as e:
+            main([parity.ckpt, "--out", str(tmp_path / "hf"), "--max-shard-size", size])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("flax_to_torch.py: error: argument --max-shard-size: max shard size must be a positive "
+                              f"size such as 50GB or 500MB, got '{size}'"), err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_sigterm_removes_the_partial_output_as_ctrl_c_does(tmp_path):
