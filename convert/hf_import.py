@@ -61,6 +61,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
     An existing `out_dir` is replaced only with `force`, and only once the new checkpoint is
     complete. Raises ConvertError naming the file or tensor at fault."""
     hf_dir = os.path.abspath(os.fspath(hf_dir))
+    if os.path.isdir(hf_dir) and not os.path.exists(os.path.join(hf_dir, "config.json")) and is_checkpoint_dir(hf_dir):
+        raise ConvertError(f"{hf_dir} is a Flax (Orbax) checkpoint already (numbered steps, no config.json), "
+                           "not a Hugging Face directory to convert")
     config, weights = read_hf_dir(hf_dir)
     out = check_output(out_dir, force=force, kind="Flax checkpoint", is_kind=is_checkpoint_dir,
                        extras=checkpoint_extras, source=hf_dir)
@@ -110,6 +113,10 @@ def read_hf_dir(hf_dir: str) -> tuple[LLMConfig, "TorchWeights"]:
 def read_hf_config(hf_dir: str) -> LLMConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
+        latest = _latest_trainer_checkpoint(hf_dir)
+        if latest:
+            raise ConvertError(f"{hf_dir} is a Trainer output directory (checkpoint-N folders, no config.json), not "
+                               f"a Hugging Face model directory; pass one of its checkpoints, the latest: {latest}")
         raise ConvertError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
     try:
         with open(path) as f:
@@ -125,6 +132,20 @@ def read_hf_config(hf_dir: str) -> LLMConfig:
         return LLMConfig.from_dict(d)
     except ValueError as e:
         raise ConvertError(f"{path}: {e}") from None
+
+
+def _latest_trainer_checkpoint(path: str) -> str | None:
+    """The latest resumable `checkpoint-N` of a Trainer output directory (scripts/train_torch.py),
+    or None when `path` holds none."""
+    if not any(n.startswith("checkpoint-") for n in os.listdir(path)):
+        return None
+    from torch_ref.training import latest_checkpoint
+
+    try:
+        found = latest_checkpoint(path, warn=False)
+    except ValueError:  # checkpoints, none loadable
+        return None
+    return found[0] if found else None
 
 
 class TorchWeights(Mapping):

@@ -507,6 +507,7 @@ TORCH_TO_FLAX_ERRORS = {
     "garbage safetensors": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").write_bytes(b"\x00" * 64),
                             "not a readable safetensors file"),
     "no weights": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").unlink(), "has no weights"),
+    "a Flax checkpoint": (lambda d: (d / "0").mkdir(parents=True), "is a Flax (Orbax) checkpoint already"),
 }
 HF_SRC = []  # set by the `hf_src` fixture for the table above
 
@@ -691,6 +692,18 @@ def test_force_never_replaces_training_state(parity, hf_src, tmp_path, capsys):
     assert _no_leftovers(tmp_path, "run") == ["run"] and _no_leftovers(tmp_path, "checkpoint-10") == ["checkpoint-10"]
 
 
+def test_torch_to_flax_names_the_checkpoint_of_a_trainer_directory(hf_src, tmp_path, capsys):
+    from convert.torch_to_flax import main
+
+    run = tmp_path / "run"
+    for step in (3, 5):
+        _trainer_checkpoint(run / f"checkpoint-{step}")
+    _trainer_checkpoint(run / "checkpoint-7", complete=False)
+    rc, err = _run_main(main, [run, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "is a Trainer output directory" in err, err
+    assert err.endswith(f"pass one of its checkpoints, the latest: {run / 'checkpoint-5'}\n"), err
+
+
 def test_max_shard_size_is_checked_before_the_checkpoint_is_read(parity, tmp_path, capsys):
     from convert.flax_to_torch import main
 
@@ -771,7 +784,7 @@ def test_command_lines_run_from_the_repository_root(parity, tmp_path, capsys):
 
     for name, args, message in [
         ("flax_to_torch", [tmp_path / "hf"], "no checkpoint found"),  # a Hugging Face dir is no checkpoint
-        ("torch_to_flax", [tmp_path / "ckpt", "--out", tmp_path / "x"], "no config.json"),
+        ("torch_to_flax", [tmp_path / "ckpt", "--out", tmp_path / "x"], "is a Flax (Orbax) checkpoint already"),
     ]:
         r = _script(name, *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
