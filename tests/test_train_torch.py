@@ -279,8 +279,44 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
     for k in a:  # step 1 has learning rate 0 (warm-up): only the router biases moved
         if not k.endswith("router_bias"):
             np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match=r"another model .*; train with its --preset/--config"):
         run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "other"), init_from=source, preset="tiny", config=None))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys):
+    """--init-from reads the directory's tensors as convert/torch_to_flax.py does (a missing one
+    would start from random values); a JAX checkpoint or a Trainer output directory is named as
+    such, with what to pass instead. One line, exit status 2, nothing written."""
+    from safetensors.numpy import save_file
+
+    rc, _ = trained
+    source = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    truncated, missing, orbax = (shutil.copytree(source, tmp_path / "truncated"),
+                                 shutil.copytree(source, tmp_path / "missing"), tmp_path / "orbax")
+    _truncate(truncated / "model.safetensors")
+    sd = load_file(str(missing / "model.safetensors"))
+    del sd["lm_head.bias"]
+    save_file(sd, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    (orbax / "0").mkdir(parents=True)
+    for init_from, message in [
+        (truncated, f"{truncated / 'model.safetensors'}: not a readable safetensors file"),
+        (missing, "missing tensor lm_head.bias"),
+        (orbax, f"is a JAX (Orbax) checkpoint, not a Hugging Face directory; convert it first "
+                f"(python convert/flax_to_torch.py {orbax} --out HF_DIR)"),
+        (rc.ckpt_dir, f"is a Trainer output directory (checkpoint-N folders, no config.json), not a Hugging Face "
+                      f"model directory; pass one of its checkpoints, the latest: {source}"),
+    ]:
+        code = _train_torch().main(["--config", rc.config, "--seq-len", "32", "--ckpt-dir", str(tmp_path / "x"),
+                                    "--init-from", str(init_from)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("train_torch.py: error: --init-from") and err.count("\n") == 1, err
+        assert message in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
@@ -320,12 +356,18 @@ def test_saved_directory_converts_to_flax_with_the_same_logits(trained, tmp_path
     np.testing.assert_array_equal(rb[0], tm.decoder_layers[0].mlp.moe.router_bias.numpy())
 
 
-def test_command_line_errors_are_one_line(tmp_path, capsys):
+def _train_torch():
+    """scripts/train_torch.py as a module."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
     try:
         import train_torch
     finally:
         sys.path.pop(0)
+    return train_torch
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    train_torch = _train_torch()
     assert train_torch.main(["--steps", "0", "--ckpt-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train_torch.py: error: --steps must be positive") and err.count("\n") == 1

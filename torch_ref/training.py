@@ -49,6 +49,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from convert import ConvertError
+from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig, check_prompts, check_run
 from torch_ref.configuration_customllm import CustomLLMConfig
@@ -498,15 +500,34 @@ def _recorded_tokenizer(checkpoint: str) -> str | None:
         return None
 
 
+def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str, advice: str) -> None:
+    if saved != config:
+        diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
+        raise ValueError(f"{where} holds another model (differs in {', '.join(diff)}); {advice}")
+
+
 def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
     try:
         saved = LLMConfig.from_json_file(os.path.join(path, "config.json"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{what} {path}: cannot read its config.json ({e})") from None
-    if saved != config:
-        diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
-        raise ValueError(f"{what} {path} holds another model (differs in {', '.join(diff)}); "
-                         "use another --ckpt-dir or the same --preset/--config")
+    _check_same_model(saved, config, f"{what} {path}", "use another --ckpt-dir or the same --preset/--config")
+
+
+def _check_init_from(path: str, config: LLMConfig) -> None:
+    """The `--init-from` directory is a Hugging Face directory of this model holding every tensor
+    with its shape, as the converter checks it (`convert.hf_import.read_hf_dir`, headers only):
+    `from_pretrained` would start a missing tensor from random values. ValueError otherwise."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and is_checkpoint_dir(path):
+        raise ValueError(f"--init-from {path} is a JAX (Orbax) checkpoint, not a Hugging Face directory; convert "
+                         f"it first (python convert/flax_to_torch.py {path} --out HF_DIR) and pass --init-from HF_DIR")
+    try:
+        saved, _ = read_hf_dir(path)
+    except ConvertError as e:
+        raise ValueError(f"--init-from: {e}") from None
+    _check_same_model(saved, config, f"--init-from {path}", "train with its --preset/--config (the one that "
+                      "config.json records)")
 
 
 def _log(msg: str, process_index: int) -> None:
@@ -548,7 +569,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     if last:
         _check_saved_config(last[0], config, "--ckpt-dir checkpoint")
     elif rc.init_from:
-        _check_saved_config(rc.init_from, config, "--init-from")
+        _check_init_from(rc.init_from, config)
 
     # Without --tokenizer, a resumed run keeps the tokenizer of its checkpoint (which the Trainer
     # saves there) and a run from --init-from takes the directory's own.
