@@ -427,12 +427,21 @@ def test_the_data_position_is_saved_before_the_trainer_state(tmp_path, monkeypat
     assert seen == [(1, True), (2, True)]
 
 
-def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """config.json and model.safetensors of a tiny model, for checkpoints made by hand."""
+    path = tmp_path_factory.mktemp("weights")
+    CustomLLM(CustomLLMConfig.from_llm_config(TINY)).save_pretrained(path)
+    return path
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_interrupted(weights_dir, tmp_path, capsys):
     from torch_ref.training import latest_checkpoint
 
     def checkpoint(step, *names):
         path = tmp_path / f"checkpoint-{step}"
-        path.mkdir(exist_ok=True)
+        if not path.exists():
+            shutil.copytree(weights_dir, path)
         for name in names:
             (path / name).write_text(json.dumps({"process_count": 2, "state": None}))
 
@@ -446,13 +455,56 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, capsys):
     checkpoint(4, "data_state.rank1.json")
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-4"), 4)
     # None complete: the newest with a trainer state still resumes (not a new run over the old one).
-    import shutil
-
     shutil.rmtree(tmp_path / "checkpoint-2")
     (tmp_path / "checkpoint-4" / "data_state.rank0.json").unlink()
     capsys.readouterr()
     assert latest_checkpoint(str(tmp_path), warn=False) == (str(tmp_path / "checkpoint-4"), 4)
     assert capsys.readouterr().err == ""
+
+
+def test_resume_skips_a_checkpoint_that_cannot_be_loaded_and_keeps_it(trained, tmp_path, capsys):
+    """A damaged checkpoint (here a truncated model.safetensors) is skipped with a warning, as the
+    JAX trainer skips one: the run resumes exactly from the one before. The damaged one is kept,
+    renamed out of the Trainer's way (it would save into it, and its rotation deletes old ones)."""
+    rc, summary = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    damaged = copy / "checkpoint-10" / "model.safetensors"
+    _truncate(damaged)
+    data = damaged.read_bytes()
+    resumed = run(dataclasses.replace(rc, ckpt_dir=str(copy), max_new_tokens=0), dtype="float32")
+    err = capsys.readouterr().err
+    assert f"warning: {copy / 'checkpoint-10'} cannot be loaded: {damaged}: not a readable safetensors file" in err, err
+    assert resumed["start_step"] == 8 and resumed["end_step"] == 10
+    np.testing.assert_allclose([r["loss"] for r in resumed["records"]], [r["loss"] for r in summary["records"][8:]],
+                               rtol=1e-6)
+    kept = [n for n in os.listdir(copy) if n.startswith("unloadable-checkpoint-10-")]
+    assert len(kept) == 1 and (copy / kept[0] / "model.safetensors").read_bytes() == data
+    assert os.path.isfile(copy / "checkpoint-10" / "trainer_state.json")
+
+
+def test_resume_skips_damaged_optimizer_state_and_refuses_when_nothing_loads(trained, tmp_path, capsys):
+    """A truncated optimizer.pt, a cut trainer_state.json, truncated weights: each checkpoint is
+    skipped; when none is left, a one-line error (exit status 2) and every file stays as it was."""
+    from torch_ref.training import latest_checkpoint
+
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    _truncate(copy / "checkpoint-10" / "optimizer.pt")
+    assert latest_checkpoint(str(copy)) == (str(copy / "checkpoint-8"), 8)
+    err = capsys.readouterr().err
+    assert f"checkpoint-10 cannot be loaded: {copy / 'checkpoint-10' / 'optimizer.pt'}: not a readable PyTorch " \
+           "file" in err, err
+    (copy / "checkpoint-8" / "trainer_state.json").write_text("{")
+    _truncate(copy / "checkpoint-4" / "model.safetensors")
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    code = _train_torch().main(["--config", rc.config, "--seq-len", "32", "--ckpt-dir", str(copy)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"train_torch.py: error: no checkpoint of {copy} can be resumed: {copy / 'checkpoint-10'} "
+                          "cannot be loaded (") and "nothing was deleted" in err, err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
 
 
 # ---- the cross-framework check ----------------------------------------------------------------

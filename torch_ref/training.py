@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -49,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from convert import ConvertError
+from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig, check_prompts, check_run
@@ -465,29 +466,80 @@ def _missing_from_checkpoint(path: str) -> str | None:
                  if not os.path.isfile(os.path.join(path, n))), None)
 
 
+def _unloadable(path: str) -> str | None:
+    """Why the Trainer cannot resume from the checkpoint `path` (a damaged file: truncated, cut
+    short, overwritten), or None. Cheap: the trainer state is parsed, the weights' headers are
+    checked against its config.json (`convert.hf_import.read_hf_dir`), and the zip directory (at
+    the end of the file) of every optimizer / scheduler / RNG state is read."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{os.path.join(path, 'trainer_state.json')}: not readable JSON ({error_line(e)})"
+    try:
+        read_hf_dir(path)
+    except ConvertError as e:
+        return str(e)
+    for file in sorted(glob.glob(os.path.join(path, "*.pt")) + glob.glob(os.path.join(path, "*.pth"))):
+        try:
+            zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{file}: not a readable PyTorch file ({error_line(e)})"
+    return None
+
+
 def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] | None:
-    """(path, step) of the highest complete `checkpoint-N` in `output_dir` (`_missing_from_checkpoint`).
-    A higher incomplete one (a crash while it was being saved) is skipped with a warning on stderr
-    (`warn`: one process of several says it). When none is complete, the highest one with a
-    trainer state still resumes (its data stream then restarts, `read_data_state` warns), rather
-    than a new run from step 0 over the old one."""
+    """(path, step) of the highest complete (`_missing_from_checkpoint`) and loadable (`_unloadable`)
+    `checkpoint-N` in `output_dir`. A higher one is skipped with a warning on stderr (`warn`: one
+    process of several says it): an incomplete one (a crash while it was being saved) or a damaged
+    one (`set_aside_damaged` then keeps it out of the Trainer's way). When none is complete, the
+    highest loadable one with a trainer state still resumes (its data stream then restarts,
+    `read_data_state` warns), rather than a new run from step 0 over the old one; when checkpoints
+    with a trainer state exist and none of them loads, ValueError (nothing is deleted)."""
     found = []
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
         m = CHECKPOINT_RE.match(os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))
     found.sort(reverse=True)
-    complete = next(((step, path) for step, path in found if _missing_from_checkpoint(path) is None), None)
-    if complete is None:
-        with_state = [(step, path) for step, path in found if os.path.isfile(os.path.join(path, "trainer_state.json"))]
-        return (with_state[0][1], with_state[0][0]) if with_state else None
+    skipped = []
     for step, path in found:
-        if step <= complete[0]:
+        missing = _missing_from_checkpoint(path)
+        why = f"lacks {missing} (an interrupted save)" if missing else _unloadable(path)
+        if why is None:
             break
-        if warn:
-            print(f"warning: {path} lacks {_missing_from_checkpoint(path)} (an interrupted save); not resuming "
-                  "from it", file=sys.stderr)
-    return complete[1], complete[0]
+        skipped.append((path, why if missing else f"cannot be loaded: {why}"))
+    else:
+        with_state = [(step, path) for step, path in found if os.path.isfile(os.path.join(path, "trainer_state.json"))]
+        damaged = {path: _unloadable(path) for _, path in with_state}
+        step, path = next(((step, path) for step, path in with_state if damaged[path] is None), (None, None))
+        if path is None:
+            if with_state:
+                raise ValueError(f"no checkpoint of {output_dir} can be resumed: {with_state[0][1]} cannot be loaded "
+                                 f"({damaged[with_state[0][1]]}); nothing was deleted: move the damaged checkpoints "
+                                 "away, or use another --ckpt-dir")
+            return None
+        skipped = [(p, f"cannot be loaded: {damaged[p]}") for s, p in with_state if s > step]
+    if warn:
+        for p, why in skipped:
+            print(f"warning: {p} {why}; not resuming from it", file=sys.stderr)
+    return path, step
+
+
+def set_aside_damaged(output_dir: str, step: int) -> list[str]:
+    """Rename the checkpoints above `step` (the one resumed from) that cannot be loaded to
+    `unloadable-checkpoint-N-<time>`, and return their new paths: kept for inspection (a damaged
+    optimizer state leaves good weights), and out of the Trainer's way, which would save into
+    them and whose rotation (`save_total_limit`) deletes old `checkpoint-*` directories."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        m = CHECKPOINT_RE.match(os.path.basename(path))
+        if m and int(m.group(1)) > step and os.path.isfile(os.path.join(path, "trainer_state.json")) \
+                and _unloadable(path):
+            moved.append(os.path.join(output_dir, f"unloadable-{os.path.basename(path)}-{stamp}"))
+            os.rename(path, moved[-1])
+    return moved
 
 
 def _recorded_tokenizer(checkpoint: str) -> str | None:
@@ -618,6 +670,12 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         hf_logging.disable_progress_bar()
     try:
         if start < rc.steps:
+            if last:  # (every process has chosen `last`)
+                dist.wait_for_everyone()
+                if rank == 0:
+                    for path in set_aside_damaged(out_dir, start):
+                        _log(f"kept the checkpoint that cannot be loaded as {path}", rank)
+                dist.wait_for_everyone()
             trainer.train(resume_from_checkpoint=last[0] if last else None)
         else:  # the Trainer would run one more step; there is nothing left to do but the samples
             _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
