@@ -507,6 +507,19 @@ def test_resume_skips_damaged_optimizer_state_and_refuses_when_nothing_loads(tra
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
 
 
+def test_a_stream_logs_no_epoch(tmp_path):
+    """The Trainer's `epoch` counts passes over a dataset of known length: on a stream it means
+    nothing and is left out of the logs; a dataset with a length keeps it."""
+    rows = np.random.RandomState(0).randint(0, TINY.vocab_size, (1, 2, 8))
+    batch = {"input_ids": torch.from_numpy(rows[0]), "labels": torch.from_numpy(rows[0])}
+    for dataset, epoch in ((FixedBatches(rows, 2), False), ([batch, batch], True)):
+        tr = _trainer(tmp_path, steps=2, warmup_steps=0, log_every=1)
+        tr.train_dataset = dataset
+        tr.train()
+        assert sum("loss" in h for h in tr.state.log_history) == 2
+        assert all(("epoch" in h) == epoch for h in tr.state.log_history), tr.state.log_history
+
+
 # ---- the cross-framework check ----------------------------------------------------------------
 @pytest.mark.slow
 def test_jax_and_torch_trainers_agree_for_20_steps_with_accumulation():

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
@@ -392,7 +393,16 @@ class CustomLLMTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs = {**logs, **self.router_bias_callback.pop_last()}
-        super().log(logs, start_time)
+        if self.train_dataset is None or has_length(self.train_dataset):
+            super().log(logs, start_time)
+            return
+        # A stream has no epochs: the Trainer's `epoch` (steps over its own idea of an epoch's
+        # length) would mean nothing, so it is left out of the logs.
+        epoch, self.state.epoch = self.state.epoch, None
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.epoch = epoch
 
     def _save_checkpoint(self, model, trial) -> None:
         # Every process's data position goes in first (hence the barrier): the Trainer's save then
