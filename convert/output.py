@@ -10,7 +10,6 @@ removed by the next conversion to the same target.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -20,6 +19,11 @@ import threading
 from typing import Callable, Iterator
 
 from convert import ConvertError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, so no temporary directory is ever taken for abandoned
+    fcntl = None
 
 
 def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str], bool],
@@ -123,6 +127,8 @@ def _atomic_output_dir(out: str) -> Iterator[str]:
 def _lock(path: str) -> int | None:
     """A file descriptor of `path` holding an exclusive lock (released when closed or when the
     process dies, however), or None where `path` cannot be locked."""
+    if fcntl is None:
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
