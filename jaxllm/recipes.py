@@ -11,6 +11,7 @@ weight decay 0.01, clip 1.0, 10,000 steps).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 
@@ -64,6 +65,10 @@ class RunConfig:
 def check_run(rc: RunConfig, max_positions: int) -> None:
     """ValueError naming the flag, for settings that no run can use (both trainers call it before
     anything is written; `max_positions`: the model's `max_position_embeddings`)."""
+    for name in ("lr", "weight_decay", "clip_norm", "peak_flops"):  # inf or nan would train to NaN
+        value = getattr(rc, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
         if getattr(rc, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
