@@ -29,6 +29,21 @@ def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowes
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
+SEED_LIMIT = 2**32  # JAX's PRNG keys, NumPy's and PyTorch's seeding all take 0 <= seed < 2**32
+
+
+def seed(text: str) -> int:
+    """argparse `type` of `--seed`: an integer in [0, 2**32), so that the error names the flag
+    (argparse prefixes "argument --seed:") instead of an OverflowError from deep inside a run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**32 - 1, got {value}")
+    return value
+
+
 def check_attn_impl(p: argparse.ArgumentParser, attn_impl: str, dtype: str) -> None:
     """`p.error` (one line, exit status 2) for an `--attn-impl` this process cannot run in `dtype`."""
     if attn_impl == "xla":
@@ -65,7 +80,8 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
     a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset})")
     a("--config", help="a config.json with LLMConfig's field names, jaxllm/config.py (overrides --preset)")
-    a("--dataset", help="Hub dataset id, or a local parquet/jsonl/txt file or glob (default: embedded corpus)")
+    a("--dataset", help="Hub dataset id, or local .parquet/.jsonl/.json/.txt data: a file, a glob, or a directory "
+                        "holding such files (default: the embedded corpus)")
     a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
     a("--split", help=f"dataset split (default {d.split})")
     a("--text-column", help=f"column holding the text (default {d.text_column})")
@@ -87,7 +103,7 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
     a("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
     a("--keep", type=int, help=f"checkpoints to keep (default {d.keep})")
     a("--log-every", type=int, help=f"metrics every N steps (default {d.log_every})")
-    a("--seed", type=int, help=f"random seed (default {d.seed})")
+    a("--seed", type=seed, help=f"random seed, 0 .. 2**32 - 1 (default {d.seed})")
     a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
     a("--init-from", help=init_from)
     a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
@@ -107,7 +123,7 @@ def add_remat_flags(p: argparse.ArgumentParser) -> None:
     """`--remat [POLICY]` and `--no-remat` (JAX scripts)."""
     from jaxllm.recipes import AUTO_REMAT_PARAMS, REMAT_POLICIES
 
-    a = p.add_argument
+    a = p.add_mutually_exclusive_group().add_argument  # `--remat full --no-remat` is an error, not `none`
     a("--remat", nargs="?", const="full", choices=REMAT_POLICIES, default=None, metavar="POLICY",
       help="what the backward pass recomputes to save memory: full (whole layers, about 1/3 more work; "
            "the value of a bare --remat), moe (all but the routed experts' projections), dots (only attention's "

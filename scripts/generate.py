@@ -26,7 +26,7 @@ PROG = "generate.py"
 
 
 def parse_args(argv=None):
-    from jaxllm.cli import add_compile_cache_flag, parser
+    from jaxllm.cli import add_compile_cache_flag, parser, seed
 
     p = parser(__file__, __doc__)
     a = p.add_argument
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching probability p (default 1)")
-    a("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    a("--seed", type=seed, default=0, help="random seed of the sampling, 0 .. 2**32 - 1 (default 0)")
     a("--framework", choices=["jax", "torch"], default="jax", help="which implementation runs (default jax)")
     a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
     add_compile_cache_flag(p)
