@@ -167,9 +167,9 @@ def _offline() -> bool:
 
 
 def _looks_local(spec: str) -> bool:
-    """A path rather than a Hub id ("name" or "owner/name")."""
+    """A path rather than a Hub id ("name" or "owner/name", which never ends in "/")."""
     return (os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec)
-            or spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+            or spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1 or "\\" in spec
             or os.path.splitext(spec)[1].lower() in (*BUILDERS, ".gz"))
 
 

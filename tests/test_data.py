@@ -3,6 +3,7 @@ shares, clear errors for bad input, and the real tokenizer + parquet layout (ass
 
 import collections
 import json
+import re
 import time
 
 import numpy as np
@@ -287,6 +288,17 @@ def test_bad_local_paths(tmp_path, tokenizer, spec, message):
     (tmp_path / "data.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match=message):
         PackedBatches(DataConfig(dataset=spec.format(tmp=tmp_path)), tokenizer, rows=1)
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, tokenizer, monkeypatch):
+    """A Hub id is "name" or "owner/name": "dir/" (and "./x", "../x", "/x") are local paths."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for spec in ("missing_dir/", "./missing", "../missing", str(tmp_path / "missing"), "owner/missing/"):
+        with pytest.raises(ValueError, match=f"dataset {re.escape(spec)}: no such file or directory"):
+            PackedBatches(DataConfig(dataset=spec), tokenizer, rows=1)
+        with pytest.raises(ValueError, match=f"tokenizer {re.escape(spec)}: no such file or directory"):
+            load_tokenizer(spec)
 
 
 def test_hub_dataset_while_offline_says_so_and_suggests_a_local_path(tokenizer, monkeypatch):
