@@ -28,11 +28,12 @@ def cluster_has_several_processes(env=os.environ) -> bool:
 
 
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, heartbeat_timeout: int = 100) -> bool:
+                     process_id: int | None = None, heartbeat_timeout: int = 100, init_timeout: int = 300) -> bool:
     """Call `jax.distributed.initialize` when flags or a cluster environment ask for several
     processes; on CPU, collectives go through gloo. A process that stops answering for
-    `heartbeat_timeout` seconds makes the others fail with an error instead of hanging.
-    Returns whether it initialised."""
+    `heartbeat_timeout` seconds makes the others fail with an error instead of hanging. When not
+    every process has connected within `init_timeout` seconds, JAX aborts this process (SIGABRT,
+    exit status 134: it does not raise). Returns whether it initialised."""
     given = [coordinator, num_processes, process_id]
     if any(v is not None for v in given) and not all(v is not None for v in given):
         raise ValueError("--coordinator, --num-processes and --process-id go together")
@@ -44,9 +45,11 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         check_coordinator(coordinator)
     if heartbeat_timeout < 1:
         raise ValueError(f"--heartbeat-timeout must be at least 1 second, got {heartbeat_timeout}")
+    if init_timeout < 1:
+        raise ValueError(f"--init-timeout must be at least 1 second, got {init_timeout}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout)
+                               heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=init_timeout)
     return True
 
 

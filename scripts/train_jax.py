@@ -52,8 +52,11 @@ def parse_args(argv=None):
     a("--process-id", type=int, help="multi-host: this process's index")
     a("--heartbeat-timeout", type=int, default=100,
       help="multi-host: seconds without a heartbeat before a lost process fails the others (default 100)")
+    a("--init-timeout", type=int, default=300,
+      help="multi-host: seconds to wait at start-up for every process to connect; after that JAX aborts the "
+           "process (exit status 134, no Python error) (default 300)")
     args = p.parse_args(argv)
-    cli.check_at_least(p, args, heartbeat_timeout=1, num_processes=1, process_id=0)
+    cli.check_at_least(p, args, heartbeat_timeout=1, init_timeout=1, num_processes=1, process_id=0)
     return args, cli.run_config(args, d)
 
 
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
         from jaxllm.distributed import maybe_initialize
 
         xla_cache.enable(args.compile_cache)
-        maybe_initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+        maybe_initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
+                         args.init_timeout)
         from jaxllm.loop import run
 
         summary = run(rc)
