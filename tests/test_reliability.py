@@ -230,6 +230,14 @@ BAD_INPUTS = [
     ("negative sample length", ["--max-new-tokens", "-1"], "--max-new-tokens must be non-negative"),
     ("zero learning rate", ["--lr", "0"], "--lr must be positive"),
     ("negative peak FLOP/s", ["--peak-flops", "-1"], "--peak-flops must be positive"),
+    ("infinite learning rate", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    ("infinite weight decay", ["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    ("NaN clip norm", ["--clip-norm", "nan"], "--clip-norm must be a finite number, got nan"),
+    ("infinite peak FLOP/s", ["--peak-flops", "inf"], "--peak-flops must be a finite number"),
+    ("seed beyond 32 bits", ["--seed", str(2**64)], "argument --seed: must be in 0 .. 2**32 - 1"),
+    ("negative seed", ["--seed", "-5"], "argument --seed: must be in 0 .. 2**32 - 1, got -5"),
+    ("remat policy and --no-remat", ["--remat", "full", "--no-remat"], "--no-remat: not allowed with argument --remat"),
+    ("missing local dataset directory", ["--dataset", "nowhere/"], "dataset nowhere/: no such file or directory"),
     ("prompt filling the positions", ["--prompt", "x " * 200, "--max-new-tokens", "4"], "no room for new tokens"),
     ("batch the mesh cannot divide", ["--batch-size", "3"], "batch size 3"),
     ("Hub dataset id while offline", ["--dataset", "someorg/somedata"], "offline"),
@@ -239,6 +247,7 @@ BAD_INPUTS = [
     ("bad mesh flag", ["--mesh", "data=two"], "mesh"),
     ("mesh axis given twice", ["--mesh", "data=4,data=2"], "given twice"),
     ("heartbeat timeout of zero", ["--heartbeat-timeout", "0"], "--heartbeat-timeout must be at least 1"),
+    ("start-up timeout of zero", ["--init-timeout", "0"], "--init-timeout must be at least 1"),
     ("coordinator without a port", ["--coordinator", "notahost", "--num-processes", "1", "--process-id", "0"],
      "HOST:PORT"),
     ("expert axis that does not divide the experts", ["--mesh", "expert=2,data=4"], "expert=2 does not divide"),
@@ -251,6 +260,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("label, args, needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_one_line_exit_2(label, args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # relative paths are looked for here
     _case_files(tmp_path)
     argv = BASE + ["--ckpt-dir", str(tmp_path / "ck")] + [a.format(tmp=tmp_path) for a in args]
     code, err = _main(argv, capsys)
@@ -260,6 +270,46 @@ def test_bad_input_one_line_exit_2(label, args, needle, tmp_path, capsys, monkey
     assert needle.lower() in err.lower()
     assert (tmp_path / "a_file").read_text() == "precious"
     assert not (tmp_path / "ck").exists() or not os.listdir(tmp_path / "ck"), "nothing written"
+
+
+def test_generate_seed_must_fit_in_32_bits(capsys):
+    """The sampling seed is checked when parsing, naming the flag (not an OverflowError traceback)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    base = ["--checkpoint", "ck", "--prompt", "x"]
+    for seed, needle in ((str(2**64), "must be in 0 .. 2**32 - 1"), ("-5", "got -5"), ("1.5", "expected an integer")):
+        with pytest.raises(SystemExit) as e:
+            generate.parse_args(base + ["--seed", seed])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "argument --seed: " in err and needle in err, err
+    assert generate.parse_args(base + ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
+def test_init_timeout_bounds_jax_s_wait_for_the_other_processes(monkeypatch):
+    """`--init-timeout` reaches `jax.distributed.initialize` (which aborts the process after it: no
+    slow test of that here)."""
+    from types import SimpleNamespace
+
+    from jaxllm import distributed
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    calls = []
+    fake = SimpleNamespace(config=SimpleNamespace(update=lambda *a: None),
+                           distributed=SimpleNamespace(initialize=lambda **kw: calls.append(kw)))
+    monkeypatch.setattr(distributed, "jax", fake)
+    flags = ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0"]
+    for extra, want in (([], 300), (["--init-timeout", "7"], 7)):
+        args, _ = train_jax.parse_args(flags + extra)
+        assert distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id,
+                                            args.heartbeat_timeout, args.init_timeout)
+        assert calls.pop()["initialization_timeout"] == want
 
 
 @pytest.fixture(scope="module")
