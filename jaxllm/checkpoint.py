@@ -136,6 +136,9 @@ def read_tokenizer_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, st
         if not isinstance(files, dict) or not files or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
             raise ValueError("it holds no files")
+        from jaxllm.data import tokenizer_from_files
+
+        tokenizer_from_files(files)  # damaged contents (in a valid JSON item) are unreadable too
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
         if jax.process_index() == 0:
             print(f"warning: checkpoint step {step} in {mngr.directory}: its saved tokenizer cannot be read "

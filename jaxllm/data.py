@@ -199,14 +199,14 @@ def _check_hub(repo_id: str, repo_type: str, what: str, local_hint: str) -> None
             f"({type(e).__name__}: {e}). Pass a local path instead ({local_hint})") from None
 
 
-def _ensure_eos(tok, spec: str):
+def _ensure_eos(tok, what: str):
     """Every tokenizer we return has an EOS token (it separates packed documents) and a pad token
-    (the EOS when the tokenizer names none, for batched generation)."""
+    (the EOS when the tokenizer names none, for batched generation). `what`: the tokenizer, in messages."""
     if tok.eos_token_id is None:
         vocab = tok.get_vocab()
         name = next((t for t in KNOWN_EOS if t in vocab), None)
         if name is None:
-            raise ValueError(f"tokenizer {spec!r} defines no EOS token, and has none of "
+            raise ValueError(f"{what} defines no EOS token, and has none of "
                              f"{', '.join(KNOWN_EOS)}; packing needs one to separate documents")
         tok.eos_token = name
     if tok.pad_token_id is None:
@@ -247,12 +247,7 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
         except Exception as e:
             raise ValueError(f"cannot read tokenizer file {spec}: {e}") from None
     elif os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-            raise ValueError(f"tokenizer directory {spec} has no tokenizer.json")
-        try:
-            tok = PreTrainedTokenizerFast.from_pretrained(path)
-        except Exception as e:
-            raise ValueError(f"cannot load a tokenizer from directory {spec}: {e}") from None
+        tok = _directory_tokenizer(path, f"tokenizer directory {spec}")
     elif _looks_local(spec):
         raise ValueError(f"tokenizer {spec}: no such file or directory")
     else:
@@ -264,7 +259,21 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
                 tok = PreTrainedTokenizerFast.from_pretrained(spec)
             except Exception as e:
                 raise ValueError(f"cannot load tokenizer {spec!r} from the Hub: {e}") from None
-    return _ensure_eos(tok, spec)
+    return _ensure_eos(tok, f"tokenizer {spec!r}")
+
+
+def _directory_tokenizer(path: str, name: str):
+    """The tokenizer of directory `path`, loaded as `load_tokenizer` says; `name` is what messages
+    call it (not the path of a temporary directory, gone when the message is read)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ValueError(f"{name} has no tokenizer.json")
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"cannot load {name}: {str(e).replace(path, name)}") from None
+    return tok
 
 
 def tokenizer_dir(path: str) -> str | None:
@@ -302,7 +311,7 @@ def tokenizer_from_files(files: dict[str, str], config=None):
                 raise ValueError(f"the saved tokenizer has a file named {name!r}")
             with open(os.path.join(d, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        tok = load_tokenizer(d)  # everything is read into memory here
+        tok = _ensure_eos(_directory_tokenizer(d, "the saved tokenizer"), "the saved tokenizer")  # read into memory
     if config is not None:
         check_vocab(tok, config)
     return tok
@@ -375,8 +384,13 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
     spec = recorded if recorded is not None else origin  # a copy named nowhere: recorded as where it came from
     if isinstance(copy, dict) and copy:
         return tokenizer_from_files(copy, config), spec
-    if isinstance(copy, str):
-        return model_tokenizer(copy, config), spec
+    if isinstance(copy, str):  # a directory (a Trainer checkpoint's): when damaged, the tokenizer it names
+        try:
+            return model_tokenizer(copy, config), spec
+        except ValueError as e:
+            if recorded is None:
+                raise
+            print(f"warning: the tokenizer saved in {copy} cannot be read ({e}); using {recorded!r}", file=sys.stderr)
     try:
         return model_tokenizer(recorded, config), recorded
     except ValueError as e:

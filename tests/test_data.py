@@ -121,6 +121,31 @@ def test_embedded_tokenizer_vocab_size_follows_the_preset(tmp_path):
         data.model_tokenizer(data.tokenizer_source(None), tiny, cache_dir=tmp_path)
 
 
+def test_a_damaged_tokenizer_copy_falls_back_to_the_recorded_one(tmp_path, capsys):
+    """Tokenizer files with a cut tokenizer.json: the error names the saved tokenizer, never the
+    temporary directory it was loaded from; a directory copy (a Trainer checkpoint's) gives a
+    warning and the tokenizer the run recorded, or, with none recorded, the error."""
+    from jaxllm.recipes import RunConfig
+
+    tiny = LLMConfig.from_preset("tiny")
+    tok = data.model_tokenizer(None, tiny)
+    recorded = data.tokenizer_source(None, vocab_size=data.embedded_vocab_size(tiny))
+    files = data.tokenizer_files(tok)
+    files["tokenizer.json"] = files["tokenizer.json"][: len(files["tokenizer.json"]) // 2]
+    with pytest.raises(ValueError, match="cannot load the saved tokenizer: ") as e:
+        data.tokenizer_from_files(files)
+    assert "jaxllm-tokenizer-" not in str(e.value)
+    copy = tmp_path / "checkpoint-4"
+    copy.mkdir()
+    for name, text in files.items():
+        (copy / name).write_text(text)
+    used, spec = data.run_tokenizer(RunConfig(), tiny, (recorded, str(copy)), origin=str(copy))
+    assert spec == recorded and used("Once upon a time")["input_ids"] == tok("Once upon a time")["input_ids"]
+    assert f"warning: the tokenizer saved in {copy} cannot be read" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"cannot load tokenizer directory {re.escape(str(copy))}: "):
+        data.run_tokenizer(RunConfig(), tiny, (None, str(copy)), origin=str(copy))
+
+
 # ---- packing ------------------------------------------------------------------------------------
 def test_rows_are_full_documents_end_with_eos_and_epochs_continue(small_jsonl, tokenizer):
     cfg = DataConfig(dataset=str(small_jsonl), seq_len=32)

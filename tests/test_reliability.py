@@ -402,9 +402,22 @@ def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
     assert train_jax_main(BASE + ["--ckpt-dir", ck, "--steps", "3", "--tokenizer", str(tmp_path / "tok")]) == 0
 
 
-def test_an_unreadable_saved_tokenizer_costs_nothing_but_the_copy(trained_ckpt, tmp_path, capsys):
-    """Damaged tokenizer files in a step: readers warn and use the tokenizer the metadata names; the
-    step's weights and optimizer state still resume (the step is not set aside)."""
+def _cut_saved_tokenizer_json(item):
+    """The tokenizer item stays valid JSON; the tokenizer.json text inside it is cut in half."""
+    saved = json.loads((item / "metadata").read_text())
+    text = saved["files"]["tokenizer.json"]
+    saved["files"]["tokenizer.json"] = text[: len(text) // 2]
+    (item / "metadata").write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("damage, resume_flags", [("unreadable item", []),
+                                                  ("cut tokenizer.json", ["--tokenizer", "embedded"])])
+def test_an_unreadable_saved_tokenizer_costs_nothing_but_the_copy(damage, resume_flags, trained_ckpt, tmp_path,
+                                                                  capsys):
+    """Damaged tokenizer files in a step (an item that is not JSON, or valid JSON holding a cut
+    tokenizer.json): readers warn, in one line naming no temporary directory, and use the tokenizer
+    the metadata names; the step's weights and optimizer state still resume (the step is not set
+    aside), with or without a --tokenizer naming the recorded one."""
     import jaxllm
     from convert.hf_export import export_hf
     from jaxllm import checkpoint
@@ -412,14 +425,20 @@ def test_an_unreadable_saved_tokenizer_costs_nothing_but_the_copy(trained_ckpt, 
     ckpt = tmp_path / "ck"
     shutil.copytree(trained_ckpt, ckpt)
     step = checkpoint.latest_step(ckpt)
-    for f in (ckpt / str(step) / "tokenizer").iterdir():
-        f.write_text("not json {")
+    if damage == "unreadable item":
+        for f in (ckpt / str(step) / "tokenizer").iterdir():
+            f.write_text("not json {")
+    else:
+        _cut_saved_tokenizer_json(ckpt / str(step) / "tokenizer")
     text = "Once upon a time"
+    capsys.readouterr()
     assert jaxllm.load_tokenizer(ckpt)(text)["input_ids"] == jaxllm.load_tokenizer(trained_ckpt)(text)["input_ids"]
-    assert "saved tokenizer cannot be read" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "saved tokenizer cannot be read" in err and len(err.splitlines()) == 1, err
+    assert "jaxllm-tokenizer-" not in err, err
     result = export_hf(ckpt, tmp_path / "hf")
     assert result.tokenizer and (tmp_path / "hf" / "tokenizer.json").is_file()
-    assert train_jax_main(BASE + ["--ckpt-dir", str(ckpt), "--steps", str(step + 1)]) == 0
+    assert train_jax_main(BASE + ["--ckpt-dir", str(ckpt), "--steps", str(step + 1), *resume_flags]) == 0
     assert checkpoint.latest_step(ckpt) == step + 1
     assert not [p for p in os.listdir(ckpt) if "unreadable" in p]
 
