@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from typing import Any
 
@@ -40,6 +41,15 @@ ITEMS = ("params", "train_state", "meta", "tokenizer")
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used (missing, empty, corrupt, another model)."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first sentence of an error, on one line: Orbax's and TensorStore's run over many lines
+    (a dump of the array's whole TensorStore spec after "See full TensorStore details")."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text.splitlines()[0], maxsplit=1)[0]
 
 
 def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, create: bool = True,
@@ -118,9 +128,15 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot read its metadata ({e})") from e
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.directory}: cannot read its metadata ({one_line(e)})") from e
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: metadata has no model config")
+    try:  # a bad value there is damage to the checkpoint, not to the user's --config
+        LLMConfig.from_dict(meta["config"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.directory}: its saved model config is invalid ({e})") from None
     return meta
 
 
@@ -142,7 +158,7 @@ def read_tokenizer_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, st
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
         if jax.process_index() == 0:
             print(f"warning: checkpoint step {step} in {mngr.directory}: its saved tokenizer cannot be read "
-                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); using the tokenizer its "
+                  f"({one_line(e)}); using the tokenizer its "
                   "metadata names", file=sys.stderr)
         return None
     return files
@@ -176,7 +192,8 @@ def restore_weights(mngr: ocp.CheckpointManager, step: int, target: dict) -> dic
     try:
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: cannot restore weights ({e})") from e
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.directory}: cannot restore weights ({one_line(e)})") from e
 
 
 def _check_tensors(mngr, step, item, target) -> None:

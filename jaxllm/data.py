@@ -358,10 +358,17 @@ def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None 
     vocabulary that one was made for (not a 49,152-token model's). ValueError naming the problem."""
     if files:
         return tokenizer_from_files(files, config)
-    if spec is None and config.vocab_size > EMBEDDED_VOCAB_SIZE:
+    if spec is None:
+        _check_embedded_fits(config, where)
+    return model_tokenizer(spec, config)
+
+
+def _check_embedded_fits(config, where: str) -> None:
+    """ValueError when a checkpoint (`where`) that names no tokenizer has a vocabulary larger than
+    the embedded tokenizer's: its token ids cannot be the embedded tokenizer's."""
+    if config.vocab_size > EMBEDDED_VOCAB_SIZE:
         raise ValueError(f"{where} names no tokenizer, and its vocabulary ({config.vocab_size}) is not the "
                          f"embedded tokenizer's: give one explicitly (--tokenizer)")
-    return model_tokenizer(spec, config)
 
 
 def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, origin: str | None = None):
@@ -370,7 +377,8 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
     `inherited` describes the checkpoint the run continues (`origin`: the one it resumes, or the
     `--init-from` one): (the tokenizer it names, its own copy: the files a Flax checkpoint saved,
     or a directory holding them). Without `--tokenizer` the run takes that tokenizer (so training
-    on from converted weights keeps their token ids), else the embedded one. A `--tokenizer` (or a
+    on from converted weights keeps their token ids), else the embedded one (an error for a checkpoint
+    whose vocabulary is larger than the embedded one's, as in generation). A `--tokenizer` (or a
     recipe's) naming the same tokenizer as the checkpoint is loaded from the checkpoint's copy too,
     so that the same command resumes where the original path or Hub id cannot be reached. `spec`
     is what the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming
@@ -391,6 +399,8 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
             if recorded is None:
                 raise
             print(f"warning: the tokenizer saved in {copy} cannot be read ({e}); using {recorded!r}", file=sys.stderr)
+    if recorded is None and origin is not None:  # as generation reads that checkpoint (`checkpoint_tokenizer`)
+        _check_embedded_fits(config, origin)
     try:
         return model_tokenizer(recorded, config), recorded
     except ValueError as e:

@@ -121,7 +121,7 @@ def run(rc: RunConfig) -> dict:
         state, saved_data, inherited = restore_train_state(mngr, trainer, config)
         origin = ckpt_dir
     elif rc.init_from:
-        inherited, origin = init_tokenizer(rc.init_from), os.path.abspath(rc.init_from)
+        inherited, origin = init_tokenizer(rc.init_from, config), os.path.abspath(rc.init_from)
     tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
     check_prompts(rc, tokenizer, config.max_position_embeddings)
     data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
@@ -370,15 +370,16 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
     try:
         ts = mngr.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore(ts_target)))["train_state"]
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
-        raise ckpt_lib.CheckpointError(f"step {step} has no readable optimizer state: {e}") from e
+        raise ckpt_lib.CheckpointError(f"step {step} has no readable optimizer state: {ckpt_lib.one_line(e)}") from e
     state = {"params": weights["params"], "router_bias": weights["router_bias"], **ts}
     data = meta.get("data") or None
     recorded = ((data or {}).get("source") or {}).get("tokenizer", meta.get("tokenizer"))
     return state, data, (recorded, ckpt_lib.read_tokenizer_files(mngr, step))
 
 
-def init_tokenizer(path: str) -> tuple[str | None, dict | None]:
-    """(the tokenizer it names, the tokenizer files it saved) of the `--init-from` checkpoint."""
+def init_tokenizer(path: str, config: LLMConfig | None = None) -> tuple[str | None, dict | None]:
+    """(the tokenizer it names, the tokenizer files it saved) of the `--init-from` checkpoint; with
+    `config`, a checkpoint of another model is refused first (its tokenizer may not fit `config`)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
@@ -386,6 +387,8 @@ def init_tokenizer(path: str) -> tuple[str | None, dict | None]:
         _, meta, files = ckpt_lib.read_step_info(path)
     except ckpt_lib.CheckpointError as e:
         raise ValueError(f"--init-from {path}: {e}") from None
+    if config is not None:
+        _check_same_model(LLMConfig.from_dict(meta["config"]), config, f"--init-from {path}")
     return meta.get("tokenizer"), files
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -468,6 +469,92 @@ def test_checkpoint_of_another_model_is_refused_and_kept(trained_ckpt, tmp_path,
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt) for p in fs}
     assert before == after
     assert not (tmp_path / "new").exists()
+
+
+def _weights_only_checkpoint(path, config, **tokenizer):
+    """A checkpoint as convert/torch_to_flax.py writes one (step 0, no optimizer state) of fresh
+    weights; `tokenizer`: `checkpoint.save`'s tokenizer and tokenizer_files."""
+    from jaxllm import checkpoint
+    from jaxllm.model import create_model
+
+    mngr = checkpoint.manager(path)
+    checkpoint.save(mngr, 0, weights=checkpoint.split_weights(create_model(config)), config=config, **tokenizer)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def test_init_from_another_model_size_says_so_before_its_tokenizer_is_tried(tmp_path, capsys):
+    """A starting checkpoint with a larger vocabulary (and its tokenizer) is another model: said
+    as such, not as a tokenizer too large for this model."""
+    from jaxllm import data
+    from jaxllm.config import LLMConfig
+
+    bigger = LLMConfig.from_preset("tiny", vocab_size=1024)
+    _weights_only_checkpoint(tmp_path / "start", bigger,
+                             tokenizer_files=data.tokenizer_files(data.model_tokenizer(None, bigger)))
+    code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "holds a checkpoint of another model (differs in vocab_size)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_large_vocabulary_naming_no_tokenizer_asks_for_one(tmp_path, capsys):
+    """A converted checkpoint without tokenizer files, of a vocabulary larger than the embedded
+    tokenizer's: training refuses to guess (as generation does) instead of using the embedded one."""
+    from jaxllm.config import LLMConfig
+
+    config = LLMConfig.from_preset("tiny", vocab_size=8192)
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    _weights_only_checkpoint(tmp_path / "start", config)
+    code, err = _main(BASE + ["--config", str(tmp_path / "config.json"), "--ckpt-dir", str(tmp_path / "run"),
+                              "--init-from", str(tmp_path / "start")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'start'} names no tokenizer" in err and "(--tokenizer)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_step_whose_saved_config_is_invalid_is_unreadable_not_the_user_s_config(trained_ckpt, tmp_path, capsys):
+    """Resume sets such a step aside with a warning and goes on from the one before; --init-from
+    and generation name the checkpoint step."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    shutil.copytree(ckpt / "1", ckpt / "2")
+    meta = json.loads((ckpt / "2" / "meta" / "metadata").read_text())
+    meta["config"]["rope_theta"], meta["step"] = -1, 2
+    (ckpt / "2" / "meta" / "metadata").write_text(json.dumps(meta))
+    shutil.copytree(ckpt, tmp_path / "broken")
+    shutil.rmtree(tmp_path / "broken" / "1")
+    needle = "checkpoint step 2 in {}: its saved model config is invalid (rope_theta must be a positive number"
+    code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "broken")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and needle.format(tmp_path / "broken") in err, err
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(ValueError, match=re.escape(needle.format(tmp_path / "broken"))):
+        generate.checkpoint_info(str(tmp_path / "broken"), "orbax")
+    assert train_jax_main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "2"]) == 0
+    out = capsys.readouterr()
+    assert f"warning: cannot use checkpoint step 2 ({needle.format(ckpt)}" in out.err, out.err
+    assert f"resuming from {ckpt} at step 1" in out.out
+    assert [d for d in os.listdir(ckpt) if d.startswith("2.unreadable-")]  # set aside, not deleted
+
+
+def test_an_unreadable_array_is_reported_in_one_line(trained_ckpt, tmp_path):
+    """TensorStore's error runs over many lines (its spec after "See full TensorStore details"): the
+    CheckpointError (the resume warning, the error) keeps its first sentence."""
+    import jaxllm
+    from jaxllm import checkpoint
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    for f in (ckpt / "1" / "params" / "ocdbt.process_0" / "d").iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(3)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot restore weights") as e:
+        jaxllm.load(ckpt)
+    assert len(str(e.value).splitlines()) == 1 and "TensorStore details" not in str(e.value), str(e.value)
 
 
 def test_metrics_of_a_crashed_run_are_truncated_to_the_step_resumed_from(tmp_path):
