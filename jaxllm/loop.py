@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -114,6 +115,8 @@ def run(rc: RunConfig) -> dict:
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
+    if not existing and os.path.isdir(ckpt_dir):
+        check_no_earlier_run(ckpt_dir)
     # Without --tokenizer, a resumed run keeps its checkpoint's tokenizer and a run from --init-from
     # takes the starting checkpoint's (`data.run_tokenizer`).
     inherited, origin = (None, None), None
@@ -276,6 +279,30 @@ def run(rc: RunConfig) -> dict:
     summary["model"] = trainer.model(state)
     summary["tokenizer"] = tokenizer
     return summary
+
+
+TRAINER_CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # a Hugging Face Trainer's (scripts/train_torch.py)
+
+
+def check_no_earlier_run(ckpt_dir: str) -> None:
+    """ValueError naming what is there when `ckpt_dir`, which holds no Orbax step, holds an earlier
+    run all the same: a PyTorch (Hugging Face Trainer) run, steps set aside as unreadable, or a
+    finished run's loss curve. A new run would truncate its metrics.jsonl and replace its loss.png.
+    What a run that stopped before its first checkpoint leaves (metrics.jsonl, tensorboard/, an
+    interrupted save's temporary directory) is no earlier run: that run starts again."""
+    names = sorted(os.listdir(ckpt_dir))
+    trainer = [n for n in names if TRAINER_CHECKPOINT.match(n) and os.path.isdir(os.path.join(ckpt_dir, n))]
+    if trainer:
+        raise ValueError(f"--ckpt-dir {ckpt_dir} holds a PyTorch run (Hugging Face Trainer checkpoints: "
+                         f"{_some(trainer)}), no JAX checkpoint: use another --ckpt-dir (convert/torch_to_flax.py "
+                         "turns a Trainer checkpoint into one for --init-from)")
+    if any(".unreadable-" in n for n in names) or "loss.png" in names:
+        raise ValueError(f"--ckpt-dir {ckpt_dir} holds an earlier run ({_some(names)}) but no readable checkpoint: "
+                         "use another --ckpt-dir, or move those files away to start over in it")
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def gather_data_states(state: dict) -> dict:

@@ -638,6 +638,38 @@ def test_no_resume_refuses_a_directory_with_checkpoints(trained_ckpt, capsys):
     assert sorted(os.listdir(trained_ckpt)) == before
 
 
+def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_kept(tmp_path, capsys):
+    """A PyTorch Trainer's output directory, or one whose steps were all set aside as unreadable:
+    exit 2 naming what is there, before its metrics.jsonl is truncated or its loss.png replaced.
+    What a run stopped before its first checkpoint leaves starts again, and --no-resume into an
+    empty directory still trains."""
+    cases = {"torch": (["checkpoint-4", "checkpoint-8"], "holds a PyTorch run (Hugging Face Trainer checkpoints: "
+                                                        "checkpoint-4, checkpoint-8), no JAX checkpoint"),
+             "set aside": (["4.unreadable-20250101-000000"], "holds an earlier run (4.unreadable-20250101-000000, "
+                                                             "loss.png, metrics.jsonl) but no readable checkpoint")}
+    for name, (dirs, needle) in cases.items():
+        ckpt = tmp_path / name
+        for d in dirs:
+            (ckpt / d).mkdir(parents=True)
+        (ckpt / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 5.0}) + "\n")
+        (ckpt / "loss.png").write_bytes(b"png")
+        before = sorted(os.listdir(ckpt))
+        code, err = _main(BASE + ["--ckpt-dir", str(ckpt)], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+        assert sorted(os.listdir(ckpt)) == before and (ckpt / "loss.png").read_bytes() == b"png"
+        assert (ckpt / "metrics.jsonl").read_text() == json.dumps({"step": 4, "loss": 5.0}) + "\n"
+    crashed = tmp_path / "crashed"
+    (crashed / "tensorboard").mkdir(parents=True)
+    (crashed / "2.orbax-checkpoint-tmp-1764400000000000").mkdir()
+    (crashed / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    from jaxllm.loop import check_no_earlier_run
+
+    check_no_earlier_run(str(crashed))
+    (tmp_path / "empty").mkdir()
+    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "empty"), "--steps", "1", "--no-resume"]) == 0
+    assert _steps(tmp_path / "empty") == [1]
+
+
 def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, capsys):
     # A learning rate of 1e30 overflows the weights after the first real update: the loss of a
     # following step is not finite.
