@@ -177,11 +177,9 @@ def run(rc: RunConfig) -> dict:
         truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)
     writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0)
     summary: dict[str, Any] = {"start_step": start, "skipped_nonfinite": 0}
-    bar = None
-    if rc.progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=rc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    # A progress bar (made after the compile: its rate and ETA are the steps') on a terminal; else
+    # (--no-progress, output to a file) a log line per logged step.
+    bar, show_bar = None, rc.progress and jax.process_index() == 0 and sys.stderr.isatty()
     step_fn = trainer.step_fn
     t_compile = None
     last_saved = start if existing else None
@@ -212,6 +210,10 @@ def run(rc: RunConfig) -> dict:
                     summary["compile_s"] = t_compile
                     log(f"loaded the train step from the compilation cache in {t_compile:.1f} s"
                         if xla_cache.hits() > hits else f"compiled the train step in {t_compile:.1f} s")
+                    if show_bar:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
                     window_t = time.perf_counter()
                 state, m = step_fn(state, batch)
                 finite = bool(m["finite"])
@@ -255,6 +257,9 @@ def run(rc: RunConfig) -> dict:
                     last_loss = rec["loss"]
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                    else:
+                        log(f"step {step}/{rc.steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+                            f"grad norm {rec['grad_norm']:.3f}, {tps:,.0f} tokens/s")
                     window_t, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)

@@ -186,6 +186,37 @@ def test_the_same_command_again_loads_the_train_step_from_the_compilation_cache(
     # (`--compile-cache none`, the default and the environment's directory: tests/test_xla_cache.py)
 
 
+def test_without_a_progress_bar_each_logged_step_prints_a_line_and_the_bar_follows_the_compile(
+        tmp_path, capsys, monkeypatch):
+    """--no-progress (or no terminal): one line per logged step. With a bar, it is made after the
+    compile, so that it has a line of its own and its rate leaves the compile time out."""
+    from types import SimpleNamespace
+
+    from jaxllm import loop
+
+    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "a"), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"the train step (from the compilation cache )?in .*\nstep 1/2: loss \d+\.\d{4}, lr \S+, grad norm \S+, "
+                     r"[\d,]+ tokens/s\nstep 2/2: loss .*\ndone: step 2", out), out
+    events = []
+
+    class Bar:
+        def __init__(self, **kw):
+            events.append(f"bar from step {kw['initial']}")
+
+        def __getattr__(self, name):
+            return lambda *a, **kw: None
+
+    monkeypatch.setitem(sys.modules, "tqdm", SimpleNamespace(tqdm=Bar))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(loop, "log", events.append)
+    argv = [a for a in BASE if a != "--no-progress"]
+    assert train_jax_main(argv + ["--ckpt-dir", str(tmp_path / "b"), "--steps", "2"]) == 0
+    start = events.index("compiling the train step (or loading it from the compilation cache) ...")
+    assert " the train step " in events[start + 1] and events[start + 2] == "bar from step 0", events
+    assert not [e for e in events if e.startswith("step ")], events
+
+
 # ---- bad input: one line, exit status 2, nothing overwritten ----------------------------------
 def _main(argv, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
