@@ -15,6 +15,7 @@ Hugging Face directory's tokenizer.json), or the embedded one. Greedy unless --t
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 try:
@@ -52,8 +53,13 @@ def checkpoint_kind(path: str) -> str:
         raise ValueError(f"--checkpoint {path} is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
-    if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path)):
+    names = os.listdir(path)
+    if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in names):
         return "orbax"
+    trainer = [int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n)]
+    if trainer:
+        raise ValueError(f"--checkpoint {path} is a Trainer output directory (scripts/train_torch.py): pass one of "
+                         f"its checkpoints, e.g. the latest, {os.path.join(path, f'checkpoint-{max(trainer)}')}")
     raise ValueError(f"--checkpoint {path} is neither a Hugging Face directory (no config.json) nor an Orbax "
                      "checkpoint directory (no numbered steps)")
 

@@ -391,6 +391,8 @@ def test_text_stream_holds_back_split_characters(assets, script):
     (["--checkpoint", "/nonexistent/ckpt", "--prompt", "x"], "does not exist"),
     (["--checkpoint", "{tok}", "--prompt", "x"], "is not a directory"),
     (["--checkpoint", "{empty}", "--prompt", "x"], "neither a Hugging Face directory"),
+    (["--checkpoint", "{trainer}", "--prompt", "x"], "is a Trainer output directory (scripts/train_torch.py): "
+                                                     "pass one of its checkpoints, e.g. the latest, {trainer}/checkpoint-12"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-p", "2"], "top_p"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -402,8 +404,12 @@ def test_text_stream_holds_back_split_characters(assets, script):
 def test_script_bad_input_is_one_line_on_stderr_and_exit_2(script, checkpoints, tokenizer_json, tmp_path, capsys,
                                                             argv, message):
     (tmp_path / "empty").mkdir()
-    fill = {"tok": str(tokenizer_json), "empty": str(tmp_path / "empty"), "orbax": checkpoints["orbax"]}
+    for step in (3, 12):
+        (tmp_path / "trainer" / f"checkpoint-{step}").mkdir(parents=True)
+    fill = {"tok": str(tokenizer_json), "empty": str(tmp_path / "empty"), "orbax": checkpoints["orbax"],
+            "trainer": str(tmp_path / "trainer")}
     argv = [a.format(**fill) for a in argv]
+    message = message.format(**fill)
     try:
         rc = script.main(argv)
     except SystemExit as e:  # argparse
