@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output Hugging Face directory (default: CKPT_DIR-hf)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the exported weights (router_bias stays float32)")
+                   help="dtype of the exported weights (router_bias stays float32; default float32)")
     # default = hf_export.DEFAULT_MAX_SHARD_SIZE (not imported: slow); checked here, before anything is read
     p.add_argument("--max-shard-size", type=_max_shard_size, default="50GB",
                    help="shard the safetensors above this size (default 50GB, as Hugging Face's save_pretrained: "
