@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxllm.config import LLMConfig
+from jaxllm.config import IGNORED_KEYS, LLMConfig, field_names
 
 FORMAT_VERSION = 1
 ITEMS = ("params", "train_state", "meta", "tokenizer")
@@ -132,8 +132,13 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
             f"checkpoint step {step} in {mngr.directory}: cannot read its metadata ({one_line(e)})") from e
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"checkpoint step {step} in {mngr.directory}: metadata has no model config")
+    saved = meta["config"]
+    unknown = sorted(set(saved) - set(field_names()) - IGNORED_KEYS) if isinstance(saved, dict) else []
+    if unknown:  # not damage (resume must not set the step aside): a checkpoint of another version
+        raise ValueError(f"checkpoint step {step} in {mngr.directory}: its config has fields this version of jaxllm "
+                         f"does not know ({', '.join(unknown)}): saved by another version?")
     try:  # a bad value there is damage to the checkpoint, not to the user's --config
-        LLMConfig.from_dict(meta["config"])
+        LLMConfig.from_dict(saved)
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint step {step} in {mngr.directory}: its saved model config is invalid ({e})") from None

@@ -573,6 +573,22 @@ def test_a_step_whose_saved_config_is_invalid_is_unreadable_not_the_user_s_confi
     assert [d for d in os.listdir(ckpt) if d.startswith("2.unreadable-")]  # set aside, not deleted
 
 
+def test_a_step_saved_with_config_fields_this_version_does_not_know_is_refused_not_set_aside(
+        trained_ckpt, tmp_path, capsys):
+    """Not damage: resuming from an older step would throw the newer ones' training away."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    shutil.copytree(ckpt / "1", ckpt / "2")
+    meta = json.loads((ckpt / "2" / "meta" / "metadata").read_text())
+    meta["config"]["a_field_of_a_newer_version"], meta["step"] = 1, 2
+    (ckpt / "2" / "meta" / "metadata").write_text(json.dumps(meta))
+    code, err = _main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "3"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (f"checkpoint step 2 in {ckpt}: its config has fields this version of jaxllm does not know "
+            "(a_field_of_a_newer_version)") in err, err
+    assert sorted(os.listdir(ckpt)) == sorted(os.listdir(trained_ckpt) + ["2"])
+
+
 def test_an_unreadable_array_is_reported_in_one_line(trained_ckpt, tmp_path):
     """TensorStore's error runs over many lines (its spec after "See full TensorStore details"): the
     CheckpointError (the resume warning, the error) keeps its first sentence."""

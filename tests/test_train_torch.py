@@ -507,6 +507,23 @@ def test_resume_skips_damaged_optimizer_state_and_refuses_when_nothing_loads(tra
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
 
 
+def test_a_checkpoint_of_another_version_is_refused_not_skipped(trained, tmp_path, capsys):
+    """A config.json with a field this version does not know is no damage: resume refuses it by
+    name instead of skipping to an older checkpoint (which would throw the newer steps away)."""
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    config = json.loads((copy / "checkpoint-10" / "config.json").read_text())
+    (copy / "checkpoint-10" / "config.json").write_text(json.dumps({**config, "a_field_of_a_newer_version": 1}))
+    names = sorted(os.listdir(copy))
+    code = _train_torch().main(["--config", rc.config, "--seq-len", "32", "--ckpt-dir", str(copy)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{copy / 'checkpoint-10'}: cannot read its config.json (unknown config field(s): " \
+           "a_field_of_a_newer_version)" in err, err
+    assert sorted(os.listdir(copy)) == names
+
+
 def test_a_stream_logs_no_epoch(tmp_path):
     """The Trainer's `epoch` counts passes over a dataset of known length: on a stream it means
     nothing and is left out of the logs; a dataset with a length keeps it."""

@@ -486,6 +486,16 @@ def _unloadable(path: str) -> str | None:
             json.load(f)
     except (OSError, ValueError) as e:
         return f"{os.path.join(path, 'trainer_state.json')}: not readable JSON ({error_line(e)})"
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{config_path}: not readable JSON ({error_line(e)})"
+    try:
+        LLMConfig.from_dict(saved)
+    except (ValueError, TypeError, AttributeError):
+        return None  # no damage: another model or version, which resuming refuses by name (`_check_saved_config`)
     try:
         read_hf_dir(path)
     except ConvertError as e:
@@ -547,8 +557,13 @@ def set_aside_damaged(output_dir: str, step: int) -> list[str]:
         m = CHECKPOINT_RE.match(os.path.basename(path))
         if m and int(m.group(1)) > step and os.path.isfile(os.path.join(path, "trainer_state.json")) \
                 and _unloadable(path):
-            moved.append(os.path.join(output_dir, f"unloadable-{os.path.basename(path)}-{stamp}"))
-            os.rename(path, moved[-1])
+            target = os.path.join(output_dir, f"unloadable-{os.path.basename(path)}-{stamp}")
+            try:
+                os.rename(path, target)
+            except OSError as e:  # left where it is: the other processes are waiting at a barrier
+                print(f"warning: cannot rename {path} ({e.strerror or e})", file=sys.stderr)
+                continue
+            moved.append(target)
     return moved
 
 
