@@ -78,15 +78,15 @@ def atomic_output_dir(out: str) -> Iterator[str]:
     an existing `out`, which the caller has vetted with `check_output`); on any error remove it.
     SIGTERM is handled as Ctrl-C while inside (SystemExit(143) from the main thread: the temporary
     directory is removed, the process exits with status 143), the previous handler restored after."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         with _atomic_output_dir(out) as tmp:
             yield tmp
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:  # (None: a handler set outside Python, which cannot be put back; the default then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _exit_on_signal(signum, frame):

@@ -148,9 +148,10 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
 def report(text: str, result: dict, json_path: str | None) -> None:
     """Print the markdown table; with `--json PATH`, write the same figures there."""
     print(text)
-    if json_path:
-        with open(json_path, "w") as f:
+    if json_path:  # whole or not at all (a SIGTERM may come at any moment: `bench_gpu.sh` reads it after)
+        with open(json_path + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(json_path + ".tmp", json_path)
 
 
 # ---- workers ------------------------------------------------------------------------------------
@@ -548,7 +549,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     # The orchestrator initialises JAX's backend too (device name, --attn-impl check), and its
     # workers run beside it: on a GPU, JAX's default preallocation of 75% of the memory in the
-    # orchestrator would leave the workers a quarter. Allocate on demand (set it to override).
+    # orchestrator would leave the workers a quarter. Allocate on demand, here and in the workers
+    # (which inherit it, as under bench_gpu.sh); set it to override.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
@@ -577,7 +579,7 @@ def main(argv=None) -> int:
     from jaxllm.flops import device_peak_flops
 
     datasheet = args.peak_flops
-    if datasheet is None:  # the matmul worker's device name: no JAX backend (CUDA context) in this process
+    if datasheet is None:  # the matmul worker's device name (this process need not start a JAX backend)
         datasheet = device_peak_flops(str(result["matmul"].get("device", "")), args.dtype)
     failed = None
     for preset, b, t in shapes:

@@ -157,7 +157,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
             for step in range(made, i):  # a sequence was running at `step` iff it made that token
                 on_token(step, tokens[:, step], step < lengths)
         made = i
-        if i >= max_new_tokens or bool(jnp.all(s["done"])):
+        if i >= max_new_tokens or np.asarray(s["done"]).all():
             break
     logits = np.asarray(s["all_logits"]) if return_logits else None
     return Generation(np.asarray(s["tokens"]), np.asarray(s["lengths"]), logits)

@@ -75,7 +75,7 @@ fi
 # cuDNN's fused attention, forward and backward, on a small bf16 batch (seconds): when it fails
 # here, the +cudnn cases are skipped instead of each failing after a minute of set-up.
 cudnn_ok=1
-"$py" -c 'import jax, jax.numpy as jnp
+timeout 180 "$py" -c 'import jax, jax.numpy as jnp
 q = jax.random.normal(jax.random.key(0), (2, 256, 12, 64), jnp.bfloat16)
 f = lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn").astype(jnp.float32).sum()
 print("cuDNN attention probe: ok", float(jax.jit(jax.grad(f))(q).astype(jnp.float32).sum()))' 2>&1 | tail -n 3 >>"$log"

@@ -56,7 +56,7 @@ def checkpoint_kind(path: str) -> str:
     names = os.listdir(path)
     if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in names):
         return "orbax"
-    trainer = [int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n)]
+    trainer = [int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(path, n))]
     if trainer:
         raise ValueError(f"--checkpoint {path} is a Trainer output directory (scripts/train_torch.py): pass one of "
                          f"its checkpoints, e.g. the latest, {os.path.join(path, f'checkpoint-{max(trainer)}')}")

@@ -322,6 +322,8 @@ def main(argv=None) -> int:
                 pass
             print(f"{b}:{impl}:{remat}:{block}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
                   flush=True)
+        finally:  # a failed variant's arrays go before the next one is built (its memory, on a GPU)
+            state = step = batch = None
     return 1 if failed else 0
 
 

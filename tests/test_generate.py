@@ -241,6 +241,9 @@ def test_streaming_says_which_sequences_still_run_and_compiles_programs_the_cach
     for step, _, live in calls:
         np.testing.assert_array_equal(live, step < out.lengths)
     assert not calls[-1][2][1]  # the second prompt had stopped before the last token
+    quiet = _generate(pair[0], eos_token_id=eos, stop_at_eos=True, max_new_tokens=STEPS - 1, on_token=None)
+    for a, b in zip(out, quiet):  # not streamed: the whole loop in one call, the same results
+        np.testing.assert_array_equal(a, b)
     kept = os.listdir(tmp_path)
     for program in ("jit__prefill-", "jit__decode-"):
         assert any(name.startswith(program) for name in kept), program

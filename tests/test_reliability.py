@@ -713,6 +713,15 @@ def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_ke
     from jaxllm.loop import check_no_earlier_run
 
     check_no_earlier_run(str(crashed))
+    for leftover in ("4.unreadable-20250101-000000", "loss.png"):  # each alone is an earlier run too
+        alone = tmp_path / f"only {leftover}"
+        alone.mkdir()
+        if leftover == "loss.png":
+            (alone / leftover).write_bytes(b"png")
+        else:
+            (alone / leftover).mkdir()
+        with pytest.raises(ValueError, match=f"holds an earlier run \\({re.escape(leftover)}\\) but no readable"):
+            check_no_earlier_run(str(alone))
     (tmp_path / "empty").mkdir()
     assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "empty"), "--steps", "1", "--no-resume"]) == 0
     assert _steps(tmp_path / "empty") == [1]
