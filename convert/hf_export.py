@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from convert import ConvertError, error_line, mapping
-from convert.output import atomic_output_dir, check_output, listing, parse_max_shard_size
+from convert.output import atomic_output_dir, check_output, parse_max_shard_size
+from jaxllm.cli import listing
 from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from convert import ConvertError, error_line, mapping
-from convert.output import atomic_output_dir, check_output, listing
+from convert.output import atomic_output_dir, check_output
+from jaxllm.cli import listing
 from jaxllm.config import MODEL_TYPE, LLMConfig
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"

@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Iterator
 
 from convert import ConvertError
+from jaxllm.cli import listing
 
 try:
     import fcntl
@@ -51,12 +52,6 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
             raise ConvertError(f"output {out} already exists (force=True replaces it)",
                                cli=f"output {out} already exists (--force replaces it)")
     return out
-
-
-def listing(items: list[str], most: int = 4) -> str:
-    """`a, b, c` or `a, b, c, d and 3 more`."""
-    shown = ", ".join(items[:most])
-    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
 
 
 def parse_max_shard_size(size: int | str) -> int:

@@ -145,3 +145,9 @@ def run_config(args: argparse.Namespace, d):
         if value is not None:
             settings[f.name] = tuple(value) if f.name == "prompts" else value
     return type(d)(**settings)
+
+
+def listing(items: list[str], most: int = 4) -> str:
+    """`a, b, c` or `a, b, c, d and 3 more`."""
+    shown = ", ".join(items[:most])
+    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"

@@ -71,6 +71,11 @@ class LLMConfig:
             raise ValueError(f"model_type: expected {MODEL_TYPE!r}, got {d['model_type']!r}")
         return cls(**{k: v for k, v in d.items() if k in fields})
 
+    def differences(self, other: "LLMConfig") -> list[str]:
+        """The fields in which `other` differs from this config (empty: the same model)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k, v in mine.items() if theirs.get(k) != v]
+
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
 

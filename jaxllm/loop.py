@@ -23,6 +23,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import hostmem
 from jaxllm import sharding as shd
 from jaxllm import xla_cache
+from jaxllm.cli import listing
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
@@ -299,15 +300,11 @@ def check_no_earlier_run(ckpt_dir: str) -> None:
     trainer = [n for n in names if TRAINER_CHECKPOINT.match(n) and os.path.isdir(os.path.join(ckpt_dir, n))]
     if trainer:
         raise ValueError(f"--ckpt-dir {ckpt_dir} holds a PyTorch run (Hugging Face Trainer checkpoints: "
-                         f"{_some(trainer)}), no JAX checkpoint: use another --ckpt-dir (convert/torch_to_flax.py "
+                         f"{listing(trainer)}), no JAX checkpoint: use another --ckpt-dir (convert/torch_to_flax.py "
                          "turns a Trainer checkpoint into one for --init-from)")
     if any(".unreadable-" in n for n in names) or "loss.png" in names:
-        raise ValueError(f"--ckpt-dir {ckpt_dir} holds an earlier run ({_some(names)}) but no readable checkpoint: "
+        raise ValueError(f"--ckpt-dir {ckpt_dir} holds an earlier run ({listing(names)}) but no readable checkpoint: "
                          "use another --ckpt-dir, or move those files away to start over in it")
-
-
-def _some(names: list[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def gather_data_states(state: dict) -> dict:
@@ -387,8 +384,8 @@ def _set_aside(mngr, steps) -> None:
 
 def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:
     if saved != config:
-        diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
-        raise ValueError(f"{where} holds a checkpoint of another model (differs in {', '.join(diff)})")
+        raise ValueError(f"{where} holds a checkpoint of another model "
+                         f"(differs in {', '.join(saved.differences(config))})")
 
 
 def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):

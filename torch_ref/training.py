@@ -579,8 +579,7 @@ def _recorded_tokenizer(checkpoint: str) -> str | None:
 
 def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str, advice: str) -> None:
     if saved != config:
-        diff = [k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v]
-        raise ValueError(f"{where} holds another model (differs in {', '.join(diff)}); {advice}")
+        raise ValueError(f"{where} holds another model (differs in {', '.join(saved.differences(config))}); {advice}")
 
 
 def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
