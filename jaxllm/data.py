@@ -10,6 +10,8 @@ use the same code and see the same batches.
   `load_dataset("parquet"|"json"|"text", data_files=..., streaming=True)`; the embedded corpus
   (`embedded_corpus()`) with `Dataset.from_dict(...).to_iterable_dataset()`. In a `.txt` file a
   document is a paragraph: text separated by a blank line (`DataConfig.sample_by` changes that).
+  Of local parquet files only the text column is read, and every file's footer is checked when
+  the data is opened (a file that is no parquet, or lacks the text column, is named then).
 - **Packing.** Each document is tokenized without special tokens and followed by EOS; the
   documents of a process's share form one endless token stream (epoch after epoch), cut into
   rows of exactly `seq_len` tokens: no padding, and a document may continue into the next row.
@@ -49,6 +51,7 @@ STATE_FORMAT = 1
 
 # File suffix -> `datasets` packaged builder.
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+PARQUET_BATCH_ROWS = 1024           # rows per record batch read from a parquet file
 # EOS names tried, in order, for a tokenizer file that does not say which token is EOS.
 KNOWN_EOS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 
@@ -539,11 +542,20 @@ class _Source:
             args, kwargs = (builder,), {"data_files": files, "split": "train"}
             if builder == "text":
                 kwargs["sample_by"] = cfg.sample_by
-            if builder == "json":  # a bad file is reported once, by us (ValueError), not also logged twice
-                logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+            if builder == "parquet":
+                # Every file's footer is read now: a file that is no parquet, or one without the
+                # text column, is named before training rather than when the stream reaches it.
+                self._check_parquet_files(files)
+                # Only the text column is read (other columns may differ between files), in
+                # batches of a fixed size: `datasets` takes a file's first row group's row count,
+                # which is 0 in an empty file (an ArrowInvalid error, not an empty file).
+                kwargs.update(columns=[cfg.text_column], batch_size=PARQUET_BATCH_ROWS)
         else:
             _check_hub(cfg.dataset, "dataset", "dataset", "a parquet/jsonl/txt file, glob or directory")
             args, kwargs = (cfg.dataset, cfg.dataset_config), {"split": cfg.split}
+        # A bad file is reported once, by us (ValueError), not also logged by `datasets`.
+        for builder_module in ("json.json", "parquet.parquet"):
+            logging.getLogger(f"datasets.packaged_modules.{builder_module}").setLevel(logging.CRITICAL)
         try:
             ds = datasets.load_dataset(*args, streaming=True, **kwargs)
         except StopIteration:  # the json builder's way of saying that it found no record
@@ -555,9 +567,33 @@ class _Source:
             raise self._missing_column(list(features))
         self._dataset = ds
 
-    def _missing_column(self, columns) -> ValueError:
-        return ValueError(f"{self.name} has no text column {self.cfg.text_column!r}; its columns: "
+    def _missing_column(self, columns, file: str | None = None) -> ValueError:
+        where = f" (in {file})" if file else ""
+        return ValueError(f"{self.name} has no text column {self.cfg.text_column!r}{where}; its columns: "
                           f"{', '.join(map(str, columns)) or '(none)'} (choose one with --text-column)")
+
+    def _check_parquet_files(self, files: list[str]) -> None:
+        """ValueError naming the file (of several) that is no readable parquet file, lacks the text
+        column or holds something else than strings in it. Reads each file's footer only."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = self.cfg.text_column
+        for f in files:
+            which = f"{f}: " if len(files) > 1 else ""
+            try:
+                schema = pq.read_schema(f)
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"cannot read {self.name}: {which}{_reason(e)}") from None
+            if column not in schema.names:
+                raise self._missing_column(schema.names, f if len(files) > 1 else None)
+            kind = schema.field(column).type
+            if pa.types.is_dictionary(kind):  # e.g. a pandas categorical column: strings all the same
+                kind = kind.value_type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+                    or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+                raise ValueError(f"column {column!r} of {self.name} holds {kind} values, not text"
+                                 + (f" (in {f})" if len(files) > 1 else ""))
 
     def epoch(self, epoch: int):
         import datasets
@@ -595,7 +631,9 @@ class _Source:
 
 
 def _reason(e: Exception) -> str:
-    return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    """The error as one line (some of `datasets`' messages span several, e.g. a failed cast)."""
+    text = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
 
 
 def iter_documents(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,

@@ -296,11 +296,82 @@ def test_fewer_documents_than_processes(tmp_path, tokenizer):
     ("broken.jsonl", b'{"text": "fine"}\n{broken\n', "JSON parse error"),
     ("latin1.txt", b"fine\n\ncaf\xe9\n", "can't decode byte 0xe9"),
 ])
-def test_unreadable_file(tmp_path, tokenizer, name, content, message):
+def test_unreadable_file(tmp_path, tokenizer, caplog, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=f"cannot read dataset .*{name}: .*{message}"):
         with PackedBatches(DataConfig(dataset=str(tmp_path / name), seq_len=4), tokenizer, rows=1) as batches:
             next(batches)
+    assert not logged_by_datasets(caplog)  # said once, by the error
+
+
+def logged_by_datasets(caplog):
+    """What `datasets` logged (on stderr, in a command line, besides the error's own line)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("datasets") and r.levelno >= 30]
+
+
+def write_parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_an_empty_parquet_file_holds_no_documents(tmp_path, tokenizer):
+    """A parquet file of no rows (a schema only) is an empty file: alone, an empty dataset; among
+    others, no documents. `datasets` by itself fails on it (a batch size of its 0 rows)."""
+    import pyarrow as pa
+
+    (tmp_path / "d").mkdir()
+    write_parquet(tmp_path / "d" / "a.parquet", text=pa.array([], pa.string()))
+    with pytest.raises(ValueError, match=r"^dataset \S+a\.parquet is empty: it has no documents$"):
+        PackedBatches(DataConfig(dataset=str(tmp_path / "d" / "a.parquet")), tokenizer, rows=1)
+    texts = make_texts(10)
+    write_parquet(tmp_path / "d" / "b.parquet", text=texts)
+    cfg = DataConfig(dataset=str(tmp_path / "d"), seq_len=8)
+    assert list(iter_documents(cfg)) == texts
+    with PackedBatches(cfg, tokenizer, rows=2) as batches:
+        got = np.concatenate([next(batches) for _ in range(3)]).ravel()
+    np.testing.assert_array_equal(got, expected_stream(cfg, tokenizer, epochs=1)[: got.size])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"not a parquet file" * 10, r"cannot read dataset \S+: \S+b\.parquet: Parquet magic bytes not found"),
+    ({"content": ["a b c"] * 3}, r"has no text column 'text' \(in \S+b\.parquet\); its columns: content"),
+    ({"text": [1, 2, 3]}, r"column 'text' of dataset \S+ holds int64 values, not text \(in \S+b\.parquet\)"),
+])
+def test_a_bad_parquet_file_among_several_is_named_before_the_first_batch(tmp_path, tokenizer, caplog, bad, message):
+    """Every parquet file's footer is checked when the data is opened: a bad shard after good ones
+    fails then, in one line naming it, not when the stream reaches it hours into a run."""
+    write_parquet(tmp_path / "a.parquet", text=make_texts(300))
+    if isinstance(bad, bytes):
+        (tmp_path / "b.parquet").write_bytes(bad)
+    else:
+        write_parquet(tmp_path / "b.parquet", **bad)
+    with pytest.raises(ValueError, match=message) as e:
+        PackedBatches(DataConfig(dataset=str(tmp_path), seq_len=4), tokenizer, rows=1)
+    assert "\n" not in str(e.value)
+    assert not logged_by_datasets(caplog)
+
+
+def test_parquet_files_may_differ_in_their_other_columns(tmp_path, tokenizer):
+    """Only the text column is read: shards whose other columns differ (added, dropped, retyped)
+    make one stream."""
+    write_parquet(tmp_path / "a.parquet", text=["first file, first document", "first file, second"], n=[1, 2])
+    write_parquet(tmp_path / "b.parquet", text=["second file"], n=["x"], extra=[0.5])
+    write_parquet(tmp_path / "c.parquet", text=["third file"])
+    cfg = DataConfig(dataset=str(tmp_path), seq_len=4)
+    assert list(iter_documents(cfg)) == ["first file, first document", "first file, second", "second file", "third file"]
+
+
+def test_a_multi_line_error_of_datasets_is_one_line(tmp_path, tokenizer):
+    """`datasets` says some things (a failed cast) on several lines; the error is one."""
+    write_jsonl(tmp_path / "a.jsonl", ["some text"])
+    write_jsonl(tmp_path / "b.jsonl", ["other text"], column="body")
+    with pytest.raises(ValueError, match=r"cannot read dataset \S+: Couldn't cast") as e:
+        with PackedBatches(DataConfig(dataset=str(tmp_path), seq_len=4), tokenizer, rows=1) as batches:
+            next(batches)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("spec, message", [
