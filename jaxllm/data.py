@@ -12,7 +12,8 @@ use the same code and see the same batches.
   document is a paragraph: text separated by a blank line (`DataConfig.sample_by` changes that).
   Of local parquet files only the text column is read, and every file's footer is checked when
   the data is opened (a file that is no parquet, or lacks the text column, is named then).
-- **Packing.** Each document is tokenized without special tokens and followed by EOS; the
+- **Packing.** Each document is tokenized without special tokens (a special token's text in a
+  document, e.g. a literal "<|endoftext|>", is encoded as text) and followed by EOS; the
   documents of a process's share form one endless token stream (epoch after epoch), cut into
   rows of exactly `seq_len` tokens: no padding, and a document may continue into the next row.
   Tokenization runs in a background thread that keeps `prefetch` batches ready.
@@ -647,16 +648,19 @@ def iter_documents(cfg: DataConfig, *, process_index: int = 0, process_count: in
 
 # ---- packing -------------------------------------------------------------------------------
 def _encoder(tokenizer):
-    """texts -> token id lists, without special tokens. Uses a private copy of the Rust tokenizer
-    (no truncation, no padding) so that the caller may keep using `tokenizer` meanwhile."""
+    """texts -> token id lists, without special tokens: none added, and a special token's text
+    inside a document (a literal "<|endoftext|>") is encoded as the text it is, not as that token,
+    so that EOS only ever separates documents. Uses a private copy of the Rust tokenizer (no
+    truncation, no padding) so that the caller may keep using `tokenizer` meanwhile."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (pure Python) tokenizer
-        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return lambda texts: tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     from tokenizers import Tokenizer
 
     own = Tokenizer.from_str(backend.to_str())
     own.no_truncation()
     own.no_padding()
+    own.encode_special_tokens = True
     return lambda texts: [e.ids for e in own.encode_batch_fast(texts, add_special_tokens=False)]
 
 

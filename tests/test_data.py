@@ -170,6 +170,22 @@ def test_embedded_corpus_packs_through_the_same_path_and_reshuffles_each_epoch(t
     np.testing.assert_array_equal(np.concatenate(got).ravel(), stream[: 6 * 4 * 128])
 
 
+@pytest.mark.parametrize("which", ["embedded", "smollm2"])
+def test_a_special_token_written_in_a_document_is_text_not_a_document_boundary(tmp_path, tokenizer, request, which):
+    """EOS separates documents and nothing else: a document that quotes "<|endoftext|>" (or another
+    special token) gets the tokens of that text, as ordinary text, not the special token's id."""
+    if which == "smollm2":  # the real vocabulary, whose <|im_start|> is special too
+        tokenizer = load_tokenizer(str(request.getfixturevalue("assets") / "smollm2-tokenizer" / "tokenizer.json"))
+    texts = ["GPT-2 ends its documents with <|endoftext|> and chat turns with <|im_start|>.", "next"]
+    path = write_jsonl(tmp_path / "quotes.jsonl", texts)
+    with PackedBatches(DataConfig(dataset=str(path), seq_len=8), tokenizer, rows=1) as batches:
+        stream = np.concatenate([next(batches) for _ in range(12)]).ravel()
+    first = stream[: list(stream).index(tokenizer.eos_token_id) + 1]
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    assert not specials & set(first[:-1].tolist()), first
+    assert tokenizer.decode(first[:-1]) == texts[0]
+
+
 def test_txt_documents_are_paragraphs(tmp_path, tokenizer):
     path = tmp_path / "notes.txt"
     path.write_text("first paragraph\nstill the first\n\nsecond one\n\n\nthird\n")
