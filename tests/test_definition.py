@@ -298,3 +298,33 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
     np.testing.assert_allclose([float(schedule(s)) for s in (0, 1000, 2000, 6000, 9999)],
                                [0.0, 1e-5, 2e-5, 1e-5, 2e-5 * 0.5 * (1 + np.cos(np.pi * 7999 / 8000))],
                                rtol=1e-5, atol=1e-12)
+
+
+def test_the_pytorch_cache_holds_only_the_latent_and_the_rotated_rope_keys():
+    """Per token and layer, `latent_dim` + heads x `rope_head_dim` numbers (576 for seed-973m, 48
+    for tiny), not full keys and values; `c_kv` as it came out of kv_proj_d and `k_rope` rotated."""
+    from torch_ref import CustomLLM, CustomLLMConfig
+    from torch_ref.modeling_customllm import apply_rope
+
+    seed = LLMConfig.from_preset("seed-973m")
+    assert seed.latent_dim + seed.num_attention_heads * seed.rope_head_dim == 576
+    torch.manual_seed(0)
+    tm = CustomLLM(CustomLLMConfig.from_llm_config(TINY)).eval()
+    B, T = 2, 5
+    ids = torch.randint(0, TINY.vocab_size, (B, T))
+    with torch.no_grad():
+        out = tm(ids, use_cache=True, output_hidden_states=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    per_token_layer = sum(t.numel() for t in tensors) / (B * T * TINY.num_hidden_layers)
+    assert per_token_layer == TINY.latent_dim + TINY.num_attention_heads * TINY.rope_head_dim == 48
+    # Layer 0's entries are what the definition says: c_kv = kv_proj_d(x), k_rope = rope(rope_k(x)).
+    layer, h = tm.decoder_layers[0], out.hidden_states[0]
+    with torch.no_grad():
+        x = layer.input_norm(h)
+        attn = layer.self_attn
+        cos, sin = attn.rotary_emb(torch.arange(T)[None].expand(B, T))
+        k_rope = apply_rope(attn.rope_k(x).view(B, T, TINY.num_attention_heads, TINY.rope_head_dim), cos, sin)
+    c_kv, k_rope_cached = cache.layers[0].keys, cache.layers[0].values
+    torch.testing.assert_close(c_kv.reshape(B, T, -1), attn.kv_proj_d(x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(k_rope_cached.transpose(1, 2), k_rope, rtol=1e-6, atol=1e-7)
