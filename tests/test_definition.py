@@ -350,3 +350,45 @@ def test_the_jax_train_step_applies_embedding_dropout():
     # At initialisation the loss is near log(vocab) with or without dropout: dropout moves it by
     # about 2e-4 here, float32 rounding by about 1e-6.
     assert abs(float(metrics["loss"]) - plain) > 2e-5, (float(metrics["loss"]), plain)
+
+
+def test_the_router_runs_in_float32_under_bfloat16_compute_in_both_frameworks():
+    """`s = sigmoid(router(x))` in float32 while the experts run in bfloat16 (JAX `dtype=bfloat16`,
+    PyTorch autocast): the balance loss and the choices equal those of float32 scores of the same
+    input. A bfloat16 router product moves the scores by about 1e-3."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.model import DeepSeekMoE, balance_loss, route
+    from torch_ref import CustomLLMConfig
+    from torch_ref.modeling_customllm import DeepSeekMoE as TorchMoE
+    from torch_ref.modeling_customllm import balance_loss as torch_balance_loss
+    from torch_ref.modeling_customllm import route as torch_route
+
+    B, T, E, k = 4, 32, TINY.num_routed_experts, TINY.num_experts_per_tok
+    x = np.random.RandomState(0).randn(B, T, TINY.hidden_size).astype(np.float32)
+
+    moe = DeepSeekMoE(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    moe.router.kernel[...] = 5 * moe.router.kernel[...]  # spread scores
+    xb = jnp.asarray(x, jnp.bfloat16)
+    _, aux, counts = moe(xb)
+    scores = jax.nn.sigmoid(jnp.dot(xb.astype(jnp.float32).reshape(B * T, -1), moe.router.kernel[...],
+                                    precision="highest"))
+    chosen, _ = route(scores, moe.router_bias[...], k)
+    np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.asarray(chosen).ravel(), minlength=E))
+    np.testing.assert_allclose(np.asarray(aux), np.asarray(balance_loss(scores.reshape(B, T, E),
+                                                                         chosen.reshape(B, T, k), E)), rtol=1e-6)
+
+    torch.manual_seed(0)
+    tmoe = TorchMoE(CustomLLMConfig.from_llm_config(TINY))
+    with torch.no_grad():
+        tmoe.router.weight.mul_(5)
+        xt = torch.from_numpy(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, t_aux, t_counts = tmoe(xt)
+        t_scores = torch.sigmoid(xt.reshape(B * T, -1) @ tmoe.router.weight.T)
+        t_chosen, _ = torch_route(t_scores, tmoe.router_bias, k)
+    np.testing.assert_array_equal(t_counts.numpy(), np.bincount(t_chosen.numpy().ravel(), minlength=E))
+    torch.testing.assert_close(t_aux, torch_balance_loss(t_scores.view(B, T, E), t_chosen.view(B, T, k), E),
+                               rtol=1e-6, atol=0)
