@@ -5,7 +5,8 @@ Pure Python (no JAX, no PyTorch), so that both frameworks read their defaults fr
 `remat`). `RECIPES` are named bundles of settings: `embedded` (the default: `small` on the embedded
 corpus, minutes on a laptop CPU) and `seed` (the seed document's run: `seed-973m` on cosmopedia-v2,
 sequence 256, micro-batch 4, accumulation 8, AdamW lr 2e-5, cosine with 2,000 warm-up steps,
-weight decay 0.01, clip 1.0, 10,000 steps).
+weight decay 0.01, clip 1.0, 10,000 steps, float32). A recipe's `dtype` is also the PyTorch
+trainer's default (otherwise `--dtype auto` there).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed": dict(
         preset="seed-973m", dataset="HuggingFaceTB/smollm-corpus", dataset_config="cosmopedia-v2",
         tokenizer="HuggingFaceTB/cosmo2-tokenizer", seq_len=256, batch_size=4, grad_accum=8, lr=2e-5,
-        warmup_steps=2000, steps=10_000, weight_decay=0.01, clip_norm=1.0, save_every=500, log_every=10,
+        warmup_steps=2000, steps=10_000, weight_decay=0.01, clip_norm=1.0, dtype="float32", save_every=500,
+        log_every=10,
         prompts=("Once upon a time", "The meaning of life is", "In a distant galaxy"),
     ),
 }

@@ -7,9 +7,10 @@
 
 The settings, recipes and flag names are the JAX trainer's (scripts/train_jax.py, jaxllm/recipes.py);
 --batch-size is the global micro-batch, split over the processes. Accelerate picks the device (CUDA,
-MPS, CPU); --dtype auto trains in bfloat16 mixed precision where the GPU supports it, float32
-elsewhere. Checkpoints are Hugging Face directories CKPT_DIR/checkpoint-N (convert/torch_to_flax.py
-reads them); an existing --ckpt-dir resumes from its latest checkpoint automatically.
+MPS, CPU); --dtype auto (the default, but for --recipe seed, which trains in float32 as the seed
+document did) trains in bfloat16 mixed precision where the GPU supports it, float32 elsewhere.
+Checkpoints are Hugging Face directories CKPT_DIR/checkpoint-N (convert/torch_to_flax.py reads
+them); an existing --ckpt-dir resumes from its latest checkpoint automatically.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ def parse_args(argv=None):
     cli.add_data_and_optimizer_flags(p, d, batch_over="processes")
     a = p.add_argument
     a("--dtype", choices=DTYPES,
-      help="auto: bfloat16 mixed precision on GPUs that support it, else float32 (default auto)")
+      help="auto: bfloat16 mixed precision on GPUs that support it, else float32 (default auto; "
+           "--recipe seed: float32, the seed document's run, as train_jax.py)")
     a("--ckpt-dir", help=f"output directory of checkpoint-N folders; resumes from the latest (default {d.ckpt_dir})")
     cli.add_run_flags(p, d, init_from="start from the weights of this Hugging Face directory "
                                       "(e.g. from convert/flax_to_torch.py), and its tokenizer unless --tokenizer")
     args = p.parse_args(argv)
+    if args.dtype is None:  # a recipe's dtype (the seed run's float32), else `auto` (main)
+        from jaxllm.recipes import RECIPES
+
+        args.dtype = RECIPES[args.recipe].get("dtype")
     return args, cli.run_config(args, d)
 
 

@@ -282,10 +282,6 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
                 dataset_config="cosmopedia-v2", tokenizer="HuggingFaceTB/cosmo2-tokenizer", dropout=True)
     for rc in (jrc, trc):
         assert {k: getattr(rc, k) for k in want} == want
-    assert jrc.dtype == "float32"
-    if not torch.cuda.is_available():  # --dtype auto: float32 here (bfloat16 on GPUs that have it)
-        assert resolve_dtype(targs.dtype or "auto") == "float32"
-
     args = training_arguments(trc, str(tmp_path), per_device_batch=trc.batch_size, save=False, use_cpu=True)
     assert (args.learning_rate, args.warmup_steps, args.max_steps, args.weight_decay, args.max_grad_norm) == \
         (2e-5, 2000, 10_000, 0.01, 1.0)
@@ -298,6 +294,15 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
     np.testing.assert_allclose([float(schedule(s)) for s in (0, 1000, 2000, 6000, 9999)],
                                [0.0, 1e-5, 2e-5, 1e-5, 2e-5 * 0.5 * (1 + np.cos(np.pi * 7999 / 8000))],
                                rtol=1e-5, atol=1e-12)
+
+    # float32 in both, also where PyTorch's `--dtype auto` would pick bfloat16 (a GPU that has it);
+    # `--dtype` still chooses, and other recipes keep `auto`.
+    assert jrc.dtype == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
+    assert resolve_dtype(targs.dtype or "auto") == "float32"
+    assert resolve_dtype(train_torch.parse_args(["--recipe", "seed", "--dtype", "bfloat16"])[0].dtype) == "bfloat16"
+    assert resolve_dtype(train_torch.parse_args([])[0].dtype or "auto") == "bfloat16"
 
 
 def test_the_pytorch_cache_holds_only_the_latent_and_the_rotated_rope_keys():
