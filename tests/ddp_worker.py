@@ -1,5 +1,6 @@
 """Run by tests/test_train_torch.py under `torchrun --nproc-per-node N`: trains the tiny model on
-fixed batches, each process on its share, and has process 0 write the losses and final weights."""
+fixed batches, each process on its share, and has process 0 write the losses and final weights.
+A fourth argument `unused-expert` keeps every token away from the last routed expert."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ from torch_ref import CustomLLM, CustomLLMConfig
 from torch_ref.training import CustomLLMTrainer, FixedBatches, MetricsCallback, training_arguments
 
 
-def main(batches_path: str, out_path: str, out_dir: str) -> None:
+def main(batches_path: str, out_path: str, out_dir: str, variant: str = "") -> None:
     torch.set_num_threads(1)
     from accelerate import PartialState
 
@@ -24,6 +25,10 @@ def main(batches_path: str, out_path: str, out_dir: str) -> None:
     torch.manual_seed(0)
     model = CustomLLM(CustomLLMConfig.from_llm_config(config))
     model.dropout.p = 0.0
+    if variant == "unused-expert":
+        with torch.no_grad():
+            for layer in model.decoder_layers:
+                layer.mlp.moe.router_bias[-1] = -10.0
     rc = RunConfig(steps=steps, grad_accum=2, lr=2e-3, warmup_steps=1, log_every=1, progress=False)
     per_device = rows // 2 // dist.num_processes
     args = training_arguments(rc, out_dir, per_device_batch=per_device, save=False, use_cpu=True)

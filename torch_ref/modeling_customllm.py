@@ -209,7 +209,10 @@ class DeepSeekMoE(nn.Module):
         chosen, w = route(scores, self.router_bias.float(), self.top_k)
         for e, expert in enumerate(self.routed_experts):
             tok, slot = torch.nonzero(chosen == e, as_tuple=True)
-            if tok.numel() == 0:
+            # While gradients are recorded, an expert no token chose still runs (on no rows), so
+            # that every parameter is in the graph and gets a (zero) gradient: DDP then needs no
+            # `find_unused_parameters` search, and AdamW updates it as optax does a zero gradient.
+            if tok.numel() == 0 and not torch.is_grad_enabled():
                 continue
             y = expert(xf[tok]) * w[tok, slot, None].to(xf.dtype)
             out = out.index_add(0, tok, y)

@@ -183,10 +183,11 @@ class RouterBiasCallback(TrainerCallback):
 class DenseGradientsCallback(TrainerCallback):
     """Before each optimizer step, gives every trainable parameter without a gradient a zero one.
 
-    A routed expert that no token of the whole step chose has `grad is None` (the Trainer zeroes
-    gradients with `set_to_none`), and torch's AdamW then skips it entirely: no moment decay, no
-    weight decay, no step count. optax (the JAX side) sees a zero gradient and still decays the
-    moments, applies the momentum update and the weight decay. Zeros make both the same."""
+    A parameter with `grad is None` (the Trainer zeroes gradients with `set_to_none`) is skipped
+    entirely by torch's AdamW: no moment decay, no weight decay, no step count. optax (the JAX side)
+    sees a zero gradient and still decays the moments, applies the momentum update and the weight
+    decay. `CustomLLM` already gives a routed expert that no token chose a zero gradient (it runs
+    on no rows); this keeps both optimizers the same for any other parameter left out of a step."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for p in model.parameters():
@@ -452,7 +453,9 @@ def training_arguments(rc: RunConfig, output_dir: str, *, per_device_batch: int,
         seed=rc.seed, report_to="none", disable_tqdm=not rc.progress,
         dataloader_num_workers=0, ignore_data_skip=True,  # the data position is restored, not replayed
         average_tokens_across_devices=True,
-        ddp_find_unused_parameters=True,  # a routed expert can get no token in a micro-batch
+        # Every parameter gets a gradient in every micro-batch, even a routed expert no token chose
+        # (`DeepSeekMoE.forward`), so DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
     )
     kw.update(overrides)
     return TrainingArguments(**kw)

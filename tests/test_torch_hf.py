@@ -1,0 +1,37 @@
+"""The PyTorch reference as a Hugging Face model: the `PreTrainedModel` conventions a user of
+transformers relies on (tiny preset, PyTorch only)."""
+
+import pytest
+import torch
+
+from torch_ref import CustomLLM, CustomLLMConfig
+
+
+def _tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return CustomLLM(CustomLLMConfig.from_preset("tiny", **overrides))
+
+
+def _ids(shape, seed=0):
+    return torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_parameter_gets_a_gradient_even_an_expert_no_token_chose():
+    """What lets DDP run without `find_unused_parameters`: a routed expert with no token is still
+    in the graph, with a zero gradient (not `None`)."""
+    model = _tiny().train()
+    model.dropout.p = 0.0
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            layer.mlp.moe.router_bias[-1] = -10.0  # no token chooses the last routed expert
+    x = _ids((2, 16))
+    out = model(x, labels=x)
+    assert (out.expert_counts[:, -1] == 0).all() and (out.expert_counts[:, :-1].sum(-1) > 0).all()
+    out.loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    for layer in model.decoder_layers:
+        for p in layer.mlp.moe.routed_experts[-1].parameters():
+            assert torch.count_nonzero(p.grad) == 0
+    # Without gradients (generation, evaluation) an expert with no token is skipped as before.
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, out.logits, rtol=0, atol=0)
