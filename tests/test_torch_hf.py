@@ -35,3 +35,28 @@ def test_every_parameter_gets_a_gradient_even_an_expert_no_token_chose():
     # Without gradients (generation, evaluation) an expert with no token is skipped as before.
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, out.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}])
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradients(kwargs):
+    x = _ids((2, 24))
+    results = []
+    for checkpointing in (False, True):
+        model = _tiny().train()
+        model.dropout.p = 0.0
+        calls = []
+        model.decoder_layers[0].mlp.moe.register_forward_pre_hook(lambda *a: calls.append(1))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            assert model.is_gradient_checkpointing
+        out = model(x, labels=x)
+        out.loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt.loss, plain.loss, rtol=0, atol=0)
+    assert torch.equal(ckpt.expert_counts, plain.expert_counts)
+    torch.testing.assert_close(ckpt.aux_loss, plain.aux_loss, rtol=0, atol=0)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], g, rtol=1e-6, atol=1e-9, msg=name)

@@ -23,6 +23,10 @@ try:  # transformers >= 5: init functions that respect already-loaded weights
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     from torch.nn import init
+try:  # a layer that `gradient_checkpointing_enable()` recomputes in the backward pass
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = nn.Module
 
 # transformers 5.24 renamed the outputs' `past_key_values` to `cache`: fill whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -232,7 +236,13 @@ class LlamaMLP(nn.Module):
         return self.moe(x)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(GradientCheckpointingLayer):
+    """With gradient checkpointing on (`model.gradient_checkpointing_enable()`, the Trainer's
+    `gradient_checkpointing=True`), a training forward keeps only the layer's input and recomputes
+    the layer in the backward pass. The recomputation routes the same tokens to the same experts
+    (the same input and `router_bias`; no dropout inside a layer), and `aux` / `counts` come from
+    the first forward only."""
+
     def __init__(self, config: CustomLLMConfig, layer_idx: int):
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(config, layer_idx)
@@ -250,7 +260,7 @@ class CustomLLMPreTrainedModel(PreTrainedModel):
     config_class = CustomLLMConfig
     config: CustomLLMConfig
     base_model_prefix = ""
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _can_compile_fullgraph = False
@@ -362,7 +372,9 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             output_hidden_states = self.config.output_hidden_states
         hidden_states = [h] if output_hidden_states else None  # the embeddings, then each layer's output
         for layer in self.decoder_layers:
-            h, aux, counts = layer(h, position_ids, cache, attn_mask)
+            # h positional (a reentrant checkpoint passes gradients through positional inputs only),
+            # cache by name (a checkpointed layer drops it rather than fill it twice).
+            h, aux, counts = layer(h, position_ids, cache=cache, attn_mask=attn_mask)
             aux_total = aux_total + aux.mean()
             all_counts.append(counts)
             if hidden_states is not None:
