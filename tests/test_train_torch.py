@@ -95,6 +95,23 @@ def test_an_expert_no_token_chose_still_gets_weight_decay_as_in_optax(tmp_path):
     torch.testing.assert_close(after, before * (1 - 1e-2 * rc.weight_decay), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("major, want", [(7, "float32"), (8, "bfloat16"), (9, "bfloat16")])
+def test_dtype_auto_is_bfloat16_only_on_gpus_that_compute_in_it(monkeypatch, major, want):
+    """A T4 / V100 (compute capability 7.x) holds bfloat16 tensors but has no bfloat16 arithmetic:
+    `--dtype auto` trains it in float32. Simulated: torch's own check runs against a fake device."""
+    from types import SimpleNamespace
+
+    from torch_ref.training import resolve_dtype
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    assert resolve_dtype("auto") == want
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+
+
 @pytest.mark.parametrize("warmup, total", [(5, 20), (30, 300), (0, 10), (25, 10)])
 def test_schedule_equals_jax_warmup_cosine(tmp_path, warmup, total):
     from jaxllm.train import OptimConfig, lr_schedule

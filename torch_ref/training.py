@@ -420,11 +420,13 @@ class CustomLLMTrainer(Trainer):
 # ---- settings -> TrainingArguments ------------------------------------------------------------
 def resolve_dtype(dtype: str) -> str:
     """"auto": bfloat16 mixed precision where the accelerator supports it (CUDA with bf16), else
-    float32 (CPU, MPS, older GPUs)."""
+    float32 (CPU, MPS, older GPUs). GPUs before Ampere (T4, V100) run bfloat16 only by emulation,
+    which `torch.cuda.is_bf16_supported()` counts unless told not to: they get float32."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) \
+            else "float32"
     return dtype
 
 
