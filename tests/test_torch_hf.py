@@ -60,3 +60,19 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradien
     assert plain_grads.keys() == ckpt_grads.keys()
     for name, g in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], g, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_a_trainer_evaluates_and_predicts_the_logits_alone(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _tiny()
+    rows = _ids((4, 16))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=2, use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=args)
+    with torch.no_grad():
+        want = model.eval()(rows, labels=rows)
+    pred = trainer.predict(data)
+    assert not isinstance(pred.predictions, tuple)
+    torch.testing.assert_close(torch.from_numpy(pred.predictions), want.logits, rtol=1e-5, atol=1e-5)
+    assert abs(trainer.evaluate(data)["eval_loss"] - want.loss.item()) < 1e-4

@@ -14,7 +14,9 @@ _DEFAULTS = LLMConfig().to_dict()
 
 class CustomLLMConfig(PretrainedConfig):
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Outputs a Trainer leaves out of its predictions: the cache (named `cache` from transformers
+    # 5.24 on) and the MoE bookkeeping, so that `predict()` / `compute_metrics` get the logits alone.
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "aux_loss", "lm_loss", "expert_counts"]
 
     def __init__(self, **kwargs):
         ours = {k: kwargs.pop(k, _DEFAULTS[k]) for k in field_names()}
