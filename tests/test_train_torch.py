@@ -112,6 +112,27 @@ def test_dtype_auto_is_bfloat16_only_on_gpus_that_compute_in_it(monkeypatch, maj
     assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
 
 
+def test_a_mixed_precision_from_accelerate_launch_that_is_not_the_dtype_is_refused(tmp_path, monkeypatch, capsys):
+    """`accelerate launch --mixed_precision bf16|fp16` sets ACCELERATE_MIXED_PRECISION, which the
+    Trainer would follow while the run says (and records) float32."""
+    from torch_ref.training import resolve_dtype
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="mixed precision bf16 .* differs from --dtype float32"):
+        resolve_dtype("float32")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    for dtype in ("float32", "bfloat16", "auto"):
+        with pytest.raises(ValueError, match="mixed precision fp16"):
+            resolve_dtype(dtype)
+    assert _train_torch().main(["--preset", "tiny", "--dtype", "float32", "--ckpt-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_torch.py: error: Accelerate's mixed precision fp16") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("warmup, total", [(5, 20), (30, 300), (0, 10), (25, 10)])
 def test_schedule_equals_jax_warmup_cosine(tmp_path, warmup, total):
     from jaxllm.train import OptimConfig, lr_schedule

@@ -425,8 +425,15 @@ def resolve_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) \
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) \
             else "float32"
+    # `accelerate launch --mixed_precision` (or Accelerate's config file) passes its precision in
+    # this variable, and the Trainer takes it over `bf16=False`: refused where it is not --dtype's.
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched != "no" and launched != {"bfloat16": "bf16"}.get(dtype):
+        raise ValueError(f"Accelerate's mixed precision {launched} (accelerate launch --mixed_precision or its config "
+                         f"file) differs from --dtype {dtype}; train_torch.py trains in float32 or bfloat16 as --dtype says: "
+                         "launch with --mixed_precision no (or bf16 with --dtype bfloat16)")
     return dtype
 
 
