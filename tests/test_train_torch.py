@@ -166,6 +166,21 @@ def _stock_trainer(tmp_path, rows, *, batch, grad_accum=1, callbacks=(), **confi
     return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=list(callbacks))
 
 
+def test_the_trainer_passes_the_attention_mask_of_a_padded_batch(tmp_path):
+    """A dataset of the user's, padded on the left (labels -100 there): the loss is the model's own
+    with the mask, padded keys unseen."""
+    model = CustomLLM(CustomLLMConfig.from_llm_config(TINY)).eval()
+    ids = torch.randint(1, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    trainer = _trainer(tmp_path, model=model)
+    with torch.no_grad():
+        got = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        want = model(ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_a_stock_trainer_gets_the_models_own_loss(tmp_path):
     """`CustomLLM.loss_type` tells the Trainer the loss is a shifted causal-LM loss, so its
     `num_items_in_batch` counts `labels[:, 1:]`, the tokens the model divides by (not all T)."""

@@ -381,7 +381,8 @@ class CustomLLMTrainer(Trainer):
         ids, labels = inputs["input_ids"], inputs.get("labels", inputs["input_ids"])
         if num_items_in_batch is None:  # not inside the Trainer's step (no step totals): this batch alone
             num_items_in_batch = (labels[:, 1:] != -100).sum()
-        out = model(input_ids=ids, labels=labels, num_items_in_batch=num_items_in_batch)
+        out = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), labels=labels,
+                    num_items_in_batch=num_items_in_batch)
         P = self.accelerator.num_processes
         seqs_step = ids.shape[0] * getattr(self, "current_gradient_accumulation_steps", 1) * P
         cfg = self.accelerator.unwrap_model(model).config
