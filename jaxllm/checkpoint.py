@@ -229,8 +229,8 @@ def _check_tensors(mngr, step, item, target) -> None:
 
 def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
     """`model, config = jaxllm.load(ckpt_dir)`: the model of a checkpoint written by training or by
-    `convert/torch_to_flax.py` (latest step unless `step`). `model_kw` go to `CustomLLM` (dtype,
-    moe_impl, ...)."""
+    `convert/torch_to_flax.py` (latest step unless `step`), on this process's first device whatever
+    mesh it was saved from. `model_kw` go to `CustomLLM` (dtype, moe_impl, ...)."""
     from jaxllm.model import create_model
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
@@ -240,7 +240,11 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
         meta = read_meta(mngr, step)
         config = LLMConfig.from_dict(meta["config"])
         model = create_model(config, abstract=True, **model_kw)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), split_weights(model))
+        # Whole on this process's first device, whatever mesh saved them: without a sharding, Orbax
+        # restores onto the saved one, which fails (or spreads the model) on other devices.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              split_weights(model))
         weights = restore_weights(mngr, step, target)
     set_split_weights(model, weights)
     return model, config

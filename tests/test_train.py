@@ -111,6 +111,37 @@ def test_exact_resume_through_a_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_checkpoint_saved_sharded_on_8_devices_loads_in_a_one_device_process(tmp_path):
+    """`jaxllm.load` (generate.py, and its PyTorch path) restores onto one device whatever mesh
+    saved the weights: left to Orbax's saved shardings, a process with fewer devices failed with
+    "Topology mismatch detected"."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tr = _trainer("fsdp=8", n_devices=8, batch_size=8)
+    state = tr.init_state()
+    assert "fsdp" in tuple(state["params"]["lm_head"]["kernel"].sharding.spec)
+    mngr = ckpt_lib.manager(tmp_path / "ck")
+    ckpt_lib.save(mngr, 1, weights={"params": state["params"], "router_bias": state["router_bias"]}, config=TINY)
+    mngr.wait_until_finished()
+    mngr.close()
+    code = ("import sys, numpy as np, jax, jaxllm; from jaxllm.weights import get_weights; "
+            "m, _ = jaxllm.load(sys.argv[1]); assert jax.device_count() == 1; "
+            "np.savez(sys.argv[2], **{'/'.join(k): v for k, v in get_weights(m).items()})")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck"), str(tmp_path / "w.npz")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = np.load(tmp_path / "w.npz")
+    saved = jax.tree_util.tree_flatten_with_path({"params": state["params"], "router_bias": state["router_bias"]})[0]
+    assert len(loaded.files) == len(saved)
+    for path, v in saved:
+        np.testing.assert_array_equal(loaded["/".join(str(k.key) for k in path[1:])], np.asarray(v))
+
+
 def test_datasheet_peaks_by_device_kind():
     """MFU's datasheet peak: known chips by name (an NVIDIA GPU's float32 is TF32, as XLA runs it),
     None for CPUs and unknown chips."""
