@@ -22,10 +22,11 @@ def _batches(n_steps, rows, seed=0):
     return [rng.randint(0, TINY.vocab_size, (rows, SEQ)) for _ in range(n_steps)]
 
 
-def _trainer(mesh_spec=None, n_devices=1, batch_size=8, grad_accum=1, lr=3e-3, warmup=0, steps=50, **kw):
+def _trainer(mesh_spec=None, n_devices=1, batch_size=8, grad_accum=1, lr=3e-3, warmup=0, steps=50, dropout=False,
+             **kw):
     mesh = shd.make_mesh(mesh_spec, jax.devices()[:n_devices])
     oc = OptimConfig(lr=lr, warmup_steps=warmup, total_steps=steps)
-    return Trainer(TINY, oc, mesh, batch_size=batch_size, grad_accum=grad_accum, seq_len=SEQ, dropout=False, **kw)
+    return Trainer(TINY, oc, mesh, batch_size=batch_size, grad_accum=grad_accum, seq_len=SEQ, dropout=dropout, **kw)
 
 
 def _run(tr, batches, state=None):
@@ -111,10 +112,64 @@ def test_exact_resume_through_a_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _assert_same_state(a, b):
+    """Float arrays within float32 rounding of each other (rel_err 1e-5), the rest (step, counts,
+    rng) equal."""
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.size > 1:
+            assert rel_err(x, y) <= 1e-5, jax.tree_util.keystr(path)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_checkpoint_resumes_under_another_mesh_as_an_uninterrupted_run(tmp_path):
+    """The run's defaults (dropout on) with accumulation: two steps on fsdp=8 equal two steps on
+    one device (the whole state: weights, Adam's moments, router biases); a checkpoint saved on
+    fsdp=8 resumed on one device, and one saved on one device resumed on data=2,fsdp=4, continue
+    exactly as the one-device run that never stopped."""
+    from jaxllm.loop import restore_train_state
+
+    batches = _batches(4, 16, seed=4)
+    kw = dict(batch_size=8, grad_accum=2, lr=1e-3, warmup=1, steps=4, dropout=True)
+
+    def save(state, where):
+        mngr = ckpt_lib.manager(where)
+        ckpt_lib.save(mngr, 2, weights={"params": state["params"], "router_bias": state["router_bias"]},
+                      train_state={"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]},
+                      config=TINY)
+        mngr.wait_until_finished()
+        mngr.close()
+
+    def resume(where, tr):
+        state, _, _ = restore_train_state(ckpt_lib.manager(where, read_only=True), tr, TINY)
+        return _run(tr, batches[2:], state=state)
+
+    one = _trainer(**kw)
+    state, l_first = _run(one, batches[:2])
+    save(state, tmp_path / "one")
+    first = jax.tree.map(np.asarray, state)
+    straight, l_rest = _run(one, batches[2:], state=state)
+    straight = jax.tree.map(np.asarray, straight)
+
+    fsdp8 = _trainer("fsdp=8", n_devices=8, **kw)
+    state8, l8 = _run(fsdp8, batches[:2])
+    assert "fsdp" in tuple(state8["params"]["token_embeddings"].sharding.spec)
+    np.testing.assert_allclose(l8, l_first, rtol=1e-5)
+    _assert_same_state(state8, first)
+    save(state8, tmp_path / "fsdp8")
+
+    for where, tr in ((tmp_path / "fsdp8", _trainer(**kw)),
+                      (tmp_path / "one", _trainer("data=2,fsdp=4", n_devices=8, **kw))):
+        resumed, losses = resume(where, tr)
+        np.testing.assert_allclose(losses, l_rest, rtol=1e-5, err_msg=str(where))
+        _assert_same_state(resumed, straight)
+
+
 def test_a_checkpoint_saved_sharded_on_8_devices_loads_in_a_one_device_process(tmp_path):
     """`jaxllm.load` (generate.py, and its PyTorch path) restores onto one device whatever mesh
     saved the weights: left to Orbax's saved shardings, a process with fewer devices failed with
-    "Topology mismatch detected"."""
+    "Topology mismatch detected". The converter (flax_to_torch.py) reads the same weights there."""
     import os
     import subprocess
     import sys
@@ -128,9 +183,13 @@ def test_a_checkpoint_saved_sharded_on_8_devices_loads_in_a_one_device_process(t
     ckpt_lib.save(mngr, 1, weights={"params": state["params"], "router_bias": state["router_bias"]}, config=TINY)
     mngr.wait_until_finished()
     mngr.close()
+    # jaxllm.load, and the converter's reader (numpy targets) too
     code = ("import sys, numpy as np, jax, jaxllm; from jaxllm.weights import get_weights; "
-            "m, _ = jaxllm.load(sys.argv[1]); assert jax.device_count() == 1; "
-            "np.savez(sys.argv[2], **{'/'.join(k): v for k, v in get_weights(m).items()})")
+            "from convert.hf_export import read_flax_checkpoint; "
+            "m, _ = jaxllm.load(sys.argv[1]); assert jax.device_count() == 1; w = get_weights(m); "
+            "flat = read_flax_checkpoint(sys.argv[1], None)[3]; assert flat.keys() == w.keys(); "
+            "[np.testing.assert_array_equal(flat[k], v) for k, v in w.items()]; "
+            "np.savez(sys.argv[2], **{'/'.join(k): v for k, v in w.items()})")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck"), str(tmp_path / "w.npz")], env=env,
                           capture_output=True, text=True, timeout=300)
