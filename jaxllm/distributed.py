@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -83,3 +85,23 @@ def raise_if_any_failed(error: Exception | None, what: str) -> None:
     if failed:
         raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {jax.process_count()} "
                          "(see their error)")
+
+
+def exit_together(status: int, timeout_s: float) -> NoReturn:
+    """End this process of a multi-process run with `status` after an error that every process
+    meets alike (a bad flag or mesh, data that fails to open): wait up to `timeout_s` seconds for
+    the others to get here too, then shut JAX's distributed runtime down with them. Leaving at
+    once, process 0 took the coordination service with it, and JAX aborted the processes still on
+    their way to the same error (SIGABRT and a stack trace instead of their one line and `status`).
+    When not every process comes (one is inside a collective, waiting for this one), this one
+    leaves after `timeout_s` without the shutdown barrier, which would wait for it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        from jax._src import distributed as jax_distributed
+
+        jax_distributed.global_state.client.wait_at_barrier("jaxllm_exit_together", int(timeout_s * 1000))
+        jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - a process that did not come: leave anyway
+        pass
+    os._exit(status)

@@ -77,11 +77,13 @@ def main(argv=None) -> int:
         import jax
 
         if jax.process_count() > 1:
-            # Skip JAX's shutdown barrier: a process still inside a collective would never reach
-            # it, and both would wait minutes and abort. Gone, this process fails the others
-            # within --heartbeat-timeout.
-            sys.stdout.flush()
-            os._exit(2)
+            # Not JAX's shutdown barrier alone: a process still inside a collective would never
+            # reach it, and both would wait minutes and abort. The processes that meet the same
+            # error leave together; one that does not come is left after at most 30 s, and fails
+            # within --heartbeat-timeout once this one is gone.
+            from jaxllm.distributed import exit_together
+
+            exit_together(2, timeout_s=min(30, args.heartbeat_timeout))
         return 2
     except RuntimeError as e:  # a non-finite loss, or a lost peer process
         import jax

@@ -133,6 +133,32 @@ def test_data_that_fails_on_one_process_ends_every_process_with_exit_2(tmp_path)
     assert not any(d.isdigit() for d in os.listdir(tmp_path / "ck")) if (tmp_path / "ck").exists() else True
 
 
+def test_an_error_every_process_meets_at_its_own_time_ends_each_with_its_line_and_exit_2():
+    """A bad flag (here: an invalid mesh, as `run` raises it) is met by every process, but not at
+    the same moment. Process 0 used to leave at once and take JAX's coordination service with it:
+    process 1, 3 s behind, was aborted (SIGABRT, a stack trace, no error line of its own)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import train_jax, jax, jaxllm.loop\n"
+            "def run(rc):\n"
+            "    time.sleep(3 * jax.process_index())\n"
+            "    raise ValueError('--mesh: expert=2 does not divide the 7 routed experts')\n"
+            "jaxllm.loop.run = run\n"
+            "sys.exit(train_jax.main(sys.argv[2:]))")
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    port = free_port()
+    started = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "scripts"), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20",
+                               "--compile-cache", "none"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    print(f"both ended in {time.time() - started:.1f} s")
+    for p, (_, err) in zip(procs, outs):
+        lines = [line for line in err.splitlines() if not line.startswith("[Gloo]")]
+        assert p.returncode == 2, err[-2000:]
+        assert lines == ["train_jax.py: error: --mesh: expert=2 does not divide the 7 routed experts"], err[-2000:]
+
+
 def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_one_process(tmp_path):
     """The save is collective: a signal to one process must stop every process at the same step
     (each would otherwise wait for the others inside a different collective). The checkpoint then
