@@ -264,6 +264,36 @@ def test_grouped_dispatch_block_and_tail_sizes_equal_dense_in_value_and_gradient
         assert rel_err(a, b) <= 1e-5
 
 
+def test_grouped_backward_starts_each_expert_with_its_first_product_and_equals_dense():
+    """The grouped backward runs each expert's first product (4 blocks, or the widest that fits)
+    before its loops, to start the weight-gradient accumulators: experts of 5, 1, 0, 3, 6, 2, 8 and 1
+    blocks of 4 rows take every first width (4, 2, 1, none); the last expert's block lies within 4
+    blocks of the layout's end, so its input gradient goes through a window that the end shifts."""
+    from jaxllm.model import block_layout, dense_dispatch, grouped_dispatch
+
+    counts = [17, 1, 0, 9, 21, 6, 29, 1]  # 84 assignments
+    N, D, F, E = 42, 8, 12, len(counts)
+    k = jax.random.split(jax.random.key(3), 6)
+    x = jax.random.normal(k[0], (N, D))
+    wg, wu = (jax.random.normal(kk, (E, D, F)) for kk in k[1:3])
+    wd = jax.random.normal(k[3], (E, F, D))
+    experts = np.repeat(np.arange(E), counts)
+    chosen = jnp.asarray(np.stack([experts[:N], experts[N:]], axis=1), jnp.int32)  # two distinct per token
+    lay = block_layout(chosen, E, 4)
+    assert lay.src_P.shape[0] // 4 - (sum(-(-c // 4) for c in counts) - 1) < 4  # the last block near the end
+    w = jax.nn.softmax(jax.random.normal(k[4], (N, 2)), axis=-1)
+    r = jax.random.normal(k[5], (N, D))
+
+    def total(f):
+        return jax.jit(lambda x, wg, wu, wd, chosen, w: jnp.sum(f(x, chosen, w, wg, wu, wd) * r))
+
+    grouped = total(lambda *a: grouped_dispatch(*a, 16, 4))
+    got = jax.grad(grouped, argnums=(0, 1, 2, 3))(x, wg, wu, wd, chosen, w)  # routing traced, not constant
+    want = jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3))(x, wg, wu, wd, chosen, w)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
 def test_grouped_dispatch_with_fewer_assignments_than_a_tail_block_per_expert_equals_dense():
     """Decoding-sized calls (here 3 tokens, 6 assignments over 5 experts) shrink the blocks to
     about n / E rows instead of padding each expert to a whole tail block."""
