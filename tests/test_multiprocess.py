@@ -133,14 +133,13 @@ def test_data_that_fails_on_one_process_ends_every_process_with_exit_2(tmp_path)
     assert not any(d.isdigit() for d in os.listdir(tmp_path / "ck")) if (tmp_path / "ck").exists() else True
 
 
-def test_an_error_every_process_meets_at_its_own_time_ends_each_with_its_line_and_exit_2():
-    """A bad flag (here: an invalid mesh, as `run` raises it) is met by every process, but not at
-    the same moment. Process 0 used to leave at once and take JAX's coordination service with it:
-    process 1, 3 s behind, was aborted (SIGABRT, a stack trace, no error line of its own)."""
+def _two_train_jax_processes_whose_run_raises(error: str):
+    """train_jax.py as 2 processes whose `run` raises `error` (Python source), process i after 3 i
+    seconds: each process's return code and stderr lines (Gloo's aside)."""
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import train_jax, jax, jaxllm.loop\n"
             "def run(rc):\n"
             "    time.sleep(3 * jax.process_index())\n"
-            "    raise ValueError('--mesh: expert=2 does not divide the 7 routed experts')\n"
+            f"    raise {error}\n"
             "jaxllm.loop.run = run\n"
             "sys.exit(train_jax.main(sys.argv[2:]))")
     env = _env()
@@ -153,10 +152,28 @@ def test_an_error_every_process_meets_at_its_own_time_ends_each_with_its_line_an
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     print(f"both ended in {time.time() - started:.1f} s")
-    for p, (_, err) in zip(procs, outs):
-        lines = [line for line in err.splitlines() if not line.startswith("[Gloo]")]
-        assert p.returncode == 2, err[-2000:]
+    return [(p.returncode, [line for line in err.splitlines() if not line.startswith("[Gloo]")], err)
+            for p, (_, err) in zip(procs, outs)]
+
+
+def test_an_error_every_process_meets_at_its_own_time_ends_each_with_its_line_and_exit_2():
+    """A bad flag (here: an invalid mesh, as `run` raises it) is met by every process, but not at
+    the same moment. Process 0 used to leave at once and take JAX's coordination service with it:
+    process 1, 3 s behind, was aborted (SIGABRT, a stack trace, no error line of its own)."""
+    for status, lines, err in _two_train_jax_processes_whose_run_raises(
+            "ValueError('--mesh: expert=2 does not divide the 7 routed experts')"):
+        assert status == 2, err[-2000:]
         assert lines == ["train_jax.py: error: --mesh: expert=2 does not divide the 7 routed experts"], err[-2000:]
+
+
+def test_a_non_finite_loss_ends_every_process_with_its_line_and_exit_1():
+    """A non-finite loss is met by every process at the same step (the loss is global), though not
+    at the same moment. Each says what happened (not "did another process die?") and exits 1;
+    process 0 leaving first used to take the coordination service away from the others (SIGABRT)."""
+    results = _two_train_jax_processes_whose_run_raises("jaxllm.loop.NonFiniteError('non-finite loss at step 7')")
+    for i, (status, lines, err) in enumerate(results):
+        assert status == 1, err[-2000:]
+        assert lines == [f"train_jax.py: error in process {i} of 2: non-finite loss at step 7"], err[-2000:]
 
 
 def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_one_process(tmp_path):
