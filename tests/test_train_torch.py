@@ -121,8 +121,11 @@ def test_a_mixed_precision_from_accelerate_launch_that_is_not_the_dtype_is_refus
     assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert resolve_dtype("bfloat16") == "bfloat16"
-    with pytest.raises(ValueError, match="mixed precision bf16 .* differs from --dtype float32"):
+    with pytest.raises(ValueError, match="mixed precision bf16 .* differs from --dtype float32;"):
         resolve_dtype("float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"mixed precision bf16 .* differs from --dtype auto \(float32 here\);"):
+        resolve_dtype("auto")  # the flag as given (or the default), and what it resolved to
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     for dtype in ("float32", "bfloat16", "auto"):
         with pytest.raises(ValueError, match="mixed precision fp16"):

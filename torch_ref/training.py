@@ -425,6 +425,7 @@ def resolve_dtype(dtype: str) -> str:
     which `torch.cuda.is_bf16_supported()` counts unless told not to: they get float32."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    given = dtype
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) \
             else "float32"
@@ -432,9 +433,10 @@ def resolve_dtype(dtype: str) -> str:
     # this variable, and the Trainer takes it over `bf16=False`: refused where it is not --dtype's.
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launched != "no" and launched != {"bfloat16": "bf16"}.get(dtype):
+        resolved = f" ({dtype} here)" if given != dtype else ""
         raise ValueError(f"Accelerate's mixed precision {launched} (accelerate launch --mixed_precision or its config "
-                         f"file) differs from --dtype {dtype}; train_torch.py trains in float32 or bfloat16 as --dtype says: "
-                         "launch with --mixed_precision no (or bf16 with --dtype bfloat16)")
+                         f"file) differs from --dtype {given}{resolved}; train_torch.py trains in float32 or bfloat16 "
+                         "as --dtype says: launch with --mixed_precision no (or bf16 with --dtype bfloat16)")
     return dtype
 
 
