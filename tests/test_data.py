@@ -46,12 +46,13 @@ def small_jsonl(tmp_path):
 
 def expected_stream(cfg, tok, epochs, **share):
     """The token stream packing must produce, built independently: every non-empty document of
-    `iter_documents`, tokenized by the tokenizer itself, followed by EOS."""
+    `iter_documents`, tokenized by the tokenizer itself (a special token's text as text), followed
+    by EOS."""
     out = []
     for epoch in range(epochs):
         for text in iter_documents(cfg, epoch=epoch, **share):
             if text.strip():
-                out += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                out += tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
     return np.asarray(out, np.int32)
 
 
