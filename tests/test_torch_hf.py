@@ -47,8 +47,12 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradien
         calls = []
         model.decoder_layers[0].mlp.moe.register_forward_pre_hook(lambda *a: calls.append(1))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            assert model.is_gradient_checkpointing
+            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.24 on
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                assert model.is_activation_checkpointing
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                assert model.is_gradient_checkpointing
         out = model(x, labels=x)
         out.loss.backward()
         assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass

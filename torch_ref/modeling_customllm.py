@@ -23,7 +23,7 @@ try:  # transformers >= 5: init functions that respect already-loaded weights
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     from torch.nn import init
-try:  # a layer that `gradient_checkpointing_enable()` recomputes in the backward pass
+try:  # a layer that `activation_checkpointing_enable()` recomputes in the backward pass
     from transformers.modeling_layers import GradientCheckpointingLayer
 except ImportError:  # pragma: no cover
     GradientCheckpointingLayer = nn.Module
@@ -237,7 +237,7 @@ class LlamaMLP(nn.Module):
 
 
 class DecoderLayer(GradientCheckpointingLayer):
-    """With gradient checkpointing on (`model.gradient_checkpointing_enable()`, the Trainer's
+    """With gradient checkpointing on (`model.activation_checkpointing_enable()`, the Trainer's
     `gradient_checkpointing=True`), a training forward keeps only the layer's input and recomputes
     the layer in the backward pass. The recomputation routes the same tokens to the same experts
     (the same input and `router_bias`; no dropout inside a layer), and `aux` / `counts` come from
