@@ -88,20 +88,20 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # a non-finite loss, or a lost peer process
         import jax
 
-        from jaxllm.loop import NonFiniteError
-
-        if jax.process_count() > 1 and isinstance(e, NonFiniteError):
-            # The loss is global: every process meets it at the same step, and they leave together
-            # as after bad input (process 0 leaving first took the coordination service away).
-            from jaxllm.distributed import exit_together
-
-            print(f"train_jax.py: error in process {jax.process_index()} of {jax.process_count()}: {e}",
-                  file=sys.stderr, flush=True)
-            exit_together(1, timeout_s=min(30, args.heartbeat_timeout))
         if jax.process_count() > 1:
-            print(f"train_jax.py: error in process {jax.process_index()} of {jax.process_count()} (did another "
-                  f"process die?): {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-            os._exit(1)  # skip the shutdown barrier, which would wait for the dead process and abort
+            from jaxllm.distributed import exit_together
+            from jaxllm.loop import NonFiniteError
+
+            # A non-finite loss is global: every process meets it at the same step, and they leave
+            # together as after bad input (process 0 leaving first took the coordination service
+            # away). Otherwise skip the shutdown barrier, which would wait for a dead process and abort.
+            together = isinstance(e, NonFiniteError)
+            print(f"train_jax.py: error in process {jax.process_index()} of {jax.process_count()}"
+                  f"{'' if together else ' (did another process die?)'}: {str(e).splitlines()[0]}",
+                  file=sys.stderr, flush=True)
+            if together:
+                exit_together(1, timeout_s=min(30, args.heartbeat_timeout))
+            os._exit(1)
         print(f"train_jax.py: {e}", file=sys.stderr)
         return 1
     if summary.get("stopped_by"):  # saved, not finished: 128 + the signal, as a shell reports it

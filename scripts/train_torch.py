@@ -30,7 +30,8 @@ def parse_args(argv=None):
     from jaxllm.recipes import RunConfig
     from torch_ref.training import DEFAULT_CKPT_DIR, DTYPES
 
-    d = dataclasses.replace(RunConfig(), ckpt_dir=DEFAULT_CKPT_DIR)
+    # `auto` unless the recipe names a dtype (the seed run: float32, as in JAX) or --dtype is given
+    d = dataclasses.replace(RunConfig(), ckpt_dir=DEFAULT_CKPT_DIR, dtype="auto")
     p = cli.parser(__file__, __doc__)
     cli.add_data_and_optimizer_flags(p, d, batch_over="processes")
     a = p.add_argument
@@ -41,10 +42,6 @@ def parse_args(argv=None):
     cli.add_run_flags(p, d, init_from="start from the weights of this Hugging Face directory "
                                       "(e.g. from convert/flax_to_torch.py), and its tokenizer unless --tokenizer")
     args = p.parse_args(argv)
-    if args.dtype is None:  # a recipe's dtype (the seed run's float32), else `auto` (main)
-        from jaxllm.recipes import RECIPES
-
-        args.dtype = RECIPES[args.recipe].get("dtype")
     return args, cli.run_config(args, d)
 
 
@@ -53,7 +50,7 @@ def main(argv=None) -> int:
     try:
         from torch_ref.training import run
 
-        run(rc, dtype=args.dtype or "auto")
+        run(rc, dtype=rc.dtype)
     except (ValueError, OSError) as e:
         print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

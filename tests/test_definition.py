@@ -276,7 +276,7 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
     finally:
         sys.path.pop(0)
     _, jrc = train_jax.parse_args(["--recipe", "seed"])
-    targs, trc = train_torch.parse_args(["--recipe", "seed"])
+    _, trc = train_torch.parse_args(["--recipe", "seed"])
     want = dict(preset="seed-973m", seq_len=256, batch_size=4, grad_accum=8, lr=2e-5, warmup_steps=2000,
                 weight_decay=0.01, clip_norm=1.0, steps=10_000, dataset="HuggingFaceTB/smollm-corpus",
                 dataset_config="cosmopedia-v2", tokenizer="HuggingFaceTB/cosmo2-tokenizer", dropout=True)
@@ -300,9 +300,9 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
     assert jrc.dtype == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
-    assert resolve_dtype(targs.dtype or "auto") == "float32"
-    assert resolve_dtype(train_torch.parse_args(["--recipe", "seed", "--dtype", "bfloat16"])[0].dtype) == "bfloat16"
-    assert resolve_dtype(train_torch.parse_args([])[0].dtype or "auto") == "bfloat16"
+    assert resolve_dtype(trc.dtype) == "float32"
+    assert resolve_dtype(train_torch.parse_args(["--recipe", "seed", "--dtype", "bfloat16"])[1].dtype) == "bfloat16"
+    assert resolve_dtype(train_torch.parse_args([])[1].dtype) == "bfloat16"
 
 
 def test_the_pytorch_cache_holds_only_the_latent_and_the_rotated_rope_keys():
