@@ -220,9 +220,10 @@ def worker_matmul(args) -> dict:
 
 
 def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, moe_impl: str, moe_block: int,
-                  remat: str, attn_impl: str = "xla"):
+                  remat: str, attn_impl: str = "xla", **model_kw):
     """A benchmark's training step (no dropout, one micro-batch, AdamW), compiled ahead of time for
-    one random batch: (step, state, batch, compile seconds). Turns JAX's persistent compilation
+    one random batch: (step, state, batch, compile seconds). `model_kw`: the model's other settings
+    (`scan_unroll`). Turns JAX's persistent compilation
     cache off in this process (`jaxllm/xla_cache.py`): the seconds are a compile, not a load."""
     import jax.numpy as jnp
 
@@ -234,7 +235,7 @@ def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, mo
     trainer = Trainer(config, OptimConfig(lr=1e-4, warmup_steps=1, total_steps=1000), mesh,
                       batch_size=batch_size, grad_accum=1, seq_len=seq_len, dropout=False,
                       dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-                      moe_impl=moe_impl, moe_block=moe_block, remat=remat, attn_impl=attn_impl)
+                      moe_impl=moe_impl, moe_block=moe_block, remat=remat, attn_impl=attn_impl, **model_kw)
     state = trainer.init_state()
     batch = trainer.put_batch(np.random.RandomState(0).randint(0, config.vocab_size, (batch_size, seq_len)))
     t0 = time.perf_counter()

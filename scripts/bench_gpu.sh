@@ -1,30 +1,41 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one call of at most 10 minutes: seed-973m, bfloat16, several micro-batch
-# sizes, JAX and the PyTorch reference side by side, plus the bf16 matmul peak (8192^3, random data).
+# The whole GPU benchmark in one call of at most 10 minutes: seed-973m, bfloat16, sequence 256.
 #   scripts/bench_gpu.sh [OUT_DIR]      (default ./bench-gpu)
-# Writes OUT_DIR/bench.md (the tables), OUT_DIR/bench.json (every case) and OUT_DIR/log.txt (versions,
-# progress, errors). Settings (environment):
-#   BATCH_SIZES   micro-batches, run in this order after the EXTRA_IMPLS (default "16 32 4"; sequence 256)
-#   EXTRA_IMPLS   MoE dispatches also timed for JAX alone at EXTRA_BATCH (default 16), as IMPL[:BLOCK][+cudnn]
-#                 (BLOCK: rows per block of the gather dispatch; +cudnn: cuDNN's fused attention;
-#                 default "dense dense+cudnn gather:512 gather:512+cudnn gather:128")
-#   BUDGET_S      no case starts after this many seconds, and none runs past it (default 540)
-#   PRESET        default seed-973m; MATMUL_SIZE default 8192; PYTHON default python3
-# A tiny smoke case runs first: if the PyTorch side fails there, the cases run JAX alone.
-# Exit status 1 when a case failed or was cut short (what was measured is still written).
+#   PRESET=tiny SEQ_LEN=32 BLOCKS=16 BATCHES="4:dots 8:none" MATMUL_SIZE=512 UNROLL=2 scripts/bench_gpu.sh /tmp/b   # a CPU rehearsal
+# In order, each stage only while the time budget lasts (the first ones matter most):
+#   1. versions, and a probe of cuDNN's fused attention (forward and backward, seconds);
+#   2. a sweep of the JAX step in one process (profile_step.py, no profiling): the `dense` dispatch
+#      at micro-batch 16 (the last GPU run's reference), then the `gather` dispatch at 16 with
+#      blocks of BLOCKS rows;
+#   3. with cuDNN attention (when the probe passed), the best block of stage 2 at the micro-batches
+#      and remat policies of BATCHES (a variant out of memory fails alone);
+#   4. the fastest JAX configuration of stages 2-3 (tokens/s) at a micro-batch of at most SIDE_MAX
+#      side by side with the PyTorch reference (bench.py: the same batch, the bf16 matmul peak
+#      measured in the run; PyTorch needs about 38 GiB at micro-batch 32);
+#   5. the fastest configuration's step profiled: its kernels by kind, the heaviest with their JAX op;
+#   6. that configuration with the layers' scan unrolled (UNROLL layers at a time; a long compile).
+# Writes OUT_DIR/bench.md (the tables), OUT_DIR/sweep.json (every timed variant),
+# OUT_DIR/bench.json (stage 4) and OUT_DIR/log.txt (versions, progress, errors), each as it goes.
+# Settings (environment): BUDGET_S (default 540: no stage starts after it, none runs past it),
+# BLOCKS (default "512 256 1024"), BATCHES (default "16:dots 32:dots 32:none 64:dots 64:none 128:dots"),
+# SIDE_MAX (default 64), UNROLL (default 30; 0 skips stage 6), PRESET (default seed-973m), SEQ_LEN (default 256),
+# MATMUL_SIZE (default 8192), PYTHON (default python3).
+# Exit status 1 when a stage failed or was cut short (what was measured is still written).
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$here/bench-gpu}}"
 mkdir -p "$out" || exit 2
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-py="${PYTHON:-python3}" preset="${PRESET:-seed-973m}" budget="${BUDGET_S:-540}"
-cases="$(mktemp -d)"
+py="${PYTHON:-python3}" preset="${PRESET:-seed-973m}" budget="${BUDGET_S:-540}" seq="${SEQ_LEN:-256}"
+work="$(mktemp -d)"
 log="$out/log.txt"
 : >"$log"; : >"$out/bench.md"
+failures=0
 
 say() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$log"; }
+left() { echo $((budget - SECONDS)); }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
   "$py" -c 'import sys, jax, flax, optax, torch, transformers
 print("python", sys.version.split()[0], "| jax", jax.__version__, "| flax", flax.__version__, "| optax",
       optax.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)
@@ -36,67 +47,127 @@ except Exception as e:
     print("cuDNN version not found:", e)'
 } 2>&1 | tee -a "$log"
 
-# merge: every case's JSON so far into bench.json (after each case: a run cut short keeps it).
-merge() {
-  "$py" - "$cases" "$out/bench.json" <<'EOF'
+# sweep NAME ARGS...: one profile_step.py process (timing only); its variants go to $work/NAME.json,
+# all of them so far to sweep.json, its lines to bench.md.
+sweep() {
+  local name="$1"; shift
+  local l; l=$(left)
+  if (( l < 60 )); then say "$name: skipped (${l}s of the budget left)"; failures=$((failures + 1)); return 1; fi
+  say "$name: $*"
+  timeout "$l" "$py" "$here/scripts/profile_step.py" --preset "$preset" --seq-len "$seq" --dtype bfloat16 --steps 8 \
+    --no-profile --budget "$((l - 45))" --json "$work/$name.json" "$@" 2>>"$log" | tee "$work/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  "$py" - "$work" "$out/sweep.json" <<'EOF'
 import glob, json, os, sys
-runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))}
-json.dump(runs, open(sys.argv[2] + ".tmp", "w"), indent=2)
+rows = [r for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json")), key=os.path.getmtime)
+        for r in json.load(open(p))]
+json.dump(rows, open(sys.argv[2] + ".tmp", "w"), indent=2)
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+EOF
+  { echo "### $name"; echo; echo '```'; cat "$work/$name.txt"; echo '```'; echo; } >>"$out/bench.md"
+  (( rc == 0 )) || failures=$((failures + 1))
+  say "$name: exit $rc"
+}
+
+# best [FIELD=VALUE ...] [max_batch=N]: the fastest timed variant of sweep.json (tokens/s) among those matching, as
+# "BATCH IMPL BLOCK REMAT ATTN"; nothing if none.
+best() {
+  "$py" - "$out/sweep.json" "$@" <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+except OSError:
+    rows = []
+want = dict(a.split("=", 1) for a in sys.argv[2:])
+most = int(want.pop("max_batch", 1 << 30))
+rows = [r for r in rows if "tokens_per_sec" in r and r["batch"] <= most
+        and all(str(r.get(k)) == v for k, v in want.items())]
+if rows:
+    r = max(rows, key=lambda r: r["tokens_per_sec"])
+    print(r["batch"], r["moe_impl"], r["moe_block"], r["remat"], r["attn_impl"])
 EOF
 }
 
-# bench ARGS...: one bench.py run; its table goes to bench.md, its JSON to the cases folder.
-bench() {
-  local name="$1"; shift
-  local left=$((budget - SECONDS))
-  if (( left < 45 )); then say "$name: skipped (${left}s of the budget left)"; return 1; fi
-  say "$name: $*"
-  # --budget: bench.py cuts its workers short so that it still writes what they measured (and it
-  # writes it on the outer timeout's SIGTERM too).
-  timeout "$left" "$py" -m jaxllm.bench --dtype bfloat16 --decode-tokens 0 --rounds 1 --timeout "$((left - 20))" \
-    --budget "$((left - 20))" --json "$cases/$name.json" "$@" >"$cases/$name.md" 2>>"$log"
-  local rc=$?
-  merge
-  (( rc == 0 )) || failures=$((failures + 1))
-  { echo "### $name"; echo; cat "$cases/$name.md"; echo; } >>"$out/bench.md"
-  cat "$cases/$name.md"
-  say "$name: exit $rc"
-  return $rc
-}
-
-failures=0
-frameworks=jax,torch
-if ! bench smoke --preset tiny --batch-size 2 --seq-len 32 --iters 2 --warmup 1 --matmul-size 1024; then
-  frameworks=jax
-  bench smoke-jax --preset tiny --batch-size 2 --seq-len 32 --iters 2 --warmup 1 --matmul-size 1024 \
-    --frameworks jax || { say "the JAX smoke case failed: see $log"; exit 1; }
-fi
-# cuDNN's fused attention, forward and backward, on a small bf16 batch (seconds): when it fails
-# here, the +cudnn cases are skipped instead of each failing after a minute of set-up.
-cudnn_ok=1
-timeout 180 "$py" -c 'import jax, jax.numpy as jnp
+# 1. cuDNN's fused attention: when it fails here, stage 3 runs with XLA's attention instead.
+attn=cudnn
+timeout 120 "$py" -c 'import jax, jax.numpy as jnp
 q = jax.random.normal(jax.random.key(0), (2, 256, 12, 64), jnp.bfloat16)
 f = lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn").astype(jnp.float32).sum()
 print("cuDNN attention probe: ok", float(jax.jit(jax.grad(f))(q).astype(jnp.float32).sum()))' 2>&1 | tail -n 3 >>"$log"
-(( ${PIPESTATUS[0]} == 0 )) || { cudnn_ok=0; say "the cuDNN attention probe failed (see above): the +cudnn cases are skipped"; }
-# The dispatches not yet measured on a GPU first, then the side-by-side cases.
-for spec in ${EXTRA_IMPLS-dense dense+cudnn gather:512 gather:512+cudnn gather:128}; do
-  attn=xla
-  if [[ "$spec" == *+cudnn ]]; then
-    (( cudnn_ok )) || { say "$spec: skipped (the cuDNN attention probe failed)"; continue; }
-    attn=cudnn spec="${spec%+cudnn}"
-  fi
-  impl="${spec%%:*}" block=128
-  [[ "$spec" == *:* ]] && block="${spec#*:}"
-  bench "b${EXTRA_BATCH:-16}-$impl-$block-$attn" --preset "$preset" --batch-size "${EXTRA_BATCH:-16}" --seq-len 256 \
-    --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" --frameworks jax --moe-impl "$impl" --moe-block "$block" \
-    --attn-impl "$attn"
-done
-for b in ${BATCH_SIZES:-16 32 4}; do
-  bench "b$b" --preset "$preset" --batch-size "$b" --seq-len 256 --iters 10 --warmup 2 --matmul-size "${MATMUL_SIZE:-8192}" \
-    --frameworks "$frameworks"
-done
-rm -rf "$cases"
-say "done: $out/bench.md, $out/bench.json, $log ($failures case(s) failed or were cut short)"
+(( ${PIPESTATUS[0]} == 0 )) || { attn=xla; say "the cuDNN attention probe failed (see above): stage 3 uses XLA's attention"; }
+
+# 2. The dispatches at micro-batch 16, XLA's attention.
+variants=("16:dense:dots")
+for blk in ${BLOCKS:-512 256 1024}; do variants+=("16:gather:dots:$blk"); done
+sweep dispatch --variants "${variants[@]}"
+read -r _ _ block _ _ <<<"$(best moe_impl=gather)"
+block="${block:-512}"
+
+# 3. The best block with cuDNN attention (or XLA's), larger micro-batches, remat dots and none.
+variants=()
+for br in ${BATCHES:-16:dots 32:dots 32:none 64:dots 64:none 128:dots}; do variants+=("${br%%:*}:gather:${br#*:}:$block"); done
+sweep "batch-$attn" --attn-impl "$attn" --variants "${variants[@]}"
+
+# 4. The fastest configuration (up to SIDE_MAX) beside PyTorch.
+read -r b impl blk remat a <<<"$(best)"
+if [[ -z "${b:-}" ]]; then
+  say "no variant was timed: see $log"; rm -rf "$work"; exit 1
+fi
+say "fastest: micro-batch $b, $impl/$blk, remat $remat, $a attention"
+read -r sb simpl sblk sremat sa <<<"$(best max_batch="${SIDE_MAX:-64}")"
+l=$(left)
+if [[ -z "${sb:-}" ]]; then
+  say "side by side: no variant at micro-batch ${SIDE_MAX:-64} or less"; failures=$((failures + 1))
+elif (( l >= 90 )); then
+  say "side by side: bench.py at micro-batch $sb, $simpl/$sblk, remat $sremat, $sa attention"
+  timeout "$l" "$py" -m jaxllm.bench --preset "$preset" --batch-size "$sb" --seq-len "$seq" --dtype bfloat16 \
+    --iters 10 --warmup 2 --rounds 1 --decode-tokens 0 --matmul-size "${MATMUL_SIZE:-8192}" --moe-impl "$simpl" \
+    --moe-block "$sblk" --remat "$sremat" --attn-impl "$sa" --timeout "$((l - 20))" --budget "$((l - 20))" \
+    --json "$out/bench.json" 2>>"$log" | tee "$work/side.md"
+  rc=${PIPESTATUS[0]}
+  { echo "### side by side"; echo; cat "$work/side.md"; echo; } >>"$out/bench.md"
+  (( rc == 0 )) || failures=$((failures + 1))
+  say "side by side: exit $rc"
+else
+  say "side by side: skipped (${l}s of the budget left)"; failures=$((failures + 1))
+fi
+
+# 5. Where its step's time goes.
+l=$(left)
+if (( l >= 60 )); then
+  say "profile: $b:$impl:$remat:$blk"
+  timeout "$l" "$py" "$here/scripts/profile_step.py" --preset "$preset" --seq-len "$seq" --dtype bfloat16 --steps 3 \
+    --top 30 --attn-impl "$a" --variants "$b:$impl:$remat:$blk" 2>>"$log" | tee "$work/profile.txt"
+  rc=${PIPESTATUS[0]}
+  { echo "### profile"; echo; echo '```'; cat "$work/profile.txt"; echo '```'; echo; } >>"$out/bench.md"
+  (( rc == 0 )) || failures=$((failures + 1))
+else
+  say "profile: skipped (${l}s of the budget left)"; failures=$((failures + 1))
+fi
+
+# 6. The same with the scan over layers unrolled.
+if (( ${UNROLL:-30} > 0 )); then
+  sweep "unroll-${UNROLL:-30}" --attn-impl "$a" --scan-unroll "${UNROLL:-30}" --variants "$b:$impl:$remat:$blk"
+fi
+
+"$py" - "$out/sweep.json" <<'EOF' | tee -a "$out/bench.md"
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit()
+print("\n| micro-batch | dispatch | remat | attention | unroll | step ms | tok/s | TFLOP/s | MFU | compile s | peak GiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    disp = r["moe_impl"] + (f"/{r['moe_block']}" if r["moe_impl"] in ("gather", "grouped") else "")
+    if "error" in r:
+        print(f"| {r['batch']} | {disp} | {r['remat']} | {r['attn_impl']} | {r['scan_unroll'] or '-'} | failed: {r['error'][:80]} |")
+        continue
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+    gib = f"{r['peak_device_gb']:.1f}" if r.get("peak_device_gb") else "-"
+    print(f"| {r['batch']} | {disp} | {r['remat']} | {r['attn_impl']} | {r['scan_unroll'] or '-'} | {r['step_ms']:.1f} "
+          f"| {r['tokens_per_sec']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['compile_s']:.1f} | {gib} |")
+EOF
+rm -rf "$work"
+say "done: $out/bench.md, $out/sweep.json, $out/bench.json, $log ($failures stage(s) failed or were cut short)"
 exit $(( failures > 0 ))

@@ -18,13 +18,17 @@ other ops that took the threads' time (by kind, then the heaviest, with their sh
 
     python scripts/profile_step.py --dtype float32 --variants 4:sparse:dots --steps 2   # CPU, seed-973m
 
-`--out DIR` keeps the first profiled variant's trace and its HLO there.
+`--out DIR` keeps the first profiled variant's trace and its HLO there; `--json PATH` writes every
+variant's figures (or its error) there, rewritten after each variant, so a run cut short keeps them.
+`--scan-unroll N` unrolls the scan over the layers N at a time (the model's default: whole up to 8
+layers, else 1).
 """
 
 from __future__ import annotations
 
 import collections
 import glob
+import json
 import os
 import re
 import shutil
@@ -232,8 +236,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="keep the first profiled trace (.xplane.pb) and its HLO here")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: one device; MFU is against the peak of all the mesh's devices)")
     p.add_argument("--budget", type=float, default=None, help="start no variant after this many seconds")
+    p.add_argument("--json", default=None, help="write every variant's figures here (after each variant)")
+    p.add_argument("--scan-unroll", type=int, default=None,
+                   help="unroll the scan over layers N at a time (default: the model's, whole up to 8 layers)")
     args = p.parse_args(argv)
-    cli.check_at_least(p, args, seq_len=2, steps=1, top=0)
+    cli.check_at_least(p, args, seq_len=2, steps=1, top=0, scan_unroll=1)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json: the folder of {args.json} does not exist")  # before the run, not after it
     config = cli.preset_config(p, args.preset, args.seq_len)
     try:
         variants = [parse_variant(v) for v in args.variants]
@@ -266,14 +275,32 @@ def main(argv=None) -> int:
           + (f"; MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "; no peak known (--peak-flops)"), flush=True)
     kept = False
     failed = 0
+    records = []
+
+    def write():  # whole or not at all (a run may be killed at any moment)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(records, f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
+    def record(**fields) -> dict:  # one variant's figures
+        records.append({"preset": args.preset, "seq_len": args.seq_len, "dtype": args.dtype,
+                        "attn_impl": args.attn_impl, "scan_unroll": args.scan_unroll, "device": device.device_kind,
+                        **fields})
+        write()
+        return records[-1]
+
     for b, impl, remat, block in variants:
+        timed = None
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
             break
         try:  # one variant failing (out of memory, cuDNN) costs that variant only
             step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
                                                           moe_impl=impl, moe_block=block, remat=remat,
-                                                          attn_impl=args.attn_impl)
+                                                          attn_impl=args.attn_impl,
+                                                          **({} if args.scan_unroll is None
+                                                             else {"scan_unroll": args.scan_unroll}))
 
             def run(n, times=None):
                 nonlocal state
@@ -297,6 +324,10 @@ def main(argv=None) -> int:
                   f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
                   + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")
                   + f", loss {float(m['loss']):.3f}", flush=True)
+            timed = record(batch=b, moe_impl=impl, moe_block=block, remat=remat, step_ms=med * 1e3,
+                   step_min_ms=min(times) * 1e3, tokens_per_sec=b * args.seq_len / med, tflops=flops / med / 1e12,
+                   mfu=flops / med / peak if peak else None, compile_s=compile_s,
+                   peak_device_gb=mem / 2**30 if mem else None, loss=float(m["loss"]))
             if profile:
                 trace_dir = tempfile.mkdtemp(prefix="profile_step_")
                 jax.profiler.start_trace(trace_dir)
@@ -320,8 +351,13 @@ def main(argv=None) -> int:
                 jax.profiler.stop_trace()
             except Exception:  # noqa: BLE001
                 pass
-            print(f"{b}:{impl}:{remat}:{block}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
-                  flush=True)
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            print(f"{b}:{impl}:{remat}:{block}: failed: {why}", flush=True)
+            if timed is not None:  # timed, then its profile failed
+                timed["profile_error"] = why
+                write()
+            else:
+                record(batch=b, moe_impl=impl, moe_block=block, remat=remat, error=why)
         finally:  # a failed variant's arrays go before the next one is built (its memory, on a GPU)
             state = step = batch = None
     return 1 if failed else 0
