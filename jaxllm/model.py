@@ -313,9 +313,9 @@ class BlockLayout(NamedTuple):
     """Where each (token, slot) assignment goes when they are sorted by expert and every expert's
     rows are padded to a multiple of `block`: static shapes, dropless."""
 
-    src_P: Array  # [P] token of each padded row (N = a zero row, for padding)
+    asg_P: Array  # [P] assignment (token * K + slot) of each padded row (N * K: padding)
     dest_M: Array  # [N*K] padded row of each assignment, in (token, slot) order
-    block_expert: Array  # [P / block] expert of each block
+    block_expert: Array  # [P / block] expert of each block (ascending: an expert's blocks are consecutive)
     group_sizes: Array  # [E] assignments per expert (unpadded)
 
 
@@ -331,10 +331,59 @@ def block_layout(chosen_NK: Array, E: int, block: int) -> BlockLayout:
     rank_M = jnp.arange(M) - (jnp.cumsum(counts_E) - counts_E)[e_sorted]
     dest_sorted = ((pad_end_E - padded_E)[e_sorted] + rank_M).astype(jnp.int32)
     n_blocks = (M + E * (block - 1)) // block  # static upper bound on sum(padded_E) / block
-    src_P = jnp.full((n_blocks * block,), N, jnp.int32).at[dest_sorted].set((order_M // K).astype(jnp.int32))
+    asg_P = jnp.full((n_blocks * block,), M, jnp.int32).at[dest_sorted].set(order_M.astype(jnp.int32))
     block_expert = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
     dest_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_sorted)
-    return BlockLayout(src_P, dest_M, block_expert, counts_E)
+    return BlockLayout(asg_P, dest_M, block_expert, counts_E)
+
+
+@jax.custom_vjp
+def gather_rows(x_RD: Array, idx_S: Array, users_RJ: Array) -> Array:
+    """`x_RD` with a zero row appended (row R), at rows `idx_S`: `[S, D]`. A gather whose transpose
+    is a gather too, not a scatter-add: `users_RJ[r]` lists the J positions s with `idx_S[s] == r`
+    (S where fewer), so the cotangent of row r is the sum of those positions' cotangents. Scatters
+    are slow where they run (a GPU's atomics, a CPU's serial loop), and the sparse dispatches use
+    this both ways: token rows into the padded blocks (each token used K times: `users` =
+    `dest_M` as [N, K]) and block rows back to assignments (each row used at most once: `users`
+    = `asg_P` as [P, 1])."""
+    return jnp.concatenate([x_RD, jnp.zeros((1, x_RD.shape[1]), x_RD.dtype)])[idx_S]
+
+
+def _gather_rows_fwd(x_RD, idx_S, users_RJ):
+    return gather_rows(x_RD, idx_S, users_RJ), users_RJ
+
+
+def _gather_rows_bwd(users_RJ, g_SD):
+    g_SD = jnp.concatenate([g_SD, jnp.zeros((1, g_SD.shape[1]), g_SD.dtype)])
+    dx_RD = g_SD[users_RJ[:, 0]]
+    for j in range(1, users_RJ.shape[1]):  # in slot order, as a scatter-add onto zeros sums them
+        dx_RD = dx_RD + g_SD[users_RJ[:, j]]
+    return dx_RD, None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def take_experts(w_E, e_B: Array, E: int) -> Array:
+    """`w_E[e_B]`: each block's expert weights. Its transpose sums each expert's blocks' cotangents
+    through a one-hot product (float32 sums) instead of a scatter-add (on a GPU, atomics in the
+    weights' dtype: a quarter of a seed-973m step at micro-batch 128)."""
+    return w_E[e_B]
+
+
+def _take_experts_fwd(w_E, e_B, E):
+    return w_E[e_B], e_B
+
+
+def _take_experts_bwd(E, e_B, g_B):
+    onehot_BE = jax.nn.one_hot(e_B, E, dtype=g_B.dtype)
+    exact = jax.lax.Precision.HIGHEST if g_B.dtype == F32 else None  # no TF32 rounding of float32 sums
+    dw_E = jnp.einsum("be,b...->e...", onehot_BE, g_B, preferred_element_type=F32, precision=exact)
+    return dw_E.astype(g_B.dtype), None
+
+
+take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
 
 
 def dispatch_block(n_assignments: int, E: int, block: int) -> int:
@@ -347,15 +396,15 @@ def dispatch_block(n_assignments: int, E: int, block: int) -> int:
 def _padded_blocks(x_ND, chosen_NK, E: int, block: int):
     """The assignments' rows sorted by expert, each expert's rows padded to whole blocks:
     `[n_blocks, block, D]` (padding rows are zeros), and the layout that undoes it."""
-    D = x_ND.shape[1]
+    N, K = chosen_NK.shape
     lay = block_layout(chosen_NK, E, block)
-    x_BbD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[lay.src_P].reshape(-1, block, D)
+    x_BbD = gather_rows(x_ND, lay.asg_P // K, lay.dest_M.reshape(N, K)).reshape(-1, block, x_ND.shape[1])
     return x_BbD, lay
 
 
 def _combine(y_BbD, lay: BlockLayout, w_NK):
     N, K = w_NK.shape
-    y_NKD = y_BbD.reshape(-1, y_BbD.shape[-1])[lay.dest_M].reshape(N, K, -1)
+    y_NKD = gather_rows(y_BbD.reshape(-1, y_BbD.shape[-1]), lay.dest_M, lay.asg_P[:, None]).reshape(N, K, -1)
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
 
 
@@ -366,8 +415,9 @@ def sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int):
     not with E; results equal the dense reference."""
     block = dispatch_block(chosen_NK.size, wg.shape[0], block)
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, wg.shape[0], block)
-    e = lay.block_expert
-    y_BbD = swiglu(x_BbD, wg[e], wu[e], wd[e], "nbd,ndf->nbf", "nbf,nfd->nbd", routed=True)
+    E, e = wg.shape[0], lay.block_expert
+    y_BbD = swiglu(x_BbD, take_experts(wg, e, E), take_experts(wu, e, E), take_experts(wd, e, E),
+                   "nbd,ndf->nbf", "nbf,nfd->nbd", routed=True)
     return _combine(y_BbD, lay, w_NK)
 
 
