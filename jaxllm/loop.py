@@ -105,7 +105,7 @@ def run(rc: RunConfig) -> dict:
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
                       seed=rc.seed, dropout=rc.dropout, dtype=DTYPES[rc.dtype], moe_impl=rc.moe_impl,
-                      attn_impl=rc.attn_impl,
+                      attn_impl=rc.attn_impl, scan_unroll=rc.scan_unroll,
                       remat=resolve_remat(rc.remat, count_params(config), rc.grad_accum))
 
     # ---- state: resume, start from converted weights, or initialise -------------------------

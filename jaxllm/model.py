@@ -367,7 +367,7 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def take_experts(w_E, e_B: Array, E: int) -> Array:
     """`w_E[e_B]`: each block's expert weights. Its transpose sums each expert's blocks' cotangents
-    through a one-hot product (float32 sums) instead of a scatter-add (on a GPU, atomics in the
+    through a one-hot product instead of a scatter-add (on a GPU, atomics in the
     weights' dtype: a quarter of a seed-973m step at micro-batch 128)."""
     return w_E[e_B]
 
@@ -377,10 +377,10 @@ def _take_experts_fwd(w_E, e_B, E):
 
 
 def _take_experts_bwd(E, e_B, g_B):
-    onehot_BE = jax.nn.one_hot(e_B, E, dtype=g_B.dtype)
-    exact = jax.lax.Precision.HIGHEST if g_B.dtype == F32 else None  # no TF32 rounding of float32 sums
-    dw_E = jnp.einsum("be,b...->e...", onehot_BE, g_B, preferred_element_type=F32, precision=exact)
-    return dw_E.astype(g_B.dtype), None
+    # The product sums in float32 (bfloat16 operands too) and rounds once to the weights' dtype;
+    # float32 operands at full precision, not TF32.
+    exact = jax.lax.Precision.HIGHEST if g_B.dtype == F32 else None
+    return jnp.einsum("be,b...->e...", jax.nn.one_hot(e_B, E, dtype=g_B.dtype), g_B, precision=exact), None
 
 
 take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
@@ -584,23 +584,45 @@ def ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd):
     return jnp.einsum("nk,nkd->nd", w_NK.astype(y_NKD.dtype), y_NKD)
 
 
+# Rows per block of the sparse dispatches when `moe_block` is not given. "grouped" (the CPU's
+# loop) computes two blocks per product (256 rows: on one seed-973m layer, forward and backward,
+# 339 ms against 430 for 128-row products); "gather" runs every block through one batched product,
+# for which larger blocks won on an H200 (seed-973m, 16 x 256, bf16: 1024 rows 94.0 ms a step,
+# 512 99.0, 256 116.1; BENCHMARKS.md).
+MOE_BLOCKS = {"grouped": 128, "gather": 1024}
+
+
 def resolve_moe_impl(moe_impl: str, few_assignments: bool = False) -> str:
-    """"sparse" picks the fastest exact sparse dispatch for the platform: `ragged_dot` on GPUs and
-    TPUs; on CPUs the grouped loop over active blocks, or the loop-free gather when a call has
-    fewer assignments than one full block per expert (decoding; measured in BENCHMARKS.md)."""
+    """"sparse" picks the fastest exact sparse dispatch for the platform: on GPUs the batched
+    "gather" (XLA's GPU compiler turns `ragged_dot` into a masked product over every expert); on
+    TPUs `ragged_dot`; on CPUs the grouped loop over active blocks, or the loop-free gather when a
+    call has fewer assignments than one full block per expert (decoding; measured in
+    BENCHMARKS.md)."""
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {moe_impl!r}")
     if moe_impl == "sparse":
-        if jax.default_backend() != "cpu":
+        backend = jax.default_backend()
+        if backend == "gpu":
+            return "gather"
+        if backend != "cpu":
             return "ragged"
         return "gather" if few_assignments else "grouped"
     return moe_impl
 
 
+def training_dispatch(moe_impl: str, moe_block: int | None = None) -> tuple[str, int | None]:
+    """The dispatch and block that a training step's MoE layers run here for these settings
+    (`moe_impl`, `moe_block`): what benchmarks report. The block is None for "dense" and "ragged"."""
+    impl = resolve_moe_impl(moe_impl)
+    return impl, (moe_block or MOE_BLOCKS[impl]) if impl in MOE_BLOCKS else None
+
+
 class DeepSeekMoE(nnx.Module):
     def __init__(self, c: LLMConfig, *, rngs, lead=(), dtype=F32, param_dtype=F32,
-                 moe_impl: str = "sparse", moe_block: int = 128):
+                 moe_impl: str = "sparse", moe_block: int | None = None):
         resolve_moe_impl(moe_impl)  # validates
+        if moe_block is not None and moe_block < 1:
+            raise ValueError(f"moe_block must be at least 1, got {moe_block}")
         la = ("layers",) * len(lead)
         std = c.initializer_range
         kw = dict(rngs=rngs, std=std, lead=lead, dtype=dtype, param_dtype=param_dtype)
@@ -637,17 +659,20 @@ class DeepSeekMoE(nnx.Module):
     def _dispatch(self, x_ND, chosen_NK, w_NK, wg, wu, wd):
         """The routed experts' output for these tokens (a data-parallel shard's own, under a mesh:
         `map_batch_shards`)."""
-        few = dispatch_block(chosen_NK.size, self.E, self.moe_block) < self.moe_block
-        impl = resolve_moe_impl(self.moe_impl, few_assignments=few)
+        impl = resolve_moe_impl(self.moe_impl)
+        block = self.moe_block or MOE_BLOCKS.get(impl, 0)
+        if self.moe_impl == "sparse" and impl == "grouped" \
+                and dispatch_block(chosen_NK.size, self.E, block) < block:
+            impl = resolve_moe_impl(self.moe_impl, few_assignments=True)
+            block = self.moe_block or MOE_BLOCKS["grouped"]  # shrunk to the assignments by `dispatch_block`
         if impl == "dense":
             return dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         if impl == "ragged":
             return ragged_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         if impl == "gather":
-            return sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, self.moe_block)
-        # Products of two blocks (256 rows at the default 128) padded to half blocks: on one
-        # seed-973m layer, forward and backward, 339 ms against 430 for 128-row products.
-        return grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, 2 * self.moe_block)
+            return sparse_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block)
+        # Products of two blocks padded to half blocks (`MOE_BLOCKS`).
+        return grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, 2 * block)
 
 
 def remat_policy(remat: bool | str):
@@ -703,8 +728,8 @@ class CustomLLM(nnx.Module):
     router, softmax and logits stay float32), `param_dtype` (master weights), `moe_impl`
     (routed-expert dispatch, equal results: "sparse" = the platform's best of "grouped", "gather",
     "ragged"; "dense" computes every expert), `moe_block` (rows per block of the sparse
-    dispatch; "grouped" pads each expert's rows to half blocks only and computes up to two
-    blocks per product), `remat` (what the backward pass recomputes to save memory:
+    dispatch; default `MOE_BLOCKS`, by dispatch; "grouped" pads each expert's rows to half blocks
+    only and computes up to two blocks per product), `remat` (what the backward pass recomputes to save memory:
     `REMAT_POLICIES`; True = "full", False = "none"), `attn_impl` (the training path's causal
     attention: "xla", the default, or "cudnn", cuDNN's fused attention on NVIDIA GPUs in bfloat16 or
     float16; cached and padded attention always take the "xla" path),
@@ -713,7 +738,7 @@ class CustomLLM(nnx.Module):
     """
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype=F32, param_dtype=F32,
-                 moe_impl: str = "sparse", moe_block: int = 128, remat: bool | str = False,
+                 moe_impl: str = "sparse", moe_block: int | None = None, remat: bool | str = False,
                  scan_unroll: int | bool | None = None, attn_impl: str = "xla"):
         check_attn_impl(attn_impl, dtype, config)
         c = self.config = config

@@ -54,6 +54,7 @@ class RunConfig:
     init_from: str | None = None
     moe_impl: str = "sparse"
     attn_impl: str = "xla"
+    scan_unroll: int | None = None  # layers per iteration of the scan over layers; None: the model's default
     remat: str | None = None  # a REMAT_POLICIES name; None: by model size (resolve_remat)
     dropout: bool = True
     peak_flops: float | None = None

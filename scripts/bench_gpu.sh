@@ -8,16 +8,18 @@
 #      at micro-batch 16 (the last GPU run's reference), then the `gather` dispatch at 16 with
 #      blocks of BLOCKS rows;
 #   3. with cuDNN attention (when the probe passed), the best block of stage 2 at the micro-batches
-#      and remat policies of BATCHES (a variant out of memory fails alone);
+#      and remat policies of BATCHES, largest first: JAX's allocator keeps what earlier variants
+#      freed, and a step's temporaries are one allocation (41 GiB at micro-batch 128), which after
+#      smaller variants found no room (2026-11-29); a variant out of memory fails alone;
 #   4. the fastest JAX configuration of stages 2-3 (tokens/s) at a micro-batch of at most SIDE_MAX
 #      side by side with the PyTorch reference (bench.py: the same batch, the bf16 matmul peak
-#      measured in the run; PyTorch needs about 38 GiB at micro-batch 32);
+#      measured in the run; PyTorch took 63 GiB at micro-batch 64 on an H200);
 #   5. the fastest configuration's step profiled: its kernels by kind, the heaviest with their JAX op;
 #   6. that configuration with the layers' scan unrolled (UNROLL layers at a time; a long compile).
 # Writes OUT_DIR/bench.md (the tables), OUT_DIR/sweep.json (every timed variant),
 # OUT_DIR/bench.json (stage 4) and OUT_DIR/log.txt (versions, progress, errors), each as it goes.
 # Settings (environment): BUDGET_S (default 540: no stage starts after it, none runs past it),
-# BLOCKS (default "512 256 1024"), BATCHES (default "16:dots 32:dots 32:none 64:dots 64:none 128:dots"),
+# BLOCKS (default "1024 2048 512"), BATCHES (default "128:dots 64:dots 64:none 32:dots 16:dots"),
 # SIDE_MAX (default 64), UNROLL (default 30; 0 skips stage 6), PRESET (default seed-973m), SEQ_LEN (default 256),
 # MATMUL_SIZE (default 8192), PYTHON (default python3).
 # Exit status 1 when a stage failed or was cut short (what was measured is still written).
@@ -84,7 +86,7 @@ rows = [r for r in rows if "tokens_per_sec" in r and r["batch"] <= most
         and all(str(r.get(k)) == v for k, v in want.items())]
 if rows:
     r = max(rows, key=lambda r: r["tokens_per_sec"])
-    print(r["batch"], r["moe_impl"], r["moe_block"], r["remat"], r["attn_impl"])
+    print(r["batch"], r["moe_impl"], r["moe_block"] or "-", r["remat"], r["attn_impl"])
 EOF
 }
 
@@ -98,14 +100,14 @@ print("cuDNN attention probe: ok", float(jax.jit(jax.grad(f))(q).astype(jnp.floa
 
 # 2. The dispatches at micro-batch 16, XLA's attention.
 variants=("16:dense:dots")
-for blk in ${BLOCKS:-512 256 1024}; do variants+=("16:gather:dots:$blk"); done
+for blk in ${BLOCKS:-1024 2048 512}; do variants+=("16:gather:dots:$blk"); done
 sweep dispatch --variants "${variants[@]}"
 read -r _ _ block _ _ <<<"$(best moe_impl=gather)"
-block="${block:-512}"
+block="${block:+:$block}"  # none timed: the dispatch's default block
 
 # 3. The best block with cuDNN attention (or XLA's), larger micro-batches, remat dots and none.
 variants=()
-for br in ${BATCHES:-16:dots 32:dots 32:none 64:dots 64:none 128:dots}; do variants+=("${br%%:*}:gather:${br#*:}:$block"); done
+for br in ${BATCHES:-128:dots 64:dots 64:none 32:dots 16:dots}; do variants+=("${br%%:*}:gather:${br#*:}$block"); done
 sweep "batch-$attn" --attn-impl "$attn" --variants "${variants[@]}"
 
 # 4. The fastest configuration (up to SIDE_MAX) beside PyTorch.
@@ -114,15 +116,17 @@ if [[ -z "${b:-}" ]]; then
   say "no variant was timed: see $log"; rm -rf "$work"; exit 1
 fi
 say "fastest: micro-batch $b, $impl/$blk, remat $remat, $a attention"
+spec="$b:$impl:$remat"; [[ "$blk" != - ]] && spec+=":$blk"  # profile_step.py's variant
 read -r sb simpl sblk sremat sa <<<"$(best max_batch="${SIDE_MAX:-64}")"
 l=$(left)
 if [[ -z "${sb:-}" ]]; then
   say "side by side: no variant at micro-batch ${SIDE_MAX:-64} or less"; failures=$((failures + 1))
 elif (( l >= 90 )); then
   say "side by side: bench.py at micro-batch $sb, $simpl/$sblk, remat $sremat, $sa attention"
+  blk_args=(); [[ "$sblk" != - ]] && blk_args=(--moe-block "$sblk")
   timeout "$l" "$py" -m jaxllm.bench --preset "$preset" --batch-size "$sb" --seq-len "$seq" --dtype bfloat16 \
     --iters 10 --warmup 2 --rounds 1 --decode-tokens 0 --matmul-size "${MATMUL_SIZE:-8192}" --moe-impl "$simpl" \
-    --moe-block "$sblk" --remat "$sremat" --attn-impl "$sa" --timeout "$((l - 20))" --budget "$((l - 20))" \
+    "${blk_args[@]}" --remat "$sremat" --attn-impl "$sa" --timeout "$((l - 20))" --budget "$((l - 20))" \
     --json "$out/bench.json" 2>>"$log" | tee "$work/side.md"
   rc=${PIPESTATUS[0]}
   { echo "### side by side"; echo; cat "$work/side.md"; echo; } >>"$out/bench.md"
@@ -135,9 +139,9 @@ fi
 # 5. Where its step's time goes.
 l=$(left)
 if (( l >= 60 )); then
-  say "profile: $b:$impl:$remat:$blk"
+  say "profile: $spec"
   timeout "$l" "$py" "$here/scripts/profile_step.py" --preset "$preset" --seq-len "$seq" --dtype bfloat16 --steps 3 \
-    --top 30 --attn-impl "$a" --variants "$b:$impl:$remat:$blk" 2>>"$log" | tee "$work/profile.txt"
+    --top 30 --attn-impl "$a" --variants "$spec" 2>>"$log" | tee "$work/profile.txt"
   rc=${PIPESTATUS[0]}
   { echo "### profile"; echo; echo '```'; cat "$work/profile.txt"; echo '```'; echo; } >>"$out/bench.md"
   (( rc == 0 )) || failures=$((failures + 1))
@@ -147,7 +151,7 @@ fi
 
 # 6. The same with the scan over layers unrolled.
 if (( ${UNROLL:-30} > 0 )); then
-  sweep "unroll-${UNROLL:-30}" --attn-impl "$a" --scan-unroll "${UNROLL:-30}" --variants "$b:$impl:$remat:$blk"
+  sweep "unroll-${UNROLL:-30}" --attn-impl "$a" --scan-unroll "${UNROLL:-30}" --variants "$spec"
 fi
 
 "$py" - "$out/sweep.json" <<'EOF' | tee -a "$out/bench.md"
@@ -159,7 +163,8 @@ except OSError:
 print("\n| micro-batch | dispatch | remat | attention | unroll | step ms | tok/s | TFLOP/s | MFU | compile s | peak GiB |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
-    disp = r["moe_impl"] + (f"/{r['moe_block']}" if r["moe_impl"] in ("gather", "grouped") else "")
+    disp = r["moe_impl"] + (f" ({r['dispatch']})" if r.get("dispatch", r["moe_impl"]) != r["moe_impl"] else "") \
+        + (f"/{r['moe_block']}" if r.get("moe_block") else "")
     if "error" in r:
         print(f"| {r['batch']} | {disp} | {r['remat']} | {r['attn_impl']} | {r['scan_unroll'] or '-'} | failed: {r['error'][:80]} |")
         continue

@@ -5,7 +5,7 @@
     python scripts/profile_step.py --variants 16:gather:dots:512 16:dense:dots --no-profile
     python scripts/profile_step.py --preset tiny --seq-len 32 --variants 2:sparse:none --dtype float32
 
-Each variant is BATCH:MOE_IMPL:REMAT[:MOE_BLOCK]. For each: compile, 2 warm-up steps, the median of
+Each variant is BATCH:MOE_IMPL:REMAT[:MOE_BLOCK] (MOE_BLOCK: by default the dispatch's, `MOE_BLOCKS`). For each: compile, 2 warm-up steps, the median of
 `--steps` timed steps, tokens/s, counted TFLOP/s and MFU against `--peak-flops` (default: the
 device's datasheet peak, where known). With profiling on, 3 more steps run under `jax.profiler` and
 the device's kernels are summed per step: the busy time against the steps' span, the kernel count,
@@ -52,7 +52,7 @@ def parse_variant(spec: str):
             or parts[2] not in REMAT_POLICIES or (len(parts) == 4 and not (parts[3].isdigit() and int(parts[3]) > 0)):
         raise ValueError(f"--variants: {spec!r} is not BATCH:MOE_IMPL:REMAT[:MOE_BLOCK] (impls {', '.join(MOE_IMPLS)}; "
                          f"remat {', '.join(REMAT_POLICIES)})")
-    return int(parts[0]), parts[1], parts[2], int(parts[3]) if len(parts) == 4 else 128
+    return int(parts[0]), parts[1], parts[2], int(parts[3]) if len(parts) == 4 else None
 
 
 def hlo_op_name(hlo: str, kernel: str) -> str:
@@ -258,6 +258,7 @@ def main(argv=None) -> int:
     from jaxllm import sharding as shd
     from jaxllm.bench import compiled_step
     from jaxllm.flops import device_peak_flops, training_flops_per_token
+    from jaxllm.model import training_dispatch
 
     try:  # every variant's batch must divide over the mesh: refuse before any of them runs
         mesh = shd.make_mesh(args.mesh, None if args.mesh else jax.devices()[:1])  # one device unless --mesh
@@ -292,6 +293,8 @@ def main(argv=None) -> int:
 
     for b, impl, remat, block in variants:
         timed = None
+        ran, block = training_dispatch(impl, block)  # what the step runs here, and its block
+        shown = (impl if ran == impl else f"{impl} ({ran})") + (f"/{block}" if block else "")
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
             break
@@ -318,13 +321,13 @@ def main(argv=None) -> int:
             med = float(np.median(times))
             flops = training_flops_per_token(config, args.seq_len) * b * args.seq_len
             mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
-            print(f"{b} x {args.seq_len} {impl}{f'/{block}' if impl in ('gather', 'grouped') else ''}, remat {remat}"
+            print(f"{b} x {args.seq_len} {shown}, remat {remat}"
                   f"{'' if args.attn_impl == 'xla' else ', ' + args.attn_impl + ' attention'}: "
                   f"step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {b * args.seq_len / med:,.0f} tok/s, "
                   f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
                   + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")
                   + f", loss {float(m['loss']):.3f}", flush=True)
-            timed = record(batch=b, moe_impl=impl, moe_block=block, remat=remat, step_ms=med * 1e3,
+            timed = record(batch=b, moe_impl=impl, dispatch=ran, moe_block=block, remat=remat, step_ms=med * 1e3,
                    step_min_ms=min(times) * 1e3, tokens_per_sec=b * args.seq_len / med, tflops=flops / med / 1e12,
                    mfu=flops / med / peak if peak else None, compile_s=compile_s,
                    peak_device_gb=mem / 2**30 if mem else None, loss=float(m["loss"]))
@@ -357,7 +360,7 @@ def main(argv=None) -> int:
                 timed["profile_error"] = why
                 write()
             else:
-                record(batch=b, moe_impl=impl, moe_block=block, remat=remat, error=why)
+                record(batch=b, moe_impl=impl, dispatch=ran, moe_block=block, remat=remat, error=why)
         finally:  # a failed variant's arrays go before the next one is built (its memory, on a GPU)
             state = step = batch = None
     return 1 if failed else 0

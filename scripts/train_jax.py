@@ -43,6 +43,9 @@ def parse_args(argv=None):
       help="routed-expert dispatch, equal results (default sparse: the platform's fastest sparse one)")
     a("--attn-impl", choices=ATTN_IMPLS,
       help="training attention: xla (default) or cudnn (cuDNN's fused attention: NVIDIA GPUs, --dtype bfloat16)")
+    a("--scan-unroll", type=int, metavar="N",
+      help="unroll the scan over the layers N at a time (default: whole up to 8 layers, else 1). On an H200 "
+           "30 made the seed-973m step 13-15%% faster and its compile about 4x longer (BENCHMARKS.md)")
     cli.add_remat_flags(p)
     cli.add_compile_cache_flag(p)
     a("--peak-flops", type=float, help="peak FLOP/s per device for MFU (known accelerators are looked up)")
@@ -56,7 +59,7 @@ def parse_args(argv=None):
       help="multi-host: seconds to wait at start-up for every process to connect; after that JAX aborts the "
            "process (exit status 134, no Python error) (default 300)")
     args = p.parse_args(argv)
-    cli.check_at_least(p, args, heartbeat_timeout=1, init_timeout=1, num_processes=1, process_id=0)
+    cli.check_at_least(p, args, heartbeat_timeout=1, init_timeout=1, num_processes=1, process_id=0, scan_unroll=1)
     return args, cli.run_config(args, d)
 
 

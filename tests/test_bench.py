@@ -68,6 +68,7 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
     (["--quick", "--json", "/tmp"], "--json: /tmp is a directory"),
     (["--quick", "--moe-block", "0"], "--moe-block must be at least 1"),
+    (["--quick", "--scan-unroll", "0"], "--scan-unroll must be at least 1"),
     (["--quick", "--peak-flops", "-1"], "--peak-flops must be a positive number"),
     (["--quick", "--attn-impl", "cudnn", "--dtype", "bfloat16"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
@@ -309,13 +310,20 @@ def test_bench_decode_refuses_a_json_path_it_cannot_write_before_it_runs(capsys)
     assert err.count("\n") == 1 and "--json: the folder of /nonexistent/decode.json does not exist" in err
 
 
-def test_profile_step_times_each_variant_on_the_cpu():
+def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
+    out = tmp_path / "steps.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--preset", "tiny",
-                        "--seq-len", "16", "--dtype", "float32", "--variants", "8:dense:none", "--steps", "1"],
+                        "--seq-len", "16", "--dtype", "float32", "--variants", "8:dense:none", "4:sparse:dots",
+                        "--steps", "1", "--json", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "8 x 16 dense, remat none: step " in r.stdout and "tok/s" in r.stdout
+    assert "4 x 16 sparse (grouped)/128, remat dots: step " in r.stdout, r.stdout
     assert "XLA's ops, per step: a " in r.stdout and "heaviest other ops" in r.stdout, r.stdout
+    dense, sparse = json.loads(out.read_text())  # each variant's figures, as printed
+    assert (dense["batch"], dense["moe_impl"], dense["moe_block"], dense["remat"]) == (8, "dense", None, "none")
+    assert (sparse["dispatch"], sparse["moe_block"], sparse["attn_impl"]) == ("grouped", 128, "xla")
+    assert sparse["step_ms"] > 0 and sparse["tokens_per_sec"] > 0 and "error" not in sparse
 
 
 @pytest.mark.parametrize("args, message", [
@@ -328,6 +336,8 @@ def test_profile_step_times_each_variant_on_the_cpu():
      "batch size 3 cannot be divided over the mesh's 8 batch shards"),
     (["--mesh", "data=3"], "--mesh"),
     (["--attn-impl", "cudnn"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
+    (["--scan-unroll", "0"], "--scan-unroll must be at least 1, got 0"),
+    (["--json", "/nonexistent/steps.json"], "--json: the folder of /nonexistent/steps.json does not exist"),
 ])
 def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:

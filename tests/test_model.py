@@ -618,3 +618,39 @@ def test_gather_rows_and_take_experts_have_the_gradients_of_plain_indexing():
     got = jax.grad(lambda w: jnp.sum(take_experts(w, lay.block_expert, E) * hw))(w)
     want = jax.grad(lambda w: jnp.sum(w[lay.block_expert] * hw))(w)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gather_dispatch_gradient_in_bfloat16_is_near_the_dense_one():
+    """The weights' one-hot transpose runs on bfloat16 operands (a CPU has no bf16 x bf16 -> f32
+    product for it), and agrees with the dense dispatch to bfloat16 rounding."""
+    from jaxllm.model import dense_dispatch, sparse_dispatch
+
+    N, D, F, E = 40, 16, 24, 5
+    k = jax.random.split(jax.random.key(6), 5)
+    x = jax.random.normal(k[0], (N, D), jnp.bfloat16)
+    wg, wu = (jax.random.normal(kk, (E, D, F), jnp.bfloat16) / 4 for kk in k[1:3])
+    wd = jax.random.normal(k[3], (E, F, D), jnp.bfloat16) / 4
+    chosen = jnp.asarray(np.random.RandomState(1).randint(0, E, (N, 2)), jnp.int32)
+    w = jax.nn.softmax(jax.random.normal(k[4], (N, 2)), axis=-1)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda *ws: jnp.sum(f(x, chosen, w, *ws).astype(jnp.float32) ** 2),
+                                argnums=(0, 1, 2)))(wg, wu, wd)
+
+    for a, b in zip(grads(lambda *a: sparse_dispatch(*a, 8)), grads(dense_dispatch)):
+        assert a.dtype == jnp.bfloat16 and rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) <= 2e-2
+
+
+def test_sparse_means_the_platforms_dispatch_with_its_default_block(monkeypatch):
+    from jaxllm import model as M
+
+    assert M.training_dispatch("sparse") == ("grouped", 128)  # this CPU
+    assert M.training_dispatch("sparse", 64) == ("grouped", 64)
+    assert M.training_dispatch("gather") == ("gather", 1024)
+    assert M.training_dispatch("dense") == ("dense", None)
+    assert M.resolve_moe_impl("sparse", few_assignments=True) == "gather"  # decoding on a CPU
+    monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
+    assert M.training_dispatch("sparse") == ("gather", 1024)
+    assert M.resolve_moe_impl("sparse", few_assignments=True) == "gather"
+    monkeypatch.setattr(M.jax, "default_backend", lambda: "tpu")
+    assert M.training_dispatch("sparse") == ("ragged", None)

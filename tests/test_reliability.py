@@ -286,6 +286,7 @@ BAD_INPUTS = [
     ("expert axis that does not divide the experts", ["--mesh", "expert=2,data=4"], "expert=2 does not divide"),
     ("unknown remat policy", ["--remat", "some"], "remat"),
     ("cuDNN attention without a GPU", ["--attn-impl", "cudnn", "--dtype", "bfloat16"], "needs an NVIDIA GPU"),
+    ("scan unrolled zero layers at a time", ["--scan-unroll", "0"], "--scan-unroll must be at least 1, got 0"),
     ("compilation cache under a file", ["--compile-cache", "{tmp}/a_file/xla"], "--compile-cache: cannot create"),
 ]
 

@@ -353,3 +353,34 @@ def test_each_batch_shard_routes_only_its_own_tokens(mesh_spec):
     four = _step_flops_per_device(_trainer(mesh_spec, n_devices=4, batch_size=8, moe_impl="gather"))
     print(f"{mesh_spec}: {four / one:.3f} x one device's share")
     assert four / one < 1.15
+
+
+def test_scan_unroll_setting_reaches_the_trainers_model(monkeypatch):
+    """`train_jax.py --scan-unroll N` sets the run's `scan_unroll`, and `loop.run` builds its Trainer
+    (hence the model) with it."""
+    import importlib.util
+    import pathlib
+
+    from jaxllm import loop
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "train_jax.py"
+    spec = importlib.util.spec_from_file_location("train_jax_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, rc = script.parse_args(["--preset", "tiny", "--scan-unroll", "3", "--steps", "1"])
+    assert rc.scan_unroll == 3 and script.parse_args([])[1].scan_unroll is None
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(*args, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(loop, "Trainer", fake_trainer)
+    with pytest.raises(Stop):
+        loop.run(rc)
+    assert seen["scan_unroll"] == 3
+    model = create_model(LLMConfig.from_preset("tiny"), abstract=True, scan_unroll=3)
+    assert model.scan_unroll == 3
