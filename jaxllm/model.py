@@ -341,9 +341,8 @@ def block_layout(chosen_NK: Array, E: int, block: int) -> BlockLayout:
 def gather_rows(x_RD: Array, idx_S: Array, users_RJ: Array) -> Array:
     """`x_RD` with a zero row appended (row R), at rows `idx_S`: `[S, D]`. A gather whose transpose
     is a gather too, not a scatter-add: `users_RJ[r]` lists the J positions s with `idx_S[s] == r`
-    (S where fewer), so the cotangent of row r is the sum of those positions' cotangents. Scatters
-    are slow where they run (a GPU's atomics, a CPU's serial loop), and the sparse dispatches use
-    this both ways: token rows into the padded blocks (each token used K times: `users` =
+    (S where fewer), so the cotangent of row r is the sum of those positions' cotangents. On a GPU
+    the scatter-adds ran as slow atomics (BENCHMARKS.md); the sparse dispatches use this both ways: token rows into the padded blocks (each token used K times: `users` =
     `dest_M` as [N, K]) and block rows back to assignments (each row used at most once: `users`
     = `asg_P` as [P, 1])."""
     return jnp.concatenate([x_RD, jnp.zeros((1, x_RD.shape[1]), x_RD.dtype)])[idx_S]
@@ -377,8 +376,8 @@ def _take_experts_fwd(w_E, e_B, E):
 
 
 def _take_experts_bwd(E, e_B, g_B):
-    # The product sums in float32 (bfloat16 operands too) and rounds once to the weights' dtype;
-    # float32 operands at full precision, not TF32.
+    # XLA's products of bfloat16 operands sum in float32 and round once (on a GPU, cuBLAS); float32
+    # operands run at full precision, not TF32.
     exact = jax.lax.Precision.HIGHEST if g_B.dtype == F32 else None
     return jnp.einsum("be,b...->e...", jax.nn.one_hot(e_B, E, dtype=g_B.dtype), g_B, precision=exact), None
 

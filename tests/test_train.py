@@ -45,11 +45,12 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_fsdp_mesh_on_8_devices_equals_one_device():
+@pytest.mark.parametrize("impl", ["sparse", "gather"])  # this CPU's loop; the GPU's dispatch
+def test_fsdp_mesh_on_8_devices_equals_one_device(impl):
     assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
     batches = _batches(4, 8)
-    s1, l1 = _run(_trainer(), batches)
-    tr8 = _trainer("data=2,fsdp=4", n_devices=8)
+    s1, l1 = _run(_trainer(moe_impl=impl), batches)
+    tr8 = _trainer("data=2,fsdp=4", n_devices=8, moe_impl=impl)
     s8, l8 = _run(tr8, batches)
     # Parameters really are sharded over fsdp.
     spec = s8["params"]["decoder_layers"]["mlp"]["routed_experts"]["gate_proj"].sharding.spec
@@ -274,10 +275,11 @@ def test_fsdp_splits_every_large_parameter_evenly_at_seed_973m():
     assert per_device <= 1.001 * total / 8
 
 
-def test_expert_parallel_mesh_on_7_devices_equals_one_device():
+@pytest.mark.parametrize("impl", ["sparse", "gather"])  # this CPU's loop; the GPU's dispatch
+def test_expert_parallel_mesh_on_7_devices_equals_one_device(impl):
     batches = _batches(2, 7, seed=3)
-    s1, l1 = _run(_trainer(batch_size=7), batches)
-    tr7 = _trainer("expert=7", n_devices=7, batch_size=7)
+    s1, l1 = _run(_trainer(batch_size=7, moe_impl=impl), batches)
+    tr7 = _trainer("expert=7", n_devices=7, batch_size=7, moe_impl=impl)
     s7, l7 = _run(tr7, batches)
     spec = s7["params"]["decoder_layers"]["mlp"]["routed_experts"]["gate_proj"].sharding.spec
     assert tuple(spec)[1] == "expert"  # [layers, experts, in, out]: one routed expert per device
