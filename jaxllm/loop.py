@@ -160,6 +160,19 @@ def run(rc: RunConfig) -> dict:
                       tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
                       force=True)
 
+    def keep_progress(step: int) -> str:
+        """After a data error mid-run: save the steps taken since the last checkpoint (one process:
+        with several, the others are inside the next step's collectives and cannot join a save), and
+        say so. The saved position is that of the last batch used, so a resume meets the same
+        error until the data is mended."""
+        if step == start or last_saved == step:
+            return f" (at step {step}; " + ("nothing new to save)" if step == start else "saved at that step)")
+        if jax.process_count() > 1:
+            return f" (at step {step}; the steps after {last_saved if last_saved is not None else start} are lost)"
+        save(step, state)
+        mngr.wait_until_finished()
+        return f" (saved a checkpoint at step {step} in {ckpt_dir} first)"
+
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
     flops_per_step = training_flops_per_token(config, rc.seq_len) * tokens_per_step
@@ -202,7 +215,11 @@ def run(rc: RunConfig) -> dict:
                                               "stopped before the first step; nothing to save"))
                     summary["stopped_by"] = stopped_by
                     break
-                batch = trainer.put_batch(next(data))
+                try:
+                    batch = trainer.put_batch(next(data))
+                except (ValueError, OSError) as e:  # the data stream failed mid-run (a corrupt record, ...)
+                    why = " ".join(str(e).split()) or type(e).__name__
+                    raise (OSError if isinstance(e, OSError) else ValueError)(why + keep_progress(step)) from e
                 if t_compile is None:
                     log("compiling the train step (or loading it from the compilation cache) ...")
                     t0, hits = time.perf_counter(), xla_cache.hits()

@@ -742,3 +742,28 @@ def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, c
     code, err = _main(argv + ["--ckpt-dir", str(tmp_path / "skip"), "--skip-nonfinite"], capsys)
     print(err)
     assert code == 1 and "10 batches in a row" in err
+
+
+def test_a_data_error_mid_run_saves_the_steps_taken_first(tmp_path, capsys, monkeypatch):
+    """A corrupt record met mid-run (a second jsonl shard that is not JSON, reached after some 20
+    steps: the first shard's 1,100 documents outlast the 1,024-row batch read at the start) ends
+    the run with its one line, exit 2, after saving the steps since the last checkpoint. A resume
+    meets the same error at once and writes nothing more."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text("".join(json.dumps({"text": f"Doc {i}."}) + "\n" for i in range(1100)))
+    (shards / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    ck = tmp_path / "ck"
+    argv = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "300", "--save-every", "10",
+            "--keep", "10", "--max-new-tokens", "0", "--no-progress", "--ckpt-dir", str(ck), "--dataset", str(shards)]
+    code, err = _main(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "JSON parse error" in err, err
+    m = re.search(r"\(saved a checkpoint at step (\d+) in .* first\)$", err)
+    assert m, err
+    step = int(m.group(1))
+    saved = list(range(10, step, 10)) + [step]  # the periodic saves kept, then the one before the error
+    assert 10 < step < 300 and step % 10 and _steps(ck) == saved
+    code, err = _main(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "JSON parse error" in err, err
+    assert _steps(ck) == saved
