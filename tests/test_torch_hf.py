@@ -80,3 +80,52 @@ def test_a_trainer_evaluates_and_predicts_the_logits_alone(tmp_path):
     assert not isinstance(pred.predictions, tuple)
     torch.testing.assert_close(torch.from_numpy(pred.predictions), want.logits, rtol=1e-5, atol=1e-5)
     assert abs(trainer.evaluate(data)["eval_loss"] - want.loss.item()) < 1e-4
+
+
+def test_eager_attention_equals_sdpa_and_output_attentions_returns_the_weights(tmp_path, monkeypatch):
+    """`attn_implementation="eager"` computes the attention written out (SDPA is never called),
+    with SDPA's results (plain causal, left-padded, and decoding on the cache, gradients too), and
+    `output_attentions=True` returns each layer's weights: rows of probability that never look
+    ahead or at padding."""
+    sdpa = _tiny().eval()
+    sdpa.save_pretrained(tmp_path)
+    eager = CustomLLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    x = _ids((2, 12))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+
+    def results(model):
+        with torch.no_grad():
+            logits = [model(x, **kw).logits for kw in ({}, {"attention_mask": mask})]
+            tokens = model.generate(x, attention_mask=mask, **gen)
+        model.zero_grad()
+        model(x, labels=x).loss.backward()
+        return logits, tokens, model.decoder_layers[0].self_attn.q_proj_d.weight.grad.clone()
+
+    want = results(sdpa)
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("SDPA called under attn_implementation='eager'")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    got = results(eager)
+    monkeypatch.undo()
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        out = sdpa(x, attention_mask=mask, output_attentions=True)
+        torch.testing.assert_close(out.logits, sdpa(x, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    n_layers, heads = sdpa.config.num_hidden_layers, sdpa.config.num_attention_heads
+    assert len(out.attentions) == n_layers
+    for w in out.attentions:
+        assert w.shape == (2, heads, 12, 12)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, heads, 12))
+        ahead = w.triu(1)
+        assert torch.all(ahead[0] == 0) and torch.all(ahead[1, :, 3:] == 0)  # no real token attends ahead
+        assert torch.all(w[1, :, 3:, :3] == 0)  # nor to the padding (padded rows see every key: unused)
+    assert sdpa(x).attentions is None

@@ -95,6 +95,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
+def eager_attention(q, k, v, scale: float, attn_mask: torch.Tensor | None):
+    """Attention written out, as `config.attn_implementation="eager"` asks (and
+    `output_attentions=True`, whose weights SDPA does not return): q `[B, n, T, d]`, k and v `[B, n,
+    S, .]`, `attn_mask` boolean `[B, 1, T, S]` (True: may attend) or None (causal over the last T
+    keys). The softmax runs in float32. Returns the output `[B, n, T, dv]` and the weights `[B, n, T, S]`."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v), weights
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA: queries and keys/values pass through a `latent_dim` bottleneck; each head is
     `[nope | rope]`. With a cache, only `c_kv` and the rotated `k_rope` are stored per token."""
@@ -103,6 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         c = config
         self.layer_idx = layer_idx
+        self.config = c  # read at each call: `_attn_implementation` ("sdpa" or "eager")
         self.num_heads = c.num_attention_heads
         self.nope_head_dim, self.rope_head_dim, self.v_head_dim = c.nope_head_dim, c.rope_head_dim, c.v_head_dim
         self.latent_dim = c.latent_dim
@@ -119,7 +134,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(n * c.v_head_dim, h, bias=False)
         self.rotary_emb = RotaryEmbedding(c.rope_head_dim, c.rope_theta)
 
-    def forward(self, x, position_ids, cache: Cache | None = None, attn_mask: torch.Tensor | None = None):
+    def forward(self, x, position_ids, cache: Cache | None = None, attn_mask: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """The attention's output `[B, T, hidden]`; with `output_attentions`, also its weights."""
         B, T, _ = x.shape
         n = self.num_heads
         c_q = self.q_proj_d(x)  # [B, T, latent]
@@ -138,11 +155,15 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, n, T, dqk]
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # [B, n, S, dqk]
         v = v.transpose(1, 2)  # [B, n, S, dv]
-        if attn_mask is None:
+        weights = None
+        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
+            o, weights = eager_attention(q, k, v, self.scale, attn_mask)
+        elif attn_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, n * self.v_head_dim))
+        out = self.o_proj(o.transpose(1, 2).reshape(B, T, n * self.v_head_dim))
+        return (out, weights) if output_attentions else out
 
 
 class DeepSeekExpertLayer(nn.Module):
@@ -250,10 +271,13 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.input_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attn_norm = CustomRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, position_ids, cache=None, attn_mask=None):
-        h = h + self.self_attn(self.input_norm(h), position_ids, cache, attn_mask)
+    def forward(self, h, position_ids, cache=None, attn_mask=None, output_attentions=False):
+        """(output, balance loss, expert counts), and the attention weights with `output_attentions`."""
+        attn = self.self_attn(self.input_norm(h), position_ids, cache, attn_mask, output_attentions)
+        attn, weights = attn if output_attentions else (attn, None)
+        h = h + attn
         moe_out, aux, counts = self.mlp(self.post_attn_norm(h))
-        return h + moe_out, aux, counts
+        return (h + moe_out, aux, counts) + ((weights,) if output_attentions else ())
 
 
 class CustomLLMPreTrainedModel(PreTrainedModel):
@@ -335,6 +359,7 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CustomLLMOutput | tuple:
@@ -371,10 +396,18 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden_states = [h] if output_hidden_states else None  # the embeddings, then each layer's output
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        attentions = [] if output_attentions else None  # each layer's [B, heads, T, S] weights
         for layer in self.decoder_layers:
             # h positional (a reentrant checkpoint passes gradients through positional inputs only),
             # cache by name (a checkpointed layer drops it rather than fill it twice).
-            h, aux, counts = layer(h, position_ids, cache=cache, attn_mask=attn_mask)
+            if output_attentions:
+                h, aux, counts, weights = layer(h, position_ids, cache=cache, attn_mask=attn_mask,
+                                                output_attentions=True)
+                attentions.append(weights)
+            else:
+                h, aux, counts = layer(h, position_ids, cache=cache, attn_mask=attn_mask)
             aux_total = aux_total + aux.mean()
             all_counts.append(counts)
             if hidden_states is not None:
@@ -401,6 +434,7 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         out = CustomLLMOutput(
             loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None},
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
             aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))
         return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
 
