@@ -408,8 +408,9 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
                 attentions.append(weights)
             else:
                 h, aux, counts = layer(h, position_ids, cache=cache, attn_mask=attn_mask)
-            aux_total = aux_total + aux.mean()
-            all_counts.append(counts)
+            # `.to()`: under a `device_map` the layers live on several GPUs (a no-op on one device).
+            aux_total = aux_total + aux.mean().to(aux_total.device)
+            all_counts.append(counts.to(aux_total.device))
             if hidden_states is not None:
                 hidden_states.append(h)
         if logits_to_keep:
