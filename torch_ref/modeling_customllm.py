@@ -431,7 +431,7 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             # micro-batches and processes) makes this micro-batch one part of the step's loss: its
             # balance loss is weighted by its share of the step's tokens, so that the step sums to
             # their token-weighted mean instead of one full balance loss per micro-batch.
-            loss = lm_loss + self.config.router_aux_loss_coef * aux_total * (n_valid / denom)
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_total.to(lm_loss.device) * (n_valid / denom)
         out = CustomLLMOutput(
             loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None},
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
