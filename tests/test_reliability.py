@@ -745,25 +745,44 @@ def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, c
 
 
 def test_a_data_error_mid_run_saves_the_steps_taken_first(tmp_path, capsys, monkeypatch):
-    """A corrupt record met mid-run (a second jsonl shard that is not JSON, reached after some 20
+    """A corrupt record met mid-run (a second jsonl shard that is not JSON, reached after some 38
     steps: the first shard's 1,100 documents outlast the 1,024-row batch read at the start) ends
     the run with its one line, exit 2, after saving the steps since the last checkpoint. A resume
-    meets the same error at once and writes nothing more."""
+    meets the same error at once and writes nothing more; once the shard is mended in place (the
+    same size: the same stream), it resumes where the data stopped, with the losses of a run that
+    read the mended data without stopping."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "a.jsonl").write_text("".join(json.dumps({"text": f"Doc {i}."}) + "\n" for i in range(1100)))
-    (shards / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    good = json.dumps({"text": "The end of the data, now readable."})
+    (shards / "b.jsonl").write_text("this line is not JSON".ljust(len(good)) + "\n")
+
+    def argv(ck):
+        return ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "60", "--save-every", "10",
+                "--keep", "10", "--log-every", "1", "--max-new-tokens", "0", "--no-progress", "--ckpt-dir", str(ck),
+                "--dataset", str(shards)]
+
+    def losses(ck):
+        return {r["step"]: r["loss"] for r in map(json.loads, (ck / "metrics.jsonl").read_text().splitlines())}
+
     ck = tmp_path / "ck"
-    argv = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "300", "--save-every", "10",
-            "--keep", "10", "--max-new-tokens", "0", "--no-progress", "--ckpt-dir", str(ck), "--dataset", str(shards)]
-    code, err = _main(argv, capsys)
+    code, err = _main(argv(ck), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "JSON parse error" in err, err
     m = re.search(r"\(saved a checkpoint at step (\d+) in .* first\)$", err)
     assert m, err
     step = int(m.group(1))
     saved = list(range(10, step, 10)) + [step]  # the periodic saves kept, then the one before the error
-    assert 10 < step < 300 and step % 10 and _steps(ck) == saved
-    code, err = _main(argv, capsys)
+    assert 10 < step < 60 and step % 10 and _steps(ck) == saved
+    code, err = _main(argv(ck), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "JSON parse error" in err, err
     assert _steps(ck) == saved
+    (shards / "b.jsonl").write_text(good + "\n")  # mended, the same size
+    code, err = _main(argv(ck), capsys)
+    assert code == 0, err
+    code, err = _main(argv(tmp_path / "straight"), capsys)
+    assert code == 0, err
+    resumed, straight = losses(ck), losses(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 61))
+    np.testing.assert_allclose([resumed[s] for s in range(step + 1, 61)], [straight[s] for s in range(step + 1, 61)],
+                               rtol=1e-6)

@@ -655,3 +655,32 @@ def test_the_torch_side_trains_without_jax(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: step 2" in proc.stdout and "generated text:" in proc.stdout
     assert os.path.isfile(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+
+
+def test_a_data_error_mid_run_saves_the_steps_taken_and_a_mended_stream_resumes_exactly(tmp_path, monkeypatch):
+    """A corrupt record met mid-run (a second jsonl shard, reached after some 38 steps) ends the run
+    with the reader's error after saving the steps since the last checkpoint. Mended in place (the
+    same file size: the same stream), the data resumes where it stopped: the resumed steps equal
+    those of a run that read the mended data without stopping."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text("".join(json.dumps({"text": f"Doc {i}."}) + "\n" for i in range(1100)))
+    good = json.dumps({"text": "The end of the data, now readable."})
+    bad = "this line is not JSON".ljust(len(good))
+    (shards / "b.jsonl").write_text(bad + "\n")
+    rc = _rc(tmp_path, dataset=str(shards), batch_size=8, grad_accum=1, steps=60, save_every=10, keep=10,
+             max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"JSON parse error.*\(saved .*checkpoint-(\d+) first\)$") as e:
+        run(rc, dtype="float32")
+    assert "\n" not in str(e.value)
+    step = int(str(e.value).rsplit("checkpoint-", 1)[1].split()[0])
+    assert 10 < step < 60 and step % 10
+    assert sorted(int(n.split("-")[1]) for n in os.listdir(rc.ckpt_dir) if n.startswith("checkpoint-")) \
+        == list(range(10, step, 10)) + [step]
+    (shards / "b.jsonl").write_text(good + "\n")  # mended, the same size
+    resumed = run(rc, dtype="float32")
+    assert resumed["start_step"] == step and [r["step"] for r in resumed["records"]] == list(range(step + 1, 61))
+    straight = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "straight")), dtype="float32")
+    np.testing.assert_allclose([r["loss"] for r in resumed["records"]],
+                               [r["loss"] for r in straight["records"][step:]], rtol=1e-6)

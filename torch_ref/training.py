@@ -68,6 +68,12 @@ def _data_state_name(process_index: int) -> str:
 
 
 # ---- data -------------------------------------------------------------------------------------
+class DataStreamError(ValueError):
+    """The data stream failed while training (a corrupt record in a later shard, a stream that
+    broke): raised by `StreamDataset` in place of the reader's ValueError or OSError, so that `run`
+    tells it from other errors. The message is the reader's, on one line."""
+
+
 class StreamDataset(IterableDataset):
     """Micro-batches `{"input_ids", "labels"}` (int64 `[rows, seq_len]`, labels = input_ids: the
     model shifts them) from `jaxllm.data.PackedBatches`: streamed, tokenized on the fly, packed
@@ -97,7 +103,11 @@ class StreamDataset(IterableDataset):
             self.close()
             self._batches = self._open()
         self._fresh = False
-        for rows_BT in self._batches:
+        while True:
+            try:
+                rows_BT = next(self._batches)
+            except (ValueError, OSError) as e:
+                raise DataStreamError(" ".join(str(e).split()) or type(e).__name__) from e
             ids = torch.from_numpy(np.asarray(rows_BT, dtype=np.int64))
             yield {"input_ids": ids, "labels": ids}
 
@@ -626,6 +636,22 @@ def _log(msg: str, process_index: int) -> None:
         print(msg, flush=True)
 
 
+def _keep_progress(trainer: "CustomLLMTrainer", start: int, world: int) -> str:
+    """After a data error mid-run: save the steps taken since the last checkpoint (one process:
+    with several, the others wait inside the step's collectives), and say so. The Trainer reads a
+    step's micro-batches before computing it, so the weights are those of the last whole step; the
+    data position is after the micro-batches read, up to `--grad-accum` - 1 of them past that step
+    (a resume meets the same error until the data is mended)."""
+    step = trainer.state.global_step
+    saved = os.path.isdir(os.path.join(trainer.args.output_dir, f"checkpoint-{step}"))
+    if step == start or saved:
+        return f" (at step {step}; " + ("nothing new to save)" if step == start else "saved at that step)")
+    if world > 1:
+        return f" (at step {step}; the steps after the last checkpoint are lost)"
+    trainer._save_checkpoint(trainer.model, trial=None)  # ours: the data position, then the Trainer's save
+    return f" (saved {os.path.join(trainer.args.output_dir, f'checkpoint-{step}')} first)"
+
+
 def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     """Train as `rc` says (resuming from the latest checkpoint in `rc.ckpt_dir`); returns a summary
     (start/end step, first/last logged loss, wall time, generated samples, checkpoint directory).
@@ -715,7 +741,10 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
                     for path in set_aside_damaged(out_dir, start):
                         _log(f"kept the checkpoint that cannot be loaded as {path}", rank)
                 dist.wait_for_everyone()
-            trainer.train(resume_from_checkpoint=last[0] if last else None)
+            try:
+                trainer.train(resume_from_checkpoint=last[0] if last else None)
+            except DataStreamError as e:
+                raise DataStreamError(f"{e}{_keep_progress(trainer, start, world)}") from e
         else:  # the Trainer would run one more step; there is nothing left to do but the samples
             _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
             if rank == 0 and rc.prompts and rc.max_new_tokens > 0:
