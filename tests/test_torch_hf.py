@@ -129,3 +129,21 @@ def test_eager_attention_equals_sdpa_and_output_attentions_returns_the_weights(t
         assert torch.all(ahead[0] == 0) and torch.all(ahead[1, :, 3:] == 0)  # no real token attends ahead
         assert torch.all(w[1, :, 3:, :3] == 0)  # nor to the padding (padded rows see every key: unused)
     assert sdpa(x).attentions is None
+
+
+def test_inputs_embeds_stand_for_the_token_embeddings_in_forward_and_generate():
+    """`inputs_embeds` (the token embeddings; the model adds the positions) give the logits, loss
+    and greedy continuation of the `input_ids` they embed; giving both, or neither, is refused."""
+    model = _tiny().eval()
+    x = _ids((2, 10))
+    emb = model.get_input_embeddings()(x).detach()
+    with torch.no_grad():
+        want, got = model(x, labels=x), model(inputs_embeds=emb, labels=x)
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        new = model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(x), **gen)
+        assert torch.equal(new, model.generate(x, **gen)[:, x.shape[1]:])  # only the new tokens come back
+    for kw in ({"input_ids": x, "inputs_embeds": emb}, {}):
+        with pytest.raises(ValueError, match="give input_ids or inputs_embeds"):
+            model(**kw)

@@ -361,17 +361,20 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CustomLLMOutput | tuple:
-        if input_ids is None:
-            raise ValueError("input_ids is required")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give input_ids or inputs_embeds (the token embeddings, [batch, tokens, hidden]), "
+                             "one of them")
+        tokens = input_ids if input_ids is not None else inputs_embeds
         cache = cache if cache is not None else past_key_values
         if cache is not None and cache.is_compileable:
             # A static cache preallocates per-head keys and values; the latent (c_kv as one
             # "head", k_rope) has other shapes, so only growing caches (DynamicCache) fit.
             raise ValueError("cache: a static (compileable) cache is not supported; CustomLLM keeps MLA's latent "
                              "cache in a DynamicCache (the default of generate())")
-        B, T = input_ids.shape
+        B, T = tokens.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -385,11 +388,13 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
                 # Left padding: real tokens count positions from 0.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+                position_ids = torch.arange(past, past + T, device=tokens.device)[None].expand(B, T)
         if (attention_mask is not None and (attention_mask == 0).any()) or (past > 0 and T > 1):
-            attn_mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
+            attn_mask = self._attention_mask(attention_mask, B, T, past, tokens.device)
 
-        h = self.token_embeddings(input_ids) + self.position_embeddings(position_ids)
+        # `inputs_embeds` stand for the token embeddings only: the learned positions are added here.
+        h = (self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds) \
+            + self.position_embeddings(position_ids)
         h = self.dropout(h)
         aux_total = h.new_zeros((), dtype=torch.float32)
         all_counts = []
