@@ -345,15 +345,19 @@ def gather_rows(x_RD: Array, idx_S: Array, users_RJ: Array) -> Array:
     the scatter-adds ran as slow atomics (BENCHMARKS.md); the sparse dispatches use this both ways: token rows into the padded blocks (each token used K times: `users` =
     `dest_M` as [N, K]) and block rows back to assignments (each row used at most once: `users`
     = `asg_P` as [P, 1])."""
-    return jnp.concatenate([x_RD, jnp.zeros((1, x_RD.shape[1]), x_RD.dtype)])[idx_S]
+    return _with_zero_row(x_RD)[idx_S]
+
+
+def _with_zero_row(a_RD):
+    return jnp.concatenate([a_RD, jnp.zeros((1, a_RD.shape[1]), a_RD.dtype)])
 
 
 def _gather_rows_fwd(x_RD, idx_S, users_RJ):
-    return gather_rows(x_RD, idx_S, users_RJ), users_RJ
+    return _with_zero_row(x_RD)[idx_S], users_RJ
 
 
 def _gather_rows_bwd(users_RJ, g_SD):
-    g_SD = jnp.concatenate([g_SD, jnp.zeros((1, g_SD.shape[1]), g_SD.dtype)])
+    g_SD = _with_zero_row(g_SD)
     dx_RD = g_SD[users_RJ[:, 0]]
     for j in range(1, users_RJ.shape[1]):  # in slot order, as a scatter-add onto zeros sums them
         dx_RD = dx_RD + g_SD[users_RJ[:, j]]
@@ -610,8 +614,9 @@ def resolve_moe_impl(moe_impl: str, few_assignments: bool = False) -> str:
 
 
 def training_dispatch(moe_impl: str, moe_block: int | None = None) -> tuple[str, int | None]:
-    """The dispatch and block that a training step's MoE layers run here for these settings
-    (`moe_impl`, `moe_block`): what benchmarks report. The block is None for "dense" and "ragged"."""
+    """The dispatch and block that the MoE layers run here for these settings (`moe_impl`,
+    `moe_block`) on a training-sized call (decoding-sized ones on a CPU take the gather instead:
+    `DeepSeekMoE._dispatch`); what benchmarks report. The block is None for "dense" and "ragged"."""
     impl = resolve_moe_impl(moe_impl)
     return impl, (moe_block or MOE_BLOCKS[impl]) if impl in MOE_BLOCKS else None
 
@@ -658,12 +663,11 @@ class DeepSeekMoE(nnx.Module):
     def _dispatch(self, x_ND, chosen_NK, w_NK, wg, wu, wd):
         """The routed experts' output for these tokens (a data-parallel shard's own, under a mesh:
         `map_batch_shards`)."""
-        impl = resolve_moe_impl(self.moe_impl)
-        block = self.moe_block or MOE_BLOCKS.get(impl, 0)
+        impl, block = training_dispatch(self.moe_impl, self.moe_block)
         if self.moe_impl == "sparse" and impl == "grouped" \
                 and dispatch_block(chosen_NK.size, self.E, block) < block:
+            # Decoding-sized calls: the loop-free gather, its blocks shrunk to the assignments.
             impl = resolve_moe_impl(self.moe_impl, few_assignments=True)
-            block = self.moe_block or MOE_BLOCKS["grouped"]  # shrunk to the assignments by `dispatch_block`
         if impl == "dense":
             return dense_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd)
         if impl == "ragged":
