@@ -658,10 +658,11 @@ def test_the_torch_side_trains_without_jax(tmp_path):
 
 
 def test_a_data_error_mid_run_saves_the_steps_taken_and_a_mended_stream_resumes_exactly(tmp_path, monkeypatch):
-    """A corrupt record met mid-run (a second jsonl shard, reached after some 38 steps) ends the run
-    with the reader's error after saving the steps since the last checkpoint. Mended in place (the
-    same file size: the same stream), the data resumes where it stopped: the resumed steps equal
-    those of a run that read the mended data without stopping."""
+    """A corrupt record met mid-run (a second jsonl shard, reached in the second micro-batch of step
+    23) ends the run with the reader's error after saving the steps since the last checkpoint. Mended
+    in place (the same file size: the same stream), the data resumes where it stopped, at the first
+    micro-batch of the step that failed: the resumed steps equal those of a run that read the mended
+    data without stopping."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -669,7 +670,8 @@ def test_a_data_error_mid_run_saves_the_steps_taken_and_a_mended_stream_resumes_
     good = json.dumps({"text": "The end of the data, now readable."})
     bad = "this line is not JSON".ljust(len(good))
     (shards / "b.jsonl").write_text(bad + "\n")
-    rc = _rc(tmp_path, dataset=str(shards), batch_size=8, grad_accum=1, steps=60, save_every=10, keep=10,
+    # 5-row micro-batches, 2 a step: the first shard fills 45 of them, so the error comes mid-step
+    rc = _rc(tmp_path, dataset=str(shards), batch_size=5, grad_accum=2, steps=60, save_every=10, keep=10,
              max_new_tokens=0)
     with pytest.raises(ValueError, match=r"JSON parse error.*\(saved .*checkpoint-(\d+) first\)$") as e:
         run(rc, dtype="float32")

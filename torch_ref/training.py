@@ -79,18 +79,27 @@ class StreamDataset(IterableDataset):
     model shifts them) from `jaxllm.data.PackedBatches`: streamed, tokenized on the fly, packed
     into full rows exactly like the JAX side, this process's share only (`process_index` of
     `process_count`). Endless (the data restarts at its end). `state` (from `state_dict()`)
-    resumes the stream exactly; iterating again continues where the last iteration stopped."""
+    resumes the stream exactly; iterating again continues where the last iteration stopped.
+
+    `micro_batches_per_step` (the gradient accumulation): `state_dict()` is the position after the
+    last whole step's micro-batches. The Trainer reads all of a step's micro-batches before it
+    computes the step, so when a read fails mid-step the position saved is that of the weights,
+    not one past the micro-batches already read (which a resume would then skip)."""
 
     def __init__(self, data_config, tokenizer, *, rows: int, process_index: int = 0, process_count: int = 1,
-                 state: dict | None = None):
+                 state: dict | None = None, micro_batches_per_step: int = 1):
         if rows <= 0:
             raise ValueError(f"rows must be positive, got {rows}")
+        if micro_batches_per_step <= 0:
+            raise ValueError(f"micro_batches_per_step must be positive, got {micro_batches_per_step}")
         self.data_config, self.tokenizer, self.rows = data_config, tokenizer, rows
         self.process_index, self.process_count = process_index, process_count
+        self.micro_batches_per_step = micro_batches_per_step
         self._state = state
         # Opened now: a missing dataset, text column or document raises ValueError here, before
         # training starts; the first iteration reads from this stream.
         self._batches, self._fresh = self._open(), True
+        self._step_state, self._read = self._batches.state_dict(), 0  # at the last step boundary; read since
 
     def _open(self):
         from jaxllm import data as data_lib
@@ -108,16 +117,20 @@ class StreamDataset(IterableDataset):
                 rows_BT = next(self._batches)
             except (ValueError, OSError) as e:
                 raise DataStreamError(" ".join(str(e).split()) or type(e).__name__) from e
+            self._read += 1
+            if self._read % self.micro_batches_per_step == 0:
+                self._step_state = self._batches.state_dict()
             ids = torch.from_numpy(np.asarray(rows_BT, dtype=np.int64))
             yield {"input_ids": ids, "labels": ids}
 
     def state_dict(self) -> dict | None:
-        """The position just after the last micro-batch yielded (JSON-serialisable)."""
-        return self._batches.state_dict() if self._batches is not None else self._state
+        """The position just after the last whole step's micro-batches (after the last micro-batch
+        yielded when a step is one micro-batch; JSON-serialisable)."""
+        return self._step_state
 
     def close(self) -> None:
         if self._batches is not None:
-            self._state = self._batches.state_dict()
+            self._state = self._batches.state_dict()  # a new iteration goes on from the last micro-batch read
             self._batches.close()
             self._batches, self._fresh = None, False
 
@@ -639,9 +652,9 @@ def _log(msg: str, process_index: int) -> None:
 def _keep_progress(trainer: "CustomLLMTrainer", start: int, world: int) -> str:
     """After a data error mid-run: save the steps taken since the last checkpoint (one process:
     with several, the others wait inside the step's collectives), and say so. The Trainer reads a
-    step's micro-batches before computing it, so the weights are those of the last whole step; the
-    data position is after the micro-batches read, up to `--grad-accum` - 1 of them past that step
-    (a resume meets the same error until the data is mended)."""
+    step's micro-batches before computing it, so the weights are those of the last whole step, and
+    so is the data position (`StreamDataset.state_dict`): a resume meets the same error until the
+    data is mended."""
     step = trainer.state.global_step
     saved = os.path.isdir(os.path.join(trainer.args.output_dir, f"checkpoint-{step}"))
     if step == start or saved:
@@ -701,7 +714,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     data_state = read_data_state(last[0], rank, world, source) if last else None
     # Opened before anything else: a dataset that cannot be read fails before a file is written.
     dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
-                            state=data_state)
+                            state=data_state, micro_batches_per_step=rc.grad_accum)
     start = last[1] if last else 0
     if rank == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
