@@ -340,6 +340,7 @@ def test_the_jax_train_step_applies_embedding_dropout():
     embedding dropout: not the model's plain loss (which a step without dropout equals to 1e-6)."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from jaxllm import sharding as shd
     from jaxllm.model import loss_fn
@@ -350,7 +351,7 @@ def test_the_jax_train_step_applies_embedding_dropout():
     tr = Trainer(TINY, OptimConfig(lr=1e-3, warmup_steps=0, total_steps=2), mesh, batch_size=2, seq_len=16)
     assert tr.dropout  # the default
     state = tr.init_state()
-    plain = float(loss_fn(tr.model(state), jnp.asarray(ids))[0])
+    plain = float(nnx.jit(lambda m, ids: loss_fn(m, ids)[0])(tr.model(state), jnp.asarray(ids)))
     _, metrics = tr.step_fn(state, tr.put_batch(ids))
     # At initialisation the loss is near log(vocab) with or without dropout: dropout moves it by
     # about 2e-4 here, float32 rounding by about 1e-6.
@@ -377,7 +378,7 @@ def test_the_router_runs_in_float32_under_bfloat16_compute_in_both_frameworks():
     moe = DeepSeekMoE(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     moe.router.kernel[...] = 5 * moe.router.kernel[...]  # spread scores
     xb = jnp.asarray(x, jnp.bfloat16)
-    _, aux, counts = moe(xb)
+    _, aux, counts = nnx.jit(lambda m, x: m(x))(moe, xb)
     scores = jax.nn.sigmoid(jnp.dot(xb.astype(jnp.float32).reshape(B * T, -1), moe.router.kernel[...],
                                     precision="highest"))
     chosen, _ = route(scores, moe.router_bias[...], k)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import model_pair, rel_err
+from helpers import model_grads, model_pair, rel_err
 from jaxllm.config import LLMConfig
 from jaxllm.model import apply_rope, balance_loss, create_model, loss_fn, rope_tables, route
 
@@ -226,12 +226,7 @@ def test_sparse_and_dense_dispatch_agree_in_value_and_gradient(impl):
     dense = create_model(TINY, seed=4, moe_impl="dense")
     sparse = create_model(TINY, seed=4, moe_impl=impl, moe_block=8)
     ids = jnp.asarray(_ids((3, 40), seed=7))
-    from flax import nnx
-
-    def grads(m):
-        return nnx.grad(lambda m: loss_fn(m, ids)[0])(m)
-
-    gd, gs = grads(dense), grads(sparse)
+    gd, gs = model_grads(dense, ids), model_grads(sparse, ids)
     assert rel_err(sparse(ids), dense(ids)) <= 1e-5
     for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gd)):
         assert rel_err(a, b) <= 1e-5
@@ -259,8 +254,8 @@ def test_grouped_dispatch_block_and_tail_sizes_equal_dense_in_value_and_gradient
     grouped = total(lambda *a: grouped_dispatch(*a, block, tail))
     assert rel_err(grouped_dispatch(x, chosen, w, wg, wu, wd, block, tail),
                    dense_dispatch(x, chosen, w, wg, wu, wd)) <= 1e-5
-    got = jax.grad(grouped, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
-    want = jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+    got = jax.jit(jax.grad(grouped, argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
+    want = jax.jit(jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-5
 
@@ -289,8 +284,8 @@ def test_grouped_backward_starts_each_expert_with_its_first_product_and_equals_d
         return jax.jit(lambda x, wg, wu, wd, chosen, w: jnp.sum(f(x, chosen, w, wg, wu, wd) * r))
 
     grouped = total(lambda *a: grouped_dispatch(*a, 16, 4))
-    got = jax.grad(grouped, argnums=(0, 1, 2, 3))(x, wg, wu, wd, chosen, w)  # routing traced, not constant
-    want = jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3))(x, wg, wu, wd, chosen, w)
+    got = jax.jit(jax.grad(grouped, argnums=(0, 1, 2, 3)))(x, wg, wu, wd, chosen, w)  # routing traced, not constant
+    want = jax.jit(jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3)))(x, wg, wu, wd, chosen, w)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-5
 
@@ -328,8 +323,8 @@ def test_grouped_dispatch_of_a_short_prompt_with_an_expert_of_several_blocks_equ
 
     grouped = functools.partial(grouped_dispatch, block=16)
     assert rel_err(grouped(x, chosen, w, *ws), dense_dispatch(x, chosen, w, *ws)) <= 1e-5
-    g_grouped = jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3))(x, *ws)
-    g_dense = jax.grad(functools.partial(loss, dense_dispatch), argnums=(0, 1, 2, 3))(x, *ws)
+    g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3)))(x, *ws)
+    g_dense = jax.jit(jax.grad(functools.partial(loss, dense_dispatch), argnums=(0, 1, 2, 3)))(x, *ws)
     for a, b in zip(g_grouped, g_dense):
         assert rel_err(a, b) <= 1e-5
 
@@ -343,14 +338,12 @@ def test_grouped_dispatch_rejects_a_tail_that_does_not_divide_the_block():
 
 
 def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():
-    from flax import nnx
-
     loop = create_model(TINY, seed=4, scan_unroll=1)
     unrolled = create_model(TINY, seed=4)
     assert unrolled.scan_unroll is True and loop.scan_unroll == 1  # tiny: 2 layers, unrolled by default
     ids = jnp.asarray(_ids((2, 24), seed=3))
     assert rel_err(unrolled(ids), loop(ids)) <= 1e-6
-    g_loop, g_unrolled = (nnx.grad(lambda m: loss_fn(m, ids)[0])(m) for m in (loop, unrolled))
+    g_loop, g_unrolled = (model_grads(m, ids) for m in (loop, unrolled))
     for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_loop)):
         assert rel_err(a, b) <= 1e-5
 
@@ -359,8 +352,6 @@ def test_the_fused_attention_call_equals_attend_and_the_model_takes_it_for_causa
     """`attn_impl="cudnn"` calls `jax.nn.dot_product_attention`; on a CPU the same call runs through
     XLA: it equals `attend` (layout, scale, causal mask), and a model routed through it (training
     path) equals the default model in value and gradient. Cached and padded calls keep `attend`."""
-    from flax import nnx
-
     import jaxllm.model as model_lib
 
     r = np.random.RandomState(0)
@@ -380,7 +371,7 @@ def test_the_fused_attention_call_equals_attend_and_the_model_takes_it_for_causa
     routed.decoder_layers.self_attn.attn_impl = "cudnn"  # past the GPU check, as on a GPU
     ids = jnp.asarray(_ids((2, 24), seed=6))
     assert rel_err(routed(ids), plain(ids)) <= 1e-5 and calls and set(calls) == {"cudnn"}
-    g_plain, g_routed = (nnx.grad(lambda m: loss_fn(m, ids)[0])(m) for m in (plain, routed))
+    g_plain, g_routed = (model_grads(m, ids) for m in (plain, routed))
     for a, b in zip(jax.tree.leaves(g_routed), jax.tree.leaves(g_plain)):
         assert rel_err(a, b) <= 1e-5
     calls.clear()
@@ -401,18 +392,16 @@ def test_cudnn_attention_is_refused_off_a_gpu_and_outside_bf16():
 
 
 def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
-    from flax import nnx
-
     from jaxllm.model import remat_policy
 
     ids = jnp.asarray(_ids((3, 40), seed=5))
     base = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8)
-    g0 = nnx.grad(lambda m: loss_fn(m, ids)[0])(base)
+    g0 = model_grads(base, ids)
     # remat=True is "full" (the same policy), False is "none"
     assert remat_policy(True) is remat_policy("full") and remat_policy(False) is None is remat_policy("none")
     for policy in ("full", "moe", "dots"):
         m = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8, remat=policy)
-        g = nnx.grad(lambda m: loss_fn(m, ids)[0])(m)
+        g = model_grads(m, ids)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
             assert rel_err(a, b) <= 1e-6, policy
 
@@ -434,7 +423,7 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
         def saved_projections(policy):
             p = remat_policy(policy)
             f = layer if p is None else jax.checkpoint(layer, policy=p)  # noqa: B023
-            _, vjp_fn = jax.vjp(f, x, w)
+            _, vjp_fn = jax.jit(lambda x, w: jax.vjp(f, x, w))(x, w)  # noqa: B023
             # [rows..., F] activations of at least one row per assignment (weights are [E, D, F])
             return [a.shape for a in jax.tree.leaves(vjp_fn)
                     if a.ndim >= 2 and a.shape[-1] == F and a.shape != (E, D, F) and math.prod(a.shape[:-1]) >= 2 * N]
