@@ -123,7 +123,7 @@ class StreamDataset(IterableDataset):
             ids = torch.from_numpy(np.asarray(rows_BT, dtype=np.int64))
             yield {"input_ids": ids, "labels": ids}
 
-    def state_dict(self) -> dict | None:
+    def state_dict(self) -> dict:
         """The position just after the last whole step's micro-batches (after the last micro-batch
         yielded when a step is one micro-batch; JSON-serialisable)."""
         return self._step_state
