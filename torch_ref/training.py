@@ -116,7 +116,7 @@ class StreamDataset(IterableDataset):
             try:
                 rows_BT = next(self._batches)
             except (ValueError, OSError) as e:
-                raise DataStreamError(" ".join(str(e).split()) or type(e).__name__) from e
+                raise DataStreamError(error_line(e)) from e
             self._read += 1
             if self._read % self.micro_batches_per_step == 0:
                 self._step_state = self._batches.state_dict()
