@@ -223,7 +223,7 @@ def compiled_step(config, mesh, batch_size: int, seq_len: int, *, dtype: str, mo
                   remat: str, attn_impl: str = "xla", **model_kw):
     """A benchmark's training step (no dropout, one micro-batch, AdamW), compiled ahead of time for
     one random batch: (step, state, batch, compile seconds). `model_kw`: the model's other settings
-    (`scan_unroll`). Turns JAX's persistent compilation
+    (`scan_unroll`; None: the model's default). Turns JAX's persistent compilation
     cache off in this process (`jaxllm/xla_cache.py`): the seconds are a compile, not a load."""
     import jax.numpy as jnp
 
@@ -258,7 +258,7 @@ def worker_jax(args) -> dict:
     step, state, batch, compile_s = compiled_step(
         config, mesh, args.batch_size, args.seq_len, dtype=args.dtype,
         moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat, attn_impl=args.attn_impl,
-        **({} if args.scan_unroll is None else {"scan_unroll": args.scan_unroll}))
+        scan_unroll=args.scan_unroll)
     holder = {"state": state}
 
     def one():

@@ -301,9 +301,7 @@ def main(argv=None) -> int:
         try:  # one variant failing (out of memory, cuDNN) costs that variant only
             step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
                                                           moe_impl=impl, moe_block=block, remat=remat,
-                                                          attn_impl=args.attn_impl,
-                                                          **({} if args.scan_unroll is None
-                                                             else {"scan_unroll": args.scan_unroll}))
+                                                          attn_impl=args.attn_impl, scan_unroll=args.scan_unroll)
 
             def run(n, times=None):
                 nonlocal state
