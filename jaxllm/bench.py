@@ -45,15 +45,14 @@ def _timeit(fn, warmup: int, iters: int) -> list[float]:
 
 # On a CPU, a product timed right after a large JAX step runs up to a third slower for about a second
 # (seed-973m: 154-206 GFLOP/s in the first samples, 230-273 two seconds later), so the peak samples
-# around the steps wait this long first. Accelerators' products do not share the host's state.
+# around the steps wait this long first (`--settle-s`). Accelerators' products do not share the host's state.
 SETTLE_S = 2.0
 
 
-def _timed_steps_with_peak(one, sample, warmup: int, iters: int, on_cpu: bool) -> tuple[list[float], list[float]]:
-    """(step times, peak samples): the matmul peak (median of 3 products, after `SETTLE_S` of rest on a
-    CPU) just before the warm-up and after the last timed step, around `_timeit(one, warmup, iters)`; the
-    steps themselves run back to back as without it."""
-    settle_s = SETTLE_S if on_cpu else 0.0
+def _timed_steps_with_peak(one, sample, warmup: int, iters: int, settle_s: float) -> tuple[list[float], list[float]]:
+    """(step times, peak samples): the matmul peak (median of 3 products, after `settle_s` of rest) just
+    before the warm-up and after the last timed step, around `_timeit(one, warmup, iters)`; the steps
+    themselves run back to back as without it."""
     for _ in range(3):  # compile and warm up
         sample()
 
@@ -268,7 +267,7 @@ def worker_jax(args) -> dict:
     # The matmul peak again, before and after the steps, in this process: the MFU's denominator
     # measured in the same minutes as its numerator (a shared machine's speed drifts within minutes).
     times, peaks = _timed_steps_with_peak(one, jax_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
-                                          args.iters, on_cpu=jax.devices()[0].platform == "cpu")
+                                          args.iters, args.settle_s if jax.devices()[0].platform == "cpu" else 0.0)
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
            "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks, "jax_devices": mesh.size}
     stats = jax.devices()[0].memory_stats() or {}
@@ -304,7 +303,7 @@ def worker_torch(args) -> dict:
             torch.cuda.synchronize()
 
     times, peaks = _timed_steps_with_peak(one, torch_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
-                                          args.iters, on_cpu=device == "cpu")
+                                          args.iters, args.settle_s if device == "cpu" else 0.0)
     out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
            "torch_threads": torch.get_num_threads(), "torch_peak_samples": peaks}
     if device == "cuda":
@@ -378,7 +377,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
                moe_impl: str, moe_block: int | None, remat: str | None, mesh: str | None, timeout: int,
                compare_dense: bool = False, decode_tokens: int = 0, rounds: int = 1, attn_impl: str = "xla",
                matmul_size: int = 2048, case: dict | None = None, deadline: float | None = None,
-               scan_unroll: int | None = None) -> dict:
+               scan_unroll: int | None = None, settle_s: float = SETTLE_S) -> dict:
     """One preset and shape: each framework's worker in turn, `rounds` times (a fresh process each
     time; odd rounds start with PyTorch). `case` (a dict) is filled in as the workers finish, so
     that a caller keeps what was measured before a worker failed."""
@@ -388,7 +387,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
     def worker_argv(impl: str) -> list[str]:
         argv = ["--preset", preset, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--dtype", dtype,
                 "--iters", str(iters), "--warmup", str(warmup), "--moe-impl", impl,
-                "--attn-impl", attn_impl, "--matmul-size", str(matmul_size)]
+                "--attn-impl", attn_impl, "--matmul-size", str(matmul_size), "--settle-s", str(settle_s)]
         if remat is not None:
             argv += ["--remat", remat]
         if moe_block is not None:
@@ -501,6 +500,8 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
         p.error(f"--json: {args.json} is a directory (give a file name)")
     if args.peak_flops is not None and not (0 < args.peak_flops < float("inf")):
         p.error(f"--peak-flops must be a positive number, got {args.peak_flops}")
+    if not 0 <= args.settle_s < float("inf"):
+        p.error(f"--settle-s must be a number of seconds, 0 or more, got {args.settle_s}")
     for preset, _, seq_len in shapes:
         longest = cli.preset_config(p, preset, seq_len).max_position_embeddings
         if decode_tokens and DECODE_PROMPT + decode_tokens > longest:
@@ -552,6 +553,9 @@ def main(argv=None) -> int:
                    "side; MFU is against the peak of all the mesh's devices)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--torch-matmul", action="store_true")
+    p.add_argument("--settle-s", type=float, default=SETTLE_S,
+                   help=f"seconds of rest before each peak sample on a CPU (default {SETTLE_S:g}: a product right "
+                        "after a large step runs slower for about a second)")
     p.add_argument("--peak-flops", type=float, default=None, help="datasheet peak per device (known GPUs/TPUs are looked up)")
     p.add_argument("--json", help="also write the figures as JSON here")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
@@ -603,7 +607,7 @@ def main(argv=None) -> int:
                        moe_impl=args.moe_impl, moe_block=args.moe_block, remat=args.remat, mesh=args.mesh,
                        timeout=args.timeout, compare_dense=args.compare_dense, decode_tokens=decode_tokens,
                        rounds=rounds, attn_impl=args.attn_impl, matmul_size=args.matmul_size, case=case,
-                       scan_unroll=args.scan_unroll,
+                       scan_unroll=args.scan_unroll, settle_s=args.settle_s,
                        deadline=deadline)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             failed = e  # report what was measured, then the error

@@ -17,7 +17,7 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--batch-size", "8", "--seq-len", "8",
                         "--iters", "2", "--warmup", "1", "--decode-tokens", "0", "--matmul-size", "128",
-                        "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--rounds", "2", "--settle-s", "0", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     (case,) = result["cases"]
@@ -70,6 +70,8 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--quick", "--moe-block", "0"], "--moe-block must be at least 1"),
     (["--quick", "--scan-unroll", "0"], "--scan-unroll must be at least 1"),
     (["--quick", "--peak-flops", "-1"], "--peak-flops must be a positive number"),
+    (["--quick", "--settle-s", "-1"], "--settle-s must be a number of seconds, 0 or more"),
+    (["--quick", "--settle-s", "nan"], "--settle-s must be a number of seconds"),
     (["--quick", "--attn-impl", "cudnn", "--dtype", "bfloat16"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message, capsys):
@@ -192,8 +194,8 @@ def test_rounds_alternate_which_framework_goes_first_and_pool_the_step_times(mon
     assert f"| {case['jax_mfu_measured_peak']:.1%} / {case['jax_mfu_start_peak']:.1%} |" in printed
 
 
-def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_between_steps():
-    from jaxllm.bench import _timed_steps_with_peak
+def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_between_steps(monkeypatch):
+    from jaxllm import bench
 
     calls, flops = [], iter(range(1, 100))
 
@@ -201,8 +203,10 @@ def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_be
         calls.append("p")
         return float(next(flops))
 
-    times, peaks = _timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, on_cpu=False)
-    assert "".join(calls) == "ppp" + "ppp" + "s" + "sss" + "ppp"
+    monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append(f"({s:g})"))
+    times, peaks = bench._timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, settle_s=0.5)
+    # the warm-up samples, a rest, 3 samples, the warm-up step, the timed steps, a rest, 3 samples
+    assert "".join(calls) == "ppp" + "(0.5)ppp" + "s" + "sss" + "(0.5)ppp"
     assert len(times) == 3 and peaks == [5.0, 8.0]  # medians of (4, 5, 6) and (7, 8, 9)
 
 
