@@ -17,7 +17,8 @@ def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path)
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--batch-size", "8", "--seq-len", "8",
                         "--iters", "2", "--warmup", "1", "--decode-tokens", "0", "--matmul-size", "128",
-                        "--rounds", "2", "--settle-s", "0", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--rounds", "2", "--settle-s", "0", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     (case,) = result["cases"]
