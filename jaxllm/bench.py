@@ -49,10 +49,12 @@ def _timeit(fn, warmup: int, iters: int) -> list[float]:
 SETTLE_S = 2.0
 
 
-def _timed_steps_with_peak(one, sample, warmup: int, iters: int, settle_s: float) -> tuple[list[float], list[float]]:
-    """(step times, peak samples): the matmul peak (median of 3 products, after `settle_s` of rest) just
-    before the warm-up and after the last timed step, around `_timeit(one, warmup, iters)`; the steps
-    themselves run back to back as without it."""
+def _timed_steps_with_peak(one, sample, warmup: int, iters: int, settle_s: float,
+                           on_cpu: bool) -> tuple[list[float], list[float]]:
+    """(step times, peak samples): the matmul peak (median of 3 products, after `settle_s` of rest on a
+    CPU) just before the warm-up and after the last timed step, around `_timeit(one, warmup, iters)`;
+    the steps themselves run back to back as without it."""
+    settle_s = settle_s if on_cpu else 0.0
     for _ in range(3):  # compile and warm up
         sample()
 
@@ -267,7 +269,7 @@ def worker_jax(args) -> dict:
     # The matmul peak again, before and after the steps, in this process: the MFU's denominator
     # measured in the same minutes as its numerator (a shared machine's speed drifts within minutes).
     times, peaks = _timed_steps_with_peak(one, jax_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
-                                          args.iters, args.settle_s if jax.devices()[0].platform == "cpu" else 0.0)
+                                          args.iters, args.settle_s, on_cpu=jax.devices()[0].platform == "cpu")
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
            "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks, "jax_devices": mesh.size}
     stats = jax.devices()[0].memory_stats() or {}
@@ -303,7 +305,7 @@ def worker_torch(args) -> dict:
             torch.cuda.synchronize()
 
     times, peaks = _timed_steps_with_peak(one, torch_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
-                                          args.iters, args.settle_s if device == "cpu" else 0.0)
+                                          args.iters, args.settle_s, on_cpu=device == "cpu")
     out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
            "torch_threads": torch.get_num_threads(), "torch_peak_samples": peaks}
     if device == "cuda":

@@ -205,7 +205,8 @@ def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_be
         return float(next(flops))
 
     monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append(f"({s:g})"))
-    times, peaks = bench._timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, settle_s=0.5)
+    times, peaks = bench._timed_steps_with_peak(lambda: calls.append("s"), sample, warmup=1, iters=3, settle_s=0.5,
+                                                 on_cpu=True)
     # the warm-up samples, a rest, 3 samples, the warm-up step, the timed steps, a rest, 3 samples
     assert "".join(calls) == "ppp" + "(0.5)ppp" + "s" + "sss" + "(0.5)ppp"
     assert len(times) == 3 and peaks == [5.0, 8.0]  # medians of (4, 5, 6) and (7, 8, 9)
