@@ -423,9 +423,10 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
         def saved_projections(policy):
             p = remat_policy(policy)
             f = layer if p is None else jax.checkpoint(layer, policy=p)  # noqa: B023
-            _, vjp_fn = jax.jit(lambda x, w: jax.vjp(f, x, w))(x, w)  # noqa: B023
+            # The residuals that the VJP keeps, as traced: shapes only, nothing compiled or run.
+            saved = jax.eval_shape(lambda x, w: jax.tree.leaves(jax.vjp(f, x, w)[1]), x, w)  # noqa: B023
             # [rows..., F] activations of at least one row per assignment (weights are [E, D, F])
-            return [a.shape for a in jax.tree.leaves(vjp_fn)
+            return [a.shape for a in saved
                     if a.ndim >= 2 and a.shape[-1] == F and a.shape != (E, D, F) and math.prod(a.shape[:-1]) >= 2 * N]
 
         for policy in ("moe", "dots", "none"):
@@ -435,8 +436,9 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     # "dots" also keeps other (unbatched) products, which "moe" recomputes; neither keeps
     # batched ones (attention's core).
     def kept(policy, f, *args):
-        _, vjp_fn = jax.vjp(jax.checkpoint(f, policy=remat_policy(policy)), *args)
-        return [a.shape for a in jax.tree.leaves(vjp_fn) if a.ndim >= 2 and a.shape[-2:] == (N, F)]
+        g = jax.checkpoint(f, policy=remat_policy(policy))
+        saved = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(g, *a)[1]), *args)
+        return [a.shape for a in saved if a.ndim >= 2 and a.shape[-2:] == (N, F)]
 
     proj = lambda x, w: jnp.sin(x @ w)  # noqa: E731
     batched = lambda x, w: jnp.sin(jnp.einsum("bnd,bdf->bnf", x, w))  # noqa: E731
