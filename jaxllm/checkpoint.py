@@ -23,6 +23,7 @@ complete), so an interrupted save never shadows the previous step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -45,11 +46,70 @@ class CheckpointError(ValueError):
 
 def one_line(e: BaseException) -> str:
     """The first sentence of an error, on one line: Orbax's and TensorStore's run over many lines
-    (a dump of the array's whole TensorStore spec after "See full TensorStore details")."""
+    (a dump of the array's whole TensorStore spec after "See full TensorStore details"), and
+    TensorStore's own errors end in the JSON specs of the stores involved
+    (`[tensorstore_spec='{...}']`, about 1 KB each), which are dropped."""
     text = str(e).strip()
     if not text:
         return type(e).__name__
-    return re.split(r"(?<=\.)\s+(?=[A-Z])", text.splitlines()[0], maxsplit=1)[0]
+    first = re.split(r"(?<=\.)\s+(?=[A-Z])", text.splitlines()[0], maxsplit=1)[0]
+    return re.sub(r"\s*\[tensorstore_spec(\[\d+\])?='[^']*'\]", "", first)
+
+
+def _orbax_read_leftover(unraisable) -> bool:
+    """What Orbax (0.12) leaves behind after a restore that failed reading an array: the read
+    coroutines of the other arrays, abandoned mid-read (each turns its GeneratorExit into an
+    Exception when collected: `except BaseException` in `_read_array_index_and_device_put`), and
+    TensorStore reads that complete after Orbax closed its event loop (`Event loop is closed`, from
+    a TensorStore thread, with no object)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and code.co_name == "_read_array_index_and_device_put":
+        return True
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+class _OrbaxTaskLogFilter(logging.Filter):
+    """asyncio's "... exception was never retrieved" reports of abandoned Orbax tasks and futures:
+    an array's read, a TensorStore open (its errors read `DATA_LOSS: Error opening "zarr" driver:
+    ...`), the parse of a damaged array metadata file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not re.match(r"\S+ exception was never retrieved", message):
+            return True
+        if "/orbax/checkpoint/" in message:
+            return False
+        exc, tb = (record.exc_info or (None, None, None))[1:]
+        if exc is not None and re.match(r'[A-Z][A-Z_]+: Error \w+ "', str(exc)):
+            return False
+        while tb is not None:
+            if "/orbax/checkpoint/" in tb.tb_frame.f_code.co_filename.replace(os.sep, "/"):
+                return False
+            tb = tb.tb_next
+        return True
+
+
+def quiet_orbax_read_leftovers() -> None:
+    """Called by `manager()`, before anything is read: should a restore fail (an unreadable checkpoint,
+    reported in one line and skipped), Orbax's leftovers (above) would otherwise print hundreds of
+    lines of tracebacks and TensorStore specs to stderr whenever the garbage collector or a
+    TensorStore thread meets them, some of them before the error reaches us. Only those are dropped
+    (a restore that succeeds leaves none); everything else still goes to the previous
+    `sys.unraisablehook` and to asyncio's logger. Installed once per process."""
+    if getattr(sys.unraisablehook, "_jaxllm_orbax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orbax_read_leftover(unraisable):
+            previous(unraisable)
+
+    hook._jaxllm_orbax = True
+    sys.unraisablehook = hook
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxTaskLogFilter) for f in logger.filters):
+        logger.addFilter(_OrbaxTaskLogFilter())
 
 
 def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, create: bool = True,
@@ -60,6 +120,7 @@ def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, crea
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint path {ckpt_dir} exists and is not a directory")
+    quiet_orbax_read_leftovers()
     # (Not Orbax's own `read_only` option, which logs a warning on every use.)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=create and not read_only, enable_async_checkpointing=async_save,
