@@ -91,11 +91,11 @@ class _OrbaxTaskLogFilter(logging.Filter):
 
 
 def quiet_orbax_read_leftovers() -> None:
-    """Called by `manager()`, before anything is read: should a restore fail (an unreadable checkpoint,
-    reported in one line and skipped), Orbax's leftovers (above) would otherwise print hundreds of
-    lines of tracebacks and TensorStore specs to stderr whenever the garbage collector or a
-    TensorStore thread meets them, some of them before the error reaches us. Only those are dropped
-    (a restore that succeeds leaves none); everything else still goes to the previous
+    """Called by `manager()`, before anything is read: should a restore fail (an unreadable
+    checkpoint, reported in one line and skipped), Orbax's leftovers (above) would otherwise print
+    hundreds of lines of tracebacks and TensorStore specs to stderr whenever the garbage collector
+    or a TensorStore thread meets them, some of them before the error reaches us. Only those are
+    dropped (a restore that succeeds leaves none); everything else still goes to the previous
     `sys.unraisablehook` and to asyncio's logger. Installed once per process."""
     if getattr(sys.unraisablehook, "_jaxllm_orbax", False):
         return
