@@ -409,6 +409,10 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     # projections (their computation does not run again), "full" only the layer's inputs.
     from jaxllm.model import grouped_dispatch, ragged_dispatch, sparse_dispatch
 
+    def saved_residuals(f, *args):
+        """The residuals that `f`'s VJP keeps, as traced: shapes only, nothing compiled or run."""
+        return jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(f, *a)[1]), *args)
+
     N, D, F, E = 48, 16, 40, 4
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     x = jax.random.normal(k[0], (N, D))
@@ -423,10 +427,8 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
         def saved_projections(policy):
             p = remat_policy(policy)
             f = layer if p is None else jax.checkpoint(layer, policy=p)  # noqa: B023
-            # The residuals that the VJP keeps, as traced: shapes only, nothing compiled or run.
-            saved = jax.eval_shape(lambda x, w: jax.tree.leaves(jax.vjp(f, x, w)[1]), x, w)  # noqa: B023
             # [rows..., F] activations of at least one row per assignment (weights are [E, D, F])
-            return [a.shape for a in saved
+            return [a.shape for a in saved_residuals(f, x, w)  # noqa: B023
                     if a.ndim >= 2 and a.shape[-1] == F and a.shape != (E, D, F) and math.prod(a.shape[:-1]) >= 2 * N]
 
         for policy in ("moe", "dots", "none"):
@@ -436,8 +438,7 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     # "dots" also keeps other (unbatched) products, which "moe" recomputes; neither keeps
     # batched ones (attention's core).
     def kept(policy, f, *args):
-        g = jax.checkpoint(f, policy=remat_policy(policy))
-        saved = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(g, *a)[1]), *args)
+        saved = saved_residuals(jax.checkpoint(f, policy=remat_policy(policy)), *args)
         return [a.shape for a in saved if a.ndim >= 2 and a.shape[-2:] == (N, F)]
 
     proj = lambda x, w: jnp.sin(x @ w)  # noqa: E731
