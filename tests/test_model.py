@@ -395,12 +395,14 @@ def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():
     from jaxllm.model import remat_policy
 
     ids = jnp.asarray(_ids((3, 40), seed=5))
-    base = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8)
+    # One layer: a policy applies to each layer alone (and each layer is one more copy to compile).
+    one_layer = LLMConfig.from_preset("tiny", num_hidden_layers=1)
+    base = create_model(one_layer, seed=2, moe_impl="grouped", moe_block=8)
     g0 = model_grads(base, ids)
     # remat=True is "full" (the same policy), False is "none"
     assert remat_policy(True) is remat_policy("full") and remat_policy(False) is None is remat_policy("none")
     for policy in ("full", "moe", "dots"):
-        m = create_model(TINY, seed=2, moe_impl="grouped", moe_block=8, remat=policy)
+        m = create_model(one_layer, seed=2, moe_impl="grouped", moe_block=8, remat=policy)
         g = model_grads(m, ids)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
             assert rel_err(a, b) <= 1e-6, policy
