@@ -450,17 +450,46 @@ def _over_blocks(start, n, group: int, body, carry):
         start, n, group = start + n_big * group, n - n_big * group, group // 2
 
 
-def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
-    """A loop over each expert's blocks only (a Python loop over the experts, so that each reads
-    its weights as a static slice), `group` blocks per product while a whole group remains, each
-    expert's last rows in products halving down to one block (less padding at the rate of the large
-    products): every product is a `[rows, D] x [D, F]` SwiGLU; an expert without rows runs no
-    product, and blocks past the last active one are never computed (they stay zero)."""
+# The grouped loop over the experts is a Python loop (each expert's weights a static slice, which
+# XLA's CPU fuses with the layer scan's slice into one copy per matrix and pass) where an expert's
+# matrix is at least this large, and a `fori_loop` below it (one copy of the loop body: about 40%
+# less to compile; XLA then copies the layer's expert weights whole before slicing each expert out).
+# Measured on the Intel CPU (2026-11-30): at seed-973m width (4.5 MiB a matrix in float32) the
+# `fori_loop` steps were 2-9% slower; at `small` width (0.5 MiB) the step was the same (514 against
+# 528 ms) and compiled in 8.4 s against 13.7 s (BENCHMARKS.md).
+UNROLL_EXPERTS_BYTES = 1 << 20
+
+
+def unroll_experts(w) -> bool:
+    """Whether the grouped loop over `w`'s experts (`[E, D, F]`) is a Python loop (see
+    `UNROLL_EXPERTS_BYTES`)."""
+    return math.prod(w.shape[1:]) * w.dtype.itemsize >= UNROLL_EXPERTS_BYTES
+
+
+def _over_experts(unrolled: bool, ws, step, carry):
+    """`carry = step(e, expert e's matrices of ws, carry)` for each expert in order: a Python loop
+    (static slices) or a `fori_loop` (one copy of `step` in the program). Same results either way."""
+    if unrolled:
+        for e in range(ws[0].shape[0]):
+            carry = step(e, tuple(w[e] for w in ws), carry)
+        return carry
+    return jax.lax.fori_loop(
+        0, ws[0].shape[0],
+        lambda e, c: step(e, tuple(jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False) for w in ws), c), carry)
+
+
+def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool, unrolled: bool):
+    """A loop over each expert's blocks only, `group` blocks per product while a whole group
+    remains, each expert's last rows in products halving down to one block (less padding at the
+    rate of the large products): every product is a `[rows, D] x [D, F]` SwiGLU; an expert without
+    rows runs no product, and blocks past the last active one are never computed (they stay zero)."""
     start_E = _first_blocks(nblk_E)
     z = jnp.zeros((*x_BbD.shape[:2], wg.shape[-1]), x_BbD.dtype) if save else None
-    carry = (jnp.zeros_like(x_BbD), z, z)
-    for e in range(wg.shape[0]):
-        def body(i, width, carry, Wg=wg[e], Wu=wu[e], Wd=wd[e]):
+
+    def expert(e, W, carry):
+        Wg, Wu, Wd = W
+
+        def body(i, width, carry):
             y, g_all, u_all = carry
             x = _take(x_BbD, i, width)
             g, u = x @ Wg, x @ Wu
@@ -469,22 +498,24 @@ def _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group: int, save: bool):
                 g_all, u_all = _place(g_all, g, i, width), _place(u_all, u, i, width)
             return y, g_all, u_all
 
-        carry = _over_blocks(start_E[e], nblk_E[e], group, body, carry)
-    return carry
+        return _over_blocks(start_E[e], nblk_E[e], group, body, carry)
+
+    return _over_experts(unrolled, (wg, wu, wd), expert, (jnp.zeros_like(x_BbD), z, z))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group: int, unrolled: bool):
     """SwiGLU of each expert's blocks of rows, `[n_blocks, block, D]` in and out: expert e owns
     `nblk_E[e]` consecutive blocks, experts in order; inactive blocks give zeros; `group` blocks
     per product where an expert has that many left, in both passes. A hand-written backward in
     the same loops: per-expert weight gradients accumulate in place over that expert's blocks (no
-    gathered weight copies, no per-block gradients)."""
-    return _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=False)[0]
+    gathered weight copies, no per-block gradients). `unrolled`: the loop over the experts is a
+    Python loop, else a `fori_loop` (`unroll_experts`)."""
+    return _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=False, unrolled=unrolled)[0]
 
 
-def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, nblk_E, group):
-    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=True)
+def _grouped_swiglu_fwd(x_BbD, wg, wu, wd, nblk_E, group, unrolled):
+    y, g, u = _grouped_forward(x_BbD, wg, wu, wd, nblk_E, group, save=True, unrolled=unrolled)
     # Named so that a remat policy can keep them (`remat_policy("moe")`).
     g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
     return y, (x_BbD, wg, wu, wd, nblk_E, g, u)
@@ -498,15 +529,18 @@ def _block_widths(group: int) -> list[int]:
     return widths
 
 
-def _grouped_swiglu_bwd(group, res, dy_BbD):
+def _grouped_swiglu_bwd(group, unrolled, res, dy_BbD):
     x_BbD, wg, wu, wd, nblk_E, g_all, u_all = res
     start_E = _first_blocks(nblk_E)
     dot = functools.partial(jnp.dot, preferred_element_type=F32)  # weight gradients sum in float32
-    dx, grads = jnp.zeros_like(x_BbD), []
     widths = _block_widths(group)
     n_blocks = x_BbD.shape[0]
-    for e in range(wg.shape[0]):
-        def products(i, width, Wg=wg[e], Wu=wu[e], Wd=wd[e]):
+
+    def expert(e, W, dx):
+        """Expert e's blocks: dx with their input gradients placed, and e's three weight gradients."""
+        Wg, Wu, Wd = W
+
+        def products(i, width):
             """The input gradient of blocks i .. i + width ([width * block, D]) and their weight gradients."""
             x, dy, g, u = (_take(a, i, width) for a in (x_BbD, dy_BbD, g_all, u_all))
             sg = jax.nn.sigmoid(g)
@@ -530,12 +564,12 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
         first = sum((n < w).astype(jnp.int32) for w in widths)  # index into widths; len: no rows
         win = jnp.minimum(start, n_blocks - group)  # a window of `group` blocks holding the first product
 
-        def first_product(dx, w, i=start, win=win):
-            dx_i, *acc = products(i, w)
-            window = _place(jax.lax.dynamic_slice_in_dim(dx, win, group, 0), dx_i, i - win, w)
+        def first_product(dx, w):
+            dx_i, *acc = products(start, w)
+            window = _place(jax.lax.dynamic_slice_in_dim(dx, win, group, 0), dx_i, start - win, w)
             return window, *acc
 
-        def empty(dx, win=win, wg=wg, wd=wd):
+        def empty(dx):
             z_DF = jnp.zeros(wg.shape[1:], F32)
             return jax.lax.dynamic_slice_in_dim(dx, win, group, 0), z_DF, z_DF, jnp.zeros(wd.shape[1:], F32)
 
@@ -543,21 +577,41 @@ def _grouped_swiglu_bwd(group, res, dy_BbD):
         window, *acc = jax.lax.switch(first, branches, dx)
         dx = jax.lax.dynamic_update_slice_in_dim(dx, window, win, 0)
         done = jnp.asarray(widths + [0], jnp.int32)[first]
-        dx, *acc = _over_blocks(start + done, n - done, group, body, (dx, *acc))
-        grads.append(acc)
-    dwg, dwu, dwd = (jnp.stack(per_expert).astype(w.dtype) for per_expert, w in zip(zip(*grads), (wg, wu, wd)))
+        return _over_blocks(start + done, n - done, group, body, (dx, *acc))
+
+    dx = jnp.zeros_like(x_BbD)
+    if unrolled:  # each expert's gradients kept apart, then stacked (one pass over them)
+        grads = []
+
+        def step(e, W, dx):
+            dx, *acc = expert(e, W, dx)
+            grads.append(acc)
+            return dx
+
+        dx = _over_experts(True, (wg, wu, wd), step, dx)
+        dws = (jnp.stack(per_expert) for per_expert in zip(*grads))
+    else:  # each expert's gradients written into their place in the stacked ones, in the loop
+        def step(e, W, carry):
+            dx, *acc = expert(e, W, carry[0])
+            return dx, *(jax.lax.dynamic_update_index_in_dim(d, a, e, 0) for d, a in zip(carry[1:], acc))
+
+        dx, *dws = _over_experts(False, (wg, wu, wd), step, (dx, *(jnp.zeros(w.shape, F32) for w in (wg, wu, wd))))
+    dwg, dwu, dwd = (d.astype(w.dtype) for d, w in zip(dws, (wg, wu, wd)))
     return dx, dwg, dwu, dwd, None
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
-def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | None = None):
+def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | None = None,
+                     unrolled: bool | None = None):
     """Dropless sparse dispatch ("grouped", the CPU default): the layout of `sparse_dispatch`, but
     a loop computes only the active blocks, each with its expert's weights read in place
     (`grouped_swiglu`). Rows are laid out in blocks of `tail` rows (default `block // 4`) and
     computed `block` rows at a time, each expert's last rows in products halving down to `tail`
-    rows: padding of about `tail / 2` rows per expert instead of `block / 2`."""
+    rows: padding of about `tail / 2` rows per expert instead of `block / 2`. `unrolled`: the loop
+    over the experts as a Python loop or a `fori_loop` (default: by the experts' size,
+    `unroll_experts`)."""
     E = wg.shape[0]
     tail = tail or next(block // d for d in (4, 2, 1) if block % d == 0)
     if block % tail:
@@ -567,7 +621,8 @@ def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | 
         block = tail = few
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, tail)
     nblk_E = ((lay.group_sizes + tail - 1) // tail).astype(jnp.int32)
-    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, block // tail)
+    unrolled = unroll_experts(wg) if unrolled is None else bool(unrolled)
+    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, block // tail, unrolled)
     y_BbD = checkpoint_name(y_BbD, "moe_out")
     return _combine(y_BbD, lay, w_NK)
 

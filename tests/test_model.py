@@ -264,7 +264,9 @@ def test_grouped_backward_starts_each_expert_with_its_first_product_and_equals_d
     """The grouped backward runs each expert's first product (4 blocks, or the widest that fits)
     before its loops, to start the weight-gradient accumulators: experts of 5, 1, 0, 3, 6, 2, 8 and 1
     blocks of 4 rows take every first width (4, 2, 1, none); the last expert's block lies within 4
-    blocks of the layout's end, so its input gradient goes through a window that the end shifts."""
+    blocks of the layout's end, so its input gradient goes through a window that the end shifts.
+    Both forms of the loop over the experts (Python loop, `fori_loop`): equal to dense, and to each
+    other bit for bit."""
     from jaxllm.model import block_layout, dense_dispatch, grouped_dispatch
 
     counts = [17, 1, 0, 9, 21, 6, 29, 1]  # 84 assignments
@@ -283,11 +285,28 @@ def test_grouped_backward_starts_each_expert_with_its_first_product_and_equals_d
     def total(f):
         return jax.jit(lambda x, wg, wu, wd, chosen, w: jnp.sum(f(x, chosen, w, wg, wu, wd) * r))
 
-    grouped = total(lambda *a: grouped_dispatch(*a, 16, 4))
-    got = jax.jit(jax.grad(grouped, argnums=(0, 1, 2, 3)))(x, wg, wu, wd, chosen, w)  # routing traced, not constant
     want = jax.jit(jax.grad(total(dense_dispatch), argnums=(0, 1, 2, 3)))(x, wg, wu, wd, chosen, w)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) <= 1e-5
+    forms = []
+    for unrolled in (True, False):
+        grouped = total(lambda *a, u=unrolled: grouped_dispatch(*a, 16, 4, unrolled=u))
+        got = jax.jit(jax.grad(grouped, argnums=(0, 1, 2, 3)))(x, wg, wu, wd, chosen, w)  # routing traced, not constant
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= 1e-5, unrolled
+        forms.append(got)
+    for a, b in zip(*forms):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_grouped_loop_over_the_experts_is_unrolled_for_large_experts_only():
+    """A Python loop (static weight slices) at seed-973m width, float32 and bfloat16; a `fori_loop`
+    (less to compile) at `small` and `tiny` width."""
+    from jaxllm.model import unroll_experts
+
+    for name, want in (("seed-973m", True), ("small", False), ("tiny", False)):
+        c = LLMConfig.from_preset(name)
+        for dtype in (jnp.float32, jnp.bfloat16):
+            w = jax.ShapeDtypeStruct((c.num_routed_experts, c.hidden_size, c.intermediate_size), dtype)
+            assert unroll_experts(w) is want, (name, dtype)
 
 
 def test_grouped_dispatch_with_fewer_assignments_than_a_tail_block_per_expert_equals_dense():
