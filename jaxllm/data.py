@@ -490,19 +490,20 @@ class DataConfig:
 
 
 def _local_files(spec: str) -> tuple[str, list[str]]:
-    """(builder, sorted files) of a local file, glob or directory; ValueError when none is usable."""
+    """(builder, sorted files) of a local file, glob or directory; ValueError when none is usable.
+    A path that exists is taken as it is, even where its name holds glob characters (`[`, `*`, `?`)."""
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        files = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+        files = [f for f in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
                  if os.path.splitext(f)[1].lower() in BUILDERS and os.path.isfile(f)]
         if not files:
             raise ValueError(f"dataset directory {spec} holds no {'/'.join(BUILDERS)} file")
+    elif os.path.isfile(path):
+        files = [path]
     elif glob.has_magic(path):
         files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
         if not files:
             raise ValueError(f"dataset {spec}: no file matches")
-    elif os.path.isfile(path):
-        files = [path]
     else:
         raise ValueError(f"dataset {spec}: no such file or directory")
     suffixes = sorted({os.path.splitext(f)[1].lower() for f in files})
@@ -540,7 +541,8 @@ class _Source:
             return
         if _looks_local(cfg.dataset):
             builder, files = _local_files(cfg.dataset)
-            args, kwargs = (builder,), {"data_files": files, "split": "train"}
+            # `datasets` reads each data file's name as a pattern again: escaped, it is that file.
+            args, kwargs = (builder,), {"data_files": [glob.escape(f) for f in files], "split": "train"}
             if builder == "text":
                 kwargs["sample_by"] = cfg.sample_by
             if builder == "parquet":

@@ -381,6 +381,24 @@ def test_parquet_files_may_differ_in_their_other_columns(tmp_path, tokenizer):
     assert list(iter_documents(cfg)) == ["first file, first document", "first file, second", "second file", "third file"]
 
 
+def test_paths_with_glob_characters_in_their_names_are_read_as_they_are(tmp_path):
+    """A file or directory that exists is that file or directory, even where its name could be a
+    pattern (`corpus[v2].jsonl` would match `corpus2.jsonl`), and `datasets` reads each listed file
+    itself."""
+    write_jsonl(tmp_path / "corpus[v2].jsonl", ["bracketed file"])
+    write_jsonl(tmp_path / "corpus2.jsonl", ["the file the pattern matches"])
+    (tmp_path / "dir[1]").mkdir()
+    write_jsonl(tmp_path / "dir[1]" / "a.jsonl", ["in a bracketed directory"])
+    write_jsonl(tmp_path / "dir[1]" / "only[x].jsonl", ["bracketed file in a bracketed directory"])
+
+    def docs(spec):
+        return list(iter_documents(DataConfig(dataset=str(spec))))
+
+    assert docs(tmp_path / "corpus[v2].jsonl") == ["bracketed file"]
+    assert docs(tmp_path / "dir[1]") == ["in a bracketed directory", "bracketed file in a bracketed directory"]
+    assert docs(tmp_path / "corpus?.jsonl") == ["the file the pattern matches"]  # no such file: a pattern
+
+
 def test_a_multi_line_error_of_datasets_is_one_line(tmp_path, tokenizer):
     """`datasets` says some things (a failed cast) on several lines; the error is one."""
     write_jsonl(tmp_path / "a.jsonl", ["some text"])
