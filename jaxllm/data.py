@@ -483,6 +483,12 @@ class DataConfig:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.sample_by not in ("paragraph", "line", "document"):
             raise ValueError(f"sample_by must be 'paragraph', 'line' or 'document', got {self.sample_by!r}")
+        # Settings that only a Hub dataset reads are refused rather than ignored elsewhere.
+        if self.split != "train" and (self.is_embedded or _looks_local(self.dataset)):
+            raise ValueError(f"--split {self.split!r}: only a Hub dataset has splits; "
+                             f"{'the embedded corpus is' if self.is_embedded else 'local files are'} read whole as 'train'")
+        if self.text_column != "text" and self.is_embedded:
+            raise ValueError(f"--text-column {self.text_column!r}: the embedded corpus has no columns")
 
     @property
     def is_embedded(self) -> bool:
