@@ -147,3 +147,24 @@ def test_inputs_embeds_stand_for_the_token_embeddings_in_forward_and_generate():
     for kw in ({"input_ids": x, "inputs_embeds": emb}, {}):
         with pytest.raises(ValueError, match="give input_ids or inputs_embeds"):
             model(**kw)
+
+
+def test_a_plain_call_outside_training_returns_its_cache_as_hugging_face_models_do(tmp_path):
+    """`use_cache` not given: the config's `use_cache` (True by default, saved and loaded with the
+    config), never while training. A hand-written decoding loop then continues the sequence: the
+    next token through the returned cache has the logits of the whole sequence's last position."""
+    model = _tiny().eval()
+    ids = _ids((2, 6))
+    out = model(ids)
+    assert out.cache is not None and out.cache.get_seq_length() == 6
+    nxt = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        step = model(nxt, past_key_values=model(ids).cache).logits[:, -1]
+        full = model(torch.cat([ids, nxt], 1)).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    assert model.train()(ids).cache is None  # training: no cache unless asked for
+    assert model.eval()(ids, use_cache=False).cache is None
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path)
+    loaded = CustomLLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.use_cache is False and loaded(ids).cache is None

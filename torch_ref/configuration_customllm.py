@@ -25,6 +25,8 @@ class CustomLLMConfig(PretrainedConfig):
             kwargs[name] = ours.pop(name)
         for k, v in ours.items():
             setattr(self, k, v)
+        # Hugging Face's convention (Llama's config): a plain call outside training returns its cache.
+        self.use_cache = kwargs.pop("use_cache", True)
         super().__init__(**kwargs)
 
     @classmethod

@@ -375,6 +375,8 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             raise ValueError("cache: a static (compileable) cache is not supported; CustomLLM keeps MLA's latent "
                              "cache in a DynamicCache (the default of generate())")
         B, T = tokens.shape[:2]
+        if use_cache is None:  # as Hugging Face's models: the config's setting, never while training
+            use_cache = getattr(self.config, "use_cache", True) and not self.training
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
