@@ -375,6 +375,31 @@ def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+def test_a_directory_of_a_finished_run_without_a_checkpoint_is_refused_and_kept(tmp_path, capsys):
+    """A finished run's loss curve, or checkpoints set aside as unloadable, with no checkpoint left
+    to resume: one line, exit status 2, its metrics.jsonl and loss.png as they were (a new run would
+    have truncated and replaced them). A run stopped before its first checkpoint starts again."""
+    for leftover in ("loss.png", "unloadable-checkpoint-8-20250101-000000"):
+        ckpt = tmp_path / leftover
+        ckpt.mkdir()
+        (ckpt / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 5.0}) + "\n")
+        if leftover == "loss.png":
+            (ckpt / leftover).write_bytes(b"png")
+        else:
+            (ckpt / leftover).mkdir()
+        before = sorted(os.listdir(ckpt))
+        code = _train_torch().main(["--preset", "tiny", "--seq-len", "16", "--steps", "1", "--ckpt-dir", str(ckpt)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "holds an earlier run" in err and leftover in err, err
+        assert sorted(os.listdir(ckpt)) == before
+        assert (ckpt / "metrics.jsonl").read_text() == json.dumps({"step": 4, "loss": 5.0}) + "\n"
+    from torch_ref.training import check_no_earlier_run
+
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    check_no_earlier_run(str(tmp_path / "stopped"))
+
+
 def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
     """Resumed without --tokenizer (or where the directory it names is gone), a run continues with
     the tokenizer its checkpoint holds, not the embedded one."""

@@ -584,6 +584,19 @@ def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] 
     return path, step
 
 
+def check_no_earlier_run(output_dir: str) -> None:
+    """ValueError naming what is there when `output_dir`, which holds no checkpoint to resume, holds
+    an earlier run all the same: checkpoints set aside as unloadable, or a finished run's loss curve
+    (a new run would truncate its metrics.jsonl and replace its loss.png; as `train_jax.py` does).
+    What a run that stopped before its first checkpoint leaves (metrics.jsonl) starts again."""
+    from jaxllm.cli import listing
+
+    names = sorted(os.listdir(output_dir))
+    if any(n.startswith("unloadable-checkpoint-") for n in names) or "loss.png" in names:
+        raise ValueError(f"--ckpt-dir {output_dir} holds an earlier run ({listing(names)}) but no checkpoint to "
+                         "resume: use another --ckpt-dir, or move those files away to start over in it")
+
+
 def set_aside_damaged(output_dir: str, step: int) -> list[str]:
     """Rename the checkpoints above `step` (the one resumed from) that cannot be loaded to
     `unloadable-checkpoint-N-<time>`, and return their new paths: kept for inspection (a damaged
@@ -693,6 +706,8 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     per_device = rc.batch_size // world
 
     last = latest_checkpoint(out_dir, warn=rank == 0) if os.path.isdir(out_dir) else None
+    if not last and os.path.isdir(out_dir):
+        check_no_earlier_run(out_dir)
     if last and rc.no_resume:
         raise ValueError(f"--no-resume: {out_dir} already holds checkpoints (latest {last[0]}); "
                          "use an empty --ckpt-dir or drop --no-resume")
