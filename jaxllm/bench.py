@@ -496,12 +496,8 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
     """Bad input: one line on stderr, exit status 2, before any worker starts."""
     cli.check_at_least(p, args, batch_size=1, seq_len=2, iters=1, warmup=0, decode_tokens=0, matmul_size=1,
                        timeout=1, rounds=1, budget=1, moe_block=1, scan_unroll=1)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json: the folder of {args.json} does not exist")
-    if args.json and os.path.isdir(args.json):
-        p.error(f"--json: {args.json} is a directory (give a file name)")
-    if args.peak_flops is not None and not (0 < args.peak_flops < float("inf")):
-        p.error(f"--peak-flops must be a positive number, got {args.peak_flops}")
+    cli.check_json_path(p, args.json)
+    cli.check_peak_flops(p, args.peak_flops)
     if not 0 <= args.settle_s < float("inf"):
         p.error(f"--settle-s must be a number of seconds, 0 or more, got {args.settle_s}")
     for preset, _, seq_len in shapes:
@@ -513,15 +509,17 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
     if unknown or not args.frameworks:
         p.error(f"--frameworks: a comma-separated list of jax and torch, got {args.frameworks!r}")
     cli.check_attn_impl(p, args.attn_impl, args.dtype)
-    if args.mesh:
-        import jax
-
-        from jaxllm.sharding import parse_mesh_spec
+    if args.mesh:  # the mesh, and each case's batch and model on it, as training checks them
+        from jaxllm import sharding as shd
 
         try:
-            parse_mesh_spec(args.mesh, jax.device_count())
+            mesh = shd.make_mesh(args.mesh)
+            for preset, batch, seq_len in shapes:
+                c = cli.preset_config(p, preset, seq_len)
+                shd.check_batch(batch, mesh)
+                shd.check_mesh(mesh, hidden_size=c.hidden_size, num_routed_experts=c.num_routed_experts)
         except ValueError as e:
-            p.error(str(e))
+            p.error(" ".join(str(e).split()))
 
 
 def main(argv=None) -> int:
@@ -554,7 +552,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default=None, help="JAX's device mesh, e.g. data=8 (default: one device, as the PyTorch "
                    "side; MFU is against the peak of all the mesh's devices)")
     p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--torch-matmul", action="store_true")
+    p.add_argument("--torch-matmul", action="store_true", help=argparse.SUPPRESS)  # the matmul worker's own flag
     p.add_argument("--settle-s", type=float, default=SETTLE_S,
                    help=f"seconds of rest before each peak sample on a CPU (default {SETTLE_S:g}: a product right "
                         "after a large step runs slower for about a second)")

@@ -29,6 +29,20 @@ def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowes
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
+def check_json_path(p: argparse.ArgumentParser, path: str | None) -> None:
+    """`p.error` for a `--json PATH` that cannot be written: before the measurement, not after it."""
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        p.error(f"--json: the folder of {path} does not exist")
+    if path and os.path.isdir(path):
+        p.error(f"--json: {path} is a directory (give a file name)")
+
+
+def check_peak_flops(p: argparse.ArgumentParser, peak_flops: float | None) -> None:
+    """`p.error` for a `--peak-flops` that is given but not a positive, finite number."""
+    if peak_flops is not None and not 0 < peak_flops < float("inf"):
+        p.error(f"--peak-flops must be a positive number, got {peak_flops}")
+
+
 SEED_LIMIT = 2**32  # JAX's PRNG keys, NumPy's and PyTorch's seeding all take 0 <= seed < 2**32
 
 

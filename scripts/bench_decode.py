@@ -41,7 +41,7 @@ def markdown(r: dict) -> str:
 
 def main(argv=None) -> int:
     from jaxllm.bench import measure_decode, report
-    from jaxllm.cli import parser
+    from jaxllm.cli import check_at_least, check_json_path, parser
 
     p = parser(__file__, __doc__)
     p.add_argument("--preset", default="small", help="model preset (default small)")
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-threads", type=int, help="PyTorch intra-op threads (default: PyTorch's choice)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json: the folder of {args.json} does not exist")  # before the run, not after it
+    check_at_least(p, args, new_tokens=1, prompt_len=1, batch_size=1, torch_threads=1)
+    check_json_path(p, args.json)
     try:
         r = measure_decode(args.preset, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                            batch_size=args.batch_size, frameworks=tuple(args.framework or ("jax", "torch")),

@@ -35,8 +35,8 @@ def parse_args(argv=None):
     a("--prompt", required=True, help="text to continue")
     a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
-    a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching probability p (default 1)")
+    a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0; needs --temperature)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching probability p (default 1; needs --temperature)")
     a("--seed", type=seed, default=0, help="random seed of the sampling, 0 .. 2**32 - 1 (default 0)")
     a("--framework", choices=["jax", "torch"], default="jax", help="which implementation runs (default jax)")
     a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
@@ -154,6 +154,9 @@ def run(args, out=None) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # raises ValueError naming the field
+    if sampling.greedy and (sampling.top_k or sampling.top_p != 1):
+        given = " and ".join(f for f, on in (("--top-k", sampling.top_k), ("--top-p", sampling.top_p != 1)) if on)
+        raise ValueError(f"{given} only apply to sampling: give --temperature > 0 too (0 decodes greedily)")
     if args.framework == "jax":
         from jaxllm import xla_cache
 

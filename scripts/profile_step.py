@@ -241,8 +241,8 @@ def main(argv=None) -> int:
                    help="unroll the scan over layers N at a time (default: the model's, whole up to 8 layers)")
     args = p.parse_args(argv)
     cli.check_at_least(p, args, seq_len=2, steps=1, top=0, scan_unroll=1)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json: the folder of {args.json} does not exist")  # before the run, not after it
+    cli.check_json_path(p, args.json)
+    cli.check_peak_flops(p, args.peak_flops)
     config = cli.preset_config(p, args.preset, args.seq_len)
     try:
         variants = [parse_variant(v) for v in args.variants]

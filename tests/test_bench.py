@@ -64,6 +64,10 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--frameworks", "jax,tf"], "--frameworks"),
     (["--quick", "--seq-len", "-4"], "--seq-len must be at least 2"),
     (["--mesh", "data=0"], "--mesh"),
+    (["--preset", "tiny", "--seq-len", "16", "--batch-size", "3", "--mesh", "data=8"],
+     "batch size 3 cannot be divided over the mesh's 8 batch shards"),
+    (["--preset", "tiny", "--seq-len", "16", "--batch-size", "8", "--mesh", "expert=2,data=4"],
+     "--mesh: expert=2 does not divide"),
     (["--preset", "tiny"], "--seq-len: preset tiny holds at most 128 positions, got 256"),
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
     (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
@@ -308,12 +312,20 @@ def _profile_step():
     return _script("profile_step")
 
 
-def test_bench_decode_refuses_a_json_path_it_cannot_write_before_it_runs(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--json", "/nonexistent/decode.json"], "--json: the folder of /nonexistent/decode.json does not exist"),
+    (["--json", "/tmp"], "--json: /tmp is a directory (give a file name)"),
+    (["--torch-threads", "-1"], "--torch-threads must be at least 1, got -1"),
+    (["--torch-threads", "0"], "--torch-threads must be at least 1, got 0"),
+    (["--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
+    (["--prompt-len", "0"], "--prompt-len must be at least 1, got 0"),
+])
+def test_bench_decode_refuses_bad_input_before_it_runs(args, message, capsys):
     with pytest.raises(SystemExit) as e:
-        _script("bench_decode").main(["--preset", "tiny", "--json", "/nonexistent/decode.json"])
+        _script("bench_decode").main(["--preset", "tiny", *args])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--json: the folder of /nonexistent/decode.json does not exist" in err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
@@ -344,6 +356,9 @@ def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
     (["--attn-impl", "cudnn"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
     (["--scan-unroll", "0"], "--scan-unroll must be at least 1, got 0"),
     (["--json", "/nonexistent/steps.json"], "--json: the folder of /nonexistent/steps.json does not exist"),
+    (["--json", "/tmp"], "--json: /tmp is a directory (give a file name)"),
+    (["--peak-flops=-5e10"], "--peak-flops must be a positive number, got -50000000000.0"),
+    (["--peak-flops", "0"], "--peak-flops must be a positive number, got 0.0"),
 ])
 def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -402,6 +402,9 @@ def test_text_stream_holds_back_split_characters(assets, script):
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "1000"], "max_position_embeddings"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--framework", "mxnet"], "--framework"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "many"], "--top-k"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "40"],
+     "--top-k only apply to sampling: give --temperature > 0 too (0 decodes greedily)"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "4", "--top-p", "0.9"], "--top-k and --top-p only apply"),
     (["--prompt", "x"], "--checkpoint"),
 ])
 def test_script_bad_input_is_one_line_on_stderr_and_exit_2(script, checkpoints, tokenizer_json, tmp_path, capsys,
