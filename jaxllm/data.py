@@ -6,12 +6,15 @@ use the same code and see the same batches.
 
 - **Sources.** Every source is a `datasets.IterableDataset` of documents read through the same
   code: a Hub id is streamed with `load_dataset(id, config, split=, streaming=True)`; a local
-  `.parquet` / `.jsonl` / `.json` / `.txt` file, glob or directory with
-  `load_dataset("parquet"|"json"|"text", data_files=..., streaming=True)`; the embedded corpus
+  `.parquet` / `.txt` file, glob or directory with `load_dataset("parquet"|"text",
+  data_files=..., streaming=True)`, local `.jsonl` / `.json` files with
+  `IterableDataset.from_generator` over their records (`_json_texts`); the embedded corpus
   (`embedded_corpus()`) with `Dataset.from_dict(...).to_iterable_dataset()`. In a `.txt` file a
   document is a paragraph: text separated by a blank line (`DataConfig.sample_by` changes that).
-  Of local parquet files only the text column is read, and every file's footer is checked when
-  the data is opened (a file that is no parquet, or lacks the text column, is named then).
+  Of local parquet and JSON files only the text column is read (their other columns may differ
+  from file to file, or record to record); every parquet file's footer, and the first 10 MiB of
+  the first JSON file with records, are checked when the data is opened (a file that is no parquet or JSON, or lacks
+  the text column, is named then).
 - **Packing.** Each document is tokenized without special tokens (a special token's text in a
   document, e.g. a literal "<|endoftext|>", is encoded as text) and followed by EOS; the
   documents of a process's share form one endless token stream (epoch after epoch), cut into
@@ -526,6 +529,75 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
     return builders.pop(), sorted(os.path.abspath(f) for f in files)
 
 
+JSON_CHECKED_BYTES = 10 << 20  # of the first JSON file, checked when the data is opened (as `datasets`' json builder did)
+
+
+class _JSONError(ValueError):
+    """A JSON file that cannot be read as records holding text, with the file and line."""
+
+
+def _json_records(path: str) -> Iterator[tuple[int, Any, int]]:
+    """(line, record, characters read so far) of a `.jsonl` / `.json` file: one JSON value per
+    line (blank lines skipped), or, where the file starts with `[`, the elements of one array."""
+    try:
+        yield from _json_values(path)
+    except UnicodeDecodeError as e:
+        raise _JSONError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def _json_values(path: str) -> Iterator[tuple[int, Any, int]]:
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096)
+        if head.lstrip().startswith("["):
+            text = head + f.read()
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise _JSONError(f"JSON parse error in {path} line {e.lineno}: {e.msg}") from None
+            if not isinstance(records, list):
+                raise _JSONError(f"JSON parse error in {path}: one array of records was expected")
+            for record in records:
+                yield 1, record, len(text)
+            return
+        f.seek(0)
+        done = 0
+        for n, line in enumerate(f, 1):
+            done += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _JSONError(f"JSON parse error in {path} line {n}: {e.msg}") from None
+            yield n, record, done
+
+
+def _json_file_texts(path: str, column: str) -> Iterator[tuple[str | None, int]]:
+    """(text or None, characters read so far) of each record of a JSON file. Only `column` is
+    read: the records' other keys may differ. A record without it, or with something else than a
+    string or null in it, is an error naming the line."""
+    for n, record, done in _json_records(path):
+        if isinstance(record, str):  # a JSON array of strings, as `datasets` reads one
+            record = {"text": record}
+        if not isinstance(record, dict):
+            raise _JSONError(f"{path} line {n}: a JSON {type(record).__name__} where a record was expected")
+        if column not in record:
+            raise _JSONError(f"{path} line {n} has no text column {column!r}; its keys: "
+                             f"{', '.join(map(str, record)) or '(none)'} (choose one with --text-column)")
+        text = record[column]
+        if text is not None and not isinstance(text, str):
+            raise _JSONError(f"{path} line {n}: column {column!r} holds a {type(text).__name__}, not text")
+        yield text, done
+
+
+def _json_texts(files: list[str], column: str) -> Iterator[dict]:
+    """`{column: text or None}` of every record of `files`, in order: `from_generator`'s generator
+    (one shard a file)."""
+    for path in files:
+        for text, _ in _json_file_texts(path, column):
+            yield {column: text}
+
+
 def _describe(cfg: DataConfig) -> str:
     return "the embedded corpus" if cfg.is_embedded else f"dataset {cfg.dataset}"
 
@@ -547,6 +619,9 @@ class _Source:
             return
         if _looks_local(cfg.dataset):
             builder, files = _local_files(cfg.dataset)
+            if builder == "json":
+                self._dataset = self._open_json(files)
+                return
             # `datasets` reads each data file's name as a pattern again: escaped, it is that file.
             args, kwargs = (builder,), {"data_files": [glob.escape(f) for f in files], "split": "train"}
             if builder == "text":
@@ -575,6 +650,30 @@ class _Source:
         if features is not None and cfg.text_column not in features:
             raise self._missing_column(list(features))
         self._dataset = ds
+
+    def _open_json(self, files: list[str]):
+        """The texts of local JSON files' records as an `IterableDataset` (a shard a file), after
+        a check of the first file's first `JSON_CHECKED_BYTES` (as `datasets`' json builder checks
+        its first chunk): a file that is no JSON, a record without the text column fail now rather
+        than when training reaches them, and files without any record are an empty dataset."""
+        import datasets
+
+        column, records = self.cfg.text_column, 0
+        try:
+            for path in files:
+                for _, done in _json_file_texts(path, column):
+                    records += 1
+                    if done >= JSON_CHECKED_BYTES:
+                        break
+                if records:
+                    break
+        except (ValueError, OSError) as e:  # _JSONError, UnicodeDecodeError (a ValueError), unreadable
+            raise ValueError(f"cannot read {self.name}: {_reason(e)}") from None
+        if not records:
+            raise ValueError(f"{self.name} is empty: it has no documents")
+        return datasets.IterableDataset.from_generator(
+            _json_texts, features=datasets.Features({column: datasets.Value("string")}),
+            gen_kwargs={"files": files, "column": column})
 
     def _missing_column(self, columns, file: str | None = None) -> ValueError:
         where = f" (in {file})" if file else ""

@@ -399,13 +399,33 @@ def test_paths_with_glob_characters_in_their_names_are_read_as_they_are(tmp_path
     assert docs(tmp_path / "corpus?.jsonl") == ["the file the pattern matches"]  # no such file: a pattern
 
 
-def test_a_multi_line_error_of_datasets_is_one_line(tmp_path, tokenizer):
-    """`datasets` says some things (a failed cast) on several lines; the error is one."""
-    write_jsonl(tmp_path / "a.jsonl", ["some text"])
+def test_json_records_may_differ_in_their_other_keys(tmp_path, monkeypatch):
+    """Only the text column of a JSON record is read: records and files whose other keys differ
+    (added, dropped, retyped: `datasets`' json builder refused a key its first 10 MB had not shown)
+    make one stream; a null text is an empty document; a `.json` file may be one array."""
+    lines = [{"text": "plain"}, {"text": "with a url", "url": "http://x"}, {"text": None, "n": 1},
+             {"n": "retyped", "text": "keys in another order"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "from an array", "meta": {"k": [1, 2]}}]))
+    monkeypatch.setattr(data, "JSON_CHECKED_BYTES", 10)  # past the check: what training reads
+    docs = list(iter_documents(DataConfig(dataset=str(tmp_path / "*.json*"), seq_len=4)))
+    assert docs == ["plain", "with a url", "", "keys in another order", "from an array"]
+
+
+def test_a_json_record_without_the_text_column_is_named_in_one_line(tmp_path, tokenizer):
+    """In the first file, when the data is opened (its first 10 MiB are checked); in a later one,
+    where reading reaches it (here at once: packing reads ahead): the file, the line and the
+    record's keys."""
+    write_jsonl(tmp_path / "a.jsonl", ["some text", "more text"])
     write_jsonl(tmp_path / "b.jsonl", ["other text"], column="body")
-    with pytest.raises(ValueError, match=r"cannot read dataset \S+: Couldn't cast") as e:
+    message = (r"cannot read dataset \S+: \S+b\.jsonl line 1 has no text column 'text'; its keys: body, id "
+               r"\(choose one with --text-column\)")
+    with pytest.raises(ValueError, match=message):
+        PackedBatches(DataConfig(dataset=str(tmp_path / "b.jsonl"), seq_len=4), tokenizer, rows=1)
+    with pytest.raises(ValueError, match=message) as e:
         with PackedBatches(DataConfig(dataset=str(tmp_path), seq_len=4), tokenizer, rows=1) as batches:
-            next(batches)
+            for _ in range(50):
+                next(batches)
     assert "\n" not in str(e.value)
 
 
