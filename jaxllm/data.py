@@ -13,8 +13,8 @@ use the same code and see the same batches.
   document is a paragraph: text separated by a blank line (`DataConfig.sample_by` changes that).
   Of local parquet and JSON files only the text column is read (their other columns may differ
   from file to file, or record to record); every parquet file's footer, and the first 10 MiB of
-  the first JSON file with records, are checked when the data is opened (a file that is no parquet or JSON, or lacks
-  the text column, is named then).
+  the first JSON file with records, are checked when the data is opened (a file that is no
+  parquet or JSON, or lacks the text column, is named then).
 - **Packing.** Each document is tokenized without special tokens (a special token's text in a
   document, e.g. a literal "<|endoftext|>", is encoded as text) and followed by EOS; the
   documents of a process's share form one endless token stream (epoch after epoch), cut into
@@ -488,8 +488,8 @@ class DataConfig:
             raise ValueError(f"sample_by must be 'paragraph', 'line' or 'document', got {self.sample_by!r}")
         # Settings that only a Hub dataset reads are refused rather than ignored elsewhere.
         if self.split != "train" and (self.is_embedded or _looks_local(self.dataset)):
-            raise ValueError(f"--split {self.split!r}: only a Hub dataset has splits; "
-                             f"{'the embedded corpus is' if self.is_embedded else 'local files are'} read whole as 'train'")
+            what = "the embedded corpus is" if self.is_embedded else "local files are"
+            raise ValueError(f"--split {self.split!r}: only a Hub dataset has splits; {what} read whole as 'train'")
         if self.text_column != "text" and self.is_embedded:
             raise ValueError(f"--text-column {self.text_column!r}: the embedded corpus has no columns")
 
@@ -529,23 +529,25 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
     return builders.pop(), sorted(os.path.abspath(f) for f in files)
 
 
-JSON_CHECKED_BYTES = 10 << 20  # of the first JSON file, checked when the data is opened (as `datasets`' json builder did)
+# Characters of the first JSON file checked when the data is opened (as `datasets`' json builder did).
+JSON_CHECKED_CHARS = 10 << 20
 
 
 class _JSONError(ValueError):
     """A JSON file that cannot be read as records holding text, with the file and line."""
 
 
-def _json_records(path: str) -> Iterator[tuple[int, Any, int]]:
-    """(line, record, characters read so far) of a `.jsonl` / `.json` file: one JSON value per
-    line (blank lines skipped), or, where the file starts with `[`, the elements of one array."""
+def _json_records(path: str) -> Iterator[tuple[str, Any, int]]:
+    """(where: "line N" or "element N", record, characters read so far) of a `.jsonl` / `.json`
+    file: one JSON value per line (blank lines skipped), or, where the file starts with `[`, the
+    elements of one array."""
     try:
         yield from _json_values(path)
     except UnicodeDecodeError as e:
         raise _JSONError(f"{path} is not UTF-8 text: {e}") from None
 
 
-def _json_values(path: str) -> Iterator[tuple[int, Any, int]]:
+def _json_values(path: str) -> Iterator[tuple[str, Any, int]]:
     with open(path, encoding="utf-8-sig") as f:
         head = f.read(4096)
         if head.lstrip().startswith("["):
@@ -556,8 +558,8 @@ def _json_values(path: str) -> Iterator[tuple[int, Any, int]]:
                 raise _JSONError(f"JSON parse error in {path} line {e.lineno}: {e.msg}") from None
             if not isinstance(records, list):
                 raise _JSONError(f"JSON parse error in {path}: one array of records was expected")
-            for record in records:
-                yield 1, record, len(text)
+            for i, record in enumerate(records):
+                yield f"element {i}", record, len(text)
             return
         f.seek(0)
         done = 0
@@ -569,24 +571,24 @@ def _json_values(path: str) -> Iterator[tuple[int, Any, int]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _JSONError(f"JSON parse error in {path} line {n}: {e.msg}") from None
-            yield n, record, done
+            yield f"line {n}", record, done
 
 
 def _json_file_texts(path: str, column: str) -> Iterator[tuple[str | None, int]]:
     """(text or None, characters read so far) of each record of a JSON file. Only `column` is
     read: the records' other keys may differ. A record without it, or with something else than a
     string or null in it, is an error naming the line."""
-    for n, record, done in _json_records(path):
+    for where, record, done in _json_records(path):
         if isinstance(record, str):  # a JSON array of strings, as `datasets` reads one
             record = {"text": record}
         if not isinstance(record, dict):
-            raise _JSONError(f"{path} line {n}: a JSON {type(record).__name__} where a record was expected")
+            raise _JSONError(f"{path} {where}: {json.dumps(record)[:40]} where a record (a JSON object) was expected")
         if column not in record:
-            raise _JSONError(f"{path} line {n} has no text column {column!r}; its keys: "
+            raise _JSONError(f"{path} {where} has no text column {column!r}; its keys: "
                              f"{', '.join(map(str, record)) or '(none)'} (choose one with --text-column)")
         text = record[column]
         if text is not None and not isinstance(text, str):
-            raise _JSONError(f"{path} line {n}: column {column!r} holds a {type(text).__name__}, not text")
+            raise _JSONError(f"{path} {where}: column {column!r} holds {json.dumps(text)[:40]}, not text")
         yield text, done
 
 
@@ -653,7 +655,7 @@ class _Source:
 
     def _open_json(self, files: list[str]):
         """The texts of local JSON files' records as an `IterableDataset` (a shard a file), after
-        a check of the first file's first `JSON_CHECKED_BYTES` (as `datasets`' json builder checks
+        a check of the first file's first `JSON_CHECKED_CHARS` (as `datasets`' json builder checks
         its first chunk): a file that is no JSON, a record without the text column fail now rather
         than when training reaches them, and files without any record are an empty dataset."""
         import datasets
@@ -663,7 +665,7 @@ class _Source:
             for path in files:
                 for _, done in _json_file_texts(path, column):
                     records += 1
-                    if done >= JSON_CHECKED_BYTES:
+                    if done >= JSON_CHECKED_CHARS:
                         break
                 if records:
                     break

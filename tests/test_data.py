@@ -311,6 +311,9 @@ def test_fewer_documents_than_processes(tmp_path, tokenizer):
 @pytest.mark.parametrize("name, content, message", [
     ("broken.parquet", b"this is not a parquet file" * 10, "Parquet magic bytes not found"),
     ("broken.jsonl", b'{"text": "fine"}\n{broken\n', "JSON parse error"),
+    ("number.jsonl", b'{"text": "fine"}\n{"text": 3}\n', "number.jsonl line 2: column 'text' holds 3, not text"),
+    ("array.json", b'[{"text": "fine"}, [1, 2]]', r"array.json element 1: \[1, 2\] where a record \(a JSON object\)"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "latin1.jsonl is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"),
     ("latin1.txt", b"fine\n\ncaf\xe9\n", "can't decode byte 0xe9"),
 ])
 def test_unreadable_file(tmp_path, tokenizer, caplog, name, content, message):
@@ -407,7 +410,7 @@ def test_json_records_may_differ_in_their_other_keys(tmp_path, monkeypatch):
              {"n": "retyped", "text": "keys in another order"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
     (tmp_path / "b.json").write_text(json.dumps([{"text": "from an array", "meta": {"k": [1, 2]}}]))
-    monkeypatch.setattr(data, "JSON_CHECKED_BYTES", 10)  # past the check: what training reads
+    monkeypatch.setattr(data, "JSON_CHECKED_CHARS", 10)  # past the check: what training reads
     docs = list(iter_documents(DataConfig(dataset=str(tmp_path / "*.json*"), seq_len=4)))
     assert docs == ["plain", "with a url", "", "keys in another order", "from an array"]
 
