@@ -45,24 +45,29 @@ def _normal_param(rngs: nnx.Rngs, shape, std, dtype, axes) -> nnx.Param:
 class Dense(nnx.Module):
     """A bias-free (unless asked) linear layer with an `[*lead, in, out]` kernel; `lead` is the
     stacked `layers` (and `experts`) axes. `wide`: a projection to many outputs (the lm_head),
-    differentiated by `wide_linear`."""
+    differentiated by `wide_linear`. `precision`: the product's (`jnp.dot`'s; None: JAX's default,
+    which computes float32 products as TF32 on recent NVIDIA GPUs and bfloat16 passes on TPUs)."""
 
     def __init__(self, d_in, d_out, axes, *, rngs, std, lead=(), use_bias=False, wide=False,
-                 dtype=F32, param_dtype=F32):
+                 dtype=F32, param_dtype=F32, precision=None):
         self.kernel = _normal_param(rngs, (*lead, d_in, d_out), std, param_dtype, axes)
         self.bias = nnx.Param(jnp.zeros((*lead, d_out), param_dtype), axes=axes[:-2] + axes[-1:],
                               init=("zeros",)) \
             if use_bias else None
-        self.wide, self.dtype = wide, dtype
+        if wide and precision is not None:
+            raise ValueError("Dense: a wide projection takes JAX's default precision")
+        self.wide, self.dtype, self.precision = wide, dtype, precision
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
         x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
         b = None if self.bias is None else self.bias[...]
-        return (wide_linear if self.wide else _affine)(x, w, b, out_dtype)
+        if self.wide:
+            return wide_linear(x, w, b, out_dtype)
+        return _affine(x, w, b, out_dtype, self.precision)
 
 
-def _affine(x: Array, w: Array, b: Array | None, out_dtype=None) -> Array:
-    y = jnp.dot(x, w, preferred_element_type=out_dtype)
+def _affine(x: Array, w: Array, b: Array | None, out_dtype=None, precision=None) -> Array:
+    y = jnp.dot(x, w, preferred_element_type=out_dtype, precision=precision)
     return y if b is None else y + b.astype(y.dtype)
 
 
@@ -688,8 +693,11 @@ class DeepSeekMoE(nnx.Module):
         self.shared_experts = Experts(c.num_shared_experts, c.hidden_size, c.intermediate_size, **kw) \
             if c.num_shared_experts else None
         self.routed_experts = Experts(c.num_routed_experts, c.hidden_size, c.intermediate_size, **kw)
+        # The router's scores are float32 (ARCHITECTURE.md) on every device: its product at full
+        # float32 precision, not TF32 / bfloat16 passes (a [tokens, hidden] x [hidden, 7] product).
         self.router = Dense(c.hidden_size, c.num_routed_experts, la + ("embed", "exp_router"),
-                            rngs=rngs, std=std, lead=lead, dtype=F32, param_dtype=param_dtype)
+                            rngs=rngs, std=std, lead=lead, dtype=F32, param_dtype=param_dtype,
+                            precision=jax.lax.Precision.HIGHEST)
         self.router_bias = RouterBias(jnp.zeros((*lead, c.num_routed_experts), F32), axes=la + ("exp_router",),
                                       init=("zeros",))
         self.k, self.E = c.num_experts_per_tok, c.num_routed_experts

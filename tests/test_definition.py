@@ -398,3 +398,20 @@ def test_the_router_runs_in_float32_under_bfloat16_compute_in_both_frameworks():
     np.testing.assert_array_equal(t_counts.numpy(), np.bincount(t_chosen.numpy().ravel(), minlength=E))
     torch.testing.assert_close(t_aux, torch_balance_loss(t_scores.view(B, T, E), t_chosen.view(B, T, k), E),
                                rtol=1e-6, atol=0)
+    # The router's product asks for full float32 precision itself (on a GPU, JAX's default
+    # precision computes float32 products as TF32; the tests set "highest" for every product): in
+    # the forward pass it is the one product that does.
+    def eqns(jaxpr):  # every equation, those of nested programs (jit, loops, custom VJPs) too
+        for e in jaxpr.eqns:
+            yield e
+            for v in e.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                        yield from eqns(getattr(sub, "jaxpr", sub))
+
+    graphdef, state = nnx.split(moe)
+    with jax.default_matmul_precision(None):  # JAX's default, as outside the tests
+        program = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, xb)
+    products = [(str(e.outvars[0].aval), e.params["precision"]) for e in eqns(program.jaxpr)
+                if e.primitive.name == "dot_general"]
+    assert len(products) > 3 and [a for a, p in products if p is not None] == [f"float32[{B * T},{E}]"], products
