@@ -155,8 +155,9 @@ def run(args, out=None) -> None:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # raises ValueError naming the field
     if sampling.greedy and (sampling.top_k or sampling.top_p != 1):
-        given = " and ".join(f for f, on in (("--top-k", sampling.top_k), ("--top-p", sampling.top_p != 1)) if on)
-        raise ValueError(f"{given} only apply to sampling: give --temperature > 0 too (0 decodes greedily)")
+        given = [f for f, on in (("--top-k", sampling.top_k), ("--top-p", sampling.top_p != 1)) if on]
+        raise ValueError(f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to sampling: "
+                         "give --temperature > 0 too (0 decodes greedily)")
     if args.framework == "jax":
         from jaxllm import xla_cache
 

@@ -403,7 +403,7 @@ def test_text_stream_holds_back_split_characters(assets, script):
     (["--checkpoint", "{orbax}", "--prompt", "x", "--framework", "mxnet"], "--framework"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "many"], "--top-k"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "40"],
-     "--top-k only apply to sampling: give --temperature > 0 too (0 decodes greedily)"),
+     "--top-k only applies to sampling: give --temperature > 0 too (0 decodes greedily)"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "4", "--top-p", "0.9"], "--top-k and --top-p only apply"),
     (["--prompt", "x"], "--checkpoint"),
 ])
