@@ -500,8 +500,9 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
     cli.check_peak_flops(p, args.peak_flops)
     if not 0 <= args.settle_s < float("inf"):
         p.error(f"--settle-s must be a number of seconds, 0 or more, got {args.settle_s}")
-    for preset, _, seq_len in shapes:
-        longest = cli.preset_config(p, preset, seq_len).max_position_embeddings
+    configs = [cli.preset_config(p, preset, seq_len) for preset, _, seq_len in shapes]
+    for (preset, _, _), c in zip(shapes, configs):
+        longest = c.max_position_embeddings
         if decode_tokens and DECODE_PROMPT + decode_tokens > longest:
             p.error(f"--decode-tokens: preset {preset} holds at most {longest} positions, and the decode "
                     f"measurement starts from a {DECODE_PROMPT}-token prompt")
@@ -514,8 +515,7 @@ def _check_args(p, args, shapes, decode_tokens: int) -> None:
 
         try:
             mesh = shd.make_mesh(args.mesh)
-            for preset, batch, seq_len in shapes:
-                c = cli.preset_config(p, preset, seq_len)
+            for (_, batch, _), c in zip(shapes, configs):
                 shd.check_batch(batch, mesh)
                 shd.check_mesh(mesh, hidden_size=c.hidden_size, num_routed_experts=c.num_routed_experts)
         except ValueError as e:

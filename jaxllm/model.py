@@ -585,15 +585,11 @@ def _grouped_swiglu_bwd(group, unrolled, res, dy_BbD):
         return _over_blocks(start + done, n - done, group, body, (dx, *acc))
 
     dx = jnp.zeros_like(x_BbD)
-    if unrolled:  # each expert's gradients kept apart, then stacked (one pass over them)
+    if unrolled:  # each expert's gradients kept apart (static weight slices), then stacked
         grads = []
-
-        def step(e, W, dx):
-            dx, *acc = expert(e, W, dx)
+        for e in range(wg.shape[0]):
+            dx, *acc = expert(e, (wg[e], wu[e], wd[e]), dx)
             grads.append(acc)
-            return dx
-
-        dx = _over_experts(True, (wg, wu, wd), step, dx)
         dws = (jnp.stack(per_expert) for per_expert in zip(*grads))
     else:  # each expert's gradients written into their place in the stacked ones, in the loop
         def step(e, W, carry):
