@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -623,7 +624,9 @@ def grouped_dispatch(x_ND, chosen_NK, w_NK, wg, wu, wd, block: int, tail: int | 
     x_BbD, lay = _padded_blocks(x_ND, chosen_NK, E, tail)
     nblk_E = ((lay.group_sizes + tail - 1) // tail).astype(jnp.int32)
     unrolled = unroll_experts(wg) if unrolled is None else bool(unrolled)
-    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, block // tail, unrolled)
+    # At most as many blocks per product as the layout has (fewer with one or two experts).
+    group = min(block // tail, x_BbD.shape[0])
+    y_BbD = grouped_swiglu(x_BbD, wg, wu, wd, nblk_E, group, unrolled)
     y_BbD = checkpoint_name(y_BbD, "moe_out")
     return _combine(y_BbD, lay, w_NK)
 
@@ -839,6 +842,13 @@ class CustomLLM(nnx.Module):
         end = T + (cache_index if isinstance(cache_index, int) else 0)
         if positions is None and end > c.max_position_embeddings:  # a gather would clamp it silently
             raise ValueError(f"sequence length {end} exceeds max_position_embeddings ({c.max_position_embeddings})")
+        if positions is not None and not isinstance(positions, jax.core.Tracer):  # (traced: unchecked)
+            lo, hi = int(np.min(positions)), int(np.max(positions))
+            if lo < 0 or hi >= c.max_position_embeddings:
+                raise ValueError(f"position {lo if lo < 0 else hi} is outside the position table "
+                                 f"(0 .. {c.max_position_embeddings - 1}, max_position_embeddings)")
+        if cache is not None and end > cache.c_kv.shape[2]:  # the cache write would clamp it silently
+            raise ValueError(f"{T} new tokens at cache index {end - T} exceed the cache's {cache.c_kv.shape[2]} positions")
         if positions is None and attention_mask is not None:
             positions = positions_from_mask(attention_mask)  # [B, T], or [B, S_max] with a cache
             if cache is not None:

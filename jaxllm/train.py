@@ -112,6 +112,8 @@ class Trainer:
                  grad_accum: int = 1, seq_len: int, seed: int = 0, dropout: bool = True, **model_kw):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+        if seq_len < 2:  # the loss predicts each next token: one token gives no target (0 / 0)
+            raise ValueError(f"sequence length must be at least 2, got {seq_len}")
         if seq_len > config.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
                              f"({config.max_position_embeddings}) of the model")

@@ -141,6 +141,24 @@ def test_a_sequence_longer_than_the_position_table_is_refused_in_both_frameworks
         tm(torch.from_numpy(ids))
 
 
+def test_positions_outside_the_table_and_writes_past_the_cache_are_refused():
+    """Where a gather or a cache write would clamp the index silently (and give wrong logits):
+    explicit positions outside the position table (PyTorch's embedding raises an IndexError), and
+    new tokens that run past the end of the cache."""
+    jm, tm = model_pair(TINY, seed=0)
+    ids = jnp.asarray(_ids((1, 2)))
+    for bad in ([[3, TINY.max_position_embeddings]], [[-1, 0]]):
+        with pytest.raises(ValueError, match="outside the position table"):
+            jm(ids, positions=jnp.asarray(bad, jnp.int32))
+        with pytest.raises(IndexError):
+            tm(torch.tensor(np.asarray(ids)), position_ids=torch.tensor(bad))
+    cache = jm.init_cache(1, 8)
+    out = jm.forward(jnp.asarray(_ids((1, 6))), cache=cache, cache_index=0)
+    with pytest.raises(ValueError, match="4 new tokens at cache index 6 exceed the cache's 8 positions"):
+        jm.forward(jnp.asarray(_ids((1, 4), seed=1)), cache=out.cache, cache_index=6)
+    jm.forward(jnp.asarray(_ids((1, 2), seed=1)), cache=out.cache, cache_index=6)  # fills it exactly
+
+
 def test_causality_in_both_frameworks():
     jm, tm = model_pair(TINY, seed=2)
     ids = _ids((1, 24), seed=5)
@@ -354,6 +372,32 @@ def test_grouped_dispatch_rejects_a_tail_that_does_not_divide_the_block():
     x, w3 = jnp.ones((4, 2)), jnp.ones((2, 2, 2))
     with pytest.raises(ValueError, match="must divide"):
         grouped_dispatch(x, jnp.zeros((4, 1), jnp.int32), jnp.ones((4, 1)), w3, w3, w3, 4, 3)
+
+
+@pytest.mark.parametrize("experts,tokens", [(1, 64), (1, 96), (2, 64)])
+def test_grouped_dispatch_of_one_or_two_experts_equals_dense(experts, tokens):
+    """One or two routed experts (k = 1): the layout (2-3 blocks of 32 rows here) can hold fewer
+    blocks than one 128-row product takes, and the products narrow to fit. Values and gradients."""
+    from jaxllm.model import block_layout, dense_dispatch, grouped_dispatch
+
+    D, F = 8, 12
+    k = jax.random.split(jax.random.key(5), 6)
+    x = jax.random.normal(k[0], (tokens, D))
+    ws = [jax.random.normal(kk, (experts, D, F)) for kk in k[1:3]] + [jax.random.normal(k[3], (experts, F, D))]
+    chosen = jax.random.randint(k[4], (tokens, 1), 0, experts)
+    assert block_layout(chosen, experts, 32).asg_P.shape[0] // 32 < 4
+    w = jnp.ones((tokens, 1))
+    r = jax.random.normal(k[5], (tokens, D))
+
+    def loss(dispatch, x, *ws):
+        return jnp.sum(dispatch(x, chosen, w, *ws) * r)
+
+    grouped = functools.partial(grouped_dispatch, block=128)
+    assert rel_err(grouped(x, chosen, w, *ws), dense_dispatch(x, chosen, w, *ws)) <= 1e-5
+    g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3)))(x, *ws)
+    g_dense = jax.jit(jax.grad(functools.partial(loss, dense_dispatch), argnums=(0, 1, 2, 3)))(x, *ws)
+    for a, b in zip(g_grouped, g_dense):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():
