@@ -236,5 +236,8 @@ def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = N
         names = {f"{k}_token": tok.id_to_token(getattr(config, f"{k}_token_id")) for k in ("bos", "eos", "pad")}
         tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.max_position_embeddings,
                                       **{k: v for k, v in names.items() if v is not None})
+    # Batched prompts for `generate` pad on the left (a decoder-only model continues from each row's
+    # last token; padded on the right, a short prompt's continuation followed its padding).
+    tok.padding_side = tok.init_kwargs["padding_side"] = "left"  # (the attribute alone is not saved)
     tok.save_pretrained(out)
     return str(spec or "saved with the checkpoint"), []

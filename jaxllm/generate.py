@@ -52,8 +52,9 @@ class Sampling:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature >= 0 or math.isinf(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))  # (a NumPy integer too; one jit cache key)
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
@@ -136,6 +137,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
             raise ValueError(f"{name} must be a token id in [0, {c.vocab_size}), got {v!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        # (a JAX key keeps 32 bits of it: seeds 2**32 apart would draw the same samples)
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     ids, mask = left_pad(prompts, pad_token_id, c.vocab_size)
     P = ids.shape[1]
     if P + max_new_tokens > c.max_position_embeddings:

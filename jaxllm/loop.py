@@ -28,7 +28,7 @@ from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -456,7 +456,7 @@ def print_samples(model, tokenizer, prompts, max_new_tokens: int, *, seed: int =
     decoding) and print them. Returns the continuations."""
     from jaxllm.generate import Sampling, generate
 
-    encoded = [tokenizer.encode(p, add_special_tokens=False) or [model.config.bos_token_id] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) or [model.config.bos_token_id] for p in prompts]
     longest = max(len(e) for e in encoded)
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - longest)
     out = generate(model, encoded, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k), seed=seed)

@@ -87,13 +87,20 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
         raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids as training encodes a document (`jaxllm.data`): no special tokens
+    added, and a special token's text written in it (a literal "<|endoftext|>") encoded as the
+    text it is, since the model only ever saw EOS between documents."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 def check_prompts(rc: RunConfig, tokenizer, max_positions: int) -> None:
     """ValueError for a `--prompt` (the samples printed at the end) that leaves no room for a new
     token within `max_positions`: found before training rather than after it."""
     if rc.max_new_tokens <= 0:
         return
     for prompt in rc.prompts:
-        n = len(tokenizer.encode(prompt, add_special_tokens=False))
+        n = len(encode_prompt(tokenizer, prompt))
         if n >= max_positions:
             raise ValueError(f"--prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {n} tokens: no room "
                              f"for new tokens within max_position_embeddings ({max_positions})")

@@ -150,6 +150,7 @@ def run(args, out=None) -> None:
     """Generate and stream to `out` (default: standard output). Raises ValueError / OSError."""
     from jaxllm.data import checkpoint_tokenizer, model_tokenizer
     from jaxllm.generate import Sampling
+    from jaxllm.recipes import encode_prompt
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -166,7 +167,7 @@ def run(args, out=None) -> None:
     c, recorded, saved = checkpoint_info(args.checkpoint, kind)
     tokenizer = (model_tokenizer(args.tokenizer, c) if args.tokenizer is not None
                  else checkpoint_tokenizer(recorded, c, saved, where=args.checkpoint))
-    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False) or [c.bos_token_id]
+    prompt_ids = encode_prompt(tokenizer, args.prompt) or [c.bos_token_id]
     if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {args.max_new_tokens} new tokens "
                          f"exceed max_position_embeddings ({c.max_position_embeddings})")

@@ -370,6 +370,8 @@ def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monk
     tok = AutoTokenizer.from_pretrained(result.out_dir)
     assert tok("the cat sat")["input_ids"] == [1, 2, 3]
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == 0
+    # Padded for batched generation as a decoder-only model needs: on the left.
+    assert tok.padding_side == "left" and tok(["the", "the cat sat"], padding=True)["input_ids"][0] == [0, 0, 1]
 
     # The way back records the directory in the checkpoint's metadata, as an absolute path even
     # when the directory was given relative to the working directory, and saves its files.

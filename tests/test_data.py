@@ -12,6 +12,7 @@ import pytest
 from jaxllm import data
 from jaxllm.config import LLMConfig
 from jaxllm.data import DataConfig, PackedBatches, iter_documents, load_tokenizer
+from jaxllm.recipes import encode_prompt
 
 WORDS = "the a small model reads every token of this text once per epoch and learns".split()
 
@@ -185,6 +186,8 @@ def test_a_special_token_written_in_a_document_is_text_not_a_document_boundary(t
     specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     assert not specials & set(first[:-1].tolist()), first
     assert tokenizer.decode(first[:-1]) == texts[0]
+    # Prompts (generate.py, the samples after training, both frameworks) are encoded the same way.
+    assert encode_prompt(tokenizer, texts[0]) == first[:-1].tolist()
 
 
 def test_txt_documents_are_paragraphs(tmp_path, tokenizer):

@@ -272,6 +272,25 @@ def test_bad_arguments_raise_naming_the_field(pair):
         Sampling(temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         Sampling(top_k=-2)
+    assert Sampling(1.0, np.int64(5)) == Sampling(1.0, 5)
+    for bad in (-1, 2**32, 1.0, True):  # a key keeps 32 bits: 2**32 would draw seed 0's samples
+        with pytest.raises(ValueError, match="seed"):
+            generate(jm, PROMPTS, max_new_tokens=1, sampling=Sampling(1.0), seed=bad)
+
+
+def test_torch_generate_past_the_position_table_is_refused_before_decoding(pair):
+    """Hugging Face's `generate` only warns; the model refuses it before its first forward pass
+    (not after decoding up to the table's end), as the JAX side does."""
+    _, tm = pair
+    calls = []
+    hook = tm.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"up to 129 tokens .* exceed max_position_embeddings \(128\)"):
+            tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=TINY.max_position_embeddings - 2, do_sample=False)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
 # ---- scripts/generate.py ------------------------------------------------------------------------

@@ -446,6 +446,15 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))
         return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
 
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """`generate()`'s length checks, and one more before any token: a total length past the
+        position table is refused up front, not after decoding up to it (`forward` refuses it there)."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        if generation_config.max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"generate: up to {generation_config.max_length} tokens (prompt {input_ids_length} + new) exceed "
+                f"max_position_embeddings ({self.config.max_position_embeddings}); ask for fewer new tokens")
+
     @staticmethod
     def _attention_mask(attention_mask, B, T, past, device):
         """Boolean [B, 1, T, S] mask: causal over cached + new tokens, minus padded keys."""

@@ -54,7 +54,7 @@ from transformers.trainer_utils import has_length
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from jaxllm.config import LLMConfig
-from jaxllm.recipes import RunConfig, check_prompts, check_run
+from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -245,7 +245,7 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for prompt in prompts:
-                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [model.config.bos_token_id]
+                ids = encode_prompt(tokenizer, prompt) or [model.config.bos_token_id]
                 n_new = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
                 if n_new <= 0:
                     raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, no room left in "
