@@ -47,13 +47,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, rc = parse_args(argv)
-    try:
-        from torch_ref.training import run
+    from torch_ref.training import NonFiniteError, run
 
+    try:
         run(rc, dtype=rc.dtype)
     except (ValueError, OSError) as e:
         print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the run itself went wrong, not its input
+        print(f"train_torch.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

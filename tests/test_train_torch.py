@@ -276,6 +276,39 @@ def test_loss_falls_and_checkpoints_are_hf_directories(trained):
         assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
 
 
+def test_a_checkpoint_keeps_the_models_use_cache(trained):
+    """The Trainer writes its `use_cache` argument (False by default) into the model's config, which
+    every checkpoint saves; the model's own setting (True) is kept, so that a loaded checkpoint's
+    `model(ids)` returns its cache as Hugging Face models do."""
+    rc, _ = trained
+    ckpt = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    with open(os.path.join(ckpt, "config.json")) as f:
+        assert json.load(f)["use_cache"] is True
+    model = CustomLLM.from_pretrained(ckpt).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 250]])
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        first = model(ids[:, :-1])
+        step = model(ids[:, -1:], past_key_values=first.cache).logits[:, -1]
+    assert first.cache is not None and torch.allclose(step, full, atol=1e-5)
+
+
+def test_a_non_finite_step_stops_the_run_before_its_update_and_keeps_the_checkpoints(tmp_path, capsys):
+    """As in JAX: a NaN / Inf gradient is never applied; the run stops with status 1 naming the step
+    and the last checkpoint, which stays (the Trainer's rotation would have replaced it)."""
+    ckpt = tmp_path / "run"
+    code = _train_torch().main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "6",
+                                "--save-every", "2", "--keep", "1", "--warmup-steps", "4", "--lr", "1e30",
+                                "--max-new-tokens", "0", "--no-progress", "--ckpt-dir", str(ckpt)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "non-finite loss or gradient at step 3; the update was not applied and nothing was saved after " \
+           "checkpoint-2" in err, err
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+    sd = load_file(str(ckpt / "checkpoint-2" / "model.safetensors"))
+    assert all(np.isfinite(t).all() for t in sd.values())
+
+
 def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     rc, summary = trained
     copy = tmp_path / "run"

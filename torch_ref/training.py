@@ -218,6 +218,25 @@ class DenseGradientsCallback(TrainerCallback):
                 p.grad = torch.zeros_like(p)
 
 
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient was NaN or infinite; its update was not applied (as in JAX)."""
+
+
+class NonFiniteGuardCallback(TrainerCallback):
+    """Before each optimizer step: a NaN or infinite gradient (a non-finite loss gives one; clipping
+    keeps it non-finite) stops the run before the update, as the JAX trainer does: nothing
+    non-finite reaches the weights or a checkpoint, and the checkpoints already saved stay (the
+    Trainer's rotation would otherwise replace them with damaged ones). Under DDP the gradients
+    are already all-reduced, so every process stops at the same step. One pass over the gradients
+    and one device sync per optimizer step."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteError(f"non-finite loss or gradient at step {state.global_step + 1}; the update was not "
+                                 "applied")
+
+
 class MPSCallback(TrainerCallback):
     """Releases the MPS allocator's cached memory after every optimizer step and checkpoint
     (Apple GPUs keep freed blocks cached, which starves the rest of the machine). No-op elsewhere."""
@@ -388,8 +407,14 @@ class CustomLLMTrainer(Trainer):
     def __init__(self, *args, callbacks=None, data_state: DataStateSaver | None = None, **kwargs):
         self.router_bias_callback = RouterBiasCallback()
         self.data_state = data_state
-        super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(), *(callbacks or [])],
-                         **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+        super().__init__(*args, callbacks=[self.router_bias_callback, NonFiniteGuardCallback(),
+                                           DenseGradientsCallback(), *(callbacks or [])], **kwargs)
+        if use_cache is not None:  # the Trainer writes `args.use_cache` (False by default) into the
+            # config that every checkpoint saves: loaded, `model(ids)` would return no cache. The
+            # model builds none while training anyway.
+            self.model.config.use_cache = use_cache
 
     def get_train_dataloader(self) -> DataLoader:
         # The dataset yields this process's micro-batches already: no sampler, no collator and no
@@ -773,6 +798,12 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
                 trainer.train(resume_from_checkpoint=last[0] if last else None)
             except DataStreamError as e:
                 raise DataStreamError(f"{e}{_keep_progress(trainer, start, world)}") from e
+            except NonFiniteError as e:
+                saved = [int(m.group(1)) for n in os.listdir(out_dir) if (m := CHECKPOINT_RE.match(n))]
+                raise NonFiniteError(
+                    f"{e}" + (f" and nothing was saved after checkpoint-{max(saved)}" if saved
+                              else " and no checkpoint was saved") + ". Lower --lr, or resume from an earlier "
+                    "checkpoint") from None
         else:  # the Trainer would run one more step; there is nothing left to do but the samples
             _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
             if rank == 0 and rc.prompts and rc.max_new_tokens > 0:
