@@ -4,11 +4,9 @@ The directory holds `config.json` (with `auto_map`), the weights as safetensors 
 `model.safetensors`, or shards plus `model.safetensors.index.json` above `max_shard_size`),
 `generation_config.json`, the tokenizer files when the checkpoint has a tokenizer that loads (the
 files it saved, else the tokenizer its metadata names),
-and the modeling code, so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-works in a process that never imported this project. The remote code is `torch_ref`'s two files
-plus `jaxllm/config.py` under the name `customllm_config_core.py`; the one import of
-`jaxllm.config` is rewritten into a relative import (transformers copies relative imports of
-remote code along with it).
+and the modeling code (`convert.remote_code`), so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in a process that never
+imported this project.
 
 Peak memory is about one copy of the float32 weights plus the largest stacked tensor: the
 Orbax checkpoint is restored into numpy arrays, and each one is freed as soon as it is mapped
@@ -27,21 +25,17 @@ import torch
 
 from convert import ConvertError, error_line, mapping
 from convert.output import atomic_output_dir, check_output, parse_max_shard_size
+from convert.remote_code import AUTO_MAP, write_remote_code
+from convert.remote_code import FILE_NAMES as REMOTE_FILE_NAMES
 from jaxllm.cli import listing
 from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"
-CORE_MODULE = "customllm_config_core"
-AUTO_MAP = {
-    "AutoConfig": "configuration_customllm.CustomLLMConfig",
-    "AutoModelForCausalLM": "modeling_customllm.CustomLLM",
-}
 # Tensors kept in float32 whatever the export dtype: `router_bias` is state that moves in steps of
 # `router_bias_update_rate` and only chooses experts (ARCHITECTURE.md: float32).
 KEEP_FLOAT32 = ("router_bias",)
-REMOTE_CODE = ("configuration_customllm.py", "modeling_customllm.py")  # torch_ref's files shipped with the weights
 
 
 @dataclasses.dataclass
@@ -69,7 +63,7 @@ HF_DIR_FILES = re.compile("|".join([
     r"config\.json", r"generation_config\.json",
     r"model(-\d+-of-\d+)?\.safetensors", r"model\.safetensors\.index\.json",
     r"pytorch_model(-\d+-of-\d+)?\.bin", r"pytorch_model\.bin\.index\.json",
-    *(re.escape(name) for name in (*REMOTE_CODE, f"{CORE_MODULE}.py")),
+    *(re.escape(name) for name in REMOTE_FILE_NAMES),
     r"tokenizer(_config)?\.json", r"tokenizer\.model", r"special_tokens_map\.json", r"added_tokens\.json",
     r"vocab\.(json|txt)", r"merges\.txt", r"chat_template\.(jinja|json)"]))
 # A Trainer checkpoint's (`checkpoint-N`, scripts/train_torch.py) state beside its weights.
@@ -177,40 +171,6 @@ def write_config(config: LLMConfig, out: str, dtype: str) -> None:
     hf_config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out)
-
-
-def remote_code_files() -> dict[str, str]:
-    """{file name: source} of the modeling code shipped with the weights, with the import of
-    `jaxllm.config` made relative. Raises if the sources no longer have the expected shape
-    (exactly one such import, no other import of this project or of JAX)."""
-    import jaxllm.config
-    import torch_ref
-
-    ref_dir = os.path.dirname(torch_ref.__file__)
-    files = {}
-    for name in REMOTE_CODE:
-        with open(os.path.join(ref_dir, name)) as f:
-            files[name] = f.read()
-    with open(jaxllm.config.__file__) as f:
-        files[f"{CORE_MODULE}.py"] = f.read()
-    text, n = re.subn(r"^from jaxllm\.config import ", f"from .{CORE_MODULE} import ",
-                      files["configuration_customllm.py"], flags=re.M)
-    if n != 1:
-        raise ConvertError(f"torch_ref/configuration_customllm.py: expected one 'from jaxllm.config import' "
-                           f"line to make relative, found {n}")
-    files["configuration_customllm.py"] = text
-    for name, text in files.items():
-        bad = re.search(r"^\s*(?:from|import)\s+(jaxllm|torch_ref|convert|jax|flax)\b", text, re.M)
-        if bad:
-            raise ConvertError(f"remote code {name} imports {bad.group(1)}, which an exported directory "
-                               "cannot ship")
-    return files
-
-
-def write_remote_code(out: str) -> None:
-    for name, text in remote_code_files().items():
-        with open(os.path.join(out, name), "w") as f:
-            f.write(text)
 
 
 def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = None) -> tuple[str | None, list[str]]:

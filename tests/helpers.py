@@ -41,3 +41,37 @@ def model_grads(model, ids):
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return jax.jit(jax.grad(lambda p, r: loss_fn(nnx.merge(graphdef, p, r), ids)[0]))(params, rest)
+
+
+def logits_without_this_project(hf_dir, ids: np.ndarray, tmp_path) -> np.ndarray:
+    """The logits of `AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)` for
+    `ids`, computed in a fresh process where jaxllm, torch_ref, convert and JAX cannot be imported
+    and the repository is off sys.path: the directory's shipped modeling code must suffice."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    np.save(tmp_path / "ids.npy", ids)
+    code = textwrap.dedent(f"""
+        import os, sys
+        for name in ("jaxllm", "torch_ref", "convert", "jax", "jaxlib", "flax", "orbax"):
+            sys.modules[name] = None  # any import of them now fails
+        sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "jaxllm"))]
+        import numpy as np, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, trust_remote_code=True).eval()
+        assert type(m).__module__.startswith("transformers_modules."), type(m).__module__
+        ids = torch.from_numpy(np.load({str(tmp_path / "ids.npy")!r}))
+        with torch.no_grad():
+            np.save({str(tmp_path / "logits.npy")!r}, m(ids).logits.numpy())
+        loaded = [n for n, mod in sys.modules.items() if mod is not None and n.split(".")[0] in
+                  ("jaxllm", "torch_ref", "convert", "jax")]
+        assert not loaded, loaded
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(tmp_path / "logits.npy")

@@ -26,7 +26,7 @@ import jaxllm
 from conftest import ROOT
 from convert import ConvertError, export_hf, import_hf
 from convert.mapping import flax_to_torch
-from helpers import rel_err
+from helpers import logits_without_this_project, rel_err
 from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
 from jaxllm.model import create_model, loss_fn
@@ -308,30 +308,8 @@ def test_one_optimizer_step_matches_through_the_converter(parity):
 def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity, tmp_path):
     """`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` with jaxllm, torch_ref,
     convert and JAX unimportable and the repository off sys.path: the shipped code suffices."""
-    hf_dir, ids = parity.hf_dir, PARITY_IDS
-    np.save(tmp_path / "ids.npy", ids)
-    code = textwrap.dedent(f"""
-        import os, sys
-        for name in ("jaxllm", "torch_ref", "convert", "jax", "jaxlib", "flax", "orbax"):
-            sys.modules[name] = None  # any import of them now fails
-        sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "jaxllm"))]
-        import numpy as np, torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({hf_dir!r}, trust_remote_code=True).eval()
-        assert type(m).__module__.startswith("transformers_modules."), type(m).__module__
-        ids = torch.from_numpy(np.load({str(tmp_path / "ids.npy")!r}))
-        with torch.no_grad():
-            np.save({str(tmp_path / "logits.npy")!r}, m(ids).logits.numpy())
-        loaded = [n for n, mod in sys.modules.items() if mod is not None and n.split(".")[0] in
-                  ("jaxllm", "torch_ref", "convert", "jax")]
-        assert not loaded, loaded
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert rel_err(np.load(tmp_path / "logits.npy"), parity.logits) <= 1e-5
+    hf_dir = parity.hf_dir
+    assert rel_err(logits_without_this_project(hf_dir, PARITY_IDS, tmp_path), parity.logits) <= 1e-5
     config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
     assert config["model_type"] == "customllm" and config["auto_map"]["AutoModelForCausalLM"]
     gen = json.loads(open(os.path.join(hf_dir, "generation_config.json")).read())

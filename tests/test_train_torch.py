@@ -276,6 +276,21 @@ def test_loss_falls_and_checkpoints_are_hf_directories(trained):
         assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
 
 
+def test_a_checkpoint_loads_where_this_project_is_not_installed(trained, tmp_path):
+    """Each `checkpoint-N` carries the modeling code and `auto_map`, as `flax_to_torch.py`'s exports
+    do: `AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)` needs only torch and
+    transformers, and computes what `CustomLLM` computes here."""
+    from helpers import logits_without_this_project
+
+    rc, _ = trained
+    ckpt = os.path.join(rc.ckpt_dir, "checkpoint-10")
+    ids = np.array([[5, 17, 300, 42, 7, 99, 250]])
+    model = CustomLLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits_without_this_project(ckpt, ids, tmp_path), want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_checkpoint_keeps_the_models_use_cache(trained):
     """The Trainer writes its `use_cache` argument (False by default) into the model's config, which
     every checkpoint saves; the model's own setting (True) is kept, so that a loaded checkpoint's

@@ -14,6 +14,7 @@ trainer (`jaxllm/train.py`) on the same batches:
   `jaxllm.train`'s loss, so gradient accumulation equals one large batch.
 - `RouterBiasCallback`: after every optimizer step, the expert counts of the step (every
   micro-batch, all-reduced over processes) update `router_bias` (auxiliary-loss-free balancing).
+- `NonFiniteGuardCallback`: a NaN / Inf gradient stops the run before its update (`NonFiniteError`).
 - `MPSCallback`, `TextGenerationCallback`, `MetricsCallback` (`metrics.jsonl` as the JAX side
   writes it), `DataStateSaver` (the data position saved into every checkpoint, before the rest of
   it, so a resumed run continues the stream exactly where it stopped).
@@ -28,10 +29,12 @@ then cosine to 0 (`get_cosine_schedule_with_warmup` = `optax.warmup_cosine_decay
 W, T, 0)` at every step 0..T-1, up to float32 rounding), global-norm clipping (torch divides by
 `norm + 1e-6`, optax by `norm`: a relative difference of 1e-6 / norm on clipped steps).
 
-Checkpoints are Hugging Face directories (`checkpoint-N/`: config.json, model.safetensors with the
-canonical names and the persistent `router_bias` buffers, generation_config.json, tokenizer files,
-optimizer/scheduler/RNG state, trainer_state.json, data_state.rank*.json) that
-`convert/torch_to_flax.py` reads. Nothing here imports JAX.
+Checkpoints are Hugging Face directories (`checkpoint-N/`: config.json with `auto_map`,
+model.safetensors with the canonical names and the persistent `router_bias` buffers, the modeling
+code (`convert.remote_code`), generation_config.json, tokenizer files, optimizer/scheduler/RNG
+state, trainer_state.json, data_state.rank*.json) that `convert/torch_to_flax.py` reads and
+`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` loads anywhere. Nothing here
+imports JAX.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from transformers.trainer_utils import has_length
 
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
+from convert.remote_code import AUTO_MAP, write_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt
 from torch_ref.configuration_customllm import CustomLLMConfig
@@ -415,6 +419,8 @@ class CustomLLMTrainer(Trainer):
             # config that every checkpoint saves: loaded, `model(ids)` would return no cache. The
             # model builds none while training anyway.
             self.model.config.use_cache = use_cache
+        if isinstance(self.model, CustomLLM):  # checkpoints carry their modeling code (`_save_checkpoint`)
+            self.model.config.auto_map = dict(AUTO_MAP)
 
     def get_train_dataloader(self) -> DataLoader:
         # The dataset yields this process's micro-batches already: no sampler, no collator and no
@@ -459,10 +465,16 @@ class CustomLLMTrainer(Trainer):
         # writes trainer_state.json, which makes the checkpoint resumable, and deletes older
         # checkpoints. Written after, a crash in between would leave a checkpoint that resumes the
         # weights but restarts the data stream.
+        ckpt = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.data_state is not None:
-            self.data_state.save(os.path.join(self._get_output_dir(trial=trial),
-                                              f"checkpoint-{self.state.global_step}"))
+            self.data_state.save(ckpt)
             self.accelerator.wait_for_everyone()
+        if self.args.should_save and isinstance(self.model, CustomLLM):
+            # The modeling code beside the weights, as `flax_to_torch.py` exports it: the checkpoint
+            # loads with `AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)` where
+            # this project is not installed.
+            os.makedirs(ckpt, exist_ok=True)
+            write_remote_code(ckpt)
         super()._save_checkpoint(model, trial)
 
 
