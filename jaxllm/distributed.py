@@ -29,6 +29,11 @@ def cluster_has_several_processes(env=os.environ) -> bool:
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
 
 
+# How long a process waits for the others at a point they should all reach (`all_reach`; and
+# train_jax.py's `exit_together`): 30 s, or `--heartbeat-timeout` if shorter (`maybe_initialize`).
+AGREE_TIMEOUT_S = 30
+
+
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, heartbeat_timeout: int = 100, init_timeout: int = 300) -> bool:
     """Call `jax.distributed.initialize` when flags or a cluster environment ask for several
@@ -49,6 +54,8 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         raise ValueError(f"--heartbeat-timeout must be at least 1 second, got {heartbeat_timeout}")
     if init_timeout < 1:
         raise ValueError(f"--init-timeout must be at least 1 second, got {init_timeout}")
+    global AGREE_TIMEOUT_S
+    AGREE_TIMEOUT_S = min(AGREE_TIMEOUT_S, heartbeat_timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=init_timeout)
@@ -85,6 +92,23 @@ def raise_if_any_failed(error: Exception | None, what: str) -> None:
     if failed:
         raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {jax.process_count()} "
                          "(see their error)")
+
+
+def all_reach(name: str, timeout_s: float | None = None) -> bool:
+    """Whether every process reaches the point `name` (unique within a run) within `timeout_s`
+    seconds (default `AGREE_TIMEOUT_S`); True at once in a one-process run. A barrier of JAX's
+    coordination service, not a device collective: it answers (False, after the timeout) while
+    some process is held elsewhere, e.g. inside Orbax's restore waiting for this one."""
+    if jax.process_count() == 1:
+        return True
+    from jax._src import distributed as jax_distributed
+
+    try:
+        jax_distributed.global_state.client.wait_at_barrier(
+            f"jaxllm_{name}", int(1000 * (AGREE_TIMEOUT_S if timeout_s is None else timeout_s)))
+    except Exception:  # noqa: BLE001 - a deadline exceeded: some process did not come
+        return False
+    return True
 
 
 def exit_together(status: int, timeout_s: float) -> NoReturn:

@@ -25,7 +25,7 @@ from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.cli import listing
 from jaxllm.config import LLMConfig, count_params
-from jaxllm.distributed import processes_where, raise_if_any_failed
+from jaxllm.distributed import all_reach, processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
@@ -371,6 +371,23 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
         try:
             restored = _restore_step(mngr, step, trainer, config)
         except ckpt_lib.CheckpointError as e:
+            if not all_reach(f"unreadable_step_{step}"):
+                # Unreadable here but not in every process (a damaged file of this process's
+                # shards): the others wait inside Orbax's restore for this one, and going on to
+                # an earlier step alone would mismatch every collective after it. Set the step
+                # aside so that the same command resumes from the one before it.
+                where = f"{mngr.directory}/{step}"
+                aside = f"{where}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+                again = "run the same command again to resume from the step before it"
+                try:
+                    os.rename(where, aside)
+                    done = f"set aside as {aside}; {again}"
+                except FileNotFoundError:
+                    done = f"another process has set it aside; {again}"
+                except OSError as moved:
+                    done = f"move it aside ({ckpt_lib.one_line(moved)}) and run the same command again"
+                raise ValueError(f"checkpoint step {step} cannot be read in process {jax.process_index()} of "
+                                 f"{jax.process_count()} ({e}), while other processes read it: {done}") from None
             error = e
             unreadable.append(step)
             if jax.process_index() == 0 and step != steps[-1]:

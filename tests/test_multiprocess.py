@@ -202,3 +202,28 @@ def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_on
     assert "data stream restarts" in out
     for d in (ckpt, tmp_path / "ck1"):
         assert max(int(x) for x in os.listdir(d) if x.isdigit()) == step + 2
+
+
+def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_command_resumes_before_it(tmp_path):
+    """With `fsdp` across the processes each one reads only its own shards: a damaged file of
+    process 1's fails its restore alone, while process 0 waits for it inside Orbax's restore.
+    Going on to an earlier step alone used to mismatch every collective after it (Gloo aborted
+    both, no error line, and every rerun again). Now process 1 sets the step aside and both end
+    (exit 2, one line); the same command then resumes from the step before it."""
+    ckpt = tmp_path / "ck"
+    run = lambda steps: _launch(2, 2, ["--mesh", "fsdp=4", "--steps", str(steps), "--save-every", "1",
+                                       "--ckpt-dir", str(ckpt)])
+    _wait_all(run(2))
+    damaged = list((ckpt / "2" / "train_state" / "ocdbt.process_1" / "d").iterdir())
+    assert damaged
+    for f in damaged:
+        f.write_bytes(f.read_bytes()[:3])
+    procs = run(3)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert procs[1].returncode == 2 and procs[0].returncode != 0, [o[-2000:] for o in outs]
+    assert "train_jax.py: error: checkpoint step 2 cannot be read in process 1 of 2" in outs[1], outs[1][-2000:]
+    assert "run the same command again to resume from the step before it" in outs[1]
+    assert len([d for d in os.listdir(ckpt) if d.startswith("2.unreadable-")]) == 1
+    outs = _wait_all(run(3))
+    assert "resuming from" in outs[0] and "at step 1" in outs[0], outs[0][-2000:]
+    assert sorted(d for d in os.listdir(ckpt) if d.isdigit()) == ["1", "2", "3"]
