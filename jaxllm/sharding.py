@@ -93,10 +93,15 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    from jax.experimental import mesh_utils
+
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - fall back to device order (CPU, odd topologies)
-        arr = np.asarray(devices).reshape(shape)
+        arr = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - a shape that does not map onto the physical axes
+        try:  # (a TPU slice: e.g. fsdp=8 on a 4 x 4 torus spans two physical axes)
+            arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except Exception:  # noqa: BLE001 - fall back to device order (odd topologies)
+            arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
 
 

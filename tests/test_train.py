@@ -253,6 +253,34 @@ def test_a_mesh_axis_that_would_split_nothing_is_refused():
         check_mesh(make_mesh("expert=4,data=2", jax.devices()[:8]), hidden_size=64, num_routed_experts=7)
 
 
+def test_a_mesh_that_does_not_fit_the_physical_axes_may_split_them_before_falling_back(monkeypatch):
+    """On a TPU slice JAX's `create_device_mesh` refuses a mesh axis that spans physical axes (fsdp=8
+    on a 4 x 4 torus) unless asked to split them: `make_mesh` asks before it falls back to plain
+    device order (which ignores the torus); where neither works, device order."""
+    from jax.experimental import mesh_utils
+
+    from jaxllm.sharding import make_mesh
+
+    devices = jax.devices()[:8]
+    calls = []
+
+    def create(shape, devs, *, allow_split_physical_axes=False, **kw):
+        calls.append(allow_split_physical_axes)
+        if not allow_split_physical_axes:
+            raise NotImplementedError("Failed to find assignment for logical_axis_index 1 of size 8")
+        return np.asarray(devs[::-1]).reshape(shape)
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", create)
+    mesh = make_mesh("fsdp=8", devices)
+    assert calls == [False, True] and list(mesh.devices.ravel()) == devices[::-1]
+
+    def refuse(shape, devs, **kw):
+        raise NotImplementedError("no assignment")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+    assert list(make_mesh("fsdp=8", devices).devices.ravel()) == devices
+
+
 def test_fsdp_splits_every_large_parameter_evenly_at_seed_973m():
     """Per-device parameter memory under fsdp=8 is an eighth of the whole (the embedding tables, the
     49,152-token lm_head and the routed experts included): only norms and biases stay whole. The
