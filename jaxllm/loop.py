@@ -25,7 +25,7 @@ from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.cli import listing
 from jaxllm.config import LLMConfig, count_params
-from jaxllm.distributed import all_reach, processes_where, raise_if_any_failed
+from jaxllm.distributed import all_reach, check_shared_directory, processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
@@ -97,6 +97,7 @@ def run(rc: RunConfig) -> dict:
     ckpt_dir = os.path.abspath(rc.ckpt_dir)
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
+    check_shared_directory(ckpt_dir)  # (several processes: they save and resume together)
     mesh = shd.make_mesh(rc.mesh)
     shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
     shd.check_batch(rc.batch_size, mesh)

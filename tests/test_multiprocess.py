@@ -227,3 +227,24 @@ def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_c
     outs = _wait_all(run(3))
     assert "resuming from" in outs[0] and "at step 1" in outs[0], outs[0][-2000:]
     assert sorted(d for d in os.listdir(ckpt) if d.isdigit()) == ["1", "2", "3"]
+
+
+def test_a_ckpt_dir_the_processes_do_not_share_is_refused_before_training(tmp_path):
+    """Each process in its own working directory, `--ckpt-dir ck` relative: as on hosts with their
+    own disks. Orbax's first save used to wait 10 minutes for directories that only process 0
+    had made, then fail; now both end at start-up with one line and status 2, and nothing is left."""
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    port = free_port()
+    homes = [tmp_path / "hostA", tmp_path / "hostB"]
+    procs = []
+    for i, home in enumerate(homes):
+        home.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, TRAIN, *CLI, "--steps", "2", "--ckpt-dir", "ck", "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", "2", "--process-id", str(i)],
+            cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    assert "is not one directory shared by all processes: process(es) 1 of 2 do not see" in outs[0], outs[0][-2000:]
+    assert all(os.listdir(home) == [] for home in homes)
