@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 try:
@@ -50,13 +51,15 @@ def main(argv=None) -> int:
     from torch_ref.training import NonFiniteError, run
 
     try:
-        run(rc, dtype=rc.dtype)
+        summary = run(rc, dtype=rc.dtype)
     except (ValueError, OSError) as e:
         print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # the run itself went wrong, not its input
         print(f"train_torch.py: error: {e}", file=sys.stderr)
         return 1
+    if summary.get("stopped_by"):  # saved, not finished: 128 + the signal, as a shell reports it
+        return 128 + (signal.SIGINT if summary["stopped_by"] == "SIGINT" else signal.SIGTERM)
     return 0
 
 

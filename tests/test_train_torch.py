@@ -730,6 +730,61 @@ def test_the_torch_side_trains_without_jax(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
 
 
+def _start_long_torch_runs(tmp_path, n: int):
+    """`n` train_torch.py processes (a DDP group over gloo when n > 1, as torchrun starts them) of a
+    1000-step run into tmp_path / "run", returned once they have logged two steps."""
+    import socket
+    import subprocess
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, os.path.join(root, "scripts", "train_torch.py"), "--preset", "tiny", "--seq-len", "16",
+           "--batch-size", "2", "--steps", "1000", "--save-every", "1000", "--log-every", "1", "--max-new-tokens", "4",
+           "--no-progress", "--ckpt-dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    group = lambda i: {"RANK": str(i), "LOCAL_RANK": str(i), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} if n > 1 else {}
+    procs = [subprocess.Popen(cmd, env={**env, **group(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(n)]
+    metrics, t0 = tmp_path / "run" / "metrics.jsonl", time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert all(p.poll() is None for p in procs) and time.time() - t0 < 240, "training ended early"
+        time.sleep(0.2)
+    return procs
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """As in JAX: SIGTERM ends the running step, saves it and exits with 128 + 15, without the end's
+    samples; the same command resumes there. (The Trainer alone died and lost the steps since its
+    last save.)"""
+    (proc,) = _start_long_torch_runs(tmp_path, 1)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + 15, out[-3000:]
+    (step,) = [int(n.split("-")[1]) for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")]
+    assert f"SIGTERM: saved a checkpoint at step {step} in {tmp_path / 'run'}; run the same command again" in out
+    assert f"stopped: step {step}" in out and "generated text:" not in out
+    resumed = run(RunConfig(preset="tiny", seq_len=16, batch_size=2, steps=step + 1, save_every=1000, log_every=1,
+                            max_new_tokens=0, progress=False, ckpt_dir=str(tmp_path / "run")), dtype="float32")
+    assert resumed["start_step"] == step and resumed["end_step"] == step + 1 and resumed["stopped_by"] is None
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """The save is collective: the request is all-reduced after each step, so a signal to process 1
+    alone stops both after the same step, which they save together."""
+    p0, p1 = _start_long_torch_runs(tmp_path, 2)
+    p1.terminate()
+    outs = [p.communicate(timeout=120)[0] for p in (p0, p1)]
+    assert [p.returncode for p in (p0, p1)] == [128 + 15] * 2, [o[-2000:] for o in outs]
+    (step,) = [int(n.split("-")[1]) for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")]
+    assert f"a signal to process 1: saved a checkpoint at step {step}" in outs[0], outs[0][-2000:]
+    assert {"data_state.rank0.json", "data_state.rank1.json", "trainer_state.json"} <= \
+        set(os.listdir(tmp_path / "run" / f"checkpoint-{step}"))
+
+
 def test_a_data_error_mid_run_saves_the_steps_taken_and_a_mended_stream_resumes_exactly(tmp_path, monkeypatch):
     """A corrupt record met mid-run (a second jsonl shard, reached in the second micro-batch of step
     23) ends the run with the reader's error after saving the steps since the last checkpoint. Mended

@@ -43,7 +43,9 @@ import glob
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import zipfile
 from typing import Any, Iterable, Sequence
@@ -241,6 +243,51 @@ class NonFiniteGuardCallback(TrainerCallback):
                                  "applied")
 
 
+class StopOnSignalCallback(TrainerCallback):
+    """SIGTERM or a first Ctrl-C: the running step ends, a checkpoint is saved and training stops
+    (a second Ctrl-C interrupts at once), as in the JAX trainer. Under torch.distributed the
+    request is all-reduced after every optimizer step (one small collective), so a signal to any
+    one process stops all of them at the same step: the save is collective. `stopped_by`: the
+    signal's name, or "a signal to process I". `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.stopped_by: str | None = None
+        self._old = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stopped_by = self._agreed(args.device)
+        if stopped_by and state.global_step < state.max_steps:  # (the last step saves anyway)
+            self.stopped_by = stopped_by
+            control.should_save = control.should_training_stop = True
+
+    def _agreed(self, device) -> str | None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.requested
+        flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int32, device=device)
+        flags[torch.distributed.get_rank()] = self.requested is not None
+        asked = torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
+        return (self.requested or f"a signal to process {asked[0]}") if asked else None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        self._old = {}
+
+
 class MPSCallback(TrainerCallback):
     """Releases the MPS allocator's cached memory after every optimizer step and checkpoint
     (Apple GPUs keep freed blocks cached, which starves the rest of the machine). No-op elsewhere."""
@@ -301,6 +348,8 @@ class TextGenerationCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or not self.prompts or self.max_new_tokens <= 0:
+            return
+        if state.global_step < state.max_steps:  # stopped by a signal: saved, not finished
             return
         self.samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, seed=self.seed)
         print_samples(self.samples)
@@ -785,9 +834,10 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
     metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0)
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
+    stop = StopOnSignalCallback()
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[metrics, MPSCallback(), generation], data_state=DataStateSaver(dataset, source))
+        callbacks=[metrics, MPSCallback(), stop, generation], data_state=DataStateSaver(dataset, source))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
@@ -823,20 +873,25 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
                 generation.samples = generate_samples(done, tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
                 print_samples(generation.samples)
     finally:
+        stop.restore()
         dataset.close()
         if bars:
             hf_logging.enable_progress_bar()
+    if stop.stopped_by:
+        _log(f"\n{stop.stopped_by}: saved a checkpoint at step {trainer.state.global_step} in {out_dir}; run the "
+             "same command again to resume", rank)
     summary: dict[str, Any] = {
         "start_step": start, "end_step": max(trainer.state.global_step, start), "ckpt_dir": out_dir,
         "first_loss": metrics.records[0]["loss"] if metrics.records else None,
         "last_loss": metrics.records[-1]["loss"] if metrics.records else None,
         "records": metrics.records, "samples": generation.samples, "dtype": dtype,
-        "device": args.device.type, "wall_s": time.perf_counter() - t_start,
+        "device": args.device.type, "wall_s": time.perf_counter() - t_start, "stopped_by": stop.stopped_by,
     }
     if rank == 0 and metrics.writer is not None:
         summary["loss_png"] = plot_loss_curve(metrics.writer.path, os.path.join(out_dir, "loss.png"))
         losses = f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if metrics.records else ""
-        _log(f"done: step {summary['end_step']}{losses} in {summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
+        _log(f"{'stopped' if stop.stopped_by else 'done'}: step {summary['end_step']}{losses} in "
+             f"{summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
              + (f", curve in {summary['loss_png']}" if summary.get("loss_png") else ""), rank)
     summary["model"] = model
     summary["tokenizer"] = tokenizer
