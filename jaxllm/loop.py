@@ -133,7 +133,8 @@ def run(rc: RunConfig) -> dict:
     if existing:
         data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
         data_state = select_data_state(saved_data)
-        log(f"resuming from {ckpt_dir} at step {int(state['step'])}")
+        log(f"resuming from {ckpt_dir} at step {int(state['step'])}"
+            + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}"

@@ -411,6 +411,10 @@ def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt,
         meta, saved = checkpoint.read_meta(mngr, 1), checkpoint.read_tokenizer_files(mngr, 1)
     assert meta["tokenizer"] == meta["data"]["source"]["tokenizer"] == str(tmp_path / "gone")
     assert json.loads(saved["tokenizer.json"])["model"]["vocab"] == json.loads(files["tokenizer.json"])["model"]["vocab"]
+    # The same command again resumes, and says that the starting weights are not used.
+    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--steps", "2",
+                                  "--init-from", str(tmp_path / "start")]) == 0
+    assert f"at step 1 (--init-from {tmp_path / 'start'} only starts a new run: not used)" in capsys.readouterr().out
     # Weights only (no optimizer state) cannot be resumed: the error says to pass them as --init-from.
     code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "start")], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "pass it as --init-from" in err, err

@@ -371,11 +371,12 @@ def test_a_finished_run_trains_no_further(trained, tmp_path):
     assert [p for p, _ in again["samples"]] == list(rc.prompts)
 
 
-def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp_path):
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp_path, capsys):
     rc, _ = trained
     source = os.path.join(rc.ckpt_dir, "checkpoint-10")
-    out = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run"), init_from=source, steps=1, save_every=1,
-                                  max_new_tokens=0), dtype="float32")
+    start = dataclasses.replace(rc, ckpt_dir=str(tmp_path / "run"), init_from=source, steps=1, save_every=1,
+                                max_new_tokens=0)
+    out = run(start, dtype="float32")
     assert out["start_step"] == 0 and out["end_step"] == 1
     assert os.path.samefile(out["tokenizer"].name_or_path, source)  # no --tokenizer: the directory's own
     a = load_file(os.path.join(source, "model.safetensors"))
@@ -383,6 +384,9 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
     for k in a:  # step 1 has learning rate 0 (warm-up): only the router biases moved
         if not k.endswith("router_bias"):
             np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    capsys.readouterr()  # the same command again resumes, and says that the starting weights are not used
+    assert run(dataclasses.replace(start, steps=2), dtype="float32")["start_step"] == 1
+    assert f"; --init-from {source} only starts a new run: not used" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"another model .*; train with its --preset/--config"):
         run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "other"), init_from=source, preset="tiny", config=None))
 

@@ -14,7 +14,8 @@ trainer (`jaxllm/train.py`) on the same batches:
   `jaxllm.train`'s loss, so gradient accumulation equals one large batch.
 - `RouterBiasCallback`: after every optimizer step, the expert counts of the step (every
   micro-batch, all-reduced over processes) update `router_bias` (auxiliary-loss-free balancing).
-- `NonFiniteGuardCallback`: a NaN / Inf gradient stops the run before its update (`NonFiniteError`).
+- `NonFiniteGuardCallback`: a NaN / Inf gradient stops the run before its update (`NonFiniteError`);
+  `StopOnSignalCallback`: SIGTERM / Ctrl-C save the running step and stop (every process together).
 - `MPSCallback`, `TextGenerationCallback`, `MetricsCallback` (`metrics.jsonl` as the JAX side
   writes it), `DataStateSaver` (the data position saved into every checkpoint, before the rest of
   it, so a resumed run continues the stream exactly where it stopped).
@@ -842,7 +843,8 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
-         f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else ""), rank)
+         f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
+         + (f"; --init-from {rc.init_from} only starts a new run: not used" if last and rc.init_from else ""), rank)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
