@@ -129,6 +129,18 @@ def test_torch_generate_with_latent_cache_equals_no_cache(pair):
         assert tuple(layer.values.shape) == (B, TINY.num_attention_heads, S, TINY.rope_head_dim)
 
 
+def test_torch_beam_search_and_several_sequences_run_on_the_latent_cache(pair):
+    """Hugging Face's beam search reorders the cache between steps (`DynamicCache` holding the
+    latent): the same beams with and without the cache; `num_return_sequences` returns each."""
+    _, tm = pair
+    ids = torch.tensor([PROMPTS[2]])
+    beams = {c: tm.generate(ids, num_beams=4, num_return_sequences=3, max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=c) for c in (True, False)}
+    assert beams[True].shape == (3, len(PROMPTS[2]) + 8)
+    assert torch.equal(beams[True], beams[False])
+    assert len({tuple(row.tolist()) for row in beams[True]}) == 3  # three different beams
+
+
 def test_torch_static_cache_is_refused_clearly(pair):
     _, tm = pair
     with pytest.raises(ValueError, match="static"), torch.no_grad():
