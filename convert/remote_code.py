@@ -3,12 +3,13 @@
 imported this project: `torch_ref`'s two files plus `jaxllm/config.py` under the name
 `customllm_config_core.py`, the one import of `jaxllm.config` rewritten into a relative import
 (transformers copies relative imports of remote code along with it). Written into every directory
-`convert/flax_to_torch.py` exports and every `checkpoint-N` that `train_torch.py` saves. Needs
-neither JAX nor PyTorch.
+`convert/flax_to_torch.py` exports and every directory the PyTorch trainer saves (`checkpoint-N`,
+`save_model`). Imports no JAX (it reads `torch_ref`'s files through the package).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -55,3 +56,17 @@ def write_remote_code(out: str) -> None:
     for name, text in remote_code_files().items():
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
+
+
+def add_remote_code(hf_dir: str) -> None:
+    """Make a saved Hugging Face directory of `CustomLLM` (`save_pretrained`: a `config.json`)
+    loadable with `trust_remote_code=True` anywhere: the code files, and `auto_map` in its config."""
+    write_remote_code(hf_dir)
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["auto_map"] = dict(AUTO_MAP)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

@@ -289,6 +289,13 @@ def test_a_checkpoint_loads_where_this_project_is_not_installed(trained, tmp_pat
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(logits_without_this_project(ckpt, ids, tmp_path), want, rtol=1e-5, atol=1e-6)
+    # So does the Trainer's `save_model`; the live model's config is left as it was.
+    trainer = _trainer(tmp_path)
+    trainer.save_model(str(tmp_path / "saved"))
+    with open(tmp_path / "saved" / "config.json") as f:
+        assert json.load(f)["auto_map"]["AutoModelForCausalLM"] == "modeling_customllm.CustomLLM"
+    assert {"modeling_customllm.py", "configuration_customllm.py"} <= set(os.listdir(tmp_path / "saved"))
+    assert getattr(trainer.model.config, "auto_map", None) is None
 
 
 def test_a_checkpoint_keeps_the_models_use_cache(trained):
@@ -318,7 +325,8 @@ def test_a_non_finite_step_stops_the_run_before_its_update_and_keeps_the_checkpo
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
     assert "non-finite loss or gradient at step 3; the update was not applied and nothing was saved after " \
-           "checkpoint-2" in err, err
+           f"{ckpt / 'checkpoint-2'}. A resumed run keeps its saved learning-rate schedule: to train on with a " \
+           f"lower --lr, start a new --ckpt-dir with --init-from {ckpt / 'checkpoint-2'}" in err, err
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("checkpoint-")) == ["checkpoint-2"]
     sd = load_file(str(ckpt / "checkpoint-2" / "model.safetensors"))
     assert all(np.isfinite(t).all() for t in sd.values())

@@ -59,7 +59,7 @@ from transformers.trainer_utils import has_length
 
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
-from convert.remote_code import AUTO_MAP, write_remote_code
+from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt
 from torch_ref.configuration_customllm import CustomLLMConfig
@@ -469,8 +469,6 @@ class CustomLLMTrainer(Trainer):
             # config that every checkpoint saves: loaded, `model(ids)` would return no cache. The
             # model builds none while training anyway.
             self.model.config.use_cache = use_cache
-        if isinstance(self.model, CustomLLM):  # checkpoints carry their modeling code (`_save_checkpoint`)
-            self.model.config.auto_map = dict(AUTO_MAP)
 
     def get_train_dataloader(self) -> DataLoader:
         # The dataset yields this process's micro-batches already: no sampler, no collator and no
@@ -515,17 +513,20 @@ class CustomLLMTrainer(Trainer):
         # writes trainer_state.json, which makes the checkpoint resumable, and deletes older
         # checkpoints. Written after, a crash in between would leave a checkpoint that resumes the
         # weights but restarts the data stream.
-        ckpt = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.data_state is not None:
-            self.data_state.save(ckpt)
+            self.data_state.save(os.path.join(self._get_output_dir(trial=trial),
+                                              f"checkpoint-{self.state.global_step}"))
             self.accelerator.wait_for_everyone()
-        if self.args.should_save and isinstance(self.model, CustomLLM):
-            # The modeling code beside the weights, as `flax_to_torch.py` exports it: the checkpoint
-            # loads with `AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)` where
-            # this project is not installed.
-            os.makedirs(ckpt, exist_ok=True)
-            write_remote_code(ckpt)
         super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # (every save of the model: checkpoints, `save_model`) The modeling code beside the weights,
+        # as `flax_to_torch.py` exports it: the directory loads with
+        # `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where this project is
+        # not installed. Within a checkpoint, before the Trainer's state that makes it complete.
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save and isinstance(self.accelerator.unwrap_model(self.model), CustomLLM):
+            add_remote_code(output_dir if output_dir is not None else self.args.output_dir)
 
 
 # ---- settings -> TrainingArguments ------------------------------------------------------------
@@ -863,11 +864,14 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
             except DataStreamError as e:
                 raise DataStreamError(f"{e}{_keep_progress(trainer, start, world)}") from e
             except NonFiniteError as e:
-                saved = [int(m.group(1)) for n in os.listdir(out_dir) if (m := CHECKPOINT_RE.match(n))]
+                try:
+                    saved = latest_checkpoint(out_dir, warn=False)
+                except ValueError:
+                    saved = None
                 raise NonFiniteError(
-                    f"{e}" + (f" and nothing was saved after checkpoint-{max(saved)}" if saved
-                              else " and no checkpoint was saved") + ". Lower --lr, or resume from an earlier "
-                    "checkpoint") from None
+                    f"{e}" + (f" and nothing was saved after {saved[0]}" if saved else " and no checkpoint was saved")
+                    + ". A resumed run keeps its saved learning-rate schedule: to train on with a lower --lr, "
+                    "start a new --ckpt-dir" + (f" with --init-from {saved[0]} (its weights)" if saved else "")) from None
         else:  # the Trainer would run one more step; there is nothing left to do but the samples
             _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
             if rank == 0 and rc.prompts and rc.max_new_tokens > 0:
