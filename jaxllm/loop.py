@@ -388,8 +388,8 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
                     done = f"another process has set it aside; {again}"
                 except OSError as moved:
                     done = f"move it aside ({ckpt_lib.one_line(moved)}) and run the same command again"
-                raise ValueError(f"checkpoint step {step} cannot be read in process {jax.process_index()} of "
-                                 f"{jax.process_count()} ({e}), while other processes read it: {done}") from None
+                raise ValueError(f"checkpoint step {step} could not be restored in process {jax.process_index()} of "
+                                 f"{jax.process_count()} ({e}), and not every process failed to read it: {done}") from None
             error = e
             unreadable.append(step)
             if jax.process_index() == 0 and step != steps[-1]:
