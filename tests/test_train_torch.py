@@ -325,8 +325,7 @@ def test_a_non_finite_step_stops_the_run_before_its_update_and_keeps_the_checkpo
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
     assert "non-finite loss or gradient at step 3; the update was not applied and nothing was saved after " \
-           f"{ckpt / 'checkpoint-2'}. A resumed run keeps its saved learning-rate schedule: to train on with a " \
-           f"lower --lr, start a new --ckpt-dir with --init-from {ckpt / 'checkpoint-2'}" in err, err
+           f"{ckpt / 'checkpoint-2'}. Lower --lr (a resumed run takes it)" in err, err
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("checkpoint-")) == ["checkpoint-2"]
     sd = load_file(str(ckpt / "checkpoint-2" / "model.safetensors"))
     assert all(np.isfinite(t).all() for t in sd.values())
@@ -349,6 +348,21 @@ def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     b = load_file(str(copy / "checkpoint-10" / "model.safetensors"))
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_resumed_run_takes_the_learning_rate_it_is_given(trained, tmp_path):
+    """As in JAX (whose schedule is made from the flags): resumed with half the --lr, the run's
+    steps use half the learning rate of the run it continues (the saved scheduler state kept the
+    first run's), on the same warm-up and cosine."""
+    rc, summary = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    shutil.rmtree(copy / "checkpoint-10")
+    resumed = run(dataclasses.replace(rc, ckpt_dir=str(copy), lr=rc.lr / 2, max_new_tokens=0), dtype="float32")
+    assert [r["step"] for r in resumed["records"]] == [9, 10]
+    np.testing.assert_allclose([r["lr"] for r in resumed["records"]],
+                               [r["lr"] / 2 for r in summary["records"][8:]], rtol=1e-6)
+    assert resumed["records"][0]["lr"] > 0
 
 
 def test_generation_is_seeded_and_leaves_the_global_rng_alone(trained):

@@ -519,6 +519,23 @@ class CustomLLMTrainer(Trainer):
             self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # A resumed run's schedule follows this run's settings, as in JAX (`jaxllm.train` builds it
+        # from the flags; the optimizer state holds only the step count). The saved state holds
+        # the learning rate the run started with (the scheduler's `base_lrs`, the groups'
+        # `initial_lr`), which a resume with another --lr kept; warm-up and length come from the
+        # schedule's function, made from this run's arguments.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        sched = self.lr_scheduler
+        if checkpoint is None or not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        groups = self.optimizer.param_groups
+        sched.base_lrs = [self.args.learning_rate] * len(groups)
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(groups, lrs):
+            group["initial_lr"], group["lr"] = self.args.learning_rate, lr
+        sched._last_lr = lrs
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # (every save of the model: checkpoints, `save_model`) The modeling code beside the weights,
         # as `flax_to_torch.py` exports it: the directory loads with
@@ -870,8 +887,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
                     saved = None
                 raise NonFiniteError(
                     f"{e}" + (f" and nothing was saved after {saved[0]}" if saved else " and no checkpoint was saved")
-                    + ". A resumed run keeps its saved learning-rate schedule: to train on with a lower --lr, "
-                    "start a new --ckpt-dir" + (f" with --init-from {saved[0]} (its weights)" if saved else "")) from None
+                    + ". Lower --lr (a resumed run takes it)") from None
         else:  # the Trainer would run one more step; there is nothing left to do but the samples
             _log(f"{last[0]} is at step {start} >= --steps {rc.steps}: nothing to train", rank)
             if rank == 0 and rc.prompts and rc.max_new_tokens > 0:
