@@ -6,7 +6,6 @@ Its settings (`RunConfig`) and named bundles of them (`RECIPES`) live in `jaxllm
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal

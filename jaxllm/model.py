@@ -13,10 +13,9 @@ E experts, N flattened tokens, K experts per token.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

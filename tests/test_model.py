@@ -346,8 +346,6 @@ def test_grouped_dispatch_with_fewer_assignments_than_a_tail_block_per_expert_eq
 def test_grouped_dispatch_of_a_short_prompt_with_an_expert_of_several_blocks_equals_dense():
     """8 tokens, 16 assignments over 5 experts: blocks of 4 rows; expert 0 takes every token (2
     blocks), expert 2 none. Values and gradients."""
-    from jaxllm.model import dense_dispatch, grouped_dispatch
-
     N, D, F, E = 8, 8, 12, 5
     k = jax.random.split(jax.random.key(2), 5)
     x = jax.random.normal(k[0], (N, D))
@@ -355,10 +353,18 @@ def test_grouped_dispatch_of_a_short_prompt_with_an_expert_of_several_blocks_equ
     chosen = jnp.stack([jnp.zeros(N, jnp.int32), jnp.asarray([1, 3, 4, 1, 3, 4, 1, 1], jnp.int32)], axis=1)
     w = jax.nn.softmax(jax.random.normal(k[4], (N, 2)), axis=-1)
 
-    def loss(dispatch, x, *ws):
-        return jnp.sum(jnp.sin(dispatch(x, chosen, w, *ws)))
+    _grouped_equals_dense(x, chosen, w, ws, 16, jnp.sin)
 
-    grouped = functools.partial(grouped_dispatch, block=16)
+
+def _grouped_equals_dense(x, chosen, w, ws, block, head):
+    """`grouped_dispatch` (products of `block` rows) equals the dense dispatch in value and in the
+    gradients (input and the three expert weights) of `sum(head(dispatch(...)))`."""
+    from jaxllm.model import dense_dispatch, grouped_dispatch
+
+    def loss(dispatch, x, *ws):
+        return jnp.sum(head(dispatch(x, chosen, w, *ws)))
+
+    grouped = functools.partial(grouped_dispatch, block=block)
     assert rel_err(grouped(x, chosen, w, *ws), dense_dispatch(x, chosen, w, *ws)) <= 1e-5
     g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3)))(x, *ws)
     g_dense = jax.jit(jax.grad(functools.partial(loss, dense_dispatch), argnums=(0, 1, 2, 3)))(x, *ws)
@@ -378,7 +384,7 @@ def test_grouped_dispatch_rejects_a_tail_that_does_not_divide_the_block():
 def test_grouped_dispatch_of_one_or_two_experts_equals_dense(experts, tokens):
     """One or two routed experts (k = 1): the layout (2-3 blocks of 32 rows here) can hold fewer
     blocks than one 128-row product takes, and the products narrow to fit. Values and gradients."""
-    from jaxllm.model import block_layout, dense_dispatch, grouped_dispatch
+    from jaxllm.model import block_layout
 
     D, F = 8, 12
     k = jax.random.split(jax.random.key(5), 6)
@@ -386,18 +392,8 @@ def test_grouped_dispatch_of_one_or_two_experts_equals_dense(experts, tokens):
     ws = [jax.random.normal(kk, (experts, D, F)) for kk in k[1:3]] + [jax.random.normal(k[3], (experts, F, D))]
     chosen = jax.random.randint(k[4], (tokens, 1), 0, experts)
     assert block_layout(chosen, experts, 32).asg_P.shape[0] // 32 < 4
-    w = jnp.ones((tokens, 1))
     r = jax.random.normal(k[5], (tokens, D))
-
-    def loss(dispatch, x, *ws):
-        return jnp.sum(dispatch(x, chosen, w, *ws) * r)
-
-    grouped = functools.partial(grouped_dispatch, block=128)
-    assert rel_err(grouped(x, chosen, w, *ws), dense_dispatch(x, chosen, w, *ws)) <= 1e-5
-    g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3)))(x, *ws)
-    g_dense = jax.jit(jax.grad(functools.partial(loss, dense_dispatch), argnums=(0, 1, 2, 3)))(x, *ws)
-    for a, b in zip(g_grouped, g_dense):
-        assert rel_err(a, b) <= 1e-5
+    _grouped_equals_dense(x, chosen, jnp.ones((tokens, 1)), ws, 128, lambda y: y * r)
 
 
 def test_unrolled_layer_scan_equals_the_loop_in_value_and_gradient():

@@ -7,7 +7,6 @@ so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` work
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
