@@ -34,6 +34,19 @@ SHARED = ROOT.parent / "shared"
 ASSETS = SHARED / "assets"
 
 
+# The longest test files first (about 245, 235, 200, 195, 125, 120, 90 and 70 s on 2 CPU cores,
+# 2026-11-30): pytest-xdist's two workers take whole files in collection order (pyproject's
+# `--dist loadfile --no-loadscope-reorder`), so they finish together; xdist's own order, by test
+# count, left the multi-process and mesh files to the end (about 50 s of one idle worker).
+LONGEST_FIRST = ("test_model", "test_reliability", "test_multiprocess", "test_train", "test_convert",
+                 "test_train_torch", "test_generate", "test_bench", "test_definition")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its order
+
+
 @pytest.fixture
 def assets():
     """../shared/assets, or a skip with a clear reason where it does not exist (a user's clone)."""
