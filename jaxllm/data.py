@@ -462,12 +462,20 @@ def model_tokenizer(spec: str | None, config, *, cache_dir=None):
 
 
 def check_vocab(tokenizer, config) -> None:
-    """ValueError when the tokenizer has ids the model's embedding table cannot hold."""
+    """ValueError when the tokenizer does not fit the model: ids its embedding table cannot hold,
+    or an EOS other than the config's `eos_token_id` (training separates documents with the
+    tokenizer's EOS; generation, in both frameworks and in exports, stops at the config's)."""
     n = len(tokenizer)
     if n > config.vocab_size:
         raise ValueError(
             f"the tokenizer has {n} tokens but the model's vocab_size is {config.vocab_size}: use a "
             f"tokenizer with at most {config.vocab_size} tokens or a config with vocab_size >= {n}")
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos != config.eos_token_id:
+        raise ValueError(
+            f"the tokenizer's EOS token {tokenizer.eos_token!r} is id {eos} but the model's eos_token_id is "
+            f"{config.eos_token_id}: documents would end with {eos} and generation stop at {config.eos_token_id}; "
+            f"use a config (--config) whose eos_token_id is {eos}")
 
 
 # ---- document sources ------------------------------------------------------------------------

@@ -489,6 +489,13 @@ def test_vocabulary_larger_than_the_model_names_both_numbers(tokenizer):
     data.check_vocab(tokenizer, LLMConfig.from_preset("small"))
 
 
+def test_a_tokenizer_whose_eos_is_not_the_models_is_refused_naming_both_ids(tokenizer):
+    """Training would end documents with the tokenizer's EOS and generation stop at the config's
+    (a Llama-style `</s>` = 2 against the presets' 0): the model would never stop."""
+    with pytest.raises(ValueError, match=r"EOS token '<\|endoftext\|>' is id 0 but the model's eos_token_id is 2"):
+        data.check_vocab(tokenizer, LLMConfig.from_preset("small", eos_token_id=2))
+
+
 # ---- the real tokenizer and parquet layout (../shared/assets) -----------------------------
 def test_real_tokenizer_from_a_file_and_a_directory(assets):
     for spec in (assets / "smollm2-tokenizer" / "tokenizer.json", assets / "smollm2-tokenizer"):
