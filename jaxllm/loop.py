@@ -190,7 +190,7 @@ def run(rc: RunConfig) -> dict:
 
     if jax.process_index() == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)
-    writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0, start_step=start)
     summary: dict[str, Any] = {"start_step": start, "skipped_nonfinite": 0}
     # A progress bar (made after the compile: its rate and ETA are the steps') on a terminal; else
     # (--no-progress, output to a file) a log line per logged step.

@@ -11,7 +11,11 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True):
+    """`start_step`: the step the run starts from (0, or the checkpoint it resumes). TensorBoard
+    then drops what an earlier run in the same directory logged after it (a crash after the last
+    checkpoint), as `truncate_metrics` does for metrics.jsonl: a restart event at `start_step + 1`."""
+
+    def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self._tb = None
@@ -22,9 +26,13 @@ class MetricsWriter:
             try:
                 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-                self._tb = EventFileWriter(os.path.join(out_dir, "tensorboard"))
+                from tensorboard.compat.proto import event_pb2
             except ImportError:
-                self._tb = None
+                return
+            self._tb = EventFileWriter(os.path.join(out_dir, "tensorboard"))
+            # TensorBoard purges the points at and after a START event's step from older files.
+            restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=start_step + 1, session_log=restart))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -702,6 +702,29 @@ def test_metrics_of_a_crashed_run_are_truncated_to_the_step_resumed_from(tmp_pat
     assert path.read_text() == kept
 
 
+def test_tensorboard_drops_what_a_crashed_run_logged_after_the_step_resumed_from(tmp_path):
+    """A run logged steps 1-6 and crashed after its checkpoint at step 3; the resumed run logs 4-6
+    again. As metrics.jsonl is truncated, TensorBoard (which reads every event file of the
+    directory) shows each step once, the resumed run's: the writer starts with a restart event."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    from jaxllm.metrics import MetricsWriter
+
+    def log(steps, loss, start):
+        writer = MetricsWriter(str(tmp_path), start_step=start)
+        for step in steps:
+            writer.write({"step": step, "loss": loss})
+        writer.close()
+        time.sleep(1.1)  # (event files are named by the second they were opened in)
+
+    log(range(1, 7), 1.0, start=0)
+    log(range(4, 7), 2.0, start=3)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    got = [(e.step, round(float(np.asarray(e.tensor_proto.float_val[0])), 1)) for e in events.Tensors("loss")]
+    assert got == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0)], got
+
+
 def test_readers_leave_a_save_in_progress_alone(trained_ckpt, tmp_path):
     """Generation, `jaxllm.load`, `--init-from` and the export read a directory that a trainer may be
     saving into: none of them deletes the save's temporary directory (a writer's manager would)."""

@@ -364,10 +364,10 @@ class MetricsCallback(TrainerCallback):
     `lm_loss + router_aux_loss_coef * aux_loss`); the Trainer's console `loss` stays its mean over
     the steps since the last log. Throughput and step time are means since the last log."""
 
-    def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True):
+    def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True, start_step: int = 0):
         from jaxllm.metrics import MetricsWriter
 
-        self.writer = MetricsWriter(out_dir, enabled=enabled) if out_dir else None
+        self.writer = MetricsWriter(out_dir, enabled=enabled, start_step=start_step) if out_dir else None
         self.tokens_per_step = tokens_per_step
         self.records: list[dict[str, Any]] = []
         self._t = self._step = None
@@ -851,7 +851,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
 
     args = training_arguments(rc, out_dir, per_device_batch=per_device, dtype=dtype)
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
-    metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0)
+    metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0, start_step=start)
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     stop = StopOnSignalCallback()
     trainer = CustomLLMTrainer(
