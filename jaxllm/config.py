@@ -101,11 +101,13 @@ class LLMConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Keys that Hugging Face writes into config.json next to ours; they carry no model information.
+# Keys that Hugging Face writes into config.json next to ours (a whole `to_dict()` too, not only
+# `save_pretrained`'s difference from the defaults); they carry no model information.
 IGNORED_KEYS = frozenset({
     "model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
     "_name_or_path", "return_dict", "output_hidden_states", "output_attentions", "use_cache",
-    "is_encoder_decoder", "_attn_implementation_autoset",
+    "is_encoder_decoder", "_attn_implementation_autoset", "chunk_size_feed_forward", "id2label",
+    "label2id", "problem_type",
 })
 
 
@@ -138,8 +140,8 @@ def validate(c: LLMConfig) -> None:
             raise ValueError(f"{name} must be a positive number, got {v!r}")
     for name in ("router_bias_update_rate", "router_aux_loss_coef"):
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):  # (NaN too)
+            raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
     if isinstance(c.embedding_dropout, bool) or not isinstance(c.embedding_dropout, (int, float)) \
             or not 0 <= c.embedding_dropout < 1:
         raise ValueError(f"embedding_dropout must be in [0, 1), got {c.embedding_dropout!r}")

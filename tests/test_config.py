@@ -85,6 +85,32 @@ def test_torch_config_validates_too():
         CustomLLMConfig.from_preset("tiny", num_experts_per_tok=9)
 
 
+def test_torch_config_json_refuses_a_misspelt_field_and_the_model_an_invalid_override(tmp_path):
+    """`from_pretrained` on a config.json with a typo (`num_hiden_layers`) built a 30-layer model
+    of mostly untrained layers; an override after loading (`num_experts_per_tok=9` of 7 experts)
+    ran as top-7. Hugging Face's own keys (a whole `to_dict()`) still load."""
+    from transformers import AutoConfig
+
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    config = CustomLLMConfig.from_preset("tiny")
+    config.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["num_hiden_layers"] = d.pop("num_hidden_layers")
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="unknown config field.*num_hiden_layers"):
+        AutoConfig.from_pretrained(tmp_path)
+    assert LLMConfig.from_dict(config.to_dict()) == config.to_llm_config()  # id2label & co. ignored
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    loaded = AutoConfig.from_pretrained(tmp_path, num_experts_per_tok=9)
+    assert loaded.num_experts_per_tok == 9
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        CustomLLM(loaded)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="router_aux_loss_coef must be a finite non-negative number"):
+            LLMConfig.from_preset("tiny", router_aux_loss_coef=bad)
+
+
 def test_remat_default_by_model_size_and_accumulation():
     from jaxllm.recipes import AUTO_REMAT_PARAMS, resolve_remat
 

@@ -312,6 +312,9 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
     `num_items_in_batch`, both as this micro-batch's part of the optimizer step's loss)."""
 
     def __init__(self, config: CustomLLMConfig):
+        # Validated again: `from_pretrained(dir, num_experts_per_tok=9)` and attribute changes
+        # bypass the config's own check (top-9 of 7 experts ran as top-7).
+        config.to_llm_config()
         super().__init__(config)
         c = config
         self.token_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
