@@ -34,6 +34,8 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
     `is_kind`, or holding `extras` (what such a directory does not hold: training state, other
     files). That one is never replaced, even with `force`: a mistyped path must not delete a home
     directory or a training run."""
+    if not os.fspath(out_dir).strip():  # (abspath("") is the working directory: an unset "$OUT")
+        raise ConvertError("the output directory is an empty string", cli="--out is an empty string")
     out = os.path.abspath(os.fspath(out_dir))
     if source is not None:
         src = os.path.abspath(os.fspath(source))

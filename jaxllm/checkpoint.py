@@ -243,7 +243,13 @@ def read_step_info(ckpt_dir: str | os.PathLike, step: int | None = None) -> tupl
 def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
     steps = mngr.all_steps()
     if not steps:
-        raise CheckpointError(f"no checkpoint found in {mngr.directory} (an empty or non-Orbax directory)")
+        where = os.fspath(mngr.directory)
+        hint = (": a Hugging Face directory (convert/torch_to_flax.py makes a checkpoint of it)"
+                if os.path.isfile(os.path.join(where, "config.json")) else
+                ": a step of a checkpoint directory? pass the directory above it"
+                if os.path.isdir(os.path.join(where, "params")) or os.path.isfile(os.path.join(where, "_CHECKPOINT_METADATA"))
+                else "")
+        raise CheckpointError(f"no checkpoint found in {where} (an empty or non-Orbax directory{hint})")
     if step is None:
         return max(steps)
     if step not in steps:

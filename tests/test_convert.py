@@ -525,7 +525,7 @@ def _with_extra_tensor(tree):
 FLAX_TO_TORCH_ERRORS = {
     "missing directory": (lambda d: None, "does not exist"),
     "empty directory": (lambda d: d.mkdir(), "no checkpoint found"),
-    "a Hugging Face directory": (lambda d: _copy(HF_SRC[0], d), "no checkpoint found"),
+    "a Hugging Face directory": (lambda d: _copy(HF_SRC[0], d), "a Hugging Face directory (convert/torch_to_flax.py"),
     "another preset": (lambda d: _save_flax(None, TINY, d, weights=_zeros(_flax_weights(TINY.replace(latent_dim=8)))),
                        "has shape"),
     "missing tensor": (lambda d: _save_flax(None, TINY, d, weights=_without_lm_head_bias(_zeros(_flax_weights(TINY)))),
@@ -545,6 +545,17 @@ def test_flax_to_torch_refuses_bad_input(case, hf_src, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and err.startswith("flax_to_torch.py: error: "), err
     assert message in err, err
     assert _no_leftovers(tmp_path, "hf") == []
+
+
+def test_flax_to_torch_refuses_a_step_directory_and_an_empty_out_naming_them(parity, tmp_path, capsys):
+    """A step of a checkpoint (`ckpt/2`) says to pass the directory above it; `--out ""` (an unset
+    shell variable) is refused, not read as the working directory."""
+    from convert.flax_to_torch import main
+
+    rc, err = _run_main(main, [os.path.join(parity.ckpt, str(STEP)), "--out", tmp_path / "hf"], capsys)
+    assert rc == 2 and "a step of a checkpoint directory? pass the directory above it" in err, err
+    rc, err = _run_main(main, [parity.ckpt, "--out", ""], capsys)
+    assert rc == 2 and err == "flax_to_torch.py: error: --out is an empty string\n", err
 
 
 @pytest.mark.parametrize("case", ["another preset", "missing tensor", "unexpected tensor"])
@@ -763,7 +774,7 @@ def test_command_lines_run_from_the_repository_root(parity, tmp_path, capsys):
                                       if path != BIAS else want[path])
 
     for name, args, message in [
-        ("flax_to_torch", [tmp_path / "hf"], "no checkpoint found"),  # a Hugging Face dir is no checkpoint
+        ("flax_to_torch", [tmp_path / "hf"], "a Hugging Face directory (convert/torch_to_flax.py"),
         ("torch_to_flax", [tmp_path / "ckpt", "--out", tmp_path / "x"], "is a Flax (Orbax) checkpoint already"),
     ]:
         r = _script(name, *args)
