@@ -331,6 +331,24 @@ def test_a_non_finite_step_stops_the_run_before_its_update_and_keeps_the_checkpo
     assert all(np.isfinite(t).all() for t in sd.values())
 
 
+def test_gradients_are_checked_before_clipping():
+    """Finite gradients whose norm overflows float32 would be clipped to zeros (clip coefficient
+    max_norm / inf) and pass any check after it; the check takes the norm first, as JAX does."""
+    from torch_ref.training import NonFiniteError, check_finite_gradients
+
+    model = CustomLLM(CustomLLMConfig.from_llm_config(TINY))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    check_finite_gradients(model, 1)
+    model.lm_head.weight.grad.fill_(1e30)  # finite, but its norm is not
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradient at step 7"):
+        check_finite_gradients(model, 7)
+    model.lm_head.weight.grad.fill_(0.01)
+    model.lm_head.bias.grad[3] = float("nan")
+    with pytest.raises(NonFiniteError):
+        check_finite_gradients(model, 7)
+
+
 def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     rc, summary = trained
     copy = tmp_path / "run"

@@ -14,8 +14,9 @@ trainer (`jaxllm/train.py`) on the same batches:
   `jaxllm.train`'s loss, so gradient accumulation equals one large batch.
 - `RouterBiasCallback`: after every optimizer step, the expert counts of the step (every
   micro-batch, all-reduced over processes) update `router_bias` (auxiliary-loss-free balancing).
-- `NonFiniteGuardCallback`: a NaN / Inf gradient stops the run before its update (`NonFiniteError`);
-  `StopOnSignalCallback`: SIGTERM / Ctrl-C save the running step and stop (every process together).
+- `check_finite_gradients` (after each step's last micro-batch): a NaN / Inf loss or gradient
+  stops the run before its update (`NonFiniteError`); `StopOnSignalCallback`: SIGTERM / Ctrl-C
+  save the running step and stop (every process together).
 - `MPSCallback`, `TextGenerationCallback`, `MetricsCallback` (`metrics.jsonl` as the JAX side
   writes it), `DataStateSaver` (the data position saved into every checkpoint, before the rest of
   it, so a resumed run continues the stream exactly where it stopped).
@@ -229,19 +230,14 @@ class NonFiniteError(RuntimeError):
     """A step's loss or gradient was NaN or infinite; its update was not applied (as in JAX)."""
 
 
-class NonFiniteGuardCallback(TrainerCallback):
-    """Before each optimizer step: a NaN or infinite gradient (a non-finite loss gives one; clipping
-    keeps it non-finite) stops the run before the update, as the JAX trainer does: nothing
-    non-finite reaches the weights or a checkpoint, and the checkpoints already saved stay (the
-    Trainer's rotation would otherwise replace them with damaged ones). Under DDP the gradients
-    are already all-reduced, so every process stops at the same step. One pass over the gradients
-    and one device sync per optimizer step."""
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            raise NonFiniteError(f"non-finite loss or gradient at step {state.global_step + 1}; the update was not "
-                                 "applied")
+def check_finite_gradients(model, step: int) -> None:
+    """`NonFiniteError` unless the gradients and their global norm are finite, as the JAX trainer
+    checks its loss and gradient norm: before clipping, which turns an overflowing norm (finite
+    gradients) into zero gradients and an update of momentum alone. One pass over the gradients
+    (a norm per tensor, as the clipping computes them) and one device sync."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
+    if norms and not bool(torch.isfinite(torch.linalg.vector_norm(torch.stack(norms)))):
+        raise NonFiniteError(f"non-finite loss or gradient at step {step}; the update was not applied")
 
 
 class StopOnSignalCallback(TrainerCallback):
@@ -463,8 +459,8 @@ class CustomLLMTrainer(Trainer):
         self.data_state = data_state
         model = kwargs.get("model", args[0] if args else None)
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-        super().__init__(*args, callbacks=[self.router_bias_callback, NonFiniteGuardCallback(),
-                                           DenseGradientsCallback(), *(callbacks or [])], **kwargs)
+        super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(), *(callbacks or [])],
+                         **kwargs)
         if use_cache is not None:  # the Trainer writes `args.use_cache` (False by default) into the
             # config that every checkpoint saves: loaded, `model(ids)` would return no cache. The
             # model builds none while training anyway.
@@ -478,6 +474,16 @@ class CustomLLMTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("CustomLLMTrainer: training requires a train_dataset")
         return DataLoader(self.train_dataset, batch_size=None, num_workers=0, generator=torch.Generator())
+
+    def training_step(self, *args, **kwargs):
+        # After the step's last micro-batch (its gradients complete, and all-reduced under DDP, so
+        # that every process decides alike) and before the Trainer clips them: a NaN / Inf loss or
+        # gradient stops the run before its update, as in JAX; nothing non-finite reaches the
+        # weights or a checkpoint, and the Trainer's rotation keeps the checkpoints saved before.
+        loss = super().training_step(*args, **kwargs)
+        if self.accelerator.sync_gradients:
+            check_finite_gradients(self.model, self.state.global_step + 1)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, labels = inputs["input_ids"], inputs.get("labels", inputs["input_ids"])
