@@ -63,10 +63,8 @@ class LLMConfig:
     def from_dict(cls, d: dict[str, Any]) -> "LLMConfig":
         """Build from a `config.json` dict. Hugging Face bookkeeping keys are ignored; any other
         unknown key is an error (a typo must not silently fall back to a default)."""
+        check_known_keys(d)
         fields = field_names()
-        unknown = sorted(k for k in d if k not in fields and k not in IGNORED_KEYS)
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         if "model_type" in d and d["model_type"] != MODEL_TYPE:
             raise ValueError(f"model_type: expected {MODEL_TYPE!r}, got {d['model_type']!r}")
         return cls(**{k: v for k, v in d.items() if k in fields})
@@ -109,6 +107,14 @@ IGNORED_KEYS = frozenset({
     "is_encoder_decoder", "_attn_implementation_autoset", "chunk_size_feed_forward", "id2label",
     "label2id", "problem_type",
 })
+
+
+def check_known_keys(d: dict[str, Any]) -> None:
+    """ValueError naming the keys of a config.json dict that are neither fields nor Hugging Face
+    bookkeeping (`IGNORED_KEYS`): a typo must not silently fall back to a default."""
+    unknown = sorted(k for k in d if k not in field_names() and k not in IGNORED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
 
 
 def field_names() -> tuple[str, ...]:

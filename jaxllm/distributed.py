@@ -29,8 +29,8 @@ def cluster_has_several_processes(env=os.environ) -> bool:
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
 
 
-# How long a process waits for the others at a point they should all reach (`all_reach`; and
-# train_jax.py's `exit_together`): 30 s, or `--heartbeat-timeout` if shorter (`maybe_initialize`).
+# How long a process waits for the others at a point they should all reach (`all_reach`,
+# `exit_together`): 30 s, or `--heartbeat-timeout` if shorter (`maybe_initialize`).
 AGREE_TIMEOUT_S = 30
 
 
@@ -150,9 +150,10 @@ def all_reach(name: str, timeout_s: float | None = None) -> bool:
     return True
 
 
-def exit_together(status: int, timeout_s: float) -> NoReturn:
+def exit_together(status: int, timeout_s: float | None = None) -> NoReturn:
     """End this process of a multi-process run with `status` after an error that every process
-    meets alike (a bad flag or mesh, data that fails to open): wait up to `timeout_s` seconds for
+    meets alike (a bad flag or mesh, data that fails to open): wait up to `timeout_s` seconds
+    (default `AGREE_TIMEOUT_S`) for
     the others to get here too, then shut JAX's distributed runtime down with them. Leaving at
     once, process 0 took the coordination service with it, and JAX aborted the processes still on
     their way to the same error (SIGABRT and a stack trace instead of their one line and `status`).
@@ -161,10 +162,8 @@ def exit_together(status: int, timeout_s: float) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        from jax._src import distributed as jax_distributed
-
-        jax_distributed.global_state.client.wait_at_barrier("jaxllm_exit_together", int(timeout_s * 1000))
-        jax.distributed.shutdown()
-    except Exception:  # noqa: BLE001 - a process that did not come: leave anyway
+        if all_reach("exit_together", timeout_s):
+            jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - leave anyway
         pass
     os._exit(status)

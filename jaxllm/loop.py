@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -28,50 +26,21 @@ from jaxllm.distributed import all_reach, check_shared_directory, processes_wher
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.stopping import NonFiniteError, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class NonFiniteError(RuntimeError):
-    pass
-
-
 MAX_CONSECUTIVE_SKIPS = 10  # with --skip-nonfinite: give up after this many bad batches in a row
 
 
-class _Stop:
+class _Stop(SignalStop):
     """SIGTERM / first Ctrl-C ask the loop to save and stop; a second Ctrl-C interrupts at once."""
 
-    def __init__(self):
-        self.requested: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def agreed(self) -> str | None:
-        """The stop request as every process sees it: a signal to any one of them stops all at the
-        same step (the save is collective: a process that saved alone would hang the others)."""
-        if jax.process_count() == 1:
-            return self.requested
-        asked = processes_where(self.requested is not None)
-        if not asked:
-            return None
-        return self.requested or f"a signal to process {asked[0]}"
+    def agreed(self) -> str | None:  # (collective: every process calls it before each step)
+        return super().agreed(processes_where(self.requested is not None))
 
 
 def model_config(rc: RunConfig) -> LLMConfig:
@@ -377,8 +346,7 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
                 # shards): the others wait inside Orbax's restore for this one, and going on to
                 # an earlier step alone would mismatch every collective after it. Set the step
                 # aside so that the same command resumes from the one before it.
-                where = f"{mngr.directory}/{step}"
-                aside = f"{where}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+                where, aside = _step_path(mngr, step), _aside_path(mngr, step, time.strftime("%Y%m%d-%H%M%S"))
                 again = "run the same command again to resume from the step before it"
                 try:
                     os.rename(where, aside)
@@ -407,14 +375,22 @@ def _set_aside(mngr, steps) -> None:
     if jax.process_index() == 0:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for step in steps:
-            src = os.path.join(str(mngr.directory), str(step))
-            if os.path.isdir(src):
-                os.rename(src, f"{src}.unreadable-{stamp}")
+            if os.path.isdir(_step_path(mngr, step)):
+                os.rename(_step_path(mngr, step), _aside_path(mngr, step, stamp))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("set aside unreadable checkpoints")
     mngr.reload()
+
+
+def _step_path(mngr, step: int) -> str:
+    return os.path.join(str(mngr.directory), str(step))
+
+
+def _aside_path(mngr, step: int, stamp: str) -> str:
+    """Where an unreadable step is kept: `<step>.unreadable-<time>`, which Orbax ignores."""
+    return f"{_step_path(mngr, step)}.unreadable-{stamp}"
 
 
 def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             # within --heartbeat-timeout once this one is gone.
             from jaxllm.distributed import exit_together
 
-            exit_together(2, timeout_s=min(30, args.heartbeat_timeout))
+            exit_together(2)
         return 2
     except RuntimeError as e:  # a non-finite loss, or a lost peer process
         import jax
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                   f"{'' if together else ' (did another process die?)'}: {str(e).splitlines()[0]}",
                   file=sys.stderr, flush=True)
             if together:
-                exit_together(1, timeout_s=min(30, args.heartbeat_timeout))
+                exit_together(1)
             os._exit(1)
         print(f"train_jax.py: {e}", file=sys.stderr)
         return 1

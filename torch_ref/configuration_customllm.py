@@ -7,7 +7,7 @@ its modeling code, the converter ships that module beside this one and rewrites 
 
 from transformers import PretrainedConfig
 
-from jaxllm.config import IGNORED_KEYS, MODEL_TYPE, LLMConfig, field_names
+from jaxllm.config import MODEL_TYPE, LLMConfig, check_known_keys, field_names
 
 _DEFAULTS = LLMConfig().to_dict()
 
@@ -34,9 +34,7 @@ class CustomLLMConfig(PretrainedConfig):
         """A config.json's dict (what `from_pretrained` reads), refused with an unknown key as
         `LLMConfig.from_dict` refuses it: a misspelt field must not fall back to its default (a
         `num_hiden_layers` loaded 30 layers, most of them untrained)."""
-        unknown = sorted(k for k in config_dict if k not in field_names() and k not in IGNORED_KEYS)
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        check_known_keys(config_dict)
         return super().from_dict(config_dict, **kwargs)
 
     @classmethod

@@ -45,9 +45,7 @@ import glob
 import json
 import os
 import re
-import signal
 import sys
-import threading
 import time
 import zipfile
 from typing import Any, Iterable, Sequence
@@ -63,6 +61,7 @@ from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt
+from jaxllm.stopping import NonFiniteError, SignalStop
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -226,10 +225,6 @@ class DenseGradientsCallback(TrainerCallback):
                 p.grad = torch.zeros_like(p)
 
 
-class NonFiniteError(RuntimeError):
-    """A step's loss or gradient was NaN or infinite; its update was not applied (as in JAX)."""
-
-
 def check_finite_gradients(model, step: int) -> None:
     """`NonFiniteError` unless the gradients and their global norm are finite, as the JAX trainer
     checks its loss and gradient norm: before clipping, which turns an overflowing norm (finite
@@ -241,48 +236,39 @@ def check_finite_gradients(model, step: int) -> None:
 
 
 class StopOnSignalCallback(TrainerCallback):
-    """SIGTERM or a first Ctrl-C: the running step ends, a checkpoint is saved and training stops
-    (a second Ctrl-C interrupts at once), as in the JAX trainer. Under torch.distributed the
-    request is all-reduced after every optimizer step (one small collective), so a signal to any
-    one process stops all of them at the same step: the save is collective. `stopped_by`: the
-    signal's name, or "a signal to process I". `restore()` puts the previous handlers back."""
+    """SIGTERM or a first Ctrl-C (`jaxllm.stopping.SignalStop`, as in the JAX trainer): the running
+    step ends, a checkpoint is saved and training stops. Under torch.distributed the request is
+    all-reduced after every optimizer step (one small collective), so a signal to any one process
+    stops all of them at the same step: the save is collective. `stopped_by`: the signal's name,
+    or "a signal to process I". `restore()` puts the previous handlers back."""
 
     def __init__(self):
-        self.requested: str | None = None
+        self.signals = SignalStop()
         self.stopped_by: str | None = None
-        self._old = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.signals.install()
 
     def on_step_end(self, args, state, control, **kwargs):
-        stopped_by = self._agreed(args.device)
+        stopped_by = self.signals.agreed(self._asked(args.device))
         if stopped_by and state.global_step < state.max_steps:  # (the last step saves anyway)
             self.stopped_by = stopped_by
             control.should_save = control.should_training_stop = True
 
-    def _agreed(self, device) -> str | None:
+    def _asked(self, device) -> list[int]:
+        """The processes where a signal came."""
+        mine = self.signals.requested is not None
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.requested
+            return [0] if mine else []
         flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int32, device=device)
-        flags[torch.distributed.get_rank()] = self.requested is not None
-        asked = torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
-        return (self.requested or f"a signal to process {asked[0]}") if asked else None
+        flags[torch.distributed.get_rank()] = mine
+        return torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
 
     def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, signal.SIG_DFL if old is None else old)
-        self._old = {}
+        self.signals.restore()
 
 
 class MPSCallback(TrainerCallback):
