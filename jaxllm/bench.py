@@ -123,6 +123,7 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         result["torch_threads"] = torch.get_num_threads()
+        torch_float32_as_jax(torch)
         sd = flax_to_torch(get_weights(jm), config)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # as the JAX side runs on its default device
         tm = CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
@@ -179,12 +180,24 @@ def jax_matmul_sampler(n: int, dtype: str):
     return sample
 
 
+def torch_float32_as_jax(torch) -> str | None:
+    """PyTorch's float32 products as JAX computes them at its default precision, so that a float32
+    comparison is like for like: TF32 on NVIDIA GPUs (PyTorch keeps TF32 off by default, XLA uses
+    it); nothing to do on CPUs, where both are full float32. Returns what was set, for the JSON."""
+    if not torch.cuda.is_available():
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "tf32"
+
+
 def torch_matmul_sampler(n: int, dtype: str):
     """`jax_matmul_sampler`'s twin for PyTorch (its default device: CUDA if there is one)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reps = 10 if device == "cuda" else 1
+    torch_float32_as_jax(torch)
 
     def sample() -> float:
         t = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
@@ -285,6 +298,7 @@ def worker_torch(args) -> dict:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    float32_products = torch_float32_as_jax(torch)
     config = CustomLLMConfig.from_preset(args.preset, embedding_dropout=0.0)
     model = CustomLLM(config).to(device).train()
     # Mixed precision as the Trainer does it (bf16=True): float32 weights, bfloat16 autocast.
@@ -308,6 +322,8 @@ def worker_torch(args) -> dict:
                                           args.iters, args.settle_s, on_cpu=device == "cpu")
     out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
            "torch_threads": torch.get_num_threads(), "torch_peak_samples": peaks}
+    if float32_products:
+        out["torch_float32_products"] = float32_products
     if device == "cuda":
         out["torch_peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -429,6 +445,7 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
                                                 / (n * float(np.median(r[f"{fw}_peak_samples"]))) for r in fw_runs]
         if "jax_flops_per_sec" in case:
             case["jax_gflops"] = case["jax_flops_per_sec"] / 1e9
+        case["peak_rss_gb"] = case.get("jax_peak_rss_gb")
     if "jax" in frameworks and compare_dense and moe_impl != "dense":
         dense = _run_worker("jax", worker_argv("dense"), _within(timeout, deadline, "jax"))
         case["jax_dense_step_s"] = dense["jax_step_s"]
@@ -438,7 +455,6 @@ def bench_case(preset: str, batch_size: int, seq_len: int, *, dtype: str, iters:
         case.update(_run_worker("decode", ["--preset", preset, "--decode-tokens", str(decode_tokens),
                                            "--frameworks", ",".join(frameworks)],
                                 _within(timeout, deadline, "decode")))
-    case["peak_rss_gb"] = case.get("jax_peak_rss_gb")
     return case
 
 
@@ -462,8 +478,8 @@ def markdown(result: dict) -> str:
                 if "jax_matmul_bfloat16_flops" in mm else ""), "",
              "| preset | batch x seq | dtype | moe, remat | JAX tok/s | PyTorch tok/s | JAX/PyTorch | JAX GFLOP/s | "
              "JAX MFU (measured peak: around the steps / at start) | MFU (datasheet) | compile s | JAX peak RSS GB | "
-             "PyTorch peak RSS GB | sparse/dense step | decode tok/s JAX / PyTorch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "PyTorch peak RSS GB | sparse/dense step | decode tok/s JAX / PyTorch | peak device GB JAX / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         def f(key, fmt="{:.1f}"):
             return fmt.format(c[key]) if c.get(key) is not None else "-"
@@ -476,7 +492,8 @@ def markdown(result: dict) -> str:
             f"{f('jax_gflops')} | {f('jax_mfu_around_steps_peak', '{:.1%} / ')}{f('jax_mfu_start_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
             f"{f('torch_peak_rss_gb')} | {f('sparse_over_dense', '{:.2f}x')} | "
-            f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} |")
+            f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} | "
+            f"{f('jax_peak_device_gb')} / {f('torch_peak_device_gb')} |")
     for c in result["cases"]:
         if c.get("jax_over_torch_rounds"):
             lines.append(f"\n{c['preset']}: JAX/PyTorch by round (each framework's median step in that round): "

@@ -46,6 +46,7 @@ PEAK_FLOPS = {
     "h100": {"bfloat16": 989e12, "float32": 494.7e12},  # SXM ("NVIDIA H100 80GB HBM3")
     "h100 pcie": {"bfloat16": 756e12, "float32": 378e12},
     "h100 nvl": {"bfloat16": 835e12, "float32": 417.5e12},
+    "h200 nvl": {"bfloat16": 835e12, "float32": 417.5e12},
     "a100": {"bfloat16": 312e12, "float32": 156e12},
     "l40s": {"bfloat16": 362e12, "float32": 183e12},
     "l40": {"bfloat16": 181e12, "float32": 90.5e12},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark in one call of at most 10 minutes: seed-973m, bfloat16, sequence 256.
-#   scripts/bench_gpu.sh [OUT_DIR]      (default ./bench-gpu)
+#   scripts/bench_gpu.sh [OUT_DIR]      (default: bench-gpu/ in the repository, git-ignored)
 #   PRESET=tiny SEQ_LEN=32 BLOCKS=16 BATCHES="4:dots 8:none" MATMUL_SIZE=512 UNROLL=2 scripts/bench_gpu.sh /tmp/b   # a CPU rehearsal
 # In order, each stage only while the time budget lasts (the first ones matter most):
 #   1. versions, and a probe of cuDNN's fused attention (forward and backward, seconds);
@@ -13,14 +13,15 @@
 #      smaller variants found no room (2026-11-29); a variant out of memory fails alone;
 #   4. the fastest JAX configuration of stages 2-3 (tokens/s) at a micro-batch of at most SIDE_MAX
 #      side by side with the PyTorch reference (bench.py: the same batch, the bf16 matmul peak
-#      measured in the run; PyTorch took 63 GiB at micro-batch 64 on an H200);
+#      measured in the run; PyTorch took 63 GiB at micro-batch 64 on an H200), then both frameworks'
+#      cached decoding (DECODE_TOKENS greedy tokens after a 16-token prompt, batch 1; 0 skips it);
 #   5. the fastest configuration's step profiled: its kernels by kind, the heaviest with their JAX op;
 #   6. that configuration with the layers' scan unrolled (UNROLL layers at a time; a long compile).
 # Writes OUT_DIR/bench.md (the tables), OUT_DIR/sweep.json (every timed variant),
 # OUT_DIR/bench.json (stage 4) and OUT_DIR/log.txt (versions, progress, errors), each as it goes.
 # Settings (environment): BUDGET_S (default 540: no stage starts after it, none runs past it),
 # BLOCKS (default "1024 2048 512"), BATCHES (default "128:dots 64:dots 64:none 32:dots 16:dots"),
-# SIDE_MAX (default 64), UNROLL (default 30; 0 skips stage 6), PRESET (default seed-973m), SEQ_LEN (default 256),
+# SIDE_MAX (default 64), DECODE_TOKENS (default 32), UNROLL (default 30; 0 skips stage 6), PRESET (default seed-973m), SEQ_LEN (default 256),
 # MATMUL_SIZE (default 8192), PYTHON (default python3).
 # Exit status 1 when a stage failed or was cut short (what was measured is still written).
 set -uo pipefail
@@ -125,7 +126,7 @@ elif (( l >= 90 )); then
   say "side by side: bench.py at micro-batch $sb, $simpl/$sblk, remat $sremat, $sa attention"
   blk_args=(); [[ "$sblk" != - ]] && blk_args=(--moe-block "$sblk")
   timeout "$l" "$py" -m jaxllm.bench --preset "$preset" --batch-size "$sb" --seq-len "$seq" --dtype bfloat16 \
-    --iters 10 --warmup 2 --rounds 1 --decode-tokens 0 --matmul-size "${MATMUL_SIZE:-8192}" --moe-impl "$simpl" \
+    --iters 10 --warmup 2 --rounds 1 --decode-tokens "${DECODE_TOKENS:-32}" --matmul-size "${MATMUL_SIZE:-8192}" --moe-impl "$simpl" \
     "${blk_args[@]}" --remat "$sremat" --attn-impl "$sa" --timeout "$((l - 20))" --budget "$((l - 20))" \
     --json "$out/bench.json" 2>>"$log" | tee "$work/side.md"
   rc=${PIPESTATUS[0]}
@@ -160,8 +161,11 @@ try:
     rows = json.load(open(sys.argv[1]))
 except OSError:
     sys.exit()
-print("\n| micro-batch | dispatch | remat | attention | unroll | step ms | tok/s | TFLOP/s | MFU | compile s | peak GiB |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+# XLA peak: the variant's own (buffer assignment); process peak: the allocator's high-water mark of the
+# sweep's process so far, which every variant after the first inherits.
+print("\n| micro-batch | dispatch | remat | attention | unroll | step ms | tok/s | TFLOP/s | MFU | compile s "
+      "| XLA peak GiB | process peak GiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     disp = r["moe_impl"] + (f" ({r['dispatch']})" if r.get("dispatch", r["moe_impl"]) != r["moe_impl"] else "") \
         + (f"/{r['moe_block']}" if r.get("moe_block") else "")
@@ -169,7 +173,7 @@ for r in rows:
         print(f"| {r['batch']} | {disp} | {r['remat']} | {r['attn_impl']} | {r['scan_unroll'] or '-'} | failed: {r['error'][:80]} |")
         continue
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-    gib = f"{r['peak_device_gb']:.1f}" if r.get("peak_device_gb") else "-"
+    gib = " | ".join(f"{r[k]:.1f}" if r.get(k) else "-" for k in ("xla_peak_gb", "process_peak_device_gb"))
     print(f"| {r['batch']} | {disp} | {r['remat']} | {r['attn_impl']} | {r['scan_unroll'] or '-'} | {r['step_ms']:.1f} "
           f"| {r['tokens_per_sec']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['compile_s']:.1f} | {gib} |")
 EOF

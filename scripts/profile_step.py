@@ -318,17 +318,23 @@ def main(argv=None) -> int:
             m = run(args.steps, times)
             med = float(np.median(times))
             flops = training_flops_per_token(config, args.seq_len) * b * args.seq_len
+            # This variant's own peak as XLA's buffer assignment plans it (arguments, outputs and
+            # temporaries live at once); the allocator's peak_bytes_in_use is the process's so far,
+            # which every variant after the first inherits (JAX cannot reset it).
+            planned = getattr(step.memory_analysis(), "peak_memory_in_bytes", None)
             mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
             print(f"{b} x {args.seq_len} {shown}, remat {remat}"
                   f"{'' if args.attn_impl == 'xla' else ', ' + args.attn_impl + ' attention'}: "
                   f"step {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {b * args.seq_len / med:,.0f} tok/s, "
                   f"{flops / med / 1e12:.2f} TFLOP/s" + (f", MFU {flops / med / peak:.1%}" if peak else "")
-                  + f", compile {compile_s:.1f} s" + (f", peak device memory {mem / 2**30:.1f} GiB" if mem else "")
+                  + f", compile {compile_s:.1f} s" + (f", XLA peak {planned / 2**30:.1f} GiB" if planned else "")
+                  + (f", process peak device memory so far {mem / 2**30:.1f} GiB" if mem else "")
                   + f", loss {float(m['loss']):.3f}", flush=True)
             timed = record(batch=b, moe_impl=impl, dispatch=ran, moe_block=block, remat=remat, step_ms=med * 1e3,
                    step_min_ms=min(times) * 1e3, tokens_per_sec=b * args.seq_len / med, tflops=flops / med / 1e12,
                    mfu=flops / med / peak if peak else None, compile_s=compile_s,
-                   peak_device_gb=mem / 2**30 if mem else None, loss=float(m["loss"]))
+                   xla_peak_gb=planned / 2**30 if planned else None,
+                   process_peak_device_gb=mem / 2**30 if mem else None, loss=float(m["loss"]))
             if profile:
                 trace_dir = tempfile.mkdtemp(prefix="profile_step_")
                 jax.profiler.start_trace(trace_dir)

@@ -124,8 +124,29 @@ def test_a_failed_worker_keeps_what_the_workers_before_it_measured(monkeypatch, 
     (case,) = json.loads(out.read_text())["cases"]
     assert case["jax_tokens_per_sec"] == pytest.approx(8 * 128 / 0.5) and case["compile_s"] == 3.0
     assert case["error"] == "torch worker failed:" and "torch_tokens_per_sec" not in case
+    assert case["peak_rss_gb"] == 1.0  # the JAX worker's, measured before the failure
     assert f"| {case['jax_tokens_per_sec']:.1f} | - |" in captured.out
     assert case["jax_mfu_around_steps_peak"] == pytest.approx(case["jax_flops_per_sec"] / 1.1e11)
+
+
+def test_pytorch_float32_products_are_set_as_jax_computes_them(monkeypatch):
+    """On an NVIDIA GPU XLA computes float32 products as TF32 and PyTorch by default does not: the
+    benchmark's PyTorch side turns TF32 on there (a float32 comparison of like with like), and
+    leaves a CPU as it is."""
+    import torch
+
+    from jaxllm.bench import torch_float32_as_jax
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # (torch.backends' flags are properties: monkeypatch cannot undo them)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert torch_float32_as_jax(torch) is None and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert torch_float32_as_jax(torch) == "tf32"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_budget_cuts_every_workers_timeout_to_what_is_left_of_the_run(monkeypatch, capsys):
@@ -342,6 +363,10 @@ def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
     assert (dense["batch"], dense["moe_impl"], dense["moe_block"], dense["remat"]) == (8, "dense", None, "none")
     assert (sparse["dispatch"], sparse["moe_block"], sparse["attn_impl"]) == ("grouped", 128, "xla")
     assert sparse["step_ms"] > 0 and sparse["tokens_per_sec"] > 0 and "error" not in sparse
+    # each variant's own memory (XLA's plan), not the process's peak so far: the second, smaller
+    # step (half the batch, activations recomputed) shows less than the first
+    assert 0 < sparse["xla_peak_gb"] < dense["xla_peak_gb"], (sparse["xla_peak_gb"], dense["xla_peak_gb"])
+    assert f"XLA peak {sparse['xla_peak_gb']:.1f} GiB" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

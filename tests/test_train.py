@@ -216,7 +216,8 @@ def test_datasheet_peaks_by_device_kind():
     assert device_peak_flops(SimpleNamespace(device_kind="cpu")) is None
     # The longest name that matches wins: an L40S is not an L4, a PCIe H100 not the SXM part.
     for kind, want in (("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
-                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12)):
+                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                       ("NVIDIA H200 NVL", 835e12)):
         assert device_peak_flops(SimpleNamespace(device_kind=kind)) == want, kind
 
 
