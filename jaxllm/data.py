@@ -321,7 +321,7 @@ def tokenizer_from_files(files: dict[str, str], config=None):
         tok = _ensure_eos(_directory_tokenizer(d, "the saved tokenizer"), "the saved tokenizer")  # read into memory
     if config is not None:
         check_vocab(tok, config)
-    return tok
+    return pad_on_the_left(tok)  # (a checkpoint saved before the project's tokenizers padded on the left)
 
 
 def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
@@ -458,6 +458,17 @@ def model_tokenizer(spec: str | None, config, *, cache_dir=None):
     `embedded_vocab_size(config)`), checked with `check_vocab`."""
     tokenizer = load_tokenizer(spec, cache_dir=cache_dir, vocab_size=embedded_vocab_size(config))
     check_vocab(tokenizer, config)
+    return pad_on_the_left(tokenizer)
+
+
+def pad_on_the_left(tokenizer):
+    """`tokenizer`, padding on the left from now on and in the files it saves: batched prompts for
+    `generate` (a decoder-only model continues from each row's last token; padded on the right, a
+    short prompt's continuation followed its padding). Training packs documents and never pads.
+    Every tokenizer this project saves (checkpoint steps of both trainers, exports) is set so."""
+    tokenizer.padding_side = "left"
+    if hasattr(tokenizer, "init_kwargs"):
+        tokenizer.init_kwargs["padding_side"] = "left"  # (the attribute alone is not saved)
     return tokenizer
 
 

@@ -383,6 +383,7 @@ def test_each_checkpoint_step_saves_the_run_s_tokenizer(trained_ckpt):
     import jaxllm
 
     assert jaxllm.load_tokenizer(trained_ckpt)(text)["input_ids"] == used(text)["input_ids"]
+    assert saved.padding_side == "left"  # batched prompts for generate, as in exports
 
 
 def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt, tmp_path, capsys):

@@ -268,6 +268,10 @@ def test_loss_falls_and_checkpoints_are_hf_directories(trained):
                  "trainer_state.json", "data_state.rank0.json"):
         assert os.path.isfile(os.path.join(ckpt, name)), name
     assert LLMConfig.from_json_file(os.path.join(ckpt, "config.json")) == TINY
+    # its tokenizer pads batched prompts on the left for `generate`, as an export's does
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(ckpt).padding_side == "left"
     sd = load_file(os.path.join(ckpt, "model.safetensors"))
     rb = sd["decoder_layers.0.mlp.moe.router_bias"]
     assert rb.shape == (TINY.num_routed_experts,) and np.any(rb != 0), "the router bias is trained and saved"
