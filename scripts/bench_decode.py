@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Decode speed with MLA's latent cache against full recomputation, in JAX and in the PyTorch
-reference, from the same weights in one run; and the cache's size per token.
+"""Decode speed: MLA's latent cache against full recomputation, JAX and PyTorch, same weights.
+
+Both frameworks decode from the same weights in one run; the cache's size per token is printed too.
 
     python scripts/bench_decode.py                       # `small`, 256 new tokens after a 16-token prompt
     python scripts/bench_decode.py --new-tokens 64 --json decode.json
