@@ -102,6 +102,15 @@ def _embedded_settings(vocab_size: int) -> dict[str, Any]:
             "min_frequency": 2, "add_prefix_space": False, "corpus": "pydoc_data.topics sections"}
 
 
+def embedded_corpus_key() -> str:
+    """A hash of the embedded corpus's documents, which differ between Python versions: a
+    checkpoint's data position points into this list (`stream_source`)."""
+    h = hashlib.sha256()
+    for doc in embedded_corpus():
+        h.update(b"\0" + doc.encode())
+    return h.hexdigest()[:16]
+
+
 def embedded_tokenizer_key(vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
     """A hash of the embedded corpus and the training settings: the tokenizer's cache key."""
     h = hashlib.sha256(json.dumps(_embedded_settings(vocab_size), sort_keys=True).encode())
@@ -341,7 +350,9 @@ def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
     resuming with another one is refused (`check_same_stream`)."""
     dataset = cfg.dataset if cfg.dataset not in (None, EMBEDDED) else EMBEDDED
     files = None
-    if dataset != EMBEDDED and _looks_local(dataset):
+    if dataset == EMBEDDED:  # its documents come with Python (`pydoc_data`): a fingerprint of them
+        files = [["pydoc_data.topics", embedded_corpus_key()]]
+    elif _looks_local(dataset):
         dataset = os.path.abspath(os.path.expanduser(dataset))
         files = _file_list(dataset)
     return {"dataset": dataset, "dataset_config": cfg.dataset_config, "split": cfg.split,
@@ -442,8 +453,10 @@ def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> Non
                              f"trained with: pass the same to resume, or start a new --ckpt-dir")
     if recorded.get("files") and source.get("files") and recorded["files"] != source["files"]:
         # The same path, other files (some added, changed or removed): allowed, as data may grow.
-        print(f"warning: the files of --dataset {source['dataset']} differ from those {ckpt_dir} was trained on; "
-              "the resumed data position points into another stream of documents", file=sys.stderr)
+        what = (f"the embedded corpus (Python {sys.version.split()[0]}'s pydoc_data) differs from the one "
+                f"{ckpt_dir} was trained on (another Python version?)" if source["dataset"] == EMBEDDED else
+                f"the files of --dataset {source['dataset']} differ from those {ckpt_dir} was trained on")
+        print(f"warning: {what}; the resumed data position points into another stream of documents", file=sys.stderr)
 
 
 def embedded_vocab_size(config) -> int:

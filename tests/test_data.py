@@ -562,3 +562,16 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     write_jsonl(tmp_path / "here" / "c.jsonl", make_texts(4))  # the data grew where it was
     data.check_same_stream(recorded, source("here"), "ck")
     assert "differ from those ck was trained on" in capsys.readouterr().err
+
+
+def test_a_changed_embedded_corpus_is_warned_about_on_resume(monkeypatch, capsys):
+    """The embedded corpus comes with Python (`pydoc_data`) and differs between versions: a run
+    resumed under another Python points its saved position into another document list, and says so."""
+    recorded = json.loads(json.dumps(data.stream_source(DataConfig(), "embedded:k")))
+    data.check_same_stream(recorded, data.stream_source(DataConfig(), "embedded:k"), "ck")
+    assert capsys.readouterr().err == ""
+    corpus = data.embedded_corpus()
+    monkeypatch.setattr(data, "embedded_corpus", lambda: corpus[:-1] + [corpus[-1] + " (a newer Python)"])
+    data.check_same_stream(recorded, data.stream_source(DataConfig(), "embedded:k"), "ck")
+    err = capsys.readouterr().err
+    assert "warning: the embedded corpus (Python " in err and "differs from the one ck was trained on" in err, err
