@@ -126,7 +126,8 @@ def run(rc: RunConfig) -> dict:
     def save(step: int, st) -> None:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
                       train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
-                      config=config, data={**gather_data_states(data.state_dict()), "source": source},
+                      config=config, data={**gather_data_states(data.state_dict()), "source": source,
+                                           "skipped_nonfinite": summary["skipped_nonfinite"]},
                       tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
                       force=True)
 
@@ -160,7 +161,10 @@ def run(rc: RunConfig) -> dict:
     if jax.process_index() == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)
     writer = MetricsWriter(ckpt_dir, enabled=jax.process_index() == 0, start_step=start)
-    summary: dict[str, Any] = {"start_step": start, "skipped_nonfinite": 0}
+    # Steps skipped as non-finite (--skip-nonfinite) over the whole training, resumes included.
+    summary: dict[str, Any] = {"start_step": start,
+                               "skipped_nonfinite": int((saved_data or {}).get("skipped_nonfinite", 0)) if existing
+                               else 0}
     # A progress bar (made after the compile: its rate and ETA are the steps') on a terminal; else
     # (--no-progress, output to a file) a log line per logged step.
     bar, show_bar = None, rc.progress and jax.process_index() == 0 and sys.stderr.isatty()

@@ -845,6 +845,48 @@ def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, c
     assert code == 1 and "10 batches in a row" in err
 
 
+def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, capsys, monkeypatch):
+    """`skipped_nonfinite` in metrics.jsonl counts the whole training's skipped steps: the resumed
+    run continues from the checkpoint's count (it restarted at 0). The second step call of the
+    first run is reported non-finite here (a stand-in: what the loop does with such a step is what
+    is tested)."""
+    from types import SimpleNamespace
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm import train
+
+    calls = []
+    real_init = train.Trainer.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        jitted = self.step_fn
+
+        def lower(*args):
+            compiled = jitted.lower(*args).compile()
+
+            def run(state, batch):
+                calls.append(None)
+                if len(calls) != 2:
+                    return compiled(state, batch)
+                # the state unchanged (as the step's guard leaves it), the metrics of a step
+                _, m = compiled(jax.tree.map(jnp.copy, state), batch)
+                return state, {**m, "finite": jnp.asarray(False)}
+            return SimpleNamespace(compile=lambda: run)
+        self.step_fn = SimpleNamespace(lower=lower)
+
+    monkeypatch.setattr(train.Trainer, "__init__", init)
+    ck = tmp_path / "ck"
+    argv = BASE + ["--save-every", "1", "--log-every", "1", "--skip-nonfinite", "--ckpt-dir", str(ck)]
+    assert _main([*argv, "--steps", "3"], capsys)[0] == 0
+    assert _main([*argv, "--steps", "5"], capsys)[0] == 0
+    records = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_nonfinite"]) for r in records] == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)]
+    assert len(calls) == 6
+
+
 def test_a_data_error_mid_run_saves_the_steps_taken_first(tmp_path, capsys, monkeypatch):
     """A corrupt record met mid-run (a second jsonl shard that is not JSON, reached after some 38
     steps: the first shard's 1,100 documents outlast the 1,024-row batch read at the start) ends
