@@ -95,7 +95,9 @@ def test_printed_tree_and_parameter_count_of_seed_preset():
         assert str(model) == from_doc
 
 
-@pytest.mark.parametrize("moe_impl", ["dense", "sparse"])
+# dense; the CPU's grouped loop (named: these 96 tokens under `sparse` would take the loop-free
+# gather that decoding uses, `DeepSeekMoE._dispatch`); the GPU's gather
+@pytest.mark.parametrize("moe_impl", ["dense", "grouped", "gather"])
 def test_forward_parity_tiny(moe_impl):
     jm, tm = model_pair(TINY, seed=0, moe_impl=moe_impl)
     ids = _ids((2, 48))
@@ -438,16 +440,23 @@ def test_the_fused_attention_call_equals_attend_and_the_model_takes_it_for_causa
     assert not calls
 
 
-def test_cudnn_attention_is_refused_off_a_gpu_and_outside_bf16():
+def test_cudnn_attention_is_refused_off_a_gpu_and_outside_bf16(monkeypatch):
+    import jaxllm.model as M
     from jaxllm.model import check_attn_impl
 
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         create_model(TINY, attn_impl="cudnn", dtype=jnp.bfloat16, abstract=True)
     with pytest.raises(ValueError, match="must be one of xla, cudnn"):
         check_attn_impl("flash", jnp.bfloat16)
-    if jax.default_backend() == "gpu":
-        with pytest.raises(ValueError, match="bfloat16 or float16"):
-            check_attn_impl("cudnn", jnp.float32)
+    # On a GPU (as the model module sees it): float32 and a v_head_dim other than the query's are
+    # refused, what cuDNN runs is accepted.
+    monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        check_attn_impl("cudnn", jnp.float32)
+    with pytest.raises(ValueError, match="v_head_dim equal to nope_head_dim"):
+        check_attn_impl("cudnn", jnp.bfloat16, LLMConfig.from_preset("tiny", nope_head_dim=2 * TINY.nope_head_dim))
+    check_attn_impl("cudnn", jnp.bfloat16, TINY)
+    check_attn_impl("cudnn", jnp.float16, TINY)
 
 
 def test_remat_policies_equal_in_value_and_gradient_and_keep_what_they_name():

@@ -45,13 +45,29 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-@pytest.mark.parametrize("impl", ["sparse", "gather"])  # this CPU's loop; the GPU's dispatch
-def test_fsdp_mesh_on_8_devices_equals_one_device(impl):
+def _spy_grouped(monkeypatch) -> list:
+    """A list that grows each time the CPU's grouped loop (`grouped_dispatch`) is traced."""
+    from jaxllm import model
+
+    ran, real = [], model.grouped_dispatch
+    monkeypatch.setattr(model, "grouped_dispatch", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    return ran
+
+
+# The CPU's grouped loop (`sparse`; blocks of 8 rows: with the default, these few tokens would take
+# the loop-free gather that decoding uses) and the GPU's dispatch (`gather`).
+DISPATCHES = pytest.mark.parametrize("impl, block", [("sparse", 8), ("gather", None)])
+
+
+@DISPATCHES
+def test_fsdp_mesh_on_8_devices_equals_one_device(impl, block, monkeypatch):
     assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
+    grouped = _spy_grouped(monkeypatch)
     batches = _batches(4, 8)
-    s1, l1 = _run(_trainer(moe_impl=impl), batches)
-    tr8 = _trainer("data=2,fsdp=4", n_devices=8, moe_impl=impl)
+    s1, l1 = _run(_trainer(moe_impl=impl, moe_block=block), batches)
+    tr8 = _trainer("data=2,fsdp=4", n_devices=8, moe_impl=impl, moe_block=block)
     s8, l8 = _run(tr8, batches)
+    assert bool(grouped) == (impl == "sparse")
     # Parameters really are sharded over fsdp.
     spec = s8["params"]["decoder_layers"]["mlp"]["routed_experts"]["gate_proj"].sharding.spec
     assert "fsdp" in tuple(spec)
@@ -304,12 +320,14 @@ def test_fsdp_splits_every_large_parameter_evenly_at_seed_973m():
     assert per_device <= 1.001 * total / 8
 
 
-@pytest.mark.parametrize("impl", ["sparse", "gather"])  # this CPU's loop; the GPU's dispatch
-def test_expert_parallel_mesh_on_7_devices_equals_one_device(impl):
+@DISPATCHES
+def test_expert_parallel_mesh_on_7_devices_equals_one_device(impl, block, monkeypatch):
+    grouped = _spy_grouped(monkeypatch)
     batches = _batches(2, 7, seed=3)
-    s1, l1 = _run(_trainer(batch_size=7, moe_impl=impl), batches)
-    tr7 = _trainer("expert=7", n_devices=7, batch_size=7, moe_impl=impl)
+    s1, l1 = _run(_trainer(batch_size=7, moe_impl=impl, moe_block=block), batches)
+    tr7 = _trainer("expert=7", n_devices=7, batch_size=7, moe_impl=impl, moe_block=block)
     s7, l7 = _run(tr7, batches)
+    assert bool(grouped) == (impl == "sparse")
     spec = s7["params"]["decoder_layers"]["mlp"]["routed_experts"]["gate_proj"].sharding.spec
     assert tuple(spec)[1] == "expert"  # [layers, experts, in, out]: one routed expert per device
     np.testing.assert_allclose(l7, l1, rtol=1e-5)
@@ -339,11 +357,17 @@ def test_clip_norm_zero_means_no_clipping_and_a_negative_one_is_refused():
     g = {"w": jnp.full((3, 4), 50.0)}  # norm 173
     oc = dict(lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.0)
     tx, _ = make_optimizer(OptimConfig(clip_norm=0.0, **oc))
-    ours, _ = tx.update(g, tx.init(params), params)
+    ours, state = tx.update(g, tx.init(params), params)
     ref_tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 0, 10, 0.0), weight_decay=0.0)
     ref_tx = optax.chain(optax.identity(), ref_tx)
-    ref, _ = ref_tx.update(g, ref_tx.init(params), params)
+    ref, ref_state = ref_tx.update(g, ref_tx.init(params), params)
     np.testing.assert_allclose(np.asarray(ours["w"]), np.asarray(ref["w"]), rtol=1e-6)
+    # Adam's first update is about -lr * sign(g) whatever the gradient's scale: its moments show
+    # the gradient it was given (0.1 * 50, not 0.1 * 50 / 173 as clipped to 1).
+    for moment in ("mu", "nu"):
+        mine, theirs = optax.tree_utils.tree_get(state, moment), optax.tree_utils.tree_get(ref_state, moment)
+        np.testing.assert_allclose(np.asarray(mine["w"]), np.asarray(theirs["w"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(optax.tree_utils.tree_get(state, "mu")["w"]), 5.0, rtol=1e-6)
     for field in ("clip_norm", "weight_decay"):
         with pytest.raises(ValueError, match=f"{field} must be non-negative"):
             OptimConfig(**{**oc, field: -1.0})
