@@ -257,7 +257,13 @@ def test_loss_falls_and_checkpoints_are_hf_directories(trained):
     assert summary["start_step"] == 0 and summary["end_step"] == 10
     assert losses[-1] < losses[0] - 0.4 and losses[-1] == min(losses), losses
     rec = summary["records"][-1]
-    assert abs(rec["loss"] - (rec["lm_loss"] + TINY.router_aux_loss_coef * rec["aux_loss"])) < 1e-5
+    # The metrics' loss (made from the step's lm_loss and aux_loss) is the loss the Trainer
+    # optimised and logged itself at that step (logged every step: not a mean over several).
+    with open(os.path.join(rc.ckpt_dir, "checkpoint-10", "trainer_state.json")) as f:
+        logged = {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
+    assert sorted(logged) == list(range(1, 11))
+    for r in summary["records"]:
+        assert abs(r["loss"] - logged[r["step"]]) <= 1e-5 * abs(logged[r["step"]]), (r["step"], r["loss"], logged)
     assert len(rec["expert_load_max"]) == TINY.num_hidden_layers
     assert summary["samples"] and summary["samples"][0][1].startswith("The")
 
@@ -722,8 +728,8 @@ def test_jax_and_torch_trainers_agree_for_20_steps_with_accumulation():
     batches, _ = embedded_batches(20, 8, 32)
     result = cross_check(TINY, batches, grad_accum=2, lr=2e-3, warmup_steps=5)
     print(result.table())
-    assert result.max_loss_gap <= 1e-4, result.table()
-    assert result.max_weight_gap[1] <= 1e-4, result.table()
+    assert result.max_loss_gap <= 1e-5, result.table()
+    assert result.max_weight_gap[1] <= 5e-5, result.table()
     assert result.router_bias_max_abs_diff == 0.0
     assert result.jax_losses[-1] < result.jax_losses[0] - 0.3  # it trained
 
