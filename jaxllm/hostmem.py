@@ -11,7 +11,7 @@ themselves once with it set (`reexec_with_huge_pages`), before anything else run
 
 It applies where it can help: Linux with glibc, and the kernel's transparent huge pages in
 `madvise` mode (in `always` mode every process has them already; in `never` mode nothing can).
-`JAXLLM_HUGE_PAGES=0` turns it off. Pure Python (no JAX import).
+`JAXLLM_HUGE_PAGES=0` (or `false`, `off`) turns it off. Pure Python (no JAX import).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def tuned_environ(environ=None, *, thp: str | None = None, libc: str | None = No
     """`environ` with the tunable added to `GLIBC_TUNABLES`, or None where it does not apply or is
     already set (so a re-executed process does not re-execute again)."""
     environ = dict(os.environ if environ is None else environ)
-    if environ.get(OPT_OUT, "1") == "0":
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no", ""):
         return None
     if (libc if libc is not None else platform.libc_ver()[0]) != "glibc":
         return None
@@ -53,11 +53,35 @@ def tuned_environ(environ=None, *, thp: str | None = None, libc: str | None = No
     return environ
 
 
-def reexec_with_huge_pages() -> None:
+def started_as(script: str) -> bool:
+    """Whether this process was started to run `script`: `python [options] script args` or
+    `python [options] -m module args` (the module's file being `script`). Not when the script runs
+    inside another program (IPython's `%run`, a debugger, a driver calling `runpy`): re-executing
+    `sys.orig_argv` would restart that program instead."""
+    orig, argv = list(getattr(sys, "orig_argv", None) or []), sys.argv
+    n = len(orig) - len(argv)  # the program's position in orig_argv
+    if not argv or n < 1 or orig[n + 1:] != argv[1:]:
+        return False
+    same = os.path.realpath(argv[0]) == os.path.realpath(script)
+    i = 1
+    while i < n:  # only the interpreter's own options before the program
+        if orig[i] == "-m" and i == n - 1:
+            return same  # argv[0]: the module's file
+        if orig[i] in ("-W", "-X", "--check-hash-based-pycs"):  # an option and its value
+            i += 2
+        elif orig[i].startswith("-") and orig[i] not in ("-c", "-m"):
+            i += 1
+        else:  # another program first (-c code, -m pdb, a script given this one as an argument)
+            return False
+    return same and os.path.realpath(orig[n]) == os.path.realpath(script)
+
+
+def reexec_with_huge_pages(script: str) -> None:
     """Re-execute this process (same interpreter, flags and arguments) with the tunable set, where
-    it applies; otherwise return. Call first thing in a script's `__main__`."""
+    it applies and the process was started to run `script` (the caller's `__file__`, `started_as`);
+    otherwise return. Call first thing in a script's `__main__`."""
     env = tuned_environ()
-    if env is None or not getattr(sys, "orig_argv", None):
+    if env is None or not started_as(script):
         return
     sys.stdout.flush()
     sys.stderr.flush()

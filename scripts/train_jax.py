@@ -119,5 +119,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from jaxllm.hostmem import reexec_with_huge_pages
 
-    reexec_with_huge_pages()  # big per-step buffers in huge pages (jaxllm/hostmem.py)
+    reexec_with_huge_pages(__file__)  # big per-step buffers in huge pages (jaxllm/hostmem.py)
     sys.exit(main())

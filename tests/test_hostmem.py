@@ -37,7 +37,7 @@ def test_tuned_environ_applies_only_where_it_can_help():
 CHILD = """
 import os, sys
 from jaxllm import hostmem
-hostmem.reexec_with_huge_pages()
+hostmem.reexec_with_huge_pages(__file__)
 import ctypes
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -53,14 +53,40 @@ print(os.environ.get("GLIBC_TUNABLES"), huge, sys.argv[1:])
 
 
 @pytest.mark.skipif(hostmem.tuned_environ({}) is None, reason="huge pages for malloc do not apply on this host")
-def test_reexec_runs_the_same_command_with_huge_pages():
+def test_reexec_runs_the_same_command_with_huge_pages(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
-    out = subprocess.run([sys.executable, "-c", CHILD, "--flag", "x"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(child), "--flag", "x"], env=env, capture_output=True, text=True,
                          check=True).stdout.split(maxsplit=2)
     assert out[0] == hostmem.TUNABLE
     assert int(out[1]) >= 32 * 1024  # kB of the block in huge pages
     assert out[2].strip() == "['--flag', 'x']"
     # opted out: no re-execution, 4 KiB pages
-    out = subprocess.run([sys.executable, "-c", CHILD], env={**env, hostmem.OPT_OUT: "0"}, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert out[0] == "None" and int(out[1]) == 0
+    for value in ("0", "off"):
+        out = subprocess.run([sys.executable, str(child)], env={**env, hostmem.OPT_OUT: value}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out[0] == "None" and int(out[1]) == 0
+    # run inside another program (a driver, as IPython's %run or a debugger): that program is not
+    # started again from its first line
+    driver = f"import runpy; print('driver ran'); runpy.run_path({str(child)!r}, run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.count("driver ran") == 1 and out.splitlines()[1].split()[0] == "None", out
+
+
+def test_started_as_knows_a_script_from_a_program_running_it(monkeypatch, tmp_path):
+    script = str(tmp_path / "train.py")
+
+    def started(orig, argv):
+        monkeypatch.setattr(sys, "orig_argv", orig)
+        monkeypatch.setattr(sys, "argv", argv)
+        return hostmem.started_as(script)
+
+    assert started(["python", script, "--steps", "3"], [script, "--steps", "3"])
+    assert started(["python", "-u", "-X", "dev", script], [script])
+    assert started(["python", "-m", "pkg.train", "--a"], [script, "--a"])  # runpy's argv[0]: the module's file
+    assert not started(["python", "/usr/bin/ipython"], [script, "--help"])  # IPython's %run train.py --help
+    assert not started(["python", "/usr/bin/ipython"], [script])
+    assert not started(["python", "-c", "runpy.run_path(...)"], ["-c"])  # a driver running it in-process
+    assert not started(["python", "-m", "pdb", script, "--a"], [script, "--a"])  # the debugger would restart
+    assert not started(["python", "other.py", "--a"], [script, "--a"])
