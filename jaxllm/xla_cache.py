@@ -38,7 +38,10 @@ def default_dir() -> str:
 def enable(path: str | None = None) -> str | None:
     """Turn the persistent cache on at `path` ("none": off; None: `$JAX_COMPILATION_CACHE_DIR` when
     set, which JAX has read already, else `default_dir()`). Returns the directory in use, or None
-    when off. Raises OSError naming the directory when it cannot be created."""
+    when off. A `path` given that cannot be created raises OSError naming it; the default one
+    (a read-only home directory, say) is only warned about: the run goes on without the cache."""
+    import sys
+
     import jax
 
     _listen()
@@ -47,12 +50,19 @@ def enable(path: str | None = None) -> str | None:
         return None
     if path is None and os.environ.get(ENV):
         return os.environ[ENV]
-    path = os.path.abspath(os.path.expanduser(path or default_dir()))
+    given, path = path, os.path.abspath(os.path.expanduser(path or default_dir()))
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise OSError(f"--compile-cache: cannot create {path} ({e.strerror or e})") from None
+        if given is not None:
+            raise OSError(f"--compile-cache: cannot create {path} ({e.strerror or e})") from None
+        print(f"warning: no compilation cache: cannot create {path} ({e.strerror or e}); pass --compile-cache DIR "
+              "to keep compiled programs elsewhere, or --compile-cache none", file=sys.stderr, flush=True)
+        disable()
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
+    if given is not None:  # (also after `disable`, or JAX_ENABLE_COMPILATION_CACHE=false)
+        jax.config.update("jax_enable_compilation_cache", True)
     return path
 
 

@@ -25,6 +25,30 @@ def test_the_flag_the_environment_and_the_default_choose_the_directory(tmp_path,
         assert xla_cache.default_dir() == str(tmp_path / "root" / "xla") == xla_cache.enable(None)
         monkeypatch.delenv("JAXLLM_CACHE")
         assert xla_cache.default_dir() == os.path.expanduser(os.path.join("~", ".cache", "jaxllm", "xla"))
+        # a directory given explicitly turns the cache on again after it was off
+        assert xla_cache.enable("none") is None and not jax.config.jax_enable_compilation_cache
+        assert xla_cache.enable(str(tmp_path / "again")) and jax.config.jax_enable_compilation_cache
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+
+
+def test_a_default_directory_that_cannot_be_made_is_a_warning_not_an_error(tmp_path, monkeypatch, capsys):
+    """A read-only home directory (a cluster's container): the run goes on without the cache, which
+    only saves time; a --compile-cache the user gave that cannot be made stays an error."""
+    import pytest
+
+    saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
+    (tmp_path / "a_file").write_text("")
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "a_file" / "cache"))
+        assert xla_cache.enable(None) is None and not jax.config.jax_enable_compilation_cache
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("warning: no compilation cache: cannot create ") \
+            and "--compile-cache" in err, err
+        with pytest.raises(OSError, match="--compile-cache: cannot create"):
+            xla_cache.enable(str(tmp_path / "a_file" / "xla"))
     finally:
         for k, v in saved.items():
             jax.config.update(k, v)
