@@ -158,6 +158,8 @@ def run_config(args: argparse.Namespace, d):
         value = getattr(args, f.name, None)
         if value is not None:
             settings[f.name] = tuple(value) if f.name == "prompts" else value
+    if getattr(args, "dataset", None) is not None and getattr(args, "dataset_config", None) is None:
+        settings["dataset_config"] = None  # a recipe's Hub config belongs to the recipe's dataset, not this one
     return type(d)(**settings)
 
 

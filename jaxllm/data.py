@@ -448,6 +448,8 @@ def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> Non
     for key, flag in FLAGS_OF_SOURCE.items():
         if key == "dataset" and recorded.get("files") and recorded.get("files") == source.get("files"):
             continue  # the same files (names and sizes) in another place: a run moved to another machine
+        if key == "dataset_config" and (source["dataset"] == EMBEDDED or _looks_local(source["dataset"])):
+            continue  # meaningless there (earlier runs recorded a recipe's Hub config with local files)
         if recorded.get(key) != source.get(key):
             raise ValueError(f"{flag} {source.get(key)!r} differs from the {recorded.get(key)!r} that {ckpt_dir} was "
                              f"trained with: pass the same to resume, or start a new --ckpt-dir")
@@ -524,6 +526,9 @@ class DataConfig:
             raise ValueError(f"--split {self.split!r}: only a Hub dataset has splits; {what} read whole as 'train'")
         if self.text_column != "text" and self.is_embedded:
             raise ValueError(f"--text-column {self.text_column!r}: the embedded corpus has no columns")
+        if self.dataset_config is not None and (self.is_embedded or _looks_local(self.dataset)):
+            what = "the embedded corpus is read as it is" if self.is_embedded else "local files are read as they are"
+            raise ValueError(f"--dataset-config {self.dataset_config!r}: only a Hub dataset has configs; {what}")
 
     @property
     def is_embedded(self) -> bool:

@@ -564,6 +564,17 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     assert "differ from those ck was trained on" in capsys.readouterr().err
 
 
+def test_a_recorded_hub_config_means_nothing_for_local_files_on_resume(tmp_path, capsys):
+    """Runs with a recipe and local files once recorded the recipe's Hub config (`cosmopedia-v2`),
+    which their data never read: such a run resumes, and a Hub dataset's config is still checked."""
+    write_jsonl(tmp_path / "a.jsonl", make_texts(4))
+    local = data.stream_source(DataConfig(dataset=str(tmp_path / "a.jsonl")), "embedded:k")
+    data.check_same_stream({**local, "dataset_config": "cosmopedia-v2"}, local, "ck")
+    hub = data.stream_source(DataConfig(dataset="org/ds", dataset_config="a"), "embedded:k")
+    with pytest.raises(ValueError, match="--dataset-config 'b' differs from the 'a'"):
+        data.check_same_stream(hub, {**hub, "dataset_config": "b"}, "ck")
+
+
 def test_a_changed_embedded_corpus_is_warned_about_on_resume(monkeypatch, capsys):
     """The embedded corpus comes with Python (`pydoc_data`) and differs between versions: a run
     resumed under another Python points its saved position into another document list, and says so."""
