@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             if together:
                 exit_together(1)
             os._exit(1)
-        print(f"train_jax.py: {e}", file=sys.stderr)
+        print(f"train_jax.py: error: {e}", file=sys.stderr)
         return 1
     if summary.get("stopped_by"):  # saved, not finished: 128 + the signal, as a shell reports it
         return 128 + (signal.SIGINT if summary["stopped_by"] == "SIGINT" else signal.SIGTERM)
