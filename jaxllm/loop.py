@@ -24,7 +24,7 @@ from jaxllm.cli import listing
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import all_reach, check_shared_directory, processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
-from jaxllm.metrics import MetricsWriter, plot_loss_curve, truncate_metrics
+from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.stopping import NonFiniteError, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
@@ -57,6 +57,8 @@ def log(msg: str) -> None:
 def run(rc: RunConfig) -> dict:
     """Train as `rc` says; returns a summary dict. Raises ValueError for bad input."""
     from jaxllm import data as data_lib
+
+    t_start = time.perf_counter()
 
     if rc.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
@@ -172,7 +174,7 @@ def run(rc: RunConfig) -> dict:
     t_compile = None
     last_saved = start if existing else None
     window_t, window_steps = time.perf_counter(), 0
-    first_loss = last_loss = None
+    first = last = None  # this run's first and last logged records
     consecutive_skips = 0
     try:
         with _Stop() as stop:
@@ -245,8 +247,7 @@ def run(rc: RunConfig) -> dict:
                         "skipped_nonfinite": summary["skipped_nonfinite"],
                     }
                     writer.write(rec)
-                    first_loss = rec["loss"] if first_loss is None else first_loss
-                    last_loss = rec["loss"]
+                    first, last = first or rec, rec
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
                     else:
@@ -265,14 +266,13 @@ def run(rc: RunConfig) -> dict:
         mngr.close()
         data.close()
         writer.close()
-    summary.update(end_step=int(jax.device_get(state["step"])), first_loss=first_loss, last_loss=last_loss,
-                   ckpt_dir=ckpt_dir)
+    summary.update(end_step=int(jax.device_get(state["step"])), first_loss=first and first["loss"],
+                   last_loss=last and last["loss"], ckpt_dir=ckpt_dir, wall_s=time.perf_counter() - t_start)
     if jax.process_index() == 0:
         png = plot_loss_curve(writer.path, os.path.join(ckpt_dir, "loss.png"))
         summary["loss_png"] = png
-        losses = f", loss {first_loss:.4f} -> {last_loss:.4f} (first and last logged)" if last_loss is not None else ""
-        log(f"{'stopped' if summary.get('stopped_by') else 'done'}: step {summary['end_step']}{losses}; "
-            f"metrics in {writer.path}" + (f", curve in {png}" if png else ""))
+        log(end_line(bool(summary.get("stopped_by")), summary["end_step"], first, last, summary["wall_s"])
+            + f"; metrics in {writer.path}" + (f", curve in {png}" if png else ""))
     summary["model"] = trainer.model(state)
     summary["tokenizer"] = tokenizer
     return summary

@@ -53,6 +53,14 @@ class MetricsWriter:
             self._tb.close()
 
 
+def end_line(stopped: bool, end_step: int, first: dict | None, last: dict | None, seconds: float) -> str:
+    """Both trainers' last line: where the run ended, the loss of its first and last logged steps
+    (this run's: a resumed run starts after its checkpoint) and its time."""
+    losses = (f", loss {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step {last['step']}"
+              if first and last else "")
+    return f"{'stopped' if stopped else 'done'}: step {end_step}{losses} in {seconds:.1f} s"
+
+
 def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []

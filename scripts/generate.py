@@ -109,6 +109,9 @@ def load_torch_model(path: str, kind: str):
         from convert.hf_import import read_hf_dir
 
         read_hf_dir(os.path.abspath(path))  # from_pretrained would fill missing tensors with random ones
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # (its bar on stderr came out among the streamed text)
         return CustomLLM.from_pretrained(path, dtype=torch.float32).eval()
     from convert.mapping import flax_to_torch
     from jaxllm import checkpoint

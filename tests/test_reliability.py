@@ -880,6 +880,16 @@ def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, c
     assert code == 1 and "10 batches in a row" in err
 
 
+def test_the_last_line_names_the_steps_of_the_losses_it_shows():
+    """Both trainers end with `metrics.end_line`: after a resume the first logged loss is the
+    resumed run's (step 61 here), not the training's first, and the line says so."""
+    from jaxllm.metrics import end_line
+
+    first, last = {"step": 61, "loss": 6.36151}, {"step": 200, "loss": 6.04068}
+    assert end_line(False, 200, first, last, 12.34) == "done: step 200, loss 6.3615 at step 61 -> 6.0407 at step 200 in 12.3 s"
+    assert end_line(True, 7, None, None, 1.0) == "stopped: step 7 in 1.0 s"
+
+
 def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, capsys, monkeypatch):
     """`skipped_nonfinite` in metrics.jsonl counts the whole training's skipped steps: the resumed
     run continues from the checkpoint's count (it restarted at 0). The second step call of the

@@ -783,9 +783,13 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     from transformers import set_seed
 
     from jaxllm import data as data_lib
-    from jaxllm.metrics import plot_loss_curve, truncate_metrics
+    from jaxllm.metrics import end_line, plot_loss_curve, truncate_metrics
 
     t_start = time.perf_counter()
+    if not rc.progress:  # --no-progress: none of transformers' bars either (loading and saving weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype)
     config = model_config(rc)
     check_run(rc, config.max_position_embeddings)
@@ -903,9 +907,9 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     }
     if rank == 0 and metrics.writer is not None:
         summary["loss_png"] = plot_loss_curve(metrics.writer.path, os.path.join(out_dir, "loss.png"))
-        losses = f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if metrics.records else ""
-        _log(f"{'stopped' if stop.stopped_by else 'done'}: step {summary['end_step']}{losses} in "
-             f"{summary['wall_s']:.1f} s; metrics in {metrics.writer.path}"
+        records = metrics.records
+        _log(end_line(bool(stop.stopped_by), summary["end_step"], records[0] if records else None,
+                      records[-1] if records else None, summary["wall_s"]) + f"; metrics in {metrics.writer.path}"
              + (f", curve in {summary['loss_png']}" if summary.get("loss_png") else ""), rank)
     summary["model"] = model
     summary["tokenizer"] = tokenizer
