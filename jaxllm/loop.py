@@ -25,7 +25,7 @@ from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import all_reach, check_shared_directory, processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.stopping import NonFiniteError, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
@@ -44,8 +44,17 @@ class _Stop(SignalStop):
 
 
 def model_config(rc: RunConfig) -> LLMConfig:
+    """The run's model: its --config, its --preset, or (neither given) its --init-from checkpoint's."""
     if rc.config:
         return LLMConfig.from_json_file(rc.config)
+    if rc.preset is None:
+        path = os.path.abspath(rc.init_from)
+        if not os.path.isdir(path):
+            raise ValueError(f"--init-from {path}: not a checkpoint directory")
+        try:
+            return LLMConfig.from_dict(ckpt_lib.read_step_info(path)[1]["config"])
+        except ckpt_lib.CheckpointError as e:
+            raise ValueError(f"--init-from {path}: {e}") from None
     return LLMConfig.from_preset(rc.preset)
 
 
@@ -151,7 +160,7 @@ def run(rc: RunConfig) -> dict:
     flops_per_step = training_flops_per_token(config, rc.seq_len) * tokens_per_step
     peak = rc.peak_flops or device_peak_flops(jax.devices()[0], rc.dtype)
     peak_total = peak * jax.device_count() if peak else None
-    log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}), mesh {dict(mesh.shape)} over "
+    log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc)}), mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)"
         + (f"; {hostmem.describe()}" if jax.devices()[0].platform == "cpu" else ""))
     log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = "
@@ -400,7 +409,9 @@ def _aside_path(mngr, step: int, stamp: str) -> str:
 def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:
     if saved != config:
         raise ValueError(f"{where} holds a checkpoint of another model "
-                         f"(differs in {', '.join(saved.differences(config))})")
+                         f"(differs in {', '.join(saved.differences(config))})"
+                         + ("; without --preset and --config, --init-from trains the model it holds"
+                            if where.startswith("--init-from") else ""))
 
 
 def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):

@@ -28,7 +28,7 @@ REMAT_POLICIES = ("none", "full", "moe", "dots")
 
 @dataclasses.dataclass
 class RunConfig:
-    preset: str = "small"
+    preset: str | None = "small"  # None: the model of `init_from` (no --preset, --config or recipe's chosen)
     config: str | None = None  # a config.json path; overrides preset
     dataset: str | None = None  # None: the embedded corpus
     dataset_config: str | None = None
@@ -134,3 +134,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         prompts=("Once upon a time", "The meaning of life is", "In a distant galaxy"),
     ),
 }
+
+
+def model_name(rc: RunConfig) -> str:
+    """How logs name the run's model: its config file, its preset, or the checkpoint it starts from."""
+    return rc.config or rc.preset or f"the model of {rc.init_from}"

@@ -282,6 +282,12 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
                 dataset_config="cosmopedia-v2", tokenizer="HuggingFaceTB/cosmo2-tokenizer", dropout=True)
     for rc in (jrc, trc):
         assert {k: getattr(rc, k) for k in want} == want
+    # --init-from without --preset and --config: the checkpoint's own model (preset None)
+    for script in (train_jax, train_torch):
+        assert script.parse_args(["--init-from", "ck"])[1].preset is None
+        assert script.parse_args(["--init-from", "ck", "--preset", "tiny"])[1].preset == "tiny"
+        assert script.parse_args(["--init-from", "ck", "--recipe", "seed"])[1].preset == "seed-973m"
+        assert script.parse_args([])[1].preset == "small"
     # with local copies of the data (the README's command) the recipe's Hub config is not theirs
     for script in (train_jax, train_torch):
         rc = script.parse_args(["--recipe", "seed", "--dataset", "corpus/*.parquet"])[1]

@@ -577,7 +577,15 @@ def test_init_from_another_model_size_says_so_before_its_tokenizer_is_tried(tmp_
     code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start")], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "holds a checkpoint of another model (differs in vocab_size)" in err, err
+    assert "without --preset and --config, --init-from trains the model it holds" in err, err
     assert not (tmp_path / "run").exists()
+    # without --preset (and --config): the model the checkpoint holds, with its tokenizer
+    assert BASE[:2] == ["--preset", "tiny"]
+    code, err = _main(BASE[2:] + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start")], capsys)
+    assert code == 0, err
+    from jaxllm.checkpoint import read_step_info
+
+    assert LLMConfig.from_dict(read_step_info(tmp_path / "run")[1]["config"]) == bigger
 
 
 def test_init_from_a_large_vocabulary_naming_no_tokenizer_asks_for_one(tmp_path, capsys):

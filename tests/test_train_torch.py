@@ -437,8 +437,12 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
     capsys.readouterr()  # the same command again resumes, and says that the starting weights are not used
     assert run(dataclasses.replace(start, steps=2), dtype="float32")["start_step"] == 1
     assert f"; --init-from {source} only starts a new run: not used" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"another model .*; train with its --preset/--config"):
+    with pytest.raises(ValueError, match=r"another model .*; without --preset and --config, --init-from trains"):
         run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "other"), init_from=source, preset="tiny", config=None))
+    # neither given (`preset` None, as the command line leaves it): the directory's own model
+    out = run(dataclasses.replace(start, ckpt_dir=str(tmp_path / "its"), preset=None, config=None), dtype="float32")
+    assert out["end_step"] == 1 and out["model"].config.vocab_size == TINY.vocab_size
+    assert f"parameters (the model of {source})" in capsys.readouterr().out
 
 
 def _truncate(path):

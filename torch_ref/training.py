@@ -60,7 +60,7 @@ from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
-from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt
+from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt, model_name
 from jaxllm.stopping import NonFiniteError, SignalStop
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
@@ -594,7 +594,16 @@ def training_arguments(rc: RunConfig, output_dir: str, *, per_device_batch: int,
 
 
 def model_config(rc: RunConfig) -> LLMConfig:
-    return LLMConfig.from_json_file(rc.config) if rc.config else LLMConfig.from_preset(rc.preset)
+    """The run's model: its --config, its --preset, or (neither given) its --init-from directory's."""
+    if rc.config:
+        return LLMConfig.from_json_file(rc.config)
+    if rc.preset is None:
+        path = os.path.join(os.path.abspath(rc.init_from), "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--init-from {rc.init_from}: no config.json (not a Hugging Face directory); give the "
+                             "model's --preset or --config")
+        return LLMConfig.from_json_file(path)
+    return LLMConfig.from_preset(rc.preset)
 
 
 def _missing_from_checkpoint(path: str) -> str | None:
@@ -750,8 +759,8 @@ def _check_init_from(path: str, config: LLMConfig) -> None:
         saved, _ = read_hf_dir(path)
     except ConvertError as e:
         raise ValueError(f"--init-from: {e}") from None
-    _check_same_model(saved, config, f"--init-from {path}", "train with its --preset/--config (the one that "
-                      "config.json records)")
+    _check_same_model(saved, config, f"--init-from {path}", "without --preset and --config, --init-from trains the "
+                      "model it holds")
 
 
 def _log(msg: str, process_index: int) -> None:
@@ -854,7 +863,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[metrics, MPSCallback(), stop, generation], data_state=DataStateSaver(dataset, source))
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"model: {n_params / 1e6:.2f}M parameters ({rc.config or rc.preset}) on {args.device.type}, {dtype}, "
+    _log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc)}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
