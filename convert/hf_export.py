@@ -181,7 +181,7 @@ def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = N
         return None, []
     what = "the tokenizer saved in the checkpoint" if files else f"tokenizer {spec!r}"
     try:
-        from jaxllm.data import embedded_vocab_size, load_tokenizer, pad_on_the_left, tokenizer_from_files
+        from jaxllm.data import embedded_vocab_size, load_tokenizer, tidy_tokenizer, tokenizer_from_files
     except ImportError as e:
         return None, [f"{what} not exported: jaxllm.data.load_tokenizer is not available ({e})"]
     try:
@@ -196,5 +196,5 @@ def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = N
         names = {f"{k}_token": tok.id_to_token(getattr(config, f"{k}_token_id")) for k in ("bos", "eos", "pad")}
         tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.max_position_embeddings,
                                       **{k: v for k, v in names.items() if v is not None})
-    pad_on_the_left(tok).save_pretrained(out)
+    tidy_tokenizer(tok, config).save_pretrained(out)
     return str(spec or "saved with the checkpoint"), []

@@ -330,7 +330,7 @@ def tokenizer_from_files(files: dict[str, str], config=None):
         tok = _ensure_eos(_directory_tokenizer(d, "the saved tokenizer"), "the saved tokenizer")  # read into memory
     if config is not None:
         check_vocab(tok, config)
-    return pad_on_the_left(tok)  # (a checkpoint saved before the project's tokenizers padded on the left)
+    return tidy_tokenizer(tok, config)  # (a checkpoint saved before the project's tokenizers were tidied)
 
 
 def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
@@ -473,17 +473,24 @@ def model_tokenizer(spec: str | None, config, *, cache_dir=None):
     `embedded_vocab_size(config)`), checked with `check_vocab`."""
     tokenizer = load_tokenizer(spec, cache_dir=cache_dir, vocab_size=embedded_vocab_size(config))
     check_vocab(tokenizer, config)
-    return pad_on_the_left(tokenizer)
+    return tidy_tokenizer(tokenizer, config)
 
 
-def pad_on_the_left(tokenizer):
-    """`tokenizer`, padding on the left from now on and in the files it saves: batched prompts for
-    `generate` (a decoder-only model continues from each row's last token; padded on the right, a
-    short prompt's continuation followed its padding). Training packs documents and never pads.
-    Every tokenizer this project saves (checkpoint steps of both trainers, exports) is set so."""
+def tidy_tokenizer(tokenizer, config=None):
+    """`tokenizer`, as every tokenizer this project saves (checkpoint steps of both trainers,
+    exports) is set, in itself and in the files it saves: padding on the left, for batched prompts
+    to `generate` (a decoder-only model continues from each row's last token; padded on the right,
+    a short prompt's continuation followed its padding; training packs documents and never pads);
+    naming `config`'s BOS token when it names none (a bare tokenizer.json); and without the loading
+    options (`is_local`, `local_files_only`) that a tokenizer read from files would save."""
     tokenizer.padding_side = "left"
-    if hasattr(tokenizer, "init_kwargs"):
-        tokenizer.init_kwargs["padding_side"] = "left"  # (the attribute alone is not saved)
+    kwargs = getattr(tokenizer, "init_kwargs", None)
+    if kwargs is not None:
+        kwargs["padding_side"] = "left"  # (the attribute alone is not saved)
+        for option in ("is_local", "local_files_only"):
+            kwargs.pop(option, None)
+    if config is not None and tokenizer.bos_token is None and 0 <= config.bos_token_id < len(tokenizer):
+        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(config.bos_token_id)
     return tokenizer
 
 

@@ -357,7 +357,7 @@ def test_tokenizer_recorded_in_the_checkpoint_is_exported(parity, tmp_path, monk
     fake = SimpleNamespace(embedded_vocab_size=embedded_vocab_size,
                            load_tokenizer=lambda spec, vocab_size: loaded.append((spec, vocab_size)) or _word_tokenizer(),
                            tokenizer_from_files=lambda files: pytest.fail("this checkpoint saved no files"),
-                           pad_on_the_left=real_data.pad_on_the_left)
+                           tidy_tokenizer=real_data.tidy_tokenizer)
     monkeypatch.setitem(sys.modules, "jaxllm.data", fake)
     ckpt = _save_flax(parity.model, TINY, tmp_path / "ckpt", tokenizer="words-v1")
     result = export_hf(ckpt)

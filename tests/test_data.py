@@ -564,6 +564,26 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     assert "differ from those ck was trained on" in capsys.readouterr().err
 
 
+def test_a_run_s_tokenizer_is_tidied_for_saving_and_generation(tmp_path):
+    """A bare tokenizer.json (as cosmo2's file alone): the model's BOS named, padding on the left,
+    and none of the loading options in what it saves; its token ids unchanged."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "cat": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    config = LLMConfig.from_preset("tiny")
+    plain = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert plain.bos_token is None
+    tok = data.model_tokenizer(str(tmp_path / "tokenizer.json"), config)
+    assert tok("the cat")["input_ids"] == plain("the cat")["input_ids"] == [1, 2]
+    assert tok.bos_token_id == config.bos_token_id and tok.padding_side == "left"
+    again = data.tokenizer_from_files(data.tokenizer_files(tok), config)  # as a checkpoint keeps it
+    assert again.bos_token_id == config.bos_token_id and again.padding_side == "left"
+    saved = json.loads(data.tokenizer_files(again)["tokenizer_config.json"])
+    assert "is_local" not in saved and "local_files_only" not in saved, saved
+
+
 def test_a_recorded_hub_config_means_nothing_for_local_files_on_resume(tmp_path, capsys):
     """Runs with a recipe and local files once recorded the recipe's Hub config (`cosmopedia-v2`),
     which their data never read: such a run resumes, and a Hub dataset's config is still checked."""

@@ -277,7 +277,11 @@ def test_loss_falls_and_checkpoints_are_hf_directories(trained):
     # its tokenizer pads batched prompts on the left for `generate`, as an export's does
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(ckpt).padding_side == "left"
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.padding_side == "left" and tok.bos_token_id == TINY.bos_token_id
+    with open(os.path.join(ckpt, "tokenizer_config.json")) as f:
+        saved = json.load(f)
+    assert "is_local" not in saved and "local_files_only" not in saved  # loading options, not the tokenizer's
     sd = load_file(os.path.join(ckpt, "model.safetensors"))
     rb = sd["decoder_layers.0.mlp.moe.router_bias"]
     assert rb.shape == (TINY.num_routed_experts,) and np.any(rb != 0), "the router bias is trained and saved"
