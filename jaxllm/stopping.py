@@ -12,8 +12,8 @@ class NonFiniteError(RuntimeError):
 
 
 class SignalStop:
-    """SIGTERM or a first Ctrl-C ask the run to save and stop (`requested`: the signal's name); a
-    second Ctrl-C interrupts at once. The handlers are installed by `install()` (from the main
+    """SIGTERM or a first Ctrl-C ask the run to save and stop (`requested`: the first signal's
+    name, which decides the exit status); a Ctrl-C after such a request interrupts at once. The handlers are installed by `install()` (from the main
     thread only) or on entering the context, and put back by `restore()` or on leaving it. Each
     trainer agrees on the request over its processes (`agreed`)."""
 
@@ -29,7 +29,7 @@ class SignalStop:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
 
     def restore(self) -> None:
         for sig, old in self._old.items():  # (None: a handler set outside Python; the default then)

@@ -191,6 +191,29 @@ def test_sigterm_saves_and_the_next_start_resumes(tmp_path, reference):
     _assert_same(_final_state(ckpt), _final_state(reference, 8))
 
 
+def test_the_first_signal_decides_and_a_ctrl_c_after_it_interrupts():
+    """`SignalStop` (both trainers): SIGTERM or Ctrl-C asks to save and stop, named by the first
+    signal (its exit status: 143 or 130); a Ctrl-C after a request interrupts at once; a SIGTERM
+    after a Ctrl-C changes nothing. The handlers are put back on leaving."""
+    import signal
+
+    from jaxllm.stopping import SignalStop
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with SignalStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    with SignalStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_a_stop_before_the_first_step_saves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
     """A signal during start-up or the compile: no step was taken, so no checkpoint of the
     initial weights is written; the run still exits as stopped (128 + SIGTERM)."""
