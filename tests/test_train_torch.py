@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -265,6 +267,7 @@ def test_loss_falls_and_checkpoints_are_hf_directories(trained):
     for r in summary["records"]:
         assert abs(r["loss"] - logged[r["step"]]) <= 1e-5 * abs(logged[r["step"]]), (r["step"], r["loss"], logged)
     assert len(rec["expert_load_max"]) == TINY.num_hidden_layers
+    assert all("mfu" in r and r["mfu"] is None for r in summary["records"])  # a CPU: no datasheet peak
     assert summary["samples"] and summary["samples"][0][1].startswith("The")
 
     ckpt = os.path.join(rc.ckpt_dir, "checkpoint-10")
@@ -876,3 +879,25 @@ def test_a_data_error_mid_run_saves_the_steps_taken_and_a_mended_stream_resumes_
     straight = run(dataclasses.replace(rc, ckpt_dir=str(tmp_path / "straight")), dtype="float32")
     np.testing.assert_allclose([r["loss"] for r in resumed["records"]],
                                [r["loss"] for r in straight["records"][step:]], rtol=1e-6)
+
+
+def test_the_metrics_mfu_uses_the_gpus_bfloat16_datasheet_peak(monkeypatch):
+    """MFU in metrics.jsonl as on the JAX side (counted FLOPs per second over the peak of all the
+    run's devices): on known NVIDIA GPUs in bfloat16; not in float32 (the datasheet's float32 figure
+    is TF32's, which PyTorch does not use by default) and not on CPUs."""
+    from torch_ref import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert training._peak_flops("bfloat16", 2) == 2 * 989e12
+    assert training._peak_flops("float32", 2) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    assert training._peak_flops("bfloat16", 1) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training._peak_flops("bfloat16", 1) is None
+    cb = training.MetricsCallback(None, 1000, flops_per_step=5e12, peak_flops=1e13)
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True)
+    cb._t, cb._step = time.perf_counter() - 2.0, 0  # two steps in about 2 s: 5e12 FLOP/s of 1e13
+    cb.on_log(None, state, None, logs={"loss": 1.0, "lm_loss": 1.0, "aux_loss": 0.0},
+              model=SimpleNamespace(config=SimpleNamespace(router_aux_loss_coef=0.0)))
+    assert cb.records[-1]["mfu"] == pytest.approx(0.5, rel=0.05)

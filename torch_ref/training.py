@@ -60,6 +60,7 @@ from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
+from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt, model_name
 from jaxllm.stopping import NonFiniteError, SignalStop
 from torch_ref.configuration_customllm import CustomLLMConfig
@@ -346,11 +347,14 @@ class MetricsCallback(TrainerCallback):
     `lm_loss + router_aux_loss_coef * aux_loss`); the Trainer's console `loss` stays its mean over
     the steps since the last log. Throughput and step time are means since the last log."""
 
-    def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True, start_step: int = 0):
+    def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True, start_step: int = 0,
+                 flops_per_step: float | None = None, peak_flops: float | None = None):
         from jaxllm.metrics import MetricsWriter
 
         self.writer = MetricsWriter(out_dir, enabled=enabled, start_step=start_step) if out_dir else None
         self.tokens_per_step = tokens_per_step
+        # MFU as on the JAX side: counted FLOPs per second over the peak of all devices (None: unknown)
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
         self.records: list[dict[str, Any]] = []
         self._t = self._step = None
 
@@ -371,6 +375,8 @@ class MetricsCallback(TrainerCallback):
         rec = {"step": state.global_step, "loss": loss, "lr": float(logs.get("learning_rate", 0.0)),
                "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
                "tokens_per_sec": steps * self.tokens_per_step / dt if dt > 0 else 0.0, "step_time_s": dt / steps}
+        rec["mfu"] = (self.flops_per_step / rec["step_time_s"] / self.peak_flops
+                      if self.peak_flops and self.flops_per_step and dt > 0 else None)
         rec.update({k: logs[k] for k in ("lm_loss", "aux_loss", "expert_load_min", "expert_load_max") if k in logs})
         self.records.append(rec)
         if self.writer is not None:
@@ -558,6 +564,18 @@ def resolve_dtype(dtype: str) -> str:
                          f"file) differs from --dtype {given}{resolved}; train_torch.py trains in float32 or bfloat16 "
                          "as --dtype says: launch with --mixed_precision no (or bf16 with --dtype bfloat16)")
     return dtype
+
+
+def _peak_flops(dtype: str, processes: int) -> float | None:
+    """The datasheet peak of this run's GPUs (one per process) in bfloat16, for the metrics' MFU;
+    None on CPUs, unknown chips and in float32 (the datasheet's float32 figure is TF32's, which
+    PyTorch does not use by default)."""
+    from jaxllm.flops import device_peak_flops
+
+    if dtype != "bfloat16" or not torch.cuda.is_available():
+        return None
+    peak = device_peak_flops(torch.cuda.get_device_name(), "bfloat16")
+    return peak * processes if peak else None
 
 
 def cpu_only() -> bool:
@@ -856,7 +874,9 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
 
     args = training_arguments(rc, out_dir, per_device_batch=per_device, dtype=dtype)
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
-    metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0, start_step=start)
+    metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0, start_step=start,
+                              flops_per_step=training_flops_per_token(config, rc.seq_len) * tokens_per_step,
+                              peak_flops=_peak_flops(dtype, world))
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     stop = StopOnSignalCallback()
     trainer = CustomLLMTrainer(
