@@ -82,7 +82,9 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
                    seed: int = 0, frameworks=("jax", "torch"), repeats: int = 3,
                    torch_threads: int | None = None, recompute: bool = True) -> dict:
     """Decode tokens/s with the latent cache and with full recomputation for each framework
-    (float32, the same randomly initialised weights, greedy, no early stop), plus the cache
+    (float32, as each framework computes it: bench.py's worker and bench_decode.py set PyTorch's
+    products as JAX's, TF32 on NVIDIA GPUs; the same randomly initialised weights, greedy, no early
+    stop), plus the cache
     bytes per token of `seed-973m` against a full K/V cache. The slow recomputation runs are
     timed once (after their warm-up). `torch_threads`: PyTorch's intra-op threads (default: its
     own choice; on a shared machine one thread can be faster for these small matmuls).
@@ -123,7 +125,6 @@ def measure_decode(preset: str = "small", *, new_tokens: int = 256, prompt_len: 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         result["torch_threads"] = torch.get_num_threads()
-        torch_float32_as_jax(torch)
         sd = flax_to_torch(get_weights(jm), config)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # as the JAX side runs on its default device
         tm = CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
@@ -333,6 +334,9 @@ DECODE_PROMPT = 16  # prompt tokens of bench.py's decode measurement
 
 
 def worker_decode(args) -> dict:
+    import torch
+
+    torch_float32_as_jax(torch)
     r = measure_decode(args.preset, new_tokens=args.decode_tokens, prompt_len=DECODE_PROMPT, batch_size=1,
                        frameworks=tuple(f for f in args.frameworks.split(",") if f in ("jax", "torch")),
                        recompute=False, repeats=2)

@@ -92,8 +92,8 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
 
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
-    a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset}; with --init-from and no --config, "
-                       "the model of that checkpoint)")
+    a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset}; with --init-from and no --config "
+                       "or recipe naming a model, the model of that checkpoint)")
     a("--config", help="a config.json with LLMConfig's field names, jaxllm/config.py (overrides --preset)")
     a("--dataset", help="Hub dataset id, or local .parquet/.jsonl/.json/.txt data: a file, a glob, or a directory "
                         "holding such files (default: the embedded corpus)")
@@ -159,7 +159,9 @@ def run_config(args: argparse.Namespace, d):
         value = getattr(args, f.name, None)
         if value is not None:
             settings[f.name] = tuple(value) if f.name == "prompts" else value
-    if getattr(args, "dataset", None) is not None and getattr(args, "dataset_config", None) is None:
+    dataset = getattr(args, "dataset", None)
+    if dataset is not None and getattr(args, "dataset_config", None) is None \
+            and dataset != RECIPES[args.recipe].get("dataset"):
         settings["dataset_config"] = None  # a recipe's Hub config belongs to the recipe's dataset, not this one
     chosen = [getattr(args, k, None) for k in ("preset", "config")] + [RECIPES[args.recipe].get(k) for k in ("preset", "config")]
     if getattr(args, "init_from", None) is not None and not any(chosen):

@@ -346,7 +346,8 @@ def tokenizer_source(spec: str | None, *, vocab_size: int = EMBEDDED_VOCAB_SIZE)
 def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
     """What decides the token stream that a saved data position points into: the dataset (an
     absolute path when local, with its files' relative paths and sizes), its config, split, text
-    column and seed, and the tokenizer as `tokenizer_source` records it. A checkpoint stores it;
+    column and seed, and the tokenizer as `tokenizer_source` records it; for the embedded corpus, a
+    fingerprint of its documents (they change with the Python version). A checkpoint stores it;
     resuming with another one is refused (`check_same_stream`)."""
     dataset = cfg.dataset if cfg.dataset not in (None, EMBEDDED) else EMBEDDED
     files = None
@@ -481,7 +482,8 @@ def tidy_tokenizer(tokenizer, config=None):
     exports) is set, in itself and in the files it saves: padding on the left, for batched prompts
     to `generate` (a decoder-only model continues from each row's last token; padded on the right,
     a short prompt's continuation followed its padding; training packs documents and never pads);
-    naming `config`'s BOS token when it names none (a bare tokenizer.json); and without the loading
+    naming `config`'s BOS token when it names none (a bare tokenizer.json) and that token is a
+    special one (the EOS or an added special token); and without the loading
     options (`is_local`, `local_files_only`) that a tokenizer read from files would save."""
     tokenizer.padding_side = "left"
     kwargs = getattr(tokenizer, "init_kwargs", None)
@@ -489,8 +491,11 @@ def tidy_tokenizer(tokenizer, config=None):
         kwargs["padding_side"] = "left"  # (the attribute alone is not saved)
         for option in ("is_local", "local_files_only"):
             kwargs.pop(option, None)
-    if config is not None and tokenizer.bos_token is None and 0 <= config.bos_token_id < len(tokenizer):
-        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(config.bos_token_id)
+    bos = getattr(config, "bos_token_id", None)
+    if bos is not None and tokenizer.bos_token is None and 0 <= bos < len(tokenizer):
+        added = tokenizer.added_tokens_decoder.get(bos)  # (an ordinary word named BOS would become special)
+        if bos == tokenizer.eos_token_id or (added is not None and added.special):
+            tokenizer.bos_token = tokenizer.convert_ids_to_tokens(bos)
     return tokenizer
 
 

@@ -11,7 +11,7 @@ themselves once with it set (`reexec_with_huge_pages`), before anything else run
 
 It applies where it can help: Linux with glibc, and the kernel's transparent huge pages in
 `madvise` mode (in `always` mode every process has them already; in `never` mode nothing can).
-`JAXLLM_HUGE_PAGES=0` (or `false`, `off`) turns it off. Pure Python (no JAX import).
+`JAXLLM_HUGE_PAGES=0` (or `false`, `off`, `no`) turns it off. Pure Python (no JAX import).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def tuned_environ(environ=None, *, thp: str | None = None, libc: str | None = No
     """`environ` with the tunable added to `GLIBC_TUNABLES`, or None where it does not apply or is
     already set (so a re-executed process does not re-execute again)."""
     environ = dict(os.environ if environ is None else environ)
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no", ""):
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no"):
         return None
     if (libc if libc is not None else platform.libc_ver()[0]) != "glibc":
         return None
@@ -65,8 +65,9 @@ def started_as(script: str) -> bool:
     same = os.path.realpath(argv[0]) == os.path.realpath(script)
     i = 1
     while i < n:  # only the interpreter's own options before the program
-        if orig[i] == "-m" and i == n - 1:
-            return same  # argv[0]: the module's file
+        if orig[i] == "-m" and i == n - 1:  # argv[0]: the module's file, and that module is __main__
+            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+            return same and getattr(spec, "name", None) == orig[n]
         if orig[i] in ("-W", "-X", "--check-hash-based-pycs"):  # an option and its value
             i += 2
         elif orig[i].startswith("-") and orig[i] not in ("-c", "-m"):

@@ -47,14 +47,11 @@ def model_config(rc: RunConfig) -> LLMConfig:
     """The run's model: its --config, its --preset, or (neither given) its --init-from checkpoint's."""
     if rc.config:
         return LLMConfig.from_json_file(rc.config)
-    if rc.preset is None:
-        path = os.path.abspath(rc.init_from)
-        if not os.path.isdir(path):
-            raise ValueError(f"--init-from {path}: not a checkpoint directory")
+    if rc.preset is None:  # the model of the run's own latest checkpoint (a resume), else of --init-from's
         try:
-            return LLMConfig.from_dict(ckpt_lib.read_step_info(path)[1]["config"])
-        except ckpt_lib.CheckpointError as e:
-            raise ValueError(f"--init-from {path}: {e}") from None
+            return LLMConfig.from_dict(ckpt_lib.read_step_info(rc.ckpt_dir)[1]["config"])
+        except (ckpt_lib.CheckpointError, OSError, KeyError):
+            return LLMConfig.from_dict(init_from_meta(rc.init_from)[0]["config"])
     return LLMConfig.from_preset(rc.preset)
 
 
@@ -410,7 +407,7 @@ def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:
     if saved != config:
         raise ValueError(f"{where} holds a checkpoint of another model "
                          f"(differs in {', '.join(saved.differences(config))})"
-                         + ("; without --preset and --config, --init-from trains the model it holds"
+                         + ("; without --preset, --config or a recipe naming a model, --init-from trains the model it holds"
                             if where.startswith("--init-from") else ""))
 
 
@@ -435,16 +432,22 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
 def init_tokenizer(path: str, config: LLMConfig | None = None) -> tuple[str | None, dict | None]:
     """(the tokenizer it names, the tokenizer files it saved) of the `--init-from` checkpoint; with
     `config`, a checkpoint of another model is refused first (its tokenizer may not fit `config`)."""
+    meta, files = init_from_meta(path)
+    if config is not None:
+        _check_same_model(LLMConfig.from_dict(meta["config"]), config, f"--init-from {os.path.abspath(path)}")
+    return meta.get("tokenizer"), files
+
+
+def init_from_meta(path: str) -> tuple[dict, dict | None]:
+    """(metadata, saved tokenizer files) of the `--init-from` checkpoint's latest step; ValueError
+    naming the directory when it is none."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
     try:
-        _, meta, files = ckpt_lib.read_step_info(path)
+        return ckpt_lib.read_step_info(path)[1:]
     except ckpt_lib.CheckpointError as e:
         raise ValueError(f"--init-from {path}: {e}") from None
-    if config is not None:
-        _check_same_model(LLMConfig.from_dict(meta["config"]), config, f"--init-from {path}")
-    return meta.get("tokenizer"), files
 
 
 def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:

@@ -41,7 +41,11 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from jaxllm.bench import measure_decode, report
+    import torch
+
+    from jaxllm.bench import measure_decode, report, torch_float32_as_jax
+
+    torch_float32_as_jax(torch)  # float32 products as JAX computes them (TF32 on NVIDIA GPUs)
     from jaxllm.cli import check_at_least, check_json_path, parser
 
     p = parser(__file__, __doc__)

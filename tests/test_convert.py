@@ -261,7 +261,8 @@ def test_two_optimizer_steps_of_both_projects_match_through_the_converter(parity
     """Each project's own optimizer, two steps. JAX: `jaxllm.train.make_optimizer` (clipping, AdamW
     with `decay_mask`, warm-up then cosine) and `router_bias_update`. PyTorch: the Trainer's, as
     `train_torch.py` builds it (`training_arguments`, `CustomLLMTrainer`: AdamW with its decay
-    groups, the cosine schedule), the Trainer's clipping, and `update_router_bias`. The schedule
+    groups, the cosine schedule), clipping by `clip_grad_norm_` to the arguments' `max_grad_norm`
+    (as the Trainer's step does), and `update_router_bias`. The schedule
     gives lr 0 at the first step (the moments and the router bias still move) and LR / WARMUP at
     the second. Set so that every part shows beyond float32 rounding: the two steps' batches have
     gradient norms of different sizes and both are clipped (Adam's update is blind to a scale

@@ -582,6 +582,10 @@ def test_a_run_s_tokenizer_is_tidied_for_saving_and_generation(tmp_path):
     assert again.bos_token_id == config.bos_token_id and again.padding_side == "left"
     saved = json.loads(data.tokenizer_files(again)["tokenizer_config.json"])
     assert "is_local" not in saved and "local_files_only" not in saved, saved
+    # a BOS id that is an ordinary word is not named: saved as a special token, it would no longer
+    # be split out of longer words ("the" in "theory") after a reload
+    word_bos = LLMConfig.from_preset("tiny", bos_token_id=1)
+    assert data.model_tokenizer(str(tmp_path / "tokenizer.json"), word_bos).bos_token is None
 
 
 def test_a_recorded_hub_config_means_nothing_for_local_files_on_resume(tmp_path, capsys):

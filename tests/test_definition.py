@@ -292,6 +292,9 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
     for script in (train_jax, train_torch):
         rc = script.parse_args(["--recipe", "seed", "--dataset", "corpus/*.parquet"])[1]
         assert (rc.dataset, rc.dataset_config, rc.tokenizer) == ("corpus/*.parquet", None, want["tokenizer"])
+        # ... but it is the recipe's dataset's, named again
+        rc = script.parse_args(["--recipe", "seed", "--dataset", want["dataset"]])[1]
+        assert rc.dataset_config == want["dataset_config"]
     args = training_arguments(trc, str(tmp_path), per_device_batch=trc.batch_size, save=False, use_cpu=True)
     assert (args.learning_rate, args.warmup_steps, args.max_steps, args.weight_decay, args.max_grad_norm) == \
         (2e-5, 2000, 10_000, 0.01, 1.0)

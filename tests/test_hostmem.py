@@ -84,7 +84,14 @@ def test_started_as_knows_a_script_from_a_program_running_it(monkeypatch, tmp_pa
 
     assert started(["python", script, "--steps", "3"], [script, "--steps", "3"])
     assert started(["python", "-u", "-X", "dev", script], [script])
-    assert started(["python", "-m", "pkg.train", "--a"], [script, "--a"])  # runpy's argv[0]: the module's file
+    from types import SimpleNamespace
+
+    # `python -m pkg.train`: runpy's argv[0] is the module's file, and __main__ that module
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="pkg.train")))
+    assert started(["python", "-m", "pkg.train", "--a"], [script, "--a"])
+    # `python -m runner` that sets argv and runs the script with runpy.run_path (no module spec)
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=None))
+    assert not started(["python", "-m", "runner"], [script])
     assert not started(["python", "/usr/bin/ipython"], [script, "--help"])  # IPython's %run train.py --help
     assert not started(["python", "/usr/bin/ipython"], [script])
     assert not started(["python", "-c", "runpy.run_path(...)"], ["-c"])  # a driver running it in-process

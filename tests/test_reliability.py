@@ -600,7 +600,7 @@ def test_init_from_another_model_size_says_so_before_its_tokenizer_is_tried(tmp_
     code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start")], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "holds a checkpoint of another model (differs in vocab_size)" in err, err
-    assert "without --preset and --config, --init-from trains the model it holds" in err, err
+    assert "without --preset, --config or a recipe naming a model, --init-from trains the model it holds" in err, err
     assert not (tmp_path / "run").exists()
     # without --preset (and --config): the model the checkpoint holds, with its tokenizer
     assert BASE[:2] == ["--preset", "tiny"]
@@ -609,6 +609,11 @@ def test_init_from_another_model_size_says_so_before_its_tokenizer_is_tried(tmp_
     from jaxllm.checkpoint import read_step_info
 
     assert LLMConfig.from_dict(read_step_info(tmp_path / "run")[1]["config"]) == bigger
+    # the same command resumes from the run's own checkpoint, also where the starting one is gone
+    shutil.rmtree(tmp_path / "start")
+    code, err = _main(BASE[2:] + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start"),
+                                  "--steps", "3"], capsys)
+    assert code == 0 and read_step_info(tmp_path / "run")[0] == 3, err
 
 
 def test_init_from_a_large_vocabulary_naming_no_tokenizer_asks_for_one(tmp_path, capsys):

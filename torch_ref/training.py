@@ -566,8 +566,8 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
-def _peak_flops(dtype: str, processes: int) -> float | None:
-    """The datasheet peak of this run's GPUs (one per process) in bfloat16, for the metrics' MFU;
+def _peak_flops(dtype: str, gpus: int) -> float | None:
+    """The datasheet peak of this run's `gpus` GPUs in bfloat16, for the metrics' MFU;
     None on CPUs, unknown chips and in float32 (the datasheet's float32 figure is TF32's, which
     PyTorch does not use by default)."""
     from jaxllm.flops import device_peak_flops
@@ -575,7 +575,7 @@ def _peak_flops(dtype: str, processes: int) -> float | None:
     if dtype != "bfloat16" or not torch.cuda.is_available():
         return None
     peak = device_peak_flops(torch.cuda.get_device_name(), "bfloat16")
-    return peak * processes if peak else None
+    return peak * gpus if peak else None
 
 
 def cpu_only() -> bool:
@@ -615,12 +615,15 @@ def model_config(rc: RunConfig) -> LLMConfig:
     """The run's model: its --config, its --preset, or (neither given) its --init-from directory's."""
     if rc.config:
         return LLMConfig.from_json_file(rc.config)
-    if rc.preset is None:
-        path = os.path.join(os.path.abspath(rc.init_from), "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"--init-from {rc.init_from}: no config.json (not a Hugging Face directory); give the "
-                             "model's --preset or --config")
-        return LLMConfig.from_json_file(path)
+    if rc.preset is None:  # the model of the run's own latest checkpoint (a resume), else of --init-from's
+        from convert import ConvertError
+        from convert.hf_import import read_hf_config
+
+        last = latest_checkpoint(rc.ckpt_dir, warn=False) if os.path.isdir(rc.ckpt_dir) else None
+        try:
+            return read_hf_config(last[0] if last else rc.init_from)
+        except ConvertError as e:
+            raise ValueError(f"{'' if last else '--init-from: '}{e}") from None
     return LLMConfig.from_preset(rc.preset)
 
 
@@ -777,8 +780,8 @@ def _check_init_from(path: str, config: LLMConfig) -> None:
         saved, _ = read_hf_dir(path)
     except ConvertError as e:
         raise ValueError(f"--init-from: {e}") from None
-    _check_same_model(saved, config, f"--init-from {path}", "without --preset and --config, --init-from trains the "
-                      "model it holds")
+    _check_same_model(saved, config, f"--init-from {path}", "without --preset, --config or a recipe naming a model, "
+                      "--init-from trains the model it holds")
 
 
 def _log(msg: str, process_index: int) -> None:
@@ -876,7 +879,7 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
     metrics = MetricsCallback(out_dir, tokens_per_step, enabled=rank == 0, start_step=start,
                               flops_per_step=training_flops_per_token(config, rc.seq_len) * tokens_per_step,
-                              peak_flops=_peak_flops(dtype, world))
+                              peak_flops=_peak_flops(dtype, world * max(args.n_gpu, 1)))
     generation = TextGenerationCallback(tokenizer, rc.prompts, rc.max_new_tokens, seed=rc.seed)
     stop = StopOnSignalCallback()
     trainer = CustomLLMTrainer(
