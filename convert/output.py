@@ -20,11 +20,7 @@ from typing import Callable, Iterator
 
 from convert import ConvertError
 from jaxllm.cli import listing
-
-try:
-    import fcntl
-except ImportError:  # Windows: no locks, so no temporary directory is ever taken for abandoned
-    fcntl = None
+from jaxllm.stopping import InUse, hold
 
 
 def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str], bool],
@@ -123,19 +119,12 @@ def _atomic_output_dir(out: str) -> Iterator[str]:
 
 def _lock(path: str) -> int | None:
     """A file descriptor of `path` holding an exclusive lock (released when closed or when the
-    process dies, however), or None where `path` cannot be locked."""
-    if fcntl is None:
-        return None
+    process dies, however), or None where `path` cannot be locked or another run holds it (on
+    Windows, always: no temporary directory is ever taken for abandoned there)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        return hold(path)
+    except InUse:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _remove_abandoned(parent: str, name: str) -> None:

@@ -26,7 +26,7 @@ from jaxllm.distributed import all_reach, check_shared_directory, processes_wher
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
-from jaxllm.stopping import NonFiniteError, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
+from jaxllm.stopping import NonFiniteError, RunLock, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -61,7 +61,22 @@ def log(msg: str) -> None:
 
 
 def run(rc: RunConfig) -> dict:
-    """Train as `rc` says; returns a summary dict. Raises ValueError for bad input."""
+    """Train as `rc` says; returns a summary dict. Raises ValueError for bad input, and when
+    another run is training in the same --ckpt-dir (`RunLock`)."""
+    lock = RunLock()
+    try:
+        return _run(rc, lock)
+    finally:
+        lock.release()
+
+
+def _take_lock(lock: RunLock, ckpt_dir: str) -> None:
+    """Process 0 locks the checkpoint directory for the run (collective: every process raises
+    when it cannot)."""
+    raise_if_any_failed(lock.take(ckpt_dir) if jax.process_index() == 0 else None, "locking --ckpt-dir")
+
+
+def _run(rc: RunConfig, lock: RunLock) -> dict:
     from jaxllm import data as data_lib
 
     t_start = time.perf_counter()
@@ -74,6 +89,8 @@ def run(rc: RunConfig) -> dict:
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
     check_shared_directory(ckpt_dir)  # (several processes: they save and resume together)
+    if os.path.isdir(ckpt_dir):  # before anything reads it as this run's: a writer's manager clears
+        _take_lock(lock, ckpt_dir)  # the temporary directory of a save in progress
     mesh = shd.make_mesh(rc.mesh)
     shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
     shd.check_batch(rc.batch_size, mesh)
@@ -127,7 +144,17 @@ def run(rc: RunConfig) -> dict:
         data, error = None, e
     raise_if_any_failed(error, "opening the data")
     if mngr is None:
-        mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            _take_lock(lock, ckpt_dir)
+            mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
+            if mngr.all_steps():  # another run saved there since this one looked
+                raise ValueError(f"--ckpt-dir {ckpt_dir}: another run saved checkpoints there (steps "
+                                 f"{sorted(mngr.all_steps())}) while this one started; run the command again "
+                                 "to resume")
+        except BaseException:
+            data.close()
+            raise
 
     saved_tokenizer = data_lib.tokenizer_files(tokenizer)  # each step carries its tokenizer's files
 

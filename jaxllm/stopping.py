@@ -1,10 +1,73 @@
-"""What stops a training run early, shared by both trainers (pure Python: the PyTorch side
-imports no JAX): a non-finite step, and a signal asking to save and stop."""
+"""What stops a training run, shared by both trainers (pure Python: the PyTorch side imports no
+JAX): another run already training in the same directory, a non-finite step, and a signal asking
+to save and stop."""
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import threading
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks (`hold` returns None)
+    fcntl = None
+
+
+class InUse(OSError):
+    """Another open file description holds the lock on the path (another run, or another
+    `hold` of it in this process)."""
+
+
+def hold(path: str) -> int | None:
+    """A file descriptor of `path` (a directory or a file) holding an exclusive advisory lock
+    (`flock`), released when it is closed or when the process ends, however it ends. None where
+    `path` cannot be opened or its file system takes no locks (and on Windows): the caller goes on
+    unlocked. InUse when another holds it."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise InUse(e.errno, f"{path} is locked") from None
+        return None  # (ENOLCK, EBADF, ...: a file system without such locks)
+    return fd
+
+
+class RunLock:
+    """What a training run holds on its checkpoint directory while it runs (`take`), so that a
+    second run started in the same directory (the same command in another terminal, a job queued
+    twice) stops with an error before it touches anything there: the two would otherwise save
+    over each other's steps and interleave their metrics. Taken by one process of a multi-process
+    run. Held until `release` (or the process ends); no file is left behind: the directory itself
+    is locked."""
+
+    def __init__(self):
+        self.fd: int | None = None
+
+    def take(self, path: str, flag: str = "--ckpt-dir") -> ValueError | None:
+        """Lock the directory `path` (once; later calls do nothing). Returns, does not raise, the
+        error when another run holds it, so that a multi-process run can agree on it first."""
+        if self.fd is not None:
+            return None
+        try:
+            self.fd = hold(path)
+        except InUse:
+            return ValueError(f"{flag} {path} is in use by another training run (it holds the directory's lock); "
+                              f"wait for that run to end, or use another {flag}")
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class NonFiniteError(RuntimeError):

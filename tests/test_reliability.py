@@ -859,6 +859,57 @@ def test_no_resume_refuses_a_directory_with_checkpoints(trained_ckpt, capsys):
     assert sorted(os.listdir(trained_ckpt)) == before
 
 
+def _listing(path):
+    return {p.relative_to(path).as_posix(): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(trained_ckpt, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The same command started twice: the second run stops (exit 2, one line) before it reads,
+    moves, truncates or saves anything in the first one's --ckpt-dir, also when that directory
+    appears only while the second run starts. A run's lock ends with it."""
+    from jaxllm import loop, stopping
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    (ckpt / "2.orbax-checkpoint-tmp-1764400000000000").mkdir()  # the other run's save in progress
+    before = _listing(ckpt)
+    other = stopping.hold(str(ckpt))  # (another open file description: as another process's)
+    assert other is not None
+    try:
+        code, err = _main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "3"], capsys)
+    finally:
+        os.close(other)
+    assert code == 2 and len(err.splitlines()) == 1 and "is in use by another training run" in err, err
+    assert _listing(ckpt) == before
+
+    fresh, held = tmp_path / "fresh", []
+    real_check_prompts = loop.check_prompts
+
+    def another_run_starts_meanwhile(*args):
+        fresh.mkdir()
+        held.append(stopping.hold(str(fresh)))
+        return real_check_prompts(*args)
+
+    monkeypatch.setattr(loop, "check_prompts", another_run_starts_meanwhile)
+    try:
+        code, err = _main(BASE + ["--ckpt-dir", str(fresh)], capsys)
+    finally:
+        os.close(held[0])
+    assert code == 2 and "is in use by another training run" in err and os.listdir(fresh) == [], err
+
+    def another_run_saved_meanwhile(*args):  # ... and ended: this run takes the lock, then looks again
+        shutil.copytree(trained_ckpt, fresh, dirs_exist_ok=True)
+        return real_check_prompts(*args)
+
+    fresh.rmdir()
+    monkeypatch.setattr(loop, "check_prompts", another_run_saved_meanwhile)
+    code, err = _main(BASE + ["--ckpt-dir", str(fresh)], capsys)
+    assert code == 2 and "another run saved checkpoints there (steps [1])" in err, err
+    assert _steps(fresh) == [1]
+    os.close(stopping.hold(str(fresh)))  # released by the run that took it (InUse otherwise)
+
+
 def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_kept(tmp_path, capsys):
     """A PyTorch Trainer's output directory, or one whose steps were all set aside as unreadable:
     exit 2 naming what is there, before its metrics.jsonl is truncated or its loss.png replaced.

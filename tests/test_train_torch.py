@@ -493,6 +493,54 @@ def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(trained, tmp_path, capsys, monkeypatch):
+    """The same command started twice: the second run stops (exit 2, one line) before it reads,
+    sets aside, truncates or saves anything in the first one's output directory, also when that
+    directory appears only while the second run starts. A run's lock ends with it."""
+    from jaxllm import stopping
+    from torch_ref import training
+
+    out = tmp_path / "run"
+    shutil.copytree(trained[0].ckpt_dir, out)
+    before = {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))}
+    args = ["--preset", "tiny", "--seq-len", "16", "--steps", "12", "--max-new-tokens", "0", "--no-progress"]
+    other = stopping.hold(str(out))  # (another open file description: as another process's)
+    try:
+        code = _train_torch().main(args + ["--ckpt-dir", str(out)])
+    finally:
+        os.close(other)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is in use by another training run" in err, err
+    assert {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))} == before
+
+    fresh, held = tmp_path / "fresh", []
+    real_check_prompts = training.check_prompts
+
+    def another_run_starts_meanwhile(*a):
+        fresh.mkdir()
+        held.append(stopping.hold(str(fresh)))
+        return real_check_prompts(*a)
+
+    monkeypatch.setattr(training, "check_prompts", another_run_starts_meanwhile)
+    try:
+        code = _train_torch().main(args + ["--ckpt-dir", str(fresh)])
+    finally:
+        os.close(held[0])
+    err = capsys.readouterr().err
+    assert code == 2 and "is in use by another training run" in err and os.listdir(fresh) == [], err
+
+    def another_run_saved_meanwhile(*a):  # ... and ended: this run takes the lock, then looks again
+        shutil.copytree(out, fresh, dirs_exist_ok=True)
+        return real_check_prompts(*a)
+
+    fresh.rmdir()
+    monkeypatch.setattr(training, "check_prompts", another_run_saved_meanwhile)
+    code = _train_torch().main(args + ["--ckpt-dir", str(fresh)])
+    err = capsys.readouterr().err
+    assert code == 2 and "another run saved checkpoints there" in err, err
+    os.close(stopping.hold(str(fresh)))  # released by the run that took it (InUse otherwise)
+
+
 def test_a_directory_of_a_finished_run_without_a_checkpoint_is_refused_and_kept(tmp_path, capsys):
     """A finished run's loss curve, or checkpoints set aside as unloadable, with no checkpoint left
     to resume: one line, exit status 2, its metrics.jsonl and loss.png as they were (a new run would

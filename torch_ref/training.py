@@ -62,7 +62,7 @@ from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt, model_name
-from jaxllm.stopping import NonFiniteError, SignalStop
+from jaxllm.stopping import NonFiniteError, RunLock, SignalStop
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -808,7 +808,28 @@ def _keep_progress(trainer: "CustomLLMTrainer", start: int, world: int) -> str:
 def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     """Train as `rc` says (resuming from the latest checkpoint in `rc.ckpt_dir`); returns a summary
     (start/end step, first/last logged loss, wall time, generated samples, checkpoint directory).
-    Raises ValueError for bad settings or inputs."""
+    Raises ValueError for bad settings or inputs, and when another run is training in the same
+    --ckpt-dir (`jaxllm.stopping.RunLock`)."""
+    lock = RunLock()
+    try:
+        return _run(rc, lock, dtype)
+    finally:
+        lock.release()
+
+
+def _take_lock(lock: RunLock, out_dir: str, dist) -> None:
+    """Process 0 locks the output directory for the run; every process raises when it cannot."""
+    error = lock.take(out_dir) if dist.process_index == 0 else None
+    if dist.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=dist.device)
+        torch.distributed.broadcast(failed, src=0)
+        if error is None and failed.item():
+            raise ValueError(f"--ckpt-dir {out_dir} is in use by another training run (process 0 says)")
+    if error is not None:
+        raise error
+
+
+def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -832,6 +853,9 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
 
     dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
     rank, world = dist.process_index, dist.num_processes
+    fresh = not os.path.isdir(out_dir)  # (locked when made, below)
+    if not fresh:  # before anything in it is read as this run's, moved or truncated
+        _take_lock(lock, out_dir, dist)
     if rc.batch_size % world:
         raise ValueError(f"--batch-size {rc.batch_size} (global) cannot be split over {world} processes")
     per_device = rc.batch_size // world
@@ -862,6 +886,16 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
     dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
                             state=data_state, micro_batches_per_step=rc.grad_accum)
     start = last[1] if last else 0
+    if fresh:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            _take_lock(lock, out_dir, dist)
+            if latest_checkpoint(out_dir, warn=False):  # another run saved there since this one looked
+                raise ValueError(f"--ckpt-dir {out_dir}: another run saved checkpoints there while this one "
+                                 "started; run the command again to resume")
+        except BaseException:
+            dataset.close()
+            raise
     if rank == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
 
