@@ -102,21 +102,22 @@ def _embedded_settings(vocab_size: int) -> dict[str, Any]:
             "min_frequency": 2, "add_prefix_space": False, "corpus": "pydoc_data.topics sections"}
 
 
-def embedded_corpus_key() -> str:
-    """A hash of the embedded corpus's documents, which differ between Python versions: a
-    checkpoint's data position points into this list (`stream_source`)."""
-    h = hashlib.sha256()
+def _hash_embedded_corpus(h) -> str:
+    """`h` (a hashlib object) updated with the embedded corpus's documents, as 16 hex digits."""
     for doc in embedded_corpus():
         h.update(b"\0" + doc.encode())
     return h.hexdigest()[:16]
+
+
+def embedded_corpus_key() -> str:
+    """A hash of the embedded corpus's documents, which differ between Python versions: a
+    checkpoint's data position points into this list (`stream_source`)."""
+    return _hash_embedded_corpus(hashlib.sha256())
 
 
 def embedded_tokenizer_key(vocab_size: int = EMBEDDED_VOCAB_SIZE) -> str:
     """A hash of the embedded corpus and the training settings: the tokenizer's cache key."""
-    h = hashlib.sha256(json.dumps(_embedded_settings(vocab_size), sort_keys=True).encode())
-    for doc in embedded_corpus():
-        h.update(b"\0" + doc.encode())
-    return h.hexdigest()[:16]
+    return _hash_embedded_corpus(hashlib.sha256(json.dumps(_embedded_settings(vocab_size), sort_keys=True).encode()))
 
 
 def train_embedded_tokenizer(vocab_size: int = EMBEDDED_VOCAB_SIZE):
