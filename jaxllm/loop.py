@@ -25,7 +25,7 @@ from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import all_reach, check_shared_directory, processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.stopping import NonFiniteError, RunLock, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
@@ -192,6 +192,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         f"checkpoints in {ckpt_dir}")
     if start >= rc.steps:
         log(f"the checkpoint is at step {start} >= --steps {rc.steps}: nothing to train (raise --steps to go on)")
+    elif warmup_warning(rc):
+        log(warmup_warning(rc))
 
     if jax.process_index() == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)

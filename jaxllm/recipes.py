@@ -87,6 +87,16 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
         raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
 
 
+def warmup_warning(rc: RunConfig) -> str | None:
+    """A line for a warm-up longer than the run, which both trainers' schedules cut to the run's
+    length (`jaxllm.train.lr_schedule`): the learning rate then rises over the whole run and never
+    reaches --lr nor decays. None otherwise."""
+    if rc.warmup_steps <= rc.steps:
+        return None
+    return (f"warning: --warmup-steps {rc.warmup_steps} is more than --steps {rc.steps}: the learning rate rises "
+            f"over all {rc.steps} steps, never reaching --lr {rc.lr:g} nor decaying")
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """A prompt's token ids as training encodes a document (`jaxllm.data`): no special tokens
     added, and a special token's text written in it (a literal "<|endoftext|>") encoded as the

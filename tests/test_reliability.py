@@ -947,8 +947,11 @@ def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_ke
         with pytest.raises(ValueError, match=f"holds an earlier run \\({re.escape(leftover)}\\) but no readable"):
             check_no_earlier_run(str(alone))
     (tmp_path / "empty").mkdir()
+    capsys.readouterr()
     assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "empty"), "--steps", "1", "--no-resume"]) == 0
     assert _steps(tmp_path / "empty") == [1]
+    # (BASE keeps the default warm-up of 30 steps: more than the run)
+    assert "warning: --warmup-steps 30 is more than --steps 1" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, capsys):

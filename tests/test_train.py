@@ -439,3 +439,18 @@ def test_scan_unroll_setting_reaches_the_trainers_model(monkeypatch):
     assert seen["scan_unroll"] == 3
     model = create_model(LLMConfig.from_preset("tiny"), abstract=True, scan_unroll=3)
     assert model.scan_unroll == 3
+
+
+def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
+    """Both trainers cut such a warm-up to the run (`lr_schedule`, and the Trainer's as JAX's):
+    the rate rises over every step and never gets to --lr, which each trainer's start-up says."""
+    import dataclasses
+
+    from jaxllm.recipes import RunConfig, warmup_warning
+    from jaxllm.train import lr_schedule
+
+    rc = RunConfig(steps=5, warmup_steps=30, lr=1e-3)
+    assert warmup_warning(rc).startswith("warning: --warmup-steps 30 is more than --steps 5")
+    assert warmup_warning(dataclasses.replace(rc, warmup_steps=5)) is None
+    lrs = [float(lr_schedule(OptimConfig(lr=1e-3, warmup_steps=30, total_steps=5))(i)) for i in range(5)]
+    assert lrs == sorted(lrs) and lrs[0] == 0.0 and lrs[-1] < 1e-3

@@ -61,7 +61,7 @@ from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
-from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt, model_name
+from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt, model_name, warmup_warning
 from jaxllm.stopping import NonFiniteError, RunLock, SignalStop
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
@@ -925,6 +925,8 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
          + (f"; --init-from {rc.init_from} only starts a new run: not used" if last and rc.init_from else ""), rank)
+    if start < rc.steps and warmup_warning(rc):
+        _log(warmup_warning(rc), rank)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
