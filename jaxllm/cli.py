@@ -155,10 +155,13 @@ def run_config(args: argparse.Namespace, d):
 
     settings = dataclasses.asdict(d)
     settings.update(RECIPES[args.recipe])
+    given = set()
     for f in dataclasses.fields(d):
         value = getattr(args, f.name, None)
         if value is not None:
             settings[f.name] = tuple(value) if f.name == "prompts" else value
+            given.add(f.name)
+    settings.update(recipe=args.recipe, from_recipe=tuple(sorted(set(RECIPES[args.recipe]) - given)))
     dataset = getattr(args, "dataset", None)
     if dataset is not None and getattr(args, "dataset_config", None) is None \
             and dataset != RECIPES[args.recipe].get("dataset"):

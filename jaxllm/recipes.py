@@ -62,6 +62,15 @@ class RunConfig:
     prompts: tuple[str, ...] = ("The", "In Python,", "A list is")
     max_new_tokens: int = 40
     progress: bool = True
+    recipe: str | None = None  # the --recipe whose settings these are, where no flag overrode them:
+    from_recipe: tuple[str, ...] = ()  # (their names), for errors that name a setting not typed
+
+
+def named(rc: RunConfig, name: str) -> str:
+    """`--seq-len 256` for an error about a setting, with `(the seed recipe's)` when the recipe
+    gave it and no flag did."""
+    said = f"--{name.replace('_', '-')} {getattr(rc, name)}"
+    return f"{said} (the {rc.recipe} recipe's)" if name in rc.from_recipe else said
 
 
 def check_run(rc: RunConfig, max_positions: int) -> None:
@@ -84,7 +93,7 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
     if rc.seq_len < 2:  # the loss predicts each token from the ones before it
         raise ValueError(f"--seq-len must be at least 2 (a row of one token has nothing to predict), got {rc.seq_len}")
     if rc.seq_len > max_positions:
-        raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+        raise ValueError(f"{named(rc, 'seq_len')} exceeds the model's max_position_embeddings ({max_positions})")
 
 
 def warmup_warning(rc: RunConfig) -> str | None:

@@ -4,6 +4,8 @@ float64 NumPy transcription of its pseudo-code, the initialisation scheme, embed
 test_convert.py) show that the two frameworks agree with each other; these show that what they
 agree on is the definition."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -266,6 +268,7 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
     import sys
 
     from conftest import ROOT
+    from jaxllm.recipes import check_run
     from jaxllm.train import OptimConfig, lr_schedule
     from torch_ref.training import resolve_dtype, training_arguments
 
@@ -295,6 +298,11 @@ def test_the_seed_recipe_is_the_seed_documents_run_in_both_trainers(tmp_path, mo
         # ... but it is the recipe's dataset's, named again
         rc = script.parse_args(["--recipe", "seed", "--dataset", want["dataset"]])[1]
         assert rc.dataset_config == want["dataset_config"]
+        # an error about a setting the recipe gave, and no flag, says whose it is
+        for argv, said in ((["--recipe", "seed"], "--seq-len 256 (the seed recipe's) exceeds"),
+                           (["--recipe", "seed", "--seq-len", "256"], "--seq-len 256 exceeds")):
+            with pytest.raises(ValueError, match=re.escape(said)):
+                check_run(script.parse_args(argv)[1], 128)
     args = training_arguments(trc, str(tmp_path), per_device_batch=trc.batch_size, save=False, use_cpu=True)
     assert (args.learning_rate, args.warmup_steps, args.max_steps, args.weight_decay, args.max_grad_norm) == \
         (2e-5, 2000, 10_000, 0.01, 1.0)
