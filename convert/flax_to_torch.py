@@ -35,11 +35,11 @@ def _max_shard_size(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxllm.cli import ArgumentParser
+    from jaxllm.cli import ArgumentParser, path
 
     p = ArgumentParser(prog="flax_to_torch.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir", help="Orbax checkpoint directory")
-    p.add_argument("--out", help="output Hugging Face directory (default: CKPT_DIR-hf)")
+    p.add_argument("ckpt_dir", type=path, help="Orbax checkpoint directory")
+    p.add_argument("--out", type=path, help="output Hugging Face directory (default: CKPT_DIR-hf)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the exported weights (router_bias stays float32; default float32)")

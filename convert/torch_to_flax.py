@@ -23,11 +23,11 @@ if importlib.util.find_spec("convert") is None:  # run from a checkout without i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxllm.cli import ArgumentParser
+    from jaxllm.cli import ArgumentParser, path
 
     p = ArgumentParser(prog="torch_to_flax.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("hf_dir", help="Hugging Face model directory")
-    p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
+    p.add_argument("hf_dir", type=path, help="Hugging Face model directory")
+    p.add_argument("--out", required=True, type=path, help="output Orbax checkpoint directory")
     p.add_argument("--force", action="store_true", help="replace an existing output checkpoint directory")
     args = p.parse_args(argv)
 

@@ -43,6 +43,16 @@ def check_peak_flops(p: argparse.ArgumentParser, peak_flops: float | None) -> No
         p.error(f"--peak-flops must be a positive number, got {peak_flops}")
 
 
+def path(text: str) -> str:
+    """argparse `type` of a path flag: `~` expanded where the shell leaves it (`--ckpt-dir=~/runs`,
+    or quoted), which made a directory named `~` in the working directory; an empty string refused,
+    which meant the working directory (an unset variable: `--ckpt-dir "$CKPT"`) or was taken as not
+    given (`--init-from ""` trained from random weights)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return os.path.expanduser(text)
+
+
 SEED_LIMIT = 2**32  # JAX's PRNG keys, NumPy's and PyTorch's seeding all take 0 <= seed < 2**32
 
 
@@ -94,13 +104,13 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
     a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset}; with --init-from and no --config "
                        "or recipe naming a model, the model of that checkpoint)")
-    a("--config", help="a config.json with LLMConfig's field names, jaxllm/config.py (overrides --preset)")
-    a("--dataset", help="Hub dataset id, or local .parquet/.jsonl/.json/.txt data: a file, a glob, or a directory "
+    a("--config", type=path, help="a config.json with LLMConfig's field names, jaxllm/config.py (overrides --preset)")
+    a("--dataset", type=path, help="Hub dataset id, or local .parquet/.jsonl/.json/.txt data: a file, a glob, or a directory "
                         "holding such files (default: the embedded corpus)")
     a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
     a("--split", help=f"dataset split (default {d.split})")
     a("--text-column", help=f"column holding the text (default {d.text_column})")
-    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: a resumed run keeps its checkpoint's, "
+    a("--tokenizer", type=path, help="Hub id, local directory or tokenizer.json (default: a resumed run keeps its checkpoint's, "
                           "--init-from takes that checkpoint's, else the embedded tokenizer)")
     a("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
     a("--batch-size", type=int, help=f"micro-batch size, global over all {batch_over} (default {d.batch_size})")
@@ -120,7 +130,7 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
     a("--log-every", type=int, help=f"metrics every N steps (default {d.log_every})")
     a("--seed", type=seed, help=f"random seed, 0 .. 2**32 - 1 (default {d.seed})")
     a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
-    a("--init-from", help=init_from)
+    a("--init-from", type=path, help=init_from)
     a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
     a("--prompt", dest="prompts", action="append", help="prompt for the generated text at the end (repeatable)")
     a("--max-new-tokens", type=int, help=f"tokens generated per prompt at the end (default {d.max_new_tokens})")
@@ -129,7 +139,7 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
 
 def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
     """`--compile-cache DIR` (JAX scripts; `jaxllm/xla_cache.py`)."""
-    p.add_argument("--compile-cache", metavar="DIR",
+    p.add_argument("--compile-cache", metavar="DIR", type=path,
                    help="keep compiled XLA programs here and reuse them in later runs (default $JAXLLM_CACHE/xla, "
                         "i.e. ~/.cache/jaxllm/xla; 'none': off)")
 

@@ -27,11 +27,11 @@ PROG = "generate.py"
 
 
 def parse_args(argv=None):
-    from jaxllm.cli import add_compile_cache_flag, parser, seed
+    from jaxllm.cli import add_compile_cache_flag, parser, path, seed
 
     p = parser(__file__, __doc__)
     a = p.add_argument
-    a("--checkpoint", required=True, help="Orbax checkpoint directory or Hugging Face model directory")
+    a("--checkpoint", required=True, type=path, help="Orbax checkpoint directory or Hugging Face model directory")
     a("--prompt", required=True, help="text to continue")
     a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching probability p (default 1; needs --temperature)")
     a("--seed", type=seed, default=0, help="random seed of the sampling, 0 .. 2**32 - 1 (default 0)")
     a("--framework", choices=["jax", "torch"], default="jax", help="which implementation runs (default jax)")
-    a("--tokenizer", help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
+    a("--tokenizer", type=path, help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
     add_compile_cache_flag(p)
     return p.parse_args(argv)
 

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--dtype", choices=["float32", "bfloat16"], help="compute dtype; weights stay float32 (default float32)")
     a("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, expert; default: all devices on data)")
-    a("--ckpt-dir", help=f"checkpoint directory; resumes when it holds checkpoints (default {d.ckpt_dir})")
+    a("--ckpt-dir", type=cli.path, help=f"checkpoint directory; resumes when it holds checkpoints (default {d.ckpt_dir})")
     cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by "
                                       "convert/torch_to_flax.py), and its tokenizer unless --tokenizer")
     a("--moe-impl", choices=MOE_IMPLS,

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     a("--dtype", choices=DTYPES,
       help="auto: bfloat16 mixed precision on GPUs that support it, else float32 (default auto; "
            "--recipe seed: float32, the seed document's run, as train_jax.py)")
-    a("--ckpt-dir", help=f"output directory of checkpoint-N folders; resumes from the latest (default {d.ckpt_dir})")
+    a("--ckpt-dir", type=cli.path, help=f"output directory of checkpoint-N folders; resumes from the latest (default {d.ckpt_dir})")
     cli.add_run_flags(p, d, init_from="start from the weights of this Hugging Face directory "
                                       "(e.g. from convert/flax_to_torch.py), and its tokenizer unless --tokenizer")
     args = p.parse_args(argv)

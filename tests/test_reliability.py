@@ -355,6 +355,10 @@ BAD_INPUTS = [
     ("cuDNN attention without a GPU", ["--attn-impl", "cudnn", "--dtype", "bfloat16"], "needs an NVIDIA GPU"),
     ("scan unrolled zero layers at a time", ["--scan-unroll", "0"], "--scan-unroll must be at least 1, got 0"),
     ("compilation cache under a file", ["--compile-cache", "{tmp}/a_file/xla"], "--compile-cache: cannot create"),
+    # an unset variable: the working directory, or a flag not given (a run from random weights)
+    ("empty --ckpt-dir", ["--ckpt-dir", ""], "argument --ckpt-dir: an empty path"),
+    ("empty --init-from", ["--init-from", " "], "argument --init-from: an empty path"),
+    ("empty --config", ["--config", ""], "argument --config: an empty path"),
 ]
 
 
@@ -371,6 +375,18 @@ def test_bad_input_one_line_exit_2(label, args, needle, tmp_path, capsys, monkey
     assert needle.lower() in err.lower()
     assert (tmp_path / "a_file").read_text() == "precious"
     assert not (tmp_path / "ck").exists() or not os.listdir(tmp_path / "ck"), "nothing written"
+
+
+def test_a_tilde_the_shell_left_is_the_home_directory(monkeypatch, tmp_path):
+    """`--ckpt-dir=~/runs` (the shell expands no `~` after `=`) made a directory named `~` here."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    rc = train_jax.parse_args(["--ckpt-dir=~/runs", "--init-from", "~/start", "--config", "~/c.json"])[1]
+    assert (rc.ckpt_dir, rc.init_from, rc.config) == tuple(str(tmp_path / n) for n in ("runs", "start", "c.json"))
 
 
 def test_generate_seed_must_fit_in_32_bits(capsys):
