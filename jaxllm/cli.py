@@ -182,6 +182,30 @@ def run_config(args: argparse.Namespace, d):
     return type(d)(**settings)
 
 
+def not_a_run_directory(path: str, framework: str) -> str | None:
+    """The error for a `--ckpt-dir` that exists, holds nothing to resume, and is not a run's
+    directory but one checkpoint inside a run, or a model directory (pointing at the checkpoint
+    to resume from is an easy slip): a new run started inside it, from random weights, with exit
+    status 0. `framework` ("jax" or "torch") is the trainer's, for the way out. None otherwise."""
+    names, above = set(os.listdir(path)), os.path.dirname(os.path.abspath(path))
+    jax = framework == "jax"
+    if "_CHECKPOINT_METADATA" in names or {"params", "meta"} <= names:
+        what, fix = "one step of a JAX run's checkpoint directory", (
+            f"to resume that run, pass the directory above it ({above})" if jax else
+            f"convert/flax_to_torch.py {above} makes a Hugging Face directory of it for --init-from")
+    elif "trainer_state.json" in names:
+        what, fix = "one checkpoint of a PyTorch (Trainer) run", (
+            f"convert/torch_to_flax.py {path} makes a JAX checkpoint of it for --init-from" if jax else
+            f"to resume that run, pass the directory above it ({above})")
+    elif "config.json" in names:
+        what, fix = "a Hugging Face model directory (config.json)", (
+            f"convert/torch_to_flax.py {path} makes a JAX checkpoint of it for --init-from" if jax else
+            f"--init-from {path} starts from its weights")
+    else:
+        return None
+    return f"--ckpt-dir {path} is {what}, not a training run's directory: {fix}, or use another --ckpt-dir"
+
+
 def listing(items: list[str], most: int = 4) -> str:
     """`a, b, c` or `a, b, c, d and 3 more`."""
     shown = ", ".join(items[:most])

@@ -20,7 +20,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import hostmem
 from jaxllm import sharding as shd
 from jaxllm import xla_cache
-from jaxllm.cli import listing
+from jaxllm.cli import listing, not_a_run_directory
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import all_reach, check_shared_directory, processes_where, raise_if_any_failed
 from jaxllm.flops import device_peak_flops, training_flops_per_token
@@ -319,10 +319,14 @@ TRAINER_CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # a Hugging Face Trainer's
 def check_no_earlier_run(ckpt_dir: str) -> None:
     """ValueError naming what is there when `ckpt_dir`, which holds no Orbax step, holds an earlier
     run all the same: a PyTorch (Hugging Face Trainer) run, steps set aside as unreadable, or a
-    finished run's loss curve. A new run would truncate its metrics.jsonl and replace its loss.png.
+    finished run's loss curve; or when it is one checkpoint of a run, or a model directory
+    (`cli.not_a_run_directory`). A new run would truncate its metrics.jsonl and replace its loss.png.
     What a run that stopped before its first checkpoint leaves (metrics.jsonl, tensorboard/, an
     interrupted save's temporary directory) is no earlier run: that run starts again."""
     names = sorted(os.listdir(ckpt_dir))
+    problem = not_a_run_directory(ckpt_dir, "jax")
+    if problem:
+        raise ValueError(problem)
     trainer = [n for n in names if TRAINER_CHECKPOINT.match(n) and os.path.isdir(os.path.join(ckpt_dir, n))]
     if trainer:
         raise ValueError(f"--ckpt-dir {ckpt_dir} holds a PyTorch run (Hugging Face Trainer checkpoints: "

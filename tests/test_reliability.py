@@ -970,6 +970,29 @@ def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_ke
     assert "warning: --warmup-steps 30 is more than --steps 1" in capsys.readouterr().out
 
 
+def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_run_s_directory(trained_ckpt, tmp_path,
+                                                                                            capsys):
+    """--ckpt-dir pointing at the step to resume from (or at a PyTorch checkpoint, or at a model
+    directory) started a new run from random weights inside it, exit status 0: now one line, exit
+    status 2, the way to resume or convert, and the directory as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_ckpt, run)
+    trainer_ckpt, model_dir = tmp_path / "torch-run" / "checkpoint-4", tmp_path / "model-hf"
+    for d in (trainer_ckpt, model_dir):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    (trainer_ckpt / "trainer_state.json").write_text("{}")
+    for path, needle in ((run / "1", f"is one step of a JAX run's checkpoint directory, not a training run's "
+                                     f"directory: to resume that run, pass the directory above it ({run})"),
+                         (trainer_ckpt, f"is one checkpoint of a PyTorch (Trainer) run, not a training run's directory: "
+                                        f"convert/torch_to_flax.py {trainer_ckpt} makes"),
+                         (model_dir, "is a Hugging Face model directory (config.json), not a training run's directory")):
+        before = _listing(path)
+        code, err = _main(BASE + ["--ckpt-dir", str(path)], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+        assert _listing(path) == before
+
+
 def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, capsys):
     # A learning rate of 1e30 overflows the weights after the first real update: the loss of a
     # following step is not finite.

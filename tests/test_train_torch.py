@@ -541,6 +541,28 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
     os.close(stopping.hold(str(fresh)))  # released by the run that took it (InUse otherwise)
 
 
+def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_output_directory(trained, tmp_path,
+                                                                                           capsys):
+    """--ckpt-dir pointing at the checkpoint to resume from (or at a JAX step, or at a model
+    directory) started a new run from random weights inside it, exit status 0: now one line, exit
+    status 2 and the way out."""
+    out = os.path.abspath(trained[0].ckpt_dir)
+    jax_step, model_dir = tmp_path / "jax-run" / "8", tmp_path / "model-hf"
+    for d in ("params", "meta"):
+        (jax_step / d).mkdir(parents=True)
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    args = ["--preset", "tiny", "--seq-len", "16", "--steps", "12", "--max-new-tokens", "0", "--no-progress"]
+    for path, needle in ((os.path.join(out, "checkpoint-8"), f"to resume that run, pass the directory above it ({out})"),
+                         (jax_step, f"convert/flax_to_torch.py {jax_step.parent} makes a Hugging Face directory"),
+                         (model_dir, f"--init-from {model_dir} starts from its weights")):
+        before = sorted(os.listdir(path))
+        code = _train_torch().main(args + ["--ckpt-dir", str(path)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+        assert sorted(os.listdir(path)) == before
+
+
 def test_a_directory_of_a_finished_run_without_a_checkpoint_is_refused_and_kept(tmp_path, capsys):
     """A finished run's loss curve, or checkpoints set aside as unloadable, with no checkpoint left
     to resume: one line, exit status 2, its metrics.jsonl and loss.png as they were (a new run would

@@ -714,10 +714,14 @@ def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] 
 def check_no_earlier_run(output_dir: str) -> None:
     """ValueError naming what is there when `output_dir`, which holds no checkpoint to resume, holds
     an earlier run all the same: checkpoints set aside as unloadable, or a finished run's loss curve
-    (a new run would truncate its metrics.jsonl and replace its loss.png; as `train_jax.py` does).
+    (a new run would truncate its metrics.jsonl and replace its loss.png; as `train_jax.py` does);
+    or when it is one checkpoint of a run, or a model directory (`cli.not_a_run_directory`).
     What a run that stopped before its first checkpoint leaves (metrics.jsonl) starts again."""
-    from jaxllm.cli import listing
+    from jaxllm.cli import listing, not_a_run_directory
 
+    problem = not_a_run_directory(output_dir, "torch")
+    if problem:
+        raise ValueError(problem)
     names = sorted(os.listdir(output_dir))
     if any(n.startswith("unloadable-checkpoint-") for n in names) or "loss.png" in names:
         raise ValueError(f"--ckpt-dir {output_dir} holds an earlier run ({listing(names)}) but no checkpoint to "
