@@ -53,15 +53,26 @@ class RunLock:
         self.fd: int | None = None
 
     def take(self, path: str, flag: str = "--ckpt-dir") -> ValueError | None:
-        """Lock the directory `path` (once; later calls do nothing). Returns, does not raise, the
-        error when another run holds it, so that a multi-process run can agree on it first."""
+        """Lock the directory `path` and check that a file can be made in it (once; later calls do
+        nothing). Returns, does not raise, the error when another run holds it or when it cannot
+        be written (a resume into a read-only directory trained up to its first save), so that a
+        multi-process run can agree on it first."""
         if self.fd is not None:
             return None
+        import tempfile
+
         try:
             self.fd = hold(path)
         except InUse:
             return ValueError(f"{flag} {path} is in use by another training run (it holds the directory's lock); "
                               f"wait for that run to end, or use another {flag}")
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            self.release()
+            return ValueError(f"{flag} {path} cannot be written ({e.strerror or e}): the run saves its checkpoints "
+                              "there")
         return None
 
     def release(self) -> None:

@@ -970,6 +970,31 @@ def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_ke
     assert "warning: --warmup-steps 30 is more than --steps 1" in capsys.readouterr().out
 
 
+def test_a_directory_that_cannot_be_written_is_refused_before_training(trained_ckpt, tmp_path, capsys, monkeypatch):
+    """A resume into a read-only --ckpt-dir (`chattr +i`, a read-only mount: here a refused test
+    file) trained up to its first save, then failed: now exit 2 at the start, the lock released."""
+    import tempfile
+
+    from jaxllm import stopping
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_ckpt, run)
+    before = _listing(run)
+    real = tempfile.NamedTemporaryFile
+
+    def read_only(*args, dir=None, **kw):
+        if dir == str(run):
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    code, err = _main(BASE + ["--ckpt-dir", str(run), "--steps", "3"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--ckpt-dir {run} cannot be written (Operation not permitted)" in err, err
+    assert _listing(run) == before
+    os.close(stopping.hold(str(run)))  # (InUse if the refused run had kept its lock)
+
+
 def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_run_s_directory(trained_ckpt, tmp_path,
                                                                                             capsys):
     """--ckpt-dir pointing at the step to resume from (or at a PyTorch checkpoint, or at a model
