@@ -43,14 +43,26 @@ def check_peak_flops(p: argparse.ArgumentParser, peak_flops: float | None) -> No
         p.error(f"--peak-flops must be a positive number, got {peak_flops}")
 
 
-def path(text: str) -> str:
+def text(value: str) -> str:
+    """argparse `type` of a text flag (`--prompt`): refuses bytes that are not UTF-8 (Python keeps
+    them as lone surrogates, which the tokenizer and the JSON files refused with a traceback)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte {e.object[e.start:e.end].encode('utf-8', 'surrogateescape')!r} "
+                                         f"at character {e.start})") from None
+    return value
+
+
+def path(value: str) -> str:
     """argparse `type` of a path flag: `~` expanded where the shell leaves it (`--ckpt-dir=~/runs`,
     or quoted), which made a directory named `~` in the working directory; an empty string refused,
     which meant the working directory (an unset variable: `--ckpt-dir "$CKPT"`) or was taken as not
-    given (`--init-from ""` trained from random weights)."""
-    if not text.strip():
+    given (`--init-from ""` trained from random weights); not UTF-8 refused (checkpoints record
+    their paths as JSON text)."""
+    if not value.strip():
         raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
-    return os.path.expanduser(text)
+    return os.path.expanduser(text(value))
 
 
 SEED_LIMIT = 2**32  # JAX's PRNG keys, NumPy's and PyTorch's seeding all take 0 <= seed < 2**32
@@ -132,7 +144,7 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
     a("--no-resume", action="store_true", default=None, help="start over; only into an empty --ckpt-dir")
     a("--init-from", type=path, help=init_from)
     a("--no-dropout", dest="dropout", action="store_false", default=None, help="turn embedding dropout off")
-    a("--prompt", dest="prompts", action="append", help="prompt for the generated text at the end (repeatable)")
+    a("--prompt", dest="prompts", action="append", type=text, help="prompt for the generated text at the end (repeatable)")
     a("--max-new-tokens", type=int, help=f"tokens generated per prompt at the end (default {d.max_new_tokens})")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 

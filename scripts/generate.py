@@ -27,12 +27,12 @@ PROG = "generate.py"
 
 
 def parse_args(argv=None):
-    from jaxllm.cli import add_compile_cache_flag, parser, path, seed
+    from jaxllm.cli import add_compile_cache_flag, parser, path, seed, text
 
     p = parser(__file__, __doc__)
     a = p.add_argument
     a("--checkpoint", required=True, type=path, help="Orbax checkpoint directory or Hugging Face model directory")
-    a("--prompt", required=True, help="text to continue")
+    a("--prompt", required=True, type=text, help="text to continue")
     a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0; needs --temperature)")

@@ -359,6 +359,9 @@ BAD_INPUTS = [
     ("empty --ckpt-dir", ["--ckpt-dir", ""], "argument --ckpt-dir: an empty path"),
     ("empty --init-from", ["--init-from", " "], "argument --init-from: an empty path"),
     ("empty --config", ["--config", ""], "argument --config: an empty path"),
+    # bytes that are not UTF-8, as Python passes them on from the command line: lone surrogates
+    ("prompt that is not UTF-8", ["--prompt", "ab\udcffcd"], "argument --prompt: not UTF-8 text (byte b'\\xff'"),
+    ("path that is not UTF-8", ["--ckpt-dir", "bad\udcffdir"], "argument --ckpt-dir: not UTF-8 text"),
 ]
 
 
