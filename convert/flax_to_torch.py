@@ -70,4 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxllm.cli import exit_with
+
+    exit_with(main, os.path.basename(__file__), "nothing was written (an existing output is kept)")

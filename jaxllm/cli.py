@@ -218,6 +218,20 @@ def not_a_run_directory(path: str, framework: str) -> str | None:
     return f"--ckpt-dir {path} is {what}, not a training run's directory: {fix}, or use another --ckpt-dir"
 
 
+def exit_with(main, prog: str, interrupted: str):
+    """`sys.exit(main())` for a script, with Ctrl-C outside the places that handle it (start-up,
+    imports, a conversion, a second Ctrl-C while a run saves) ending in one line, `interrupted`,
+    and exit status 130 instead of a traceback."""
+    import sys
+
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted: {interrupted}", file=sys.stderr, flush=True)
+        code = 130
+    sys.exit(code)
+
+
 def listing(items: list[str], most: int = 4) -> str:
     """`a, b, c` or `a, b, c, d and 3 more`."""
     shown = ", ".join(items[:most])

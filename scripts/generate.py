@@ -226,4 +226,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxllm.cli import exit_with
+
+    exit_with(main, PROG, "stopped")

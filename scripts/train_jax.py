@@ -120,4 +120,6 @@ if __name__ == "__main__":
     from jaxllm.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages(__file__)  # big per-step buffers in huge pages (jaxllm/hostmem.py)
-    sys.exit(main())
+    from jaxllm.cli import exit_with
+
+    exit_with(main, "train_jax.py", "nothing more was saved")

@@ -16,13 +16,12 @@ them); an existing --ckpt-dir resumes from its latest checkpoint automatically.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import sys
 
-try:
-    import torch_ref  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
+if importlib.util.find_spec("torch_ref") is None:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -64,4 +63,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxllm.cli import exit_with
+
+    exit_with(main, "train_torch.py", "nothing more was saved")

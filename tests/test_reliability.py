@@ -191,6 +191,21 @@ def test_sigterm_saves_and_the_next_start_resumes(tmp_path, reference):
     _assert_same(_final_state(ckpt), _final_state(reference, 8))
 
 
+def test_a_ctrl_c_before_training_ends_in_one_line_and_status_130(tmp_path):
+    """Ctrl-C while a trainer starts (its imports, the model's creation), where no handler saves
+    yet: one line and exit status 130, no traceback, nothing written. Both trainers and the
+    converters end the same way (`cli.exit_with`); train_torch.py is timed here."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_torch.py"), "--preset", "tiny",
+                          "--ckpt-dir", str(tmp_path / "ck")], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # (its imports take several seconds)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (out, err)
+    assert err.strip() == "train_torch.py: interrupted: nothing more was saved", err
+    assert not (tmp_path / "ck").exists()
+
+
 def test_the_first_signal_decides_and_a_ctrl_c_after_it_interrupts():
     """`SignalStop` (both trainers): SIGTERM or Ctrl-C asks to save and stop, named by the first
     signal (its exit status: 143 or 130); a Ctrl-C after a request interrupts at once; a SIGTERM
