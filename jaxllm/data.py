@@ -408,7 +408,17 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
         same = recorded is not None and tokenizer_source(
             rc.tokenizer, vocab_size=embedded_vocab_size(config)) == recorded
         if not (same and copy):
-            return model_tokenizer(rc.tokenizer, config), rc.tokenizer
+            given = model_tokenizer(rc.tokenizer, config)
+            if recorded is not None and copy:
+                # Named otherwise (a relative path from another directory, a local copy of a Hub
+                # tokenizer): the same tokenizer all the same when it tokenizes as the saved copy.
+                try:
+                    saved = tokenizer_from_files(copy, config) if isinstance(copy, dict) else model_tokenizer(copy, config)
+                except ValueError:
+                    saved = None
+                if saved is not None and same_tokenization(given, saved):
+                    return saved, recorded
+            return given, rc.tokenizer
     spec = recorded if recorded is not None else origin  # a copy named nowhere: recorded as where it came from
     if isinstance(copy, dict) and copy:
         return tokenizer_from_files(copy, config), spec
@@ -425,6 +435,15 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
         return model_tokenizer(recorded, config), recorded
     except ValueError as e:
         raise ValueError(f"the tokenizer {recorded!r} of {origin} does not load ({e}); pass --tokenizer") from None
+
+
+def same_tokenization(a, b) -> bool:
+    """Whether two fast tokenizers split and number text alike: the same model (vocabulary and
+    merges), normalizer and pre-tokenizer, and the same ids for every token, added ones included.
+    Not compared: how they pad or decode, nor which tokens `tidy_tokenizer` named special."""
+    parts = ("model", "normalizer", "pre_tokenizer")
+    ja, jb = (json.loads(t.backend_tokenizer.to_str()) for t in (a, b))
+    return all(ja.get(k) == jb.get(k) for k in parts) and a.get_vocab() == b.get_vocab()
 
 
 def run_stream(rc, config, tokenizer_spec: str | None) -> tuple[DataConfig, dict]:

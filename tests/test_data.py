@@ -564,6 +564,35 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     assert "differ from those ck was trained on" in capsys.readouterr().err
 
 
+def test_a_resume_takes_the_same_tokenizer_named_otherwise_and_refuses_another(tmp_path):
+    """The same command from another directory names the run's tokenizer by another path (a
+    relative `--tokenizer tok.json`), and a local copy of a Hub tokenizer names it by a path: when
+    it tokenizes as the checkpoint's saved copy, the run goes on with that copy and the recorded
+    name (the stream check passes); another tokenizer keeps its own name (the check refuses)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxllm.recipes import RunConfig
+
+    def word_tokenizer(path, words):
+        t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])},
+                                       unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t.save(str(path))
+
+    for where, words in (("here", ["the", "cat"]), ("there", ["the", "cat"]), ("other", ["the", "dog"])):
+        word_tokenizer(tmp_path / where / "tok.json", words)
+    config = LLMConfig.from_preset("tiny")
+    copy = data.tokenizer_files(data.model_tokenizer(str(tmp_path / "here" / "tok.json"), config))
+    for recorded in (data.tokenizer_source(str(tmp_path / "here" / "tok.json")), "org/hub-tokenizer"):
+        tok, spec = data.run_tokenizer(RunConfig(tokenizer=str(tmp_path / "there" / "tok.json")), config,
+                                       (recorded, copy), origin="ck")
+        assert spec == recorded and tok("the cat")["input_ids"] == [2, 3]
+        tok, spec = data.run_tokenizer(RunConfig(tokenizer=str(tmp_path / "other" / "tok.json")), config,
+                                       (recorded, copy), origin="ck")
+        assert spec == str(tmp_path / "other" / "tok.json") and tok("the dog")["input_ids"] == [2, 3]
+
+
 def test_a_run_s_tokenizer_is_tidied_for_saving_and_generation(tmp_path):
     """A bare tokenizer.json (as cosmo2's file alone): the model's BOS named, padding on the left,
     and none of the loading options in what it saves; its token ids unchanged."""
