@@ -121,8 +121,7 @@ def read_flax_checkpoint(ckpt_dir: str, step: int | None):
     from jaxllm.model import create_model
     from jaxllm.weights import flatten
 
-    with checkpoint.reading(ckpt_dir) as mngr:
-        step = checkpoint.resolve_step(mngr, step)
+    def read(mngr, step):
         meta = checkpoint.read_meta(mngr, step)
         try:
             config = LLMConfig.from_dict(meta["config"])
@@ -133,7 +132,10 @@ def read_flax_checkpoint(ckpt_dir: str, step: int | None):
         # numpy targets: restored straight into host memory, float32 whatever was saved.
         target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
         weights = checkpoint.restore_weights(mngr, step, target)
-        tokenizer_files = checkpoint.read_tokenizer_files(mngr, step)
+        return config, step, meta, weights, checkpoint.read_tokenizer_files(mngr, step)
+
+    # (the latest step again if a trainer still running there rotates it away while it is read)
+    config, step, meta, weights, tokenizer_files = checkpoint.read_step(os.path.abspath(ckpt_dir), step, read)
     flat = {**flatten(weights.pop("params")), **flatten(weights.pop("router_bias"))}
     return config, step, meta, flat, tokenizer_files
 

@@ -230,6 +230,8 @@ def read_tokenizer_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, st
 
         tokenizer_from_files(files)  # damaged contents (in a valid JSON item) are unreadable too
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+        if not os.path.isdir(os.path.join(os.fspath(mngr.directory), str(step))):
+            raise CheckpointError(f"checkpoint step {step} in {mngr.directory} was removed while it was read") from e
         if jax.process_index() == 0:
             print(f"warning: checkpoint step {step} in {mngr.directory}: its saved tokenizer cannot be read "
                   f"({one_line(e)}); using the tokenizer its "
@@ -243,9 +245,24 @@ def read_step_info(ckpt_dir: str | os.PathLike, step: int | None = None) -> tupl
     without its arrays. Read-only."""
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     _require_steps(ckpt_dir)
-    with reading(ckpt_dir) as mngr:
-        step = resolve_step(mngr, step)
-        return step, read_meta(mngr, step), read_tokenizer_files(mngr, step)
+    return read_step(ckpt_dir, step, lambda mngr, s: (s, read_meta(mngr, s), read_tokenizer_files(mngr, s)))
+
+
+def read_step(ckpt_dir: str, step: int | None, read):
+    """`read(mngr, s)` for the step `s` of `ckpt_dir` (the latest unless `step`) with a reading
+    manager. A trainer still running there deletes its oldest steps as it saves (`--keep`): when
+    the latest step fails to read and is gone, or being deleted with a newer step saved, it was
+    rotated away, not damaged, and the newest step is read instead (twice at most); other failures
+    are raised as they are."""
+    for attempt in range(3):
+        with reading(ckpt_dir) as mngr:
+            s = resolve_step(mngr, step)
+            try:
+                return read(mngr, s)
+            except Exception:
+                steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()]
+                if step is not None or attempt == 2 or (s in steps and max(steps) == s):
+                    raise
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
@@ -310,17 +327,18 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     _require_steps(ckpt_dir)
-    with reading(ckpt_dir) as mngr:
-        step = resolve_step(mngr, step)
-        meta = read_meta(mngr, step)
-        config = LLMConfig.from_dict(meta["config"])
+
+    def read(mngr, step):
+        config = LLMConfig.from_dict(read_meta(mngr, step)["config"])
         model = create_model(config, abstract=True, **model_kw)
         # Whole on this process's first device, whatever mesh saved them: without a sharding, Orbax
         # restores onto the saved one, which fails (or spreads the model) on other devices.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               split_weights(model))
-        weights = restore_weights(mngr, step, target)
+        return model, config, restore_weights(mngr, step, target)
+
+    model, config, weights = read_step(ckpt_dir, step, read)
     set_split_weights(model, weights)
     return model, config
 

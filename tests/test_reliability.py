@@ -831,6 +831,39 @@ def test_tensorboard_drops_what_a_crashed_run_logged_after_the_step_resumed_from
     assert got == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0)], got
 
 
+def test_readers_take_the_newest_step_when_a_running_trainer_rotates_theirs_away(trained_ckpt, tmp_path):
+    """`generate.py` or `flax_to_torch.py` on a run still training with `--keep`: the step they read
+    was deleted under them (an unreadable-looking error). They read the newest one instead; a step
+    that is still there and fails is damage and raised at once, as is any failure of a named step."""
+    from jaxllm import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_ckpt, run)
+    calls = []
+
+    def read(mngr, step):
+        calls.append(step)
+        if len(calls) == 1:  # meanwhile the trainer saves step 2 and deletes step 1
+            shutil.copytree(run / "1", run / "2")
+            shutil.rmtree(run / "1")
+            raise checkpoint.CheckpointError("cannot restore weights (Truncated Zstd-compressed stream)")
+        return checkpoint.read_meta(mngr, step)["config"]["vocab_size"]
+
+    assert checkpoint.read_step(str(run), None, read) == 512 and calls == [1, 2]
+
+    def damaged(mngr, step):
+        calls.append(step)
+        raise checkpoint.CheckpointError("damaged")
+
+    for step in (None, 2):
+        calls.clear()
+        with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+            checkpoint.read_step(str(run), step, damaged)
+        assert calls == [2]
+    model, config = checkpoint.load(run)
+    assert config.vocab_size == 512
+
+
 def test_readers_leave_a_save_in_progress_alone(trained_ckpt, tmp_path):
     """Generation, `jaxllm.load`, `--init-from` and the export read a directory that a trainer may be
     saving into: none of them deletes the save's temporary directory (a writer's manager would)."""
