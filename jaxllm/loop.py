@@ -376,7 +376,10 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
-    if not any(os.path.isdir(os.path.join(str(mngr.directory), str(s), "train_state")) for s in steps):
+    def holds(item: str) -> bool:
+        return any(os.path.isdir(os.path.join(str(mngr.directory), str(s), item)) for s in steps)
+
+    if not holds("train_state") and holds("params"):  # (steps holding neither are damaged: read below)
         raise ValueError(f"{mngr.directory} holds weights only (no optimizer state; a converted checkpoint?): "
                          f"to train from them, pass it as --init-from with a new --ckpt-dir")
     error, unreadable = None, []

@@ -511,6 +511,14 @@ def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt,
     # Weights only (no optimizer state) cannot be resumed: the error says to pass them as --init-from.
     code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "start")], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "pass it as --init-from" in err, err
+    # ... but steps emptied by hand hold no weights either: named as unreadable, not as weights only
+    emptied = tmp_path / "emptied"
+    shutil.copytree(tmp_path / "start", emptied)
+    for step in [d for d in emptied.iterdir() if d.name.isdigit()]:
+        shutil.rmtree(step)
+        step.mkdir()
+    code, err = _main(BASE + ["--ckpt-dir", str(emptied)], capsys)
+    assert code == 2 and "cannot read its metadata" in err.splitlines()[-1] and "--init-from" not in err, err
     # --tokenizer still wins.
     assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run2"), "--steps", "1",
                                   "--init-from", str(tmp_path / "start"), "--tokenizer", "embedded"]) == 0
