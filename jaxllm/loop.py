@@ -86,8 +86,6 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     config = model_config(rc)
     check_run(rc, config.max_position_embeddings)
     ckpt_dir = os.path.abspath(rc.ckpt_dir)
-    if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
-        raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
     check_shared_directory(ckpt_dir)  # (several processes: they save and resume together)
     if os.path.isdir(ckpt_dir):  # before anything reads it as this run's: a writer's manager clears
         _take_lock(lock, ckpt_dir)  # the temporary directory of a save in progress

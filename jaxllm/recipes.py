@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 
@@ -94,6 +95,11 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
         raise ValueError(f"--seq-len must be at least 2 (a row of one token has nothing to predict), got {rc.seq_len}")
     if rc.seq_len > max_positions:
         raise ValueError(f"{named(rc, 'seq_len')} exceeds the model's max_position_embeddings ({max_positions})")
+    if os.path.exists(rc.ckpt_dir) and not os.path.isdir(rc.ckpt_dir):
+        raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
+    if os.path.islink(rc.ckpt_dir) and not os.path.exists(rc.ckpt_dir):
+        raise ValueError(f"--ckpt-dir {rc.ckpt_dir} is a symbolic link to {os.readlink(rc.ckpt_dir)}, which does not "
+                         "exist")
 
 
 def warmup_warning(rc: RunConfig) -> str | None:

@@ -319,6 +319,7 @@ def _case_files(tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n  \n\n")
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
     (tmp_path / "a_file").write_text("precious")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
 
 
 BAD_INPUTS = [
@@ -377,6 +378,7 @@ BAD_INPUTS = [
     # bytes that are not UTF-8, as Python passes them on from the command line: lone surrogates
     ("prompt that is not UTF-8", ["--prompt", "ab\udcffcd"], "argument --prompt: not UTF-8 text (byte b'\\xff'"),
     ("path that is not UTF-8", ["--ckpt-dir", "bad\udcffdir"], "argument --ckpt-dir: not UTF-8 text"),
+    ("output directory that is a broken link", ["--ckpt-dir", "{tmp}/dangling"], "is a symbolic link to"),
 ]
 
 

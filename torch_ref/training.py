@@ -849,8 +849,6 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     config = model_config(rc)
     check_run(rc, config.max_position_embeddings)
     out_dir = os.path.abspath(rc.ckpt_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--ckpt-dir {rc.ckpt_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
         raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
                          "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
