@@ -171,6 +171,9 @@ def run(args, out=None) -> None:
     tokenizer = (model_tokenizer(args.tokenizer, c) if args.tokenizer is not None
                  else checkpoint_tokenizer(recorded, c, saved, where=args.checkpoint))
     prompt_ids = encode_prompt(tokenizer, args.prompt) or [c.bos_token_id]
+    if len(prompt_ids) >= c.max_position_embeddings:  # no --max-new-tokens makes room
+        raise ValueError(f"--prompt: its {len(prompt_ids)} tokens leave no room for a new token within "
+                         f"max_position_embeddings ({c.max_position_embeddings}); shorten it")
     if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {args.max_new_tokens} new tokens "
                          f"exceed max_position_embeddings ({c.max_position_embeddings})")
