@@ -262,6 +262,15 @@ def load_tokenizer(spec: str | None = None, *, cache_dir=None, vocab_size: int =
         try:
             tok = PreTrainedTokenizerFast(tokenizer_file=path)
         except Exception as e:
+            try:  # JSON, but not a tokenizers file (a tokenizer_config.json, a config.json, ...)
+                with open(path, encoding="utf-8") as f:
+                    held = json.load(f)
+            except (OSError, ValueError):
+                held = None
+            if isinstance(held, dict) and "model" not in held:
+                raise ValueError(f"tokenizer file {spec} is JSON but not a tokenizer.json (no \"model\"; it holds "
+                                 f"{', '.join(sorted(held)[:4]) or 'nothing'}): give the tokenizer.json, or its "
+                                 "directory") from None
             raise ValueError(f"cannot read tokenizer file {spec}: {e}") from None
     elif os.path.isdir(path):
         tok = _directory_tokenizer(path, f"tokenizer directory {spec}")

@@ -481,6 +481,10 @@ def test_bad_tokenizer_paths(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read tokenizer file"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+    # the directory's other JSON file, passed by mistake: named as such (not as a syntax error)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "backend": "tokenizers"}))
+    with pytest.raises(ValueError, match=r'is JSON but not a tokenizer.json \(no "model"; it holds backend, eos_token\)'):
+        load_tokenizer(str(tmp_path / "tokenizer_config.json"))
 
 
 def test_vocabulary_larger_than_the_model_names_both_numbers(tokenizer):
