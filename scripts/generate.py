@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p = parser(__file__, __doc__)
     a = p.add_argument
     a("--checkpoint", required=True, type=path, help="Orbax checkpoint directory or Hugging Face model directory")
+    a("--step", type=int, help="step of an Orbax checkpoint directory (default: the latest)")
     a("--prompt", required=True, type=text, help="text to continue")
     a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
@@ -64,7 +65,7 @@ def checkpoint_kind(path: str) -> str:
                      "checkpoint directory (no numbered steps)")
 
 
-def checkpoint_info(path: str, kind: str):
+def checkpoint_info(path: str, kind: str, step: int | None = None):
     """(LLMConfig, recorded tokenizer spec, saved tokenizer files) of a checkpoint, without loading
     its weights. The spec is an Orbax checkpoint's `meta["tokenizer"]`, or a Hugging Face directory
     itself when it holds a tokenizer.json; None means the embedded one. The files are those an
@@ -78,15 +79,15 @@ def checkpoint_info(path: str, kind: str):
         return LLMConfig.from_json_file(os.path.join(path, "config.json")), tokenizer, None
     from jaxllm import checkpoint
 
-    _, meta, files = checkpoint.read_step_info(path)  # read-only: safe while a trainer saves into `path`
+    _, meta, files = checkpoint.read_step_info(path, step)  # read-only: safe while a trainer saves into `path`
     return LLMConfig.from_dict(meta["config"]), meta.get("tokenizer"), files
 
 
-def load_jax_model(path: str, kind: str):
+def load_jax_model(path: str, kind: str, step: int | None = None):
     from jaxllm import checkpoint
 
     if kind == "orbax":
-        return checkpoint.load(path)[0]
+        return checkpoint.load(path, step)[0]
     from convert.mapping import torch_to_flax
     from jaxllm.model import create_model
     from jaxllm.weights import set_weights
@@ -100,7 +101,7 @@ def load_jax_model(path: str, kind: str):
     return model
 
 
-def load_torch_model(path: str, kind: str):
+def load_torch_model(path: str, kind: str, step: int | None = None):
     import torch
 
     from torch_ref import CustomLLM, CustomLLMConfig
@@ -117,7 +118,7 @@ def load_torch_model(path: str, kind: str):
     from jaxllm import checkpoint
     from jaxllm.weights import get_weights
 
-    model, config = checkpoint.load(path)
+    model, config = checkpoint.load(path, step)
     sd = flax_to_torch(get_weights(model), config)
     return CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
                                      {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in sd.items()})
@@ -167,7 +168,11 @@ def run(args, out=None) -> None:
 
         xla_cache.enable(getattr(args, "compile_cache", None))
     kind = checkpoint_kind(args.checkpoint)
-    c, recorded, saved = checkpoint_info(args.checkpoint, kind)
+    step = getattr(args, "step", None)
+    if step is not None and kind != "orbax":
+        raise ValueError(f"--step applies to an Orbax checkpoint directory; {args.checkpoint} is a Hugging Face "
+                         "directory (one model)")
+    c, recorded, saved = checkpoint_info(args.checkpoint, kind, step)
     tokenizer = (model_tokenizer(args.tokenizer, c) if args.tokenizer is not None
                  else checkpoint_tokenizer(recorded, c, saved, where=args.checkpoint))
     prompt_ids = encode_prompt(tokenizer, args.prompt) or [c.bos_token_id]
@@ -177,7 +182,7 @@ def run(args, out=None) -> None:
     if len(prompt_ids) + args.max_new_tokens > c.max_position_embeddings:
         raise ValueError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {args.max_new_tokens} new tokens "
                          f"exceed max_position_embeddings ({c.max_position_embeddings})")
-    model = (load_jax_model if args.framework == "jax" else load_torch_model)(args.checkpoint, kind)
+    model = (load_jax_model if args.framework == "jax" else load_torch_model)(args.checkpoint, kind, step)
 
     out = out or sys.stdout
     out.write(args.prompt)

@@ -385,10 +385,11 @@ def test_script_streams_the_same_text_from_both_checkpoint_kinds_in_both_framewo
     expected = generate(jm, [tok.encode(prompt)], max_new_tokens=12, on_token=lambda *a: None)
     n = expected.lengths[0]
     want = prompt + tok.decode(expected.tokens[0, :n], skip_special_tokens=True) + "\n"
-    for kind, framework in [("orbax", "jax"), ("hf", "jax"), ("moved", "jax"), ("orbax", "torch"), ("hf", "torch")]:
+    for kind, framework, step in [("orbax", "jax", []), ("hf", "jax", []), ("moved", "jax", []),
+                                  ("orbax", "torch", ["--step", "0"]), ("hf", "torch", [])]:
         out = Writes()
         args = script.parse_args(["--checkpoint", checkpoints[kind], "--prompt", prompt, "--max-new-tokens", "12",
-                                  "--framework", framework])
+                                  "--framework", framework, *step])
         script.run(args, out=out)
         assert "".join(out.pieces) == want, (kind, framework)
         assert len(out.pieces) >= 3  # the prompt, then the continuation as it is made
@@ -433,6 +434,8 @@ def test_text_stream_holds_back_split_characters(assets, script):
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "1000"], "--max-new-tokens: the prompt's"),
     (["--checkpoint", "{orbax}", "--prompt", "x " * 200, "--max-new-tokens", "1"], "--prompt: its 400 tokens leave no room"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--framework", "mxnet"], "--framework"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--step", "7"], "step 7 not in"),
+    (["--checkpoint", "{hf}", "--prompt", "x", "--step", "0"], "--step applies to an Orbax checkpoint directory"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "many"], "--top-k"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "40"],
      "--top-k only applies to sampling: give --temperature > 0 too (0 decodes greedily)"),
@@ -445,7 +448,7 @@ def test_script_bad_input_is_one_line_on_stderr_and_exit_2(script, checkpoints, 
     for step in (3, 12):
         (tmp_path / "trainer" / f"checkpoint-{step}").mkdir(parents=True)
     fill = {"tok": str(tokenizer_json), "empty": str(tmp_path / "empty"), "orbax": checkpoints["orbax"],
-            "trainer": str(tmp_path / "trainer")}
+            "trainer": str(tmp_path / "trainer"), "hf": checkpoints["hf"]}
     argv = [a.format(**fill) for a in argv]
     message = message.format(**fill)
     try:
@@ -474,7 +477,7 @@ def test_script_refuses_a_hugging_face_directory_whose_weights_do_not_fit_its_co
     # A checkpoint that names no tokenizer, for a vocabulary the embedded tokenizer is not: refused.
     from jaxllm.config import LLMConfig
 
-    monkeypatch.setattr(script, "checkpoint_info", lambda path, kind: (LLMConfig.from_preset("seed-973m"), None, None))
+    monkeypatch.setattr(script, "checkpoint_info", lambda path, kind, step: (LLMConfig.from_preset("seed-973m"), None, None))
     assert script.main(["--checkpoint", checkpoints["hf"], "--prompt", "the", "--framework", framework]) == 2
     assert "names no tokenizer" in capsys.readouterr().err
 
