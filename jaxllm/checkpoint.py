@@ -135,7 +135,8 @@ def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, crea
     # A writer's manager clears leftover temporary directories in a thread it starts here (awaited
     # only by the first save): a run that then stopped with an error before saving ended while that
     # thread ran, and Orbax logged its traceback ("cannot schedule new futures after interpreter
-    # shutdown") after the error's one line. It is a directory listing: wait for it now.
+    # shutdown") after the error's one line. It lists the directory (and removes what an interrupted
+    # save left, which the first save would wait for anyway): wait for it now.
     await_cleanup = getattr(mngr, "_maybe_await_cleanup_tmp_directory", None)  # (no public way)
     if await_cleanup is not None:
         await_cleanup()

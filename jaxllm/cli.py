@@ -49,8 +49,9 @@ def text(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte {e.object[e.start:e.end].encode('utf-8', 'surrogateescape')!r} "
-                                         f"at character {e.start})") from None
+        c = ord(e.object[e.start])  # (bytes the command line held that are not UTF-8: U+DC80..U+DCFF)
+        what = f"byte {bytes([c - 0xDC00])!r}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise argparse.ArgumentTypeError(f"not UTF-8 text ({what} at character {e.start})") from None
     return value
 
 
@@ -149,9 +150,16 @@ def add_run_flags(p: argparse.ArgumentParser, d, *, init_from: str) -> None:
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
+def _cache_dir(value: str) -> str:
+    """`path`, but for the values that turn the cache off ("none", "off", "": an unset variable)."""
+    from jaxllm.xla_cache import OFF
+
+    return value if value.strip().lower() in OFF else path(value)
+
+
 def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
     """`--compile-cache DIR` (JAX scripts; `jaxllm/xla_cache.py`)."""
-    p.add_argument("--compile-cache", metavar="DIR", type=path,
+    p.add_argument("--compile-cache", metavar="DIR", type=_cache_dir,
                    help="keep compiled XLA programs here and reuse them in later runs (default $JAXLLM_CACHE/xla, "
                         "i.e. ~/.cache/jaxllm/xla; 'none': off)")
 
@@ -209,8 +217,8 @@ def not_a_run_directory(path: str, framework: str) -> str | None:
         what, fix = "one checkpoint of a PyTorch (Trainer) run", (
             f"convert/torch_to_flax.py {path} makes a JAX checkpoint of it for --init-from" if jax else
             f"to resume that run, pass the directory above it ({above})")
-    elif "config.json" in names:
-        what, fix = "a Hugging Face model directory (config.json)", (
+    elif "config.json" in names and any(n.startswith(("model.safetensors", "model-", "pytorch_model")) for n in names):
+        what, fix = "a Hugging Face model directory (config.json and weights)", (
             f"convert/torch_to_flax.py {path} makes a JAX checkpoint of it for --init-from" if jax else
             f"--init-from {path} starts from its weights")
     else:

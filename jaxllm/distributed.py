@@ -120,6 +120,18 @@ def check_shared_directory(path: str, flag: str = "--ckpt-dir", wait_s: float = 
                          f"{where}; a multi-host run needs a directory that every host sees (a shared file system)")
 
 
+def as_process_0_sees(value: bool) -> bool:
+    """`value` as process 0 found it, in every process (collective); `value` itself in a one-process
+    run. For a decision that takes collectives on one branch only: processes deciding by what each
+    sees could part ways when the file system changes between their looks (another run making the
+    directory), and then wait in different collectives."""
+    if jax.process_count() == 1:
+        return bool(value)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
     """Collective over processes (every process must call it): raise `error` where it happened,
     and a ValueError naming the failed processes everywhere else. An input that fails on some

@@ -22,7 +22,8 @@ from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.cli import listing, not_a_run_directory
 from jaxllm.config import LLMConfig, count_params
-from jaxllm.distributed import all_reach, check_shared_directory, processes_where, raise_if_any_failed
+from jaxllm.distributed import (all_reach, as_process_0_sees, check_shared_directory, processes_where,
+                                raise_if_any_failed)
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
@@ -87,8 +88,9 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     check_run(rc, config.max_position_embeddings)
     ckpt_dir = os.path.abspath(rc.ckpt_dir)
     check_shared_directory(ckpt_dir)  # (several processes: they save and resume together)
-    if os.path.isdir(ckpt_dir):  # before anything reads it as this run's: a writer's manager clears
-        _take_lock(lock, ckpt_dir)  # the temporary directory of a save in progress
+    exists = as_process_0_sees(os.path.isdir(ckpt_dir))
+    if exists:  # before anything reads it as this run's: a writer's manager clears the temporary
+        _take_lock(lock, ckpt_dir)  # directory of a save in progress
     mesh = shd.make_mesh(rc.mesh)
     shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
     shd.check_batch(rc.batch_size, mesh)
@@ -102,13 +104,13 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
 
     # ---- state: resume, start from converted weights, or initialise -------------------------
     # Nothing is written before the data source has been opened and checked.
-    mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep, create=False) if os.path.isdir(ckpt_dir) else None
+    mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep, create=False) if exists else None
     existing = mngr.all_steps() if mngr is not None else []
     data_state = None
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "
                          "use an empty --ckpt-dir or drop --no-resume")
-    if not existing and os.path.isdir(ckpt_dir):
+    if not existing and exists:
         check_no_earlier_run(ckpt_dir)
     # Without --tokenizer, a resumed run keeps its checkpoint's tokenizer and a run from --init-from
     # takes the starting checkpoint's (`data.run_tokenizer`).
@@ -190,8 +192,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         f"checkpoints in {ckpt_dir}")
     if start >= rc.steps:
         log(f"the checkpoint is at step {start} >= --steps {rc.steps}: nothing to train (raise --steps to go on)")
-    elif warmup_warning(rc):
-        log(warmup_warning(rc))
+    elif warning := warmup_warning(rc):
+        log(warning)
 
     if jax.process_index() == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(ckpt_dir, "metrics.jsonl"), start)

@@ -66,6 +66,11 @@ class RunLock:
         except InUse:
             return ValueError(f"{flag} {path} is in use by another training run (it holds the directory's lock); "
                               f"wait for that run to end, or use another {flag}")
+        if self.fd is None and fcntl is not None:  # (NFS takes no `flock` on a directory; Lustre without -o flock)
+            import sys
+
+            print(f"warning: {flag} {path} cannot be locked on its file system: a second run started in it would "
+                  "not be stopped", file=sys.stderr, flush=True)
         try:
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
                 pass

@@ -26,6 +26,12 @@ def model_pair(config: LLMConfig, seed: int = 0, **model_kw):
     return jm, torch_model_from_flax(jm, config)
 
 
+def tree_listing(path) -> dict[str, int]:
+    """Every file and directory under `path` with its modification time (ns): equal before and
+    after a command that must leave the directory alone."""
+    return {p.relative_to(path).as_posix(): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
+from helpers import tree_listing
 
 SCRIPT = str(ROOT / "scripts" / "train_jax.py")
 TINY_RUN = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
@@ -936,10 +937,6 @@ def test_no_resume_refuses_a_directory_with_checkpoints(trained_ckpt, capsys):
     assert sorted(os.listdir(trained_ckpt)) == before
 
 
-def _listing(path):
-    return {p.relative_to(path).as_posix(): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
-
-
 def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(trained_ckpt, tmp_path, capsys,
                                                                           monkeypatch):
     """The same command started twice: the second run stops (exit 2, one line) before it reads,
@@ -950,7 +947,7 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
     ckpt = tmp_path / "ck"
     shutil.copytree(trained_ckpt, ckpt)
     (ckpt / "2.orbax-checkpoint-tmp-1764400000000000").mkdir()  # the other run's save in progress
-    before = _listing(ckpt)
+    before = tree_listing(ckpt)
     other = stopping.hold(str(ckpt))  # (another open file description: as another process's)
     assert other is not None
     try:
@@ -958,7 +955,7 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
     finally:
         os.close(other)
     assert code == 2 and len(err.splitlines()) == 1 and "is in use by another training run" in err, err
-    assert _listing(ckpt) == before
+    assert tree_listing(ckpt) == before
 
     fresh, held = tmp_path / "fresh", []
     real_check_prompts = loop.check_prompts
@@ -1031,6 +1028,24 @@ def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_ke
     assert "warning: --warmup-steps 30 is more than --steps 1" in capsys.readouterr().out
 
 
+def test_a_directory_that_takes_no_locks_is_trained_in_with_a_warning(tmp_path, monkeypatch, capsys):
+    """NFS takes no `flock` on a directory (EBADF), nor Lustre without `-o flock`: the run goes on,
+    and says that a second run would not be stopped."""
+    import errno
+    import fcntl
+
+    from jaxllm import stopping
+
+    def no_locks(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = stopping.RunLock()
+    assert lock.take(str(tmp_path)) is None and lock.fd is None
+    assert "cannot be locked on its file system: a second run started in it would not be stopped" in \
+        capsys.readouterr().err
+
+
 def test_a_directory_that_cannot_be_written_is_refused_before_training(trained_ckpt, tmp_path, capsys, monkeypatch):
     """A resume into a read-only --ckpt-dir (`chattr +i`, a read-only mount: here a refused test
     file) trained up to its first save, then failed: now exit 2 at the start, the lock released."""
@@ -1040,7 +1055,7 @@ def test_a_directory_that_cannot_be_written_is_refused_before_training(trained_c
 
     run = tmp_path / "run"
     shutil.copytree(trained_ckpt, run)
-    before = _listing(run)
+    before = tree_listing(run)
     real = tempfile.NamedTemporaryFile
 
     def read_only(*args, dir=None, **kw):
@@ -1052,7 +1067,7 @@ def test_a_directory_that_cannot_be_written_is_refused_before_training(trained_c
     code, err = _main(BASE + ["--ckpt-dir", str(run), "--steps", "3"], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"--ckpt-dir {run} cannot be written (Operation not permitted)" in err, err
-    assert _listing(run) == before
+    assert tree_listing(run) == before
     os.close(stopping.hold(str(run)))  # (InUse if the refused run had kept its lock)
 
 
@@ -1067,16 +1082,23 @@ def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_run_s_
     for d in (trainer_ckpt, model_dir):
         d.mkdir(parents=True)
         (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"")
     (trainer_ckpt / "trainer_state.json").write_text("{}")
     for path, needle in ((run / "1", f"is one step of a JAX run's checkpoint directory, not a training run's "
                                      f"directory: to resume that run, pass the directory above it ({run})"),
                          (trainer_ckpt, f"is one checkpoint of a PyTorch (Trainer) run, not a training run's directory: "
                                         f"convert/torch_to_flax.py {trainer_ckpt} makes"),
-                         (model_dir, "is a Hugging Face model directory (config.json), not a training run's directory")):
-        before = _listing(path)
+                         (model_dir, "is a Hugging Face model directory (config.json and weights), not a training "
+                                     "run's directory")):
+        before = tree_listing(path)
         code, err = _main(BASE + ["--ckpt-dir", str(path)], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
-        assert _listing(path) == before
+        assert tree_listing(path) == before
+    # a run's directory that keeps the user's --config file (no weights) is a run's directory
+    from jaxllm.cli import not_a_run_directory
+
+    (model_dir / "model.safetensors").unlink()
+    assert not_a_run_directory(str(model_dir), "jax") is None and not_a_run_directory(str(model_dir), "torch") is None
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, capsys):

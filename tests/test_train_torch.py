@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from helpers import rel_err
+from helpers import rel_err, tree_listing
 from jaxllm import data as data_lib
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig
@@ -502,7 +502,7 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
 
     out = tmp_path / "run"
     shutil.copytree(trained[0].ckpt_dir, out)
-    before = {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))}
+    before = tree_listing(out)
     args = ["--preset", "tiny", "--seq-len", "16", "--steps", "12", "--max-new-tokens", "0", "--no-progress"]
     other = stopping.hold(str(out))  # (another open file description: as another process's)
     try:
@@ -511,7 +511,7 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
         os.close(other)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is in use by another training run" in err, err
-    assert {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))} == before
+    assert tree_listing(out) == before
 
     fresh, held = tmp_path / "fresh", []
     real_check_prompts = training.check_prompts
@@ -552,6 +552,7 @@ def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_output
         (jax_step / d).mkdir(parents=True)
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"")
     args = ["--preset", "tiny", "--seq-len", "16", "--steps", "12", "--max-new-tokens", "0", "--no-progress"]
     for path, needle in ((os.path.join(out, "checkpoint-8"), f"to resume that run, pass the directory above it ({out})"),
                          (jax_step, f"convert/flax_to_torch.py {jax_step.parent} makes a Hugging Face directory"),

@@ -52,3 +52,16 @@ def test_a_default_directory_that_cannot_be_made_is_a_warning_not_an_error(tmp_p
     finally:
         for k, v in saved.items():
             jax.config.update(k, v)
+
+
+def test_the_flag_takes_the_values_that_turn_the_cache_off_and_expands_a_tilde(monkeypatch, tmp_path):
+    """`--compile-cache` goes through the path flags' type (`cli.path`) but for "none", "off" and
+    "" (an unset variable), which turn the cache off rather than being refused as an empty path."""
+    from jaxllm import cli
+
+    p = cli.parser("x.py", "")
+    cli.add_compile_cache_flag(p)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for value in ("", "none", "OFF"):
+        assert p.parse_args(["--compile-cache", value]).compile_cache == value
+    assert p.parse_args(["--compile-cache", "~/xla"]).compile_cache == str(tmp_path / "xla")

@@ -821,16 +821,22 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         lock.release()
 
 
-def _take_lock(lock: RunLock, out_dir: str, dist) -> None:
-    """Process 0 locks the output directory for the run; every process raises when it cannot."""
-    error = lock.take(out_dir) if dist.process_index == 0 else None
+def _take_lock(lock: RunLock, out_dir: str, dist, error: Exception | None = None) -> None:
+    """Process 0 locks the output directory for the run (and checks that it can write there).
+    Every process raises when that failed, or when any process brings an `error` (making the
+    directory): each process calls this once, and they agree before going on."""
+    if error is None and dist.process_index == 0:
+        error = lock.take(out_dir)
+    failed = [dist.process_index] if error is not None else []
     if dist.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        failed = torch.tensor([error is not None], dtype=torch.int32, device=dist.device)
-        torch.distributed.broadcast(failed, src=0)
-        if error is None and failed.item():
-            raise ValueError(f"--ckpt-dir {out_dir} is in use by another training run (process 0 says)")
+        flags = torch.zeros(dist.num_processes, dtype=torch.int32, device=dist.device)
+        flags[dist.process_index] = error is not None
+        failed = torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
     if error is not None:
         raise error
+    if failed:
+        raise ValueError(f"--ckpt-dir {out_dir}: locking or making it failed in process(es) "
+                         f"{', '.join(map(str, failed))} of {dist.num_processes} (see their error)")
 
 
 def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
@@ -855,7 +861,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
 
     dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
     rank, world = dist.process_index, dist.num_processes
-    fresh = not os.path.isdir(out_dir)  # (locked when made, below)
+    fresh = not os.path.isdir(out_dir)  # (locked when made, below: each process takes part once, either way)
     if not fresh:  # before anything in it is read as this run's, moved or truncated
         _take_lock(lock, out_dir, dist)
     if rc.batch_size % world:
@@ -890,8 +896,12 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     start = last[1] if last else 0
     if fresh:
         try:
-            os.makedirs(out_dir, exist_ok=True)
-            _take_lock(lock, out_dir, dist)
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+                made = None
+            except OSError as e:
+                made = e
+            _take_lock(lock, out_dir, dist, made)
             if latest_checkpoint(out_dir, warn=False):  # another run saved there since this one looked
                 raise ValueError(f"--ckpt-dir {out_dir}: another run saved checkpoints there while this one "
                                  "started; run the command again to resume")
@@ -927,8 +937,8 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
          + (f"; --init-from {rc.init_from} only starts a new run: not used" if last and rc.init_from else ""), rank)
-    if start < rc.steps and warmup_warning(rc):
-        _log(warmup_warning(rc), rank)
+    if start < rc.steps and (warning := warmup_warning(rc)):
+        _log(warning, rank)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
