@@ -249,3 +249,22 @@ def test_a_ckpt_dir_the_processes_do_not_share_is_refused_before_training(tmp_pa
     assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
     assert "is not one directory shared by all processes: process(es) 1 of 2 do not see" in outs[0], outs[0][-2000:]
     assert all(os.listdir(home) == [] for home in homes)
+
+
+def test_a_ckpt_dir_another_run_holds_ends_every_process_with_exit_2(tmp_path):
+    """Another run training in --ckpt-dir (here: its lock, held by this test): process 0, which
+    takes the lock, and the other processes all stop at start-up with one line and status 2."""
+    from jaxllm import stopping
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    other = stopping.hold(str(ckpt))
+    try:
+        procs = _launch(2, 2, ["--steps", "2", "--ckpt-dir", str(ckpt)])
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        os.close(other)
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    assert f"train_jax.py: error: --ckpt-dir {ckpt} is in use by another training run" in outs[0], outs[0][-2000:]
+    assert "train_jax.py: error: locking --ckpt-dir failed in process(es) 0 of 2" in outs[1], outs[1][-2000:]
+    assert os.listdir(ckpt) == []
