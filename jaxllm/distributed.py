@@ -120,6 +120,20 @@ def check_shared_directory(path: str, flag: str = "--ckpt-dir", wait_s: float = 
                          f"{where}; a multi-host run needs a directory that every host sees (a shared file system)")
 
 
+def check_same_settings(rc) -> None:
+    """ValueError in every process unless all of them were given process 0's settings (a
+    `jaxllm.recipes.RunConfig`; `recipes.setting_digests`). Collective."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from jaxllm.recipes import differing_settings, setting_digests
+
+    names, mine = setting_digests(rc)
+    first = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(mine, np.int32))).tolist()
+    raise_if_any_failed(differing_settings(names, mine, first), "comparing the processes' settings")
+
+
 def as_process_0_sees(value: bool) -> bool:
     """`value` as process 0 found it, in every process (collective); `value` itself in a one-process
     run. For a decision that takes collectives on one branch only: processes deciding by what each

@@ -22,8 +22,8 @@ from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.cli import listing, not_a_run_directory
 from jaxllm.config import LLMConfig, count_params
-from jaxllm.distributed import (all_reach, as_process_0_sees, check_shared_directory, processes_where,
-                                raise_if_any_failed)
+from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_settings, check_shared_directory,
+                                processes_where, raise_if_any_failed)
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
@@ -81,7 +81,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     from jaxllm import data as data_lib
 
     t_start = time.perf_counter()
-
+    check_same_settings(rc)  # (first: a setting one process refuses alone would leave the others waiting)
     if rc.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
     config = model_config(rc)

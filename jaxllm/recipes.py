@@ -67,6 +67,32 @@ class RunConfig:
     from_recipe: tuple[str, ...] = ()  # (their names), for errors that name a setting not typed
 
 
+def setting_digests(rc: RunConfig) -> tuple[list[str], list[int]]:
+    """(flags, a 31-bit digest of each one's value) of a run's settings, which every process of a
+    multi-process run must share: each process applies its own (another --lr made the replicas
+    drift apart; another --steps hung the others at the end; another --ckpt-dir, compared as an
+    absolute path, hung the first save). Not compared: --no-progress (only process 0 shows a bar)
+    and where a value came from (a recipe or a flag)."""
+    import json
+    import zlib
+
+    names, digests = [], []
+    for f in dataclasses.fields(rc):
+        if f.name in ("progress", "recipe", "from_recipe"):
+            continue
+        value = os.path.abspath(rc.ckpt_dir) if f.name == "ckpt_dir" else getattr(rc, f.name)
+        names.append({"prompts": "--prompt", "dropout": "--no-dropout"}.get(f.name, "--" + f.name.replace("_", "-")))
+        digests.append(zlib.crc32(json.dumps(value, sort_keys=True, default=str).encode()) & 0x7FFFFFFF)
+    return names, digests
+
+
+def differing_settings(names: list[str], mine: list[int], first: list[int]) -> ValueError | None:
+    """The error of a process whose setting digests (`mine`) are not process 0's (`first`)."""
+    differ = [n for n, a, b in zip(names, mine, first) if int(a) != int(b)]
+    return ValueError(f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''} from process 0's: give every "
+                      "process the same settings") if differ else None
+
+
 def named(rc: RunConfig, name: str) -> str:
     """`--seq-len 256` for an error about a setting, with `(the seed recipe's)` when the recipe
     gave it and no flag did."""

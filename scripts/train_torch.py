@@ -52,7 +52,12 @@ def main(argv=None) -> int:
     try:
         summary = run(rc, dtype=rc.dtype)
     except (ValueError, OSError) as e:
-        print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # (left to the interpreter's exit, gloo's threads aborted the process after its line)
+            torch.distributed.destroy_process_group()
         return 2
     except NonFiniteError as e:  # the run itself went wrong, not its input
         print(f"train_torch.py: error: {e}", file=sys.stderr)

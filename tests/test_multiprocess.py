@@ -268,3 +268,21 @@ def test_a_ckpt_dir_another_run_holds_ends_every_process_with_exit_2(tmp_path):
     assert f"train_jax.py: error: --ckpt-dir {ckpt} is in use by another training run" in outs[0], outs[0][-2000:]
     assert "train_jax.py: error: locking --ckpt-dir failed in process(es) 0 of 2" in outs[1], outs[1][-2000:]
     assert os.listdir(ckpt) == []
+
+
+def test_processes_given_other_settings_end_with_exit_2_naming_them(tmp_path):
+    """Each process applies its own settings: another --lr in one trained its replica apart (both
+    exited 0), another --steps hung the other at the end (minutes, then SIGABRT), another
+    --ckpt-dir hung the first save. Now compared at start-up: one line each, status 2."""
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    port = free_port()
+    given = [["--ckpt-dir", str(tmp_path / "a")], ["--ckpt-dir", str(tmp_path / "b"), "--lr", "0.1"]]
+    procs = [subprocess.Popen([sys.executable, TRAIN, *CLI, "--steps", "2", *given[i], "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    assert "train_jax.py: error: --lr, --ckpt-dir differ from process 0's" in outs[1], outs[1][-2000:]
+    assert "comparing the processes' settings failed in process(es) 1 of 2" in outs[0], outs[0][-2000:]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

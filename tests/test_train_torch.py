@@ -978,3 +978,38 @@ def test_the_metrics_mfu_uses_the_gpus_bfloat16_datasheet_peak(monkeypatch):
               model=SimpleNamespace(config=SimpleNamespace(router_aux_loss_coef=0.0)))
     rec = cb.records[-1]
     assert rec["step_time_s"] > 0.9 and rec["mfu"] == pytest.approx(5e12 / rec["step_time_s"] / 1e13)
+
+
+def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_with_exit_2(tmp_path):
+    """Two DDP processes (gloo, as torchrun starts them). One given another --lr trained its own
+    replica apart from the other's; one that could not open its data (`data.txt` relative to its
+    working directory, as on a host without the file) exited 2 while the other died in its next
+    collective with a traceback. Now every process ends with one line and status 2."""
+    import socket
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    homes = [tmp_path / "host0", tmp_path / "host1"]
+    for home in homes:
+        home.mkdir()
+    (homes[0] / "data.txt").write_text("a document about lists\n\nanother one about dicts\n")
+    base = [sys.executable, os.path.join(root, "scripts", "train_torch.py"), "--preset", "tiny", "--seq-len", "16",
+            "--batch-size", "2", "--steps", "2", "--max-new-tokens", "0", "--no-progress"]
+    for case, rank1, needle in (("lr", ["--lr", "0.1"], "--lr differs from process 0's"),
+                                ("data", ["--dataset", "data.txt"], "data.txt")):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        given = [["--dataset", "data.txt"] if case == "data" else [], rank1]
+        procs = [subprocess.Popen(base + ["--ckpt-dir", str(tmp_path / case)] + given[i], cwd=homes[i],
+                                  env={**env, "RANK": str(i), "LOCAL_RANK": str(i)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+        assert [p.returncode for p in procs] == [2, 2], errs
+        lines = [[ln for ln in err.splitlines() if ln.startswith("train_torch.py:")] for err in errs]
+        assert len(lines[1]) == 1 and needle in lines[1][0], errs[1][-2000:]
+        assert len(lines[0]) == 1 and "failed in process(es) 1 of 2" in lines[0][0], errs[0][-2000:]
+        assert "Traceback" not in errs[0] + errs[1], errs
+        assert not (tmp_path / case).exists()

@@ -61,7 +61,8 @@ from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
-from jaxllm.recipes import RunConfig, check_prompts, check_run, encode_prompt, model_name, warmup_warning
+from jaxllm.recipes import (RunConfig, check_prompts, check_run, differing_settings, encode_prompt, model_name,
+                            setting_digests, warmup_warning)
 from jaxllm.stopping import NonFiniteError, RunLock, SignalStop
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
@@ -821,22 +822,54 @@ def run(rc: RunConfig, *, dtype: str = "auto") -> dict[str, Any]:
         lock.release()
 
 
-def _take_lock(lock: RunLock, out_dir: str, dist, error: Exception | None = None) -> None:
-    """Process 0 locks the output directory for the run (and checks that it can write there).
-    Every process raises when that failed, or when any process brings an `error` (making the
-    directory): each process calls this once, and they agree before going on."""
-    if error is None and dist.process_index == 0:
-        error = lock.take(out_dir)
+def _several(dist) -> bool:
+    return dist.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _raise_if_any_failed(error: Exception | None, what: str, dist) -> None:
+    """Collective over the processes (each must call it): raise `error` where it happened and a
+    ValueError naming the failed processes elsewhere, so that an input that fails in one process
+    only ends every process with its one line (the others waited in their next collective, or
+    died there with a traceback). As `jaxllm.distributed.raise_if_any_failed`."""
     failed = [dist.process_index] if error is not None else []
-    if dist.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _several(dist):
         flags = torch.zeros(dist.num_processes, dtype=torch.int32, device=dist.device)
         flags[dist.process_index] = error is not None
         failed = torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
     if error is not None:
         raise error
     if failed:
-        raise ValueError(f"--ckpt-dir {out_dir}: locking or making it failed in process(es) "
-                         f"{', '.join(map(str, failed))} of {dist.num_processes} (see their error)")
+        raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {dist.num_processes} "
+                         "(see their error)")
+
+
+def _as_rank_0_sees(value: bool, dist) -> bool:
+    """`value` as process 0 found it, in every process (collective), so that they take the same
+    branch (and the same collectives) when the file system changes between their looks."""
+    if not _several(dist):
+        return bool(value)
+    t = torch.tensor([int(bool(value))], dtype=torch.int32, device=dist.device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _check_same_settings(rc: RunConfig, dist) -> None:
+    """Every process raises unless all were given process 0's settings (`setting_digests`)."""
+    if not _several(dist):
+        return
+    names, mine = setting_digests(rc)
+    first = torch.tensor(mine, dtype=torch.int64, device=dist.device)
+    torch.distributed.broadcast(first, src=0)
+    _raise_if_any_failed(differing_settings(names, mine, first.tolist()), "comparing the processes' settings", dist)
+
+
+def _take_lock(lock: RunLock, out_dir: str, dist, error: Exception | None = None) -> None:
+    """Process 0 locks the output directory for the run (and checks that it can write there).
+    Every process raises when that failed, or when any process brings an `error` (making the
+    directory): each process calls this once, and they agree before going on."""
+    if error is None and dist.process_index == 0:
+        error = lock.take(out_dir)
+    _raise_if_any_failed(error, f"locking or making --ckpt-dir {out_dir}", dist)
 
 
 def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
@@ -852,16 +885,16 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
 
         hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype)
+    dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
+    rank, world = dist.process_index, dist.num_processes
+    _check_same_settings(rc, dist)  # (first: a setting one process refuses alone would leave the others waiting)
     config = model_config(rc)
     check_run(rc, config.max_position_embeddings)
     out_dir = os.path.abspath(rc.ckpt_dir)
     if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
         raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
                          "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
-
-    dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
-    rank, world = dist.process_index, dist.num_processes
-    fresh = not os.path.isdir(out_dir)  # (locked when made, below: each process takes part once, either way)
+    fresh = _as_rank_0_sees(not os.path.isdir(out_dir), dist)  # (locked when made, below)
     if not fresh:  # before anything in it is read as this run's, moved or truncated
         _take_lock(lock, out_dir, dist)
     if rc.batch_size % world:
@@ -891,8 +924,12 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
     data_state = read_data_state(last[0], rank, world, source) if last else None
     # Opened before anything else: a dataset that cannot be read fails before a file is written.
-    dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
-                            state=data_state, micro_batches_per_step=rc.grad_accum)
+    try:  # each process opens its own share: agree that all of them could before going on
+        dataset, error = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
+                                       state=data_state, micro_batches_per_step=rc.grad_accum), None
+    except (ValueError, OSError) as e:
+        dataset, error = None, e
+    _raise_if_any_failed(error, "opening the data", dist)
     start = last[1] if last else 0
     if fresh:
         try:
