@@ -70,9 +70,11 @@ class RunConfig:
 def setting_digests(rc: RunConfig) -> tuple[list[str], list[int]]:
     """(flags, a 31-bit digest of each one's value) of a run's settings, which every process of a
     multi-process run must share: each process applies its own (another --lr made the replicas
-    drift apart; another --steps hung the others at the end; another --ckpt-dir, compared as an
-    absolute path, hung the first save). Not compared: --no-progress (only process 0 shows a bar)
-    and where a value came from (a recipe or a flag)."""
+    drift apart; another --steps hung the others at the end; another --ckpt-dir hung the first
+    save). Paths are compared as given: the same relative --ckpt-dir from different working
+    directories is left to `distributed.check_shared_directory`, which names that problem. Not
+    compared: --no-progress (only process 0 shows a bar) and where a value came from (a recipe
+    or a flag)."""
     import json
     import zlib
 
@@ -80,7 +82,7 @@ def setting_digests(rc: RunConfig) -> tuple[list[str], list[int]]:
     for f in dataclasses.fields(rc):
         if f.name in ("progress", "recipe", "from_recipe"):
             continue
-        value = os.path.abspath(rc.ckpt_dir) if f.name == "ckpt_dir" else getattr(rc, f.name)
+        value = getattr(rc, f.name)
         names.append({"prompts": "--prompt", "dropout": "--no-dropout"}.get(f.name, "--" + f.name.replace("_", "-")))
         digests.append(zlib.crc32(json.dumps(value, sort_keys=True, default=str).encode()) & 0x7FFFFFFF)
     return names, digests
