@@ -196,9 +196,12 @@ def test_a_ctrl_c_before_training_ends_in_one_line_and_status_130(tmp_path):
     """Ctrl-C while a trainer starts (its imports, the model's creation), where no handler saves
     yet: one line and exit status 130, no traceback, nothing written. Both trainers and the
     converters end the same way (`cli.exit_with`); train_torch.py is timed here."""
+    # (SIGINT back to its default in the child: pytest-xdist's workers ignore it, and a process
+    # that starts with SIGINT ignored never gets a KeyboardInterrupt)
     p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_torch.py"), "--preset", "tiny",
-                          "--ckpt-dir", str(tmp_path / "ck")], env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                          "--steps", "2", "--ckpt-dir", str(tmp_path / "ck")], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.5)  # (its imports take several seconds)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
@@ -907,7 +910,9 @@ def test_resuming_on_another_token_stream_is_refused_and_the_checkpoint_kept(tra
     from jaxllm import data
     from jaxllm.config import LLMConfig
 
-    data.model_tokenizer(None, LLMConfig.from_preset("tiny")).save_pretrained(tmp_path / "tok")  # same vocabulary
+    # another tokenizer that fits the model (the embedded one trained to 300 tokens); the run's own,
+    # saved elsewhere, would tokenize alike and resume (`data.same_tokenization`)
+    data.model_tokenizer(None, LLMConfig.from_preset("tiny", vocab_size=300)).save_pretrained(tmp_path / "tok")
     for args, flag in ((["--dataset", str(tmp_path / "other.txt")], "--dataset"), (["--seed", "5"], "--seed"),
                        (["--tokenizer", str(tmp_path / "tok")], "--tokenizer")):
         code, err = _main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "2"] + args, capsys)
