@@ -196,12 +196,15 @@ def test_a_ctrl_c_before_training_ends_in_one_line_and_status_130(tmp_path):
     """Ctrl-C while a trainer starts (its imports, the model's creation), where no handler saves
     yet: one line and exit status 130, no traceback, nothing written. Both trainers and the
     converters end the same way (`cli.exit_with`); train_torch.py is timed here."""
-    # (SIGINT back to its default in the child: pytest-xdist's workers ignore it, and a process
-    # that starts with SIGINT ignored never gets a KeyboardInterrupt)
-    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_torch.py"), "--preset", "tiny",
-                          "--steps", "2", "--ckpt-dir", str(tmp_path / "ck")], env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # pytest-xdist's workers ignore SIGINT, and a process that starts with it ignored never gets a
+    # KeyboardInterrupt: the script runs as a shell starts it, with Python's own Ctrl-C handler
+    # (not through a `preexec_fn`, which would fork this multithreaded process).
+    script = str(ROOT / "scripts" / "train_torch.py")
+    as_from_a_shell = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    p = subprocess.Popen([sys.executable, "-c", as_from_a_shell, script, "--preset", "tiny", "--steps", "2",
+                          "--ckpt-dir", str(tmp_path / "ck")], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)  # (its imports take several seconds)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
