@@ -172,6 +172,16 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _ranks_where(flag: bool, device) -> list[int]:
+    """The processes where `flag` holds: an all-reduce over the process group (every process must
+    call it); [0] or [] without one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [0] if flag else []
+    flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int32, device=device)
+    flags[torch.distributed.get_rank()] = flag
+    return torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
+
+
 class RouterBiasCallback(TrainerCallback):
     """Auxiliary-loss-free balancing: `CustomLLMTrainer.compute_loss` adds each micro-batch's
     `expert_counts` ([layers, experts]); after the optimizer step their sum over the step (and over
@@ -259,12 +269,7 @@ class StopOnSignalCallback(TrainerCallback):
 
     def _asked(self, device) -> list[int]:
         """The processes where a signal came."""
-        mine = self.signals.requested is not None
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return [0] if mine else []
-        flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int32, device=device)
-        flags[torch.distributed.get_rank()] = mine
-        return torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
+        return _ranks_where(self.signals.requested is not None, device)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
@@ -831,11 +836,7 @@ def _raise_if_any_failed(error: Exception | None, what: str, dist) -> None:
     ValueError naming the failed processes elsewhere, so that an input that fails in one process
     only ends every process with its one line (the others waited in their next collective, or
     died there with a traceback). As `jaxllm.distributed.raise_if_any_failed`."""
-    failed = [dist.process_index] if error is not None else []
-    if _several(dist):
-        flags = torch.zeros(dist.num_processes, dtype=torch.int32, device=dist.device)
-        flags[dist.process_index] = error is not None
-        failed = torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
+    failed = _ranks_where(error is not None, dist.device)
     if error is not None:
         raise error
     if failed:
