@@ -27,7 +27,7 @@ from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_setting
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
-from jaxllm.stopping import NonFiniteError, RunLock, SignalStop  # noqa: F401 (NonFiniteError: train_jax.py's)
+from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, failing_together  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -82,10 +82,11 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
 
     t_start = time.perf_counter()
     check_same_settings(rc)  # (first: a setting one process refuses alone would leave the others waiting)
-    if rc.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
-    config = model_config(rc)
-    check_run(rc, config.max_position_embeddings)
+    with failing_together("reading the model's settings", raise_if_any_failed):  # (--config: a file on each host)
+        if rc.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
+        config = model_config(rc)
+        check_run(rc, config.max_position_embeddings)
     ckpt_dir = os.path.abspath(rc.ckpt_dir)
     check_shared_directory(ckpt_dir)  # (several processes: they save and resume together)
     exists = as_process_0_sees(os.path.isdir(ckpt_dir))
@@ -119,12 +120,16 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         state, saved_data, inherited = restore_train_state(mngr, trainer, config)
         origin = ckpt_dir
     elif rc.init_from:
+        with failing_together("checking --init-from", raise_if_any_failed):  # (Orbax's reads are collective)
+            init_from_dir(rc.init_from)
         inherited, origin = init_tokenizer(rc.init_from, config), os.path.abspath(rc.init_from)
-    tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
-    check_prompts(rc, tokenizer, config.max_position_embeddings)
-    data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+    with failing_together("checking the tokenizer and the dataset", raise_if_any_failed):  # (each host's files)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
+        check_prompts(rc, tokenizer, config.max_position_embeddings)
+        data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+        if existing:
+            data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
     if existing:
-        data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}"
             + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
@@ -136,13 +141,10 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         state = trainer.init_state()
     start = int(state["step"])
 
-    try:  # each process opens its own share: agree that all of them could before going on
-        data, error = data_lib.PackedBatches(data_cfg, tokenizer, rows=trainer.rows_per_process(),
-                                             process_index=jax.process_index(), process_count=jax.process_count(),
-                                             state=data_state), None
-    except (ValueError, OSError) as e:
-        data, error = None, e
-    raise_if_any_failed(error, "opening the data")
+    with failing_together("opening the data", raise_if_any_failed):  # (each process opens its own share)
+        data = data_lib.PackedBatches(data_cfg, tokenizer, rows=trainer.rows_per_process(),
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      state=data_state)
     if mngr is None:
         try:
             os.makedirs(ckpt_dir, exist_ok=True)
@@ -474,12 +476,18 @@ def init_tokenizer(path: str, config: LLMConfig | None = None) -> tuple[str | No
     return meta.get("tokenizer"), files
 
 
-def init_from_meta(path: str) -> tuple[dict, dict | None]:
-    """(metadata, saved tokenizer files) of the `--init-from` checkpoint's latest step; ValueError
-    naming the directory when it is none."""
+def init_from_dir(path: str) -> str:
+    """The `--init-from` directory, absolute; ValueError naming it when it is no directory."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
+    return path
+
+
+def init_from_meta(path: str) -> tuple[dict, dict | None]:
+    """(metadata, saved tokenizer files) of the `--init-from` checkpoint's latest step; ValueError
+    naming the directory when it is none."""
+    path = init_from_dir(path)
     try:
         return ckpt_lib.read_step_info(path)[1:]
     except ckpt_lib.CheckpointError as e:
@@ -487,9 +495,7 @@ def init_from_meta(path: str) -> tuple[dict, dict | None]:
 
 
 def load_weights(path: str, trainer: Trainer, config: LLMConfig) -> dict:
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"--init-from {path}: not a checkpoint directory")
+    path = init_from_dir(path)
     with ckpt_lib.reading(path) as mngr:
         step = ckpt_lib.resolve_step(mngr, None)
         _check_same_model(LLMConfig.from_dict(ckpt_lib.read_meta(mngr, step)["config"]), config,

@@ -1,13 +1,15 @@
 """What stops a training run, shared by both trainers (pure Python: the PyTorch side imports no
-JAX): another run already training in the same directory, a non-finite step, and a signal asking
-to save and stop."""
+JAX): another run already training in the same directory, an input that fails in some of its
+processes, a non-finite step, and a signal asking to save and stop."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import threading
+from typing import Callable, Iterator
 
 try:
     import fcntl
@@ -84,6 +86,23 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@contextlib.contextmanager
+def failing_together(what: str, agree: Callable[[Exception | None, str], None]) -> Iterator[None]:
+    """`with failing_together("opening the data", raise_if_any_failed): ...` around start-up checks
+    that every process of a run makes and that may fail in some of them only (a file missing on
+    one host). The block must make no collective. Its ValueError or OSError is held until the
+    block has ended, then `agree(error, what)`, a collective over the processes (each trainer's
+    `raise_if_any_failed`), raises it where it happened and a ValueError naming the failed
+    processes everywhere else: every process ends with one line, where the others went on to their
+    next collective and died there with a traceback (PyTorch) or a lost peer (JAX)."""
+    error = None
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        error = e
+    agree(error, what)
 
 
 class NonFiniteError(RuntimeError):

@@ -982,9 +982,12 @@ def test_the_metrics_mfu_uses_the_gpus_bfloat16_datasheet_peak(monkeypatch):
 
 def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_with_exit_2(tmp_path):
     """Two DDP processes (gloo, as torchrun starts them). One given another --lr trained its own
-    replica apart from the other's; one that could not open its data (`data.txt` relative to its
-    working directory, as on a host without the file) exited 2 while the other died in its next
-    collective with a traceback. Now every process ends with one line and status 2."""
+    replica apart from the other's; one that could not open its data or its --config (`data.txt`,
+    `cfg.json` relative to its working directory, as on a host without the file) exited 2 while
+    the other died in its next collective with a traceback. Now every process ends with one line
+    and status 2."""
+    from jaxllm.config import LLMConfig
+
     import socket
     import subprocess
 
@@ -993,16 +996,18 @@ def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_wi
     for home in homes:
         home.mkdir()
     (homes[0] / "data.txt").write_text("a document about lists\n\nanother one about dicts\n")
+    (homes[0] / "cfg.json").write_text(LLMConfig.from_preset("tiny").to_json_string())
     base = [sys.executable, os.path.join(root, "scripts", "train_torch.py"), "--preset", "tiny", "--seq-len", "16",
             "--batch-size", "2", "--steps", "2", "--max-new-tokens", "0", "--no-progress"]
     for case, rank1, needle in (("lr", ["--lr", "0.1"], "--lr differs from process 0's"),
-                                ("data", ["--dataset", "data.txt"], "data.txt")):
+                                ("data", ["--dataset", "data.txt"], "data.txt"),
+                                ("config", ["--config", "cfg.json"], "config file not found: cfg.json")):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        given = [["--dataset", "data.txt"] if case == "data" else [], rank1]
+        given = [rank1 if case != "lr" else [], rank1]
         procs = [subprocess.Popen(base + ["--ckpt-dir", str(tmp_path / case)] + given[i], cwd=homes[i],
                                   env={**env, "RANK": str(i), "LOCAL_RANK": str(i)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -41,6 +41,7 @@ imports JAX.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -63,7 +64,7 @@ from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import (RunConfig, check_prompts, check_run, differing_settings, encode_prompt, model_name,
                             setting_digests, warmup_warning)
-from jaxllm.stopping import NonFiniteError, RunLock, SignalStop
+from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, failing_together
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -889,12 +890,14 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
     rank, world = dist.process_index, dist.num_processes
     _check_same_settings(rc, dist)  # (first: a setting one process refuses alone would leave the others waiting)
-    config = model_config(rc)
-    check_run(rc, config.max_position_embeddings)
-    out_dir = os.path.abspath(rc.ckpt_dir)
-    if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
-        raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
-                         "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
+    agree = functools.partial(_raise_if_any_failed, dist=dist)  # (for `failing_together`)
+    with failing_together("reading the model's settings", agree):  # (--config: a file on each host)
+        config = model_config(rc)
+        check_run(rc, config.max_position_embeddings)
+        out_dir = os.path.abspath(rc.ckpt_dir)
+        if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
+            raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
+                             "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
     fresh = _as_rank_0_sees(not os.path.isdir(out_dir), dist)  # (locked when made, below)
     if not fresh:  # before anything in it is read as this run's, moved or truncated
         _take_lock(lock, out_dir, dist)
@@ -902,35 +905,33 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         raise ValueError(f"--batch-size {rc.batch_size} (global) cannot be split over {world} processes")
     per_device = rc.batch_size // world
 
-    last = latest_checkpoint(out_dir, warn=rank == 0) if os.path.isdir(out_dir) else None
-    if not last and os.path.isdir(out_dir):
-        check_no_earlier_run(out_dir)
-    if last and rc.no_resume:
-        raise ValueError(f"--no-resume: {out_dir} already holds checkpoints (latest {last[0]}); "
-                         "use an empty --ckpt-dir or drop --no-resume")
-    if last:
-        _check_saved_config(last[0], config, "--ckpt-dir checkpoint")
-    elif rc.init_from:
-        _check_init_from(rc.init_from, config)
+    # Each process reads the checkpoint, --init-from, the tokenizer and its share of the data on its
+    # own host, and opens the data before anything is written (a dataset that cannot be read fails first).
+    with failing_together("checking the checkpoint, tokenizer and data", agree):
+        last = latest_checkpoint(out_dir, warn=rank == 0) if os.path.isdir(out_dir) else None
+        if not last and os.path.isdir(out_dir):
+            check_no_earlier_run(out_dir)
+        if last and rc.no_resume:
+            raise ValueError(f"--no-resume: {out_dir} already holds checkpoints (latest {last[0]}); "
+                             "use an empty --ckpt-dir or drop --no-resume")
+        if last:
+            _check_saved_config(last[0], config, "--ckpt-dir checkpoint")
+        elif rc.init_from:
+            _check_init_from(rc.init_from, config)
 
-    # Without --tokenizer, a resumed run keeps the tokenizer of its checkpoint (which the Trainer
-    # saves there) and a run from --init-from takes the directory's own.
-    if last:
-        origin, inherited = last[0], (_recorded_tokenizer(last[0]), data_lib.tokenizer_dir(last[0]))
-    else:
-        origin = rc.init_from
-        inherited = (data_lib.tokenizer_dir(rc.init_from), None) if rc.init_from else (None, None)
-    tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
-    check_prompts(rc, tokenizer, config.max_position_embeddings)
-    data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
-    data_state = read_data_state(last[0], rank, world, source) if last else None
-    # Opened before anything else: a dataset that cannot be read fails before a file is written.
-    try:  # each process opens its own share: agree that all of them could before going on
-        dataset, error = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
-                                       state=data_state, micro_batches_per_step=rc.grad_accum), None
-    except (ValueError, OSError) as e:
-        dataset, error = None, e
-    _raise_if_any_failed(error, "opening the data", dist)
+        # Without --tokenizer, a resumed run keeps the tokenizer of its checkpoint (which the Trainer
+        # saves there) and a run from --init-from takes the directory's own.
+        if last:
+            origin, inherited = last[0], (_recorded_tokenizer(last[0]), data_lib.tokenizer_dir(last[0]))
+        else:
+            origin = rc.init_from
+            inherited = (data_lib.tokenizer_dir(rc.init_from), None) if rc.init_from else (None, None)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
+        check_prompts(rc, tokenizer, config.max_position_embeddings)
+        data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
+        data_state = read_data_state(last[0], rank, world, source) if last else None
+        dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
+                                state=data_state, micro_batches_per_step=rc.grad_accum)
     start = last[1] if last else 0
     if fresh:
         try:
