@@ -228,15 +228,21 @@ def not_a_run_directory(path: str, framework: str) -> str | None:
 
 def exit_with(main, prog: str, interrupted: str):
     """`sys.exit(main())` for a script, with Ctrl-C outside the places that handle it (start-up,
-    imports, a conversion, a second Ctrl-C while a run saves) ending in one line, `interrupted`,
-    and exit status 130 instead of a traceback."""
+    imports, a conversion) ending in one line, `interrupted`, and exit status 130 instead of a
+    traceback; a second Ctrl-C during training (the first asked to save and stop) ends the same
+    way at once (`stopping.exit_at_once`)."""
     import sys
 
+    from jaxllm.stopping import exit_at_once
+
+    exit_at_once(f"{prog}: interrupted: {interrupted}")
     try:
         code = main()
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted: {interrupted}", file=sys.stderr, flush=True)
         code = 130
+    finally:
+        exit_at_once(None)
     sys.exit(code)
 
 

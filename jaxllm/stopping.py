@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import signal
+import sys
 import threading
 from typing import Callable, Iterator
 
@@ -109,11 +110,28 @@ class NonFiniteError(RuntimeError):
     """A step's loss or gradient was NaN or infinite; its update was not applied."""
 
 
+# The line a command line ends with when Ctrl-C comes again after a stop was asked (`exit_at_once`).
+_interrupted_line: str | None = None
+
+
+def exit_at_once(line: str | None) -> None:
+    """From a command line (`jaxllm.cli.exit_with`): a Ctrl-C after a stop was asked (`SignalStop`)
+    prints `line` and ends the process with status 130 at once, as `kill -9` would (a save in
+    progress is left unfinished, and the next start passes it over). Raised as KeyboardInterrupt
+    instead, it landed wherever the main thread was, and where that was a callback whose exceptions
+    Python ignores (JAX's garbage-collection callback, a finalizer) it printed "Exception ignored"
+    with a traceback and the run went on. Without it (None, the default: a notebook, a library
+    caller) the second Ctrl-C raises KeyboardInterrupt."""
+    global _interrupted_line
+    _interrupted_line = line
+
+
 class SignalStop:
     """SIGTERM or a first Ctrl-C ask the run to save and stop (`requested`: the first signal's
-    name, which decides the exit status); a Ctrl-C after such a request interrupts at once. The handlers are installed by `install()` (from the main
-    thread only) or on entering the context, and put back by `restore()` or on leaving it. Each
-    trainer agrees on the request over its processes (`agreed`)."""
+    name, which decides the exit status); a Ctrl-C after such a request interrupts at once
+    (`exit_at_once`). The handlers are installed by `install()` (from the main thread only) or on
+    entering the context, and put back by `restore()` or on leaving it. Each trainer agrees on the
+    request over its processes (`agreed`)."""
 
     def __init__(self):
         self.requested: str | None = None
@@ -126,6 +144,13 @@ class SignalStop:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
+            if _interrupted_line is not None:
+                try:
+                    sys.stdout.flush()
+                    print(f"\n{_interrupted_line}", file=sys.stderr, flush=True)
+                except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
+                    pass
+                os._exit(130)
             raise KeyboardInterrupt
         self.requested = self.requested or signal.Signals(signum).name
 

@@ -236,6 +236,32 @@ def test_the_first_signal_decides_and_a_ctrl_c_after_it_interrupts():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_from_a_command_line_a_second_ctrl_c_ends_the_process_at_once_even_inside_a_gc_callback():
+    """A trainer's second Ctrl-C (the first asked to save and stop) raised KeyboardInterrupt wherever
+    the main thread was: inside JAX's garbage-collection callback, Python printed "Exception
+    ignored" with a traceback and the run went on saving. From a command line (`cli.exit_with`) it
+    now ends the process at once: one line, status 130 (a save in progress is passed over by the
+    next start, as after `kill -9`). Here the second Ctrl-C comes inside a gc callback."""
+    code = """if True:
+        import gc, os, signal
+        from jaxllm.cli import exit_with
+        from jaxllm.stopping import SignalStop
+
+        def main():
+            with SignalStop() as stop:
+                os.kill(os.getpid(), signal.SIGINT)  # asks to save and stop
+                assert stop.requested == "SIGINT"
+                gc.callbacks.append(lambda phase, info: phase == "start" and os.kill(os.getpid(), signal.SIGINT))
+                gc.collect()
+                print("went on after the second Ctrl-C")
+            return 0
+
+        exit_with(main, "train_x.py", "nothing more was saved")
+    """
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "\ntrain_x.py: interrupted: nothing more was saved\n"), r
+
+
 def test_a_stop_before_the_first_step_saves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
     """A signal during start-up or the compile: no step was taken, so no checkpoint of the
     initial weights is written; the run still exits as stopped (128 + SIGTERM)."""
