@@ -56,6 +56,11 @@ def model_config(rc: RunConfig) -> LLMConfig:
     return LLMConfig.from_preset(rc.preset)
 
 
+def _step_dirs(ckpt_dir: str) -> list[str]:
+    """The names of `ckpt_dir`'s step directories (none when it is no directory), without Orbax."""
+    return [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+
+
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -85,6 +90,12 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     with failing_together("reading the model's settings", raise_if_any_failed):  # (--config: a file on each host)
         if rc.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
+        if rc.config or rc.preset:
+            config = model_config(rc)
+            check_run(rc, config.max_position_embeddings)
+        elif rc.init_from and not _step_dirs(rc.ckpt_dir):  # the model of --init-from (read below)
+            init_from_dir(rc.init_from)
+    if not (rc.config or rc.preset):  # the model of a checkpoint: Orbax's reads are collective
         config = model_config(rc)
         check_run(rc, config.max_position_embeddings)
     ckpt_dir = os.path.abspath(rc.ckpt_dir)

@@ -230,13 +230,13 @@ def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_c
     assert sorted(d for d in os.listdir(ckpt) if d.isdigit()) == ["1", "2", "3"]
 
 
-def _launch_in(homes, args):
+def _launch_in(homes, args, cli=CLI):
     """Two processes (2 devices each), each in its own working directory (as on two hosts with
-    their own disks), given the same `args`; their outputs once they have ended."""
+    their own disks), given the same `cli` and `args`; their outputs once they have ended."""
     env = _env()
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, TRAIN, *CLI, *args, "--coordinator", f"127.0.0.1:{port}",
+    procs = [subprocess.Popen([sys.executable, TRAIN, *cli, *args, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)],
                               cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, home in enumerate(homes)]
@@ -257,12 +257,12 @@ def test_a_ckpt_dir_the_processes_do_not_share_is_refused_before_training(tmp_pa
 
 
 def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
-    """--config, --tokenizer or --init-from given as a path that process 1's host lacks (relative to
-    each process's working directory). Process 1 exited 2 with its line while process 0 went on to
-    its next collective, failed there as if process 1 had died (exit 1, "did another process
-    die?") after waiting for it, or for --init-from met process 0's Orbax read in a mismatched
-    collective (gloo aborted process 1). Now each is checked in every process before the next
-    collective: both end with one line and status 2, and nothing is written."""
+    """--config, --tokenizer or --init-from (with a preset, or without: the model it holds) given as
+    a path that process 1's host lacks (relative to each process's working directory). Process 1
+    exited 2 with its line while process 0 went on to its next collective (an Orbax read of
+    --init-from, say) and failed there as if process 1 had died (exit 1, "did another process
+    die?") after waiting for it. Now each is checked in every process before the next collective:
+    both end with one line and status 2, and nothing is written."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -276,12 +276,14 @@ def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>").save_pretrained(homes[0] / "tok")
     (homes[0] / "init").mkdir()  # (process 0 finds a directory; it does not get to read it)
-    for flag, value, what, error in (
-            ("--config", "cfg.json", "reading the model's settings", "config file not found: cfg.json"),
-            ("--tokenizer", "./tok", "checking the tokenizer and the dataset", "tokenizer ./tok: no such file"),
-            ("--init-from", "init", "checking --init-from", f"--init-from {homes[1] / 'init'}: not a checkpoint")):
-        ckpt = tmp_path / f"ck{flag}"
-        procs, outs = _launch_in(homes, ["--steps", "2", "--ckpt-dir", str(ckpt), flag, value])
+    no_preset = [a for a in CLI if a not in ("--preset", "tiny")]
+    for cli, flag, value, what, error in (
+            (CLI, "--config", "cfg.json", "reading the model's settings", "config file not found: cfg.json"),
+            (CLI, "--tokenizer", "./tok", "checking the tokenizer and the dataset", "tokenizer ./tok: no such file"),
+            (CLI, "--init-from", "init", "checking --init-from", f"--init-from {homes[1] / 'init'}: not a checkpoint"),
+            (no_preset, "--init-from", "init", "reading the model's settings", f"--init-from {homes[1] / 'init'}: not")):
+        ckpt = tmp_path / f"ck{flag}{len(cli)}"
+        procs, outs = _launch_in(homes, ["--steps", "2", "--ckpt-dir", str(ckpt), flag, value], cli)
         assert [p.returncode for p in procs] == [2, 2], (flag, [o[-2000:] for o in outs])
         lines = [[ln for ln in out.splitlines() if ln.startswith("train_jax.py:")] for out in outs]
         assert lines[0] == [f"train_jax.py: error: {what} failed in process(es) 1 of 2 (see their error)"], outs[0][-2000:]
