@@ -96,10 +96,7 @@ def read_hf_dir(hf_dir: str) -> tuple[LLMConfig, "TorchWeights"]:
     """The config and the (not yet read) tensors of a Hugging Face directory, every tensor name and
     shape checked against the config: ConvertError naming the file or tensor at fault. Readers
     that load the directory some other way (`from_pretrained`) check it with this first."""
-    if not os.path.exists(hf_dir):
-        raise ConvertError(f"Hugging Face directory {hf_dir} does not exist")
-    if not os.path.isdir(hf_dir):
-        raise ConvertError(f"Hugging Face directory {hf_dir} is not a directory")
+    _check_is_dir(hf_dir)
     if not os.listdir(hf_dir):
         raise ConvertError(f"Hugging Face directory {hf_dir} is empty")
     config = read_hf_config(hf_dir)
@@ -111,7 +108,15 @@ def read_hf_dir(hf_dir: str) -> tuple[LLMConfig, "TorchWeights"]:
     return config, weights
 
 
+def _check_is_dir(hf_dir: str) -> None:
+    if not os.path.exists(hf_dir):
+        raise ConvertError(f"Hugging Face directory {hf_dir} does not exist")
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"Hugging Face directory {hf_dir} is not a directory")
+
+
 def read_hf_config(hf_dir: str) -> LLMConfig:
+    _check_is_dir(hf_dir)
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         latest = _latest_trainer_checkpoint(hf_dir)

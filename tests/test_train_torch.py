@@ -490,6 +490,11 @@ def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("train_torch.py: error: --init-from") and err.count("\n") == 1, err
         assert message in err, err
+    # Without --preset or --config, the model is read from --init-from first (it said "[Errno 2] ...").
+    code = _train_torch().main(["--seq-len", "32", "--ckpt-dir", str(tmp_path / "x"), "--init-from", str(tmp_path / "gone")])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"train_torch.py: error: --init-from: Hugging Face directory {tmp_path / 'gone'} does "
+                              "not exist\n")
     assert not (tmp_path / "x").exists()
 
 

@@ -628,7 +628,7 @@ def model_config(rc: RunConfig) -> LLMConfig:
 
         last = latest_checkpoint(rc.ckpt_dir, warn=False) if os.path.isdir(rc.ckpt_dir) else None
         try:
-            return read_hf_config(last[0] if last else rc.init_from)
+            return read_hf_config(last[0] if last else os.path.abspath(rc.init_from))
         except ConvertError as e:
             raise ValueError(f"{'' if last else '--init-from: '}{e}") from None
     return LLMConfig.from_preset(rc.preset)
