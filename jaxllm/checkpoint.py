@@ -266,16 +266,20 @@ def read_step(ckpt_dir: str, step: int | None, read):
                     raise
 
 
+def no_checkpoint_found(where: str) -> CheckpointError:
+    """The error for a directory without checkpoint steps, with what it seems to be instead."""
+    hint = (": a Hugging Face directory (convert/torch_to_flax.py makes a checkpoint of it)"
+            if os.path.isfile(os.path.join(where, "config.json")) else
+            ": a step of a checkpoint directory? pass the directory above it"
+            if os.path.isdir(os.path.join(where, "params")) or os.path.isfile(os.path.join(where, "_CHECKPOINT_METADATA"))
+            else "")
+    return CheckpointError(f"no checkpoint found in {where} (an empty or non-Orbax directory{hint})")
+
+
 def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
     steps = mngr.all_steps()
     if not steps:
-        where = os.fspath(mngr.directory)
-        hint = (": a Hugging Face directory (convert/torch_to_flax.py makes a checkpoint of it)"
-                if os.path.isfile(os.path.join(where, "config.json")) else
-                ": a step of a checkpoint directory? pass the directory above it"
-                if os.path.isdir(os.path.join(where, "params")) or os.path.isfile(os.path.join(where, "_CHECKPOINT_METADATA"))
-                else "")
-        raise CheckpointError(f"no checkpoint found in {where} (an empty or non-Orbax directory{hint})")
+        raise no_checkpoint_found(os.fspath(mngr.directory))
     if step is None:
         return max(steps)
     if step not in steps:

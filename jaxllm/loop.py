@@ -97,7 +97,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
             init_from_dir(rc.init_from)
     if not (rc.config or rc.preset):  # the model of a checkpoint: Orbax's reads are collective
         config = model_config(rc)
-        check_run(rc, config.max_position_embeddings)
+        with failing_together("checking the settings", raise_if_any_failed):  # (--ckpt-dir, on each host)
+            check_run(rc, config.max_position_embeddings)
     ckpt_dir = os.path.abspath(rc.ckpt_dir)
     check_shared_directory(ckpt_dir)  # (several processes: they save and resume together)
     exists = as_process_0_sees(os.path.isdir(ckpt_dir))
@@ -488,10 +489,14 @@ def init_tokenizer(path: str, config: LLMConfig | None = None) -> tuple[str | No
 
 
 def init_from_dir(path: str) -> str:
-    """The `--init-from` directory, absolute; ValueError naming it when it is no directory."""
+    """The `--init-from` directory, absolute; ValueError naming it when it is no directory or holds
+    no step directory. Checked by file names only: in a multi-process run Orbax's reads are
+    collective, and this check is agreed on before them (`failing_together`)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
+    if not _step_dirs(path):
+        raise ValueError(f"--init-from {path}: {ckpt_lib.no_checkpoint_found(path)}")
     return path
 
 

@@ -93,15 +93,16 @@ class RunLock:
 def failing_together(what: str, agree: Callable[[Exception | None, str], None]) -> Iterator[None]:
     """`with failing_together("opening the data", raise_if_any_failed): ...` around start-up checks
     that every process of a run makes and that may fail in some of them only (a file missing on
-    one host). The block must make no collective. Its ValueError or OSError is held until the
-    block has ended, then `agree(error, what)`, a collective over the processes (each trainer's
-    `raise_if_any_failed`), raises it where it happened and a ValueError naming the failed
-    processes everywhere else: every process ends with one line, where the others went on to their
-    next collective and died there with a traceback (PyTorch) or a lost peer (JAX)."""
+    one host). The block must make no collective. Its exception (a ValueError or OSError for bad
+    input) is held until the block has ended, then `agree(error, what)`, a collective over the
+    processes (each trainer's `raise_if_any_failed`), raises it where it happened and a ValueError
+    naming the failed processes everywhere else: every process ends with one line, where the
+    others went on to their next collective and died there with a traceback (PyTorch) or a lost
+    peer (JAX)."""
     error = None
     try:
         yield
-    except (ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - (a bug too: the others must not wait for this process)
         error = e
     agree(error, what)
 
@@ -145,11 +146,11 @@ class SignalStop:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             if _interrupted_line is not None:
-                try:
-                    sys.stdout.flush()
-                    print(f"\n{_interrupted_line}", file=sys.stderr, flush=True)
-                except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
-                    pass
+                for write in (sys.stdout.flush, lambda: print(f"\n{_interrupted_line}", file=sys.stderr, flush=True)):
+                    try:
+                        write()
+                    except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
+                        pass
                 os._exit(130)
             raise KeyboardInterrupt
         self.requested = self.requested or signal.Signals(signum).name

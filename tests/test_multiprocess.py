@@ -258,7 +258,8 @@ def test_a_ckpt_dir_the_processes_do_not_share_is_refused_before_training(tmp_pa
 
 def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
     """--config, --tokenizer or --init-from (with a preset, or without: the model it holds) given as
-    a path that process 1's host lacks (relative to each process's working directory). Process 1
+    a path that process 1's host lacks (relative to each process's working directory), or an
+    --init-from directory that is empty there (a mount point with nothing mounted). Process 1
     exited 2 with its line while process 0 went on to its next collective (an Orbax read of
     --init-from, say) and failed there as if process 1 had died (exit 1, "did another process
     die?") after waiting for it. Now each is checked in every process before the next collective:
@@ -275,14 +276,17 @@ def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
     words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>").save_pretrained(homes[0] / "tok")
-    (homes[0] / "init").mkdir()  # (process 0 finds a directory; it does not get to read it)
+    (homes[0] / "init" / "1").mkdir(parents=True)  # (process 0 finds a step directory; it does not get to read it)
+    (homes[0] / "mount" / "1").mkdir(parents=True)
+    (homes[1] / "mount").mkdir()  # (as a mount point where nothing is mounted)
     no_preset = [a for a in CLI if a not in ("--preset", "tiny")]
     for cli, flag, value, what, error in (
             (CLI, "--config", "cfg.json", "reading the model's settings", "config file not found: cfg.json"),
             (CLI, "--tokenizer", "./tok", "checking the tokenizer and the dataset", "tokenizer ./tok: no such file"),
             (CLI, "--init-from", "init", "checking --init-from", f"--init-from {homes[1] / 'init'}: not a checkpoint"),
+            (CLI, "--init-from", "mount", "checking --init-from", f"no checkpoint found in {homes[1] / 'mount'}"),
             (no_preset, "--init-from", "init", "reading the model's settings", f"--init-from {homes[1] / 'init'}: not")):
-        ckpt = tmp_path / f"ck{flag}{len(cli)}"
+        ckpt = tmp_path / f"ck{flag}{value}{len(cli)}"
         procs, outs = _launch_in(homes, ["--steps", "2", "--ckpt-dir", str(ckpt), flag, value], cli)
         assert [p.returncode for p in procs] == [2, 2], (flag, [o[-2000:] for o in outs])
         lines = [[ln for ln in out.splitlines() if ln.startswith("train_jax.py:")] for out in outs]
