@@ -82,42 +82,18 @@ def processes_where(flag: bool) -> list[int]:
 
 
 def check_shared_directory(path: str, flag: str = "--ckpt-dir", wait_s: float = 10.0) -> None:
-    """ValueError in every process unless all of them see `path` (or, while it does not exist, its
-    nearest existing parent) as process 0 does: a file that process 0 writes there (and removes
-    right after) is found by each within `wait_s` seconds. The processes of a multi-host run save
-    their checkpoints together: Orbax's process 0 creates each step's directories and every
-    process writes its shards into them, so on per-host disks the first save waited 10 minutes
-    and failed, and a resume saw different checkpoints in different processes. Collective."""
+    """ValueError in every process unless all of them see `path` as process 0 does
+    (`jaxllm.stopping.check_shared_directory`). Collective."""
     if jax.process_count() == 1:
         return
-    import secrets
-    import time
-
     from jax.experimental import multihost_utils
 
-    where = path
-    while not os.path.isdir(where) and os.path.dirname(where) != where:
-        where = os.path.dirname(where)
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31) if jax.process_index() == 0 else 0)))
-    marker = os.path.join(where, f".jaxllm-shared-{token}")
-    error = None
-    if jax.process_index() == 0:
-        try:
-            with open(marker, "w") as f:
-                f.write("written by process 0 to check that every process sees this directory\n")
-        except OSError as e:
-            error = ValueError(f"{flag} {path}: cannot write in {where} ({e})")
-    raise_if_any_failed(error, f"writing in {flag}")
-    deadline = time.monotonic() + wait_s
-    while not os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    missing = processes_where(not os.path.exists(marker))
-    if jax.process_index() == 0:
-        os.remove(marker)
-    if missing:
-        raise ValueError(f"{flag} {path} is not one directory shared by all processes: process(es) "
-                         f"{', '.join(map(str, missing))} of {jax.process_count()} do not see what process 0 wrote in "
-                         f"{where}; a multi-host run needs a directory that every host sees (a shared file system)")
+    from jaxllm import stopping
+
+    stopping.check_shared_directory(
+        path, flag, index=jax.process_index(), count=jax.process_count(), wait_s=wait_s,
+        broadcast=lambda value: int(multihost_utils.broadcast_one_to_all(np.int32(value))),
+        where=processes_where, agree=raise_if_any_failed)
 
 
 def check_same_settings(rc) -> None:

@@ -107,6 +107,45 @@ def failing_together(what: str, agree: Callable[[Exception | None, str], None]) 
     agree(error, what)
 
 
+def check_shared_directory(path: str, flag: str, *, index: int, count: int, broadcast: Callable[[int], int],
+                           where: Callable[[bool], list[int]], agree: Callable[[Exception | None, str], None],
+                           wait_s: float = 10.0) -> None:
+    """ValueError in every process unless all of them see `path` (or, while it does not exist, its
+    nearest existing parent) as process 0 does: a file that process 0 writes there (and removes
+    right after) is found by each within `wait_s` seconds. The processes of a multi-host run save
+    their checkpoints together (JAX: Orbax's process 0 creates each step's directories and every
+    process writes its shards into them; PyTorch: each process writes its data position and random
+    state beside process 0's weights), so on per-host disks a first save hung or a resume saw
+    different checkpoints in different processes. Collective, over a trainer's `count` processes
+    (this one: `index`), through its `broadcast` (process 0's int to all), `where` (the processes
+    where a flag holds) and `agree` (`failing_together`'s)."""
+    import secrets
+    import time
+
+    seen = path
+    while not os.path.isdir(seen) and os.path.dirname(seen) != seen:
+        seen = os.path.dirname(seen)
+    marker = os.path.join(seen, f".jaxllm-shared-{broadcast(secrets.randbits(31) if index == 0 else 0)}")
+    error = None
+    if index == 0:
+        try:
+            with open(marker, "w") as f:
+                f.write("written by process 0 to check that every process sees this directory\n")
+        except OSError as e:
+            error = ValueError(f"{flag} {path}: cannot write in {seen} ({e})")
+    agree(error, f"writing in {flag}")
+    deadline = time.monotonic() + wait_s
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    missing = where(not os.path.exists(marker))
+    if index == 0:
+        os.remove(marker)
+    if missing:
+        raise ValueError(f"{flag} {path} is not one directory shared by all processes: process(es) "
+                         f"{', '.join(map(str, missing))} of {count} do not see what process 0 wrote in "
+                         f"{seen}; a multi-host run needs a directory that every host sees (a shared file system)")
+
+
 class NonFiniteError(RuntimeError):
     """A step's loss or gradient was NaN or infinite; its update was not applied."""
 

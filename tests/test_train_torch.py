@@ -989,8 +989,10 @@ def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_wi
     """Two DDP processes (gloo, as torchrun starts them). One given another --lr trained its own
     replica apart from the other's; one that could not open its data or its --config (`data.txt`,
     `cfg.json` relative to its working directory, as on a host without the file) exited 2 while
-    the other died in its next collective with a traceback. Now every process ends with one line
-    and status 2."""
+    the other died in its next collective with a traceback; given a --ckpt-dir that they do not
+    share (`ck`, relative: one on each host's disk), both trained (exit 0), process 1's
+    checkpoint-2 holding only its data position and random state, and process 0's lacking process
+    1's data position. Now every process ends with one line and status 2."""
     from jaxllm.config import LLMConfig
 
     import socket
@@ -1004,15 +1006,18 @@ def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_wi
     (homes[0] / "cfg.json").write_text(LLMConfig.from_preset("tiny").to_json_string())
     base = [sys.executable, os.path.join(root, "scripts", "train_torch.py"), "--preset", "tiny", "--seq-len", "16",
             "--batch-size", "2", "--steps", "2", "--max-new-tokens", "0", "--no-progress"]
-    for case, rank1, needle in (("lr", ["--lr", "0.1"], "--lr differs from process 0's"),
-                                ("data", ["--dataset", "data.txt"], "data.txt"),
-                                ("config", ["--config", "cfg.json"], "config file not found: cfg.json")):
+    not_shared = "/ck is not one directory shared by all processes: process(es) 1 of 2 do not see"
+    for case, rank1, needle, rank0 in (
+            ("lr", ["--lr", "0.1"], "--lr differs from process 0's", "failed in process(es) 1 of 2"),
+            ("data", ["--dataset", "data.txt"], "data.txt", "failed in process(es) 1 of 2"),
+            ("config", ["--config", "cfg.json"], "config file not found: cfg.json", "failed in process(es) 1 of 2"),
+            ("shared", ["--ckpt-dir", "ck"], not_shared, not_shared)):  # (each its own ck: no shared disk)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        given = [rank1 if case != "lr" else [], rank1]
+        given = [rank1 if case != "lr" else [], rank1]  # (the same flags but --lr; a file on host 0 only)
         procs = [subprocess.Popen(base + ["--ckpt-dir", str(tmp_path / case)] + given[i], cwd=homes[i],
                                   env={**env, "RANK": str(i), "LOCAL_RANK": str(i)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -1020,6 +1025,6 @@ def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_wi
         assert [p.returncode for p in procs] == [2, 2], errs
         lines = [[ln for ln in err.splitlines() if ln.startswith("train_torch.py:")] for err in errs]
         assert len(lines[1]) == 1 and needle in lines[1][0], errs[1][-2000:]
-        assert len(lines[0]) == 1 and "failed in process(es) 1 of 2" in lines[0][0], errs[0][-2000:]
+        assert len(lines[0]) == 1 and rank0 in lines[0][0], errs[0][-2000:]
         assert "Traceback" not in errs[0] + errs[1], errs
-        assert not (tmp_path / case).exists()
+        assert not (tmp_path / case).exists() and not any((home / "ck").exists() for home in homes)

@@ -64,7 +64,7 @@ from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import (RunConfig, check_prompts, check_run, differing_settings, encode_prompt, model_name,
                             setting_digests, warmup_warning)
-from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, failing_together
+from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, check_shared_directory, failing_together
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -845,14 +845,28 @@ def _raise_if_any_failed(error: Exception | None, what: str, dist) -> None:
                          "(see their error)")
 
 
+def _from_rank_0(value: int, dist) -> int:
+    """Process 0's `value`, in every process (collective)."""
+    t = torch.tensor([value], dtype=torch.int64, device=dist.device)
+    torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
 def _as_rank_0_sees(value: bool, dist) -> bool:
     """`value` as process 0 found it, in every process (collective), so that they take the same
     branch (and the same collectives) when the file system changes between their looks."""
-    if not _several(dist):
-        return bool(value)
-    t = torch.tensor([int(bool(value))], dtype=torch.int32, device=dist.device)
-    torch.distributed.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(_from_rank_0(int(bool(value)), dist)) if _several(dist) else bool(value)
+
+
+def _check_shared_directory(path: str, dist) -> None:
+    """ValueError in every process unless all of them see the output directory `path` as process 0
+    does (`jaxllm.stopping.check_shared_directory`, as in JAX): on per-host disks each process
+    found only its own checkpoints (process 0's weights, the others' data positions). Collective."""
+    if _several(dist):
+        check_shared_directory(path, "--ckpt-dir", index=dist.process_index, count=dist.num_processes,
+                               broadcast=lambda value: _from_rank_0(value, dist),
+                               where=lambda flag: _ranks_where(flag, dist.device),
+                               agree=functools.partial(_raise_if_any_failed, dist=dist))
 
 
 def _check_same_settings(rc: RunConfig, dist) -> None:
@@ -898,6 +912,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
             raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
                              "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
+    _check_shared_directory(out_dir, dist)  # (several processes: they save and resume together)
     fresh = _as_rank_0_sees(not os.path.isdir(out_dir), dist)  # (locked when made, below)
     if not fresh:  # before anything in it is read as this run's, moved or truncated
         _take_lock(lock, out_dir, dist)
