@@ -24,7 +24,7 @@ import torch
 
 from convert import ConvertError, error_line, mapping
 from convert.output import atomic_output_dir, check_output
-from jaxllm.cli import listing
+from jaxllm.cli import listing, step_dirs
 from jaxllm.config import MODEL_TYPE, LLMConfig
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -42,7 +42,7 @@ class ImportResult:
 
 def is_checkpoint_dir(path: str) -> bool:
     """An Orbax checkpoint directory: it holds at least one numbered step."""
-    return any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    return bool(step_dirs(path))
 
 
 def checkpoint_extras(path: str) -> list[str]:

@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxllm.cli import step_dirs
 from jaxllm.config import IGNORED_KEYS, LLMConfig, field_names
 
 FORMAT_VERSION = 1
@@ -261,7 +262,7 @@ def read_step(ckpt_dir: str, step: int | None, read):
             try:
                 return read(mngr, s)
             except Exception:
-                steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()]
+                steps = step_dirs(ckpt_dir)
                 if step is not None or attempt == 2 or (s in steps and max(steps) == s):
                     raise
 

@@ -202,6 +202,14 @@ def run_config(args: argparse.Namespace, d):
     return type(d)(**settings)
 
 
+def step_dirs(path: str) -> list[int]:
+    """The numbered step directories of an Orbax checkpoint directory, sorted, found by their names
+    (no Orbax read: in a multi-process run those are collective); [] when `path` is no directory."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
 def not_a_run_directory(path: str, framework: str) -> str | None:
     """The error for a `--ckpt-dir` that exists, holds nothing to resume, and is not a run's
     directory but one checkpoint inside a run, or a model directory (pointing at the checkpoint

@@ -92,8 +92,7 @@ def check_shared_directory(path: str, flag: str = "--ckpt-dir", wait_s: float = 
 
     stopping.check_shared_directory(
         path, flag, index=jax.process_index(), count=jax.process_count(), wait_s=wait_s,
-        broadcast=lambda value: int(multihost_utils.broadcast_one_to_all(np.int32(value))),
-        where=processes_where, agree=raise_if_any_failed)
+        broadcast=lambda value: int(multihost_utils.broadcast_one_to_all(np.int32(value))), where=processes_where)
 
 
 def check_same_settings(rc) -> None:
@@ -123,16 +122,11 @@ def as_process_0_sees(value: bool) -> bool:
 
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
-    """Collective over processes (every process must call it): raise `error` where it happened,
-    and a ValueError naming the failed processes everywhere else. An input that fails on some
-    processes only (a file missing on one host, an empty data share) then ends every process
-    with its one-line error, instead of leaving the others waiting in the next collective."""
-    failed = processes_where(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {jax.process_count()} "
-                         "(see their error)")
+    """`error` where it happened, and a ValueError naming the failed processes everywhere else
+    (`jaxllm.stopping.raise_where_failed`). Collective."""
+    from jaxllm.stopping import raise_where_failed
+
+    raise_where_failed(error, what, processes_where, jax.process_count())
 
 
 def all_reach(name: str, timeout_s: float | None = None) -> bool:

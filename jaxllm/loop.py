@@ -20,7 +20,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import hostmem
 from jaxllm import sharding as shd
 from jaxllm import xla_cache
-from jaxllm.cli import listing, not_a_run_directory
+from jaxllm.cli import listing, not_a_run_directory, step_dirs
 from jaxllm.config import LLMConfig, count_params
 from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_settings, check_shared_directory,
                                 processes_where, raise_if_any_failed)
@@ -56,11 +56,6 @@ def model_config(rc: RunConfig) -> LLMConfig:
     return LLMConfig.from_preset(rc.preset)
 
 
-def _step_dirs(ckpt_dir: str) -> list[str]:
-    """The names of `ckpt_dir`'s step directories (none when it is no directory), without Orbax."""
-    return [n for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
-
-
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -93,7 +88,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         if rc.config or rc.preset:
             config = model_config(rc)
             check_run(rc, config.max_position_embeddings)
-        elif rc.init_from and not _step_dirs(rc.ckpt_dir):  # the model of --init-from (read below)
+        elif rc.init_from and not step_dirs(rc.ckpt_dir):  # the model of --init-from (read below)
             init_from_dir(rc.init_from)
     if not (rc.config or rc.preset):  # the model of a checkpoint: Orbax's reads are collective
         config = model_config(rc)
@@ -495,7 +490,7 @@ def init_from_dir(path: str) -> str:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"--init-from {path}: not a checkpoint directory")
-    if not _step_dirs(path):
+    if not step_dirs(path):
         raise ValueError(f"--init-from {path}: {ckpt_lib.no_checkpoint_found(path)}")
     return path
 

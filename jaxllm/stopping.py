@@ -70,8 +70,6 @@ class RunLock:
             return ValueError(f"{flag} {path} is in use by another training run (it holds the directory's lock); "
                               f"wait for that run to end, or use another {flag}")
         if self.fd is None and fcntl is not None:  # (NFS takes no `flock` on a directory; Lustre without -o flock)
-            import sys
-
             print(f"warning: {flag} {path} cannot be locked on its file system: a second run started in it would "
                   "not be stopped", file=sys.stderr, flush=True)
         try:
@@ -89,16 +87,28 @@ class RunLock:
             self.fd = None
 
 
+def raise_where_failed(error: Exception | None, what: str, where: Callable[[bool], list[int]], count: int) -> None:
+    """Collective over a trainer's `count` processes, through its `where` (the processes where a
+    flag holds; every process must call it): raise `error` where it happened, and a ValueError
+    naming the failed processes everywhere else. An input that fails on some processes only (a
+    file missing on one host, an empty data share) then ends every process with its one-line
+    error, instead of leaving the others waiting in the next collective."""
+    failed = where(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {count} (see their error)")
+
+
 @contextlib.contextmanager
 def failing_together(what: str, agree: Callable[[Exception | None, str], None]) -> Iterator[None]:
     """`with failing_together("opening the data", raise_if_any_failed): ...` around start-up checks
     that every process of a run makes and that may fail in some of them only (a file missing on
     one host). The block must make no collective. Its exception (a ValueError or OSError for bad
-    input) is held until the block has ended, then `agree(error, what)`, a collective over the
-    processes (each trainer's `raise_if_any_failed`), raises it where it happened and a ValueError
-    naming the failed processes everywhere else: every process ends with one line, where the
-    others went on to their next collective and died there with a traceback (PyTorch) or a lost
-    peer (JAX)."""
+    input) is held until the block has ended, then `agree(error, what)` (each trainer's
+    `raise_where_failed`) raises it where it happened and a ValueError naming the failed processes
+    everywhere else: every process ends with one line, where the others went on to their next
+    collective and died there with a traceback (PyTorch) or a lost peer (JAX)."""
     error = None
     try:
         yield
@@ -108,8 +118,7 @@ def failing_together(what: str, agree: Callable[[Exception | None, str], None]) 
 
 
 def check_shared_directory(path: str, flag: str, *, index: int, count: int, broadcast: Callable[[int], int],
-                           where: Callable[[bool], list[int]], agree: Callable[[Exception | None, str], None],
-                           wait_s: float = 10.0) -> None:
+                           where: Callable[[bool], list[int]], wait_s: float = 10.0) -> None:
     """ValueError in every process unless all of them see `path` (or, while it does not exist, its
     nearest existing parent) as process 0 does: a file that process 0 writes there (and removes
     right after) is found by each within `wait_s` seconds. The processes of a multi-host run save
@@ -117,8 +126,8 @@ def check_shared_directory(path: str, flag: str, *, index: int, count: int, broa
     process writes its shards into them; PyTorch: each process writes its data position and random
     state beside process 0's weights), so on per-host disks a first save hung or a resume saw
     different checkpoints in different processes. Collective, over a trainer's `count` processes
-    (this one: `index`), through its `broadcast` (process 0's int to all), `where` (the processes
-    where a flag holds) and `agree` (`failing_together`'s)."""
+    (this one: `index`), through its `broadcast` (process 0's int to all) and `where` (as in
+    `raise_where_failed`)."""
     import secrets
     import time
 
@@ -133,7 +142,7 @@ def check_shared_directory(path: str, flag: str, *, index: int, count: int, broa
                 f.write("written by process 0 to check that every process sees this directory\n")
         except OSError as e:
             error = ValueError(f"{flag} {path}: cannot write in {seen} ({e})")
-    agree(error, f"writing in {flag}")
+    raise_where_failed(error, f"writing in {flag}", where, count)
     deadline = time.monotonic() + wait_s
     while not os.path.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.2)

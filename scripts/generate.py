@@ -54,9 +54,11 @@ def checkpoint_kind(path: str) -> str:
         raise ValueError(f"--checkpoint {path} is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
-    names = os.listdir(path)
-    if any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in names):
+    from jaxllm.cli import step_dirs
+
+    if step_dirs(path):
         return "orbax"
+    names = os.listdir(path)
     trainer = [int(n[11:]) for n in names if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(path, n))]
     if trainer:
         raise ValueError(f"--checkpoint {path} is a Trainer output directory (scripts/train_torch.py): pass one of "

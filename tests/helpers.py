@@ -26,6 +26,17 @@ def model_pair(config: LLMConfig, seed: int = 0, **model_kw):
     return jm, torch_model_from_flax(jm, config)
 
 
+def word_tokenizer():
+    """A four-token word-level tokenizer ("<|endoftext|>" = 0, "the", "a", "[UNK]"), other than the
+    embedded one and small enough for `tiny`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>")
+
+
 def tree_listing(path) -> dict[str, int]:
     """Every file and directory under `path` with its modification time (ns): equal before and
     after a command that must leave the directory alone."""

@@ -264,18 +264,14 @@ def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
     --init-from, say) and failed there as if process 1 had died (exit 1, "did another process
     die?") after waiting for it. Now each is checked in every process before the next collective:
     both end with one line and status 2, and nothing is written."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+    from helpers import word_tokenizer
     from jaxllm.config import LLMConfig
 
     homes = [tmp_path / "host0", tmp_path / "host1"]
     for home in homes:
         home.mkdir()
     (homes[0] / "cfg.json").write_text(LLMConfig.from_preset("tiny").to_json_string())
-    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>").save_pretrained(homes[0] / "tok")
+    word_tokenizer().save_pretrained(homes[0] / "tok")
     (homes[0] / "init" / "1").mkdir(parents=True)  # (process 0 finds a step directory; it does not get to read it)
     (homes[0] / "mount" / "1").mkdir(parents=True)
     (homes[1] / "mount").mkdir()  # (as a mount point where nothing is mounted)

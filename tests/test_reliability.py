@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from helpers import tree_listing
+from helpers import tree_listing, word_tokenizer
 
 SCRIPT = str(ROOT / "scripts" / "train_jax.py")
 TINY_RUN = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
@@ -516,15 +516,10 @@ def test_each_checkpoint_step_saves_the_run_s_tokenizer(trained_ckpt):
 def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt, tmp_path, capsys):
     """Without --tokenizer, --init-from takes the starting checkpoint's saved tokenizer (here one
     whose recorded path is gone, as on another machine), and the new run saves it in turn."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     import jaxllm
     from jaxllm import checkpoint, data
 
-    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    files = data.tokenizer_files(PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>"))
+    files = data.tokenizer_files(word_tokenizer())
     model, config = jaxllm.load(trained_ckpt)
     mngr = checkpoint.manager(tmp_path / "start")
     checkpoint.save(mngr, 0, weights=checkpoint.split_weights(model), config=config,
@@ -564,14 +559,9 @@ def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt,
 def test_a_resumed_run_keeps_its_tokenizer_without_the_flag(tmp_path):
     """The same command without --tokenizer (or on a machine where the file it names is gone)
     resumes with the checkpoint's own tokenizer instead of refusing the embedded one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from jaxllm import checkpoint
 
-    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "the": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
+    word_tokenizer().save_pretrained(tmp_path / "tok")
     ck = str(tmp_path / "ck")
     assert train_jax_main(BASE + ["--ckpt-dir", ck, "--steps", "1", "--tokenizer", str(tmp_path / "tok")]) == 0
     shutil.rmtree(tmp_path / "tok")

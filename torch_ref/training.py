@@ -64,7 +64,8 @@ from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import (RunConfig, check_prompts, check_run, differing_settings, encode_prompt, model_name,
                             setting_digests, warmup_warning)
-from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, check_shared_directory, failing_together
+from jaxllm.stopping import (NonFiniteError, RunLock, SignalStop, check_shared_directory, failing_together,
+                             raise_where_failed)
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -833,16 +834,10 @@ def _several(dist) -> bool:
 
 
 def _raise_if_any_failed(error: Exception | None, what: str, dist) -> None:
-    """Collective over the processes (each must call it): raise `error` where it happened and a
-    ValueError naming the failed processes elsewhere, so that an input that fails in one process
-    only ends every process with its one line (the others waited in their next collective, or
-    died there with a traceback). As `jaxllm.distributed.raise_if_any_failed`."""
-    failed = _ranks_where(error is not None, dist.device)
-    if error is not None:
-        raise error
-    if failed:
-        raise ValueError(f"{what} failed in process(es) {', '.join(map(str, failed))} of {dist.num_processes} "
-                         "(see their error)")
+    """`error` where it happened, and a ValueError naming the failed processes everywhere else
+    (`jaxllm.stopping.raise_where_failed`; without it, the others waited in their next collective
+    or died there with a traceback). Collective."""
+    raise_where_failed(error, what, lambda flag: _ranks_where(flag, dist.device), dist.num_processes)
 
 
 def _from_rank_0(value: int, dist) -> int:
@@ -865,8 +860,7 @@ def _check_shared_directory(path: str, dist) -> None:
     if _several(dist):
         check_shared_directory(path, "--ckpt-dir", index=dist.process_index, count=dist.num_processes,
                                broadcast=lambda value: _from_rank_0(value, dist),
-                               where=lambda flag: _ranks_where(flag, dist.device),
-                               agree=functools.partial(_raise_if_any_failed, dist=dist))
+                               where=lambda flag: _ranks_where(flag, dist.device))
 
 
 def _check_same_settings(rc: RunConfig, dist) -> None:
@@ -909,7 +903,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         config = model_config(rc)
         check_run(rc, config.max_position_embeddings)
         out_dir = os.path.abspath(rc.ckpt_dir)
-        if os.path.isdir(out_dir) and any(n.isdigit() for n in os.listdir(out_dir)):
+        if is_checkpoint_dir(out_dir):
             raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
                              "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
     _check_shared_directory(out_dir, dist)  # (several processes: they save and resume together)
