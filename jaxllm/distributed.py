@@ -86,13 +86,29 @@ def check_shared_directory(path: str, flag: str = "--ckpt-dir", wait_s: float = 
     (`jaxllm.stopping.check_shared_directory`). Collective."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     from jaxllm import stopping
 
-    stopping.check_shared_directory(
-        path, flag, index=jax.process_index(), count=jax.process_count(), wait_s=wait_s,
-        broadcast=lambda value: int(multihost_utils.broadcast_one_to_all(np.int32(value))), where=processes_where)
+    stopping.check_shared_directory(path, flag, index=jax.process_index(), count=jax.process_count(), wait_s=wait_s,
+                                    broadcast=_from_process_0, where=processes_where)
+
+
+def check_same_checkpoints(steps, path: str) -> None:
+    """ValueError in every process unless all of them list the checkpoint `steps` of `path` that
+    process 0 lists (`jaxllm.stopping.check_same_checkpoints`). Collective."""
+    if jax.process_count() == 1:
+        return
+    from jaxllm import stopping
+
+    found = f"steps {sorted(steps)}" if steps else "no checkpoint"
+    stopping.check_same_checkpoints(found, path, count=jax.process_count(), broadcast=_from_process_0,
+                                    where=processes_where)
+
+
+def _from_process_0(value: int) -> int:
+    """Process 0's int32 `value`, in every process (collective)."""
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def check_same_settings(rc) -> None:
@@ -114,11 +130,7 @@ def as_process_0_sees(value: bool) -> bool:
     run. For a decision that takes collectives on one branch only: processes deciding by what each
     sees could part ways when the file system changes between their looks (another run making the
     directory), and then wait in different collectives."""
-    if jax.process_count() == 1:
-        return bool(value)
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+    return bool(_from_process_0(int(bool(value)))) if jax.process_count() > 1 else bool(value)
 
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:

@@ -22,8 +22,8 @@ from jaxllm import sharding as shd
 from jaxllm import xla_cache
 from jaxllm.cli import listing, not_a_run_directory, step_dirs
 from jaxllm.config import LLMConfig, count_params
-from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_settings, check_shared_directory,
-                                processes_where, raise_if_any_failed)
+from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_checkpoints, check_same_settings,
+                                check_shared_directory, processes_where, raise_if_any_failed)
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
@@ -114,6 +114,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     # Nothing is written before the data source has been opened and checked.
     mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep, create=False) if exists else None
     existing = mngr.all_steps() if mngr is not None else []
+    check_same_checkpoints(existing, ckpt_dir)  # (several processes: they resume the same step together)
     data_state = None
     if existing and rc.no_resume:
         raise ValueError(f"--no-resume: {ckpt_dir} already holds checkpoints (steps {sorted(existing)}); "

@@ -155,6 +155,26 @@ def check_shared_directory(path: str, flag: str, *, index: int, count: int, broa
                          f"{seen}; a multi-host run needs a directory that every host sees (a shared file system)")
 
 
+def check_same_checkpoints(found: str, path: str, *, count: int, broadcast: Callable[[int], int],
+                           where: Callable[[bool], list[int]]) -> None:
+    """ValueError in every process unless all of them found in the checkpoint directory `path` what
+    process 0 found there (`found`: this process's account of it, such as the steps listed or the
+    checkpoint it would resume). Each process used to choose on its own: one that saw the
+    directory late (a shared file system's cache not yet up to date) resumed another step than the
+    others, or started afresh, and their collectives then parted ways. Nothing is changed: the same
+    command, run again, looks again. Collective (`broadcast` and `where` as in
+    `check_shared_directory`)."""
+    import zlib
+
+    mine = zlib.crc32(found.encode()) & 0x7FFFFFFF  # (an int32, as every collective here carries)
+    differ = where(mine != broadcast(mine))
+    if differ:
+        raise ValueError(f"--ckpt-dir {path}: process(es) {', '.join(map(str, differ))} of {count} found other "
+                         f"checkpoints there than process 0 (this process: {found}); the processes must see the same "
+                         "files (a shared file system not yet up to date?). Nothing was changed: run the same "
+                         "command again")
+
+
 class NonFiniteError(RuntimeError):
     """A step's loss or gradient was NaN or infinite; its update was not applied."""
 

@@ -68,13 +68,24 @@ CLI = ["--preset", "tiny", "--mesh", "data=2,fsdp=2", "--batch-size", "8", "--se
        "--max-new-tokens", "0", "--no-progress", "--heartbeat-timeout", "10"]
 
 
-def _launch(n, devices, args):
+# How a process sees a checkpoint directory through a shared file system's stale cache: without its
+# newest step (Orbax's manager lists the steps once, when it opens the directory). `python -c` this,
+# then train_jax.py's path and flags.
+STALE_LISTING = ("import runpy, sys, orbax.checkpoint as ocp; listed = ocp.CheckpointManager.all_steps; "
+                 "ocp.CheckpointManager.all_steps = lambda self, read=False: sorted(listed(self, read))[:-1]; "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _launch(n, devices, args, stale=()):
+    """`n` train_jax.py processes of `devices` CPU devices each; those in `stale` see the checkpoint
+    directory without its newest step (`STALE_LISTING`)."""
     env = _env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     port = free_port()
     extra = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)] \
         if n > 1 else []
-    return [subprocess.Popen([sys.executable, TRAIN, *CLI, *args, *extra(i)], env=env, stdout=subprocess.PIPE,
+    python = lambda i: [sys.executable, "-c", STALE_LISTING] if i in stale else [sys.executable]
+    return [subprocess.Popen([*python(i), TRAIN, *CLI, *args, *extra(i)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for i in range(n)]
 
 
@@ -228,6 +239,33 @@ def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_c
     outs = _wait_all(run(3))
     assert "resuming from" in outs[0] and "at step 1" in outs[0], outs[0][-2000:]
     assert sorted(d for d in os.listdir(ckpt) if d.isdigit()) == ["1", "2", "3"]
+
+
+def test_processes_that_list_other_checkpoints_end_with_exit_2_and_change_nothing(tmp_path):
+    """Process 1 lists the shared --ckpt-dir without its newest step (a file system's stale cache).
+    Each process used to resume the newest step it listed, process 0 step 2 and process 1 step 1,
+    and both then waited inside Orbax's restore (still running when killed after 300 s; the
+    heartbeat sees no process die). Now they compare what they list before reading any of it:
+    both end with one line and status 2, and nothing in the directory changes."""
+    ckpt = tmp_path / "ck"
+    _wait_all(_launch(1, 4, ["--steps", "2", "--save-every", "1", "--ckpt-dir", str(ckpt)]))
+    files = lambda: sorted((str(p.relative_to(ckpt)), p.stat().st_mtime_ns, p.stat().st_size)
+                           for p in ckpt.rglob("*") if p.is_file())
+    before = files()
+    procs = _launch(2, 2, ["--steps", "3", "--save-every", "1", "--ckpt-dir", str(ckpt)], stale=[1])
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    lines = [[ln for ln in out.splitlines() if ln.startswith("train_jax.py: error:")] for out in outs]
+    assert [len(ls) for ls in lines] == [1, 1], outs
+    head = f"--ckpt-dir {ckpt}: process(es) 1 of 2 found other checkpoints there than process 0"
+    assert head + " (this process: steps [1, 2])" in lines[0][0], lines
+    assert head + " (this process: steps [1])" in lines[1][0], lines
+    assert "Traceback" not in outs[0] + outs[1]
+    assert files() == before
 
 
 def _launch_in(homes, args, cli=CLI):

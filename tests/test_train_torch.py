@@ -985,6 +985,44 @@ def test_the_metrics_mfu_uses_the_gpus_bfloat16_datasheet_peak(monkeypatch):
     assert rec["step_time_s"] > 0.9 and rec["mfu"] == pytest.approx(5e12 / rec["step_time_s"] / 1e13)
 
 
+# How a process sees an output directory through a shared file system's stale cache: without its
+# newest checkpoint-N. `python -c` this, then train_torch.py's path and flags.
+STALE_LISTING = (
+    "import glob, runpy, sys, types; from torch_ref import training; "
+    "step = lambda path: int(path.rsplit('-', 1)[1]) if path.rsplit('-', 1)[1].isdigit() else -1; "
+    "training.glob = types.SimpleNamespace(glob=lambda pattern: sorted(glob.glob(pattern), key=step)[:-1] "
+    "if pattern.endswith('checkpoint-*') else glob.glob(pattern)); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _two_torch_processes(args_of, cwd_of=lambda i: None, stale=()):
+    """Two train_torch.py processes (a DDP group over gloo, as torchrun starts them), process `i`
+    given the flags `args_of(i)` in the working directory `cwd_of(i)`; those in `stale` see the
+    output directory without its newest checkpoint (`STALE_LISTING`). Their exit statuses and
+    the lines of stderr that start with "train_torch.py:" and their whole stderr, once both have ended."""
+    import socket
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    python = lambda i: [sys.executable, "-c", STALE_LISTING] if i in stale else [sys.executable]
+    procs = [subprocess.Popen(python(i) + [os.path.join(root, "scripts", "train_torch.py")] + args_of(i),
+                              cwd=cwd_of(i), env={**env, "RANK": str(i), "LOCAL_RANK": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert "Traceback" not in errs[0] + errs[1], errs
+    return ([p.returncode for p in procs],
+            [[ln for ln in err.splitlines() if ln.startswith("train_torch.py:")] for err in errs], errs)
+
+
 def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_with_exit_2(tmp_path):
     """Two DDP processes (gloo, as torchrun starts them). One given another --lr trained its own
     replica apart from the other's; one that could not open its data or its --config (`data.txt`,
@@ -995,36 +1033,46 @@ def test_processes_given_other_settings_or_failing_to_open_their_data_all_end_wi
     1's data position. Now every process ends with one line and status 2."""
     from jaxllm.config import LLMConfig
 
-    import socket
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     homes = [tmp_path / "host0", tmp_path / "host1"]
     for home in homes:
         home.mkdir()
     (homes[0] / "data.txt").write_text("a document about lists\n\nanother one about dicts\n")
     (homes[0] / "cfg.json").write_text(LLMConfig.from_preset("tiny").to_json_string())
-    base = [sys.executable, os.path.join(root, "scripts", "train_torch.py"), "--preset", "tiny", "--seq-len", "16",
-            "--batch-size", "2", "--steps", "2", "--max-new-tokens", "0", "--no-progress"]
+    base = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--max-new-tokens", "0",
+            "--no-progress"]
     not_shared = "/ck is not one directory shared by all processes: process(es) 1 of 2 do not see"
     for case, rank1, needle, rank0 in (
             ("lr", ["--lr", "0.1"], "--lr differs from process 0's", "failed in process(es) 1 of 2"),
             ("data", ["--dataset", "data.txt"], "data.txt", "failed in process(es) 1 of 2"),
             ("config", ["--config", "cfg.json"], "config file not found: cfg.json", "failed in process(es) 1 of 2"),
             ("shared", ["--ckpt-dir", "ck"], not_shared, not_shared)):  # (each its own ck: no shared disk)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         given = [rank1 if case != "lr" else [], rank1]  # (the same flags but --lr; a file on host 0 only)
-        procs = [subprocess.Popen(base + ["--ckpt-dir", str(tmp_path / case)] + given[i], cwd=homes[i],
-                                  env={**env, "RANK": str(i), "LOCAL_RANK": str(i)}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
-        errs = [p.communicate(timeout=240)[1] for p in procs]
-        assert [p.returncode for p in procs] == [2, 2], errs
-        lines = [[ln for ln in err.splitlines() if ln.startswith("train_torch.py:")] for err in errs]
-        assert len(lines[1]) == 1 and needle in lines[1][0], errs[1][-2000:]
-        assert len(lines[0]) == 1 and rank0 in lines[0][0], errs[0][-2000:]
-        assert "Traceback" not in errs[0] + errs[1], errs
+        codes, lines, errs = _two_torch_processes(lambda i: base + ["--ckpt-dir", str(tmp_path / case)] + given[i],
+                                                  cwd_of=lambda i: homes[i])
+        assert codes == [2, 2], errs
+        assert len(lines[1]) == 1 and needle in lines[1][0], lines
+        assert len(lines[0]) == 1 and rank0 in lines[0][0], lines
         assert not (tmp_path / case).exists() and not any((home / "ck").exists() for home in homes)
+
+
+def test_processes_that_would_resume_other_checkpoints_end_with_exit_2_and_change_nothing(tmp_path):
+    """Process 1 lists the shared output directory without its newest checkpoint (a file system's
+    stale cache). Each process used to resume the newest checkpoint it listed on its own (process
+    0 checkpoint-4, process 1 checkpoint-2), and both then waited in collectives that did not
+    match (still running when killed after 240 s). Now they compare their choices before reading
+    any of them: both end with one line and status 2, and nothing in the directory changes."""
+    out = tmp_path / "run"
+    flags = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--max-new-tokens", "0", "--no-progress",
+             "--save-every", "2", "--ckpt-dir", str(out)]
+    run(RunConfig(preset="tiny", seq_len=16, batch_size=2, steps=4, save_every=2, max_new_tokens=0, progress=False,
+                  ckpt_dir=str(out)), dtype="float32")
+    files = lambda: sorted((str(p.relative_to(out)), p.stat().st_mtime_ns, p.stat().st_size)
+                           for p in out.rglob("*") if p.is_file())
+    before = files()
+    codes, lines, errs = _two_torch_processes(lambda i: flags + ["--steps", "6"], stale=[1])
+    assert codes == [2, 2], errs
+    assert [len(ls) for ls in lines] == [1, 1], lines
+    head = f"--ckpt-dir {out}: process(es) 1 of 2 found other checkpoints there than process 0"
+    assert head + " (this process: checkpoint-4)" in lines[0][0], lines
+    assert head + " (this process: checkpoint-2)" in lines[1][0], lines
+    assert files() == before

@@ -64,8 +64,8 @@ from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import (RunConfig, check_prompts, check_run, differing_settings, encode_prompt, model_name,
                             setting_digests, warmup_warning)
-from jaxllm.stopping import (NonFiniteError, RunLock, SignalStop, check_shared_directory, failing_together,
-                             raise_where_failed)
+from jaxllm.stopping import (NonFiniteError, RunLock, SignalStop, check_same_checkpoints, check_shared_directory,
+                             failing_together, raise_where_failed)
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -863,6 +863,16 @@ def _check_shared_directory(path: str, dist) -> None:
                                where=lambda flag: _ranks_where(flag, dist.device))
 
 
+def _check_same_checkpoint(last: tuple[str, int] | None, path: str, dist) -> None:
+    """ValueError in every process unless all of them chose to resume the checkpoint that process 0
+    chose (`last`, `latest_checkpoint`) from the output directory `path`
+    (`jaxllm.stopping.check_same_checkpoints`, as in JAX). Collective."""
+    if _several(dist):
+        check_same_checkpoints(os.path.basename(last[0]) if last else "no checkpoint to resume", path,
+                               count=dist.num_processes, broadcast=lambda value: _from_rank_0(value, dist),
+                               where=lambda flag: _ranks_where(flag, dist.device))
+
+
 def _check_same_settings(rc: RunConfig, dist) -> None:
     """Every process raises unless all were given process 0's settings (`setting_digests`)."""
     if not _several(dist):
@@ -916,8 +926,10 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
 
     # Each process reads the checkpoint, --init-from, the tokenizer and its share of the data on its
     # own host, and opens the data before anything is written (a dataset that cannot be read fails first).
-    with failing_together("checking the checkpoint, tokenizer and data", agree):
+    with failing_together("choosing the checkpoint to resume", agree):
         last = latest_checkpoint(out_dir, warn=rank == 0) if os.path.isdir(out_dir) else None
+    _check_same_checkpoint(last, out_dir, dist)  # (several processes: they resume the same step together)
+    with failing_together("checking the checkpoint, tokenizer and data", agree):
         if not last and os.path.isdir(out_dir):
             check_no_earlier_run(out_dir)
         if last and rc.no_resume:
@@ -994,7 +1006,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         hf_logging.disable_progress_bar()
     try:
         if start < rc.steps:
-            if last:  # (every process has chosen `last`)
+            if last:  # (every process chose this `last`: `_check_same_checkpoint`)
                 dist.wait_for_everyone()
                 if rank == 0:
                     for path in set_aside_damaged(out_dir, start):
