@@ -49,10 +49,16 @@ def model_config(rc: RunConfig) -> LLMConfig:
     if rc.config:
         return LLMConfig.from_json_file(rc.config)
     if rc.preset is None:  # the model of the run's own latest checkpoint (a resume), else of --init-from's
+        saved = None
         try:
-            return LLMConfig.from_dict(ckpt_lib.read_step_info(rc.ckpt_dir)[1]["config"])
+            saved = ckpt_lib.read_step_info(rc.ckpt_dir)[1]["config"]
         except (ckpt_lib.CheckpointError, OSError, KeyError):
-            return LLMConfig.from_dict(init_from_meta(rc.init_from)[0]["config"])
+            pass
+        if not processes_where(saved is None):  # (collective: the processes fall back together)
+            return LLMConfig.from_dict(saved)
+        with failing_together("checking --init-from", raise_if_any_failed):  # (before Orbax's collective reads)
+            init_from_dir(rc.init_from)
+        return LLMConfig.from_dict(init_from_meta(rc.init_from)[0]["config"])
     return LLMConfig.from_preset(rc.preset)
 
 

@@ -297,7 +297,8 @@ def test_a_ckpt_dir_the_processes_do_not_share_is_refused_before_training(tmp_pa
 def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
     """--config, --tokenizer or --init-from (with a preset, or without: the model it holds) given as
     a path that process 1's host lacks (relative to each process's working directory), or an
-    --init-from directory that is empty there (a mount point with nothing mounted). Process 1
+    --init-from directory that is empty there (a mount point with nothing mounted), also when
+    the model is --init-from's because --ckpt-dir's steps cannot be read. Process 1
     exited 2 with its line while process 0 went on to its next collective (an Orbax read of
     --init-from, say) and failed there as if process 1 had died (exit 1, "did another process
     die?") after waiting for it. Now each is checked in every process before the next collective:
@@ -314,19 +315,23 @@ def test_a_file_missing_on_one_host_ends_every_process_with_exit_2(tmp_path):
     (homes[0] / "mount" / "1").mkdir(parents=True)
     (homes[1] / "mount").mkdir()  # (as a mount point where nothing is mounted)
     no_preset = [a for a in CLI if a not in ("--preset", "tiny")]
-    for cli, flag, value, what, error in (
-            (CLI, "--config", "cfg.json", "reading the model's settings", "config file not found: cfg.json"),
-            (CLI, "--tokenizer", "./tok", "checking the tokenizer and the dataset", "tokenizer ./tok: no such file"),
-            (CLI, "--init-from", "init", "checking --init-from", f"--init-from {homes[1] / 'init'}: not a checkpoint"),
-            (CLI, "--init-from", "mount", "checking --init-from", f"no checkpoint found in {homes[1] / 'mount'}"),
-            (no_preset, "--init-from", "init", "reading the model's settings", f"--init-from {homes[1] / 'init'}: not")):
-        ckpt = tmp_path / f"ck{flag}{value}{len(cli)}"
+    damaged = tmp_path / "damaged"  # (a --ckpt-dir whose only step cannot be read: the model is --init-from's)
+    (damaged / "1").mkdir(parents=True)
+    for ckpt, cli, flag, value, what, error in (
+            (None, CLI, "--config", "cfg.json", "reading the model's settings", "config file not found: cfg.json"),
+            (None, CLI, "--tokenizer", "./tok", "checking the tokenizer and the dataset", "tokenizer ./tok: no such file"),
+            (None, CLI, "--init-from", "init", "checking --init-from", f"--init-from {homes[1] / 'init'}: not a checkpoint"),
+            (None, CLI, "--init-from", "mount", "checking --init-from", f"no checkpoint found in {homes[1] / 'mount'}"),
+            (None, no_preset, "--init-from", "init", "reading the model's settings", f"--init-from {homes[1] / 'init'}: not"),
+            (damaged, no_preset, "--init-from", "init", "checking --init-from", f"--init-from {homes[1] / 'init'}: not")):
+        ckpt = ckpt or tmp_path / f"ck{flag}{value}{len(cli)}"
+        before = sorted(ckpt.rglob("*")) if ckpt.exists() else None
         procs, outs = _launch_in(homes, ["--steps", "2", "--ckpt-dir", str(ckpt), flag, value], cli)
         assert [p.returncode for p in procs] == [2, 2], (flag, [o[-2000:] for o in outs])
         lines = [[ln for ln in out.splitlines() if ln.startswith("train_jax.py:")] for out in outs]
         assert lines[0] == [f"train_jax.py: error: {what} failed in process(es) 1 of 2 (see their error)"], outs[0][-2000:]
         assert len(lines[1]) == 1 and error in lines[1][0], outs[1][-2000:]
-        assert not ckpt.exists()
+        assert (sorted(ckpt.rglob("*")) if ckpt.exists() else None) == before
 
 
 def test_a_ckpt_dir_another_run_holds_ends_every_process_with_exit_2(tmp_path):
