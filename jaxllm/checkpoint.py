@@ -91,6 +91,28 @@ class _OrbaxTaskLogFilter(logging.Filter):
         return True
 
 
+class _StepMetadataLogFilter(logging.Filter):
+    """Orbax's "Failed to json parse Metadata file: <path>, file content: <all of it>, error: ..."
+    (absl ERROR records, one each time a manager opens the directory) about a step's damaged
+    `_CHECKPOINT_METADATA`, Orbax's record of the step (its save times, the names of its item
+    handlers), which the restores here do not need (they name their handlers): one warning line per
+    file instead."""
+
+    said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = re.match(r"Failed to json parse Metadata file: (.+?), file content: .*, error: (.*)$",
+                     record.getMessage(), re.DOTALL)
+        if m is None:
+            return True
+        path, error = m.groups()
+        if path not in self.said:
+            self.said.add(path)
+            print(f"warning: {path} cannot be read (not JSON: {' '.join(error.split())}); it is Orbax's record of "
+                  "the step (save times, item handlers), which reading the step does not need", file=sys.stderr, flush=True)
+        return False
+
+
 def quiet_orbax_read_leftovers() -> None:
     """Called by `manager()`, before anything is read: should a restore fail (an unreadable
     checkpoint, reported in one line and skipped), Orbax's leftovers (above) would otherwise print
@@ -108,9 +130,10 @@ def quiet_orbax_read_leftovers() -> None:
 
     hook._jaxllm_orbax = True
     sys.unraisablehook = hook
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, _OrbaxTaskLogFilter) for f in logger.filters):
-        logger.addFilter(_OrbaxTaskLogFilter())
+    for name, kind in (("asyncio", _OrbaxTaskLogFilter), ("absl", _StepMetadataLogFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 def manager(ckpt_dir: str | os.PathLike, *, max_to_keep: int | None = None, create: bool = True,
