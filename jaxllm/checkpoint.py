@@ -120,15 +120,16 @@ def quiet_orbax_read_leftovers() -> None:
     or a TensorStore thread meets them, some of them before the error reaches us. Only those are
     dropped (a restore that succeeds leaves none); everything else still goes to the previous
     `sys.unraisablehook` and to asyncio's logger. Installed once per process."""
-    if getattr(sys.unraisablehook, "_jaxllm_orbax", False):
-        return
     previous = sys.unraisablehook
+    marks = getattr(previous, "_jaxllm_hooks", frozenset())  # (this project's hooks under it)
+    if "orbax" in marks:
+        return
 
     def hook(unraisable):
         if not _orbax_read_leftover(unraisable):
             previous(unraisable)
 
-    hook._jaxllm_orbax = True
+    hook._jaxllm_hooks = marks | {"orbax"}
     sys.unraisablehook = hook
     for name, kind in (("asyncio", _OrbaxTaskLogFilter), ("absl", _StepMetadataLogFilter)):
         logger = logging.getLogger(name)

@@ -195,6 +195,37 @@ def exit_at_once(line: str | None) -> None:
     _interrupted_line = line
 
 
+def raise_lost_interrupts() -> None:
+    """From a command line (`jaxllm.cli.exit_with`): a KeyboardInterrupt that Python reports as
+    unraisable (a Ctrl-C that arrived while the main thread ran a callback whose exceptions are
+    ignored, such as JAX's garbage-collection callback, or a finalizer) is not reported but raised
+    again in the main thread (another thread sends it SIGINT, as if Ctrl-C came once more), where
+    the script ends with its one line. Other unraisable exceptions go to the previous hook. Installed
+    once per process."""
+    previous = sys.unraisablehook
+    marks = getattr(previous, "_jaxllm_hooks", frozenset())  # (this project's hooks under it)
+    if "interrupts" in marks:
+        return
+    import _thread
+    import time
+
+    def again():  # (raised while the main thread is still in the callback or this hook, it would be
+        time.sleep(0.05)  # lost again; in another such callback, this hook asks once more)
+        if hasattr(signal, "pthread_kill"):  # (a signal: it also wakes a main thread that waits in a system call)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        else:
+            _thread.interrupt_main(signal.SIGINT)
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Thread(target=again, daemon=True).start()
+        else:
+            previous(unraisable)
+
+    hook._jaxllm_hooks = marks | {"interrupts"}
+    sys.unraisablehook = hook
+
+
 class SignalStop:
     """SIGTERM or a first Ctrl-C ask the run to save and stop (`requested`: the first signal's
     name, which decides the exit status); a Ctrl-C after such a request interrupts at once
