@@ -169,21 +169,25 @@ class TorchWeights(Mapping):
 
     def _scan(self) -> list[str]:
         join = lambda name: os.path.join(self.hf_dir, name)  # noqa: E731
-        for index, load in ((SAFETENSORS_INDEX, self._safetensors_header), (PYTORCH_BIN_INDEX, self._load_bin)):
-            if os.path.isfile(join(index)):
-                names = self._index(join(index))
-                files = sorted(set(names.values()))
-                contents = {f: load(join(f)) for f in files}
-                for name, f in names.items():
-                    if name not in contents[f]:
-                        raise ConvertError(f"{join(index)} maps tensor {name} to {f}, which does not hold it")
-                    self._register(name, contents[f][name], join(f))
-                return files
-        for single, load in ((SAFETENSORS, self._safetensors_header), (PYTORCH_BIN, self._load_bin)):
-            if os.path.isfile(join(single)):
-                for name, content in load(join(single)).items():
-                    self._register(name, content, join(single))
-                return [single]
+        # The first of these files that the directory holds, in the order in which `from_pretrained`
+        # takes them: a directory holding two (one a leftover of an earlier save) was read here from
+        # its shards while PyTorch loaded its model.safetensors, two different models.
+        for weights, load in ((SAFETENSORS, self._safetensors_header), (SAFETENSORS_INDEX, self._safetensors_header),
+                              (PYTORCH_BIN, self._load_bin), (PYTORCH_BIN_INDEX, self._load_bin)):
+            if not os.path.isfile(join(weights)):
+                continue
+            if weights in (SAFETENSORS, PYTORCH_BIN):
+                for name, content in load(join(weights)).items():
+                    self._register(name, content, join(weights))
+                return [weights]
+            names = self._index(join(weights))
+            files = sorted(set(names.values()))
+            contents = {f: load(join(f)) for f in files}
+            for name, f in names.items():
+                if name not in contents[f]:
+                    raise ConvertError(f"{join(weights)} maps tensor {name} to {f}, which does not hold it")
+                self._register(name, contents[f][name], join(f))
+            return files
         raise ConvertError(f"{self.hf_dir} has no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
 
     @staticmethod

@@ -35,7 +35,8 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
     out = os.path.abspath(os.fspath(out_dir))
     if source is not None:
         src = os.path.abspath(os.fspath(source))
-        if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
+        overlap = lambda a, b: a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep)  # noqa: E731
+        if overlap(out, src) or overlap(os.path.realpath(out), os.path.realpath(src)):  # (also through a link)
             raise ConvertError(f"output {out} overlaps the input {src}; choose another output directory")
     if os.path.lexists(out):
         if not os.path.isdir(out) or os.path.islink(out):

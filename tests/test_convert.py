@@ -188,6 +188,31 @@ def test_torch_flax_torch_round_trip_is_bit_exact(tmp_path, dtype, source):
         assert rel_err(model(jnp.asarray(ids)), want) <= 1e-5
 
 
+def test_a_directory_holding_two_sets_of_weights_is_read_as_from_pretrained_loads_it(tmp_path):
+    """model.safetensors beside the shards of model.safetensors.index.json (one a leftover of an
+    earlier save): `from_pretrained` loads model.safetensors. The converter read the shards, so
+    torch_to_flax.py and generate.py made two different models of one directory, and generate.py
+    checked the shards and then ran a model.safetensors that lacked tensors (at random). Now the
+    converter reads and checks what `from_pretrained` loads."""
+    from convert.hf_import import TorchWeights, read_hf_dir
+    from torch_ref import CustomLLM
+
+    src = tmp_path / "src"
+    _torch_model(seed=1).save_pretrained(src, max_shard_size="300KB")
+    single = _torch_model(seed=2).state_dict()
+    save_file(single, src / "model.safetensors")
+    assert (src / "model.safetensors.index.json").exists()
+    loaded = CustomLLM.from_pretrained(src).state_dict()
+    weights = TorchWeights(str(src))
+    assert weights.files == ["model.safetensors"]
+    for name in ("token_embeddings.weight", "decoder_layers.0.self_attn.q_proj_d.weight"):
+        np.testing.assert_array_equal(weights[name], loaded[name].numpy())
+        np.testing.assert_array_equal(weights[name], single[name].numpy())
+    save_file({k: single[k] for k in list(single)[:3]}, src / "model.safetensors")  # (what from_pretrained fills at random)
+    with pytest.raises(ConvertError, match="missing tensor"):
+        read_hf_dir(str(src))
+
+
 # ---- parity through the converter -----------------------------------------------------------------
 
 # Inputs chosen (seed 5) so that no token is near a top-k tie: both frameworks route alike
@@ -597,6 +622,9 @@ def test_the_libraries_raise_convert_errors(parity, tmp_path):
         export_hf(parity.ckpt, tmp_path / "hf", dtype="float16")
     with pytest.raises(ConvertError, match="overlaps the input"):
         export_hf(parity.ckpt, os.path.join(parity.ckpt, "hf"))
+    os.symlink(parity.ckpt, tmp_path / "link")
+    with pytest.raises(ConvertError, match="overlaps the input"):  # (it wrote into the input through the link)
+        export_hf(parity.ckpt, tmp_path / "link" / "hf")
     with pytest.raises(ConvertError, match="does not exist"):
         import_hf(tmp_path / "nothing", tmp_path / "ckpt")
     with pytest.raises(ConvertError, match=r"already exists \(force=True replaces it\)$"):
