@@ -443,7 +443,9 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
     try:
         return model_tokenizer(recorded, config), recorded
     except ValueError as e:
-        raise ValueError(f"the tokenizer {recorded!r} of {origin} does not load ({e}); pass --tokenizer") from None
+        what = f"the tokenizer {recorded!r}" if recorded is not None else "the embedded tokenizer"
+        raise ValueError(f"{what}{f' of {origin}' if origin is not None else ''} does not load ({e}); "
+                         "pass --tokenizer") from None
 
 
 def same_tokenization(a, b) -> bool:
