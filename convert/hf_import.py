@@ -131,8 +131,10 @@ def read_hf_config(hf_dir: str) -> LLMConfig:
         raise ConvertError(f"{path}: cannot read it as JSON ({e})") from None
     if not isinstance(d, dict):
         raise ConvertError(f"{path}: not a JSON object")
-    if d.get("model_type") != MODEL_TYPE:
-        raise ConvertError(f"{path}: model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r} "
+    if "model_type" not in d:
+        raise ConvertError(f"{path}: no model_type (this project's is {MODEL_TYPE!r}); not a config of this model")
+    if d["model_type"] != MODEL_TYPE:
+        raise ConvertError(f"{path}: model_type is {d['model_type']!r}, not {MODEL_TYPE!r} "
                            "(a checkpoint of another architecture)")
     try:
         return LLMConfig.from_dict(d)

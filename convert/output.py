@@ -50,6 +50,12 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
         if not force:
             raise ConvertError(f"output {out} already exists (force=True replaces it)",
                                cli=f"output {out} already exists (--force replaces it)")
+    else:  # checked before anything is read: making it failed only after the whole conversion
+        above = os.path.dirname(out)
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ConvertError(f"output {out} cannot be made: {above} is not a directory")
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxllm.cli import step_dirs
+from jaxllm.cli import listing, step_dirs
 from jaxllm.config import IGNORED_KEYS, LLMConfig, field_names
 
 FORMAT_VERSION = 1
@@ -279,15 +279,19 @@ def read_step(ckpt_dir: str, step: int | None, read):
     manager. A trainer still running there deletes its oldest steps as it saves (`--keep`): when
     the latest step fails to read and is gone, or being deleted with a newer step saved, it was
     rotated away, not damaged, and the newest step is read instead (twice at most); other failures
-    are raised as they are."""
+    are raised as they are, a CheckpointError of the latest step naming the earlier steps saved."""
     for attempt in range(3):
         with reading(ckpt_dir) as mngr:
             s = resolve_step(mngr, step)
             try:
                 return read(mngr, s)
-            except Exception:
+            except Exception as e:
                 steps = step_dirs(ckpt_dir)
                 if step is not None or attempt == 2 or (s in steps and max(steps) == s):
+                    earlier = [x for x in steps if x < s]
+                    if step is None and earlier and isinstance(e, CheckpointError):
+                        raise CheckpointError(f"{e}; earlier steps saved there: {listing([str(x) for x in earlier[::-1]])} "
+                                              "(--step N, or step=N, reads one)") from e
                     raise
 
 

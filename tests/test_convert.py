@@ -524,6 +524,8 @@ TORCH_TO_FLAX_ERRORS = {
     "missing directory": (lambda d: None, "does not exist"),
     "empty directory": (lambda d: d.mkdir(), "is empty"),
     "another architecture": (lambda d: _llama_config(_copy(HF_SRC[0], d)), "model_type is 'llama'"),
+    "no model_type": (lambda d: (_copy(HF_SRC[0], d) / "config.json").write_text('{"hidden_size": 64}'),
+                      "config.json: no model_type (this project's is 'customllm')"),
     "another preset": (lambda d: _other_preset_weights(_copy(HF_SRC[0], d)), "has shape"),
     "missing tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.pop("lm_head.bias")),
                        "missing tensor lm_head.bias"),
@@ -622,6 +624,9 @@ def test_the_libraries_raise_convert_errors(parity, tmp_path):
         export_hf(parity.ckpt, tmp_path / "hf", dtype="float16")
     with pytest.raises(ConvertError, match="overlaps the input"):
         export_hf(parity.ckpt, os.path.join(parity.ckpt, "hf"))
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(ConvertError, match=f"output {tmp_path / 'afile' / 'hf'} cannot be made: {tmp_path / 'afile'} is not"):
+        export_hf(parity.ckpt, tmp_path / "afile" / "hf")  # (before reading anything: it failed at the end)
     os.symlink(parity.ckpt, tmp_path / "link")
     with pytest.raises(ConvertError, match="overlaps the input"):  # (it wrote into the input through the link)
         export_hf(parity.ckpt, tmp_path / "link" / "hf")
