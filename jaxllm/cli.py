@@ -246,22 +246,16 @@ def exit_with(main, prog: str, interrupted: str):
     A Ctrl-C that lands inside a callback whose exceptions Python ignores (JAX's garbage-collection
     callback) is raised again in the main thread (`stopping.raise_lost_interrupts`): it used to print
     "Exception ignored" and a traceback, and the conversion or generation went on to exit 0."""
-    import os
     import sys
 
-    from jaxllm.stopping import exit_at_once, raise_lost_interrupts
+    from jaxllm.stopping import end_interrupted, exit_at_once, raise_lost_interrupts
 
     exit_at_once(f"{prog}: interrupted: {interrupted}")
     raise_lost_interrupts()
     try:
         code = main()
     except KeyboardInterrupt:
-        for write in (sys.stdout.flush, lambda: print(f"\n{prog}: interrupted: {interrupted}", file=sys.stderr, flush=True)):
-            try:
-                write()
-            except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
-                pass
-        os._exit(130)
+        end_interrupted(f"{prog}: interrupted: {interrupted}")
     finally:
         exit_at_once(None)
     sys.exit(code)

@@ -195,6 +195,17 @@ def exit_at_once(line: str | None) -> None:
     _interrupted_line = line
 
 
+def end_interrupted(line: str) -> None:
+    """End the process at once with status 130 after printing `line` (stdout flushed first): no
+    clean-up, no waiting for other threads."""
+    for write in (sys.stdout.flush, lambda: print(f"\n{line}", file=sys.stderr, flush=True)):
+        try:
+            write()
+        except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
+            pass
+    os._exit(130)
+
+
 def raise_lost_interrupts() -> None:
     """From a command line (`jaxllm.cli.exit_with`): a KeyboardInterrupt that Python reports as
     unraisable (a Ctrl-C that arrived while the main thread ran a callback whose exceptions are
@@ -245,12 +256,7 @@ class SignalStop:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             if _interrupted_line is not None:
-                for write in (sys.stdout.flush, lambda: print(f"\n{_interrupted_line}", file=sys.stderr, flush=True)):
-                    try:
-                        write()
-                    except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
-                        pass
-                os._exit(130)
+                end_interrupted(_interrupted_line)
             raise KeyboardInterrupt
         self.requested = self.requested or signal.Signals(signum).name
 
