@@ -234,7 +234,7 @@ def not_a_run_directory(path: str, framework: str) -> str | None:
     return f"--ckpt-dir {path} is {what}, not a training run's directory: {fix}, or use another --ckpt-dir"
 
 
-def exit_with(main, prog: str, interrupted: str):
+def exit_with(main, prog: str, interrupted: str, leave=None):
     """`sys.exit(main())` for a script, with Ctrl-C outside the places that handle it (start-up,
     imports, a conversion, generation) ending in one line, `interrupted`, and exit status 130
     instead of a traceback; a second Ctrl-C during training (the first asked to save and stop) ends
@@ -245,19 +245,22 @@ def exit_with(main, prog: str, interrupted: str):
     crashed in 10 of 15 tries of a Ctrl-C during generate.py (SIGSEGV, status 139, after the line).
     A Ctrl-C that lands inside a callback whose exceptions Python ignores (JAX's garbage-collection
     callback) is raised again in the main thread (`stopping.raise_lost_interrupts`): it used to print
-    "Exception ignored" and a traceback, and the conversion or generation went on to exit 0."""
+    "Exception ignored" and a traceback, and the conversion or generation went on to exit 0.
+    `leave(130)`, if given, ends the process instead (train_jax.py: with the other processes of a
+    multi-process run, through JAX's shutdown)."""
     import sys
 
     from jaxllm.stopping import end_interrupted, exit_at_once, raise_lost_interrupts
 
     exit_at_once(f"{prog}: interrupted: {interrupted}")
-    raise_lost_interrupts()
+    raise_lost_interrupts(True)
     try:
         code = main()
     except KeyboardInterrupt:
-        end_interrupted(f"{prog}: interrupted: {interrupted}")
+        end_interrupted(f"{prog}: interrupted: {interrupted}", *([leave] if leave else []))
     finally:
         exit_at_once(None)
+        raise_lost_interrupts(False)
     sys.exit(code)
 
 

@@ -195,24 +195,33 @@ def exit_at_once(line: str | None) -> None:
     _interrupted_line = line
 
 
-def end_interrupted(line: str) -> None:
-    """End the process at once with status 130 after printing `line` (stdout flushed first): no
-    clean-up, no waiting for other threads."""
+def end_interrupted(line: str, leave: Callable[[int], None] = os._exit) -> None:
+    """End the process with status 130 after printing `line` (stdout flushed first): by default at
+    once, with no clean-up and no waiting for other threads; `leave(130)` does it otherwise (a
+    multi-process run's processes leave together)."""
     for write in (sys.stdout.flush, lambda: print(f"\n{line}", file=sys.stderr, flush=True)):
         try:
             write()
         except Exception:  # noqa: BLE001 - (a write the signal interrupted): leave anyway
             pass
+    leave(130)
     os._exit(130)
 
 
-def raise_lost_interrupts() -> None:
-    """From a command line (`jaxllm.cli.exit_with`): a KeyboardInterrupt that Python reports as
-    unraisable (a Ctrl-C that arrived while the main thread ran a callback whose exceptions are
-    ignored, such as JAX's garbage-collection callback, or a finalizer) is not reported but raised
-    again in the main thread (another thread sends it SIGINT, as if Ctrl-C came once more), where
-    the script ends with its one line. Other unraisable exceptions go to the previous hook. Installed
-    once per process."""
+# Whether a KeyboardInterrupt lost in a callback is raised again (`raise_lost_interrupts`).
+_raising_lost_interrupts = False
+
+
+def raise_lost_interrupts(on: bool) -> None:
+    """From a command line (`jaxllm.cli.exit_with`, on while its `main` runs): a KeyboardInterrupt
+    that Python reports as unraisable (a Ctrl-C that arrived while the main thread ran a callback
+    whose exceptions are ignored, such as JAX's garbage-collection callback, or a finalizer) is not
+    reported but raised again in the main thread (another thread sends it SIGINT, as if Ctrl-C came
+    once more), where the script ends with its one line. Off (after `main`, in the interpreter's
+    exit: an atexit callback's exceptions are unraisable too), every report goes to the previous
+    hook, as do other unraisable exceptions. The hook is installed once per process."""
+    global _raising_lost_interrupts
+    _raising_lost_interrupts = on
     previous = sys.unraisablehook
     marks = getattr(previous, "_jaxllm_hooks", frozenset())  # (this project's hooks under it)
     if "interrupts" in marks:
@@ -222,13 +231,15 @@ def raise_lost_interrupts() -> None:
 
     def again():  # (raised while the main thread is still in the callback or this hook, it would be
         time.sleep(0.05)  # lost again; in another such callback, this hook asks once more)
+        if not _raising_lost_interrupts:
+            return
         if hasattr(signal, "pthread_kill"):  # (a signal: it also wakes a main thread that waits in a system call)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         else:
             _thread.interrupt_main(signal.SIGINT)
 
     def hook(unraisable):
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if _raising_lost_interrupts and isinstance(unraisable.exc_value, KeyboardInterrupt):
             threading.Thread(target=again, daemon=True).start()
         else:
             previous(unraisable)

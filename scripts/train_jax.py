@@ -116,10 +116,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def _leave(status: int) -> None:
+    """End this process with `status` after a Ctrl-C at start-up: in a multi-process run with the
+    other processes (a launcher's Ctrl-C reaches them all), through JAX's shutdown; leaving at once,
+    process 0 took the coordination service with it and JAX aborted the others (SIGABRT)."""
+    try:
+        distributed = sys.modules["jax"].distributed  # (not imported again: it may be what was interrupted)
+        several = distributed.is_initialized()
+    except Exception:  # noqa: BLE001 - no JAX yet, or half imported
+        several = False
+    if several:
+        from jaxllm.distributed import exit_together
+
+        exit_together(status)
+    os._exit(status)
+
+
 if __name__ == "__main__":
     from jaxllm.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages(__file__)  # big per-step buffers in huge pages (jaxllm/hostmem.py)
     from jaxllm.cli import exit_with
 
-    exit_with(main, "train_jax.py", "nothing more was saved")
+    exit_with(main, "train_jax.py", "nothing more was saved", leave=_leave)

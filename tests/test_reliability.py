@@ -277,6 +277,8 @@ def test_from_a_command_line_a_ctrl_c_inside_a_gc_callback_still_ends_the_script
         import gc, os, signal, time
         from jaxllm.cli import exit_with
 
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (as from a terminal; ignored under nohup)
+
         def main():
             gc.callbacks.append(lambda phase, info: phase == "start" and 1 / 0)
             gc.collect()  # (reported, and the script goes on)
@@ -294,6 +296,36 @@ def test_from_a_command_line_a_ctrl_c_inside_a_gc_callback_still_ends_the_script
     assert (r.returncode, r.stdout) == (130, ""), r
     assert r.stderr.endswith("ZeroDivisionError: division by zero\n\nconvert_x.py: interrupted: nothing was written\n"), r
     assert r.stderr.count("Exception ignored") == 1 and "KeyboardInterrupt" not in r.stderr, r
+
+
+def test_after_main_a_ctrl_c_in_the_interpreter_s_exit_is_python_s_own():
+    """Once `main` has returned, a KeyboardInterrupt that Python reports as unraisable (one raised
+    in an atexit callback) is reported as Python reports it, not raised again: raised again, it cut
+    off every later atexit callback (JAX's clean-up among them) and the process ended silently."""
+    code = """if True:
+        import atexit, os, signal, time
+        from jaxllm.cli import exit_with
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (as from a terminal; ignored under nohup)
+
+        def first():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+        def second():
+            time.sleep(0.5)
+            print("the next callback ran", flush=True)
+
+        def main():
+            atexit.register(second)
+            atexit.register(first)  # (the last registered runs first)
+            return 0
+
+        exit_with(main, "x.py", "stopped")
+    """
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.stdout == "the next callback ran\n" and "KeyboardInterrupt" in r.stderr, r
+    assert "x.py: interrupted" not in r.stderr, r
 
 
 def test_a_stop_before_the_first_step_saves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
