@@ -117,6 +117,11 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(rc, name)}")
     if not (rc.lr > 0):
         raise ValueError(f"--lr must be positive, got {rc.lr}")
+    # beta1 is 0.9 in both trainers (`jaxllm.train.OptimConfig`, `torch_ref.training.training_arguments`);
+    # JAX's weights became inf, and PyTorch's Adam raised a RuntimeError with a traceback
+    if rc.lr / (1 - 0.9) > 3.4028234e38:
+        raise ValueError(f"--lr {rc.lr:g} is too large: AdamW's first update, lr / (1 - beta1) = 10 x lr, "
+                         "exceeds float32's largest number (3.4e38)")
     if rc.peak_flops is not None and not rc.peak_flops > 0:
         raise ValueError(f"--peak-flops must be positive, got {rc.peak_flops}")
     if rc.seq_len < 2:  # the loss predicts each token from the ones before it

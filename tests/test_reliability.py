@@ -438,6 +438,7 @@ BAD_INPUTS = [
     ("zero learning rate", ["--lr", "0"], "--lr must be positive"),
     ("negative peak FLOP/s", ["--peak-flops", "-1"], "--peak-flops must be positive"),
     ("infinite learning rate", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    ("learning rate whose first update overflows", ["--lr", "1e38"], "--lr 1e+38 is too large: AdamW's first update"),
     ("infinite weight decay", ["--weight-decay", "inf"], "--weight-decay must be a finite number"),
     ("NaN clip norm", ["--clip-norm", "nan"], "--clip-norm must be a finite number, got nan"),
     ("infinite peak FLOP/s", ["--peak-flops", "inf"], "--peak-flops must be a finite number"),

@@ -651,6 +651,8 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert train_torch.main(["--seq-len", "1", "--ckpt-dir", str(tmp_path / "x")]) == 2
     assert "--seq-len must be at least 2" in capsys.readouterr().err
+    assert train_torch.main(["--lr", "1e38", "--ckpt-dir", str(tmp_path / "x")]) == 2  # (Adam's overflow: a traceback)
+    assert "--lr 1e+38 is too large" in capsys.readouterr().err
     # The data is read before anything is written (a model, a progress bar, the output directory).
     (tmp_path / "blank.txt").write_text("\n\n \n")
     for dataset, needle in (("blank.txt", "has no text"), ("missing.parquet", "no such file")):
