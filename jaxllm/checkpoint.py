@@ -101,8 +101,8 @@ class _StepMetadataLogFilter(logging.Filter):
     said: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        m = re.match(r"Failed to json parse Metadata file: (.+?), file content: .*, error: (.*)$",
-                     record.getMessage(), re.DOTALL)
+        m = re.match(r"Failed to json parse Metadata file: (.+?_CHECKPOINT_METADATA), file content: .*, error: (.*)$",
+                     record.getMessage(), re.DOTALL)  # (a step's; Orbax's other metadata files are left to it)
         if m is None:
             return True
         path, error = m.groups()
@@ -290,8 +290,8 @@ def read_step(ckpt_dir: str, step: int | None, read):
                 if step is not None or attempt == 2 or (s in steps and max(steps) == s):
                     earlier = [x for x in steps if x < s]
                     if step is None and earlier and isinstance(e, CheckpointError):
-                        raise CheckpointError(f"{e}; earlier steps saved there: {listing([str(x) for x in earlier[::-1]])} "
-                                              "(--step N, or step=N, reads one)") from e
+                        raise CheckpointError(f"{e}; earlier steps saved there: "
+                                              f"{listing([str(x) for x in earlier[::-1]])}") from e
                     raise
 
 
