@@ -19,7 +19,7 @@ import threading
 from typing import Callable, Iterator
 
 from convert import ConvertError
-from jaxllm.cli import listing
+from jaxllm.cli import listing, nearest_existing
 from jaxllm.stopping import InUse, hold
 
 
@@ -51,9 +51,7 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
             raise ConvertError(f"output {out} already exists (force=True replaces it)",
                                cli=f"output {out} already exists (--force replaces it)")
     else:  # checked before anything is read: making it failed only after the whole conversion
-        above = os.path.dirname(out)
-        while not os.path.lexists(above):
-            above = os.path.dirname(above)
+        above = nearest_existing(os.path.dirname(out))
         if not os.path.isdir(above):
             raise ConvertError(f"output {out} cannot be made: {above} is not a directory")
     return out

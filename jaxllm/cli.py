@@ -202,6 +202,13 @@ def run_config(args: argparse.Namespace, d):
     return type(d)(**settings)
 
 
+def nearest_existing(path: str) -> str:
+    """`path` (absolute) if it exists, else its nearest ancestor that does (at worst the root)."""
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def step_dirs(path: str) -> list[int]:
     """The numbered step directories of an Orbax checkpoint directory, sorted, found by their names
     (no Orbax read: in a multi-process run those are collective); [] when `path` is no directory."""

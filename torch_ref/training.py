@@ -853,14 +853,19 @@ def _as_rank_0_sees(value: bool, dist) -> bool:
     return bool(_from_rank_0(int(bool(value)), dist)) if _several(dist) else bool(value)
 
 
+def _collectives(dist) -> dict[str, Any]:
+    """The process count and collectives that `jaxllm.stopping`'s agreements take (`count`,
+    `broadcast`: process 0's int to all, `where`: the processes where a flag holds)."""
+    return dict(count=dist.num_processes, broadcast=lambda value: _from_rank_0(value, dist),
+                where=lambda flag: _ranks_where(flag, dist.device))
+
+
 def _check_shared_directory(path: str, dist) -> None:
     """ValueError in every process unless all of them see the output directory `path` as process 0
     does (`jaxllm.stopping.check_shared_directory`, as in JAX): on per-host disks each process
     found only its own checkpoints (process 0's weights, the others' data positions). Collective."""
     if _several(dist):
-        check_shared_directory(path, "--ckpt-dir", index=dist.process_index, count=dist.num_processes,
-                               broadcast=lambda value: _from_rank_0(value, dist),
-                               where=lambda flag: _ranks_where(flag, dist.device))
+        check_shared_directory(path, "--ckpt-dir", index=dist.process_index, **_collectives(dist))
 
 
 def _check_same_checkpoint(last: tuple[str, int] | None, path: str, dist) -> None:
@@ -869,8 +874,7 @@ def _check_same_checkpoint(last: tuple[str, int] | None, path: str, dist) -> Non
     (`jaxllm.stopping.check_same_checkpoints`, as in JAX). Collective."""
     if _several(dist):
         check_same_checkpoints(os.path.basename(last[0]) if last else "no checkpoint to resume", path,
-                               count=dist.num_processes, broadcast=lambda value: _from_rank_0(value, dist),
-                               where=lambda flag: _ranks_where(flag, dist.device))
+                               **_collectives(dist))
 
 
 def _check_same_settings(rc: RunConfig, dist) -> None:
