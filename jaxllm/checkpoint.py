@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxllm.cli import listing, step_dirs
 from jaxllm.config import IGNORED_KEYS, LLMConfig, field_names
+from jaxllm.stopping import add_unraisable_hook
 
 FORMAT_VERSION = 1
 ITEMS = ("params", "train_state", "meta", "tokenizer")
@@ -120,17 +121,7 @@ def quiet_orbax_read_leftovers() -> None:
     or a TensorStore thread meets them, some of them before the error reaches us. Only those are
     dropped (a restore that succeeds leaves none); everything else still goes to the previous
     `sys.unraisablehook` and to asyncio's logger. Installed once per process."""
-    previous = sys.unraisablehook
-    marks = getattr(previous, "_jaxllm_hooks", frozenset())  # (this project's hooks under it)
-    if "orbax" in marks:
-        return
-
-    def hook(unraisable):
-        if not _orbax_read_leftover(unraisable):
-            previous(unraisable)
-
-    hook._jaxllm_hooks = marks | {"orbax"}
-    sys.unraisablehook = hook
+    add_unraisable_hook("orbax", _orbax_read_leftover)
     for name, kind in (("asyncio", _OrbaxTaskLogFilter), ("absl", _StepMetadataLogFilter)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):

@@ -222,10 +222,6 @@ def raise_lost_interrupts(on: bool) -> None:
     hook, as do other unraisable exceptions. The hook is installed once per process."""
     global _raising_lost_interrupts
     _raising_lost_interrupts = on
-    previous = sys.unraisablehook
-    marks = getattr(previous, "_jaxllm_hooks", frozenset())  # (this project's hooks under it)
-    if "interrupts" in marks:
-        return
     import _thread
     import time
 
@@ -238,13 +234,29 @@ def raise_lost_interrupts(on: bool) -> None:
         else:
             _thread.interrupt_main(signal.SIGINT)
 
+    def take(unraisable) -> bool:
+        if not (_raising_lost_interrupts and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            return False
+        threading.Thread(target=again, daemon=True).start()
+        return True
+
+    add_unraisable_hook("interrupts", take)
+
+
+def add_unraisable_hook(name: str, take: Callable[[object], bool]) -> None:
+    """Put a `sys.unraisablehook` in front of the present one: `take(unraisable)` handles a report
+    (True) or leaves it to the previous hook (False). Once per `name` and process: each of this
+    project's hooks carries the names of those under it."""
+    previous = sys.unraisablehook
+    marks = getattr(previous, "_jaxllm_hooks", frozenset())
+    if name in marks:
+        return
+
     def hook(unraisable):
-        if _raising_lost_interrupts and isinstance(unraisable.exc_value, KeyboardInterrupt):
-            threading.Thread(target=again, daemon=True).start()
-        else:
+        if not take(unraisable):
             previous(unraisable)
 
-    hook._jaxllm_hooks = marks | {"interrupts"}
+    hook._jaxllm_hooks = marks | {name}
     sys.unraisablehook = hook
 
 
