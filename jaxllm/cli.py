@@ -123,6 +123,10 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
     a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
     a("--split", help=f"dataset split (default {d.split})")
     a("--text-column", help=f"column holding the text (default {d.text_column})")
+    a("--shuffle-buffer", type=int, metavar="N",
+      help="read a --dataset through a shuffle buffer of N documents, its files in a shuffled order, both "
+           f"reshuffled every epoch by --seed (default {d.shuffle_buffer}: in stored order; the embedded corpus is "
+           "shuffled whole every epoch)")
     a("--tokenizer", type=path, help="Hub id, local directory or tokenizer.json (default: a resumed run keeps its checkpoint's, "
                           "--init-from takes that checkpoint's, else the embedded tokenizer)")
     a("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")

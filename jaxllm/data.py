@@ -26,8 +26,11 @@ use the same code and see the same batches.
   `offset` of document `documents` (counted in this process's share) of epoch `epoch`. That is
   exact and independent of `rows`/`seq_len`; resuming re-reads, without tokenizing, the
   documents of the current epoch before that position, so it costs O(documents skipped).
-- **The embedded corpus** is shuffled at the start of every epoch (seed `DataConfig.seed` +
-  epoch); other sources are read in their stored order every epoch.
+- **Shuffling.** The embedded corpus is shuffled whole at the start of every epoch (seed
+  `DataConfig.seed` + epoch). Other sources are read in their stored order, or, with
+  `DataConfig.shuffle_buffer` N > 0, through `IterableDataset.shuffle`: their files (shards) in a
+  shuffled order and their documents through a buffer of N, from a generator seeded by (seed,
+  epoch), so every epoch has its own order and a resume re-reads the same one.
 """
 
 from __future__ import annotations
@@ -367,7 +370,8 @@ def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
         dataset = os.path.abspath(os.path.expanduser(dataset))
         files = _file_list(dataset)
     return {"dataset": dataset, "dataset_config": cfg.dataset_config, "split": cfg.split,
-            "text_column": cfg.text_column, "seed": cfg.seed, "tokenizer": tokenizer_spec, "files": files}
+            "text_column": cfg.text_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
+            "tokenizer": tokenizer_spec, "files": files}
 
 
 def _file_list(dataset: str) -> list[list] | None:
@@ -462,12 +466,16 @@ def run_stream(rc, config, tokenizer_spec: str | None) -> tuple[DataConfig, dict
     `DataConfig` and its `stream_source`, whose "tokenizer" is what the checkpoint records
     (`tokenizer_spec` from `run_tokenizer`). Both trainers use it."""
     cfg = DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
-                     text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed)
+                     text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed,
+                     shuffle_buffer=rc.shuffle_buffer)
     return cfg, stream_source(cfg, tokenizer_source(tokenizer_spec, vocab_size=embedded_vocab_size(config)))
 
 
 FLAGS_OF_SOURCE = {"dataset": "--dataset", "dataset_config": "--dataset-config", "split": "--split",
-                   "text_column": "--text-column", "seed": "--seed", "tokenizer": "--tokenizer"}
+                   "text_column": "--text-column", "seed": "--seed", "shuffle_buffer": "--shuffle-buffer",
+                   "tokenizer": "--tokenizer"}
+# What checkpoints written before a key was recorded were read with.
+SOURCE_DEFAULTS = {"shuffle_buffer": 0}
 
 
 def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> None:
@@ -482,8 +490,9 @@ def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> Non
             continue  # the same files (names and sizes) in another place: a run moved to another machine
         if key == "dataset_config" and (source["dataset"] == EMBEDDED or _looks_local(source["dataset"])):
             continue  # meaningless there (earlier runs recorded a recipe's Hub config with local files)
-        if recorded.get(key) != source.get(key):
-            raise ValueError(f"{flag} {source.get(key)!r} differs from the {recorded.get(key)!r} that {ckpt_dir} was "
+        if recorded.get(key, SOURCE_DEFAULTS.get(key)) != source.get(key):
+            raise ValueError(f"{flag} {source.get(key)!r} differs from the {recorded.get(key, SOURCE_DEFAULTS.get(key))!r} "
+                             f"that {ckpt_dir} was "
                              f"trained with: pass the same to resume, or start a new --ckpt-dir")
     if recorded.get("files") and source.get("files") and recorded["files"] != source["files"]:
         # The same path, other files (some added, changed or removed): allowed, as data may grow.
@@ -555,12 +564,18 @@ class DataConfig:
     split: str = "train"               # the Hub dataset's split (local files are one split)
     text_column: str = "text"
     seq_len: int = 256
-    seed: int = 0                       # shuffling of the embedded corpus, every epoch
+    seed: int = 0                       # shuffling (the embedded corpus, a shuffle buffer), every epoch
+    shuffle_buffer: int = 0             # documents in a shuffle buffer (not the embedded corpus); 0: stored order
     sample_by: str = "paragraph"        # documents of a .txt file: "paragraph" (blank-line separated), "line" or "document"
 
     def __post_init__(self):
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"--shuffle-buffer must be non-negative, got {self.shuffle_buffer}")
+        if self.shuffle_buffer and self.is_embedded:
+            raise ValueError(f"--shuffle-buffer {self.shuffle_buffer}: the embedded corpus is shuffled whole every "
+                             "epoch (by --seed); a shuffle buffer is for a --dataset")
         if self.sample_by not in ("paragraph", "line", "document"):
             raise ValueError(f"sample_by must be 'paragraph', 'line' or 'document', got {self.sample_by!r}")
         # Settings that only a Hub dataset reads are refused rather than ignored elsewhere.
@@ -795,6 +810,9 @@ class _Source:
                 {self.cfg.text_column: [self._docs[i] for i in order]}).to_iterable_dataset()
         else:
             ds = self._dataset
+            if self.cfg.shuffle_buffer:  # the same generator in every process: they agree on the files' order
+                ds = ds.shuffle(generator=np.random.default_rng([self.cfg.seed, epoch]),
+                                buffer_size=self.cfg.shuffle_buffer)
         if self.process_count > 1:
             ds = split_dataset_by_node(ds, rank=self.process_index, world_size=self.process_count)
         return ds

@@ -35,6 +35,7 @@ class RunConfig:
     dataset_config: str | None = None
     split: str = "train"
     text_column: str = "text"
+    shuffle_buffer: int = 0  # documents in a --dataset's shuffle buffer; 0: read in stored order
     tokenizer: str | None = None  # None: the embedded tokenizer
     seq_len: int = 128
     batch_size: int = 8
@@ -112,7 +113,7 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
     for name in ("steps", "batch_size", "seq_len", "log_every", "save_every", "grad_accum", "keep"):
         if getattr(rc, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(rc, name)}")
-    for name in ("warmup_steps", "weight_decay", "clip_norm", "max_new_tokens"):  # clip-norm 0: no clipping
+    for name in ("warmup_steps", "weight_decay", "clip_norm", "max_new_tokens", "shuffle_buffer"):  # clip-norm 0: no clipping
         if not getattr(rc, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(rc, name)}")
     if not (rc.lr > 0):

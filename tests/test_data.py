@@ -2,6 +2,7 @@
 shares, clear errors for bad input, and the real tokenizer + parquet layout (assets)."""
 
 import collections
+import dataclasses
 import json
 import re
 import time
@@ -250,6 +251,56 @@ def test_state_from_another_process_count_is_refused(small_jsonl, tokenizer):
         PackedBatches(cfg, tokenizer, rows=2, process_index=0, process_count=2, state=state)
 
 
+def test_a_shuffle_buffer_gives_each_epoch_its_own_order_and_resumes_exactly(tmp_path, tokenizer):
+    """`shuffle_buffer` reads a dataset's files in a shuffled order and its documents through a
+    buffer: every epoch a permutation of the stored documents, its own for each epoch and seed, the
+    same when read again; a resume from any state continues with exactly the same batches."""
+    texts = make_texts(30)
+    for k in range(3):
+        write_jsonl(tmp_path / f"part-{k}.jsonl", texts[10 * k : 10 * k + 10])
+    cfg = DataConfig(dataset=str(tmp_path), seq_len=16, shuffle_buffer=8)
+    orders = [list(iter_documents(cfg, epoch=e)) for e in (0, 1, 0)]
+    other_seed = list(iter_documents(dataclasses.replace(cfg, seed=1)))
+    assert orders[0] == orders[2] and sorted(orders[0]) == sorted(orders[1]) == sorted(texts)
+    assert len({tuple(texts), tuple(orders[0]), tuple(orders[1]), tuple(other_seed)}) == 4
+    assert list(iter_documents(dataclasses.replace(cfg, shuffle_buffer=0))) == texts  # stored order
+    with PackedBatches(cfg, tokenizer, rows=2, prefetch=4) as batches:
+        reference, states = take(batches, 70)
+    stream = expected_stream(cfg, tokenizer, epochs=2)
+    np.testing.assert_array_equal(np.concatenate(reference).ravel()[: stream.size], stream[: 70 * 32])
+    crossing = next(k for k, s in enumerate(states) if s["epoch"] == 1)
+    for k in sorted({5, crossing - 1, crossing, crossing + 9}):
+        with PackedBatches(cfg, tokenizer, rows=2, state=json.loads(json.dumps(states[k]))) as resumed:
+            for expected in reference[k + 1 : k + 4]:
+                np.testing.assert_array_equal(next(resumed), expected, err_msg=f"resumed after batch {k}")
+
+
+@pytest.mark.parametrize("shuffle_buffer, message", [
+    (-1, "--shuffle-buffer must be non-negative, got -1"),
+    (8, "--shuffle-buffer 8: the embedded corpus is shuffled whole every epoch"),
+])
+def test_a_shuffle_buffer_that_cannot_be_used_is_refused(shuffle_buffer, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DataConfig(shuffle_buffer=shuffle_buffer)
+
+
+def test_a_shuffle_buffer_is_part_of_the_stream_and_older_checkpoints_had_none(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", make_texts(4))
+
+    def source(**kw):
+        return data.stream_source(DataConfig(dataset=str(tmp_path / "a.jsonl"), **kw), "embedded:k")
+
+    recorded = json.loads(json.dumps(source(shuffle_buffer=16)))
+    assert recorded["shuffle_buffer"] == 16
+    data.check_same_stream(recorded, source(shuffle_buffer=16), "ck")
+    with pytest.raises(ValueError, match="--shuffle-buffer 0 differs from the 16 that ck was trained with"):
+        data.check_same_stream(recorded, source(), "ck")
+    older = {k: v for k, v in source().items() if k != "shuffle_buffer"}  # written before the key was recorded
+    data.check_same_stream(older, source(), "ck")
+    with pytest.raises(ValueError, match="--shuffle-buffer 16 differs from the 0 that ck was trained with"):
+        data.check_same_stream(older, source(shuffle_buffer=16), "ck")
+
+
 # ---- per-process shares ------------------------------------------------------------------------
 def assert_shares_partition(cfg, tokenizer, n_batches=4, rows=2):
     whole = list(iter_documents(cfg))
@@ -275,6 +326,18 @@ def test_two_processes_split_two_files_by_file(tmp_path, tokenizer):
     write_jsonl(tmp_path / "part-1.jsonl", texts[12:])
     shares = assert_shares_partition(DataConfig(dataset=str(tmp_path / "*.jsonl"), seq_len=16), tokenizer)
     assert shares == [texts[:12], texts[12:]]
+
+
+@pytest.mark.parametrize("files", [2, 3])
+def test_two_processes_split_a_shuffled_dataset(tmp_path, tokenizer, files):
+    """Through a shuffle buffer, by file (2 files) or every other document (3 files): the processes
+    agree on the files' order, so their shares still partition the documents."""
+    texts = make_texts(24)
+    for k in range(files):
+        write_jsonl(tmp_path / f"part-{k}.jsonl", texts[k::files])
+    cfg = DataConfig(dataset=str(tmp_path / "*.jsonl"), seq_len=16, shuffle_buffer=4)
+    shares = assert_shares_partition(cfg, tokenizer)
+    assert shares != assert_shares_partition(dataclasses.replace(cfg, shuffle_buffer=0), tokenizer)
 
 
 # ---- bad input: one clear ValueError each -----------------------------------------------------

@@ -454,6 +454,10 @@ BAD_INPUTS = [
      "--dataset-config 'bogus': only a Hub dataset has configs; the embedded corpus is read as it is"),
     ("config of local files", ["--dataset", "{tmp}/broken.jsonl", "--dataset-config", "bogus"],
      "--dataset-config 'bogus': only a Hub dataset has configs; local files are read as they are"),
+    ("negative shuffle buffer", ["--dataset", "{tmp}/broken.jsonl", "--shuffle-buffer", "-1"],
+     "--shuffle-buffer must be non-negative, got -1"),
+    ("shuffle buffer of the embedded corpus", ["--shuffle-buffer", "100"],
+     "--shuffle-buffer 100: the embedded corpus is shuffled whole every epoch"),
     ("prompt filling the positions", ["--prompt", "x " * 200, "--max-new-tokens", "4"], "no room for new tokens"),
     ("batch the mesh cannot divide", ["--batch-size", "3"], "batch size 3"),
     ("Hub dataset id while offline", ["--dataset", "someorg/somedata"], "offline"),
@@ -1019,6 +1023,37 @@ def test_resuming_on_another_token_stream_is_refused_and_the_checkpoint_kept(tra
     assert sorted(os.listdir(ckpt)) == before
     code, _ = _main(BASE + ["--ckpt-dir", str(ckpt), "--steps", "2"], capsys)  # the same settings resume
     assert code == 0 and "2" in os.listdir(ckpt)
+
+
+def test_a_shuffled_dataset_resumes_exactly_and_only_with_the_same_buffer(tmp_path, capsys, monkeypatch):
+    """`--shuffle-buffer`: a run resumed from its step 2 ends with the losses it had running
+    straight through (the resumed stream re-reads the same shuffled order); the buffer is part of
+    the stream, so a resume with another one is refused and the checkpoint kept."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for k in range(2):
+        (data_dir / f"part-{k}.jsonl").write_text(
+            "".join(json.dumps({"text": f"Document {k}-{i}: " + "word " * (i % 23)}) + "\n" for i in range(60)))
+
+    def argv(ck, steps, buffer="16"):
+        return BASE + ["--steps", str(steps), "--save-every", "2", "--log-every", "1", "--ckpt-dir", str(ck),
+                       "--dataset", str(data_dir), "--shuffle-buffer", buffer]
+
+    def losses(ck):
+        return [json.loads(line)["loss"] for line in (ck / "metrics.jsonl").read_text().splitlines()]
+
+    assert _main(argv(tmp_path / "straight", 4), capsys)[0] == 0
+    shutil.copytree(tmp_path / "straight", tmp_path / "ck")
+    shutil.rmtree(tmp_path / "ck" / "4")  # as if stopped after the checkpoint of step 2
+    before = sorted(os.listdir(tmp_path / "ck"))
+    code, err = _main(argv(tmp_path / "ck", 4, buffer="8"), capsys)
+    assert code == 2 and err.startswith("train_jax.py: error: --shuffle-buffer 8 differs from the 16 that "), err
+    assert sorted(os.listdir(tmp_path / "ck")) == before
+    assert _main(argv(tmp_path / "ck", 4), capsys)[0] == 0
+    np.testing.assert_allclose(losses(tmp_path / "ck"), losses(tmp_path / "straight"), rtol=1e-6)
+    assert _main(argv(tmp_path / "unshuffled", 2, buffer="0"), capsys)[0] == 0
+    assert losses(tmp_path / "unshuffled") != losses(tmp_path / "straight")[:2]
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
