@@ -2,6 +2,7 @@
 `generate()`), and `scripts/generate.py`."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -487,3 +488,85 @@ def test_script_bad_input_from_the_command_line_has_no_traceback():
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["generate.py: error: --checkpoint /nonexistent does not exist"]
+
+
+# ---- scripts/evaluate.py ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def evaluate_script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("held_out") / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:12]))
+    return path
+
+
+def test_evaluate_script_gives_each_frameworks_loss_of_the_packed_batches(
+        pair, evaluate_script, checkpoints, tokenizer_json, held_out, tmp_path):
+    """The script's loss is the mean shifted cross-entropy of the trainers' packed batches, the same
+    from an Orbax checkpoint and a Hugging Face directory, in JAX and PyTorch."""
+    from jaxllm.data import DataConfig, PackedBatches, load_tokenizer
+    from jaxllm.model import loss_fn
+
+    jm, _ = pair
+    with PackedBatches(DataConfig(dataset=str(held_out), seq_len=16), load_tokenizer(str(tokenizer_json)),
+                       rows=2) as packed:
+        want = float(np.mean([loss_fn(jm, jnp.asarray(next(packed)))[1][0] for _ in range(3)]))
+    for kind in ("orbax", "hf"):
+        out = Writes()
+        argv = ["--checkpoint", checkpoints[kind], "--dataset", str(held_out), "--seq-len", "16", "--batch-size", "2",
+                "--batches", "3", "--framework", "both", "--json", str(tmp_path / f"{kind}.json")]
+        result = evaluate_script.run(evaluate_script.parse_args(argv), out=out)
+        assert json.loads((tmp_path / f"{kind}.json").read_text()) == json.loads(json.dumps(result))
+        assert result["batches"] == 3 and result["tokens"] == 3 * 2 * 15
+        for name in ("jax", "torch"):
+            assert rel_err(result["results"][name]["loss"], want) < 1e-5, (kind, name)
+            assert result["results"][name]["perplexity"] == pytest.approx(np.exp(want), rel=1e-4)
+        assert result["relative_difference"] < 1e-5
+        text = "".join(out.pieces)
+        assert f"loss {want:.4f}, perplexity " in text and "JAX and PyTorch losses differ by" in text, text
+
+
+def test_evaluate_script_reads_each_document_once(evaluate_script, checkpoints, tokenizer_json, held_out):
+    from jaxllm.data import DataConfig, iter_documents, load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_json))
+    tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1
+                 for t in iter_documents(DataConfig(dataset=str(held_out))) if t.strip())
+    argv = ["--checkpoint", checkpoints["orbax"], "--dataset", str(held_out), "--seq-len", "16", "--batch-size", "3",
+            "--batches", "0"]
+    result = evaluate_script.run(evaluate_script.parse_args(argv), out=Writes())
+    assert result["batches"] == tokens // (3 * 16) and result["tokens"] == result["batches"] * 3 * 15
+    assert list(result["results"]) == ["jax"]
+    out = Writes()  # more batches asked for than the data holds: each document is still read once
+    more = evaluate_script.run(evaluate_script.parse_args(argv[:-1] + ["1000"]), out=out)
+    assert more["batches"] == result["batches"] and more["results"]["jax"]["loss"] == result["results"]["jax"]["loss"]
+    assert f"(the data holds {result['batches']} full batches of 3 x 16 tokens, not the 1000" in "".join(out.pieces)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--seq-len", "100000"], "--seq-len 100000 exceeds the model's max_position_embeddings"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--batches", "-1"], "--batches must be non-negative (0: one whole pass), got -1"),
+    (["--checkpoint", "{hf}", "--step", "1"], "--step applies to an Orbax checkpoint directory"),
+    (["--dataset", "{tiny_data}"], "holds fewer than 1024 tokens: not one batch of 8 x 128"),
+    (["--dataset", "{missing}"], "no such file or directory"),
+    (["--framework", "jax2"], "argument --framework: invalid choice"),
+])
+def test_evaluate_script_bad_input_is_one_line_and_exit_2(evaluate_script, checkpoints, tmp_path, capsys, argv,
+                                                          message):
+    (tmp_path / "tiny.txt").write_text("A few words only.\n")
+    fill = {"hf": checkpoints["hf"], "tiny_data": str(tmp_path / "tiny.txt"), "missing": str(tmp_path / "no.jsonl")}
+    argv = ["--checkpoint", checkpoints["orbax"]] + [a.format(**fill) for a in argv]
+    try:
+        rc = evaluate_script.main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Measure a checkpoint's loss and perplexity on a dataset, in JAX, in PyTorch, or in both.
+
+    python scripts/evaluate.py --checkpoint ckpt                          # the embedded corpus, 20 batches of 8 x 128
+    python scripts/evaluate.py --checkpoint ckpt --dataset held_out.jsonl --batches 0   # one whole pass
+    python scripts/evaluate.py --checkpoint hf_dir --framework both --json eval.json
+
+--checkpoint is a Flax (Orbax) checkpoint directory or a Hugging Face directory, as for
+generate.py; either framework runs either kind (the weights are converted in memory). The data is
+read, tokenized and packed exactly as the trainers read theirs (rows of --seq-len tokens, each
+document followed by EOS, no padding), from its start, once: the first --batches N batches of
+--batch-size rows (fewer where the data holds fewer), or with --batches 0 every full batch of it. The loss is the trainers' language
+-model loss alone (the mean shifted cross-entropy over every predicted token, without the router's
+balance loss), in float32 without dropout; perplexity = exp(loss). With --framework both, each batch
+runs in both frameworks and the relative difference of their losses is printed as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+try:
+    import jaxllm  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import checkpoint_info, checkpoint_kind, load_jax_model, load_torch_model  # noqa: E402  (scripts/)
+
+sys.path.pop(0)
+
+PROG = "evaluate.py"
+FRAMEWORKS = {"jax": ("jax",), "torch": ("torch",), "both": ("jax", "torch")}
+NAMES = {"jax": "JAX", "torch": "PyTorch"}
+
+
+def parse_args(argv=None):
+    from jaxllm.cli import add_compile_cache_flag, check_json_path, parser, path
+    from jaxllm.recipes import RunConfig
+
+    d = RunConfig()
+    p = parser(__file__, __doc__)
+    a = p.add_argument
+    a("--checkpoint", required=True, type=path, help="Orbax checkpoint directory or Hugging Face model directory")
+    a("--step", type=int, help="step of an Orbax checkpoint directory (default: the latest)")
+    a("--framework", choices=sorted(FRAMEWORKS), default="jax", help="which implementation runs (default jax)")
+    a("--dataset", type=path, help="Hub dataset id, or local .parquet/.jsonl/.json/.txt data: a file, a glob, or a "
+                                    "directory holding such files (default: the embedded corpus)")
+    a("--dataset-config", help="Hub dataset configuration, e.g. cosmopedia-v2")
+    a("--split", default=d.split, help=f"dataset split (default {d.split})")
+    a("--text-column", default=d.text_column, help=f"column holding the text (default {d.text_column})")
+    a("--tokenizer", type=path, help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
+    a("--seq-len", type=int, default=d.seq_len,
+      help=f"tokens per row (default {d.seq_len}, the trainers' default; give the run's own to compare with its loss)")
+    a("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    a("--batches", type=int, default=20,
+      help="batches to evaluate at most, from the data's start, each document once; 0: all of them (default 20)")
+    a("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    add_compile_cache_flag(p)
+    args = p.parse_args(argv)
+    check_json_path(p, args.json)
+    return args
+
+
+def check_args(args, config) -> None:
+    """ValueError naming the flag, for settings that no evaluation can use."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.batches < 0:
+        raise ValueError(f"--batches must be non-negative (0: one whole pass), got {args.batches}")
+    if args.seq_len < 2:  # the loss predicts each token from the ones before it
+        raise ValueError(f"--seq-len must be at least 2 (a row of one token has nothing to predict), got {args.seq_len}")
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+
+
+def batches_of_one_pass(packed, limit: int):
+    """The batches of `packed` (a `jaxllm.data.PackedBatches`, which packs the data endlessly, epoch
+    after epoch) that lie wholly in its first pass over the data: the first `limit` of them, or all
+    with `limit` 0."""
+    taken = 0
+    while not limit or taken < limit:
+        batch = next(packed)
+        state = packed.state_dict()
+        if state["epoch"] > 0 and (state["documents"] or state["offset"]):
+            return  # this batch reaches into the second pass
+        yield batch
+        taken += 1
+        if state["epoch"] > 0:
+            return  # it ended exactly at the end of the data
+
+
+class JaxLoss:
+    """Sums of the shifted cross-entropy and of the predicted tokens of a batch, in JAX."""
+
+    def __init__(self, model):
+        import functools
+
+        import jax
+        from flax import nnx
+
+        from jaxllm.model import lm_loss_sums
+
+        graphdef, self.state = nnx.split(model)
+
+        @functools.partial(jax.jit)
+        def sums(state, ids):
+            out = nnx.merge(graphdef, state).forward(ids)  # no dropout_rng: no dropout
+            return lm_loss_sums(out.logits, ids)
+
+        self._sums = sums
+
+    def __call__(self, ids) -> tuple[float, int]:
+        ce, n = self._sums(self.state, ids)
+        return float(ce), int(n)
+
+
+class TorchLoss:
+    """The same sums from the PyTorch reference's own loss (`CustomLLMOutput.lm_loss`, a mean)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids) -> tuple[float, int]:
+        import torch
+
+        t = torch.from_numpy(ids).long()
+        with torch.no_grad():
+            out = self.model(input_ids=t, labels=t)
+        n = t.shape[0] * (t.shape[1] - 1)
+        return float(out.lm_loss.double()) * n, n
+
+
+def run(args, out=None) -> dict:
+    """Evaluate; print the report to `out` (default: standard output) and return its figures.
+    Raises ValueError / OSError naming the problem."""
+    from jaxllm.data import DataConfig, PackedBatches, checkpoint_tokenizer, model_tokenizer
+
+    out = out or sys.stdout
+    kind = checkpoint_kind(args.checkpoint)
+    if args.step is not None and kind != "orbax":
+        raise ValueError(f"--step applies to an Orbax checkpoint directory; {args.checkpoint} is a Hugging Face "
+                         "directory (one model)")
+    step = args.step
+    if kind == "orbax":
+        from jaxllm import checkpoint
+
+        step = checkpoint.read_step_info(args.checkpoint, args.step)[0]
+    config, recorded, saved = checkpoint_info(args.checkpoint, kind, step)
+    check_args(args, config)
+    tokenizer = (model_tokenizer(args.tokenizer, config) if args.tokenizer is not None
+                 else checkpoint_tokenizer(recorded, config, saved, where=args.checkpoint))
+    cfg = DataConfig(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+                     text_column=args.text_column, seq_len=args.seq_len)
+    frameworks = FRAMEWORKS[args.framework]
+    if "jax" in frameworks:
+        from jaxllm import xla_cache
+
+        xla_cache.enable(getattr(args, "compile_cache", None))
+    with PackedBatches(cfg, tokenizer, rows=args.batch_size) as packed:  # reads the data's start: errors now
+        losses = {}
+        for name in frameworks:
+            model = (load_jax_model if name == "jax" else load_torch_model)(args.checkpoint, kind, step)
+            losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(model)
+        source = "the embedded corpus" if cfg.is_embedded else f"dataset {cfg.dataset}"
+        where = f"{args.checkpoint} (step {step})" if kind == "orbax" else args.checkpoint
+        print(f"evaluating {where} on {source}: "
+              f"{f'at most {args.batches} batches' if args.batches else 'every batch'} of {args.batch_size} x {args.seq_len} tokens, "
+              f"in {' and '.join(NAMES[f] for f in frameworks)}", file=out, flush=True)
+        sums = {name: [0.0, 0, 0.0] for name in frameworks}  # cross-entropy, tokens, seconds
+        bar = _progress(args.batches or None)
+        batches = 0
+        try:
+            for batch in batches_of_one_pass(packed, args.batches):
+                for name in frameworks:
+                    start = time.perf_counter()
+                    ce, n = losses[name](batch)
+                    s = sums[name]
+                    s[0], s[1], s[2] = s[0] + ce, s[1] + n, s[2] + time.perf_counter() - start
+                batches += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sums[frameworks[0]][0] / sums[frameworks[0]][1]:.4f}")
+        finally:
+            if bar is not None:
+                bar.close()
+    if not batches:
+        raise ValueError(f"{source} holds fewer than {args.batch_size * args.seq_len} tokens: not one batch of "
+                         f"{args.batch_size} x {args.seq_len} (lower --batch-size or --seq-len)")
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "dataset": args.dataset or "embedded",
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": batches,
+              "tokens": sums[frameworks[0]][1], "results": {}}
+    for name in frameworks:
+        ce, n, seconds = sums[name]
+        loss = ce / n
+        result["results"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "seconds": seconds}
+        print(f"{NAMES[name]:>8}: loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f} over {n:,} predicted "
+              f"tokens ({batches} batches, {seconds:.1f} s{', compile included' if name == 'jax' else ''})", file=out)
+    if args.batches and batches < args.batches:
+        print(f"(the data holds {batches} full batches of {args.batch_size} x {args.seq_len} tokens, not the "
+              f"{args.batches} asked for: each document is read once)", file=out)
+    if len(frameworks) == 2:
+        a, b = (result["results"][f]["loss"] for f in frameworks)
+        result["relative_difference"] = abs(a - b) / max(abs(b), 1e-30)
+        print(f"JAX and PyTorch losses differ by {result['relative_difference']:.2e} (relative)", file=out)
+    out.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return result
+
+
+def _progress(total):
+    """A progress bar on a terminal's standard error (None elsewhere: logs get the result only)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="evaluating", unit="batch", dynamic_ncols=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from jaxllm.cli import exit_with
+
+    exit_with(main, PROG, "stopped")
