@@ -37,7 +37,7 @@ class ImportResult:
     out_dir: str
     weight_files: list[str]
     tokenizer: str | None  # recorded in the checkpoint's metadata: the source directory, when it has a tokenizer.json
-    notes: list[str] = dataclasses.field(default_factory=list)  # why the tokenizer was left out
+    notes: list[str] = dataclasses.field(default_factory=list)  # why the tokenizer was left out or is missing
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -79,11 +79,18 @@ def read_tokenizer(hf_dir: str, config: LLMConfig) -> tuple[str | None, dict | N
     """(what the checkpoint records as its tokenizer's source, the tokenizer's files, notes) of a
     Hugging Face directory. The files are saved in the checkpoint, so that it keeps its tokenizer
     when `hf_dir` moves; its absolute path is recorded as where they came from. Optional: a
-    tokenizer that does not load is left out with a note (the weights are the conversion's point)."""
-    from jaxllm.data import model_tokenizer, tokenizer_dir, tokenizer_files
+    tokenizer that does not load is left out with a note (the weights are the conversion's point).
+    A directory without one gets a note too when readers of the checkpoint would take the embedded
+    tokenizer in its place (`jaxllm.data.checkpoint_tokenizer`; a larger vocabulary is refused there)."""
+    from jaxllm.data import EMBEDDED_VOCAB_SIZE, embedded_vocab_size, model_tokenizer, tokenizer_dir, tokenizer_files
 
     if tokenizer_dir(hf_dir) is None:
-        return None, None, []
+        if config.vocab_size > EMBEDDED_VOCAB_SIZE:
+            return None, None, []
+        return None, None, [f"{hf_dir} holds no tokenizer; the checkpoint names none, so generate.py and --init-from "
+                            f"will use the embedded tokenizer ({embedded_vocab_size(config):,} tokens; to keep the "
+                            f"model's own, put its tokenizer.json in {hf_dir} and convert again, or pass --tokenizer "
+                            "to them)"]
 
     try:
         tok = model_tokenizer(hf_dir, config)

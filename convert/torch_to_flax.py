@@ -6,7 +6,8 @@ Reads config.json and the weights of HF_DIR (model.safetensors, sharded safetens
 pytorch_model.bin loaded with weights_only=True), checks every tensor name and shape against the
 config before loading data, and writes step 0 of an Orbax checkpoint (float32 master weights,
 router_bias, config, the directory's tokenizer files) that `jaxllm.load(CKPT_DIR)` and training
-(--init-from) read.
+(--init-from) read. A HF_DIR without a tokenizer gets a note where readers of the checkpoint
+then use the embedded one unless given --tokenizer (a vocabulary of at most its 4,096 tokens).
 An existing CKPT_DIR is refused unless --force, and never replaced when it holds what a conversion
 does not write (a training run's optimizer state, metrics, other files). Errors: one line on
 stderr, exit status 2.

@@ -371,12 +371,14 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
 def load_tokenizer(ckpt_dir: str | os.PathLike, step: int | None = None):
     """`tokenizer = jaxllm.load_tokenizer(ckpt_dir)`: the tokenizer of a checkpoint (latest step
     unless `step`): the files it saved, else the tokenizer its metadata names, else the embedded one
-    (`jaxllm.data.checkpoint_tokenizer`). A `transformers` fast tokenizer; ValueError naming the problem."""
+    (`jaxllm.data.checkpoint_tokenizer`, with a note on stderr from process 0). A `transformers` fast
+    tokenizer; ValueError naming the problem."""
     from jaxllm.data import checkpoint_tokenizer
 
     _, meta, files = read_step_info(ckpt_dir, step)
     return checkpoint_tokenizer(meta.get("tokenizer"), LLMConfig.from_dict(meta["config"]), files,
-                                where=os.path.abspath(os.fspath(ckpt_dir)))
+                                where=os.path.abspath(os.fspath(ckpt_dir)), quiet=jax.process_index() != 0,
+                                advice="if the model was trained with another, load that one instead")
 
 
 def set_split_weights(model, weights: dict) -> None:

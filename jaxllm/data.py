@@ -385,15 +385,29 @@ def _file_list(dataset: str) -> list[list] | None:
     return [[os.path.relpath(f, root), os.path.getsize(f)] for f in files]
 
 
-def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None = None, *, where: str):
+def checkpoint_tokenizer(spec: str | None, config, files: dict[str, str] | None = None, *, where: str,
+                         advice: str = "pass --tokenizer to choose another", quiet: bool = False):
     """The tokenizer that a checkpoint (`where`, for messages) of a model of `config` comes with: the
     `files` it saved, else the one it names (`spec`), else the embedded tokenizer, but only for a
-    vocabulary that one was made for (not a 49,152-token model's). ValueError naming the problem."""
+    vocabulary that one was made for (not a 49,152-token model's), and then with a note on stderr
+    (`embedded_note`, ending with `advice`; none when `quiet`). ValueError naming the problem."""
     if files:
         return tokenizer_from_files(files, config)
-    if spec is None:
-        _check_embedded_fits(config, where)
-    return model_tokenizer(spec, config)
+    if spec is not None:
+        return model_tokenizer(spec, config)
+    _check_embedded_fits(config, where)
+    tokenizer = model_tokenizer(None, config)
+    if not quiet:
+        print(embedded_note(where, config, advice), file=sys.stderr)
+    return tokenizer
+
+
+def embedded_note(where: str, config, advice: str = "pass --tokenizer to choose another") -> str:
+    """The line saying that the checkpoint or model directory `where`, which names and holds no
+    tokenizer, is read with the embedded tokenizer (at the size a model of `config` takes), which
+    may not be the one the model was trained with; `advice`: how to choose another."""
+    return (f"note: {where} holds no tokenizer; using the embedded tokenizer "
+            f"({embedded_vocab_size(config):,} tokens; {advice})")
 
 
 def _check_embedded_fits(config, where: str) -> None:
@@ -404,14 +418,16 @@ def _check_embedded_fits(config, where: str) -> None:
                          f"embedded tokenizer's: give one explicitly (--tokenizer)")
 
 
-def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, origin: str | None = None):
+def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, origin: str | None = None,
+                  quiet: bool = False):
     """(tokenizer, spec) of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`.
 
     `inherited` describes the checkpoint the run continues (`origin`: the one it resumes, or the
     `--init-from` one): (the tokenizer it names, its own copy: the files a Flax checkpoint saved,
     or a directory holding them). Without `--tokenizer` the run takes that tokenizer (so training
     on from converted weights keeps their token ids), else the embedded one (an error for a checkpoint
-    whose vocabulary is larger than the embedded one's, as in generation). A `--tokenizer` (or a
+    whose vocabulary is larger than the embedded one's, as in generation; for a smaller one, a note
+    on stderr, `embedded_note`, unless `quiet`: a run's processes but its first). A `--tokenizer` (or a
     recipe's) naming the same tokenizer as the checkpoint is loaded from the checkpoint's copy too,
     so that the same command resumes where the original path or Hub id cannot be reached. `spec`
     is what the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming
@@ -445,11 +461,14 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
     if recorded is None and origin is not None:  # as generation reads that checkpoint (`checkpoint_tokenizer`)
         _check_embedded_fits(config, origin)
     try:
-        return model_tokenizer(recorded, config), recorded
+        tokenizer = model_tokenizer(recorded, config)
     except ValueError as e:
         what = f"the tokenizer {recorded!r}" if recorded is not None else "the embedded tokenizer"
         raise ValueError(f"{what}{f' of {origin}' if origin is not None else ''} does not load ({e}); "
                          "pass --tokenizer") from None
+    if recorded is None and origin is not None and not quiet:  # (a new run uses it as the README says)
+        print(embedded_note(origin, config), file=sys.stderr)
+    return tokenizer, recorded
 
 
 def same_tokenization(a, b) -> bool:

@@ -138,7 +138,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
             init_from_dir(rc.init_from)
         inherited, origin = init_tokenizer(rc.init_from, config), os.path.abspath(rc.init_from)
     with failing_together("checking the tokenizer and the dataset", raise_if_any_failed):  # (each host's files)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin,
+                                                           quiet=jax.process_index() != 0)
         check_prompts(rc, tokenizer, config.max_position_embeddings)
         data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         if existing:

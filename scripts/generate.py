@@ -9,7 +9,8 @@
 directory (config.json + safetensors); which one is detected. Either framework runs either kind:
 the weights are converted in memory through convert/mapping.py. The tokenizer is --tokenizer, or
 the checkpoint's own (the files an Orbax checkpoint saved, else the one its metadata names; a
-Hugging Face directory's tokenizer.json), or the embedded one. Greedy unless --temperature > 0; decoding stops at EOS.
+Hugging Face directory's tokenizer.json), or the embedded one (with a note on stderr saying so).
+Greedy unless --temperature > 0; decoding stops at EOS.
 """
 
 from __future__ import annotations

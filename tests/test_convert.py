@@ -471,6 +471,25 @@ def test_tokenizer_that_cannot_be_loaded_is_left_out_with_a_note(parity, tmp_pat
     assert os.path.exists(os.path.join(result.out_dir, "model.safetensors"))
 
 
+def test_torch_to_flax_notes_a_directory_without_a_tokenizer(hf_src, tmp_path, capsys):
+    """A Hugging Face directory without tokenizer files makes a checkpoint that names none, which
+    generate.py and --init-from then read with the embedded tokenizer: the conversion says so (it
+    was silent). No note for a directory with its tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from convert.torch_to_flax import main
+
+    rc, err = _run_main(main, [hf_src, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 0 and err == (
+        f"torch_to_flax.py: note: {hf_src} holds no tokenizer; the checkpoint names none, so generate.py and "
+        "--init-from will use the embedded tokenizer (512 tokens; to keep the model's own, put its tokenizer.json in "
+        f"{hf_src} and convert again, or pass --tokenizer to them)\n"), err
+    with_tokenizer = _copy(hf_src, tmp_path / "hf")
+    PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(), eos_token="<|endoftext|>").save_pretrained(with_tokenizer)
+    rc, err = _run_main(main, [with_tokenizer, "--out", tmp_path / "ckpt2"], capsys)
+    assert rc == 0 and err == "", err
+
+
 # ---- bad input: one line, exit status 2, no partial output ----------------------------------------
 
 def _run_main(script_main, argv, capsys):

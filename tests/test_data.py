@@ -149,6 +149,29 @@ def test_a_damaged_tokenizer_copy_falls_back_to_the_recorded_one(tmp_path, capsy
         data.run_tokenizer(RunConfig(), tiny, (None, str(copy)), origin=str(copy))
 
 
+def test_a_run_from_a_checkpoint_naming_no_tokenizer_notes_the_embedded_one(capsys):
+    """Training on from a checkpoint or Hugging Face directory that names and holds no tokenizer
+    takes the embedded one (its vocabulary fits): one note on stderr says so, from the run's first
+    process only (`quiet` in the others). None for a new run (the embedded tokenizer by design), a
+    checkpoint that names or holds its own, or --tokenizer."""
+    from jaxllm.recipes import RunConfig
+
+    tiny = LLMConfig.from_preset("tiny")
+    tok, spec = data.run_tokenizer(RunConfig(), tiny, (None, None), origin="/runs/start")
+    assert spec is None and len(tok) == tiny.vocab_size
+    assert capsys.readouterr().err == ("note: /runs/start holds no tokenizer; using the embedded tokenizer (512 tokens; "
+                                       "pass --tokenizer to choose another)\n")
+    recorded = data.tokenizer_source(None, vocab_size=data.embedded_vocab_size(tiny))
+    for rc, inherited, origin, quiet in [
+            (RunConfig(), (None, None), "/runs/start", True),  # another process of the run
+            (RunConfig(), (None, None), None, False),  # a new run
+            (RunConfig(), (recorded, None), "/runs/start", False),
+            (RunConfig(), (None, data.tokenizer_files(tok)), "/runs/start", False),
+            (RunConfig(tokenizer="embedded"), (None, None), "/runs/start", False)]:
+        assert len(data.run_tokenizer(rc, tiny, inherited, origin=origin, quiet=quiet)[0]) == tiny.vocab_size
+        assert capsys.readouterr().err == "", (inherited, origin, quiet)
+
+
 # ---- packing ------------------------------------------------------------------------------------
 def test_rows_are_full_documents_end_with_eos_and_epochs_continue(small_jsonl, tokenizer):
     cfg = DataConfig(dataset=str(small_jsonl), seq_len=32)

@@ -483,6 +483,38 @@ def test_script_refuses_a_hugging_face_directory_whose_weights_do_not_fit_its_co
     assert "names no tokenizer" in capsys.readouterr().err
 
 
+def test_script_notes_when_a_checkpoint_without_a_tokenizer_is_read_with_the_embedded_one(
+        pair, script, checkpoints, tokenizer_json, tmp_path, capsys, monkeypatch):
+    """A Hugging Face directory without tokenizer files, or a Flax checkpoint naming none (as
+    torch_to_flax.py writes from such a directory), is read with the embedded tokenizer when the
+    vocabulary fits it: one note on stderr says so (it was silent). None when the checkpoint has its
+    tokenizer or --tokenizer chooses one; `jaxllm.load_tokenizer` notes it as well."""
+    import jaxllm
+    from jaxllm import checkpoint
+
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    bare_hf = shutil.copytree(checkpoints["hf"], tmp_path / "hf", ignore=shutil.ignore_patterns("tokenizer*"))
+    bare_orbax = tmp_path / "ckpt"
+    mngr = checkpoint.manager(bare_orbax)
+    checkpoint.save(mngr, 0, weights=checkpoint.split_weights(pair[0]), config=TINY, tokenizer=None)
+    mngr.wait_until_finished()
+    mngr.close()
+    note = "note: {} holds no tokenizer; using the embedded tokenizer (512 tokens; {})\n"
+    common = ["--prompt", "The", "--max-new-tokens", "2", "--framework", "torch"]
+    for path in (bare_hf, bare_orbax):
+        assert script.main(["--checkpoint", str(path), *common]) == 0
+        assert capsys.readouterr().err == note.format(path, "pass --tokenizer to choose another")
+    for argv in (["--checkpoint", checkpoints["hf"]], ["--checkpoint", checkpoints["orbax"]],
+                 ["--checkpoint", str(bare_hf), "--tokenizer", str(tokenizer_json)]):
+        assert script.main([*argv, *common]) == 0
+        assert capsys.readouterr().err == "", argv
+    assert len(jaxllm.load_tokenizer(bare_orbax)) == TINY.vocab_size
+    assert capsys.readouterr().err == note.format(bare_orbax, "if the model was trained with another, load that one "
+                                                              "instead")
+    jaxllm.load_tokenizer(checkpoints["moved"])
+    assert capsys.readouterr().err == ""
+
+
 def test_script_bad_input_from_the_command_line_has_no_traceback():
     r = subprocess.run([sys.executable, "scripts/generate.py", "--checkpoint", "/nonexistent", "--prompt", "x"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

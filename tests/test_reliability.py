@@ -769,6 +769,22 @@ def test_init_from_a_large_vocabulary_naming_no_tokenizer_asks_for_one(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_a_checkpoint_naming_no_tokenizer_notes_the_embedded_one(tmp_path, capsys):
+    """A converted checkpoint without tokenizer files, of a vocabulary the embedded tokenizer fits:
+    the run takes the embedded one, and one note says so (it was silent). The run's checkpoints
+    name that tokenizer, so resuming says nothing."""
+    from jaxllm.config import LLMConfig
+
+    _weights_only_checkpoint(tmp_path / "start", LLMConfig.from_preset("tiny"))
+    argv = BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start")]
+    code, err = _main(argv + ["--steps", "1"], capsys)
+    note = (f"note: {tmp_path / 'start'} holds no tokenizer; using the embedded tokenizer (512 tokens; pass "
+            "--tokenizer to choose another)")
+    assert code == 0 and err.splitlines().count(note) == 1 and err.count("note:") == 1, err
+    code, err = _main(argv, capsys)
+    assert code == 0 and "note:" not in err, err
+
+
 def test_a_step_whose_saved_config_is_invalid_is_unreadable_not_the_user_s_config(trained_ckpt, tmp_path, capsys):
     """Resume sets such a step aside with a warning and goes on from the one before; --init-from
     and generation name the checkpoint step."""

@@ -457,6 +457,27 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
     assert run(dataclasses.replace(its, steps=2), dtype="float32")["end_step"] == 2
 
 
+def test_init_from_a_hugging_face_directory_without_a_tokenizer_notes_the_embedded_one(tmp_path, capsys):
+    """A Hugging Face directory without tokenizer files (model weights only), of a vocabulary the
+    embedded tokenizer fits: the run takes the embedded one, and one note says so (it was silent).
+    Resumed, or started from a checkpoint of the run (which holds its tokenizer), it says nothing."""
+    tiny = LLMConfig.from_preset("tiny")
+    CustomLLM(CustomLLMConfig.from_llm_config(tiny)).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # (its progress bar)
+    args = ["--seq-len", "16", "--batch-size", "2", "--max-new-tokens", "0", "--no-progress"]
+    run_dir = tmp_path / "run"
+    code = _train_torch().main(args + ["--steps", "1", "--ckpt-dir", str(run_dir), "--init-from", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    note = (f"note: {tmp_path / 'hf'} holds no tokenizer; using the embedded tokenizer (512 tokens; pass --tokenizer "
+            "to choose another)")
+    assert code == 0 and err.splitlines().count(note) == 1 and err.count("note:") == 1, err
+    for more in (["--steps", "2", "--ckpt-dir", str(run_dir), "--init-from", str(tmp_path / "hf")],
+                 ["--steps", "1", "--ckpt-dir", str(tmp_path / "other"), "--init-from", str(run_dir / "checkpoint-1")]):
+        code = _train_torch().main(args + more)
+        err = capsys.readouterr().err
+        assert code == 0 and "note:" not in err, (more, err)
+
+
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

@@ -951,7 +951,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         else:
             origin = rc.init_from
             inherited = (data_lib.tokenizer_dir(rc.init_from), None) if rc.init_from else (None, None)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin)
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin, quiet=rank != 0)
         check_prompts(rc, tokenizer, config.max_position_embeddings)
         data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         data_state = read_data_state(last[0], rank, world, source) if last else None
