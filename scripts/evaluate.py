@@ -98,8 +98,6 @@ class JaxLoss:
     """Sums of the shifted cross-entropy and of the predicted tokens of a batch, in JAX."""
 
     def __init__(self, model):
-        import functools
-
         import jax
         from flax import nnx
 
@@ -107,7 +105,7 @@ class JaxLoss:
 
         graphdef, self.state = nnx.split(model)
 
-        @functools.partial(jax.jit)
+        @jax.jit
         def sums(state, ids):
             out = nnx.merge(graphdef, state).forward(ids)  # no dropout_rng: no dropout
             return lm_loss_sums(out.logits, ids)
