@@ -1101,3 +1101,27 @@ def test_processes_that_would_resume_other_checkpoints_end_with_exit_2_and_chang
     assert head + " (this process: checkpoint-4)" in lines[0][0], lines
     assert head + " (this process: checkpoint-2)" in lines[1][0], lines
     assert files() == before
+
+
+def test_a_resumed_run_saves_and_logs_at_its_own_intervals(tmp_path):
+    """The Trainer took a resumed run's save and logging intervals from the checkpoint's
+    `trainer_state.json` (the first run's --save-every and --log-every), with a warning: a resume
+    with --save-every 6 --log-every 6 saved at 6, 8, 10, 12 and logged every step."""
+    import logging
+
+    rc = _rc(tmp_path, steps=4, save_every=2, log_every=1, grad_accum=1, max_new_tokens=0, keep=10)
+    run(rc, dtype="float32")
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("transformers.trainer_utils")  # (its warnings bypass pytest's capture)
+    logger.addHandler(handler)
+    try:
+        out = run(dataclasses.replace(rc, steps=12, save_every=6, log_every=6), dtype="float32")
+    finally:
+        logger.removeHandler(handler)
+    assert sorted(int(d.split("-")[1]) for d in os.listdir(rc.ckpt_dir) if d.startswith("checkpoint-")) == [2, 4, 6, 12]
+    assert [r["step"] for r in out["records"]] == [6, 12]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(rc.ckpt_dir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 6, 12]
+    assert not any("save_steps" in w or "logging_steps" in w for w in warnings), warnings

@@ -184,6 +184,41 @@ def _ranks_where(flag: bool, device) -> list[int]:
     return torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
 
 
+class ThisRunsIntervalsCallback(TrainerCallback):
+    """A resumed Trainer takes `logging_steps` and `save_steps` from the checkpoint's
+    `trainer_state.json`, i.e. the first run's --log-every and --save-every, with a warning that they
+    differ from the arguments: this run's apply instead (as in the JAX trainer), and the warning's
+    lines about them are dropped (`_IntervalsWarningFilter`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.logging_steps, state.save_steps = args.logging_steps, args.save_steps
+
+
+class _IntervalsWarningFilter:
+    """Drops the lines about logging and save intervals from `transformers`' warning that a resumed
+    checkpoint's trainer state differs from the arguments (`ThisRunsIntervalsCallback` applies the
+    arguments'), and the warning itself when nothing else is in it."""
+
+    HEAD = "Warning: The following arguments do not match the ones in the `trainer_state.json`"
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.HEAD):
+            return True
+        head, *lines = message.split("\n")
+        lines = [line for line in lines if line.strip().split(":")[0] not in ("logging_steps", "save_steps")]
+        record.msg, record.args = "\n".join([head, *lines]), ()
+        return bool(lines)
+
+
+def _drop_intervals_warning() -> None:
+    import logging
+
+    logger = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _IntervalsWarningFilter) for f in logger.filters):
+        logger.addFilter(_IntervalsWarningFilter())
+
+
 class RouterBiasCallback(TrainerCallback):
     """Auxiliary-loss-free balancing: `CustomLLMTrainer.compute_loss` adds each micro-batch's
     `expert_counts` ([layers, experts]); after the optimizer step their sum over the step (and over
@@ -459,8 +494,9 @@ class CustomLLMTrainer(Trainer):
         self.data_state = data_state
         model = kwargs.get("model", args[0] if args else None)
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-        super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(), *(callbacks or [])],
-                         **kwargs)
+        super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(),
+                                           ThisRunsIntervalsCallback(), *(callbacks or [])], **kwargs)
+        _drop_intervals_warning()
         if use_cache is not None:  # the Trainer writes `args.use_cache` (False by default) into the
             # config that every checkpoint saves: loaded, `model(ids)` would return no cache. The
             # model builds none while training anyway.
