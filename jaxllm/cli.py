@@ -251,6 +251,7 @@ def exit_with(main, prog: str, interrupted: str, leave=None):
     instead of a traceback; a second Ctrl-C during training (the first asked to save and stop) ends
     the same way at once (`stopping.exit_at_once`).
 
+    An exception raised because of the interrupt (`_from_an_interrupt`) ends the same way.
     Once the interrupt has unwound `main` (its `finally` blocks have run: a conversion's temporary
     output is gone), the process ends at once: a normal exit met JAX's threads still working and
     crashed in 10 of 15 tries of a Ctrl-C during generate.py (SIGSEGV, status 139, after the line).
@@ -267,12 +268,28 @@ def exit_with(main, prog: str, interrupted: str, leave=None):
     raise_lost_interrupts(True)
     try:
         code = main()
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not _from_an_interrupt(e):
+            raise
         end_interrupted(f"{prog}: interrupted: {interrupted}", *([leave] if leave else []))
     finally:
         exit_at_once(None)
         raise_lost_interrupts(False)
     sys.exit(code)
+
+
+def _from_an_interrupt(e: BaseException) -> bool:
+    """Whether `e` is a KeyboardInterrupt, or came from one: a compiled module that a Ctrl-C
+    interrupted while it was being imported raised an ImportError "initialization failed" caused by
+    the KeyboardInterrupt (tensorstore, under Orbax, during a trainer's start-up), which ended in a
+    traceback and exit status 1."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def listing(items: list[str], most: int = 4) -> str:

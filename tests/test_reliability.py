@@ -298,6 +298,34 @@ def test_from_a_command_line_a_ctrl_c_inside_a_gc_callback_still_ends_the_script
     assert r.stderr.count("Exception ignored") == 1 and "KeyboardInterrupt" not in r.stderr, r
 
 
+def test_an_error_that_a_ctrl_c_caused_ends_as_interrupted():
+    """A compiled module interrupted while it was imported (tensorstore, under Orbax, early in a
+    trainer's start-up) raised an ImportError caused by the KeyboardInterrupt: a traceback and exit
+    status 1. Errors that no interrupt caused are raised as before."""
+    code = """if True:
+        import sys
+        from jaxllm.cli import exit_with
+
+        def main():
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                if sys.argv[1] == "cause":
+                    raise ImportError("initialization failed") from e
+                raise RuntimeError("while handling it")
+
+        def other():
+            raise ImportError("no module named x")
+
+        exit_with(other if sys.argv[1] == "other" else main, "x.py", "stopped")
+    """
+    for how in ("cause", "context"):
+        r = subprocess.run([sys.executable, "-c", code, how], env=_env(), capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stderr) == (130, "\nx.py: interrupted: stopped\n"), (how, r)
+    r = subprocess.run([sys.executable, "-c", code, "other"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.endswith("ImportError: no module named x\n"), r
+
+
 def test_after_main_a_ctrl_c_in_the_interpreter_s_exit_is_python_s_own():
     """Once `main` has returned, a KeyboardInterrupt that Python reports as unraisable (one raised
     in an atexit callback) is reported as Python reports it, not raised again: raised again, it cut
