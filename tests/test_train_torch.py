@@ -516,6 +516,13 @@ def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert (code, err) == (2, f"train_torch.py: error: --init-from: Hugging Face directory {tmp_path / 'gone'} does "
                               "not exist\n")
+    # ... where a JAX checkpoint, or one of its steps, said "has no config.json (not a Hugging Face model directory)"
+    for init_from, what in ((orbax, "a JAX (Orbax) checkpoint"), (orbax / "0", f"step 0 of the JAX (Orbax) checkpoint {orbax}")):
+        code = _train_torch().main(["--seq-len", "32", "--ckpt-dir", str(tmp_path / "x"), "--init-from", str(init_from)])
+        err = capsys.readouterr().err
+        assert (code, err) == (2, f"train_torch.py: error: --init-from {init_from} is {what}, not a Hugging Face "
+                                  f"directory; convert it first (python convert/flax_to_torch.py {orbax} --out HF_DIR) "
+                                  "and pass --init-from HF_DIR\n"), err
     assert not (tmp_path / "x").exists()
 
 

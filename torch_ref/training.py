@@ -664,6 +664,8 @@ def model_config(rc: RunConfig) -> LLMConfig:
         from convert.hf_import import read_hf_config
 
         last = latest_checkpoint(rc.ckpt_dir, warn=False) if os.path.isdir(rc.ckpt_dir) else None
+        if not last:
+            _refuse_orbax_init_from(os.path.abspath(rc.init_from))
         try:
             return read_hf_config(last[0] if last else os.path.abspath(rc.init_from))
         except ConvertError as e:
@@ -816,14 +818,28 @@ def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
     _check_same_model(saved, config, f"{what} {path}", "use another --ckpt-dir or the same --preset/--config")
 
 
+def _refuse_orbax_init_from(path: str) -> None:
+    """ValueError pointing to the converter when `--init-from` (absolute `path`) is a JAX (Orbax)
+    checkpoint directory, or one step of one, rather than a Hugging Face directory."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return
+    parent, name = os.path.split(path)
+    if is_checkpoint_dir(path):
+        what, ckpt = "a JAX (Orbax) checkpoint", path
+    elif name.isdigit() and is_checkpoint_dir(parent):
+        what, ckpt = f"step {name} of the JAX (Orbax) checkpoint {parent}", parent
+    else:
+        return
+    raise ValueError(f"--init-from {path} is {what}, not a Hugging Face directory; convert it first "
+                     f"(python convert/flax_to_torch.py {ckpt} --out HF_DIR) and pass --init-from HF_DIR")
+
+
 def _check_init_from(path: str, config: LLMConfig) -> None:
     """The `--init-from` directory is a Hugging Face directory of this model holding every tensor
     with its shape, as the converter checks it (`convert.hf_import.read_hf_dir`, headers only):
     `from_pretrained` would start a missing tensor from random values. ValueError otherwise."""
     path = os.path.abspath(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and is_checkpoint_dir(path):
-        raise ValueError(f"--init-from {path} is a JAX (Orbax) checkpoint, not a Hugging Face directory; convert "
-                         f"it first (python convert/flax_to_torch.py {path} --out HF_DIR) and pass --init-from HF_DIR")
+    _refuse_orbax_init_from(path)
     try:
         saved, _ = read_hf_dir(path)
     except ConvertError as e:
