@@ -115,8 +115,8 @@ def add_data_and_optimizer_flags(p: argparse.ArgumentParser, d, *, batch_over: s
 
     a = p.add_argument
     a("--recipe", choices=sorted(RECIPES), default="embedded", help="named bundle of settings (default: embedded)")
-    a("--preset", help=f"model preset: seed-973m, small, tiny (default {d.preset}; with --init-from and no --config "
-                       "or recipe naming a model, the model of that checkpoint)")
+    a("--preset", help=f"model preset: seed-973m, small, tiny (default: with no --config or recipe naming a model, the "
+                       f"model of the checkpoint resumed or of --init-from, else {d.preset})")
     a("--config", type=path, help="a config.json with LLMConfig's field names, jaxllm/config.py (overrides --preset)")
     a("--dataset", type=path, help="Hub dataset id, or local .parquet/.jsonl/.json/.txt data: a file, a glob, or a directory "
                         "holding such files (default: the embedded corpus)")
@@ -181,8 +181,12 @@ def add_remat_flags(p: argparse.ArgumentParser) -> None:
     a("--no-remat", dest="remat", action="store_const", const="none", help="same as --remat none")
 
 
-def run_config(args: argparse.Namespace, d):
-    """The run's settings: the defaults `d`, then the recipe, then the flags given explicitly."""
+def run_config(args: argparse.Namespace, d, resumes=None):
+    """The run's settings: the defaults `d`, then the recipe, then the flags given explicitly. With
+    no --preset or --config given (by a flag or the recipe), the model is that of the checkpoint the
+    run resumes (`resumes(ckpt_dir)`: the script's own checkpoints are there) or starts from
+    (--init-from): `preset` None. A resumed run needs no model flags again (it was refused as another
+    model than the default preset's, or one started from --init-from without that flag)."""
     import dataclasses
 
     from jaxllm.recipes import RECIPES
@@ -201,8 +205,9 @@ def run_config(args: argparse.Namespace, d):
             and dataset != RECIPES[args.recipe].get("dataset"):
         settings["dataset_config"] = None  # a recipe's Hub config belongs to the recipe's dataset, not this one
     chosen = [getattr(args, k, None) for k in ("preset", "config")] + [RECIPES[args.recipe].get(k) for k in ("preset", "config")]
-    if getattr(args, "init_from", None) is not None and not any(chosen):
-        settings["preset"] = None  # the model of the --init-from checkpoint, as its tokenizer
+    if not any(chosen) and (getattr(args, "init_from", None) is not None
+                            or (resumes is not None and resumes(settings["ckpt_dir"]))):
+        settings["preset"] = None  # the model of the checkpoint resumed, or of --init-from's, as its tokenizer
     return type(d)(**settings)
 
 

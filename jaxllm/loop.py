@@ -56,6 +56,8 @@ def model_config(rc: RunConfig) -> LLMConfig:
             pass
         if not processes_where(saved is None):  # (collective: the processes fall back together)
             return LLMConfig.from_dict(saved)
+        if rc.init_from is None:  # its latest step unreadable: the default model, which the resume then checks
+            return LLMConfig.from_preset(RunConfig.preset)
         with failing_together("checking --init-from", raise_if_any_failed):  # (before Orbax's collective reads)
             init_from_dir(rc.init_from)
         return LLMConfig.from_dict(init_from_meta(rc.init_from)[0]["config"])

@@ -29,7 +29,8 @@ REMAT_POLICIES = ("none", "full", "moe", "dots")
 
 @dataclasses.dataclass
 class RunConfig:
-    preset: str | None = "small"  # None: the model of `init_from` (no --preset, --config or recipe's chosen)
+    preset: str | None = "small"  # None: the model of the checkpoint resumed, else of `init_from`, else "small"
+    #   (no --preset, --config or recipe's chosen, and one of those checkpoints: `jaxllm.cli.run_config`)
     config: str | None = None  # a config.json path; overrides preset
     dataset: str | None = None  # None: the embedded corpus
     dataset_config: str | None = None
@@ -197,4 +198,4 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def model_name(rc: RunConfig) -> str:
     """How logs name the run's model: its config file, its preset, or the checkpoint it starts from."""
-    return rc.config or rc.preset or f"the model of {rc.init_from}"
+    return rc.config or rc.preset or f"the model of {rc.init_from or rc.ckpt_dir}"

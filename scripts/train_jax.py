@@ -60,7 +60,7 @@ def parse_args(argv=None):
            "process (exit status 134, no Python error) (default 300)")
     args = p.parse_args(argv)
     cli.check_at_least(p, args, heartbeat_timeout=1, init_timeout=1, num_processes=1, process_id=0, scan_unroll=1)
-    return args, cli.run_config(args, d)
+    return args, cli.run_config(args, d, resumes=lambda ckpt_dir: bool(cli.step_dirs(ckpt_dir)))
 
 
 def main(argv=None) -> int:

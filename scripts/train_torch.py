@@ -28,7 +28,7 @@ if importlib.util.find_spec("torch_ref") is None:  # run from a checkout without
 def parse_args(argv=None):
     from jaxllm import cli
     from jaxllm.recipes import RunConfig
-    from torch_ref.training import DEFAULT_CKPT_DIR, DTYPES
+    from torch_ref.training import DEFAULT_CKPT_DIR, DTYPES, holds_checkpoints
 
     # `auto` unless the recipe names a dtype (the seed run: float32, as in JAX) or --dtype is given
     d = dataclasses.replace(RunConfig(), ckpt_dir=DEFAULT_CKPT_DIR, dtype="auto")
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     cli.add_run_flags(p, d, init_from="start from the weights of this Hugging Face directory "
                                       "(e.g. from convert/flax_to_torch.py), and its tokenizer unless --tokenizer")
     args = p.parse_args(argv)
-    return args, cli.run_config(args, d)
+    return args, cli.run_config(args, d, resumes=holds_checkpoints)
 
 
 def main(argv=None) -> int:

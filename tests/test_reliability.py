@@ -1100,6 +1100,26 @@ def test_a_shuffled_dataset_resumes_exactly_and_only_with_the_same_buffer(tmp_pa
     assert losses(tmp_path / "unshuffled") != losses(tmp_path / "straight")[:2]
 
 
+def test_a_resume_without_model_flags_trains_the_model_it_holds(trained_ckpt, tmp_path, capsys):
+    """Run again without --preset (or with neither of a run started from --init-from's flags): the
+    run resumes the model its checkpoint holds. It was refused as another model than the default
+    preset's. A new directory still gets the default preset."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_jax
+    finally:
+        sys.path.pop(0)
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    without = [a for a in BASE if a not in ("--preset", "tiny")]
+    assert train_jax.parse_args(without + ["--ckpt-dir", str(tmp_path / "new")])[1].preset == "small"
+    assert train_jax.parse_args(without + ["--ckpt-dir", str(ckpt), "--preset", "tiny"])[1].preset == "tiny"
+    code = train_jax.main(without + ["--ckpt-dir", str(ckpt), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and _steps(ckpt) == [1, 2], out
+    assert f"M parameters (the model of {ckpt})" in out and "resum" in out, out
+
+
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
     from jaxllm.data import load_tokenizer
 

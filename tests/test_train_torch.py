@@ -483,6 +483,20 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def test_a_resume_without_model_flags_trains_the_model_it_holds(trained, tmp_path):
+    """`train_torch.py` run again without --config/--preset resumes the model of its checkpoint (it
+    was refused as another model than the default preset's); a new directory gets the default."""
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    train_torch = _train_torch()
+    assert train_torch.parse_args(["--ckpt-dir", str(tmp_path / "new")])[1].preset == "small"
+    parsed = train_torch.parse_args(["--ckpt-dir", str(copy)])[1]
+    assert parsed.preset is None and parsed.config is None
+    out = run(dataclasses.replace(rc, ckpt_dir=str(copy), config=None, preset=None, steps=11), dtype="float32")
+    assert out["start_step"] == 10 and out["end_step"] == 11 and out["model"].config.to_llm_config() == TINY
+
+
 def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys):
     """--init-from reads the directory's tensors as convert/torch_to_flax.py does (a missing one
     would start from random values); a JAX checkpoint or a Trainer output directory is named as

@@ -664,6 +664,8 @@ def model_config(rc: RunConfig) -> LLMConfig:
         from convert.hf_import import read_hf_config
 
         last = latest_checkpoint(rc.ckpt_dir, warn=False) if os.path.isdir(rc.ckpt_dir) else None
+        if not last and rc.init_from is None:  # none of them loads: the default model (the resume says why not)
+            return LLMConfig.from_preset(RunConfig.preset)
         if not last:
             _refuse_orbax_init_from(os.path.abspath(rc.init_from))
         try:
@@ -717,6 +719,12 @@ def _unloadable(path: str) -> str | None:
         except (OSError, zipfile.BadZipFile) as e:
             return f"{file}: not a readable PyTorch file ({error_line(e)})"
     return None
+
+
+def holds_checkpoints(output_dir: str) -> bool:
+    """Whether `output_dir` holds `checkpoint-N` directories (by their names; none read)."""
+    return any(CHECKPOINT_RE.match(os.path.basename(p)) and os.path.isdir(p)
+               for p in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*")))
 
 
 def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] | None:
