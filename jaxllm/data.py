@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -714,6 +715,21 @@ def _json_texts(files: list[str], column: str) -> Iterator[dict]:
             yield {column: text}
 
 
+@functools.lru_cache(maxsize=None)
+def _one_shard_at_a_time() -> dict:
+    """`IterableDataset.shuffle`'s argument that fills the buffer from one file (shard) at a time,
+    where this `datasets` has it (5.x): the default, up to 10 files read side by side in threads,
+    waits 5 s for those threads to end (`SLEEP_TIME_ON_THREADS_SHUTDOWN`, for parquet files) at the
+    end of every epoch and whenever an iteration is left (a resume's start, `close()`). The files'
+    order is shuffled all the same."""
+    import inspect
+
+    import datasets
+
+    takes = "max_buffer_input_shards" in inspect.signature(datasets.IterableDataset.shuffle).parameters
+    return {"max_buffer_input_shards": 1} if takes else {}
+
+
 def _describe(cfg: DataConfig) -> str:
     return "the embedded corpus" if cfg.is_embedded else f"dataset {cfg.dataset}"
 
@@ -831,7 +847,7 @@ class _Source:
             ds = self._dataset
             if self.cfg.shuffle_buffer:  # the same generator in every process: they agree on the files' order
                 ds = ds.shuffle(generator=np.random.default_rng([self.cfg.seed, epoch]),
-                                buffer_size=self.cfg.shuffle_buffer)
+                                buffer_size=self.cfg.shuffle_buffer, **_one_shard_at_a_time())
         if self.process_count > 1:
             ds = split_dataset_by_node(ds, rank=self.process_index, world_size=self.process_count)
         return ds
