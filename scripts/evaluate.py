@@ -17,6 +17,7 @@ runs in both frameworks and the relative difference of their losses is printed a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -159,12 +160,17 @@ def run(args, out=None) -> dict:
         from jaxllm import xla_cache
 
         xla_cache.enable(getattr(args, "compile_cache", None))
+    source = "the embedded corpus" if cfg.is_embedded else f"dataset {cfg.dataset}"
     with PackedBatches(cfg, tokenizer, rows=args.batch_size) as packed:  # reads the data's start: errors now
+        pending = batches_of_one_pass(packed, args.batches)
+        first = next(pending, None)
+        if first is None:  # (before the models load)
+            raise ValueError(f"{source} holds fewer than {args.batch_size * args.seq_len} tokens: not one batch of "
+                             f"{args.batch_size} x {args.seq_len} (lower --batch-size or --seq-len)")
         losses = {}
         for name in frameworks:
             model = (load_jax_model if name == "jax" else load_torch_model)(args.checkpoint, kind, step)
             losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(model)
-        source = "the embedded corpus" if cfg.is_embedded else f"dataset {cfg.dataset}"
         where = f"{args.checkpoint} (step {step})" if kind == "orbax" else args.checkpoint
         print(f"evaluating {where} on {source}: "
               f"{f'at most {args.batches} batches' if args.batches else 'every batch'} of {args.batch_size} x {args.seq_len} tokens, "
@@ -173,7 +179,7 @@ def run(args, out=None) -> dict:
         bar = _progress(args.batches or None)
         batches = 0
         try:
-            for batch in batches_of_one_pass(packed, args.batches):
+            for batch in itertools.chain([first], pending):
                 for name in frameworks:
                     start = time.perf_counter()
                     ce, n = losses[name](batch)
@@ -186,9 +192,6 @@ def run(args, out=None) -> dict:
         finally:
             if bar is not None:
                 bar.close()
-    if not batches:
-        raise ValueError(f"{source} holds fewer than {args.batch_size * args.seq_len} tokens: not one batch of "
-                         f"{args.batch_size} x {args.seq_len} (lower --batch-size or --seq-len)")
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "dataset": args.dataset or "embedded",
               "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": batches,
               "tokens": sums[frameworks[0]][1], "results": {}}

@@ -600,5 +600,6 @@ def test_evaluate_script_bad_input_is_one_line_and_exit_2(evaluate_script, check
         rc = evaluate_script.main(argv)
     except SystemExit as e:  # argparse
         rc = e.code
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert out == "", out  # refused before the evaluation starts

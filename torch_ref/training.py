@@ -1009,7 +1009,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         if last:
             origin, inherited = last[0], (_recorded_tokenizer(last[0]), data_lib.tokenizer_dir(last[0]))
         else:
-            origin = rc.init_from
+            origin = os.path.abspath(rc.init_from) if rc.init_from else None  # (as train_jax.py names it)
             inherited = (data_lib.tokenizer_dir(rc.init_from), None) if rc.init_from else (None, None)
         tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin, quiet=rank != 0)
         check_prompts(rc, tokenizer, config.max_position_embeddings)
