@@ -26,7 +26,7 @@ from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_checkpo
                                 check_shared_directory, processes_where, raise_if_any_failed)
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, check_prompts, check_run, encode_prompt, model_name, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, changed_settings, check_prompts, check_run, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, failing_together  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
@@ -150,6 +150,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}"
             + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
+        if note := changed_settings((saved_data or {}).get("settings"), rc):
+            log(note)
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
         log(f"starting from the weights in {rc.init_from}"
@@ -181,7 +183,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
                       train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
                       config=config, data={**gather_data_states(data.state_dict()), "source": source,
-                                           "skipped_nonfinite": summary["skipped_nonfinite"]},
+                                           "skipped_nonfinite": summary["skipped_nonfinite"],
+                                           "settings": recorded_settings(rc)},
                       tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
                       force=True)
 

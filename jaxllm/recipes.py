@@ -97,6 +97,30 @@ def differing_settings(names: list[str], mine: list[int], first: list[int]) -> V
                       "process the same settings") if differ else None
 
 
+# What shapes the training of a run and may change when it resumes (the learning-rate schedule
+# follows the new --lr, --warmup-steps and --steps): checkpoints record them (`recorded_settings`)
+# and a resume names those that changed (`changed_settings`).
+RESUMED_SETTINGS = ("lr", "warmup_steps", "steps", "weight_decay", "clip_norm", "batch_size", "grad_accum",
+                    "seq_len", "dtype", "mesh", "moe_impl", "attn_impl", "scan_unroll", "remat")
+
+
+def recorded_settings(rc: RunConfig) -> dict[str, Any]:
+    """The `RESUMED_SETTINGS` of a run, as a checkpoint records them (JSON)."""
+    return {name: getattr(rc, name) for name in RESUMED_SETTINGS}
+
+
+def changed_settings(recorded: dict[str, Any] | None, rc: RunConfig) -> str | None:
+    """A note naming the settings of `rc` that differ from those `recorded` with the checkpoint a
+    run resumes (None when none does, or for checkpoints that recorded none): a resume may change
+    them, but it should not do so unnoticed (another --steps reshapes the learning-rate schedule)."""
+    def shown(value):
+        return "the default" if value is None else value
+
+    changes = [f"--{name.replace('_', '-')} {shown(getattr(rc, name))} (was {shown(recorded[name])})"
+               for name in RESUMED_SETTINGS if name in (recorded or {}) and recorded[name] != getattr(rc, name)]
+    return f"note: resumed with other settings than the checkpoint's: {', '.join(changes)}" if changes else None
+
+
 def named(rc: RunConfig, name: str) -> str:
     """`--seq-len 256` for an error about a setting, with `(the seed recipe's)` when the recipe
     gave it and no flag did."""

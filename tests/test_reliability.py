@@ -1118,6 +1118,12 @@ def test_a_resume_without_model_flags_trains_the_model_it_holds(trained_ckpt, tm
     out = capsys.readouterr().out
     assert code == 0 and _steps(ckpt) == [1, 2], out
     assert f"M parameters (the model of {ckpt})" in out and "resum" in out, out
+    # The settings a resume changes are named (the checkpoint of step 1 recorded --steps 1).
+    assert "note: resumed with other settings than the checkpoint's: --steps 2 (was 1)\n" in out, out
+    assert train_jax.main(without + ["--ckpt-dir", str(ckpt), "--steps", "3"]) == 0
+    assert "--steps 3 (was 2)" in capsys.readouterr().out
+    assert train_jax.main(without + ["--ckpt-dir", str(ckpt), "--steps", "3"]) == 0  # nothing changed: no note
+    assert "note: resumed" not in capsys.readouterr().out
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):

@@ -441,6 +441,25 @@ def test_scan_unroll_setting_reaches_the_trainers_model(monkeypatch):
     assert model.scan_unroll == 3
 
 
+def test_a_resume_names_the_settings_it_changes():
+    """Checkpoints record the settings that shape training (`recorded_settings`, as JSON); a resume
+    names those it changes in one note (another --steps reshapes the schedule), and says nothing
+    when none changed or the checkpoint recorded none (written before they were recorded)."""
+    import dataclasses
+    import json
+
+    from jaxllm.recipes import RunConfig, changed_settings, recorded_settings
+
+    rc = RunConfig()
+    recorded = json.loads(json.dumps(recorded_settings(rc)))
+    assert changed_settings(recorded, rc) is None and changed_settings(None, rc) is None
+    assert changed_settings({}, dataclasses.replace(rc, lr=5.0)) is None
+    other = dataclasses.replace(rc, lr=2e-4, steps=600, mesh="fsdp=-1", prompts=("x",), save_every=7)
+    assert changed_settings(recorded, other) == ("note: resumed with other settings than the checkpoint's: --lr "
+                                                 "0.0002 (was 0.001), --steps 600 (was 300), --mesh fsdp=-1 (was the "
+                                                 "default)")
+
+
 def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
     """Both trainers cut such a warm-up to the run (`lr_schedule`, and the Trainer's as JAX's):
     the rate rises over every step and never gets to --lr, which each trainer's start-up says."""

@@ -483,7 +483,7 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_a_resume_without_model_flags_trains_the_model_it_holds(trained, tmp_path):
+def test_a_resume_without_model_flags_trains_the_model_it_holds(trained, tmp_path, capsys):
     """`train_torch.py` run again without --config/--preset resumes the model of its checkpoint (it
     was refused as another model than the default preset's); a new directory gets the default."""
     rc, _ = trained
@@ -493,8 +493,12 @@ def test_a_resume_without_model_flags_trains_the_model_it_holds(trained, tmp_pat
     assert train_torch.parse_args(["--ckpt-dir", str(tmp_path / "new")])[1].preset == "small"
     parsed = train_torch.parse_args(["--ckpt-dir", str(copy)])[1]
     assert parsed.preset is None and parsed.config is None
+    capsys.readouterr()
     out = run(dataclasses.replace(rc, ckpt_dir=str(copy), config=None, preset=None, steps=11), dtype="float32")
     assert out["start_step"] == 10 and out["end_step"] == 11 and out["model"].config.to_llm_config() == TINY
+    # the settings it changes are named (not the model flags: the model is the checkpoint's)
+    log = capsys.readouterr().out
+    assert "note: resumed with other settings than the checkpoint's: --steps 11 (was 10)\n" in log, log
 
 
 def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys):

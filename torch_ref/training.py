@@ -62,8 +62,8 @@ from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
-from jaxllm.recipes import (RunConfig, check_prompts, check_run, differing_settings, encode_prompt, model_name,
-                            setting_digests, warmup_warning)
+from jaxllm.recipes import (RunConfig, changed_settings, check_prompts, check_run, differing_settings, encode_prompt,
+                            model_name, recorded_settings, setting_digests, warmup_warning)
 from jaxllm.stopping import (NonFiniteError, RunLock, SignalStop, check_same_checkpoints, check_shared_directory,
                              failing_together, raise_where_failed)
 from torch_ref.configuration_customllm import CustomLLMConfig
@@ -437,13 +437,14 @@ class DataStateSaver:
     interrupted one would have read next. Called by `CustomLLMTrainer._save_checkpoint` before the
     Trainer's own save: a checkpoint with a trainer state always has its data position."""
 
-    def __init__(self, dataset: StreamDataset, source: dict | None = None):
+    def __init__(self, dataset: StreamDataset, source: dict | None = None, settings: dict | None = None):
         self.dataset, self.source = dataset, source  # source: `jaxllm.data.stream_source`, checked on resume
+        self.settings = settings  # `jaxllm.recipes.recorded_settings`: a resume names those it changes
 
     def save(self, ckpt: str) -> None:
         os.makedirs(ckpt, exist_ok=True)
         record = {"process_count": self.dataset.process_count, "state": self.dataset.state_dict(),
-                  "source": self.source}
+                  "source": self.source, "settings": self.settings}
         path = os.path.join(ckpt, _data_state_name(self.dataset.process_index))
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
@@ -470,6 +471,15 @@ def read_data_state(checkpoint: str, process_index: int, process_count: int,
               f"{process_count}; the data stream starts from its beginning", file=sys.stderr)
         return None
     return record["state"]
+
+
+def read_settings(checkpoint: str) -> dict | None:
+    """The run settings recorded with `checkpoint`'s data position (process 0's), or None."""
+    try:
+        with open(os.path.join(checkpoint, _data_state_name(0))) as f:
+            return json.load(f).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -1054,13 +1064,16 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     stop = StopOnSignalCallback()
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[metrics, MPSCallback(), stop, generation], data_state=DataStateSaver(dataset, source))
+        callbacks=[metrics, MPSCallback(), stop, generation],
+        data_state=DataStateSaver(dataset, source, recorded_settings(rc)))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc)}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
          + (f"; --init-from {rc.init_from} only starts a new run: not used" if last and rc.init_from else ""), rank)
+    if last and (note := changed_settings(read_settings(last[0]), rc)):
+        _log(note, rank)
     if start < rc.steps and (warning := warmup_warning(rc)):
         _log(warning, rank)
     from transformers.utils import logging as hf_logging
