@@ -205,10 +205,18 @@ def run_config(args: argparse.Namespace, d, resumes=None):
             and dataset != RECIPES[args.recipe].get("dataset"):
         settings["dataset_config"] = None  # a recipe's Hub config belongs to the recipe's dataset, not this one
     chosen = [getattr(args, k, None) for k in ("preset", "config")] + [RECIPES[args.recipe].get(k) for k in ("preset", "config")]
-    if not any(chosen) and (getattr(args, "init_from", None) is not None
-                            or (resumes is not None and resumes(settings["ckpt_dir"]))):
+    if not any(chosen) and (getattr(args, "init_from", None) is not None or _resumes(resumes, settings["ckpt_dir"])):
         settings["preset"] = None  # the model of the checkpoint resumed, or of --init-from's, as its tokenizer
     return type(d)(**settings)
+
+
+def _resumes(resumes, ckpt_dir: str) -> bool:
+    """`resumes(ckpt_dir)`, False without it or for a directory that cannot be listed (the run names
+    that problem when it gets there)."""
+    try:
+        return resumes is not None and bool(resumes(ckpt_dir))
+    except OSError:
+        return False
 
 
 def nearest_existing(path: str) -> str:
