@@ -312,8 +312,9 @@ TEXTS = ["Once upon a time there was a little fox who loved the forest.",
          "Café, naïve, jalapeño: a few words with accents."] * 20
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+def _script(name="generate"):
+    """scripts/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -525,10 +526,7 @@ def test_script_bad_input_from_the_command_line_has_no_traceback():
 # ---- scripts/evaluate.py ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("evaluate")
 
 
 @pytest.fixture(scope="module")
