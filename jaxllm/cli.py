@@ -258,6 +258,19 @@ def not_a_run_directory(path: str, framework: str) -> str | None:
     return f"--ckpt-dir {path} is {what}, not a training run's directory: {fix}, or use another --ckpt-dir"
 
 
+def run_reporting_errors(run, args, prog: str) -> int:
+    """`run(args)` for a script's `main`: 0, or 2 after a ValueError or OSError printed as one line,
+    `PROG: error: ...`, on stderr."""
+    import sys
+
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def exit_with(main, prog: str, interrupted: str, leave=None):
     """`sys.exit(main())` for a script, with Ctrl-C outside the places that handle it (start-up,
     imports, a conversion, generation) ending in one line, `interrupted`, and exit status 130

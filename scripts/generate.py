@@ -227,13 +227,9 @@ class _TorchStreamer:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    return 0
+    from jaxllm.cli import run_reporting_errors
+
+    return run_reporting_errors(run, parse_args(argv), PROG)
 
 
 if __name__ == "__main__":

@@ -731,10 +731,19 @@ def _unloadable(path: str) -> str | None:
     return None
 
 
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-N` in `output_dir`, newest first (by their names)."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        m = CHECKPOINT_RE.match(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found, reverse=True)
+
+
 def holds_checkpoints(output_dir: str) -> bool:
     """Whether `output_dir` holds `checkpoint-N` directories (by their names; none read)."""
-    return any(CHECKPOINT_RE.match(os.path.basename(p)) and os.path.isdir(p)
-               for p in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*")))
+    return any(os.path.isdir(path) for _, path in _checkpoints(output_dir))
 
 
 def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] | None:
@@ -745,12 +754,7 @@ def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] 
     highest loadable one with a trainer state still resumes (its data stream then restarts,
     `read_data_state` warns), rather than a new run from step 0 over the old one; when checkpoints
     with a trainer state exist and none of them loads, ValueError (nothing is deleted)."""
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
-        m = CHECKPOINT_RE.match(os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    found.sort(reverse=True)
+    found = _checkpoints(output_dir)
     skipped = []
     for step, path in found:
         missing = _missing_from_checkpoint(path)
@@ -799,10 +803,8 @@ def set_aside_damaged(output_dir: str, step: int) -> list[str]:
     them and whose rotation (`save_total_limit`) deletes old `checkpoint-*` directories."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
-        m = CHECKPOINT_RE.match(os.path.basename(path))
-        if m and int(m.group(1)) > step and os.path.isfile(os.path.join(path, "trainer_state.json")) \
-                and _unloadable(path):
+    for found, path in _checkpoints(output_dir):
+        if found > step and os.path.isfile(os.path.join(path, "trainer_state.json")) and _unloadable(path):
             target = os.path.join(output_dir, f"unloadable-{os.path.basename(path)}-{stamp}")
             try:
                 os.rename(path, target)
