@@ -428,7 +428,8 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
     or a directory holding them). Without `--tokenizer` the run takes that tokenizer (so training
     on from converted weights keeps their token ids), else the embedded one (an error for a checkpoint
     whose vocabulary is larger than the embedded one's, as in generation; for a smaller one, a note
-    on stderr, `embedded_note`, unless `quiet`: a run's processes but its first). A `--tokenizer` (or a
+    on stderr, `embedded_note`, unless `quiet`: a run's processes but its first; `quiet` silences the
+    warning about an unreadable saved copy too). A `--tokenizer` (or a
     recipe's) naming the same tokenizer as the checkpoint is loaded from the checkpoint's copy too,
     so that the same command resumes where the original path or Hub id cannot be reached. `spec`
     is what the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming
@@ -458,7 +459,8 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
         except ValueError as e:
             if recorded is None:
                 raise
-            print(f"warning: the tokenizer saved in {copy} cannot be read ({e}); using {recorded!r}", file=sys.stderr)
+            if not quiet:
+                print(f"warning: the tokenizer saved in {copy} cannot be read ({e}); using {recorded!r}", file=sys.stderr)
     if recorded is None and origin is not None:  # as generation reads that checkpoint (`checkpoint_tokenizer`)
         _check_embedded_fits(config, origin)
     try:
@@ -498,11 +500,13 @@ FLAGS_OF_SOURCE = {"dataset": "--dataset", "dataset_config": "--dataset-config",
 SOURCE_DEFAULTS = {"shuffle_buffer": 0}
 
 
-def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> None:
+def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str, *, quiet: bool = False) -> None:
     """ValueError when `recorded` (the `stream_source` a checkpoint stored with its data position)
     is another token stream than this run's `source` (another dataset, tokenizer, seed, ...):
     resuming would not continue with the batches the run would have seen. Both trainers call it;
-    checkpoints written before the source was recorded (`recorded` None) are not checked."""
+    checkpoints written before the source was recorded (`recorded` None) are not checked. Changed
+    files of the same dataset are allowed, with a warning on stderr unless `quiet` (a run's
+    processes but its first)."""
     if not recorded:
         return
     for key, flag in FLAGS_OF_SOURCE.items():
@@ -519,7 +523,8 @@ def check_same_stream(recorded: dict | None, source: dict, ckpt_dir: str) -> Non
         what = (f"the embedded corpus (Python {sys.version.split()[0]}'s pydoc_data) differs from the one "
                 f"{ckpt_dir} was trained on (another Python version?)" if source["dataset"] == EMBEDDED else
                 f"the files of --dataset {source['dataset']} differ from those {ckpt_dir} was trained on")
-        print(f"warning: {what}; the resumed data position points into another stream of documents", file=sys.stderr)
+        if not quiet:
+            print(f"warning: {what}; the resumed data position points into another stream of documents", file=sys.stderr)
 
 
 def embedded_vocab_size(config) -> int:

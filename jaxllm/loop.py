@@ -145,7 +145,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         check_prompts(rc, tokenizer, config.max_position_embeddings)
         data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         if existing:
-            data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir)
+            data_lib.check_same_stream((saved_data or {}).get("source"), source, ckpt_dir,
+                                       quiet=jax.process_index() != 0)
     if existing:
         data_state = select_data_state(saved_data)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}"

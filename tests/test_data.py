@@ -127,7 +127,8 @@ def test_embedded_tokenizer_vocab_size_follows_the_preset(tmp_path):
 def test_a_damaged_tokenizer_copy_falls_back_to_the_recorded_one(tmp_path, capsys):
     """Tokenizer files with a cut tokenizer.json: the error names the saved tokenizer, never the
     temporary directory it was loaded from; a directory copy (a Trainer checkpoint's) gives a
-    warning and the tokenizer the run recorded, or, with none recorded, the error."""
+    warning (from the run's first process only: not when `quiet`) and the tokenizer the run
+    recorded, or, with none recorded, the error."""
     from jaxllm.recipes import RunConfig
 
     tiny = LLMConfig.from_preset("tiny")
@@ -145,6 +146,8 @@ def test_a_damaged_tokenizer_copy_falls_back_to_the_recorded_one(tmp_path, capsy
     used, spec = data.run_tokenizer(RunConfig(), tiny, (recorded, str(copy)), origin=str(copy))
     assert spec == recorded and used("Once upon a time")["input_ids"] == tok("Once upon a time")["input_ids"]
     assert f"warning: the tokenizer saved in {copy} cannot be read" in capsys.readouterr().err
+    assert data.run_tokenizer(RunConfig(), tiny, (recorded, str(copy)), origin=str(copy), quiet=True)[1] == recorded
+    assert capsys.readouterr().err == ""  # (a run's other processes)
     with pytest.raises(ValueError, match=f"cannot load tokenizer directory {re.escape(str(copy))}: "):
         data.run_tokenizer(RunConfig(), tiny, (None, str(copy)), origin=str(copy))
 
@@ -626,7 +629,7 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     """The stream source records a local dataset's files (relative paths and sizes): the same files
     under another path (a run moved to another machine) resume; other files under another path,
     other seeds or tokenizers are refused, naming the flag; other files under the same path (data
-    that grew) resume with a warning."""
+    that grew) resume with a warning (from the first process only: not when `quiet`)."""
     import shutil
 
     for name, n in (("a.jsonl", 4), ("sub/b.jsonl", 5)):
@@ -652,6 +655,8 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     write_jsonl(tmp_path / "here" / "c.jsonl", make_texts(4))  # the data grew where it was
     data.check_same_stream(recorded, source("here"), "ck")
     assert "differ from those ck was trained on" in capsys.readouterr().err
+    data.check_same_stream(recorded, source("here"), "ck", quiet=True)  # a run's other processes
+    assert capsys.readouterr().err == ""
 
 
 def test_a_resume_takes_the_same_tokenizer_named_otherwise_and_refuses_another(tmp_path):

@@ -752,6 +752,20 @@ def test_the_data_position_is_saved_before_the_trainer_state(tmp_path, monkeypat
     assert seen == [(1, True), (2, True)]
 
 
+def test_a_data_position_of_another_process_count_is_dropped_with_one_warning(tmp_path, capsys):
+    """A checkpoint written by one process, resumed by two: each process starts its data stream
+    from the beginning, and the run's first process alone says so (not one line per process)."""
+    from torch_ref.training import read_data_state
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    for i in (0, 1):
+        (ckpt / f"data_state.rank{i}.json").write_text(json.dumps({"process_count": 1, "state": {}}))
+    assert [read_data_state(str(ckpt), i, 2) for i in (0, 1)] == [None, None]
+    assert capsys.readouterr().err == (f"warning: {ckpt} was written by 1 process(es), this run has 2; "
+                                       "the data stream starts from its beginning\n")
+
+
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     """config.json and model.safetensors of a tiny model, for checkpoints made by hand."""

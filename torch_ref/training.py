@@ -465,10 +465,12 @@ def read_data_state(checkpoint: str, process_index: int, process_count: int,
     with open(path) as f:
         record = json.load(f)
     if source is not None:
-        data_lib.check_same_stream(record.get("source"), source, os.path.dirname(checkpoint))
+        data_lib.check_same_stream(record.get("source"), source, os.path.dirname(checkpoint),
+                                   quiet=process_index != 0)
     if record.get("process_count") != process_count:
-        print(f"warning: {checkpoint} was written by {record.get('process_count')} process(es), this run has "
-              f"{process_count}; the data stream starts from its beginning", file=sys.stderr)
+        if process_index == 0:  # (the same for every process)
+            print(f"warning: {checkpoint} was written by {record.get('process_count')} process(es), this run has "
+                  f"{process_count}; the data stream starts from its beginning", file=sys.stderr)
         return None
     return record["state"]
 
