@@ -420,7 +420,7 @@ def _check_embedded_fits(config, where: str) -> None:
 
 
 def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), *, origin: str | None = None,
-                  quiet: bool = False):
+                  quiet: bool = False, notes: list[str] | None = None):
     """(tokenizer, spec) of a run (`rc`, a `jaxllm.recipes.RunConfig`) for a model of `config`.
 
     `inherited` describes the checkpoint the run continues (`origin`: the one it resumes, or the
@@ -432,8 +432,9 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
     warning about an unreadable saved copy too). A `--tokenizer` (or a
     recipe's) naming the same tokenizer as the checkpoint is loaded from the checkpoint's copy too,
     so that the same command resumes where the original path or Hub id cannot be reached. `spec`
-    is what the run's checkpoints record (`run_stream`). Both trainers use it; ValueError naming
-    the problem."""
+    is what the run's checkpoints record (`run_stream`). The note goes into `notes` instead, when
+    given: a trainer prints it once its start-up checks have passed, so that bad input still ends
+    in one line. Both trainers use it; ValueError naming the problem."""
     recorded, copy = inherited
     if rc.tokenizer is not None:
         same = recorded is not None and tokenizer_source(
@@ -470,7 +471,10 @@ def run_tokenizer(rc, config, inherited: tuple[str | None, Any] = (None, None), 
         raise ValueError(f"{what}{f' of {origin}' if origin is not None else ''} does not load ({e}); "
                          "pass --tokenizer") from None
     if recorded is None and origin is not None and not quiet:  # (a new run uses it as the README says)
-        print(embedded_note(origin, config), file=sys.stderr)
+        if notes is None:
+            print(embedded_note(origin, config), file=sys.stderr)
+        else:
+            notes.append(embedded_note(origin, config))
     return tokenizer, recorded
 
 

@@ -140,8 +140,9 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
             init_from_dir(rc.init_from)
         inherited, origin = init_tokenizer(rc.init_from, config), os.path.abspath(rc.init_from)
     with failing_together("checking the tokenizer and the dataset", raise_if_any_failed):  # (each host's files)
+        notes: list[str] = []  # printed once the start-up checks have passed
         tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin,
-                                                           quiet=jax.process_index() != 0)
+                                                           quiet=jax.process_index() != 0, notes=notes)
         check_prompts(rc, tokenizer, config.max_position_embeddings)
         data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         if existing:
@@ -177,6 +178,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         except BaseException:
             data.close()
             raise
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
 
     saved_tokenizer = data_lib.tokenizer_files(tokenizer)  # each step carries its tokenizer's files
 

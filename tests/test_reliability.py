@@ -799,12 +799,16 @@ def test_init_from_a_large_vocabulary_naming_no_tokenizer_asks_for_one(tmp_path,
 
 def test_init_from_a_checkpoint_naming_no_tokenizer_notes_the_embedded_one(tmp_path, capsys):
     """A converted checkpoint without tokenizer files, of a vocabulary the embedded tokenizer fits:
-    the run takes the embedded one, and one note says so (it was silent). The run's checkpoints
-    name that tokenizer, so resuming says nothing."""
+    the run takes the embedded one, and one note says so (it was silent), once the start-up checks
+    have passed: bad input ends in its one line. The run's checkpoints name that tokenizer, so
+    resuming says nothing."""
     from jaxllm.config import LLMConfig
 
     _weights_only_checkpoint(tmp_path / "start", LLMConfig.from_preset("tiny"))
     argv = BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "start")]
+    code, err = _main(argv + ["--steps", "1", "--dataset", str(tmp_path / "missing")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "missing" in err and "note:" not in err, err
+    assert not (tmp_path / "run").exists()
     code, err = _main(argv + ["--steps", "1"], capsys)
     note = (f"note: {tmp_path / 'start'} holds no tokenizer; using the embedded tokenizer (512 tokens; pass "
             "--tokenizer to choose another)")

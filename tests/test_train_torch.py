@@ -460,12 +460,18 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
 def test_init_from_a_hugging_face_directory_without_a_tokenizer_notes_the_embedded_one(tmp_path, capsys):
     """A Hugging Face directory without tokenizer files (model weights only), of a vocabulary the
     embedded tokenizer fits: the run takes the embedded one, and one note says so (it was silent).
+    The note comes once the start-up checks have passed: bad input ends in its one line.
     Resumed, or started from a checkpoint of the run (which holds its tokenizer), it says nothing."""
     tiny = LLMConfig.from_preset("tiny")
     CustomLLM(CustomLLMConfig.from_llm_config(tiny)).save_pretrained(tmp_path / "hf")
     capsys.readouterr()  # (its progress bar)
     args = ["--seq-len", "16", "--batch-size", "2", "--max-new-tokens", "0", "--no-progress"]
     run_dir = tmp_path / "run"
+    code = _train_torch().main(args + ["--steps", "1", "--ckpt-dir", str(run_dir), "--init-from", str(tmp_path / "hf"),
+                                       "--dataset", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "missing" in err and "note:" not in err, err
+    assert not run_dir.exists()
     code = _train_torch().main(args + ["--steps", "1", "--ckpt-dir", str(run_dir), "--init-from", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     note = (f"note: {tmp_path / 'hf'} holds no tokenizer; using the embedded tokenizer (512 tokens; pass --tokenizer "

@@ -1025,7 +1025,9 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         else:
             origin = os.path.abspath(rc.init_from) if rc.init_from else None  # (as train_jax.py names it)
             inherited = (data_lib.tokenizer_dir(rc.init_from), None) if rc.init_from else (None, None)
-        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin, quiet=rank != 0)
+        notes: list[str] = []  # printed once the start-up checks have passed
+        tokenizer, tokenizer_spec = data_lib.run_tokenizer(rc, config, inherited, origin=origin, quiet=rank != 0,
+                                                           notes=notes)
         check_prompts(rc, tokenizer, config.max_position_embeddings)
         data_cfg, source = data_lib.run_stream(rc, config, tokenizer_spec)
         data_state = read_data_state(last[0], rank, world, source) if last else None
@@ -1046,6 +1048,8 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         except BaseException:
             dataset.close()
             raise
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
     if rank == 0:  # records after the checkpoint resumed from (a crash) go, as does a cut line
         truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
 
