@@ -550,13 +550,14 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=None, help="only this preset (default: small, and seed-973m unless --quick)")
     p.add_argument("--batch-size", type=int, default=None, help="with --preset or --quick (default 4, --quick 8)")
     p.add_argument("--seq-len", type=int, default=None, help="with --preset or --quick (default 256, --quick 128)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of both frameworks' steps (default float32)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per round (default 5, --quick 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
     p.add_argument("--rounds", type=int, default=None,
                    help="turns of the JAX and PyTorch workers, alternating which goes first; the step times "
                         "pool over the rounds (default: 3 for presets under 200M parameters, 1 above)")
-    p.add_argument("--frameworks", default="jax,torch")
+    p.add_argument("--frameworks", default="jax,torch", help="comma-separated: jax, torch or both (default jax,torch)")
     p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS)
     p.add_argument("--moe-block", type=int, default=None,
                    help="rows per block of the sparse dispatches (default: by dispatch, jaxllm.model.MOE_BLOCKS)")
@@ -572,7 +573,8 @@ def main(argv=None) -> int:
                    help="new tokens for the decode measurement (default 64; 0 skips it)")
     p.add_argument("--mesh", default=None, help="JAX's device mesh, e.g. data=8 (default: one device, as the PyTorch "
                    "side; MFU is against the peak of all the mesh's devices)")
-    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-size", type=int, default=2048,
+                   help="N of the N x N x N product that measures the matmul peak (default 2048)")
     p.add_argument("--torch-matmul", action="store_true", help=argparse.SUPPRESS)  # the matmul worker's own flag
     p.add_argument("--settle-s", type=float, default=SETTLE_S,
                    help=f"seconds of rest before each peak sample on a CPU (default {SETTLE_S:g}: a product right "

@@ -1,13 +1,13 @@
 """JAX's persistent compilation cache for the command-line scripts.
 
-`scripts/train_jax.py` and `scripts/generate.py` keep the XLA programs they compile in a directory
-(`--compile-cache`, default `$JAXLLM_CACHE/xla`, i.e. `~/.cache/jaxllm/xla`): a run that needs a
-program compiled before (a resumed run, the same command again) loads it instead. On 2 CPU cores
-the `small` train step took 10.4 s to compile and 3.6 s to trace and load (a 3-step run of
-`scripts/train_jax.py`: 14 s instead of 26), the `seed-973m` step 12.2 s and 3.0 s (a 0.5 MB
-entry). JAX keys each program by its computation, compile options, devices, jax/jaxlib version and
-XLA flags, so a change to any of them compiles afresh; programs that compile in under a second are
-not kept. Delete the directory to empty it; `--compile-cache none` runs without it.
+`scripts/train_jax.py`, `scripts/generate.py` and `scripts/evaluate.py` keep the XLA programs they
+compile in a directory (`--compile-cache`, default `$JAXLLM_CACHE/xla`, i.e. `~/.cache/jaxllm/xla`):
+a run that needs a program compiled before (a resumed run, the same command again) loads it
+instead. On 2 CPU cores the `small` train step took 10.4 s to compile and 3.6 s to trace and
+load (a 3-step run of `scripts/train_jax.py`: 14 s instead of 26), the `seed-973m` step 12.2 s
+and 3.0 s (a 0.5 MB entry). JAX keys each program by its computation, compile options, devices,
+jax/jaxlib version and XLA flags, so a change to any of them compiles afresh; programs that
+compile in under a second are not kept. Delete the directory to empty it; `--compile-cache none` runs without it.
 
 The library itself turns nothing on (importing `jaxllm` changes no JAX setting), and the
 benchmarks turn the cache off, since they report compile times. Without `--compile-cache`, a

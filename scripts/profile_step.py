@@ -222,9 +222,9 @@ def main(argv=None) -> int:
     from jaxllm.recipes import ATTN_IMPLS
 
     p = cli.parser(__file__, __doc__)
-    p.add_argument("--preset", default="seed-973m")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--preset", default="seed-973m", help="(default seed-973m)")
+    p.add_argument("--seq-len", type=int, default=256, help="(default 256)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="(default bfloat16)")
     p.add_argument("--variants", nargs="+", default=["16:sparse:dots", "16:dense:dots"],
                    help="BATCH:MOE_IMPL:REMAT[:MOE_BLOCK] (default: 16:sparse:dots 16:dense:dots)")
     p.add_argument("--attn-impl", default="xla", choices=ATTN_IMPLS,

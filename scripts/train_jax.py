@@ -35,7 +35,8 @@ def parse_args(argv=None):
     cli.add_data_and_optimizer_flags(p, d, batch_over="devices")
     a = p.add_argument
     a("--dtype", choices=["float32", "bfloat16"], help="compute dtype; weights stay float32 (default float32)")
-    a("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, expert; default: all devices on data)")
+    a("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, expert; one size may be -1: the devices "
+                     "left over; default: all devices on data)")
     a("--ckpt-dir", type=cli.path, help=f"checkpoint directory; resumes when it holds checkpoints (default {d.ckpt_dir})")
     cli.add_run_flags(p, d, init_from="start from the weights of this checkpoint (e.g. made by "
                                       "convert/torch_to_flax.py), and its tokenizer unless --tokenizer")
