@@ -348,6 +348,12 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
     """`model, config = jaxllm.load(ckpt_dir)`: the model of a checkpoint written by training or by
     `convert/torch_to_flax.py` (latest step unless `step`), on this process's first device whatever
     mesh it was saved from. `model_kw` go to `CustomLLM` (dtype, moe_impl, ...)."""
+    return load_step(ckpt_dir, step, **model_kw)[:2]
+
+
+def load_step(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
+    """(model, config, step) as `load`, with the step read: without `step`, the latest when it was
+    read (a trainer still saving there may have rotated away the one that was latest before)."""
     from jaxllm.model import create_model
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
@@ -361,11 +367,11 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, **model_kw):
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               split_weights(model))
-        return model, config, restore_weights(mngr, step, target)
+        return model, config, restore_weights(mngr, step, target), step
 
-    model, config, weights = read_step(ckpt_dir, step, read)
+    model, config, weights, step = read_step(ckpt_dir, step, read)
     set_split_weights(model, weights)
-    return model, config
+    return model, config, step
 
 
 def load_tokenizer(ckpt_dir: str | os.PathLike, step: int | None = None):

@@ -29,7 +29,8 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import checkpoint_info, checkpoint_kind, load_jax_model, load_torch_model  # noqa: E402  (scripts/)
+from generate import (checkpoint_info, checkpoint_kind, load_jax_model, load_torch_model,  # noqa: E402  (scripts/)
+                      torch_model_of)
 
 sys.path.pop(0)
 
@@ -144,11 +145,7 @@ def run(args, out=None) -> dict:
     if args.step is not None and kind != "orbax":
         raise ValueError(f"--step applies to an Orbax checkpoint directory; {args.checkpoint} is a Hugging Face "
                          "directory (one model)")
-    step = args.step
-    if kind == "orbax":
-        from jaxllm import checkpoint
-
-        step = checkpoint.read_step_info(args.checkpoint, args.step)[0]
+    step = args.step  # (the step read, once the model has been: a run may still be saving there)
     config, recorded, saved = checkpoint_info(args.checkpoint, kind, step)
     check_args(args, config)
     tokenizer = (model_tokenizer(args.tokenizer, config) if args.tokenizer is not None
@@ -168,9 +165,16 @@ def run(args, out=None) -> dict:
             raise ValueError(f"{source} holds fewer than {args.batch_size * args.seq_len} tokens: not one batch of "
                              f"{args.batch_size} x {args.seq_len} (lower --batch-size or --seq-len)")
         losses = {}
+        if kind == "orbax":  # read once, for both frameworks: without --step, the latest now (a run still
+            from jaxllm import checkpoint  # training there may have rotated away the step looked at)
+
+            model, config, step = checkpoint.load_step(args.checkpoint, args.step)
+            for name in frameworks:
+                losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(torch_model_of(model, config))
         for name in frameworks:
-            model = (load_jax_model if name == "jax" else load_torch_model)(args.checkpoint, kind, step)
-            losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(model)
+            if name not in losses:
+                model = (load_jax_model if name == "jax" else load_torch_model)(args.checkpoint, kind)
+                losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(model)
         where = f"{args.checkpoint} (step {step})" if kind == "orbax" else args.checkpoint
         print(f"evaluating {where} on {source}: "
               f"{f'at most {args.batches} batches' if args.batches else 'every batch'} of {args.batch_size} x {args.seq_len} tokens, "

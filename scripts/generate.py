@@ -107,7 +107,7 @@ def load_jax_model(path: str, kind: str, step: int | None = None):
 def load_torch_model(path: str, kind: str, step: int | None = None):
     import torch
 
-    from torch_ref import CustomLLM, CustomLLMConfig
+    from torch_ref import CustomLLM
 
     if kind == "hf":
         from convert.hf_import import read_hf_dir
@@ -117,11 +117,19 @@ def load_torch_model(path: str, kind: str, step: int | None = None):
 
         hf_logging.disable_progress_bar()  # (its bar on stderr came out among the streamed text)
         return CustomLLM.from_pretrained(path, dtype=torch.float32).eval()
-    from convert.mapping import flax_to_torch
     from jaxllm import checkpoint
-    from jaxllm.weights import get_weights
 
-    model, config = checkpoint.load(path, step)
+    return torch_model_of(*checkpoint.load(path, step))
+
+
+def torch_model_of(model, config):
+    """The PyTorch reference model with the weights of the JAX `model` (of `config`)."""
+    import torch
+
+    from convert.mapping import flax_to_torch
+    from jaxllm.weights import get_weights
+    from torch_ref import CustomLLM, CustomLLMConfig
+
     sd = flax_to_torch(get_weights(model), config)
     return CustomLLM.from_state_dict(CustomLLMConfig.from_llm_config(config),
                                      {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in sd.items()})

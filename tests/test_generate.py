@@ -579,6 +579,38 @@ def test_evaluate_script_reads_each_document_once(evaluate_script, checkpoints, 
     assert f"(the data holds {result['batches']} full batches of 3 x 16 tokens, not the 1000" in "".join(out.pieces)
 
 
+def test_evaluate_script_reads_the_newest_step_of_a_run_still_saving(evaluate_script, checkpoints, held_out, tmp_path,
+                                                                     monkeypatch):
+    """A trainer still saving into the directory (`--keep`) deletes the step that was latest when
+    the script looked, while it opens the data: without --step the script reads the newest step
+    then, in both frameworks, and names it (it failed with "step 0 not in ..."); with --step, that
+    step or the error."""
+    from jaxllm import checkpoint
+
+    ckpt = tmp_path / "live"
+    shutil.copytree(checkpoints["orbax"], ckpt)
+    looked = checkpoint.read_step_info
+
+    def then_rotated(path, step=None):
+        info = looked(path, step)
+        if not (ckpt / "1").exists():  # the trainer saves step 1 and deletes step 0
+            shutil.copytree(ckpt / "0", ckpt / "1")
+            meta = json.loads((ckpt / "1" / "meta" / "metadata").read_text())
+            (ckpt / "1" / "meta" / "metadata").write_text(json.dumps({**meta, "step": 1}))
+            shutil.rmtree(ckpt / "0")
+        return info
+
+    monkeypatch.setattr(checkpoint, "read_step_info", then_rotated)
+    argv = ["--checkpoint", str(ckpt), "--dataset", str(held_out), "--seq-len", "16", "--batch-size", "2",
+            "--batches", "1", "--framework", "both"]
+    out = Writes()
+    result = evaluate_script.run(evaluate_script.parse_args(argv), out=out)
+    assert result["step"] == 1 and f"evaluating {ckpt} (step 1)" in "".join(out.pieces)
+    assert result["relative_difference"] < 1e-5
+    with pytest.raises(Exception, match="step 0 not in"):
+        evaluate_script.run(evaluate_script.parse_args(argv + ["--step", "0"]), out=Writes())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seq-len", "1"], "--seq-len must be at least 2"),
     (["--seq-len", "100000"], "--seq-len 100000 exceeds the model's max_position_embeddings"),
