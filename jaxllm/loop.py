@@ -6,11 +6,12 @@ Its settings (`RunConfig`) and named bundles of them (`RECIPES`) live in `jaxllm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -184,13 +185,14 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     saved_tokenizer = data_lib.tokenizer_files(tokenizer)  # each step carries its tokenizer's files
 
     def save(step: int, st) -> None:
-        ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
-                      train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
-                      config=config, data={**gather_data_states(data.state_dict()), "source": source,
-                                           "skipped_nonfinite": summary["skipped_nonfinite"],
-                                           "settings": recorded_settings(rc)},
-                      tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
-                      force=True)
+        with peer_failures_as_runtime_errors(f"saving step {step}", jax.process_count()):
+            ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
+                          train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
+                          config=config, data={**gather_data_states(data.state_dict()), "source": source,
+                                               "skipped_nonfinite": summary["skipped_nonfinite"],
+                                               "settings": recorded_settings(rc)},
+                          tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
+                          force=True)
 
     def keep_progress(step: int) -> str:
         """After a data error mid-run: save the steps taken since the last checkpoint (one process:
@@ -323,7 +325,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     finally:
         if bar is not None:
             bar.close()
-        mngr.wait_until_finished()
+        with peer_failures_as_runtime_errors("finishing the last save", jax.process_count()):
+            mngr.wait_until_finished()
         mngr.close()
         data.close()
         writer.close()
@@ -340,6 +343,22 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
 
 
 TRAINER_CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # a Hugging Face Trainer's (scripts/train_torch.py)
+
+
+@contextlib.contextmanager
+def peer_failures_as_runtime_errors(what: str, process_count: int) -> Iterator[None]:
+    """Around a checkpoint save of a run of several processes: Orbax's barriers
+    (`jax.experimental.multihost_utils`) raise a collective that failed because another process
+    died (gloo: "Connection closed by peer") as a ValueError, which train_jax.py took for bad input
+    (exit status 2, and a wait for the dead process to leave with it); as a RuntimeError it ends as a
+    lost peer does between saves ("did another process die?", exit status 1). One process: as
+    raised."""
+    try:
+        yield
+    except ValueError as e:
+        if process_count == 1:
+            raise
+        raise RuntimeError(f"{what}: {e}") from e
 
 
 def check_no_earlier_run(ckpt_dir: str) -> None:

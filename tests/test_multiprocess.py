@@ -125,6 +125,25 @@ def test_killing_one_process_makes_the_other_fail_quickly(tmp_path):
     assert waited < 60
 
 
+def test_a_peer_lost_during_a_save_is_not_bad_input():
+    """A process killed while the others save: Orbax's barrier raises the failed collective as a
+    ValueError ("UNKNOWN: Gloo AllGather failed: ... Connection closed by peer"), which
+    train_jax.py reported as bad input (exit status 2). With several processes it is a
+    RuntimeError naming the save (a lost peer, exit status 1); with one, as raised."""
+    from jaxllm.loop import peer_failures_as_runtime_errors
+
+    failed = ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:28051")
+    with pytest.raises(RuntimeError, match=r"^saving step 15: UNKNOWN: Gloo AllGather failed") as e:
+        with peer_failures_as_runtime_errors("saving step 15", 2):
+            raise failed
+    assert e.value.__cause__ is failed
+    with pytest.raises(ValueError, match="Gloo"):
+        with peer_failures_as_runtime_errors("saving step 15", 1):
+            raise failed
+    with peer_failures_as_runtime_errors("saving step 15", 2):
+        pass
+
+
 def test_data_that_fails_on_one_process_ends_every_process_with_exit_2(tmp_path):
     """One document: process 1's share of the data is empty. Process 0 could open its share and
     would wait in the next collective for process 1 (until JAX's shutdown barrier gave up after
