@@ -37,6 +37,7 @@ sys.path.pop(0)
 PROG = "evaluate.py"
 FRAMEWORKS = {"jax": ("jax",), "torch": ("torch",), "both": ("jax", "torch")}
 NAMES = {"jax": "JAX", "torch": "PyTorch"}
+PROGRESS_EVERY_S = 30.0  # a progress line on stderr this often where it is not a terminal (a log)
 
 
 def parse_args(argv=None):
@@ -181,7 +182,7 @@ def run(args, out=None) -> dict:
               f"in {' and '.join(NAMES[f] for f in frameworks)}", file=out, flush=True)
         sums = {name: [0.0, 0, 0.0] for name in frameworks}  # cross-entropy, tokens, seconds
         bar = _progress(args.batches or None)
-        batches = 0
+        batches, noted = 0, time.monotonic()
         try:
             for batch in itertools.chain([first], pending):
                 for name in frameworks:
@@ -190,9 +191,14 @@ def run(args, out=None) -> dict:
                     s = sums[name]
                     s[0], s[1], s[2] = s[0] + ce, s[1] + n, s[2] + time.perf_counter() - start
                 batches += 1
+                loss = sums[frameworks[0]][0] / sums[frameworks[0]][1]
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{sums[frameworks[0]][0] / sums[frameworks[0]][1]:.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                elif time.monotonic() - noted >= PROGRESS_EVERY_S:
+                    print(f"evaluated {batches}{f' of {args.batches}' if args.batches else ''} batches: loss {loss:.4f}",
+                          file=sys.stderr, flush=True)
+                    noted = time.monotonic()
         finally:
             if bar is not None:
                 bar.close()
@@ -221,7 +227,8 @@ def run(args, out=None) -> dict:
 
 
 def _progress(total):
-    """A progress bar on a terminal's standard error (None elsewhere: logs get the result only)."""
+    """A progress bar on a terminal's standard error (None elsewhere: a log gets a line every
+    PROGRESS_EVERY_S seconds instead)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm

@@ -579,6 +579,18 @@ def test_evaluate_script_reads_each_document_once(evaluate_script, checkpoints, 
     assert f"(the data holds {result['batches']} full batches of 3 x 16 tokens, not the 1000" in "".join(out.pieces)
 
 
+def test_evaluate_script_shows_progress_in_a_log(evaluate_script, checkpoints, held_out, capsys, monkeypatch):
+    """Standard error not a terminal (a log, nohup): a progress line every PROGRESS_EVERY_S
+    seconds (here every batch), where there was nothing between the first line and the result."""
+    monkeypatch.setattr(evaluate_script, "PROGRESS_EVERY_S", 0.0)
+    argv = ["--checkpoint", checkpoints["orbax"], "--dataset", str(held_out), "--seq-len", "16", "--batch-size", "2",
+            "--batches", "3"]
+    result = evaluate_script.run(evaluate_script.parse_args(argv), out=Writes())
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"evaluated {i} of 3 batches" for i in (1, 2, 3)], lines
+    assert lines[-1] == f"evaluated 3 of 3 batches: loss {result['results']['jax']['loss']:.4f}"
+
+
 def test_evaluate_script_reads_the_newest_step_of_a_run_still_saving(evaluate_script, checkpoints, held_out, tmp_path,
                                                                      monkeypatch):
     """A trainer still saving into the directory (`--keep`) deletes the step that was latest when
