@@ -218,6 +218,51 @@ def test_a_ctrl_c_before_training_ends_in_one_line_and_status_130(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_ctrl_c_during_an_import_is_raised_after_it(tmp_path, monkeypatch):
+    """`stopping.hold_interrupts_in_imports` (on while a script's `main` runs): a Ctrl-C that
+    arrives while a module is being imported (here: sent by the module's own code, then work
+    after it) is held until the import statement ends, and raised there; the module imported
+    whole. Off, it is raised inside the module, which is left half-imported. A handler that the
+    module installs stays, and takes the held signal."""
+    import traceback
+
+    from jaxllm.stopping import hold_interrupts_in_imports
+
+    (tmp_path / "_interrupted_at_import.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nsum(range(10**6))\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (pytest-xdist's workers ignore it)
+    try:
+        for on in (True, False):
+            sys.modules.pop("_interrupted_at_import", None)
+            hold_interrupts_in_imports(on)
+            try:
+                with pytest.raises(KeyboardInterrupt) as raised:
+                    import _interrupted_at_import  # noqa: F401
+            finally:
+                hold_interrupts_in_imports(False)
+            module_lines = [f.lineno for f in traceback.extract_tb(raised.value.__traceback__)
+                            if f.filename.endswith("_interrupted_at_import.py")]
+            if on:
+                assert sys.modules["_interrupted_at_import"].WHOLE and not module_lines
+            else:
+                assert "_interrupted_at_import" not in sys.modules and module_lines, module_lines
+        # A module that installs a SIGINT handler of its own keeps it, and it takes the held signal.
+        (tmp_path / "_own_handler.py").write_text(
+            "import os, signal\nTAKEN = []\nos.kill(os.getpid(), signal.SIGINT)\n"
+            "signal.signal(signal.SIGINT, lambda signum, frame: TAKEN.append(signum))\n")
+        hold_interrupts_in_imports(True)
+        try:
+            import _own_handler
+        finally:
+            hold_interrupts_in_imports(False)
+        assert _own_handler.TAKEN == [signal.SIGINT] and signal.getsignal(signal.SIGINT).__module__ == "_own_handler"
+    finally:
+        signal.signal(signal.SIGINT, before)
+        sys.modules.pop("_interrupted_at_import", None)
+        sys.modules.pop("_own_handler", None)
+
+
 def test_the_first_signal_decides_and_a_ctrl_c_after_it_interrupts():
     """`SignalStop` (both trainers): SIGTERM or Ctrl-C asks to save and stop, named by the first
     signal (its exit status: 143 or 130); a Ctrl-C after a request interrupts at once; a SIGTERM
