@@ -284,7 +284,7 @@ def exit_with(main, prog: str, interrupted: str, leave=None):
     A Ctrl-C that lands inside a callback whose exceptions Python ignores (JAX's garbage-collection
     callback) is raised again in the main thread (`stopping.raise_lost_interrupts`): it used to print
     "Exception ignored" and a traceback, and the conversion or generation went on to exit 0.
-    A Ctrl-C during an import is held until the import statement ends (`stopping.hold_interrupts_in_imports`):
+    A first Ctrl-C during an import is held until the import ends (`stopping.hold_interrupts_in_imports`):
     inside PyTorch's compiled initialisation it aborted the process (once in 300 tries here).
     `leave(130)`, if given, ends the process instead (train_jax.py: with the other processes of a
     multi-process run, through JAX's shutdown)."""

@@ -249,54 +249,71 @@ _holding_in_imports = False
 
 def hold_interrupts_in_imports(on: bool) -> None:
     """From a command line (`jaxllm.cli.exit_with`, on while its `main` runs): a Ctrl-C that arrives
-    while the main thread imports a module is held back until the outermost import statement ends,
-    and then handled as it would have been (KeyboardInterrupt raised where that statement stands,
-    or a trainer's request to save and stop). Raised inside the import, it could land in a compiled
+    while the main thread imports a module is held back until the outermost import ends, and then
+    handled as it would have been (KeyboardInterrupt raised where the import stands, or a
+    trainer's request to save and stop). Raised inside the import, it could land in a compiled
     module's initialisation: PyTorch's (pybind11) then aborted the process ("terminate called after
     throwing an instance of 'pybind11::error_already_set' what(): KeyboardInterrupt": no line, no
     clean-up), once in 300 tries of a Ctrl-C while `torch_ref.training` was imported here, and
-    NumPy's ended in an ImportError that names no interrupt (a traceback, exit status 1). The
-    import runs under a SIGINT handler that only notes the signal (not a blocked signal: another
-    thread would take it, and Python would still raise it in the main thread); the imports that
-    compiled code or `importlib` start inside an import statement are held with it. Installed once
-    per process, around `builtins.__import__`; nothing is held in other threads, while off, or
-    under a handler that is not Python's (ignored, or the system's default)."""
+    NumPy's ended in an ImportError that names no interrupt (a traceback, exit status 1). So a first
+    Ctrl-C during start-up takes effect when the import under way ends (`import torch_ref.training`:
+    about 4 s on 2 CPU cores); a Ctrl-C after another, or after a trainer was asked to stop, ends
+    the process at once, as without the hold (`end_interrupted`, no exception: safe in compiled code).
+
+    Held: import statements (`builtins.__import__`) and `importlib.import_module` calls, with the
+    imports that compiled code starts inside them; not `from importlib import import_module`
+    bindings made before this is installed. The import runs under a SIGINT handler that only notes
+    the signal (not a blocked signal: another thread would take it, and Python would still raise it
+    in the main thread). Installed once per process; nothing is held in other threads, while off, or
+    under a handler that is not Python's (ignored, or the system's default). A handler that the
+    imported module installs stays and takes the held signal; code that kept the noting handler as
+    the previous one reaches the restored handler through it."""
     global _holding_in_imports
     _holding_in_imports = on
     import builtins
+    import importlib
 
     if getattr(builtins.__import__, "_jaxllm_holding", False):
         return
-    plain = builtins.__import__
     depth = 0
 
-    def holding_import(*args, **kwargs):
-        nonlocal depth
-        if depth or not _holding_in_imports or threading.get_ident() != threading.main_thread().ident:
-            return plain(*args, **kwargs)
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):
-            return plain(*args, **kwargs)
-        held = []
+    def holding(load):
+        def held_load(*args, **kwargs):
+            nonlocal depth
+            if depth or not _holding_in_imports or threading.get_ident() != threading.main_thread().ident:
+                return load(*args, **kwargs)
+            previous = signal.getsignal(signal.SIGINT)
+            if not callable(previous):
+                return load(*args, **kwargs)
+            held, done = [], False
 
-        def note(signum, frame):
-            held.append(frame)
+            def note(signum, frame):
+                if done:  # (kept past the import as someone's previous handler)
+                    return previous(signum, frame)
+                held.append(frame)
+                stop = getattr(previous, "__self__", None)
+                if _interrupted_line is not None and (len(held) > 1 or getattr(stop, "requested", None)):
+                    end_interrupted(_interrupted_line)
 
-        signal.signal(signal.SIGINT, note)
-        depth = 1
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            depth = 0
-            if signal.getsignal(signal.SIGINT) is note:
-                signal.signal(signal.SIGINT, handler)
-            else:  # the imported module installed a handler of its own: it takes the signal
-                handler = signal.getsignal(signal.SIGINT)
-            if held and callable(handler):
-                handler(signal.SIGINT, held[0])
+            signal.signal(signal.SIGINT, note)
+            depth = 1
+            try:
+                return load(*args, **kwargs)
+            finally:
+                depth, done = 0, True
+                taker = previous
+                if signal.getsignal(signal.SIGINT) is note:
+                    signal.signal(signal.SIGINT, previous)
+                else:  # the imported module installed a handler of its own: it takes the signal
+                    taker = signal.getsignal(signal.SIGINT)
+                if held and callable(taker):
+                    taker(signal.SIGINT, held[0])
 
-    holding_import._jaxllm_holding = True
-    builtins.__import__ = holding_import
+        held_load._jaxllm_holding = True
+        return held_load
+
+    builtins.__import__ = holding(builtins.__import__)
+    importlib.import_module = holding(importlib.import_module)
 
 
 def add_unraisable_hook(name: str, take: Callable[[object], bool]) -> None:

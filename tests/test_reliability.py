@@ -221,24 +221,37 @@ def test_a_ctrl_c_before_training_ends_in_one_line_and_status_130(tmp_path):
 def test_a_ctrl_c_during_an_import_is_raised_after_it(tmp_path, monkeypatch):
     """`stopping.hold_interrupts_in_imports` (on while a script's `main` runs): a Ctrl-C that
     arrives while a module is being imported (here: sent by the module's own code, then work
-    after it) is held until the import statement ends, and raised there; the module imported
-    whole. Off, it is raised inside the module, which is left half-imported. A handler that the
-    module installs stays, and takes the held signal."""
+    after it), by an import statement or `importlib.import_module`, is held until the import ends,
+    and raised there; the module imported whole. Off, it is raised inside the module, which is left
+    half-imported. A handler that the module installs stays, and takes the held signal; one that
+    chains to the handler it found there still reaches the script's."""
+    import importlib
     import traceback
 
     from jaxllm.stopping import hold_interrupts_in_imports
 
     (tmp_path / "_interrupted_at_import.py").write_text(
         "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nsum(range(10**6))\nWHOLE = True\n")
+    (tmp_path / "_own_handler.py").write_text(
+        "import os, signal\nTAKEN = []\nos.kill(os.getpid(), signal.SIGINT)\n"
+        "signal.signal(signal.SIGINT, lambda signum, frame: TAKEN.append(signum))\n")
+    (tmp_path / "_chaining_handler.py").write_text(
+        "import signal\nfound = signal.getsignal(signal.SIGINT)\nCHAINED = []\n"
+        "signal.signal(signal.SIGINT, lambda signum, frame: (CHAINED.append(signum), found(signum, frame)))\n")
+
+    def by_statement():
+        import _interrupted_at_import  # noqa: F401
+
     monkeypatch.syspath_prepend(str(tmp_path))
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (pytest-xdist's workers ignore it)
     try:
-        for on in (True, False):
+        for load, on in [(by_statement, True), (lambda: importlib.import_module("_interrupted_at_import"), True),
+                         (by_statement, False)]:
             sys.modules.pop("_interrupted_at_import", None)
             hold_interrupts_in_imports(on)
             try:
                 with pytest.raises(KeyboardInterrupt) as raised:
-                    import _interrupted_at_import  # noqa: F401
+                    load()
             finally:
                 hold_interrupts_in_imports(False)
             module_lines = [f.lineno for f in traceback.extract_tb(raised.value.__traceback__)
@@ -247,20 +260,43 @@ def test_a_ctrl_c_during_an_import_is_raised_after_it(tmp_path, monkeypatch):
                 assert sys.modules["_interrupted_at_import"].WHOLE and not module_lines
             else:
                 assert "_interrupted_at_import" not in sys.modules and module_lines, module_lines
-        # A module that installs a SIGINT handler of its own keeps it, and it takes the held signal.
-        (tmp_path / "_own_handler.py").write_text(
-            "import os, signal\nTAKEN = []\nos.kill(os.getpid(), signal.SIGINT)\n"
-            "signal.signal(signal.SIGINT, lambda signum, frame: TAKEN.append(signum))\n")
         hold_interrupts_in_imports(True)
         try:
             import _own_handler
+            assert _own_handler.TAKEN == [signal.SIGINT] and signal.getsignal(signal.SIGINT).__module__ == "_own_handler"
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            import _chaining_handler
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(10**6))
+            assert _chaining_handler.CHAINED == [signal.SIGINT]
         finally:
             hold_interrupts_in_imports(False)
-        assert _own_handler.TAKEN == [signal.SIGINT] and signal.getsignal(signal.SIGINT).__module__ == "_own_handler"
     finally:
         signal.signal(signal.SIGINT, before)
-        sys.modules.pop("_interrupted_at_import", None)
-        sys.modules.pop("_own_handler", None)
+        for name in ("_interrupted_at_import", "_own_handler", "_chaining_handler"):
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("signals, asked_to_stop, marker", [(1, False, True), (2, False, False), (1, True, False)])
+def test_a_script_ends_in_its_line_after_an_import_a_ctrl_c_interrupted(tmp_path, signals, asked_to_stop, marker):
+    """Through `cli.exit_with`, as every script runs: one Ctrl-C during an import ends the script
+    with its line and status 130 once the import is done (the module ran whole); a second Ctrl-C
+    during the same import, or one after a trainer was asked to stop (`SignalStop`, SIGTERM),
+    ends it at once, as without the hold."""
+    (tmp_path / "_interrupted_twice.py").write_text(
+        f"import os, pathlib, signal\nfor _ in range({signals}):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+        f"sum(range(10**6))\npathlib.Path({str(tmp_path / 'imported')!r}).touch()\n")
+    script = (f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"sys.path.insert(0, {str(tmp_path)!r}); from jaxllm.cli import exit_with\n"
+              "def main():\n"
+              + ("    from jaxllm.stopping import SignalStop\n    SignalStop().install()\n"
+                 "    import os\n    os.kill(os.getpid(), signal.SIGTERM)\n" if asked_to_stop else "")
+              + "    import _interrupted_twice\n    return 0\n"
+              "exit_with(main, 'probe.py', 'nothing was done')\n")
+    p = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr.strip() == "probe.py: interrupted: nothing was done", (p.returncode, p.stderr)
+    assert (tmp_path / "imported").exists() == marker
 
 
 def test_the_first_signal_decides_and_a_ctrl_c_after_it_interrupts():
@@ -482,6 +518,32 @@ def _main(argv, capsys):
 # In-process runs see conftest's 8 simulated devices: the batch divides over them.
 BASE = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "2", "--max-new-tokens", "0",
         "--no-progress"]
+
+
+def test_a_save_that_meets_a_lost_peer_ends_the_run_as_a_lost_peer(tmp_path, capsys, monkeypatch):
+    """train_jax.py's saves (and the wait for the last one) go through
+    `loop.peer_failures_as_runtime_errors`: here as in a run of two processes, where Orbax's barrier
+    raises the failed collective of a dead peer as ValueError. The run ends with exit status 1 and
+    the save named, not as bad input (2)."""
+    from jaxllm import loop
+
+    real_guard, real_save, guarded = loop.peer_failures_as_runtime_errors, loop.ckpt_lib.save, []
+
+    def as_two_processes(what, process_count):
+        guarded.append(what)
+        return real_guard(what, 2)
+
+    def save(mngr, step, **kw):
+        if step == 2:
+            raise ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:28051")
+        return real_save(mngr, step, **kw)
+
+    monkeypatch.setattr(loop, "peer_failures_as_runtime_errors", as_two_processes)
+    monkeypatch.setattr(loop.ckpt_lib, "save", save)
+    code, err = _main(BASE + ["--save-every", "1", "--ckpt-dir", str(tmp_path / "ck")], capsys)
+    assert code == 1 and "train_jax.py: error: saving step 2: UNKNOWN: Gloo AllGather failed" in err, (code, err)
+    assert guarded == ["saving step 1", "saving step 2", "finishing the last save"]
+    assert sorted(os.listdir(tmp_path / "ck")).count("1") == 1
 
 
 def _case_files(tmp_path):
