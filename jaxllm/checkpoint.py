@@ -97,11 +97,15 @@ class _StepMetadataLogFilter(logging.Filter):
     (absl ERROR records, one each time a manager opens the directory) about a step's damaged
     `_CHECKPOINT_METADATA`, Orbax's record of the step (its save times, the names of its item
     handlers), which the restores here do not need (they name their handlers): one warning line per
-    file instead."""
+    file instead. Its "Metadata file does not exist: <step>/_CHECKPOINT_METADATA" (absl WARNING
+    records, up to three per read of a step without one: a step that a run still saving there is
+    deleting or finishing, as generate.py and evaluate.py read it) are dropped."""
 
     said: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if re.match(r"Metadata file does not exist: .+_CHECKPOINT_METADATA$", record.getMessage(), re.DOTALL):
+            return False
         m = re.match(r"Failed to json parse Metadata file: (.+?_CHECKPOINT_METADATA), file content: .*, error: (.*)$",
                      record.getMessage(), re.DOTALL)  # (a step's; Orbax's other metadata files are left to it)
         if m is None:

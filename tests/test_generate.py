@@ -591,6 +591,24 @@ def test_evaluate_script_shows_progress_in_a_log(evaluate_script, checkpoints, h
     assert lines[-1] == f"evaluated 3 of 3 batches: loss {result['results']['jax']['loss']:.4f}"
 
 
+def test_a_step_without_orbax_s_own_record_reads_without_warnings(checkpoints, tmp_path, caplog):
+    """A step without `_CHECKPOINT_METADATA` (Orbax's record of save times and handlers, which the
+    reads here do not need): a run still saving there is deleting or finishing it while generate.py
+    or evaluate.py reads. The step reads, and Orbax's three "Metadata file does not exist"
+    warnings are dropped."""
+    import logging
+
+    from jaxllm import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["orbax"], ckpt)
+    (ckpt / "0" / "_CHECKPOINT_METADATA").unlink()
+    with caplog.at_level(logging.WARNING):
+        model, config, step = checkpoint.load_step(ckpt)
+    assert step == 0 and config == TINY
+    assert "Metadata file does not exist" not in caplog.text, caplog.text
+
+
 def test_evaluate_script_reads_the_newest_step_of_a_run_still_saving(evaluate_script, checkpoints, held_out, tmp_path,
                                                                      monkeypatch):
     """A trainer still saving into the directory (`--keep`) deletes the step that was latest when
