@@ -197,7 +197,10 @@ class ThisRunsIntervalsCallback(TrainerCallback):
 class _IntervalsWarningFilter:
     """Drops the lines about logging and save intervals from `transformers`' warning that a resumed
     checkpoint's trainer state differs from the arguments (`ThisRunsIntervalsCallback` applies the
-    arguments'), and the warning itself when nothing else is in it."""
+    arguments'), and the line about `per_device_train_batch_size` (this project names the change
+    itself: another --batch-size in its note of changed settings, another number of processes in its
+    warning about the data position; with the second, the global batch was often the same and the
+    line read as an error), and the warning itself when nothing else is in it."""
 
     HEAD = "Warning: The following arguments do not match the ones in the `trainer_state.json`"
 
@@ -206,7 +209,8 @@ class _IntervalsWarningFilter:
         if not message.startswith(self.HEAD):
             return True
         head, *lines = message.split("\n")
-        lines = [line for line in lines if line.strip().split(":")[0] not in ("logging_steps", "save_steps")]
+        lines = [line for line in lines if line.strip().split(":")[0] not in
+                 ("logging_steps", "save_steps", "per_device_train_batch_size")]
         record.msg, record.args = "\n".join([head, *lines]), ()
         return bool(lines)
 
