@@ -165,17 +165,15 @@ def run(args, out=None) -> dict:
         if first is None:  # (before the models load)
             raise ValueError(f"{source} holds fewer than {args.batch_size * args.seq_len} tokens: not one batch of "
                              f"{args.batch_size} x {args.seq_len} (lower --batch-size or --seq-len)")
-        losses = {}
         if kind == "orbax":  # read once, for both frameworks: without --step, the latest now (a run still
             from jaxllm import checkpoint  # training there may have rotated away the step looked at)
 
             model, config, step = checkpoint.load_step(args.checkpoint, args.step)
-            for name in frameworks:
-                losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(torch_model_of(model, config))
-        for name in frameworks:
-            if name not in losses:
-                model = (load_jax_model if name == "jax" else load_torch_model)(args.checkpoint, kind)
-                losses[name] = JaxLoss(model) if name == "jax" else TorchLoss(model)
+            load = {"jax": lambda: model, "torch": lambda: torch_model_of(model, config)}
+        else:
+            load = {"jax": lambda: load_jax_model(args.checkpoint, kind),
+                    "torch": lambda: load_torch_model(args.checkpoint, kind)}
+        losses = {name: (JaxLoss if name == "jax" else TorchLoss)(load[name]()) for name in frameworks}
         where = f"{args.checkpoint} (step {step})" if kind == "orbax" else args.checkpoint
         print(f"evaluating {where} on {source}: "
               f"{f'at most {args.batches} batches' if args.batches else 'every batch'} of {args.batch_size} x {args.seq_len} tokens, "
