@@ -133,8 +133,9 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     # Without --tokenizer, a resumed run keeps its checkpoint's tokenizer and a run from --init-from
     # takes the starting checkpoint's (`data.run_tokenizer`).
     inherited, origin = (None, None), None
+    skipped: list[tuple[int, str]] = []  # unreadable newer steps: said and set aside once the checks pass
     if existing:
-        state, saved_data, inherited = restore_train_state(mngr, trainer, config)
+        state, saved_data, inherited = restore_train_state(mngr, trainer, config, skipped=skipped)
         origin = ckpt_dir
     elif rc.init_from:
         with failing_together("checking --init-from", raise_if_any_failed):  # (Orbax's reads are collective)
@@ -151,6 +152,9 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                                        quiet=jax.process_index() != 0)
     if existing:
         data_state = select_data_state(saved_data)
+        if jax.process_index() == 0:
+            for _, warning in skipped:
+                print(warning, file=sys.stderr, flush=True)
         log(f"resuming from {ckpt_dir} at step {int(state['step'])}"
             + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
         if note := changed_settings((saved_data or {}).get("settings"), rc):
@@ -167,8 +171,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
         data = data_lib.PackedBatches(data_cfg, tokenizer, rows=trainer.rows_per_process(),
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       state=data_state)
-    if mngr is None:
-        try:
+    try:
+        if mngr is None:
             os.makedirs(ckpt_dir, exist_ok=True)
             _take_lock(lock, ckpt_dir)
             mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=rc.keep)
@@ -176,9 +180,11 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                 raise ValueError(f"--ckpt-dir {ckpt_dir}: another run saved checkpoints there (steps "
                                  f"{sorted(mngr.all_steps())}) while this one started; run the command again "
                                  "to resume")
-        except BaseException:
-            data.close()
-            raise
+        else:
+            _set_aside(mngr, [step for step, _ in skipped])
+    except BaseException:
+        data.close()
+        raise
     for note in notes:
         print(note, file=sys.stderr, flush=True)
 
@@ -413,11 +419,13 @@ def select_data_state(saved: dict | None) -> dict | None:
     return saved["states"][jax.process_index()]
 
 
-def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
+def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: list | None = None):
     """The newest readable checkpoint's train state, data position and tokenizer (what it names, as
     the run recorded it, and the files it saved). A checkpoint that cannot be read (a corrupt file)
-    is skipped with a warning and the one before it is used; a checkpoint of another model is an
-    error."""
+    is skipped with a warning and the one before it is used, and set aside (`_set_aside`); a
+    checkpoint of another model is an error. With a `skipped` list, the (step, warning) of each
+    step skipped is appended to it instead, for the caller to print and set aside once the run's
+    start-up checks have passed (a run refused for bad input changes nothing)."""
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
@@ -449,11 +457,14 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig):
                 raise ValueError(f"checkpoint step {step} could not be restored in process {jax.process_index()} of "
                                  f"{jax.process_count()} ({e}), and not every process failed to read it: {done}") from None
             error = e
-            unreadable.append(step)
-            if jax.process_index() == 0 and step != steps[-1]:
-                print(f"warning: cannot use checkpoint step {step} ({e}); trying an earlier one", file=sys.stderr)
+            unreadable.append((step, f"warning: cannot use checkpoint step {step} ({e}); trying an earlier one"))
+            if skipped is None and jax.process_index() == 0 and step != steps[-1]:
+                print(unreadable[-1][1], file=sys.stderr)
             continue
-        _set_aside(mngr, unreadable)
+        if skipped is None:
+            _set_aside(mngr, [step for step, _ in unreadable])
+        else:
+            skipped.extend(unreadable)
         return restored
     raise error
 

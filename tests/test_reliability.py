@@ -164,6 +164,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     # and step 7's Orbax record (save times; not read to restore), which Orbax logged as two ERROR
     # lines holding the whole file
     (ckpt / "7" / "_CHECKPOINT_METADATA").write_text('{"init_timestamp_nsecs": 17')
+    # Refused for bad input (a tokenizer that is not there): the unreadable step stays where it is
+    # and is not said to be passed over (it was set aside and said before the checks); step 7's
+    # damaged record is said when the directory is opened
+    before = tree_listing(ckpt)
+    p = _start(ckpt, 8, ["--tokenizer", str(tmp_path / "gone.json")])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 2, out[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[-1] == f"train_jax.py: error: tokenizer {tmp_path / 'gone.json'}: no such file or directory", out
+    assert len(lines) == 2 and "_CHECKPOINT_METADATA cannot be read" in lines[0], out[-3000:]
+    assert tree_listing(ckpt) == before
     out = _run(ckpt, 8)
     assert "warning: cannot use checkpoint step 8" in out
     said = [line for line in out.splitlines() if "_CHECKPOINT_METADATA" in line]

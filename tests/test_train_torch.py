@@ -817,6 +817,14 @@ def test_resume_skips_a_checkpoint_that_cannot_be_loaded_and_keeps_it(trained, t
     damaged = copy / "checkpoint-10" / "model.safetensors"
     _truncate(damaged)
     data = damaged.read_bytes()
+    # Refused for bad input: its one line only (the damaged checkpoint is said once the checks pass)
+    # and nothing moved
+    before = tree_listing(copy)
+    code = _train_torch().main(["--config", rc.config, "--seq-len", "32", "--ckpt-dir", str(copy),
+                                "--tokenizer", str(tmp_path / "gone.json")])
+    assert (code, capsys.readouterr().err) == (
+        2, f"train_torch.py: error: tokenizer {tmp_path / 'gone.json'}: no such file or directory\n")
+    assert tree_listing(copy) == before
     resumed = run(dataclasses.replace(rc, ckpt_dir=str(copy), max_new_tokens=0), dtype="float32")
     err = capsys.readouterr().err
     assert f"warning: {copy / 'checkpoint-10'} cannot be loaded: {damaged}: not a readable safetensors file" in err, err

@@ -752,14 +752,16 @@ def holds_checkpoints(output_dir: str) -> bool:
     return any(os.path.isdir(path) for _, path in _checkpoints(output_dir))
 
 
-def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] | None:
+def latest_checkpoint(output_dir: str, *, warn: bool = True, notes: list | None = None) -> tuple[str, int] | None:
     """(path, step) of the highest complete (`_missing_from_checkpoint`) and loadable (`_unloadable`)
     `checkpoint-N` in `output_dir`. A higher one is skipped with a warning on stderr (`warn`: one
     process of several says it): an incomplete one (a crash while it was being saved) or a damaged
     one (`set_aside_damaged` then keeps it out of the Trainer's way). When none is complete, the
     highest loadable one with a trainer state still resumes (its data stream then restarts,
     `read_data_state` warns), rather than a new run from step 0 over the old one; when checkpoints
-    with a trainer state exist and none of them loads, ValueError (nothing is deleted)."""
+    with a trainer state exist and none of them loads, ValueError (nothing is deleted). With a
+    `notes` list, the warnings are appended to it instead of printed (said once the run's start-up
+    checks have passed)."""
     found = _checkpoints(output_dir)
     skipped = []
     for step, path in found:
@@ -781,7 +783,11 @@ def latest_checkpoint(output_dir: str, *, warn: bool = True) -> tuple[str, int] 
         skipped = [(p, f"cannot be loaded: {damaged[p]}") for s, p in with_state if s > step]
     if warn:
         for p, why in skipped:
-            print(f"warning: {p} {why}; not resuming from it", file=sys.stderr)
+            line = f"warning: {p} {why}; not resuming from it"
+            if notes is None:
+                print(line, file=sys.stderr)
+            else:
+                notes.append(line)
     return path, step
 
 
@@ -1008,8 +1014,9 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
 
     # Each process reads the checkpoint, --init-from, the tokenizer and its share of the data on its
     # own host, and opens the data before anything is written (a dataset that cannot be read fails first).
+    skipped: list[str] = []  # warnings about checkpoints passed over, said once the checks below pass
     with failing_together("choosing the checkpoint to resume", agree):
-        last = latest_checkpoint(out_dir, warn=rank == 0) if os.path.isdir(out_dir) else None
+        last = latest_checkpoint(out_dir, warn=rank == 0, notes=skipped) if os.path.isdir(out_dir) else None
     _check_same_checkpoint(last, out_dir, dist)  # (several processes: they resume the same step together)
     with failing_together("checking the checkpoint, tokenizer and data", agree):
         if not last and os.path.isdir(out_dir):
@@ -1037,6 +1044,8 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         data_state = read_data_state(last[0], rank, world, source) if last else None
         dataset = StreamDataset(data_cfg, tokenizer, rows=per_device, process_index=rank, process_count=world,
                                 state=data_state, micro_batches_per_step=rc.grad_accum)
+    for warning in skipped:
+        print(warning, file=sys.stderr, flush=True)
     start = last[1] if last else 0
     if fresh:
         try:
