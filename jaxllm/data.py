@@ -35,6 +35,7 @@ use the same code and see the same batches.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import functools
@@ -369,17 +370,17 @@ def stream_source(cfg: DataConfig, tokenizer_spec: str) -> dict:
         files = [["pydoc_data.topics", embedded_corpus_key()]]
     elif _looks_local(dataset):
         dataset = os.path.abspath(os.path.expanduser(dataset))
-        files = _file_list(dataset)
+        files = _file_list(dataset, cfg.skip_dir)
     return {"dataset": dataset, "dataset_config": cfg.dataset_config, "split": cfg.split,
             "text_column": cfg.text_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer,
             "tokenizer": tokenizer_spec, "files": files}
 
 
-def _file_list(dataset: str) -> list[list] | None:
+def _file_list(dataset: str, skip_dir: str | None = None) -> list[list] | None:
     """[[path relative to the files' common directory, size in bytes], ...] of a local dataset (in
     the order it is read), or None when it cannot be listed (opening it will say why)."""
     try:
-        files = _local_files(dataset)[1]
+        files = _local_files(dataset, skip_dir)[1]
     except ValueError:
         return None
     root = os.path.commonpath([os.path.dirname(f) for f in files])
@@ -493,7 +494,7 @@ def run_stream(rc, config, tokenizer_spec: str | None) -> tuple[DataConfig, dict
     (`tokenizer_spec` from `run_tokenizer`). Both trainers use it."""
     cfg = DataConfig(dataset=rc.dataset, dataset_config=rc.dataset_config, split=rc.split,
                      text_column=rc.text_column, seq_len=rc.seq_len, seed=rc.seed,
-                     shuffle_buffer=rc.shuffle_buffer)
+                     shuffle_buffer=rc.shuffle_buffer, skip_dir=rc.ckpt_dir)
     return cfg, stream_source(cfg, tokenizer_source(tokenizer_spec, vocab_size=embedded_vocab_size(config)))
 
 
@@ -596,6 +597,7 @@ class DataConfig:
     seed: int = 0                       # shuffling (the embedded corpus, a shuffle buffer), every epoch
     shuffle_buffer: int = 0             # documents in a shuffle buffer (not the embedded corpus); 0: stored order
     sample_by: str = "paragraph"        # documents of a .txt file: "paragraph" (blank-line separated), "line" or "document"
+    skip_dir: str | None = None         # not data where a local dataset's directory or glob holds it: the run's --ckpt-dir
 
     def __post_init__(self):
         if self.seq_len < 1:
@@ -622,21 +624,33 @@ class DataConfig:
         return self.dataset is None or self.dataset == EMBEDDED
 
 
-def _local_files(spec: str) -> tuple[str, list[str]]:
+def _local_files(spec: str, skip_dir: str | None = None) -> tuple[str, list[str]]:
     """(builder, sorted files) of a local file, glob or directory; ValueError when none is usable.
-    A path that exists is taken as it is, even where its name holds glob characters (`[`, `*`, `?`)."""
+    A path that exists is taken as it is, even where its name holds glob characters (`[`, `*`, `?`).
+    Files inside `skip_dir` (the run's own --ckpt-dir: its metrics.jsonl and checkpoint files) are
+    not part of a directory or glob: a dataset directory holding it reads the same on a resume."""
     path = os.path.expanduser(spec)
+    skipped = ""
+    if skip_dir is not None:
+        skip = os.path.join(os.path.realpath(os.path.expanduser(skip_dir)), "")
+        skipped = f" outside --ckpt-dir {skip_dir}"
+
+        def outside(files: list[str]) -> list[str]:
+            return [f for f in files if not os.path.realpath(f).startswith(skip)]
+    else:
+        def outside(files: list[str]) -> list[str]:
+            return files
     if os.path.isdir(path):
-        files = [f for f in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
-                 if os.path.splitext(f)[1].lower() in BUILDERS and os.path.isfile(f)]
+        files = outside([f for f in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
+                         if os.path.splitext(f)[1].lower() in BUILDERS and os.path.isfile(f)])
         if not files:
-            raise ValueError(f"dataset directory {spec} holds no {'/'.join(BUILDERS)} file")
+            raise ValueError(f"dataset directory {spec} holds no {'/'.join(BUILDERS)} file{skipped}")
     elif os.path.isfile(path):
         files = [path]
     elif glob.has_magic(path):
-        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+        files = outside([f for f in glob.glob(path, recursive=True) if os.path.isfile(f)])
         if not files:
-            raise ValueError(f"dataset {spec}: no file matches")
+            raise ValueError(f"dataset {spec}: no file matches{skipped}")
     else:
         raise ValueError(f"dataset {spec}: no such file or directory")
     suffixes = sorted({os.path.splitext(f)[1].lower() for f in files})
@@ -686,7 +700,7 @@ def _json_values(path: str) -> Iterator[tuple[str, Any, int]]:
                 yield f"element {i}", record, len(text)
             return
         f.seek(0)
-        done = 0
+        done, first = 0, True
         for n, line in enumerate(f, 1):
             done += len(line)
             if not line.strip():
@@ -694,7 +708,10 @@ def _json_values(path: str) -> Iterator[tuple[str, Any, int]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise _JSONError(f"JSON parse error in {path} line {n}: {e.msg}") from None
+                # (e.g. one object spread over several lines, a pretty-printed file)
+                hint = " (a JSON dataset is one record per line, or one array of records)" if first else ""
+                raise _JSONError(f"JSON parse error in {path} line {n}: {e.msg}{hint}") from None
+            first = False
             yield f"line {n}", record, done
 
 
@@ -754,12 +771,14 @@ class _Source:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
         self.name = _describe(cfg)
+        self._files: list[str] = []  # a local dataset's
         if cfg.is_embedded:
             self._docs = embedded_corpus()
             self._dataset = None
             return
         if _looks_local(cfg.dataset):
-            builder, files = _local_files(cfg.dataset)
+            builder, files = _local_files(cfg.dataset, cfg.skip_dir)
+            self._files = files
             if builder == "json":
                 self._dataset = self._open_json(files)
                 return
@@ -832,6 +851,9 @@ class _Source:
             which = f"{f}: " if len(files) > 1 else ""
             try:
                 schema = pq.read_schema(f)
+            except UnicodeEncodeError:  # pyarrow takes a path as UTF-8 text
+                raise ValueError(f"cannot read {self.name}: the name of {f!r} is not UTF-8 text, which pyarrow "
+                                 "needs to open a parquet file; rename it") from None
             except (pa.ArrowException, OSError) as e:
                 raise ValueError(f"cannot read {self.name}: {which}{_reason(e)}") from None
             if column not in schema.names:
@@ -872,7 +894,7 @@ class _Source:
             except StopIteration:
                 return
             except Exception as e:
-                raise ValueError(f"cannot read {self.name}: {_reason(e)}") from e
+                raise ValueError(f"cannot read {self.name}: {self._which_file(e)}{_reason(e)}") from e
             if self.cfg.text_column not in batch:
                 raise self._missing_column(list(batch))
             texts = batch[self.cfg.text_column]
@@ -880,6 +902,38 @@ class _Source:
             if seen > start:
                 yield texts[max(0, len(texts) - (seen - start)):]
                 start = seen
+
+
+    def _which_file(self, e: Exception) -> str:
+        """"<file>: " for a text file that is not UTF-8 (`datasets`' text builder does not say which),
+        found by reading the dataset's text files in order; "" for any other error."""
+        if not (self.cfg.dataset and self._files and _caused_by(e, UnicodeDecodeError)):
+            return ""
+        for path in self._files:
+            if os.path.splitext(path)[1].lower() != ".txt":
+                continue
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        decoder.decode(chunk)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return f"{path} is not UTF-8 text: "
+            except OSError:
+                continue
+        return ""
+
+
+def _caused_by(e: BaseException, kind: type) -> bool:
+    """Whether `e` or an exception it was raised from or during is a `kind`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _reason(e: Exception) -> str:

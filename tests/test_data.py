@@ -4,6 +4,7 @@ shares, clear errors for bad input, and the real tokenizer + parquet layout (ass
 import collections
 import dataclasses
 import json
+import os
 import re
 import time
 
@@ -407,6 +408,8 @@ def test_fewer_documents_than_processes(tmp_path, tokenizer):
     ("array.json", b'[{"text": "fine"}, [1, 2]]', r"array.json element 1: \[1, 2\] where a record \(a JSON object\)"),
     ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "latin1.jsonl is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"),
     ("latin1.txt", b"fine\n\ncaf\xe9\n", "can't decode byte 0xe9"),
+    ("pretty.json", b'{\n  "text": "fine"\n}\n', r"pretty.json line 1: Expecting property name .* \(a JSON dataset is one "
+                                                  r"record per line, or one array of records\)$"),
 ])
 def test_unreadable_file(tmp_path, tokenizer, caplog, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -414,6 +417,59 @@ def test_unreadable_file(tmp_path, tokenizer, caplog, name, content, message):
         with PackedBatches(DataConfig(dataset=str(tmp_path / name), seq_len=4), tokenizer, rows=1) as batches:
             next(batches)
     assert not logged_by_datasets(caplog)  # said once, by the error
+
+
+def test_a_text_file_that_is_not_utf8_is_named_among_several(tmp_path, tokenizer):
+    """`datasets`' text reader does not say which file it could not decode: the error names it,
+    here when the stream reaches it after another file's batches."""
+    (tmp_path / "a.txt").write_text("\n\n".join(make_texts(200)))
+    (tmp_path / "b.txt").write_bytes(b"fine\n\ncaf\xe9\n")
+    taken = 0
+    with pytest.raises(ValueError, match=rf"^cannot read dataset {re.escape(str(tmp_path))}: "
+                                         rf"{re.escape(str(tmp_path / 'b.txt'))} is not UTF-8 text: 'utf-8' codec "
+                                         r"can't decode byte 0xe9 in position \d+: invalid continuation byte$"):
+        with PackedBatches(DataConfig(dataset=str(tmp_path), seq_len=8), tokenizer, rows=2) as batches:
+            for taken in range(1, 10_000):
+                next(batches)
+    assert taken > 10  # (the batches of a.txt came first)
+
+
+def test_a_parquet_file_whose_name_is_not_utf8_is_named(tmp_path, tokenizer):
+    """pyarrow opens a parquet file by its name as UTF-8 text: a name in another encoding is said,
+    with the file, not as a bare codec error."""
+    import shutil
+
+    write_parquet(tmp_path / "a.parquet", text=make_texts(5))
+    shutil.copy(tmp_path / "a.parquet", os.path.join(str(tmp_path), os.fsdecode(b"x\xe9.parquet")))
+    with pytest.raises(ValueError, match=r"^cannot read dataset \S+: the name of '\S+/x\\udce9\.parquet' is not UTF-8 "
+                                         r"text, which pyarrow needs to open a parquet file; rename it$"):
+        PackedBatches(DataConfig(dataset=str(tmp_path)), tokenizer, rows=1)
+
+
+def test_the_run_s_own_checkpoints_in_its_dataset_directory_are_not_data(tmp_path, tokenizer):
+    """A dataset directory (or recursive glob) holding the run's --ckpt-dir: what the run saves
+    there (both trainers' checkpoint files, metrics.jsonl) is not read as data, so the same command
+    resumes with the same files (it failed: "mixes file types", or a checkpoint's config.json read
+    as a record). Without the run's --ckpt-dir, they are data as any other files."""
+    from jaxllm.recipes import RunConfig
+
+    texts = make_texts(6)
+    write_jsonl(tmp_path / "a.jsonl", texts)
+    config = LLMConfig.from_preset("tiny")
+    rc = RunConfig(dataset=str(tmp_path), ckpt_dir=str(tmp_path / "ck"))
+    first = data.run_stream(rc, config, None)[1]  # the first start: nothing saved yet
+    for name, text in (("metrics.jsonl", '{"step": 1}\n'), ("2/commit_success.txt", "ok"),
+                       ("checkpoint-2/config.json", "{}")):
+        (tmp_path / "ck" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ck" / name).write_text(text)
+    for dataset in (str(tmp_path), str(tmp_path / "**" / "*.json*")):
+        cfg, source = data.run_stream(dataclasses.replace(rc, dataset=dataset), config, None)
+        assert source["files"] == first["files"] == [["a.jsonl", (tmp_path / "a.jsonl").stat().st_size]]
+        assert list(iter_documents(cfg)) == texts
+    with pytest.raises(ValueError, match="mixes file types .json, .jsonl, .txt"):
+        PackedBatches(DataConfig(dataset=str(tmp_path)), tokenizer, rows=1)
+    with pytest.raises(ValueError, match=r"^dataset directory \S+ck holds no \S+ file outside --ckpt-dir \S+ck$"):
+        PackedBatches(DataConfig(dataset=str(tmp_path / "ck"), skip_dir=str(tmp_path / "ck")), tokenizer, rows=1)
 
 
 def logged_by_datasets(caplog):
