@@ -403,13 +403,15 @@ class MetricsCallback(TrainerCallback):
         # MFU as on the JAX side: counted FLOPs per second over the peak of all devices (None: unknown)
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
         self.records: list[dict[str, Any]] = []
-        self._t = self._step = None
+        self._t = self._step = self._first = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t, self._step = time.perf_counter(), state.global_step
+        self._first = state.global_step + 1
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == state.max_steps:  # the last step is logged too, as on the JAX side
+        # The first step of a run (a resumed one's too) and the last are logged, as on the JAX side.
+        if state.global_step in (self._first, state.max_steps):
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
