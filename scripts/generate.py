@@ -107,6 +107,8 @@ def load_jax_model(path: str, kind: str, step: int | None = None):
 def load_torch_model(path: str, kind: str, step: int | None = None):
     import torch
 
+    from transformers import GenerationConfig
+
     from torch_ref import CustomLLM
 
     if kind == "hf":
@@ -116,7 +118,12 @@ def load_torch_model(path: str, kind: str, step: int | None = None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # (its bar on stderr came out among the streamed text)
-        return CustomLLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = CustomLLM.from_pretrained(path, dtype=torch.float32).eval()
+        # Decoding as the flags say, as on the JAX side: not also as the directory's
+        # generation_config.json asks (a repetition penalty, a minimum length, ...), whose settings
+        # `generate` would take for every one the call leaves unset.
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+        return model
     from jaxllm import checkpoint
 
     return torch_model_of(*checkpoint.load(path, step))

@@ -397,6 +397,39 @@ def test_script_streams_the_same_text_from_both_checkpoint_kinds_in_both_framewo
         assert len(out.pieces) >= 3  # the prompt, then the continuation as it is made
 
 
+def test_both_frameworks_decode_as_told_whatever_a_directory_s_generation_config_asks(
+        pair, script, checkpoints, tokenizer_json, tmp_path):
+    """A Hugging Face directory's generation_config.json, which `from_pretrained` reads (here a
+    repetition penalty and no repeated pairs), is not applied on the PyTorch side alone:
+    `generate.py` decodes as its flags say in both frameworks, and so do the PyTorch trainer's
+    samples (from an --init-from directory)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from torch_ref.training import generate_samples
+
+    asks = {"repetition_penalty": 5.0, "no_repeat_ngram_size": 2}
+    hf = tmp_path / "hf"
+    shutil.copytree(checkpoints["hf"], hf)
+    (hf / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+                                                           **asks}))
+    texts = {}
+    for framework in ("jax", "torch"):
+        out = Writes()
+        script.run(script.parse_args(["--checkpoint", str(hf), "--prompt", "Once upon a time", "--max-new-tokens",
+                                      "12", "--framework", framework]), out=out)
+        texts[framework] = "".join(out.pieces)
+    assert texts["torch"] == texts["jax"]
+    _, tm = pair
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token="<|endoftext|>")
+    plain = generate_samples(tm, tok, ["Once upon a time"], 12, temperature=0)
+    saved = tm.generation_config
+    tm.generation_config = saved.__class__(**{**saved.to_dict(), **asks})
+    try:
+        assert generate_samples(tm, tok, ["Once upon a time"], 12, temperature=0) == plain
+    finally:
+        tm.generation_config = saved
+
+
 def test_script_sampling_is_reproducible(script, checkpoints, capsys):
     argv = ["--checkpoint", checkpoints["orbax"], "--prompt", "The sun", "--max-new-tokens", "10",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "5"]

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import has_length
 
 from convert import ConvertError, error_line
@@ -341,6 +341,9 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+    # These settings only, as on the JAX side: not also what the generation_config.json of an
+    # --init-from directory asks (`generate` takes its settings for every one the call leaves unset).
+    saved_settings, model.generation_config = model.generation_config, GenerationConfig.from_model_config(model.config)
     out = []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -358,6 +361,7 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                 out.append((prompt, tokenizer.decode(y[0], skip_special_tokens=True)))
     finally:
         model.train(was_training)
+        model.generation_config = saved_settings
     return out
 
 
