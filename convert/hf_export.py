@@ -190,8 +190,6 @@ def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = N
         tok = tokenizer_from_files(files) if files else load_tokenizer(spec, vocab_size=embedded_vocab_size(config))
     except Exception as e:  # noqa: BLE001 - whatever the reason, the weights are still exported
         return None, [f"{what} not exported: it does not load here ({error_line(e)})"]
-    if getattr(tok, "model_max_length", 0) > config.max_position_embeddings:  # e.g. 1e30: "no limit known"
-        tok.model_max_length = config.max_position_embeddings
     if not hasattr(tok, "save_pretrained"):  # a bare `tokenizers.Tokenizer`
         from transformers import PreTrainedTokenizerFast
 

@@ -553,9 +553,14 @@ def tidy_tokenizer(tokenizer, config=None):
     to `generate` (a decoder-only model continues from each row's last token; padded on the right,
     a short prompt's continuation followed its padding; training packs documents and never pads);
     naming `config`'s BOS token when it names none (a bare tokenizer.json) and that token is a
-    special one (the EOS or an added special token); and without the loading
-    options (`is_local`, `local_files_only`) that a tokenizer read from files would save."""
+    special one (the EOS or an added special token); its `model_max_length` at most `config`'s
+    `max_position_embeddings` (a bare tokenizer.json says 1e30, "no limit known": `truncation=True`
+    would not cut a text to what the model takes); and without the loading options (`is_local`,
+    `local_files_only`) that a tokenizer read from files would save."""
     tokenizer.padding_side = "left"
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and getattr(tokenizer, "model_max_length", 0) > limit:
+        tokenizer.model_max_length = limit
     kwargs = getattr(tokenizer, "init_kwargs", None)
     if kwargs is not None:
         kwargs["padding_side"] = "left"  # (the attribute alone is not saved)

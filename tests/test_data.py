@@ -762,6 +762,11 @@ def test_a_run_s_tokenizer_is_tidied_for_saving_and_generation(tmp_path):
     assert again.bos_token_id == config.bos_token_id and again.padding_side == "left"
     saved = json.loads(data.tokenizer_files(again)["tokenizer_config.json"])
     assert "is_local" not in saved and "local_files_only" not in saved, saved
+    # as long as the model's positions, not "no limit known" (1e30): `truncation=True` then cuts
+    # a text to what the model takes (the PyTorch trainer's checkpoints said 1e30, exports 128)
+    assert plain.model_max_length > 1e29
+    assert tok.model_max_length == again.model_max_length == saved["model_max_length"] == config.max_position_embeddings
+    assert len(again("the " * 200, truncation=True)["input_ids"]) == config.max_position_embeddings
     # a BOS id that is an ordinary word is not named: saved as a special token, it would no longer
     # be split out of longer words ("the" in "theory") after a reload
     word_bos = LLMConfig.from_preset("tiny", bos_token_id=1)
