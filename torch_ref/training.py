@@ -200,12 +200,16 @@ class _IntervalsWarningFilter:
     arguments'), and the line about `per_device_train_batch_size` (this project names the change
     itself: another --batch-size in its note of changed settings, another number of processes in its
     warning about the data position; with the second, the global batch was often the same and the
-    line read as an error), and the warning itself when nothing else is in it."""
+    line read as an error), and the warning itself when nothing else is in it. Also drops its
+    "mtime may not be reliable on this filesystem" (checkpoints saved within a second of each other,
+    which it then orders by step, as this project does): no problem with the filesystem."""
 
     HEAD = "Warning: The following arguments do not match the ones in the `trainer_state.json`"
 
     def filter(self, record) -> bool:
         message = record.getMessage()
+        if message.startswith("mtime may not be reliable on this filesystem"):
+            return False
         if not message.startswith(self.HEAD):
             return True
         head, *lines = message.split("\n")
