@@ -292,10 +292,15 @@ def read_step(ckpt_dir: str, step: int | None, read):
 
 def no_checkpoint_found(where: str) -> CheckpointError:
     """The error for a directory without checkpoint steps, with what it seems to be instead."""
+    trainer = sorted((n for n in (os.listdir(where) if os.path.isdir(where) else [])
+                      if re.fullmatch(r"checkpoint-\d+", n) and os.path.isfile(os.path.join(where, n, "config.json"))),
+                     key=lambda n: int(n.split("-")[1]))
     hint = (": a Hugging Face directory (convert/torch_to_flax.py makes a checkpoint of it)"
             if os.path.isfile(os.path.join(where, "config.json")) else
             ": a step of a checkpoint directory? pass the directory above it"
             if os.path.isdir(os.path.join(where, "params")) or os.path.isfile(os.path.join(where, "_CHECKPOINT_METADATA"))
+            else f": a PyTorch (Trainer) run's directory, whose {trainer[-1]} is a Hugging Face directory "
+                 f"(convert/torch_to_flax.py makes a checkpoint of it)" if trainer
             else "")
     return CheckpointError(f"no checkpoint found in {where} (an empty or non-Orbax directory{hint})")
 

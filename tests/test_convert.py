@@ -593,6 +593,9 @@ FLAX_TO_TORCH_ERRORS = {
     "missing directory": (lambda d: None, "does not exist"),
     "empty directory": (lambda d: d.mkdir(), "no checkpoint found"),
     "a Hugging Face directory": (lambda d: _copy(HF_SRC[0], d), "a Hugging Face directory (convert/torch_to_flax.py"),
+    "a PyTorch run's directory": (lambda d: [_copy(HF_SRC[0], d / f"checkpoint-{n}") for n in (4, 12)],
+                                  "a PyTorch (Trainer) run's directory, whose checkpoint-12 is a Hugging Face directory "
+                                  "(convert/torch_to_flax.py makes a checkpoint of it)"),
     "another preset": (lambda d: _save_flax(None, TINY, d, weights=_zeros(_flax_weights(TINY.replace(latent_dim=8)))),
                        "has shape"),
     "missing tensor": (lambda d: _save_flax(None, TINY, d, weights=_without_lm_head_bias(_zeros(_flax_weights(TINY)))),
