@@ -964,7 +964,8 @@ def _encoder(tokenizer):
     truncation, no padding) so that the caller may keep using `tokenizer` meanwhile."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (pure Python) tokenizer
-        return lambda texts: tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return lambda texts: tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                                       verbose=False)["input_ids"]  # (documents longer than model_max_length)
     from tokenizers import Tokenizer
 
     own = Tokenizer.from_str(backend.to_str())

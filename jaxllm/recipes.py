@@ -174,8 +174,9 @@ def warmup_warning(rc: RunConfig) -> str | None:
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """A prompt's token ids as training encodes a document (`jaxllm.data`): no special tokens
     added, and a special token's text written in it (a literal "<|endoftext|>") encoded as the
-    text it is, since the model only ever saw EOS between documents."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    text it is, since the model only ever saw EOS between documents. Without transformers' warning
+    about a text longer than `model_max_length` (`check_prompts` says what is wrong with one)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"])
 
 
 def check_prompts(rc: RunConfig, tokenizer, max_positions: int) -> None:
