@@ -633,18 +633,23 @@ def _local_files(spec: str, skip_dir: str | None = None) -> tuple[str, list[str]
     """(builder, sorted files) of a local file, glob or directory; ValueError when none is usable.
     A path that exists is taken as it is, even where its name holds glob characters (`[`, `*`, `?`).
     Files inside `skip_dir` (the run's own --ckpt-dir: its metrics.jsonl and checkpoint files) are
-    not part of a directory or glob: a dataset directory holding it reads the same on a resume."""
+    not part of a directory or glob that holds it: a dataset directory holding it reads the same on
+    a resume (a dataset inside `skip_dir` is read whole)."""
     path = os.path.expanduser(spec)
-    skipped = ""
+    skip = skipped = ""
     if skip_dir is not None:
+        root = path
+        while glob.has_magic(root) and not os.path.exists(root):  # a glob's directory before its patterns
+            root = os.path.dirname(root)
         skip = os.path.join(os.path.realpath(os.path.expanduser(skip_dir)), "")
-        skipped = f" outside --ckpt-dir {skip_dir}"
+        if skip.startswith(os.path.join(os.path.realpath(root or "."), "")):  # (not where the data lies inside it)
+            skipped = f" outside --ckpt-dir {skip_dir}"
+        else:
+            skip = ""
 
-        def outside(files: list[str]) -> list[str]:
-            return [f for f in files if not os.path.realpath(f).startswith(skip)]
-    else:
-        def outside(files: list[str]) -> list[str]:
-            return files
+    def outside(files: list[str]) -> list[str]:
+        return [f for f in files if not os.path.realpath(f).startswith(skip)] if skip else files
+
     if os.path.isdir(path):
         files = outside([f for f in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
                          if os.path.splitext(f)[1].lower() in BUILDERS and os.path.isfile(f)])
@@ -908,11 +913,10 @@ class _Source:
                 yield texts[max(0, len(texts) - (seen - start)):]
                 start = seen
 
-
     def _which_file(self, e: Exception) -> str:
         """"<file>: " for a text file that is not UTF-8 (`datasets`' text builder does not say which),
         found by reading the dataset's text files in order; "" for any other error."""
-        if not (self.cfg.dataset and self._files and _caused_by(e, UnicodeDecodeError)):
+        if not (self._files and _caused_by(e, UnicodeDecodeError)):
             return ""
         for path in self._files:
             if os.path.splitext(path)[1].lower() != ".txt":

@@ -152,7 +152,8 @@ def run(args, out=None) -> dict:
     tokenizer = (model_tokenizer(args.tokenizer, config) if args.tokenizer is not None
                  else checkpoint_tokenizer(recorded, config, saved, where=args.checkpoint))
     cfg = DataConfig(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
-                     text_column=args.text_column, seq_len=args.seq_len)
+                     text_column=args.text_column, seq_len=args.seq_len,
+                     skip_dir=args.checkpoint)  # (a run's directory inside the dataset's: not data)
     frameworks = FRAMEWORKS[args.framework]
     if "jax" in frameworks:
         from jaxllm import xla_cache

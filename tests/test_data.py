@@ -470,6 +470,12 @@ def test_the_run_s_own_checkpoints_in_its_dataset_directory_are_not_data(tmp_pat
         PackedBatches(DataConfig(dataset=str(tmp_path)), tokenizer, rows=1)
     with pytest.raises(ValueError, match=r"^dataset directory \S+ck holds no \S+ file outside --ckpt-dir \S+ck$"):
         PackedBatches(DataConfig(dataset=str(tmp_path / "ck"), skip_dir=str(tmp_path / "ck")), tokenizer, rows=1)
+    # data inside the run's directory (`--ckpt-dir runs --dataset runs/data`) is read whole
+    (tmp_path / "ck" / "data").mkdir()
+    write_jsonl(tmp_path / "ck" / "data" / "b.jsonl", texts[:3])
+    for dataset in ("data", "data/*.jsonl", "data/**/*.json*"):
+        cfg = DataConfig(dataset=str(tmp_path / "ck" / dataset), skip_dir=str(tmp_path / "ck"))
+        assert list(iter_documents(cfg)) == texts[:3]
 
 
 def logged_by_datasets(caplog):

@@ -595,6 +595,23 @@ def test_evaluate_script_gives_each_frameworks_loss_of_the_packed_batches(
         assert f"loss {want:.4f}, perplexity " in text and "JAX and PyTorch losses differ by" in text, text
 
 
+def test_evaluate_script_leaves_a_checkpoint_inside_the_dataset_directory_out_of_the_data(
+        evaluate_script, checkpoints, held_out, tmp_path):
+    """As the trainers leave their --ckpt-dir out of a dataset directory holding it, evaluate.py
+    leaves out its --checkpoint (there, its files made the data "mix file types")."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(held_out, tmp_path / "data")
+    results = {}
+    for where in ("outside", "inside"):
+        ckpt = tmp_path / ("data" if where == "inside" else "") / "ck"
+        shutil.copytree(checkpoints["orbax"], ckpt)
+        argv = ["--checkpoint", str(ckpt), "--dataset", str(tmp_path / "data"), "--seq-len", "16", "--batch-size", "2",
+                "--batches", "0", "--framework", "jax"]
+        results[where] = evaluate_script.run(evaluate_script.parse_args(argv), out=Writes())
+    same = lambda r: (r["batches"], r["tokens"], r["results"]["jax"]["loss"])  # noqa: E731
+    assert same(results["inside"]) == same(results["outside"]) and results["inside"]["batches"] > 0
+
+
 def test_evaluate_script_reads_each_document_once(evaluate_script, checkpoints, tokenizer_json, held_out):
     from jaxllm.data import DataConfig, iter_documents, load_tokenizer
 
