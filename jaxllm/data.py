@@ -904,7 +904,8 @@ class _Source:
             except StopIteration:
                 return
             except Exception as e:
-                raise ValueError(f"cannot read {self.name}: {self._which_file(e)}{_reason(e)}") from e
+                undecodable = self._undecodable_text_files() if _caused_by(e, UnicodeDecodeError) else []
+                raise ValueError(f"cannot read {self.name}: {'; '.join(undecodable) or _reason(e)}") from e
             if self.cfg.text_column not in batch:
                 raise self._missing_column(list(batch))
             texts = batch[self.cfg.text_column]
@@ -913,25 +914,30 @@ class _Source:
                 yield texts[max(0, len(texts) - (seen - start)):]
                 start = seen
 
-    def _which_file(self, e: Exception) -> str:
-        """"<file>: " for a text file that is not UTF-8 (`datasets`' text builder does not say which),
-        found by reading the dataset's text files in order; "" for any other error."""
-        if not (self._files and _caused_by(e, UnicodeDecodeError)):
-            return ""
+    def _undecodable_text_files(self) -> list[str]:
+        """"<file> is not UTF-8 text (byte 0x.. at offset N)" for each of the dataset's `.txt` files
+        that is not (`datasets`' text reader does not say which file, nor where in it: its position
+        is within a chunk). All of them: this process's share, and its order under a shuffle buffer,
+        are `datasets`' to choose. Read only when reading the data failed so."""
+        found = []
         for path in self._files:
             if os.path.splitext(path)[1].lower() != ".txt":
                 continue
-            decoder = codecs.getincrementaldecoder("utf-8")()
+            decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
             try:
                 with open(path, "rb") as f:
                     while chunk := f.read(1 << 20):
+                        pending = len(decoder.getstate()[0])  # bytes of a character the last chunk cut
                         decoder.decode(chunk)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                return f"{path} is not UTF-8 text: "
+                        offset += len(chunk)
+                    pending = len(decoder.getstate()[0])
+                    decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start  # (e.object: the pending bytes, then this chunk)
+                found.append(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {at})")
             except OSError:
                 continue
-        return ""
+        return found
 
 
 def _caused_by(e: BaseException, kind: type) -> bool:
