@@ -152,17 +152,8 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                                        quiet=jax.process_index() != 0)
     if existing:
         data_state = select_data_state(saved_data)
-        if jax.process_index() == 0:
-            for _, warning in skipped:
-                print(warning, file=sys.stderr, flush=True)
-        log(f"resuming from {ckpt_dir} at step {int(state['step'])}"
-            + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
-        if note := changed_settings((saved_data or {}).get("settings"), rc):
-            log(note)
     elif rc.init_from:
         state = trainer.init_state(load_weights(rc.init_from, trainer, config))
-        log(f"starting from the weights in {rc.init_from}"
-            + (" with its tokenizer" if rc.tokenizer is None and any(inherited) else ""))
     else:
         state = trainer.init_state()
     start = int(state["step"])
@@ -185,6 +176,18 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     except BaseException:
         data.close()
         raise
+    # What the start did, said once every check has passed (the data opened included)
+    if existing:
+        if jax.process_index() == 0:
+            for _, warning in skipped:
+                print(warning, file=sys.stderr, flush=True)
+        log(f"resuming from {ckpt_dir} at step {start}"
+            + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
+        if note := changed_settings((saved_data or {}).get("settings"), rc):
+            log(note)
+    elif rc.init_from:
+        log(f"starting from the weights in {rc.init_from}"
+            + (" with its tokenizer" if rc.tokenizer is None and any(inherited) else ""))
     for note in notes:
         print(note, file=sys.stderr, flush=True)
 

@@ -152,7 +152,7 @@ def test_a_save_cut_off_midway_is_passed_over_and_the_run_resumes_identical(tmp_
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, monkeypatch, capsys):
     ckpt = tmp_path / "ck"
     _run(ckpt, 8)
     # Corrupt every data file of the last step's optimizer state.
@@ -175,6 +175,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert lines[-1] == f"train_jax.py: error: tokenizer {tmp_path / 'gone.json'}: no such file or directory", out
     assert len(lines) == 2 and "_CHECKPOINT_METADATA cannot be read" in lines[0], out[-3000:]
     assert tree_listing(ckpt) == before
+    # Refused when its data does not open, the last start-up check: the same (in this process)
+    import importlib.util
+
+    from jaxllm import data as data_lib
+    from jaxllm import loop
+
+    spec = importlib.util.spec_from_file_location("train_jax_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # (8 simulated devices here: a batch they divide)
+    _, rc = script.parse_args([*TINY_RUN, "--steps", "8", "--ckpt-dir", str(ckpt), "--batch-size", "8"])
+
+    def no_data(*args, **kwargs):
+        raise ValueError("cannot read the data")
+
+    monkeypatch.setattr(data_lib, "PackedBatches", no_data)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="^cannot read the data$"):
+        loop.run(rc)
+    said = capsys.readouterr()
+    assert "cannot use checkpoint step" not in said.err and "resuming" not in said.out + said.err, said
+    assert tree_listing(ckpt) == before
+    monkeypatch.undo()
     out = _run(ckpt, 8)
     assert "warning: cannot use checkpoint step 8" in out
     said = [line for line in out.splitlines() if "_CHECKPOINT_METADATA" in line]
