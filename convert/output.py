@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from convert import ConvertError
 from jaxllm.cli import listing, nearest_existing
-from jaxllm.stopping import InUse, hold
+from jaxllm.stopping import InUse, Terminated, hold
 
 
 def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str], bool],
@@ -74,8 +74,9 @@ def parse_max_shard_size(size: int | str) -> int:
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a fresh temporary directory next to `out`; on success rename it to `out` (replacing
     an existing `out`, which the caller has vetted with `check_output`); on any error remove it.
-    SIGTERM is handled as Ctrl-C while inside (SystemExit(143) from the main thread: the temporary
-    directory is removed, the process exits with status 143), the previous handler restored after."""
+    SIGTERM is handled as Ctrl-C while inside (`Terminated`, a SystemExit(143), from the main thread:
+    the temporary directory is removed, the process exits with status 143, and from a command line
+    with a line saying so), the previous handler restored after."""
     installed = threading.current_thread() is threading.main_thread()
     if installed:
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -88,7 +89,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
 
 
 def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager

@@ -287,16 +287,22 @@ def exit_with(main, prog: str, interrupted: str, leave=None):
     A first Ctrl-C during an import is held until the import ends (`stopping.hold_interrupts_in_imports`):
     inside PyTorch's compiled initialisation it aborted the process (once in 300 tries here).
     `leave(130)`, if given, ends the process instead (train_jax.py: with the other processes of a
-    multi-process run, through JAX's shutdown)."""
+    multi-process run, through JAX's shutdown). A `stopping.Terminated` (a conversion's SIGTERM) ends
+    with its line, `PROG: SIGTERM: <interrupted>`, and status 128 + the signal."""
+    import signal
     import sys
 
-    from jaxllm.stopping import end_interrupted, exit_at_once, hold_interrupts_in_imports, raise_lost_interrupts
+    from jaxllm.stopping import (Terminated, end_interrupted, exit_at_once, hold_interrupts_in_imports,
+                                 raise_lost_interrupts)
 
     exit_at_once(f"{prog}: interrupted: {interrupted}")
     raise_lost_interrupts(True)
     hold_interrupts_in_imports(True)
     try:
         code = main()
+    except Terminated as e:  # (a conversion's SIGTERM: its output removed, as after Ctrl-C)
+        print(f"{prog}: {signal.Signals(e.signum).name}: {interrupted}", file=sys.stderr, flush=True)
+        raise
     except BaseException as e:
         if not _from_an_interrupt(e):
             raise

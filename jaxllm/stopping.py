@@ -179,6 +179,16 @@ class NonFiniteError(RuntimeError):
     """A step's loss or gradient was NaN or infinite; its update was not applied."""
 
 
+class Terminated(SystemExit):
+    """SystemExit(128 + signal) from a signal handler that ends the work under way as Ctrl-C does
+    (a conversion's SIGTERM, `convert.output.atomic_output_dir`): `jaxllm.cli.exit_with` says so
+    in one line naming the signal before the process exits with that status."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 # The line a command line ends with when Ctrl-C comes again after a stop was asked (`exit_at_once`).
 _interrupted_line: str | None = None
 

@@ -811,6 +811,31 @@ def test_sigterm_removes_the_partial_output_as_ctrl_c_does(tmp_path):
         proc.kill()
         proc.stdout.close()
     assert os.listdir(tmp_path) == ["out-done"]
+    # From a command line (`cli.exit_with`): one line says so, as after Ctrl-C
+    code = textwrap.dedent("""
+        import sys, time
+        from convert.output import atomic_output_dir
+        from jaxllm.cli import exit_with
+
+        def main():
+            with atomic_output_dir(sys.argv[1]):
+                print("writing", flush=True)
+                time.sleep(60)
+
+        exit_with(main, "convert.py", "nothing was written")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 143
+        assert proc.stderr.read() == "convert.py: SIGTERM: nothing was written\n"
+    finally:
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert os.listdir(tmp_path) == ["out-done"]
 
 
 def test_the_temporary_output_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
