@@ -319,9 +319,14 @@ def _from_an_interrupt(e: BaseException) -> bool:
     interrupted while it was being imported raised an ImportError "initialization failed" caused by
     the KeyboardInterrupt (tensorstore, under Orbax, during a trainer's start-up), which ended in a
     traceback and exit status 1."""
+    return caused_by(e, KeyboardInterrupt)
+
+
+def caused_by(e: BaseException | None, kind: type) -> bool:
+    """Whether `e`, or an exception it was raised from or while handling, is a `kind`."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, kind):
             return True
         seen.add(id(e))
         e = e.__cause__ or e.__context__

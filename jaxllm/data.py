@@ -904,7 +904,9 @@ class _Source:
             except StopIteration:
                 return
             except Exception as e:
-                undecodable = self._undecodable_text_files() if _caused_by(e, UnicodeDecodeError) else []
+                from jaxllm.cli import caused_by
+
+                undecodable = self._undecodable_text_files() if caused_by(e, UnicodeDecodeError) else []
                 raise ValueError(f"cannot read {self.name}: {'; '.join(undecodable) or _reason(e)}") from e
             if self.cfg.text_column not in batch:
                 raise self._missing_column(list(batch))
@@ -938,17 +940,6 @@ class _Source:
             except OSError:
                 continue
         return found
-
-
-def _caused_by(e: BaseException, kind: type) -> bool:
-    """Whether `e` or an exception it was raised from or during is a `kind`."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, kind):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _reason(e: Exception) -> str:
