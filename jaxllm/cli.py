@@ -35,6 +35,14 @@ def check_json_path(p: argparse.ArgumentParser, path: str | None) -> None:
         p.error(f"--json: the folder of {path} does not exist")
     if path and os.path.isdir(path):
         p.error(f"--json: {path} is a directory (give a file name)")
+    if path:  # (a file made and removed at once: permissions, a read-only or immutable folder, /proc)
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+                pass
+        except OSError as e:
+            p.error(f"--json: cannot write a file in the folder of {path} ({e.strerror or e})")
 
 
 def check_peak_flops(p: argparse.ArgumentParser, peak_flops: float | None) -> None:

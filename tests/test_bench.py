@@ -72,6 +72,7 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
     (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
     (["--quick", "--json", "/tmp"], "--json: /tmp is a directory"),
+    (["--quick", "--json", "/proc/bench.json"], "--json: cannot write a file in the folder of /proc/bench.json ("),
     (["--quick", "--moe-block", "0"], "--moe-block must be at least 1"),
     (["--quick", "--scan-unroll", "0"], "--scan-unroll must be at least 1"),
     (["--quick", "--peak-flops", "-1"], "--peak-flops must be a positive number"),
@@ -336,6 +337,7 @@ def _profile_step():
 @pytest.mark.parametrize("args, message", [
     (["--json", "/nonexistent/decode.json"], "--json: the folder of /nonexistent/decode.json does not exist"),
     (["--json", "/tmp"], "--json: /tmp is a directory (give a file name)"),
+    (["--json", "/proc/x.json"], "--json: cannot write a file in the folder of /proc/x.json ("),
     (["--torch-threads", "-1"], "--torch-threads must be at least 1, got -1"),
     (["--torch-threads", "0"], "--torch-threads must be at least 1, got 0"),
     (["--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
@@ -382,6 +384,7 @@ def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
     (["--scan-unroll", "0"], "--scan-unroll must be at least 1, got 0"),
     (["--json", "/nonexistent/steps.json"], "--json: the folder of /nonexistent/steps.json does not exist"),
     (["--json", "/tmp"], "--json: /tmp is a directory (give a file name)"),
+    (["--json", "/proc/x.json"], "--json: cannot write a file in the folder of /proc/x.json ("),
     (["--peak-flops=-5e10"], "--peak-flops must be a positive number, got -50000000000.0"),
     (["--peak-flops", "0"], "--peak-flops must be a positive number, got 0.0"),
 ])

@@ -696,6 +696,7 @@ def test_evaluate_script_reads_the_newest_step_of_a_run_still_saving(evaluate_sc
     (["--seq-len", "100000"], "--seq-len 100000 exceeds the model's max_position_embeddings"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--batches", "-1"], "--batches must be non-negative (0: one whole pass), got -1"),
+    (["--json", "/proc/eval.json"], "--json: cannot write a file in the folder of /proc/eval.json ("),
     (["--checkpoint", "{hf}", "--step", "1"], "--step applies to an Orbax checkpoint directory"),
     (["--dataset", "{tiny_data}"], "holds fewer than 1024 tokens: not one batch of 8 x 128"),
     (["--dataset", "{missing}"], "no such file or directory"),
