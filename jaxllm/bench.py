@@ -352,8 +352,19 @@ def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
     cmd = [sys.executable, "-m", "jaxllm.bench", "--worker", kind, *argv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"{kind} worker failed ({_ended(r.returncode)}):\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _ended(returncode: int) -> str:
+    """How a worker process ended, for its error's first line (the one the table and JSON keep)."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}" + (", out of memory?" if -returncode == signal.SIGKILL else "")
 
 
 def _within(timeout: float, deadline: float | None, kind: str) -> float:

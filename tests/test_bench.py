@@ -13,6 +13,21 @@ from conftest import ROOT
 SCRIPT = str(ROOT / "scripts" / "bench.py")
 
 
+@pytest.mark.parametrize("returncode, said", [(-9, "killed by SIGKILL, out of memory?"), (-15, "killed by SIGTERM"),
+                                              (1, "exit status 1")])
+def test_a_worker_that_dies_is_said_with_how_it_ended(monkeypatch, returncode, said):
+    """A worker killed (the kernel's out-of-memory killer sends SIGKILL) left an empty reason in
+    the error line and the JSON: its exit status or signal is the first line now."""
+    import subprocess
+
+    import jaxllm.bench as bench
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, returncode, "", ""))
+    with pytest.raises(RuntimeError) as e:
+        bench._run_worker("torch", [], 10)
+    assert str(e.value).splitlines()[0] == f"torch worker failed ({said}):"
+
+
 def test_a_tiny_case_reports_both_frameworks_in_the_table_and_the_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--batch-size", "8", "--seq-len", "8",
