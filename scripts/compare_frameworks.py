@@ -22,9 +22,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 
 def main(argv=None) -> int:
-    from jaxllm.cli import parser
+    from jaxllm import cli
 
-    p = parser(__file__, __doc__)
+    p = cli.parser(__file__, __doc__)
     p.add_argument("--preset", default="tiny", help="model preset, with the tokenizer's vocabulary (default tiny)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default 2)")
@@ -32,9 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--warmup-steps", type=int, default=5, help="warm-up steps (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="initialisation seed (default 0)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative gap accepted (default 1e-4)")
     args = p.parse_args(argv)
+    if not 0 < args.tolerance < float("inf"):
+        p.error(f"--tolerance must be a positive number, got {args.tolerance}")
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from jaxllm.config import LLMConfig

@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     cli.check_at_least(p, args, seq_len=2, steps=1, top=0, scan_unroll=1)
     cli.check_json_path(p, args.json)
     cli.check_peak_flops(p, args.peak_flops)
+    if args.budget is not None and not 0 < args.budget < float("inf"):
+        p.error(f"--budget must be a positive number of seconds, got {args.budget}")
     config = cli.preset_config(p, args.preset, args.seq_len)
     try:
         variants = [parse_variant(v) for v in args.variants]

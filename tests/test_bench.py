@@ -402,6 +402,8 @@ def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
     (["--json", "/proc/x.json"], "--json: cannot write a file in the folder of /proc/x.json ("),
     (["--peak-flops=-5e10"], "--peak-flops must be a positive number, got -50000000000.0"),
     (["--peak-flops", "0"], "--peak-flops must be a positive number, got 0.0"),
+    (["--budget=-5"], "--budget must be a positive number of seconds, got -5.0"),
+    (["--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
 ])
 def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -476,3 +478,18 @@ ENTRY %main (x: f32[4,4]) -> (f32[4,4], f32[4,4]) {
     assert "add_fusion 10" in lines[2] and "while" not in "\n".join(lines)
     assert "add_fusion.4" in lines[4] and "f32[4,4]" in lines[4] and "jit(step)/add" in lines[4]
     assert mod.cpu_ops([("nothing", 0, 1)], 1, hlo, top=5) == ["  no XLA ops in the trace"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed=-1"], "argument --seed: must be in 0 .. 2**32 - 1, got -1"),
+    (["--seed", "4294967296"], "argument --seed: must be in 0 .. 2**32 - 1, got 4294967296"),
+    (["--tolerance=-1"], "--tolerance must be a positive number, got -1.0"),
+    (["--tolerance", "nan"], "--tolerance must be a positive number, got nan"),
+])
+def test_compare_frameworks_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    """Refused before anything is trained: a seed NumPy refused later without naming the flag, a
+    tolerance that made the comparison fail (or pass) whatever the gap."""
+    with pytest.raises(SystemExit) as e:
+        _script("compare_frameworks").main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
