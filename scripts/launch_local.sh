@@ -3,6 +3,7 @@
 #   scripts/launch_local.sh 2 --preset tiny --mesh data=2,fsdp=2 --steps 20 --ckpt-dir ckpt-multi
 # Each process gets DEVICES_PER_PROCESS simulated CPU devices (default 2). The processes find each
 # other through a coordinator on a free local port; process 0 prints the logs. Ctrl-C stops all.
+# The interpreter is $PYTHON, else the `python` on PATH (as the README's commands), else `python3`.
 set -u
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 N [train_jax.py flags...]" >&2
@@ -10,15 +11,16 @@ if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
 fi
 n=$1; shift
 here="$(cd "$(dirname "$0")" && pwd)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python=${PYTHON:-$(command -v python || command -v python3)}
+port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-2}"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for ((i = 0; i < n; i++)); do
   if [ "$i" -eq 0 ]; then
-    python3 "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" "$@" &
+    "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" "$@" &
   else
-    python3 "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
+    "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
       --no-progress "$@" >"${LOG_DIR:-/tmp}/train_jax.process$i.log" 2>&1 &
   fi
   pids+=($!)

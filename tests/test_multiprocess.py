@@ -388,3 +388,24 @@ def test_processes_given_other_settings_end_with_exit_2_naming_them(tmp_path):
     assert "train_jax.py: error: --lr, --ckpt-dir differ from process 0's" in outs[1], outs[1][-2000:]
     assert "comparing the processes' settings failed in process(es) 1 of 2" in outs[0], outs[0][-2000:]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_launch_local_starts_n_processes_with_the_interpreter_it_is_given(tmp_path):
+    """scripts/launch_local.sh runs `$PYTHON` (else `python`, else `python3`): a hard-coded `python3`
+    was another interpreter than the project's where a virtual environment's is only `python`.
+    Here a stand-in interpreter records how each process was started; a bad N is refused."""
+    log = tmp_path / "started"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 12345; exit 0; fi\necho "$@" >> "$STARTED"\n')
+    fake.chmod(0o755)
+    script = str(ROOT / "scripts" / "launch_local.sh")
+    env = {**os.environ, "PYTHON": str(fake), "STARTED": str(log), "LOG_DIR": str(tmp_path)}
+    r = subprocess.run(["bash", script, "2", "--preset", "tiny"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    started = sorted(log.read_text().splitlines())
+    where = ROOT / "scripts" / "train_jax.py"
+    assert started == [f"{where} --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0 --preset tiny",
+                       f"{where} --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1 --no-progress "
+                       "--preset tiny"], started
+    r = subprocess.run(["bash", script, "two"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("usage: "), r.stderr
