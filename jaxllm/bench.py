@@ -504,7 +504,7 @@ def markdown(result: dict) -> str:
             f"{', ' + c['attn_impl'] + ' attention' if c.get('attn_impl', 'xla') != 'xla' else ''}"
             f"{', layers unrolled ' + str(c['scan_unroll']) + ' at a time' if c.get('scan_unroll') else ''} | "
             f"{f('jax_tokens_per_sec')} | {f('torch_tokens_per_sec')} | {f('jax_over_torch', '{:.2f}x')} | "
-            f"{f('jax_gflops')} | {f('jax_mfu_around_steps_peak', '{:.1%} / ')}{f('jax_mfu_start_peak', '{:.1%}')} | "
+            f"{f('jax_gflops')} | {f('jax_mfu_around_steps_peak', '{:.1%}')} / {f('jax_mfu_start_peak', '{:.1%}')} | "
             f"{f('jax_mfu_datasheet', '{:.1%}')} | {f('compile_s')} | {f('jax_peak_rss_gb')} | "
             f"{f('torch_peak_rss_gb')} | {f('sparse_over_dense', '{:.2f}x')} | "
             f"{f('jax_decode_tokens_per_sec')} / {f('torch_decode_tokens_per_sec')} | "

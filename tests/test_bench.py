@@ -13,6 +13,18 @@ from conftest import ROOT
 SCRIPT = str(ROOT / "scripts" / "bench.py")
 
 
+def test_a_missing_mfu_reads_as_missing_not_as_a_negative_number():
+    """The JAX MFU cell is "around the steps / at start": with either missing it read `--` or
+    `-13.4%`."""
+    import jaxllm.bench as bench
+
+    case = {"preset": "tiny", "batch_size": 2, "seq_len": 32, "dtype": "float32", "moe_impl": "sparse"}
+    result = {"matmul": {"jax_matmul_float32_flops": 1e11}, "cases": [case]}
+    assert "| - / - |" in bench.markdown(result)
+    case["jax_mfu_start_peak"] = 0.134
+    assert "| - / 13.4% |" in bench.markdown(result)
+
+
 @pytest.mark.parametrize("returncode, said", [(-9, "killed by SIGKILL, out of memory?"), (-15, "killed by SIGTERM"),
                                               (1, "exit status 1")])
 def test_a_worker_that_dies_is_said_with_how_it_ended(monkeypatch, returncode, said):
