@@ -22,14 +22,14 @@
 # Settings (environment): BUDGET_S (default 540: no stage starts after it, none runs past it),
 # BLOCKS (default "1024 2048 512"), BATCHES (default "128:dots 64:dots 64:none 32:dots 16:dots"),
 # SIDE_MAX (default 64), DECODE_TOKENS (default 32), UNROLL (default 30; 0 skips stage 6), PRESET (default seed-973m), SEQ_LEN (default 256),
-# MATMUL_SIZE (default 8192), PYTHON (default python3).
+# MATMUL_SIZE (default 8192), PYTHON (default: the `python` on the PATH, else `python3`).
 # Exit status 1 when a stage failed or was cut short (what was measured is still written).
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$here/bench-gpu}}"
 mkdir -p "$out" || exit 2
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-py="${PYTHON:-python3}" preset="${PRESET:-seed-973m}" budget="${BUDGET_S:-540}" seq="${SEQ_LEN:-256}"
+py="${PYTHON:-$(command -v python || command -v python3)}" preset="${PRESET:-seed-973m}" budget="${BUDGET_S:-540}" seq="${SEQ_LEN:-256}"
 work="$(mktemp -d)"
 log="$out/log.txt"
 : >"$log"; : >"$out/bench.md"

@@ -5,8 +5,8 @@
     python scripts/compare_frameworks.py --steps 40 --lr 1e-3 --preset small
 
 Same initial weights (the JAX initialisation, converted), the same batches of the embedded corpus,
-float32, no dropout; the JAX trainer (jaxllm/train.py) against the Hugging Face Trainer glue of
-scripts/train_torch.py. Prints the losses of every step, the largest relative gaps of loss and
+float32, no dropout; the JAX trainer (jaxllm/train.py) against the Hugging Face Trainer glue that
+scripts/train_torch.py runs (torch_ref/training.py). Prints the losses of every step, the largest relative gaps of loss and
 final weights, and exits with status 1 when a gap exceeds --tolerance.
 """
 
