@@ -218,10 +218,11 @@ def run(args, out=None) -> dict:
         result["relative_difference"] = abs(a - b) / max(abs(b), 1e-30)
         print(f"JAX and PyTorch losses differ by {result['relative_difference']:.2e} (relative)", file=out)
     out.flush()
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # (whole or not at all, as the benchmarks write theirs; the folder was checked at the start)
+        with open(args.json + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+        os.replace(args.json + ".tmp", args.json)
     return result
 
 
