@@ -54,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from convert.hf_export import export_hf
-        from convert.output import sigterm_as_terminated
 
-        with sigterm_as_terminated():  # (while reading too: it ends with one line, as after Ctrl-C)
-            result = export_hf(args.ckpt_dir, args.out, step=args.step, dtype=args.dtype, force=args.force,
-                               max_shard_size=args.max_shard_size)
+        result = export_hf(args.ckpt_dir, args.out, step=args.step, dtype=args.dtype, force=args.force,
+                           max_shard_size=args.max_shard_size)
     except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
         print(f"{p.prog}: error: {error_line(e, cli=True)}", file=sys.stderr)
         return 2

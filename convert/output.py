@@ -74,22 +74,15 @@ def parse_max_shard_size(size: int | str) -> int:
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a fresh temporary directory next to `out`; on success rename it to `out` (replacing
     an existing `out`, which the caller has vetted with `check_output`); on any error remove it.
-    SIGTERM is handled as Ctrl-C while inside (`sigterm_as_terminated`)."""
-    with sigterm_as_terminated(), _atomic_output_dir(out) as tmp:
-        yield tmp
-
-
-@contextlib.contextmanager
-def sigterm_as_terminated() -> Iterator[None]:
-    """While inside, SIGTERM raises `Terminated` (a SystemExit(143)) in the main thread, as Ctrl-C
-    raises KeyboardInterrupt: the work under way unwinds (a temporary output is removed), and from a
-    command line (`jaxllm.cli.exit_with`) the process ends with one line saying so and status 143.
-    The previous handler is restored after. The converters' whole run is inside (the reading too)."""
+    SIGTERM is handled as Ctrl-C while inside (`Terminated`, a SystemExit(143), from the main thread:
+    the temporary directory is removed, the process exits with status 143, and from a command line
+    with a line saying so), the previous handler restored after."""
     installed = threading.current_thread() is threading.main_thread()
     if installed:
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        yield
+        with _atomic_output_dir(out) as tmp:
+            yield tmp
     finally:
         if installed:  # (None: a handler set outside Python, which cannot be put back; the default then)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

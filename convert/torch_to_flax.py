@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from convert.hf_import import import_hf
-        from convert.output import sigterm_as_terminated
 
-        with sigterm_as_terminated():  # (while reading too: it ends with one line, as after Ctrl-C)
-            result = import_hf(args.hf_dir, args.out, force=args.force)
+        result = import_hf(args.hf_dir, args.out, force=args.force)
     except Exception as e:  # noqa: BLE001 - a command line explains, it does not trace back
         print(f"{p.prog}: error: {error_line(e, cli=True)}", file=sys.stderr)
         return 2

@@ -309,9 +309,8 @@ def exit_with(main, prog: str, interrupted: str, leave=None):
     try:
         code = main()
     except Terminated as e:  # (a conversion's SIGTERM: its output removed, as after Ctrl-C)
-        sys.stdout.flush()
         print(f"{prog}: {signal.Signals(e.signum).name}: {interrupted}", file=sys.stderr, flush=True)
-        os._exit(e.code)  # (at once, as after Ctrl-C: JAX's threads may still be reading)
+        raise
     except BaseException as e:
         if not _from_an_interrupt(e):
             raise
