@@ -89,6 +89,9 @@ def atomic_output_dir(out: str) -> Iterator[str]:
 
 
 def _exit_on_signal(signum, frame):
+    # A second SIGTERM while the first unwinds is ignored: raised again, it cut the removal of the
+    # temporary output short (`atomic_output_dir` restores the previous handler once that is done).
+    signal.signal(signum, signal.SIG_IGN)
     raise Terminated(signum)
 
 

@@ -29,7 +29,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$here/bench-gpu}}"
 mkdir -p "$out" || exit 2
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-py="${PYTHON:-$(command -v python || command -v python3)}" preset="${PRESET:-seed-973m}" budget="${BUDGET_S:-540}" seq="${SEQ_LEN:-256}"
+py="${PYTHON:-$(command -v python || command -v python3 || echo python3)}" preset="${PRESET:-seed-973m}" budget="${BUDGET_S:-540}" seq="${SEQ_LEN:-256}"
 work="$(mktemp -d)"
 log="$out/log.txt"
 : >"$log"; : >"$out/bench.md"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -836,6 +837,29 @@ def test_sigterm_removes_the_partial_output_as_ctrl_c_does(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
     assert os.listdir(tmp_path) == ["out-done"]
+
+
+def test_a_second_sigterm_does_not_cut_the_removal_of_the_partial_output_short(tmp_path, monkeypatch):
+    """The first SIGTERM unwinds the conversion; one more while its temporary output is removed is
+    ignored (raised again, it stopped the removal part-way and left the partial output); the
+    previous handler is back afterwards."""
+    from convert import output
+    from jaxllm.stopping import Terminated
+
+    at_removal = []
+    remove = shutil.rmtree
+
+    def recording_rmtree(path, *args, **kwargs):
+        at_removal.append(signal.getsignal(signal.SIGTERM))
+        remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(output.shutil, "rmtree", recording_rmtree)
+    with pytest.raises(Terminated):
+        with output.atomic_output_dir(str(tmp_path / "out")) as tmp:
+            open(os.path.join(tmp, "partial"), "w").close()
+            signal.raise_signal(signal.SIGTERM)
+    assert at_removal == [signal.SIG_IGN]
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_the_temporary_output_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
