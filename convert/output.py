@@ -88,6 +88,13 @@ def atomic_output_dir(out: str) -> Iterator[str]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _written() -> None:
+    """The output is in place: from here a SIGTERM takes its default action again (it ended with
+    "nothing was written" about a complete output); the previous handler is restored at the end."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _exit_on_signal:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _exit_on_signal(signum, frame):
     # A second SIGTERM while the first unwinds is ignored: raised again, it cut the removal of the
     # temporary output short (`atomic_output_dir` restores the previous handler once that is done).
@@ -115,9 +122,11 @@ def _atomic_output_dir(out: str) -> Iterator[str]:
                 os.rename(os.path.join(old, name), out)  # put the old output back
                 os.rmdir(old)
                 raise
+            _written()
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+            _written()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

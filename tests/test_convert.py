@@ -862,6 +862,35 @@ def test_a_second_sigterm_does_not_cut_the_removal_of_the_partial_output_short(t
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_once_the_output_is_in_place_sigterm_no_longer_says_nothing_was_written(tmp_path, monkeypatch):
+    """After the final rename (a --force run then deletes the previous output) SIGTERM takes its
+    default action, not the "nothing was written" line about a complete output; the handler from
+    before is back at the end."""
+    from convert import output
+
+    at_removal = []
+    remove = shutil.rmtree
+
+    def recording_rmtree(path, *args, **kwargs):
+        at_removal.append(signal.getsignal(signal.SIGTERM))
+        remove(path, *args, **kwargs)
+
+    def before(signum, frame):
+        pass
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(output.shutil, "rmtree", recording_rmtree)
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with output.atomic_output_dir(str(tmp_path / "out")) as tmp:
+            assert signal.getsignal(signal.SIGTERM) is output._exit_on_signal
+            open(os.path.join(tmp, "new"), "w").close()
+        assert at_removal == [signal.SIG_DFL] and signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.listdir(tmp_path / "out") == ["new"]
+
+
 def test_the_temporary_output_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
     """What a killed run (SIGKILL) left, a `.NAME.XXXXXXXX.tmp` directory, goes when the next
     conversion to NAME starts; kept: another name's, an `.old` one (the previous output, when the
