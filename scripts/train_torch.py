@@ -53,15 +53,17 @@ def main(argv=None) -> int:
         summary = run(rc, dtype=rc.dtype)
     except (ValueError, OSError) as e:
         print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        import torch
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # (left to the interpreter's exit, gloo's threads aborted the process after its line)
-            torch.distributed.destroy_process_group()
         return 2
     except NonFiniteError as e:  # the run itself went wrong, not its input
         print(f"train_torch.py: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Left to the interpreter's exit, gloo's threads could abort the process ("terminate
+            # called without an active exception", SIGABRT), after an error's line or a finished run.
+            torch.distributed.destroy_process_group()
     if summary.get("stopped_by"):  # saved, not finished: 128 + the signal, as a shell reports it
         return 128 + (signal.SIGINT if summary["stopped_by"] == "SIGINT" else signal.SIGTERM)
     return 0

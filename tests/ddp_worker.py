@@ -39,6 +39,9 @@ def main(batches_path: str, out_path: str, out_dir: str, variant: str = "") -> N
     if dist.is_main_process:
         np.savez(out_path, losses=np.array([r["loss"] for r in metrics.records]),
                  **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    # As train_torch.py does: left to the interpreter's exit, gloo's threads could abort the process
+    # ("terminate called without an active exception"; once in a CI run)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
