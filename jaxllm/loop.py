@@ -425,10 +425,10 @@ def select_data_state(saved: dict | None) -> dict | None:
 def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: list | None = None):
     """The newest readable checkpoint's train state, data position and tokenizer (what it names, as
     the run recorded it, and the files it saved). A checkpoint that cannot be read (a corrupt file)
-    is skipped with a warning and the one before it is used, and set aside (`_set_aside`); a
-    checkpoint of another model is an error. With a `skipped` list, the (step, warning) of each
-    step skipped is appended to it instead, for the caller to print and set aside once the run's
-    start-up checks have passed (a run refused for bad input changes nothing)."""
+    is skipped and the one before it is used; a checkpoint of another model is an error. The
+    (step, warning) of each step skipped is appended to `skipped`, for the caller to print and set
+    aside (`_set_aside`) once the run's start-up checks have passed (a run refused for bad input
+    changes nothing)."""
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
@@ -461,12 +461,8 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: l
                                  f"{jax.process_count()} ({e}), and not every process failed to read it: {done}") from None
             error = e
             unreadable.append((step, f"warning: cannot use checkpoint step {step} ({e}); trying an earlier one"))
-            if skipped is None and jax.process_index() == 0 and step != steps[-1]:
-                print(unreadable[-1][1], file=sys.stderr)
             continue
-        if skipped is None:
-            _set_aside(mngr, [step for step, _ in unreadable])
-        else:
+        if skipped is not None:
             skipped.extend(unreadable)
         return restored
     raise error
