@@ -400,6 +400,20 @@ def test_a_resumed_run_takes_the_learning_rate_it_is_given(trained, tmp_path):
     assert resumed["records"][0]["lr"] > 0
 
 
+def test_a_resumed_run_takes_the_weight_decay_it_is_given(trained, tmp_path):
+    """As in JAX: resumed with another --weight-decay, the run decays by it (the saved optimizer
+    state's groups held the first run's, which the resume kept), on the parameters it decays."""
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    shutil.rmtree(copy / "checkpoint-10")
+    assert rc.weight_decay != 0.5
+    run(dataclasses.replace(rc, ckpt_dir=str(copy), weight_decay=0.5, max_new_tokens=0), dtype="float32")
+    groups = torch.load(copy / "checkpoint-10" / "optimizer.pt", weights_only=True)["param_groups"]
+    # the Trainer's groups: the decayed parameters (weights), then the others (norms, biases)
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
 def test_generation_is_seeded_and_leaves_the_global_rng_alone(trained):
     from torch_ref.training import generate_samples
 
@@ -1156,19 +1170,30 @@ def test_processes_that_would_resume_other_checkpoints_end_with_exit_2_and_chang
     assert files() == before
 
 
-def test_transformers_note_on_close_checkpoint_times_is_dropped():
-    """transformers says "mtime may not be reliable on this filesystem" whenever a run's checkpoints
-    were saved within a second of each other (short runs) and orders them by step, as this project
-    does: no line for it on a successful run's stderr (a helper took it for a filesystem problem)."""
+def test_keep_deletes_the_oldest_steps_whatever_the_folders_times(trained, tmp_path):
+    """--keep deletes the oldest steps, as in JAX. The Trainer's own rotation went by the folders'
+    modification times, which a copy or a restore can leave out of step order: it kept checkpoint-4
+    and deleted checkpoint-10, the newest before this run's. Nor does it say anything about the
+    filesystem's times ("mtime may not be reliable", its line when they are within a second)."""
     import logging
 
-    from torch_ref.training import _drop_intervals_warning
-
-    _drop_intervals_warning()
-    logger = logging.getLogger("transformers.trainer_utils")
-    said = "mtime may not be reliable on this filesystem, falling back to numerical ordering"
-    assert not logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, said, (), None))
-    assert logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "another warning", (), None))
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    now = time.time()
+    for age, step in zip((300, 200, 100), (10, 8, 4)):  # checkpoint-10's folder the oldest
+        os.utime(copy / f"checkpoint-{step}", (now - age, now - age))
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("transformers.trainer_utils")  # (its warnings bypass pytest's capture)
+    logger.addHandler(handler)
+    try:
+        run(dataclasses.replace(rc, ckpt_dir=str(copy), steps=12, max_new_tokens=0), dtype="float32")
+    finally:
+        logger.removeHandler(handler)
+    assert sorted(int(d.split("-")[1]) for d in os.listdir(copy) if d.startswith("checkpoint-")) == [8, 10, 12]
+    assert not any("mtime" in w for w in warnings), warnings
 
 
 def test_a_resumed_run_saves_and_logs_at_its_own_intervals(tmp_path):

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import has_length, rotate_checkpoints
 
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
@@ -200,16 +200,12 @@ class _IntervalsWarningFilter:
     arguments'), and the line about `per_device_train_batch_size` (this project names the change
     itself: another --batch-size in its note of changed settings, another number of processes in its
     warning about the data position; with the second, the global batch was often the same and the
-    line read as an error), and the warning itself when nothing else is in it. Also drops its
-    "mtime may not be reliable on this filesystem" (checkpoints saved within a second of each other,
-    which it then orders by step, as this project does): no problem with the filesystem."""
+    line read as an error), and the warning itself when nothing else is in it."""
 
     HEAD = "Warning: The following arguments do not match the ones in the `trainer_state.json`"
 
     def filter(self, record) -> bool:
         message = record.getMessage()
-        if message.startswith("mtime may not be reliable on this filesystem"):
-            return False
         if not message.startswith(self.HEAD):
             return True
         head, *lines = message.split("\n")
@@ -585,19 +581,37 @@ class CustomLLMTrainer(Trainer):
             self.data_state.save(os.path.join(self._get_output_dir(trial=trial),
                                               f"checkpoint-{self.state.global_step}"))
             self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
+        # The Trainer deletes checkpoints beyond --keep in the order of their folders' modification
+        # times, which a copy, a restore or a download can leave out of step order (it then deleted
+        # the newest steps): older ones go by step number here, as in JAX.
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        if self.args.should_save:
+            rotate_checkpoints(self._get_output_dir(trial=trial), keep,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # A resumed run's schedule follows this run's settings, as in JAX (`jaxllm.train` builds it
         # from the flags; the optimizer state holds only the step count). The saved state holds
         # the learning rate the run started with (the scheduler's `base_lrs`, the groups'
         # `initial_lr`), which a resume with another --lr kept; warm-up and length come from the
-        # schedule's function, made from this run's arguments.
+        # schedule's function, made from this run's arguments. Likewise the groups' weight decay
+        # (the state's was the first run's --weight-decay): this run's on the parameters it decays.
         super()._load_optimizer_and_scheduler(checkpoint)
-        sched = self.lr_scheduler
-        if checkpoint is None or not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        if checkpoint is None:
             return
         groups = self.optimizer.param_groups
+        model = self.accelerator.unwrap_model(self.model)
+        names = set(self.get_decay_parameter_names(model))
+        decayed = {id(p) for n, p in model.named_parameters() if n in names}
+        for group in groups:
+            group["weight_decay"] = self.args.weight_decay if all(id(p) in decayed for p in group["params"]) else 0.0
+        sched = self.lr_scheduler
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
         sched.base_lrs = [self.args.learning_rate] * len(groups)
         lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
         for group, lr in zip(groups, lrs):
