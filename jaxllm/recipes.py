@@ -101,7 +101,7 @@ def differing_settings(names: list[str], mine: list[int], first: list[int]) -> V
 # follows the new --lr, --warmup-steps and --steps): checkpoints record them (`recorded_settings`)
 # and a resume names those that changed (`changed_settings`).
 RESUMED_SETTINGS = ("lr", "warmup_steps", "steps", "weight_decay", "clip_norm", "batch_size", "grad_accum",
-                    "seq_len", "dtype", "mesh", "moe_impl", "attn_impl", "scan_unroll", "remat")
+                    "seq_len", "dtype", "mesh", "moe_impl", "attn_impl", "scan_unroll", "remat", "dropout")
 
 
 def recorded_settings(rc: RunConfig) -> dict[str, Any]:
@@ -113,10 +113,13 @@ def changed_settings(recorded: dict[str, Any] | None, rc: RunConfig) -> str | No
     """A note naming the settings of `rc` that differ from those `recorded` with the checkpoint a
     run resumes (None when none does, or for checkpoints that recorded none): a resume may change
     them, but it should not do so unnoticed (another --steps reshapes the learning-rate schedule)."""
-    def shown(value):
-        return "the default" if value is None else value
+    def change(name, now, was):
+        if name == "dropout":  # (--no-dropout)
+            return f"dropout {'on' if now else 'off'} (was {'on' if was else 'off'})"
+        shown = lambda value: "the default" if value is None else value
+        return f"--{name.replace('_', '-')} {shown(now)} (was {shown(was)})"
 
-    changes = [f"--{name.replace('_', '-')} {shown(getattr(rc, name))} (was {shown(recorded[name])})"
+    changes = [change(name, getattr(rc, name), recorded[name])
                for name in RESUMED_SETTINGS if name in (recorded or {}) and recorded[name] != getattr(rc, name)]
     return f"note: resumed with other settings than the checkpoint's: {', '.join(changes)}" if changes else None
 

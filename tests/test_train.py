@@ -454,10 +454,10 @@ def test_a_resume_names_the_settings_it_changes():
     recorded = json.loads(json.dumps(recorded_settings(rc)))
     assert changed_settings(recorded, rc) is None and changed_settings(None, rc) is None
     assert changed_settings({}, dataclasses.replace(rc, lr=5.0)) is None
-    other = dataclasses.replace(rc, lr=2e-4, steps=600, mesh="fsdp=-1", prompts=("x",), save_every=7)
+    other = dataclasses.replace(rc, lr=2e-4, steps=600, mesh="fsdp=-1", prompts=("x",), save_every=7, dropout=False)
     assert changed_settings(recorded, other) == ("note: resumed with other settings than the checkpoint's: --lr "
                                                  "0.0002 (was 0.001), --steps 600 (was 300), --mesh fsdp=-1 (was the "
-                                                 "default)")
+                                                 "default), dropout off (was on)")
 
 
 def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
