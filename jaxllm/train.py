@@ -97,9 +97,18 @@ def make_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax
 
 def router_bias_update(router_bias_LE: jax.Array, counts_LE: jax.Array, rate: float) -> jax.Array:
     """`b_e += rate * sign(mean(load) - load_e)`, per layer, with `load` the share of the step's
-    (token, slot) assignments that went to each expert."""
-    load = counts_LE.astype(F32) / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1)
-    return router_bias_LE + rate * jnp.sign(jnp.mean(load, -1, keepdims=True) - load)
+    (token, slot) assignments that went to each expert (`counts_LE`, integers).
+
+    The sign is taken exactly, on the counts: that of `total - E * count_e`. In floating point, an
+    expert whose load is exactly the mean (whenever E divides the assignments) got +-1 from rounding,
+    not 0, and not always the PyTorch side's. With `total = q * E + r` (0 <= r < E), nothing
+    overflows: the sign is + where `count_e < q`, - where `count_e > q`, else that of r."""
+    counts = counts_LE.astype(jnp.int32)
+    E = counts.shape[-1]
+    total = jnp.sum(counts, -1, keepdims=True)
+    q, r = total // E, total % E
+    sign = jnp.where(counts < q, 1, jnp.where(counts > q, -1, jnp.sign(r)))
+    return router_bias_LE + rate * sign.astype(F32)
 
 
 class Trainer:

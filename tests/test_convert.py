@@ -351,6 +351,27 @@ def test_two_optimizer_steps_of_both_projects_match_through_the_converter(parity
         assert not np.array_equal(after[name], before[name]), name  # the steps moved every tensor
 
 
+@pytest.mark.parametrize("counts", [[10, 0, 5, 5, 5, 5, 5], [764] * 9, [99, 397, 695], [7, 0, 0, 0, 0, 0, 7],
+                                    [2 ** 27, 2 ** 27 + 1, 2 ** 27 - 1, 0, 0, 0, 0]],
+                         ids=["some at the mean", "all at the mean", "one at the mean", "two over", "large"])
+def test_both_projects_move_the_router_biases_alike_also_where_a_load_is_the_mean(counts):
+    """`sign(mean(load) - load_e)` is 0 where an expert's load is exactly the mean (whenever the
+    experts divide a step's assignments): computed in float32 it was +-1, and not the same in both
+    frameworks (nine experts of 764 each: -rate for every one in JAX, 0 in PyTorch)."""
+    from jaxllm.train import router_bias_update
+    from torch_ref import CustomLLM, CustomLLMConfig
+
+    E = len(counts)
+    total = sum(counts)
+    expected = [float(np.sign(total - E * c)) * TINY.router_bias_update_rate for c in counts]
+    jax_out = np.asarray(router_bias_update(jnp.zeros((1, E)), jnp.asarray([counts], jnp.int32),
+                                            TINY.router_bias_update_rate))
+    np.testing.assert_array_equal(jax_out[0], np.float32(expected))
+    model = CustomLLM(CustomLLMConfig.from_llm_config(TINY.replace(num_hidden_layers=1, num_routed_experts=E)))
+    model.update_router_bias(torch.tensor([counts]))
+    np.testing.assert_array_equal(model.decoder_layers[0].mlp.moe.router_bias.numpy(), jax_out[0])
+
+
 def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity, tmp_path):
     """`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` with jaxllm, torch_ref,
     convert and JAX unimportable and the repository off sys.path: the shipped code suffices."""

@@ -475,8 +475,11 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
     def update_router_bias(self, expert_counts: torch.Tensor) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing, after an optimizer step. `expert_counts`:
         [layers, experts] (token, slot) assignments of the whole step (all micro-batches and
-        processes). `router_bias_e += rate * sign(mean(load) - load_e)`."""
-        load = expert_counts.float() / expert_counts.sum(-1, keepdim=True).clamp(min=1)
-        delta = self.config.router_bias_update_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+        processes). `router_bias_e += rate * sign(mean(load) - load_e)`, the sign taken exactly on
+        the counts, that of `total - E * count_e` (in floating point, a load exactly at the mean got
+        +-1 from rounding, not 0)."""
+        counts = expert_counts.long()
+        signs = torch.sign(counts.sum(-1, keepdim=True) - counts.shape[-1] * counts).float()
+        delta = self.config.router_bias_update_rate * signs
         for layer, d in zip(self.decoder_layers, delta):
             layer.mlp.moe.router_bias.add_(d.to(layer.mlp.moe.router_bias.device))
