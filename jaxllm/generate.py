@@ -42,7 +42,11 @@ class Sampling:
     """How the next token is chosen. `temperature=0` is greedy (argmax, ties to the lower id);
     otherwise the logits are divided by `temperature`, then cut to the `top_k` best (0: no cut),
     then to the smallest set whose probability reaches `top_p` (1: no cut), and a token is drawn.
-    The order is Hugging Face's (temperature, top-k, top-p)."""
+    The order is Hugging Face's (temperature, top-k, top-p). A positive temperature is at least
+    `MIN_TEMPERATURE`: below it, float32 logits divided by it overflowed (JAX drew token 0 on every
+    step, PyTorch's sampler failed on the infinite probabilities)."""
+
+    MIN_TEMPERATURE = 1e-30
 
     temperature: float = 0.0
     top_k: int = 0
@@ -52,6 +56,9 @@ class Sampling:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature >= 0 or math.isinf(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if 0 < self.temperature < self.MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {self.MIN_TEMPERATURE:g}, got "
+                             f"{self.temperature!r}: float32 logits divided by it overflow")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         object.__setattr__(self, "top_k", int(self.top_k))  # (a NumPy integer too; one jit cache key)

@@ -283,6 +283,11 @@ def test_bad_arguments_raise_naming_the_field(pair):
         Sampling(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         Sampling(temperature=-1.0)
+    for tiny in (1e-39, 1e-300, 5e-324):  # logits / temperature overflowed: JAX drew token 0 every time
+        with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or at least 1e-30"):
+            Sampling(temperature=tiny)
+    logits = jnp.asarray([[3.0, -2.0, 30.0, 29.9]])
+    assert int(sample_logits(logits, jax.random.key(0), Sampling(Sampling.MIN_TEMPERATURE))[0]) == 2
     with pytest.raises(ValueError, match="top_k"):
         Sampling(top_k=-2)
     assert Sampling(1.0, np.int64(5)) == Sampling(1.0, 5)
@@ -465,6 +470,8 @@ def test_text_stream_holds_back_split_characters(assets, script):
                                                      "pass one of its checkpoints, e.g. the latest, {trainer}/checkpoint-12"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-p", "2"], "top_p"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["--checkpoint", "{hf}", "--prompt", "x", "--framework", "torch", "--temperature", "1e-39"],
+     "temperature must be 0 (greedy) or at least 1e-30"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "1000"], "--max-new-tokens: the prompt's"),
     (["--checkpoint", "{orbax}", "--prompt", "x " * 200, "--max-new-tokens", "1"], "--prompt: its 400 tokens leave no room"),
