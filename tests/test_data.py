@@ -243,6 +243,31 @@ def test_resume_from_state_dict_continues_with_exactly_the_same_batches(small_js
                 np.testing.assert_array_equal(next(resumed), expected, err_msg=f"resumed after batch {k}")
 
 
+def test_a_batch_that_ends_exactly_at_a_document_end_resumes_at_the_next_document(tmp_path):
+    """Each document is `seq_len` tokens with its EOS, so every batch ends at a document's end
+    (the `pending` deque is empty): the saved position is the next document, offset 0. The test
+    above meets no such batch with its data; a position of (that document, 0) would repeat it."""
+    import itertools
+
+    from helpers import word_tokenizer
+
+    texts = [" ".join(w) for w in itertools.product(("the", "a"), repeat=3)]  # 8 distinct: 3 words + EOS
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    cfg = DataConfig(dataset=str(tmp_path / "d.jsonl"), seq_len=4)
+    tok = word_tokenizer()
+    with PackedBatches(cfg, tok, rows=1) as batches:
+        ref = [next(batches) for _ in range(4)]
+    with PackedBatches(cfg, tok, rows=1) as batches:
+        next(batches)
+        state = batches.state_dict()
+    assert (state["documents"], state["offset"]) == (1, 0), state
+    with PackedBatches(cfg, tok, rows=1, state=state) as resumed:
+        for want in ref[1:]:
+            np.testing.assert_array_equal(next(resumed), want)
+
+
 def test_state_is_the_position_after_the_last_returned_batch_not_the_prefetched_one(small_jsonl, tokenizer):
     cfg = DataConfig(dataset=str(small_jsonl), seq_len=16)
     with PackedBatches(cfg, tokenizer, rows=2, prefetch=3) as batches:

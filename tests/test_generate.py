@@ -202,6 +202,18 @@ def test_top_k_and_top_p_keep_the_right_candidates():
     assert int(sample_logits(logits, keys[0], Sampling())[0]) == 0
 
 
+def test_temperature_sharpens_below_one_and_flattens_above():
+    """Sampling draws from softmax(logits / temperature): frequencies over 4,000 draws are
+    p^(1/t) normalised (every other sampling test uses t = 1, where * and / agree)."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(p)[None], jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    for t in (0.5, 2.0):
+        drawn = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, Sampling(temperature=t)))(keys)).ravel()
+        want = p ** (1 / t) / np.sum(p ** (1 / t))
+        np.testing.assert_allclose(np.bincount(drawn, minlength=4) / drawn.size, want, atol=0.03)
+
+
 def test_generation_stops_at_eos(pair, greedy):
     jm, tm = pair
     free, _ = greedy

@@ -529,6 +529,46 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close():
 
 
 
+def test_bfloat16_compute_gives_float32_logits_not_rounded_bfloat16_ones():
+    """ARCHITECTURE.md: logits are float32 even when the matmuls run in bfloat16: the lm_head
+    product accumulates into float32, so its values are not bfloat16 numbers cast up."""
+    m = create_model(TINY, seed=0, dtype=jnp.bfloat16)
+    logits = np.asarray(m(jnp.asarray(np.random.RandomState(0).randint(0, TINY.vocab_size, (2, 16)))))
+    assert logits.dtype == np.float32
+    low_bits = logits.view(np.uint32) & 0xFFFF
+    assert np.mean(low_bits != 0) > 0.9  # a bfloat16 value cast to float32 has 16 zero low bits
+
+
+def test_bfloat16_norm_rope_and_attention_compute_in_float32():
+    """RMSNorm, RoPE and the attention logits/softmax of bfloat16 inputs equal their float32
+    computation rounded once to bfloat16 at the end (within one bfloat16 ulp), also with large
+    attention logits (where bfloat16 logits would move the softmax)."""
+    from jaxllm.model import RMSNorm, attend
+
+    rng = np.random.RandomState(0)
+    bf = jnp.bfloat16
+
+    def ulps(got, want):  # error in units of bfloat16 rounding of the reference
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        return float(np.max(np.abs(got - want) / (np.abs(want) * 2.0 ** -8 + 1e-30)))
+
+    x = jnp.asarray(rng.randn(4, 16, 64) * 3, bf)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight[...] = jnp.asarray(1 + 0.1 * rng.randn(64), jnp.float32)
+    assert ulps(norm(x), norm(x.astype(jnp.float32))) <= 1.0
+
+    q = jnp.asarray(rng.randn(2, 16, 4, 8), bf)
+    cos, sin = rope_tables(jnp.asarray(np.arange(1000, 1016)[None].repeat(2, 0)), 8, 10000.0)
+    assert ulps(apply_rope(q, cos, sin), apply_rope(q.astype(jnp.float32), cos, sin)) <= 1.0
+
+    q, k, v = (jnp.asarray(rng.randn(2, 16, 4, 16) * s, bf) for s in (8.0, 8.0, 1.0))  # logits ~ +-30
+    mask = jnp.tril(jnp.ones((16, 16), bool))[None]
+    got = attend(q, k, v, mask, 0.25)
+    want = attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, 0.25)
+    # float32 logits: 6e-4 (the probabilities' bfloat16 rounding, by design); bfloat16 logits: 9e-3
+    assert rel_err(got.astype(jnp.float32), want) <= 3e-3
+
+
 def test_a_cast_of_the_torch_model_keeps_router_bias_and_rope_in_float32():
     """`model.to(torch.bfloat16)` / `.half()` cast the weights; `router_bias` (float32 state) keeps
     its dtype and values and RoPE's frequencies stay float32, so the rotation is not rounded."""

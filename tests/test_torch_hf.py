@@ -168,3 +168,24 @@ def test_a_plain_call_outside_training_returns_its_cache_as_hugging_face_models_
     model.save_pretrained(tmp_path)
     loaded = CustomLLM.from_pretrained(tmp_path).eval()
     assert loaded.config.use_cache is False and loaded(ids).cache is None
+
+
+def test_eager_attention_decodes_on_the_cache_without_padding(tmp_path):
+    """Decoding with the cache and no attention mask (no padding): eager attention's default mask is
+    causal over the last T of S keys (`tril(S - T)`), as SDPA's path; a one-token step sees every key."""
+    from jaxllm.config import LLMConfig
+
+    torch.manual_seed(0)
+    sdpa = CustomLLM(CustomLLMConfig.from_llm_config(LLMConfig.from_preset("tiny"))).eval()
+    with torch.no_grad():
+        for p in sdpa.parameters():
+            p.mul_(5)  # attention far from uniform
+    sdpa.save_pretrained(tmp_path)
+    eager = CustomLLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 250, 3]])
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        a, b = eager.generate(ids, **kw), sdpa.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-4, atol=1e-3)

@@ -109,6 +109,52 @@ def test_non_finite_loss_leaves_the_state_untouched():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_norm_leaves_the_state_untouched():
+    """A logit column of 1e30: the loss (about 1e29) is finite, the squares in the gradient's norm
+    overflow to inf. The step must be skipped as for a non-finite loss."""
+    tr = _trainer(batch_size=4)
+    state = tr.init_state()
+    state["params"]["lm_head"]["kernel"] = state["params"]["lm_head"]["kernel"].at[:, 3].set(1e30)
+    before = jax.tree.map(np.asarray, state)
+    after, m = tr.step_fn(state, tr.put_batch(_batches(1, 4)[0]))
+    assert np.isfinite(float(m["loss"])) and not np.isfinite(float(m["grad_norm"])), m
+    assert not bool(m["finite"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def _losses_at_unchanged_weights(grad_accum, batch_size, rows, steps):
+    """The losses of `steps` steps on `rows` with dropout on, at learning rate 1e-30 and no
+    router-bias updates: the weights stay put, so the losses differ only through the dropout masks."""
+    config = TINY.replace(router_bias_update_rate=0.0)
+    tr = Trainer(config, OptimConfig(lr=1e-30, warmup_steps=0, total_steps=10, weight_decay=0.0),
+                 shd.make_mesh(None, jax.devices()[:1]), batch_size=batch_size, grad_accum=grad_accum,
+                 seq_len=rows.shape[-1], dropout=True)
+    state = tr.init_state()
+    p0 = jax.tree.map(np.asarray, state["params"])
+    losses = []
+    for _ in range(steps):
+        state, m = tr.step_fn(state, tr.put_batch(rows))
+        losses.append(float(m["loss"]))
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(state["params"])):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-25)
+    return losses
+
+
+def test_each_step_and_each_micro_batch_draws_its_own_dropout_mask():
+    """The step and the micro-batch go into the dropout key: the same batch twice, or the same rows
+    as both micro-batches of a step, are not dropped alike (one test of the masks themselves runs a
+    single step without accumulation)."""
+    x = np.random.RandomState(0).randint(0, TINY.vocab_size, (2, 16))
+    # the same batch twice, at unchanged weights: another mask each step
+    one = _losses_at_unchanged_weights(1, 2, x, steps=2)
+    assert abs(one[0] - one[1]) > 2e-5, one
+    # the same rows as both micro-batches of one step: its loss is the mean over two masks, not
+    # the loss of one micro-batch under the first step's mask
+    two = _losses_at_unchanged_weights(2, 2, np.concatenate([x, x]), steps=1)
+    assert abs(two[0] - one[0]) > 2e-5, (two, one)
+
+
 def test_exact_resume_through_a_checkpoint(tmp_path):
     batches = _batches(6, 4, seed=2)
     tr = _trainer(batch_size=4, lr=1e-3, warmup=2, steps=6)
