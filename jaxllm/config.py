@@ -142,8 +142,8 @@ def validate(c: LLMConfig) -> None:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
     for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):  # (NaN too)
+            raise ValueError(f"{name} must be a finite positive number, got {v!r}")
     for name in ("router_bias_update_rate", "router_aux_loss_coef"):
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):  # (NaN too)

@@ -109,6 +109,12 @@ def test_torch_config_json_refuses_a_misspelt_field_and_the_model_an_invalid_ove
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="router_aux_loss_coef must be a finite non-negative number"):
             LLMConfig.from_preset("tiny", router_aux_loss_coef=bad)
+    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):  # inf: an all-zero norm, NaN weights
+        for bad in (float("inf"), float("nan"), 0.0):
+            with pytest.raises(ValueError, match=f"{name} must be a finite positive number"):
+                LLMConfig.from_preset("tiny", **{name: bad})
+            with pytest.raises(ValueError, match=f"{name} must be a finite positive number"):
+                CustomLLMConfig.from_preset("tiny", **{name: bad})
 
 
 def test_remat_default_by_model_size_and_accumulation():

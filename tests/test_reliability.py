@@ -969,7 +969,7 @@ def test_a_step_whose_saved_config_is_invalid_is_unreadable_not_the_user_s_confi
     (ckpt / "2" / "meta" / "metadata").write_text(json.dumps(meta))
     shutil.copytree(ckpt, tmp_path / "broken")
     shutil.rmtree(tmp_path / "broken" / "1")
-    needle = "checkpoint step 2 in {}: its saved model config is invalid (rope_theta must be a positive number"
+    needle = "checkpoint step 2 in {}: its saved model config is invalid (rope_theta must be a finite positive number"
     code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "broken")], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and needle.format(tmp_path / "broken") in err, err
     sys.path.insert(0, str(ROOT / "scripts"))
