@@ -321,6 +321,18 @@ def test_torch_generate_past_the_position_table_is_refused_before_decoding(pair)
         hook.remove()
     assert calls == []
     assert tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+    # a prompt given as inputs_embeds alone, which Hugging Face leaves out of its max_length
+    embeds = tm.get_input_embeddings()(torch.tensor([[5] * 120])).detach()
+    hook = tm.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"up to 140 positions \(inputs_embeds 120 \+ 20 new tokens\) exceed "
+                                             r"max_position_embeddings \(128\)"):
+            tm.generate(inputs_embeds=embeds, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert tm.generate(inputs_embeds=embeds, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                       pad_token_id=0).shape == (1, 8)
 
 
 # ---- scripts/generate.py ------------------------------------------------------------------------

@@ -457,6 +457,21 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
                 f"generate: up to {generation_config.max_length} tokens (prompt {input_ids_length} + new) exceed "
                 f"max_position_embeddings ({self.config.max_position_embeddings}); ask for fewer new tokens")
 
+    def _prepare_generated_length(self, generation_config, has_default_max_length, has_default_min_length,
+                                  model_input_name, input_ids_length, inputs_tensor):
+        """The check above for a prompt given as `inputs_embeds` alone, whose positions Hugging Face
+        leaves out of `max_length` (only the new tokens come back): it decoded up to the table's end."""
+        generation_config = super()._prepare_generated_length(
+            generation_config, has_default_max_length, has_default_min_length, model_input_name, input_ids_length,
+            inputs_tensor)
+        embedded = inputs_tensor.shape[1] - input_ids_length if model_input_name == "inputs_embeds" else 0
+        if embedded > 0 and generation_config.max_length + embedded > self.config.max_position_embeddings:
+            raise ValueError(
+                f"generate: up to {generation_config.max_length + embedded} positions (inputs_embeds {embedded} + "
+                f"{generation_config.max_length} new tokens) exceed max_position_embeddings "
+                f"({self.config.max_position_embeddings}); ask for fewer new tokens")
+        return generation_config
+
     @staticmethod
     def _attention_mask(attention_mask, B, T, past, device):
         """Boolean [B, 1, T, S] mask: causal over cached + new tokens, minus padded keys."""
