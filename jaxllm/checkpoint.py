@@ -118,15 +118,25 @@ class _StepMetadataLogFilter(logging.Filter):
         return False
 
 
+class _SaveThreadLogFilter(logging.Filter):
+    """Orbax's "_SignalingThread.run() raised an exception" (absl ERROR records with the traceback,
+    one per thread of a save that failed, some of them after the run has ended): the save's own
+    error reaches the caller (a full disk: the training's one line naming the step)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
 def quiet_orbax_read_leftovers() -> None:
     """Called by `manager()`, before anything is read: should a restore fail (an unreadable
     checkpoint, reported in one line and skipped), Orbax's leftovers (above) would otherwise print
     hundreds of lines of tracebacks and TensorStore specs to stderr whenever the garbage collector
     or a TensorStore thread meets them, some of them before the error reaches us. Only those are
     dropped (a restore that succeeds leaves none); everything else still goes to the previous
-    `sys.unraisablehook` and to asyncio's logger. Installed once per process."""
+    `sys.unraisablehook` and to asyncio's logger. Also the tracebacks of a failed save's threads
+    (`_SaveThreadLogFilter`). Installed once per process."""
     add_unraisable_hook("orbax", _orbax_read_leftover)
-    for name, kind in (("asyncio", _OrbaxTaskLogFilter), ("absl", _StepMetadataLogFilter)):
+    for name, kind in (("asyncio", _OrbaxTaskLogFilter), ("absl", _StepMetadataLogFilter), ("absl", _SaveThreadLogFilter)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())

@@ -28,7 +28,7 @@ from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_checkpo
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, changed_settings, check_prompts, check_run, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
-from jaxllm.stopping import NonFiniteError, RunLock, SignalStop, failing_together  # noqa: F401 (NonFiniteError: train_jax.py's)
+from jaxllm.stopping import NonFiniteError, RunLock, SaveError, SignalStop, failing_together, save_failed  # noqa: F401 (NonFiniteError, SaveError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -194,14 +194,18 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     saved_tokenizer = data_lib.tokenizer_files(tokenizer)  # each step carries its tokenizer's files
 
     def save(step: int, st) -> None:
-        with peer_failures_as_runtime_errors(f"saving step {step}", jax.process_count()):
-            ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
-                          train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
-                          config=config, data={**gather_data_states(data.state_dict()), "source": source,
-                                               "skipped_nonfinite": summary["skipped_nonfinite"],
-                                               "settings": recorded_settings(rc)},
-                          tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
-                          force=True)
+        try:
+            with peer_failures_as_runtime_errors(f"saving step {step}", jax.process_count()):
+                ckpt_lib.save(mngr, step, weights={"params": st["params"], "router_bias": st["router_bias"]},
+                              train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
+                              config=config, data={**gather_data_states(data.state_dict()), "source": source,
+                                                   "skipped_nonfinite": summary["skipped_nonfinite"],
+                                                   "settings": recorded_settings(rc)},
+                              tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
+                              force=True)
+        except (ValueError, OSError) as e:  # no space left, a read-only directory, ...: not bad input
+            last = f"step {last_saved}" if last_saved is not None else None
+            raise SaveError(save_failed(f"step {step}", ckpt_dir, last, ckpt_lib.one_line(e))) from e
 
     def keep_progress(step: int) -> str:
         """After a data error mid-run: save the steps taken since the last checkpoint (one process:

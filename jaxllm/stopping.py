@@ -179,6 +179,24 @@ class NonFiniteError(RuntimeError):
     """A step's loss or gradient was NaN or infinite; its update was not applied."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a directory made read-only or removed):
+    the run itself went wrong, not its input. The checkpoints before it are left as they were."""
+
+
+def save_failed(what: str, ckpt_dir: str, last: str | None, reason: str) -> str:
+    """The message of a `SaveError`: `what` (the step's checkpoint) could not be written in
+    `ckpt_dir` for `reason` (an error's one line; where it quotes a full disk or a read-only file
+    system, the operating system's words alone: TensorStore's run to several hundred characters of
+    paths); `last` names the newest complete checkpoint (None: none yet)."""
+    reason = next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+                   if os.strerror(code) in reason), reason)
+    kept = (f"the last complete checkpoint is {last}, and the steps after it are lost" if last is not None
+            else "no checkpoint of this run was written")
+    return (f"saving {what} in {ckpt_dir} failed ({reason}); {kept}. Make room there (or mend the directory) and run "
+            "the same command again to resume")
+
+
 class Terminated(SystemExit):
     """SystemExit(128 + signal) from a signal handler that ends the work under way as Ctrl-C does
     (a conversion's SIGTERM, `convert.output.atomic_output_dir`): `jaxllm.cli.exit_with` says so

@@ -89,19 +89,20 @@ def main(argv=None) -> int:
 
             exit_together(2)
         return 2
-    except RuntimeError as e:  # a non-finite loss, or a lost peer process
+    except RuntimeError as e:  # a non-finite loss, a checkpoint that could not be written, or a lost peer process
         import jax
 
         if jax.process_count() > 1:
             from jaxllm.distributed import exit_together
-            from jaxllm.loop import NonFiniteError
+            from jaxllm.loop import NonFiniteError, SaveError
 
             # A non-finite loss is global: every process meets it at the same step, and they leave
             # together as after bad input (process 0 leaving first took the coordination service
             # away). Otherwise skip the shutdown barrier, which would wait for a dead process and abort.
             together = isinstance(e, NonFiniteError)
             print(f"train_jax.py: error in process {jax.process_index()} of {jax.process_count()}"
-                  f"{'' if together else ' (did another process die?)'}: {str(e).splitlines()[0]}",
+                  f"{'' if together or isinstance(e, SaveError) else ' (did another process die?)'}: "
+                  f"{str(e).splitlines()[0]}",
                   file=sys.stderr, flush=True)
             if together:
                 exit_together(1)

@@ -47,14 +47,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, rc = parse_args(argv)
-    from torch_ref.training import NonFiniteError, run
+    from torch_ref.training import NonFiniteError, SaveError, run
 
     try:
         summary = run(rc, dtype=rc.dtype)
     except (ValueError, OSError) as e:
         print(f"train_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
-    except NonFiniteError as e:  # the run itself went wrong, not its input
+    except (NonFiniteError, SaveError) as e:  # the run itself went wrong, not its input
         print(f"train_torch.py: error: {e}", file=sys.stderr)
         return 1
     finally:

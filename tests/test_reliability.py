@@ -580,6 +580,38 @@ def test_a_save_that_meets_a_lost_peer_ends_the_run_as_a_lost_peer(tmp_path, cap
     assert sorted(os.listdir(tmp_path / "ck")).count("1") == 1
 
 
+def test_a_save_that_finds_no_space_ends_the_run_in_one_line_naming_the_last_checkpoint(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """A full disk (Orbax raises TensorStore's RESOURCE_EXHAUSTED as ValueError, after its threads
+    log their tracebacks): not bad input (exit status 2) but the run's failure (1), in one line that
+    names the step, the last complete checkpoint and what to do; the threads' records are dropped."""
+    import logging
+
+    from jaxllm import loop
+
+    real_save = loop.ckpt_lib.save
+    full = ('RESOURCE_EXHAUSTED: Error writing "params.lm_head.bias/0" in OCDBT database at local file "/x/2.orbax-'
+            'checkpoint-tmp/params.orbax-checkpoint-tmp/ocdbt.process_0/": Failed to write 1030416 bytes to file 27: '
+            "No space left on device [os_error_code='28']")
+
+    def save(mngr, step, **kw):
+        if step == 2:
+            raise ValueError(full)
+        return real_save(mngr, step, **kw)
+
+    monkeypatch.setattr(loop.ckpt_lib, "save", save)
+    ck = tmp_path / "ck"
+    code, err = _main(BASE + ["--save-every", "1", "--ckpt-dir", str(ck)], capsys)
+    assert (code, err) == (1, f"train_jax.py: error: saving step 2 in {ck} failed (No space left on device); the last "
+                              "complete checkpoint is step 1, and the steps after it are lost. Make room there (or "
+                              "mend the directory) and run the same command again to resume")
+    assert _steps(ck) == [1]
+    logger = logging.getLogger("absl")
+    record = logger.makeRecord("absl", logging.ERROR, __file__, 0, "[process=0][thread=array_type_handler]"
+                               "[operation_id=2] _SignalingThread.run() raised an exception: " + full, (), None)
+    assert not logger.filter(record)
+
+
 def _case_files(tmp_path):
     (tmp_path / "bad_config.json").write_text(json.dumps({"hidden_size": 0}))
     (tmp_path / "no_text.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")

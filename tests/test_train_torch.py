@@ -1170,6 +1170,31 @@ def test_processes_that_would_resume_other_checkpoints_end_with_exit_2_and_chang
     assert files() == before
 
 
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_naming_the_last_complete_one(tmp_path, monkeypatch):
+    """torch.save on a full disk says "unexpected pos ..." (safetensors: "No space left on device"),
+    in a traceback: now a `SaveError` (train_torch.py: one line, exit status 1) naming the checkpoint,
+    the last complete one and what to do; the earlier checkpoints are left as they were."""
+    from torch_ref.training import SaveError
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kw):
+        if "checkpoint-4" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 435008 vs 434900")
+        return real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    rc = _rc(tmp_path, steps=6, save_every=2, max_new_tokens=0)
+    with pytest.raises(SaveError) as e:
+        run(rc, dtype="float32")
+    assert str(e.value) == (f"saving checkpoint-4 in {rc.ckpt_dir} failed ([enforce fail at inline_container.cc:672] . "
+                            "unexpected pos 435008 vs 434900); the last complete checkpoint is checkpoint-2, and the "
+                            "steps after it are lost. Make room there (or mend the directory) and run the same command "
+                            "again to resume")
+    assert os.path.isfile(os.path.join(rc.ckpt_dir, "checkpoint-2", "trainer_state.json"))
+    assert not os.path.exists(os.path.join(rc.ckpt_dir, "checkpoint-6"))
+
+
 def test_keep_deletes_the_oldest_steps_whatever_the_folders_times(trained, tmp_path):
     """--keep deletes the oldest steps, as in JAX. The Trainer's own rotation went by the folders'
     modification times, which a copy or a restore can leave out of step order: it kept checkpoint-4

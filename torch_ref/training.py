@@ -41,11 +41,13 @@ imports JAX.
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import zipfile
@@ -53,6 +55,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import has_length, rotate_checkpoints
@@ -64,8 +67,8 @@ from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import (RunConfig, changed_settings, check_prompts, check_run, differing_settings, encode_prompt,
                             model_name, recorded_settings, setting_digests, warmup_warning)
-from jaxllm.stopping import (NonFiniteError, RunLock, SignalStop, check_same_checkpoints, check_shared_directory,
-                             failing_together, raise_where_failed)
+from jaxllm.stopping import (NonFiniteError, RunLock, SaveError, SignalStop, check_same_checkpoints,  # noqa: F401 (SaveError: train_torch.py's)
+                             check_shared_directory, failing_together, raise_where_failed, save_failed)
 from torch_ref.configuration_customllm import CustomLLMConfig
 from torch_ref.modeling_customllm import CustomLLM
 
@@ -573,6 +576,24 @@ class CustomLLMTrainer(Trainer):
             self.state.epoch = epoch
 
     def _save_checkpoint(self, model, trial) -> None:
+        # A checkpoint that cannot be written (a full disk: safetensors' or torch.save's error, the
+        # latter "unexpected pos ..." without a word of space) ends the run in one line naming the
+        # checkpoint and the last complete one; a lost peer's error is left as it is.
+        try:
+            self._save_and_rotate(model, trial)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            if isinstance(e, (torch.distributed.DistError, NonFiniteError)):
+                raise
+            out, step = self._get_output_dir(trial=trial), self.state.global_step
+            reason = error_line(e)
+            free = shutil.disk_usage(out).free if os.path.isdir(out) else None
+            if free is not None and free < 2**26 and os.strerror(errno.ENOSPC) not in reason:
+                reason += f"; {free / 2**20:.1f} MiB free on its file system"
+            last = next((f"checkpoint-{s}" for s, path in _checkpoints(out)
+                         if s != step and _missing_from_checkpoint(path) is None), None)
+            raise SaveError(save_failed(f"checkpoint-{step}", out, last, reason)) from e
+
+    def _save_and_rotate(self, model, trial) -> None:
         # Every process's data position goes in first (hence the barrier): the Trainer's save then
         # writes trainer_state.json, which makes the checkpoint resumable, and deletes older
         # checkpoints. Written after, a crash in between would leave a checkpoint that resumes the
