@@ -838,11 +838,21 @@ class CustomLLM(nnx.Module):
         ([B, 1, V]; a prefill needs no more)."""
         c = self.config
         B, T = input_ids.shape
-        end = T + (cache_index if isinstance(cache_index, int) else 0)
+        # Checked where concrete (a call outside jit; traced: unchecked): a gather clamps a token id,
+        # position or cache index past its table silently, as JAX's indexing does.
+        if _concrete(input_ids) and input_ids.size:
+            ids = np.asarray(input_ids)  # (NumPy's reductions of a jax.Array inside a trace are traced)
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0 .. {c.vocab_size - 1})")
+        index = int(np.asarray(cache_index)) if _concrete(cache_index) else None
+        if index is not None and index < 0:
+            raise ValueError(f"cache_index must be >= 0, got {index}")
+        end = T + (index or 0)
         if positions is None and end > c.max_position_embeddings:  # a gather would clamp it silently
             raise ValueError(f"sequence length {end} exceeds max_position_embeddings ({c.max_position_embeddings})")
-        if positions is not None and not isinstance(positions, jax.core.Tracer):  # (traced: unchecked)
-            lo, hi = int(np.min(positions)), int(np.max(positions))
+        if positions is not None and _concrete(positions):  # (traced: unchecked)
+            lo, hi = int(np.asarray(positions).min()), int(np.asarray(positions).max())
             if lo < 0 or hi >= c.max_position_embeddings:
                 raise ValueError(f"position {lo if lo < 0 else hi} is outside the position table "
                                  f"(0 .. {c.max_position_embeddings - 1}, max_position_embeddings)")
@@ -910,9 +920,20 @@ def lm_loss_sums(logits_BTV: Array, labels_BT: Array) -> tuple[Array, Array]:
     return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
 
 
+def _concrete(x) -> bool:
+    """Whether `x`'s values can be read here (not traced, all on this process)."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
 def loss_fn(model: CustomLLM, input_ids, labels=None, **kw):
     """ARCHITECTURE.md's loss: mean shifted cross-entropy + `router_aux_loss_coef` x the balance
     loss (mean over sequences). Returns (loss, (lm_loss, aux_loss, expert_counts))."""
+    if labels is not None and _concrete(labels):  # (checked as the ids are)
+        lab = np.asarray(labels)
+        bad = lab[(lab != -100) & ((lab < 0) | (lab >= model.config.vocab_size))]
+        if bad.size:
+            raise ValueError(f"label {int(bad.flat[0])} is neither -100 (ignored) nor a token id of the vocabulary "
+                             f"(0 .. {model.config.vocab_size - 1})")
     out = model.forward(input_ids, **kw)
     ce_sum, n = lm_loss_sums(out.logits, input_ids if labels is None else labels)
     lm = ce_sum / n

@@ -159,6 +159,33 @@ def test_positions_outside_the_table_and_writes_past_the_cache_are_refused():
     with pytest.raises(ValueError, match="4 new tokens at cache index 6 exceed the cache's 8 positions"):
         jm.forward(jnp.asarray(_ids((1, 4), seed=1)), cache=out.cache, cache_index=6)
     jm.forward(jnp.asarray(_ids((1, 2), seed=1)), cache=out.cache, cache_index=6)  # fills it exactly
+    # a cache index given as an array (as the decode loop's) is checked as an int is
+    with pytest.raises(ValueError, match="1 new tokens at cache index 9 exceed the cache's 8 positions"):
+        jm.forward(jnp.asarray(_ids((1, 1), seed=1)), cache=out.cache, cache_index=jnp.int32(9))
+    with pytest.raises(ValueError, match="cache_index must be >= 0, got -1"):
+        jm.forward(jnp.asarray(_ids((1, 1), seed=1)), cache=out.cache, cache_index=jnp.int32(-1))
+
+
+def test_token_ids_and_labels_outside_the_vocabulary_are_refused_in_both_frameworks():
+    """A gather clamps an id past the embedding table (600 read as 511, -3 as 509) and a label
+    past the logits gave NaN (or, negative, a finite wrong loss): refused where the arrays are
+    concrete, as PyTorch's embedding and cross-entropy refuse them."""
+    jm, tm = model_pair(TINY, seed=0)
+    ids = _ids((1, 4))
+    for bad in (TINY.vocab_size, -3):
+        wrong = ids.copy()
+        wrong[0, 2] = bad
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary \\(0 .. 511\\)"):
+            jm(jnp.asarray(wrong))
+        with pytest.raises(IndexError):
+            tm(torch.from_numpy(wrong))
+        with pytest.raises(ValueError, match=f"label {bad} is neither -100"):
+            loss_fn(jm, jnp.asarray(ids), labels=jnp.asarray(wrong))
+        with pytest.raises(IndexError):
+            tm(torch.from_numpy(ids), labels=torch.from_numpy(wrong))
+    ignored = ids.copy()
+    ignored[0, 2] = -100
+    assert np.isfinite(float(loss_fn(jm, jnp.asarray(ids), labels=jnp.asarray(ignored))[0]))
 
 
 def test_causality_in_both_frameworks():
