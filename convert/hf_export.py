@@ -25,8 +25,8 @@ import torch
 
 from convert import ConvertError, error_line, mapping
 from convert.output import atomic_output_dir, check_output, parse_max_shard_size
-from convert.remote_code import AUTO_MAP, write_remote_code
 from convert.remote_code import FILE_NAMES as REMOTE_FILE_NAMES
+from convert.remote_code import write_remote_code
 from jaxllm.cli import listing
 from jaxllm import checkpoint
 from jaxllm.config import LLMConfig
@@ -167,6 +167,7 @@ def write_config(config: LLMConfig, out: str, dtype: str) -> None:
     from transformers import GenerationConfig
 
     from torch_ref import CustomLLMConfig
+    from torch_ref.modeling_customllm import AUTO_MAP
 
     hf_config = CustomLLMConfig.from_llm_config(config, architectures=["CustomLLM"], auto_map=AUTO_MAP,
                                                 dtype=dtype)

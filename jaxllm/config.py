@@ -100,12 +100,13 @@ class LLMConfig:
 
 
 # Keys that Hugging Face writes into config.json next to ours (a whole `to_dict()` too, not only
-# `save_pretrained`'s difference from the defaults); they carry no model information.
+# `save_pretrained`'s difference from the defaults); they carry no model information read here
+# (`quantization_config`: how a quantized load stored the weights; a save of it writes one).
 IGNORED_KEYS = frozenset({
     "model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
     "_name_or_path", "return_dict", "output_hidden_states", "output_attentions", "use_cache",
     "is_encoder_decoder", "_attn_implementation_autoset", "chunk_size_feed_forward", "id2label",
-    "label2id", "problem_type",
+    "label2id", "problem_type", "quantization_config",
 })
 
 

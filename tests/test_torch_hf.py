@@ -189,3 +189,68 @@ def test_eager_attention_decodes_on_the_cache_without_padding(tmp_path):
         a, b = eager.generate(ids, **kw), sdpa.generate(ids, **kw)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-4, atol=1e-3)
+
+
+def test_save_pretrained_ships_the_modeling_code_so_that_the_copy_loads_anywhere(tmp_path):
+    """Every `save_pretrained` of the model writes the code and `auto_map`, as an export does: a
+    model loaded from an exported directory (whose config keeps `auto_map`) and saved again wrote
+    `auto_map` without the code, and `trust_remote_code=True` then failed where this project is not
+    installed."""
+    from helpers import logits_without_this_project
+
+    model = _tiny().eval()
+    model.save_pretrained(tmp_path / "a")
+    again = CustomLLM.from_pretrained(tmp_path / "a")
+    again.save_pretrained(tmp_path / "b")
+    ids = _ids((1, 8))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = logits_without_this_project(tmp_path / "b", ids.numpy(), tmp_path)
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trainer_s_label_smoothing_shifts_the_labels_as_for_other_causal_lms(tmp_path):
+    """With `label_smoothing_factor` the Trainer takes the loss from the logits and shifts the
+    labels only for the causal LMs transformers lists by name; unlisted, CustomLLM was trained to
+    predict each token from itself (the balance loss is not in that loss: README)."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = _tiny(embedding_dropout=0.0).eval()
+    rows = _ids((4, 16))
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, per_device_eval_batch_size=4, use_cpu=True,
+                             report_to="none")
+    got = Trainer(model=model, args=args).evaluate([{"input_ids": r, "labels": r} for r in rows])["eval_loss"]
+    with torch.no_grad():
+        want = LabelSmoother(0.1)({"logits": model(rows).logits}, rows, shift_labels=True).item()
+    assert abs(got - want) < 1e-5, (got, want)
+
+
+def test_set_attn_implementation_switches_a_loaded_model_to_eager(monkeypatch):
+    """transformers guessed from the module's source that the attention could not be switched, and
+    `set_attn_implementation("eager")` only logged so; the model reads the setting at every call."""
+    model = _tiny().eval()
+    x = _ids((2, 12))
+    with torch.no_grad():
+        want = model(x).logits
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("SDPA called under attn_implementation='eager'")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_a_quantized_load_saved_loads_again(tmp_path):
+    """`quantization_config`, which a quantized load writes into config.json, is Hugging Face's,
+    not a misspelt field: such a saved config loads."""
+    from transformers import AutoConfig
+
+    config = CustomLLMConfig.from_preset("tiny")
+    config.quantization_config = {"quant_method": "bitsandbytes"}
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).quantization_config == {"quant_method": "bitsandbytes"}
+

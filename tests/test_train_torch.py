@@ -54,6 +54,21 @@ def _trainer(tmp_path, model=None, **rc_kw):
     return CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches, 2))
 
 
+def test_evaluation_gives_the_model_s_loss_whatever_the_training_accumulated(tmp_path):
+    """`evaluate()` reports each batch's loss as the model computes it: it took the training step's
+    part (the balance loss divided by the last step's gradient accumulation, the loss times the
+    number of processes), so that after training with --grad-accum 4 the same data scored another
+    loss."""
+    tr = _trainer(tmp_path)
+    rows = torch.from_numpy(np.random.RandomState(0).randint(0, TINY.vocab_size, (4, 16)))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    with torch.no_grad():
+        want = tr.model.eval()(rows, labels=rows).loss.item()
+    assert abs(tr.evaluate(data)["eval_loss"] - want) < 1e-6
+    tr.current_gradient_accumulation_steps = 4  # as after a training step with --grad-accum 4
+    assert abs(tr.evaluate(data)["eval_loss"] - want) < 1e-6
+
+
 def test_weight_decay_on_the_parameters_jax_decays(tmp_path):
     from convert.mapping import flax_to_torch
     from flax import nnx

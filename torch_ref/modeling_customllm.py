@@ -7,25 +7,54 @@ so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` work
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init  # (transformers 5: init functions that keep loaded weights)
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer  # recomputed in the backward pass
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .configuration_customllm import CustomLLMConfig
 
-try:  # transformers >= 5: init functions that respect already-loaded weights
-    from transformers import initialization as init
-except ImportError:  # pragma: no cover
-    from torch.nn import init
-try:  # a layer that `activation_checkpointing_enable()` recomputes in the backward pass
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # pragma: no cover
-    GradientCheckpointingLayer = nn.Module
+# The Trainer's label smoothing shifts the labels only for the causal LMs transformers lists by
+# name: unlisted, CustomLLM was trained to predict each token from itself (the list's own lookup of
+# a model type goes through `AutoModelForCausalLM.register` or `auto_map` first, so this changes no
+# loading).
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(CustomLLMConfig.model_type, "CustomLLM")
+
+# The code a saved directory ships, so that `AutoModelForCausalLM.from_pretrained(dir,
+# trust_remote_code=True)` loads it where this project is not installed (`remote_code_sources`).
+AUTO_MAP = {
+    "AutoConfig": "configuration_customllm.CustomLLMConfig",
+    "AutoModelForCausalLM": "modeling_customllm.CustomLLM",
+}
+CORE_MODULE = "customllm_config_core"  # jaxllm/config.py, as shipped
+_NONE = object()
+
+
+def remote_code_sources() -> dict[str, str]:
+    """{file name: source} of the code a saved directory ships: this file, the configuration's, and
+    the module the configuration imports its fields from (`jaxllm/config.py`), shipped as
+    `customllm_config_core.py` with that import made relative (transformers copies relative imports
+    of remote code along with it). Read from the loaded modules' files: this project's, or those of
+    a directory loaded with `trust_remote_code`, which a save then ships again."""
+    config_module = sys.modules[CustomLLMConfig.__module__]
+    files = {}
+    for name, module in (("configuration_customllm.py", config_module), ("modeling_customllm.py", sys.modules[__name__]),
+                         (f"{CORE_MODULE}.py", sys.modules[config_module.LLMConfig.__module__])):
+        with open(module.__file__, encoding="utf-8") as f:
+            files[name] = f.read()
+    files["configuration_customllm.py"] = re.sub(r"^from jaxllm\.config import ", f"from .{CORE_MODULE} import ",
+                                                 files["configuration_customllm.py"], flags=re.M)
+    return files
 
 # transformers 5.24 renamed the outputs' `past_key_values` to `cache`: fill whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -287,6 +316,32 @@ class CustomLLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _can_compile_fullgraph = False
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from the module's source whether `set_attn_implementation` can work,
+        # and guessed no: the attention reads `config._attn_implementation` at every call.
+        return True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the modeling code and `auto_map` (as the
+        converter exports and the trainer saves): the directory loads with
+        `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where this project is
+        not installed. A model loaded from an exported directory saved its `auto_map` without the
+        code, which such a load then missed. The model's own config is left as it was."""
+        had = self.config.__dict__.get("auto_map", _NONE)
+        self.config.auto_map = dict(AUTO_MAP)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had is _NONE:
+                del self.config.auto_map
+            else:
+                self.config.auto_map = had
+        if kwargs.get("is_main_process", True):
+            for name, text in remote_code_sources().items():
+                with open(os.path.join(save_directory, name), "w", encoding="utf-8") as f:
+                    f.write(text)
 
     @torch.no_grad()
     def _init_weights(self, module):

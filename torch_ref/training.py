@@ -33,7 +33,7 @@ W, T, 0)` at every step 0..T-1, up to float32 rounding), global-norm clipping (t
 
 Checkpoints are Hugging Face directories (`checkpoint-N/`: config.json with `auto_map`,
 model.safetensors with the canonical names and the persistent `router_bias` buffers, the modeling
-code (`convert.remote_code`), generation_config.json, tokenizer files, optimizer/scheduler/RNG
+code (`CustomLLM.save_pretrained`), generation_config.json, tokenizer files, optimizer/scheduler/RNG
 state, trainer_state.json, data_state.rank*.json) that `convert/torch_to_flax.py` reads and
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` loads anywhere. Nothing here
 imports JAX.
@@ -62,7 +62,6 @@ from transformers.trainer_utils import has_length, rotate_checkpoints
 
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
-from convert.remote_code import add_remote_code
 from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
 from jaxllm.recipes import (RunConfig, changed_settings, check_prompts, check_run, differing_settings, encode_prompt,
@@ -552,13 +551,14 @@ class CustomLLMTrainer(Trainer):
             num_items_in_batch = (labels[:, 1:] != -100).sum()
         out = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), labels=labels,
                     num_items_in_batch=num_items_in_batch)
+        if not model.training:  # evaluation: this batch's loss, as the model gives it (not a step's part)
+            return (out.loss, out) if return_outputs else out.loss
         P = self.accelerator.num_processes
         seqs_step = ids.shape[0] * getattr(self, "current_gradient_accumulation_steps", 1) * P
         cfg = self.accelerator.unwrap_model(model).config
         aux_part = out.aux_loss * ids.shape[0] / seqs_step  # the model's aux_loss is a mean over this batch
         loss = P * (out.lm_loss + cfg.router_aux_loss_coef * aux_part)
-        if model.training:
-            self.router_bias_callback.add(out.expert_counts, out.lm_loss, aux_part)
+        self.router_bias_callback.add(out.expert_counts, out.lm_loss, aux_part)
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -638,15 +638,6 @@ class CustomLLMTrainer(Trainer):
         for group, lr in zip(groups, lrs):
             group["initial_lr"], group["lr"] = self.args.learning_rate, lr
         sched._last_lr = lrs
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        # (every save of the model: checkpoints, `save_model`) The modeling code beside the weights,
-        # as `flax_to_torch.py` exports it: the directory loads with
-        # `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where this project is
-        # not installed. Within a checkpoint, before the Trainer's state that makes it complete.
-        super()._save(output_dir, state_dict=state_dict)
-        if self.args.should_save and isinstance(self.accelerator.unwrap_model(self.model), CustomLLM):
-            add_remote_code(output_dir if output_dir is not None else self.args.output_dir)
 
 
 # ---- settings -> TrainingArguments ------------------------------------------------------------
