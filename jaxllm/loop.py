@@ -28,7 +28,7 @@ from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_checkpo
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
 from jaxllm.recipes import RECIPES, RunConfig, changed_settings, check_prompts, check_run, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
-from jaxllm.stopping import NonFiniteError, RunLock, SaveError, SignalStop, failing_together, save_failed  # noqa: F401 (NonFiniteError, SaveError: train_jax.py's)
+from jaxllm.stopping import NonFiniteError, RunLock, SaveError, SignalStop, failing_together, save_failed  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
 
@@ -216,8 +216,11 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
             return f" (at step {step}; " + ("nothing new to save)" if step == start else "saved at that step)")
         if jax.process_count() > 1:
             return f" (at step {step}; the steps after {last_saved if last_saved is not None else start} are lost)"
-        save(step, state)
-        mngr.wait_until_finished()
+        try:
+            save(step, state)
+            mngr.wait_until_finished()
+        except SaveError as e:  # the data error stays the one named
+            return f" (at step {step}; saving it failed: {e})"
         return f" (saved a checkpoint at step {step} in {ckpt_dir} first)"
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))

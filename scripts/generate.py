@@ -36,7 +36,7 @@ def parse_args(argv=None):
     a("--step", type=int, help="step of an Orbax checkpoint directory (default: the latest)")
     a("--prompt", required=True, type=text, help="text to continue")
     a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
-    a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy, else at least 1e-30 (default 0)")
     a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0; needs --temperature)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching probability p (default 1; needs --temperature)")
     a("--seed", type=seed, default=0, help="random seed of the sampling, 0 .. 2**32 - 1 (default 0)")

@@ -612,6 +612,32 @@ def test_a_save_that_finds_no_space_ends_the_run_in_one_line_naming_the_last_che
     assert not logger.filter(record)
 
 
+def test_a_data_error_whose_progress_save_fails_is_still_the_error_named(tmp_path, capsys, monkeypatch):
+    """The save of the steps taken before a data error can fail too (a full disk): the data error
+    stays the one named, exit status 2, with the failed save in its parentheses."""
+    from jaxllm import loop
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text("".join(json.dumps({"text": f"Doc {i}."}) + "\n" for i in range(1100)))
+    (shards / "b.jsonl").write_text("this line is not JSON\n")
+    real_save = loop.ckpt_lib.save
+
+    def save(mngr, step, **kw):
+        if step % 10:
+            raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device [os_error_code='28']")
+        return real_save(mngr, step, **kw)
+
+    monkeypatch.setattr(loop.ckpt_lib, "save", save)
+    ck = tmp_path / "ck"
+    code, err = _main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "60", "--save-every", "10",
+                       "--max-new-tokens", "0", "--no-progress", "--ckpt-dir", str(ck), "--dataset", str(shards)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "JSON parse error" in err, err
+    assert re.search(r"\(at step (\d+); saving it failed: saving step \1 in .* failed \(No space left on device\); the "
+                     r"last complete checkpoint is step \d0, and the steps after it are lost", err), err
+
+
 def _case_files(tmp_path):
     (tmp_path / "bad_config.json").write_text(json.dumps({"hidden_size": 0}))
     (tmp_path / "no_text.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")

@@ -207,6 +207,10 @@ def test_save_pretrained_ships_the_modeling_code_so_that_the_copy_loads_anywhere
         want = model(ids).logits.numpy()
     got = logits_without_this_project(tmp_path / "b", ids.numpy(), tmp_path)
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    # push_to_hub=True would upload before the code is written: refused, naming push_to_hub()
+    with pytest.raises(ValueError, match=r"call model.push_to_hub\(repo_id\)"):
+        model.save_pretrained(tmp_path / "c", push_to_hub=True)
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_trainer_s_label_smoothing_shifts_the_labels_as_for_other_causal_lms(tmp_path):

@@ -1208,6 +1208,27 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_naming_the_last_comple
                             "again to resume")
     assert os.path.isfile(os.path.join(rc.ckpt_dir, "checkpoint-2", "trainer_state.json"))
     assert not os.path.exists(os.path.join(rc.ckpt_dir, "checkpoint-6"))
+    # a lost peer's error in a save (gloo raises plain RuntimeErrors) is no failed write
+    tr = _trainer(tmp_path / "peer")
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+    monkeypatch.setattr(tr, "_save_and_rotate", lambda *a: (_ for _ in ()).throw(lost))
+    with pytest.raises(RuntimeError) as e:
+        tr._save_checkpoint(tr.model, None)
+    assert e.value is lost
+
+
+def test_keep_leaves_an_interrupted_save_above_the_resumed_step_out_of_its_count(trained, tmp_path):
+    """An incomplete checkpoint above the step a run resumed from (an interrupted save, which the
+    resume passed over) is not one of the --keep kept: counted, with --keep 1 it took the place of
+    the checkpoint just written, which was deleted, and with it every complete one."""
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    shutil.copytree(copy / "checkpoint-10", copy / "checkpoint-12")
+    os.remove(copy / "checkpoint-12" / "trainer_state.json")
+    run(dataclasses.replace(rc, ckpt_dir=str(copy), steps=11, keep=1, max_new_tokens=0), dtype="float32")
+    assert sorted(d for d in os.listdir(copy) if d.startswith("checkpoint-")) == ["checkpoint-11", "checkpoint-12"]
+    assert os.path.isfile(copy / "checkpoint-11" / "trainer_state.json")
 
 
 def test_keep_deletes_the_oldest_steps_whatever_the_folders_times(trained, tmp_path):

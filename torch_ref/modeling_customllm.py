@@ -323,22 +323,27 @@ class CustomLLMPreTrainedModel(PreTrainedModel):
         # and guessed no: the attention reads `config._attn_implementation` at every call.
         return True
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with the modeling code and `auto_map` (as the
         converter exports and the trainer saves): the directory loads with
         `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where this project is
         not installed. A model loaded from an exported directory saved its `auto_map` without the
-        code, which such a load then missed. The model's own config is left as it was."""
+        code, which such a load then missed. The model's own config is left as it was.
+        `push_to_hub=True` is refused: it uploads before the code is written (`push_to_hub()`
+        saves, code included, then uploads)."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True) would upload the weights without their modeling code: "
+                             "call model.push_to_hub(repo_id), or upload the saved directory")
         had = self.config.__dict__.get("auto_map", _NONE)
         self.config.auto_map = dict(AUTO_MAP)
         try:
-            super().save_pretrained(save_directory, *args, **kwargs)
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         finally:
             if had is _NONE:
                 del self.config.auto_map
             else:
                 self.config.auto_map = had
-        if kwargs.get("is_main_process", True):
+        if is_main_process:
             for name, text in remote_code_sources().items():
                 with open(os.path.join(save_directory, name), "w", encoding="utf-8") as f:
                     f.write(text)

@@ -58,7 +58,7 @@ import torch
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import has_length, rotate_checkpoints
+from transformers.trainer_utils import has_length
 
 from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
@@ -184,6 +184,11 @@ def _ranks_where(flag: bool, device) -> list[int]:
     flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int32, device=device)
     flags[torch.distributed.get_rank()] = flag
     return torch.nonzero(_all_reduce_sum(flags)).flatten().tolist()
+
+
+# torch.save's errors when a file cannot be written (a full disk: "unexpected pos ...", "file write
+# failed"): RuntimeErrors, as a lost peer's are, which a save does not take for a failed write.
+_WRITE_FAILED = re.compile(r"PytorchStreamWriter|inline_container|unexpected pos|file write failed")
 
 
 class ThisRunsIntervalsCallback(TrainerCallback):
@@ -582,7 +587,7 @@ class CustomLLMTrainer(Trainer):
         try:
             self._save_and_rotate(model, trial)
         except (OSError, RuntimeError, SafetensorError) as e:
-            if isinstance(e, (torch.distributed.DistError, NonFiniteError)):
+            if isinstance(e, RuntimeError) and not _WRITE_FAILED.search(str(e)):  # (gloo's lost peer, ...)
                 raise
             out, step = self._get_output_dir(trial=trial), self.state.global_step
             reason = error_line(e)
@@ -604,15 +609,20 @@ class CustomLLMTrainer(Trainer):
             self.accelerator.wait_for_everyone()
         # The Trainer deletes checkpoints beyond --keep in the order of their folders' modification
         # times, which a copy, a restore or a download can leave out of step order (it then deleted
-        # the newest steps): older ones go by step number here, as in JAX.
+        # the newest steps): older complete ones go by step number here, as in JAX. An incomplete one
+        # (an interrupted save, which a resume passed over) is neither counted nor deleted: counted,
+        # one above the resumed step took the place of the checkpoint just written.
         keep, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = keep
-        if self.args.should_save:
-            rotate_checkpoints(self._get_output_dir(trial=trial), keep,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.should_save and keep is not None and keep > 0:
+            complete = [(step, path) for step, path in _checkpoints(self._get_output_dir(trial=trial))
+                        if _missing_from_checkpoint(path) is None]  # newest first
+            for step, path in complete[keep:]:
+                if step != self.state.global_step:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # A resumed run's schedule follows this run's settings, as in JAX (`jaxllm.train` builds it
@@ -933,7 +943,10 @@ def _keep_progress(trainer: "CustomLLMTrainer", start: int, world: int) -> str:
         return f" (at step {step}; " + ("nothing new to save)" if step == start else "saved at that step)")
     if world > 1:
         return f" (at step {step}; the steps after the last checkpoint are lost)"
-    trainer._save_checkpoint(trainer.model, trial=None)  # ours: the data position, then the Trainer's save
+    try:
+        trainer._save_checkpoint(trainer.model, trial=None)  # ours: the data position, then the Trainer's save
+    except SaveError as e:  # the data error stays the one named
+        return f" (at step {step}; saving it failed: {e})"
     return f" (saved {os.path.join(trainer.args.output_dir, f'checkpoint-{step}')} first)"
 
 
