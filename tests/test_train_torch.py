@@ -2,6 +2,7 @@
 optimizer parity with jaxllm.train, the data stream, learning, exact resume, conversion of the
 saved directory to Flax, and the cross-framework check against the JAX trainer."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -1217,6 +1218,22 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_naming_the_last_comple
     assert e.value is lost
 
 
+@contextlib.contextmanager
+def _trainer_utils_warnings():
+    """The messages `transformers.trainer_utils` logs meanwhile (they bypass pytest's capture)."""
+    import logging
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("transformers.trainer_utils")
+    logger.addHandler(handler)
+    try:
+        yield warnings
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_keep_leaves_an_interrupted_save_above_the_resumed_step_out_of_its_count(trained, tmp_path):
     """An incomplete checkpoint above the step a run resumed from (an interrupted save, which the
     resume passed over) is not one of the --keep kept: counted, with --keep 1 it took the place of
@@ -1236,23 +1253,14 @@ def test_keep_deletes_the_oldest_steps_whatever_the_folders_times(trained, tmp_p
     modification times, which a copy or a restore can leave out of step order: it kept checkpoint-4
     and deleted checkpoint-10, the newest before this run's. Nor does it say anything about the
     filesystem's times ("mtime may not be reliable", its line when they are within a second)."""
-    import logging
-
     rc, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(rc.ckpt_dir, copy)
     now = time.time()
     for age, step in zip((300, 200, 100), (10, 8, 4)):  # checkpoint-10's folder the oldest
         os.utime(copy / f"checkpoint-{step}", (now - age, now - age))
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logger = logging.getLogger("transformers.trainer_utils")  # (its warnings bypass pytest's capture)
-    logger.addHandler(handler)
-    try:
+    with _trainer_utils_warnings() as warnings:
         run(dataclasses.replace(rc, ckpt_dir=str(copy), steps=12, max_new_tokens=0), dtype="float32")
-    finally:
-        logger.removeHandler(handler)
     assert sorted(int(d.split("-")[1]) for d in os.listdir(copy) if d.startswith("checkpoint-")) == [8, 10, 12]
     assert not any("mtime" in w for w in warnings), warnings
 
@@ -1262,20 +1270,11 @@ def test_a_resumed_run_saves_and_logs_at_its_own_intervals(tmp_path):
     `trainer_state.json` (the first run's --save-every and --log-every), with a warning: a resume
     with --save-every 6 --log-every 6 saved at 6, 8, 10, 12 and logged every step. Its warning about
     another batch per device is dropped too: the project's note names another --batch-size."""
-    import logging
-
     rc = _rc(tmp_path, steps=4, save_every=2, log_every=1, grad_accum=1, max_new_tokens=0, keep=10)
     run(rc, dtype="float32")
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logger = logging.getLogger("transformers.trainer_utils")  # (its warnings bypass pytest's capture)
-    logger.addHandler(handler)
-    try:
+    with _trainer_utils_warnings() as warnings:
         out = run(dataclasses.replace(rc, steps=12, save_every=6, log_every=6, batch_size=2 * rc.batch_size),
                   dtype="float32")
-    finally:
-        logger.removeHandler(handler)
     assert sorted(int(d.split("-")[1]) for d in os.listdir(rc.ckpt_dir) if d.startswith("checkpoint-")) == [2, 4, 6, 12]
     # logged at its own interval, its first step and its last (as the JAX side logs a resumed run)
     assert [r["step"] for r in out["records"]] == [5, 6, 12]
