@@ -228,7 +228,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     flops_per_step = training_flops_per_token(config, rc.seq_len) * tokens_per_step
     peak = rc.peak_flops or device_peak_flops(jax.devices()[0], rc.dtype)
     peak_total = peak * jax.device_count() if peak else None
-    log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc)}), mesh {dict(mesh.shape)} over "
+    log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc, bool(existing))}), mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)"
         + (f"; {hostmem.describe()}" if jax.devices()[0].platform == "cpu" else ""))
     log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = "

@@ -224,6 +224,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def model_name(rc: RunConfig) -> str:
-    """How logs name the run's model: its config file, its preset, or the checkpoint it starts from."""
-    return rc.config or rc.preset or f"the model of {rc.init_from or rc.ckpt_dir}"
+def model_name(rc: RunConfig, resumed: bool) -> str:
+    """How logs name the run's model: its config file, its preset, or the checkpoint it starts from
+    (a resumed run's own: `--init-from` only starts a new run)."""
+    return rc.config or rc.preset or f"the model of {rc.ckpt_dir if resumed else rc.init_from or rc.ckpt_dir}"

@@ -825,17 +825,20 @@ def test_init_from_trains_with_the_starting_checkpoint_s_tokenizer(trained_ckpt,
     mngr.wait_until_finished()
     mngr.close()
     capsys.readouterr()
-    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--steps", "1",
-                                  "--init-from", str(tmp_path / "start")]) == 0
-    assert "with its tokenizer" in capsys.readouterr().out
+    assert train_jax_main(BASE[2:] + ["--ckpt-dir", str(tmp_path / "run"), "--steps", "1",
+                                      "--init-from", str(tmp_path / "start")]) == 0  # its model: no --preset
+    out = capsys.readouterr().out
+    assert "with its tokenizer" in out and f"parameters (the model of {tmp_path / 'start'})" in out
     with checkpoint.reading(tmp_path / "run") as mngr:
         meta, saved = checkpoint.read_meta(mngr, 1), checkpoint.read_tokenizer_files(mngr, 1)
     assert meta["tokenizer"] == meta["data"]["source"]["tokenizer"] == str(tmp_path / "gone")
     assert json.loads(saved["tokenizer.json"])["model"]["vocab"] == json.loads(files["tokenizer.json"])["model"]["vocab"]
     # The same command again resumes, and says that the starting weights are not used.
-    assert train_jax_main(BASE + ["--ckpt-dir", str(tmp_path / "run"), "--steps", "2",
-                                  "--init-from", str(tmp_path / "start")]) == 0
-    assert f"at step 1 (--init-from {tmp_path / 'start'} only starts a new run: not used)" in capsys.readouterr().out
+    assert train_jax_main(BASE[2:] + ["--ckpt-dir", str(tmp_path / "run"), "--steps", "2",
+                                      "--init-from", str(tmp_path / "start")]) == 0
+    out = capsys.readouterr().out  # the model is the run's own (it was named as the starting checkpoint's)
+    assert f"at step 1 (--init-from {tmp_path / 'start'} only starts a new run: not used)" in out
+    assert f"parameters (the model of {tmp_path / 'run'})" in out
     # Weights only (no optimizer state) cannot be resumed: the error says to pass them as --init-from.
     code, err = _main(BASE + ["--ckpt-dir", str(tmp_path / "start")], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "pass it as --init-from" in err, err

@@ -485,6 +485,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(trained, tmp
     assert f"parameters (the model of {copy})" in capsys.readouterr().out
     shutil.rmtree(copy)  # the same command resumes from the run's own checkpoint, the starting one gone
     assert run(dataclasses.replace(its, steps=2), dtype="float32")["end_step"] == 2
+    assert f"parameters (the model of {its.ckpt_dir})" in capsys.readouterr().out  # was named as {copy}'s
 
 
 def test_init_from_a_hugging_face_directory_without_a_tokenizer_notes_the_embedded_one(tmp_path, capsys):

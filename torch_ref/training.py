@@ -1137,7 +1137,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         callbacks=[metrics, MPSCallback(), stop, generation],
         data_state=DataStateSaver(dataset, source, recorded_settings(rc)))
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc)}) on {args.device.type}, {dtype}, "
+    _log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc, bool(last))}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
