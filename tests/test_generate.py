@@ -19,6 +19,7 @@ from helpers import model_pair, rel_err
 from jaxllm.config import LLMConfig
 from jaxllm.generate import (Sampling, cache_bytes_per_token, cache_shape, full_kv_bytes_per_token, generate,
                              left_pad, sample_logits)
+from torch_ref.modeling_customllm import _CACHE_FIELD
 
 TINY = LLMConfig.from_preset("tiny")
 STEPS = 32
@@ -123,7 +124,7 @@ def test_torch_generate_with_latent_cache_equals_no_cache(pair):
         assert rel_err(logits_c[b], logits_n[b]) <= 1e-5
     # The Hugging Face cache holds the latent only: c_kv as one "head" and the rotated k_rope.
     B, S = len(PROMPTS), max(map(len, PROMPTS)) + STEPS - 1
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers < 5.24
+    cache = getattr(out, _CACHE_FIELD)  # `cache`, or `past_key_values` before transformers 5.24
     assert len(cache.layers) == TINY.num_hidden_layers
     for layer in cache.layers:
         assert tuple(layer.keys.shape) == (B, 1, S, TINY.latent_dim)

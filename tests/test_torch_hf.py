@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from torch_ref import CustomLLM, CustomLLMConfig
+from torch_ref.modeling_customllm import _CACHE_FIELD  # `cache`, or `past_key_values` before transformers 5.24
 
 
 def _tiny(seed=0, **overrides):
@@ -156,18 +157,19 @@ def test_a_plain_call_outside_training_returns_its_cache_as_hugging_face_models_
     model = _tiny().eval()
     ids = _ids((2, 6))
     out = model(ids)
-    assert out.cache is not None and out.cache.get_seq_length() == 6
+    cache = getattr(out, _CACHE_FIELD)
+    assert cache is not None and cache.get_seq_length() == 6
     nxt = torch.tensor([[5], [7]])
     with torch.no_grad():
-        step = model(nxt, past_key_values=model(ids).cache).logits[:, -1]
+        step = model(nxt, past_key_values=getattr(model(ids), _CACHE_FIELD)).logits[:, -1]
         full = model(torch.cat([ids, nxt], 1)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
-    assert model.train()(ids).cache is None  # training: no cache unless asked for
-    assert model.eval()(ids, use_cache=False).cache is None
+    assert getattr(model.train()(ids), _CACHE_FIELD) is None  # training: no cache unless asked for
+    assert getattr(model.eval()(ids, use_cache=False), _CACHE_FIELD) is None
     model.config.use_cache = False
     model.save_pretrained(tmp_path)
     loaded = CustomLLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.use_cache is False and loaded(ids).cache is None
+    assert loaded.config.use_cache is False and getattr(loaded(ids), _CACHE_FIELD) is None
 
 
 def test_eager_attention_decodes_on_the_cache_without_padding(tmp_path):

@@ -21,6 +21,7 @@ from jaxllm import data as data_lib
 from jaxllm.config import LLMConfig
 from jaxllm.recipes import RunConfig
 from torch_ref import CustomLLM, CustomLLMConfig
+from torch_ref.modeling_customllm import _CACHE_FIELD
 from torch_ref.training import CustomLLMTrainer, FixedBatches, StreamDataset, run, training_arguments
 
 # The tiny model with the embedded tokenizer's vocabulary (4,096), so that real text trains it.
@@ -344,8 +345,9 @@ def test_a_checkpoint_keeps_the_models_use_cache(trained):
     with torch.no_grad():
         full = model(ids).logits[:, -1]
         first = model(ids[:, :-1])
-        step = model(ids[:, -1:], past_key_values=first.cache).logits[:, -1]
-    assert first.cache is not None and torch.allclose(step, full, atol=1e-5)
+        cache = getattr(first, _CACHE_FIELD)  # `cache`, or `past_key_values` before transformers 5.24
+        step = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+    assert cache is not None and torch.allclose(step, full, atol=1e-5)
 
 
 def test_a_non_finite_step_stops_the_run_before_its_update_and_keeps_the_checkpoints(tmp_path, capsys):
