@@ -194,6 +194,8 @@ def test_embedded_corpus_packs_through_the_same_path_and_reshuffles_each_epoch(t
     cfg = DataConfig(seq_len=128)
     first, second = list(iter_documents(cfg, epoch=0)), list(iter_documents(cfg, epoch=1))
     assert first != second and sorted(first) == sorted(second) == sorted(data.embedded_corpus())
+    other_seed = list(iter_documents(dataclasses.replace(cfg, seed=1), epoch=0))  # --seed orders it too
+    assert other_seed != first and sorted(other_seed) == sorted(first)
     stream = expected_stream(cfg, tokenizer, epochs=1)
     with PackedBatches(cfg, tokenizer, rows=4) as batches:
         got, _ = take(batches, 6)
@@ -243,6 +245,21 @@ def test_resume_from_state_dict_continues_with_exactly_the_same_batches(small_js
                 np.testing.assert_array_equal(next(resumed), expected, err_msg=f"resumed after batch {k}")
 
 
+def test_a_resume_inside_a_document_cuts_that_document_only(tmp_path, tokenizer):
+    """Documents are read 64 at a time: a position inside a document skips that document's first
+    tokens, and the first documents of the later reads lose none (the test above has 24 documents,
+    one read)."""
+    path = write_jsonl(tmp_path / "many.jsonl", make_texts(150, seed=1))
+    cfg = DataConfig(dataset=str(path), seq_len=16)
+    with PackedBatches(cfg, tokenizer, rows=2) as batches:
+        reference, states = take(batches, 400)
+    end = next(k for k, s in enumerate(states) if s["epoch"] == 1)  # the first epoch read whole
+    k = next(k for k, s in enumerate(states) if s["offset"] > 0)
+    with PackedBatches(cfg, tokenizer, rows=2, state=states[k]) as resumed:
+        for j, expected in enumerate(reference[k + 1 : end + 2], k + 1):
+            np.testing.assert_array_equal(next(resumed), expected, err_msg=f"batch {j} (resumed after {k})")
+
+
 def test_a_batch_that_ends_exactly_at_a_document_end_resumes_at_the_next_document(tmp_path):
     """Each document is `seq_len` tokens with its EOS, so every batch ends at a document's end
     (the `pending` deque is empty): the saved position is the next document, offset 0. The test
@@ -258,13 +275,15 @@ def test_a_batch_that_ends_exactly_at_a_document_end_resumes_at_the_next_documen
     cfg = DataConfig(dataset=str(tmp_path / "d.jsonl"), seq_len=4)
     tok = word_tokenizer()
     with PackedBatches(cfg, tok, rows=1) as batches:
-        ref = [next(batches) for _ in range(4)]
-    with PackedBatches(cfg, tok, rows=1) as batches:
-        next(batches)
-        state = batches.state_dict()
-    assert (state["documents"], state["offset"]) == (1, 0), state
-    with PackedBatches(cfg, tok, rows=1, state=state) as resumed:
-        for want in ref[1:]:
+        ref, states = take(batches, 11)
+    assert (states[0]["documents"], states[0]["offset"]) == (1, 0), states[0]
+    with PackedBatches(cfg, tok, rows=1, state=states[0]) as resumed:
+        for want in ref[1:4]:
+            np.testing.assert_array_equal(next(resumed), want)
+    # After the epoch's last document: the position is past it, and a resume goes on to the next epoch.
+    assert (states[7]["epoch"], states[7]["documents"], states[7]["offset"]) == (0, 8, 0), states[7]
+    with PackedBatches(cfg, tok, rows=1, state=states[7]) as resumed:
+        for want in ref[8:]:
             np.testing.assert_array_equal(next(resumed), want)
 
 
@@ -301,6 +320,11 @@ def test_state_from_another_process_count_is_refused(small_jsonl, tokenizer):
         state = batches.state_dict()
     with pytest.raises(ValueError, match="same process count"):
         PackedBatches(cfg, tokenizer, rows=2, process_index=0, process_count=2, state=state)
+    with PackedBatches(cfg, tokenizer, rows=2, process_index=0, process_count=2) as batches:
+        next(batches)
+        state = batches.state_dict()
+    with pytest.raises(ValueError, match="belongs to process 0 of 2, not 1 of 2"):  # another process's position
+        PackedBatches(cfg, tokenizer, rows=2, process_index=1, process_count=2, state=state)
 
 
 def test_a_shuffle_buffer_gives_each_epoch_its_own_order_and_resumes_exactly(tmp_path, tokenizer):
@@ -594,9 +618,12 @@ def test_json_records_may_differ_in_their_other_keys(tmp_path, monkeypatch):
              {"n": "retyped", "text": "keys in another order"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
     (tmp_path / "b.json").write_text(json.dumps([{"text": "from an array", "meta": {"k": [1, 2]}}]))
+    # an indented array (after a blank line), and records after a byte-order mark (Windows tools write one)
+    (tmp_path / "c.json").write_text("\n  " + json.dumps([{"text": "indented"}], indent=1))
+    (tmp_path / "d.jsonl").write_text("\ufeff" + json.dumps({"text": "after a BOM"}) + "\n", encoding="utf-8")
     monkeypatch.setattr(data, "JSON_CHECKED_CHARS", 10)  # past the check: what training reads
     docs = list(iter_documents(DataConfig(dataset=str(tmp_path / "*.json*"), seq_len=4)))
-    assert docs == ["plain", "with a url", "", "keys in another order", "from an array"]
+    assert docs == ["plain", "with a url", "", "keys in another order", "from an array", "indented", "after a BOM"]
 
 
 def test_a_json_record_without_the_text_column_is_named_in_one_line(tmp_path, tokenizer):
@@ -749,6 +776,12 @@ def test_a_resume_accepts_the_same_files_moved_and_refuses_other_files(tmp_path,
     assert "differ from those ck was trained on" in capsys.readouterr().err
     data.check_same_stream(recorded, source("here"), "ck", quiet=True)  # a run's other processes
     assert capsys.readouterr().err == ""
+    # Hub datasets have no file list: another id is another stream.
+    hub = json.loads(json.dumps(data.stream_source(DataConfig(dataset="org/one"), "embedded:k")))
+    assert hub["files"] is None
+    data.check_same_stream(hub, data.stream_source(DataConfig(dataset="org/one"), "embedded:k"), "ck")
+    with pytest.raises(ValueError, match="--dataset 'org/two' differs from the 'org/one'"):
+        data.check_same_stream(hub, data.stream_source(DataConfig(dataset="org/two"), "embedded:k"), "ck")
 
 
 def test_a_resume_takes_the_same_tokenizer_named_otherwise_and_refuses_another(tmp_path):

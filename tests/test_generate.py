@@ -201,6 +201,16 @@ def test_top_k_and_top_p_keep_the_right_candidates():
     assert drawn(Sampling(temperature=1.0, top_p=0.85)) == {0, 1, 2}
     assert drawn(Sampling(temperature=1.0, top_k=3, top_p=0.99)) == {0, 1, 2}
     assert int(sample_logits(logits, keys[0], Sampling())[0]) == 0
+    # top-p over the tempered distribution: at t = 0.5 it is [.685, .247, .062, .007], at 2 [.379, .294, .208, .120]
+    assert drawn(Sampling(temperature=0.5, top_p=0.9)) == {0, 1}
+    assert drawn(Sampling(temperature=2.0, top_p=0.7)) == {0, 1, 2}
+
+
+def test_each_decoding_step_draws_with_its_own_key(pair):
+    """At a temperature that flattens the logits, 32 sampled tokens are nearly all different; with
+    one key for every step (the same Gumbel noise) they would nearly all be the same token."""
+    out = _generate(pair[0], [PROMPTS[1]], sampling=Sampling(temperature=1000.0), return_logits=False)
+    assert len(set(np.asarray(out.tokens[0]).tolist())) > STEPS // 2
 
 
 def test_temperature_sharpens_below_one_and_flattens_above():
@@ -279,6 +289,10 @@ def test_bad_arguments_raise_naming_the_field(pair):
     jm, _ = pair
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(jm, PROMPTS, max_new_tokens=TINY.max_position_embeddings)
+    with pytest.raises(ValueError, match=r"a prompt of 3 tokens \+ 126 new tokens exceeds max_position_embeddings"):
+        generate(jm, [PROMPTS[1]], max_new_tokens=TINY.max_position_embeddings - 2)
+    fills = generate(jm, [PROMPTS[1]], max_new_tokens=TINY.max_position_embeddings - 3, stop_at_eos=False)
+    assert fills.tokens.shape == (1, TINY.max_position_embeddings - 3)  # the whole table is allowed
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(jm, PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="prompts"):
@@ -322,6 +336,10 @@ def test_torch_generate_past_the_position_table_is_refused_before_decoding(pair)
         hook.remove()
     assert calls == []
     assert tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+    n = TINY.max_position_embeddings - len(PROMPTS[1])  # up to the table's end is allowed
+    assert tm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=n, min_new_tokens=n, do_sample=False).shape == (1, 128)
+    with torch.no_grad():
+        assert tm(torch.tensor([[5] * 128])).logits.shape == (1, 128, TINY.vocab_size)
     # a prompt given as inputs_embeds alone, which Hugging Face leaves out of its max_length
     embeds = tm.get_input_embeddings()(torch.tensor([[5] * 120])).detach()
     hook = tm.register_forward_pre_hook(lambda *a: calls.append(1))

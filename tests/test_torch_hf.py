@@ -164,6 +164,10 @@ def test_a_plain_call_outside_training_returns_its_cache_as_hugging_face_models_
         step = model(nxt, past_key_values=getattr(model(ids), _CACHE_FIELD)).logits[:, -1]
         full = model(torch.cat([ids, nxt], 1)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # several tokens at once on a cache (a prompt fed in pieces): causal among them too
+        first = getattr(model(ids[:, :2]), _CACHE_FIELD)
+        rest = model(ids[:, 2:], past_key_values=first).logits
+        torch.testing.assert_close(rest, model(ids).logits[:, 2:], rtol=1e-5, atol=1e-5)
     assert getattr(model.train()(ids), _CACHE_FIELD) is None  # training: no cache unless asked for
     assert getattr(model.eval()(ids, use_cache=False), _CACHE_FIELD) is None
     model.config.use_cache = False
