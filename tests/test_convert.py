@@ -513,6 +513,21 @@ def test_torch_to_flax_notes_a_directory_without_a_tokenizer(hf_src, tmp_path, c
     assert rc == 0 and err == "", err
 
 
+def test_the_no_tokenizer_note_covers_a_vocabulary_of_exactly_the_embedded_tokenizers_size(tmp_path):
+    """`small`'s vocabulary is the embedded tokenizer's 4,096 tokens, which readers of the checkpoint
+    then use: a directory without a tokenizer gets the note. One token more, they refuse it
+    instead (no note)."""
+    from convert.hf_import import read_tokenizer
+    from jaxllm.data import EMBEDDED_VOCAB_SIZE
+
+    small = LLMConfig.from_preset("small")
+    assert small.vocab_size == EMBEDDED_VOCAB_SIZE == 4096
+    tokenizer, files, notes = read_tokenizer(str(tmp_path), small)
+    assert tokenizer is None and files is None and len(notes) == 1, notes
+    assert notes[0].startswith(f"{tmp_path} holds no tokenizer") and "embedded tokenizer (4,096 tokens;" in notes[0]
+    assert read_tokenizer(str(tmp_path), small.replace(vocab_size=EMBEDDED_VOCAB_SIZE + 1)) == (None, None, [])
+
+
 # ---- bad input: one line, exit status 2, no partial output ----------------------------------------
 
 def _run_main(script_main, argv, capsys):
@@ -573,6 +588,9 @@ TORCH_TO_FLAX_ERRORS = {
                        "missing tensor lm_head.bias"),
     "unexpected tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.update(extra=torch.ones(3))),
                           "unexpected tensor extra"),
+    "integer tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.update(
+        {"lm_head.bias": sd["lm_head.bias"].to(torch.int32)})),  # (the right shape: only its dtype is wrong)
+                       "tensor lm_head.bias has dtype torch.int32, expected a floating-point dtype"),
     "corrupt safetensors": (lambda d: _truncate(_copy(HF_SRC[0], d)), "not a readable safetensors file"),
     "garbage safetensors": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").write_bytes(b"\x00" * 64),
                             "not a readable safetensors file"),
@@ -592,6 +610,66 @@ def test_torch_to_flax_refuses_bad_input(case, hf_src, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and err.startswith("torch_to_flax.py: error: "), err
     assert message in err, err
     assert _no_leftovers(tmp_path, "ckpt") == []
+
+
+def _sharded_copy(hf_dir, dst):
+    """`hf_dir` rewritten as shards plus model.safetensors.index.json (Hugging Face's own writer);
+    returns (dst, the index's weight_map)."""
+    from huggingface_hub import save_torch_state_dict
+
+    dst.mkdir()
+    shutil.copy(hf_dir / "config.json", dst)
+    save_torch_state_dict(load_file(hf_dir / "model.safetensors"), dst, max_shard_size="300KB")
+    return dst, json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def _write_weight_map(hf_dir, weight_map):
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_a_shard_index_naming_a_file_outside_the_directory_or_the_wrong_shard_is_refused(hf_src, tmp_path):
+    """The index of sharded safetensors may name only files of the directory: a shard moved to a
+    sibling folder (`../other/...`) is refused, not read from there. A tensor mapped to a shard
+    that does not hold it is a ConvertError naming both, not a bare KeyError."""
+    src, weight_map = _sharded_copy(hf_src, tmp_path / "in")
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 1
+    (tmp_path / "other").mkdir()
+    shutil.move(src / shards[0], tmp_path / "other" / shards[0])
+    outside = f"../other/{shards[0]}"
+    _write_weight_map(src, {k: outside if f == shards[0] else f for k, f in weight_map.items()})
+    with pytest.raises(ConvertError, match=f"lists shard '{outside}', which is not a file of the directory"):
+        import_hf(src, tmp_path / "ckpt")
+
+    src, weight_map = _sharded_copy(hf_src, tmp_path / "in2")
+    wrong = next(f for f in sorted(set(weight_map.values())) if f != weight_map["lm_head.bias"])
+    _write_weight_map(src, {**weight_map, "lm_head.bias": wrong})
+    with pytest.raises(ConvertError, match=f"maps tensor lm_head.bias to {wrong}, which does not hold it"):
+        import_hf(src, tmp_path / "ckpt")
+    assert _no_leftovers(tmp_path, "ckpt") == []
+
+
+def test_a_float16_source_becomes_float32_master_weights(tmp_path):
+    """A half-precision Hugging Face directory: the arrays read from it and those of the Orbax
+    checkpoint are float32 (float16 -> float32 is exact: the values are the source's)."""
+    from convert.hf_import import TorchWeights
+    from convert.mapping import torch_to_flax
+
+    tm = _torch_model(dtype=torch.float16)
+    tm.save_pretrained(tmp_path / "src")
+    weights = TorchWeights(str(tmp_path / "src"))
+    assert weights.dtypes["token_embeddings.weight"] == torch.float16
+    flat = torch_to_flax(weights, TINY)
+    want = torch_to_flax({k: v.float().numpy() for k, v in tm.state_dict().items()}, TINY)
+    assert sorted(flat) == sorted(want)
+    for path, v in flat.items():
+        assert v.dtype == np.float32, path
+        np.testing.assert_array_equal(v, want[path], err_msg=str(path))
+
+    ckpt = import_hf(tmp_path / "src", tmp_path / "ckpt").out_dir
+    with checkpoint.reading(ckpt) as mngr:
+        saved = jax.tree_util.tree_flatten_with_path(mngr.item_metadata(0)["params"])[0]
+    assert saved and {str(leaf.dtype) for _, leaf in saved} == {"float32"}, saved
 
 
 def _flax_weights(config):
@@ -698,6 +776,29 @@ def test_latest_step_by_default_or_the_step_asked_for(tmp_path, capsys):
     rc, err = _run_main(main, [tmp_path / "ckpt", "--out", tmp_path / "hf5", "--step", 5], capsys)
     assert rc == 2 and "step 5 not in" in err and "[3, 9]" in err
     assert _no_leftovers(tmp_path, "hf5") == []
+
+
+def test_a_bfloat16_export_loads_as_bfloat16_with_the_configs_own_special_token_ids(tmp_path):
+    """`dtype="bfloat16"`: config.json says so, and `from_pretrained` (transformers 5: dtype "auto"
+    by default) loads the model in bfloat16, `router_bias` float32. generation_config.json holds
+    the config's bos, eos and pad ids (three different ones here: a mix-up shows)."""
+    from torch_ref import CustomLLM
+
+    config = TINY.replace(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    ckpt = _save_flax(None, config, tmp_path / "ckpt", weights=_zeros(_flax_weights(config)))
+    out = export_hf(ckpt, dtype="bfloat16").out_dir
+    saved = json.loads(open(os.path.join(out, "config.json")).read())
+    assert saved["dtype"] == "bfloat16"
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (1, 2, 3)
+    gen = json.loads(open(os.path.join(out, "generation_config.json")).read())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
+
+    tm = CustomLLM.from_pretrained(out)
+    assert tm.dtype == torch.bfloat16
+    dtypes = {name: t.dtype for name, t in tm.state_dict().items()}
+    assert {d for name, d in dtypes.items() if not name.endswith("router_bias")} == {torch.bfloat16}
+    assert {d for name, d in dtypes.items() if name.endswith("router_bias")} == {torch.float32}
+    assert tm.generation_config.pad_token_id == 3 and tm.generation_config.eos_token_id == 2
 
 
 def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_complete(
@@ -808,6 +909,39 @@ def test_max_shard_size_is_checked_before_the_checkpoint_is_read(parity, tmp_pat
         assert err.startswith("flax_to_torch.py: error: argument --max-shard-size: max shard size must be a positive "
                               f"size such as 50GB or 500MB, got '{size}'"), err
     assert not (tmp_path / "hf").exists()
+
+
+def test_max_shard_sizes_are_decimal_as_in_save_pretrained():
+    """KB, MB, GB, TB are powers of 1000, as `save_pretrained(max_shard_size=...)` reads them (not
+    1024): the same flag value gives the same shards in both."""
+    from convert.output import parse_max_shard_size
+
+    assert parse_max_shard_size("1KB") == 1000 and parse_max_shard_size("300kb") == 300_000
+    assert parse_max_shard_size("1.5MB") == 1_500_000 and parse_max_shard_size("50GB") == 50 * 10**9
+    assert parse_max_shard_size("2TB") == 2 * 10**12
+    assert parse_max_shard_size("4096") == 4096 and parse_max_shard_size(4096) == 4096  # bytes
+
+
+def test_outputs_get_the_permissions_the_umask_gives_not_the_temporary_directorys(hf_src, tmp_path):
+    """Both outputs are written in a `mkdtemp` directory (0700) and safetensors creates its files
+    0600: once complete, every directory is `0o777 & ~umask` and every file `0o666 & ~umask`, as
+    for any file the user writes (others in the group can read an export)."""
+    import stat
+
+    mask = os.umask(0o002)
+    try:
+        ckpt = import_hf(hf_src, tmp_path / "ckpt").out_dir
+        hf = export_hf(ckpt, tmp_path / "hf").out_dir
+    finally:
+        os.umask(mask)
+    for top in (ckpt, hf):
+        modes = {top: stat.S_IMODE(os.stat(top).st_mode)}
+        for root, dirs, files in os.walk(top):
+            modes.update({os.path.join(root, n): stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode)
+                          for n in dirs + files})
+        want = {p: 0o775 if os.path.isdir(p) else 0o664 for p in modes}
+        assert modes == want and len(modes) > 2
+    assert os.path.isfile(os.path.join(hf, "model.safetensors"))
 
 
 def test_sigterm_removes_the_partial_output_as_ctrl_c_does(tmp_path):
