@@ -840,22 +840,17 @@ class CustomLLM(nnx.Module):
         B, T = input_ids.shape
         # Checked where concrete (a call outside jit; traced: unchecked): a gather clamps a token id,
         # position or cache index past its table silently, as JAX's indexing does.
-        if _concrete(input_ids) and input_ids.size:
-            ids = np.asarray(input_ids)  # (NumPy's reductions of a jax.Array inside a trace are traced)
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0 .. {c.vocab_size - 1})")
+        if (bad := _outside(input_ids, c.vocab_size)) is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0 .. {c.vocab_size - 1})")
         index = int(np.asarray(cache_index)) if _concrete(cache_index) else None
         if index is not None and index < 0:
             raise ValueError(f"cache_index must be >= 0, got {index}")
         end = T + (index or 0)
         if positions is None and end > c.max_position_embeddings:  # a gather would clamp it silently
             raise ValueError(f"sequence length {end} exceeds max_position_embeddings ({c.max_position_embeddings})")
-        if positions is not None and _concrete(positions):  # (traced: unchecked)
-            lo, hi = int(np.asarray(positions).min()), int(np.asarray(positions).max())
-            if lo < 0 or hi >= c.max_position_embeddings:
-                raise ValueError(f"position {lo if lo < 0 else hi} is outside the position table "
-                                 f"(0 .. {c.max_position_embeddings - 1}, max_position_embeddings)")
+        if positions is not None and (bad := _outside(positions, c.max_position_embeddings)) is not None:
+            raise ValueError(f"position {bad} is outside the position table "
+                             f"(0 .. {c.max_position_embeddings - 1}, max_position_embeddings)")
         if cache is not None and end > cache.c_kv.shape[2]:  # the cache write would clamp it silently
             raise ValueError(f"{T} new tokens at cache index {end - T} exceed the cache's {cache.c_kv.shape[2]} positions")
         if positions is None and attention_mask is not None:
@@ -923,6 +918,16 @@ def lm_loss_sums(logits_BTV: Array, labels_BT: Array) -> tuple[Array, Array]:
 def _concrete(x) -> bool:
     """Whether `x`'s values can be read here (not traced, all on this process)."""
     return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
+def _outside(x, size: int) -> int | None:
+    """The lowest value of `x` below 0, else its highest at or above `size`, else None; None too
+    where `x` cannot be read here (`_concrete`: a call inside jit is not checked)."""
+    if not _concrete(x) or not np.size(x):
+        return None
+    a = np.asarray(x)  # (NumPy's reductions of a jax.Array inside a trace are traced)
+    lo, hi = int(a.min()), int(a.max())
+    return lo if lo < 0 else hi if hi >= size else None
 
 
 def loss_fn(model: CustomLLM, input_ids, labels=None, **kw):
