@@ -123,6 +123,7 @@ def test_remat_default_by_model_size_and_accumulation():
     assert resolve_remat(None, AUTO_REMAT_PARAMS - 1) == "none"
     assert resolve_remat(None, AUTO_REMAT_PARAMS) == "dots"
     assert resolve_remat(None, AUTO_REMAT_PARAMS, grad_accum=8) == "full"
+    assert resolve_remat(None, AUTO_REMAT_PARAMS, grad_accum=2) == "full"  # any accumulation holds a 2nd gradient
     assert resolve_remat("none", 10**9, grad_accum=8) == "none"
     with pytest.raises(ValueError, match="remat"):
         resolve_remat("everything", 1)
@@ -143,3 +144,6 @@ def test_the_settings_processes_compare_name_the_flags_that_differ():
     other = dataclasses.replace(rc, lr=0.1, steps=3, progress=False)
     error = differing_settings(names, setting_digests(other)[1], digests)
     assert str(error) == "--lr, --steps differ from process 0's: give every process the same settings"
+    assert "--seed" in names  # another seed per process would train replicas apart
+    assert str(differing_settings(names, setting_digests(dataclasses.replace(rc, seed=1))[1], digests)).startswith(
+        "--seed differs")

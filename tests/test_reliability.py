@@ -671,6 +671,8 @@ BAD_INPUTS = [
     ("infinite peak FLOP/s", ["--peak-flops", "inf"], "--peak-flops must be a finite number"),
     ("seed beyond 32 bits", ["--seed", str(2**64)], "argument --seed: must be in 0 .. 2**32 - 1"),
     ("negative seed", ["--seed", "-5"], "argument --seed: must be in 0 .. 2**32 - 1, got -5"),
+    ("seed of exactly 2**32", ["--seed", str(2**32)], "argument --seed: must be in 0 .. 2**32 - 1"),
+    ("no checkpoint kept", ["--keep", "0"], "--keep must be positive, got 0"),
     ("remat policy and --no-remat", ["--remat", "full", "--no-remat"], "--no-remat: not allowed with argument --remat"),
     ("missing local dataset directory", ["--dataset", "nowhere/"], "dataset nowhere/: no such file or directory"),
     ("split of local files", ["--dataset", "{tmp}/broken.jsonl", "--split", "test"],
@@ -1089,6 +1091,11 @@ def test_an_unreadable_array_is_reported_in_one_line(trained_ckpt, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot restore weights .*; earlier steps saved there: 1$"):
         jaxllm.load(ckpt)
     jaxllm.load(ckpt, step=1)
+    for step in (3, 4, 5, 6):  # more earlier steps: the newest are named first
+        shutil.copytree(ckpt / "1", ckpt / str(step))
+    shutil.move(ckpt / "2", ckpt / "7")
+    with pytest.raises(checkpoint.CheckpointError, match=r"; earlier steps saved there: 6, 5, 4, 3 and 1 more$"):
+        jaxllm.load(ckpt)
 
 
 def test_tensorstore_specs_are_cut_from_the_one_line_error():
@@ -1172,6 +1179,10 @@ def test_metrics_of_a_crashed_run_are_truncated_to_the_step_resumed_from(tmp_pat
     path.write_text(kept)
     truncate_metrics(str(path), 30)  # nothing to drop: left as it is
     assert path.read_text() == kept
+    path.write_text(kept + '{"step": 40, "lo')  # a cut last line and no record past the step: the line goes
+    truncate_metrics(str(path), 30)
+    MetricsWriter(str(tmp_path), tensorboard=False).write({"step": 40, "loss": 3.0})
+    assert [r["step"] for r in read_metrics(str(path))] == [10, 20, 30, 40]
 
 
 def test_tensorboard_drops_what_a_crashed_run_logged_after_the_step_resumed_from(tmp_path):
@@ -1195,6 +1206,7 @@ def test_tensorboard_drops_what_a_crashed_run_logged_after_the_step_resumed_from
     events.Reload()
     got = [(e.step, round(float(np.asarray(e.tensor_proto.float_val[0])), 1)) for e in events.Tensors("loss")]
     assert got == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0)], got
+    assert "loss" in events.Tags()["tensors"] and "step" not in events.Tags()["tensors"]  # the x axis, not a curve
 
 
 def test_readers_take_the_newest_step_when_a_running_trainer_rotates_theirs_away(trained_ckpt, tmp_path):
@@ -1513,6 +1525,23 @@ def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_run_s_
 
     (model_dir / "model.safetensors").unlink()
     assert not_a_run_directory(str(model_dir), "jax") is None and not_a_run_directory(str(model_dir), "torch") is None
+
+
+def test_the_small_helpers_of_messages_and_listings(tmp_path):
+    """`listing` shows up to four items; `step_dirs` counts numbered directories only (a file
+    named `7` is no step); a signal that only other processes got is named by the first of them."""
+    from jaxllm.cli import listing, step_dirs
+    from jaxllm.stopping import SignalStop
+
+    assert listing(list("abcd")) == "a, b, c, d" and listing(list("abcde")) == "a, b, c, d and 1 more"
+    (tmp_path / "3").mkdir()
+    (tmp_path / "7").write_text("")
+    (tmp_path / "x1").mkdir()
+    assert step_dirs(str(tmp_path)) == [3] and step_dirs(str(tmp_path / "7")) == []
+    stop = SignalStop()
+    assert stop.agreed([]) is None and stop.agreed([0, 1]) == "a signal to process 0"
+    stop.requested = "SIGINT"
+    assert stop.agreed([0, 1]) == "SIGINT"
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped(tmp_path, capsys):

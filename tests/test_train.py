@@ -283,6 +283,27 @@ def test_datasheet_peaks_by_device_kind():
         assert device_peak_flops(SimpleNamespace(device_kind=kind)) == want, kind
 
 
+def test_analytic_flops_terms_that_the_cost_analysis_cannot_tell_apart():
+    """What the XLA comparison below (one layer, one sequence length, 10%) cannot see: the
+    `lm_head` counts once, not per layer; causal attention grows by half the keys per added token;
+    the MLA projections are twice the attention kernels' sizes; training is 3 forward passes."""
+    from jaxllm import checkpoint
+    from jaxllm.flops import training_flops_per_token
+
+    one, two = forward_flops_per_token(TINY, 64), forward_flops_per_token(TINY.replace(num_hidden_layers=4), 64)
+    assert TINY.num_hidden_layers == 2
+    assert one["lm_head"] == two["lm_head"] == 2 * TINY.hidden_size * TINY.vocab_size
+    for term in ("mla_projections", "attention", "router", "experts"):
+        assert two[term] == 2 * one[term], term
+    per_key = 2 * TINY.num_attention_heads * (TINY.qk_head_dim + TINY.v_head_dim)  # q.k and p.v per key
+    assert forward_flops_per_token(TINY, 128)["attention"] - one["attention"] == TINY.num_hidden_layers * per_key * 32
+    params = checkpoint.split_weights(create_model(TINY, abstract=True))["params"]
+    kernels = params["decoder_layers"]["self_attn"]
+    sizes = [int(np.prod(kernels[name]["kernel"].shape)) for name in kernels]  # [layers, in, out] each
+    assert len(sizes) == 8 and one["mla_projections"] == 2 * sum(sizes)
+    assert training_flops_per_token(TINY, 64) == 3 * one["total"]
+
+
 def test_analytic_flops_within_10_percent_of_xla_cost_analysis():
     # XLA's cost analysis counts a while-loop body once, so the layer scan is measured on a
     # one-layer model (same structure), with the loop-free "gather" dispatch (the CPU default's
@@ -500,10 +521,26 @@ def test_a_resume_names_the_settings_it_changes():
     recorded = json.loads(json.dumps(recorded_settings(rc)))
     assert changed_settings(recorded, rc) is None and changed_settings(None, rc) is None
     assert changed_settings({}, dataclasses.replace(rc, lr=5.0)) is None
+    assert changed_settings({"lr": rc.lr}, rc) is None  # settings it did not record are not "the default"
+    assert changed_settings(recorded, dataclasses.replace(rc, remat="full")) == (
+        "note: resumed with other settings than the checkpoint's: --remat full (was the default)")
     other = dataclasses.replace(rc, lr=2e-4, steps=600, mesh="fsdp=-1", prompts=("x",), save_every=7, dropout=False)
     assert changed_settings(recorded, other) == ("note: resumed with other settings than the checkpoint's: --lr "
                                                  "0.0002 (was 0.001), --steps 600 (was 300), --mesh fsdp=-1 (was the "
                                                  "default), dropout off (was on)")
+
+
+def test_mesh_specs_give_every_axis_its_size():
+    """`--mesh`: missing axes are 1, one `-1` axis takes the devices left over (after all the
+    others, `data` included); no flag puts every device on `data`; sizes of 0, or two `-1`, are
+    refused in one line."""
+    assert shd.parse_mesh_spec(None, 8) == shd.parse_mesh_spec("", 8) == {"data": 8, "fsdp": 1, "expert": 1}
+    assert shd.parse_mesh_spec("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "expert": 1}
+    assert shd.parse_mesh_spec("expert=7,data=-1", 14) == {"data": 2, "fsdp": 1, "expert": 7}
+    with pytest.raises(ValueError, match="--mesh: size of axis 'data' must be positive, got 0"):
+        shd.parse_mesh_spec("data=0,fsdp=-1", 8)
+    with pytest.raises(ValueError, match="--mesh: only one axis may be -1"):
+        shd.parse_mesh_spec("data=-1,fsdp=-1", 8)
 
 
 def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
