@@ -612,14 +612,9 @@ def test_torch_to_flax_refuses_bad_input(case, hf_src, tmp_path, capsys):
     assert _no_leftovers(tmp_path, "ckpt") == []
 
 
-def _sharded_copy(hf_dir, dst):
-    """`hf_dir` rewritten as shards plus model.safetensors.index.json (Hugging Face's own writer);
-    returns (dst, the index's weight_map)."""
-    from huggingface_hub import save_torch_state_dict
-
-    dst.mkdir()
-    shutil.copy(hf_dir / "config.json", dst)
-    save_torch_state_dict(load_file(hf_dir / "model.safetensors"), dst, max_shard_size="300KB")
+def _sharded(dst):
+    """A tiny model saved as shards plus model.safetensors.index.json; returns (dst, its weight_map)."""
+    _torch_model().save_pretrained(dst, max_shard_size="300KB")
     return dst, json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
 
 
@@ -627,11 +622,11 @@ def _write_weight_map(hf_dir, weight_map):
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def test_a_shard_index_naming_a_file_outside_the_directory_or_the_wrong_shard_is_refused(hf_src, tmp_path):
+def test_a_shard_index_naming_a_file_outside_the_directory_or_the_wrong_shard_is_refused(tmp_path):
     """The index of sharded safetensors may name only files of the directory: a shard moved to a
     sibling folder (`../other/...`) is refused, not read from there. A tensor mapped to a shard
     that does not hold it is a ConvertError naming both, not a bare KeyError."""
-    src, weight_map = _sharded_copy(hf_src, tmp_path / "in")
+    src, weight_map = _sharded(tmp_path / "in")
     shards = sorted(set(weight_map.values()))
     assert len(shards) > 1
     (tmp_path / "other").mkdir()
@@ -641,7 +636,7 @@ def test_a_shard_index_naming_a_file_outside_the_directory_or_the_wrong_shard_is
     with pytest.raises(ConvertError, match=f"lists shard '{outside}', which is not a file of the directory"):
         import_hf(src, tmp_path / "ckpt")
 
-    src, weight_map = _sharded_copy(hf_src, tmp_path / "in2")
+    src, weight_map = _sharded(tmp_path / "in2")
     wrong = next(f for f in sorted(set(weight_map.values())) if f != weight_map["lm_head.bias"])
     _write_weight_map(src, {**weight_map, "lm_head.bias": wrong})
     with pytest.raises(ConvertError, match=f"maps tensor lm_head.bias to {wrong}, which does not hold it"):
