@@ -1,5 +1,6 @@
 """pyproject.toml's requirements: their floors are the versions `.ci/floors.txt` pins (the oldest
-tested), and the torch range admits the CPU build that `.ci/run` installs."""
+tested), the torch range admits the CPU build that `.ci/run` installs, and README.md quotes both
+as they are."""
 import re
 import tomllib
 
@@ -40,3 +41,21 @@ def test_every_floor_is_the_version_pinned_as_tested():
 def test_the_torch_range_admits_the_ci_build():
     ci = re.search(r'pip install --quiet "torch==([0-9.]+)"', (ROOT / ".ci" / "run").read_text())[1]
     assert ci in _requirements()["torch"]
+
+
+def test_the_readme_quotes_the_requirements_as_they_are():
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"`(torch\s*[<>=!~][^`]*)`", readme)
+    assert quoted, "README.md quotes no torch requirement"
+    for q in quoted:
+        req = Requirement(q)
+        if [s.operator for s in req.specifier] == ["=="]:
+            continue  # an install command's exact build, not the requirement
+        assert req.specifier == _requirements()["torch"], f"README.md quotes {q}"
+    # The sentence naming the tested floors names the pinned versions.
+    sentence = re.search(r"passed with (.*?)\(torch", readme, re.S)[1]
+    pins = _pins()
+    named = re.findall(r"([A-Za-z][\w.-]*) (\d+(?:\.\d+)+)", sentence)
+    assert len(named) >= 5, sentence
+    for name, version in named:
+        assert Version(version) == pins[canonicalize_name(name)], f"README.md: {name} {version}"
