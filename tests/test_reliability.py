@@ -1185,6 +1185,31 @@ def test_metrics_of_a_crashed_run_are_truncated_to_the_step_resumed_from(tmp_pat
     assert [r["step"] for r in read_metrics(str(path))] == [10, 20, 30, 40]
 
 
+def test_the_loss_curve_plots_each_logged_step_once_and_is_replaced_whole(tmp_path, monkeypatch):
+    """loss.png: loss and learning rate against the steps metrics.jsonl holds (a line a kill cut
+    short left out), written under a temporary name and renamed; nothing to plot, no picture."""
+    import matplotlib.pyplot as plt
+
+    from jaxllm.metrics import plot_loss_curve
+
+    path, png = tmp_path / "metrics.jsonl", tmp_path / "loss.png"
+    assert plot_loss_curve(str(path), str(png)) is None and not png.exists()
+    records = [{"step": s, "loss": 9.0 - s / 10, "lr": s * 1e-4} for s in (1, 10, 20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 30, "lo')
+    png.write_bytes(b"an older picture")
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    assert plot_loss_curve(str(path), str(png)) == str(png)
+    (fig,) = figures
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+              for ax in fig.axes for line in ax.get_lines()}
+    steps = [r["step"] for r in records]
+    assert curves == {"loss": (steps, [r["loss"] for r in records]), "learning rate": (steps, [r["lr"] for r in records])}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["loss.png", "metrics.jsonl"]
+
+
 def test_tensorboard_drops_what_a_crashed_run_logged_after_the_step_resumed_from(tmp_path):
     """A run logged steps 1-6 and crashed after its checkpoint at step 3; the resumed run logs 4-6
     again. As metrics.jsonl is truncated, TensorBoard (which reads every event file of the
