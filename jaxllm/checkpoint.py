@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -136,6 +137,12 @@ def quiet_orbax_read_leftovers() -> None:
     `sys.unraisablehook` and to asyncio's logger. Also the tracebacks of a failed save's threads
     (`_SaveThreadLogFilter`). Installed once per process."""
     add_unraisable_hook("orbax", _orbax_read_leftover)
+    # A restore that failed can also leave the read of an item's array metadata files created and
+    # never started (its event loop gone first; seen once, on a loaded machine): Python's
+    # "coroutine ... was never awaited" RuntimeWarning when it is collected, printed wherever that
+    # happens. (Re-adding the same filter moves it to the front rather than adding a second one.)
+    warnings.filterwarnings("ignore", message=r"coroutine 'Store\._get_array_metadatas' was never awaited$",
+                            category=RuntimeWarning)
     for name, kind in (("asyncio", _OrbaxTaskLogFilter), ("absl", _StepMetadataLogFilter), ("absl", _SaveThreadLogFilter)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):

@@ -1109,8 +1109,8 @@ def test_tensorstore_specs_are_cut_from_the_one_line_error():
 
 
 def test_only_orbax_s_leftovers_of_a_failed_restore_are_dropped(monkeypatch):
-    """The unraisable exceptions and asyncio reports that Orbax's abandoned reads leave behind are
-    dropped (`checkpoint.quiet_orbax_read_leftovers`, installed by every checkpoint manager); others
+    """The unraisable exceptions, asyncio reports and never-awaited warnings that Orbax's abandoned
+    reads leave behind are dropped (`checkpoint.quiet_orbax_read_leftovers`, installed by every checkpoint manager); others
     of the same kinds still reach the previous hook and the log."""
     import logging
     import types
@@ -1160,6 +1160,21 @@ def test_only_orbax_s_leftovers_of_a_failed_restore_are_dropped(monkeypatch):
     assert logged("Future exception was never retrieved\nfuture: <Future finished exception=ValueError('boom')>",
                   ValueError("boom"))
     assert logged("Task was destroyed but it is pending!")
+
+    # and the read of an item's array metadata files, created and never started: Python's warning
+    # when it is collected (others still warn)
+    import gc
+    import warnings
+
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.quiet_orbax_read_leftovers()
+        array_metadata_store.Store()._get_array_metadatas(ROOT / "array_metadatas")
+        other_read()
+        gc.collect()
+    assert [str(w.message) for w in caught] == [f"coroutine '{other_read.__qualname__}' was never awaited"]
 
 
 def test_metrics_of_a_crashed_run_are_truncated_to_the_step_resumed_from(tmp_path):
