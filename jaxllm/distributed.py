@@ -14,13 +14,14 @@ _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
 
 def cluster_has_several_processes(env=os.environ) -> bool:
     """Whether a launcher's environment, as `jax.distributed.initialize()` reads it, describes
-    more than one process: JAX's coordinator variables, a Slurm step of several tasks (inside
+    more than one process: JAX's coordinator variable (`JAX_COORDINATOR_ADDRESS`; JAX reads no bare
+    `COORDINATOR_ADDRESS`, which another tool's may be), a Slurm step of several tasks (inside
     `srun`; a bare `salloc` shell has the job's variables but no step), an Open MPI job of several
     ranks, a Cloud TPU slice of several hosts."""
     def count(key: str) -> int:
         return int(env[key]) if env.get(key, "").strip().isdigit() else 0
 
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
+    if env.get("JAX_COORDINATOR_ADDRESS"):
         return True
     if all(k in env for k in _SLURM_STEP):
         return count("SLURM_NTASKS") > 1

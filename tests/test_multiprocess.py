@@ -39,6 +39,7 @@ def test_only_a_launcher_of_several_processes_starts_jax_distributed():
     assert not several({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"})
     assert several({"TPU_WORKER_HOSTNAMES": "h0,h1"}) and not several({"TPU_WORKER_HOSTNAMES": "localhost"})
     assert several({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert not several({"COORDINATOR_ADDRESS": "10.0.0.1:1234"})  # (not JAX's: it would not find a coordinator)
 
 
 def test_two_processes_match_one_process(tmp_path):
