@@ -120,6 +120,39 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.view(torch.int32).numpy()
 
 
+def test_set_weights_refuses_a_mismatch_naming_the_weight_and_keeps_the_models_dtype():
+    """`jaxllm.weights.set_weights`: a weight missing, one the model lacks or one of another shape is
+    refused, naming it, with the model left as it was; a float16 array is stored as the model's
+    float32 (exactly: every float16 value is a float32 one)."""
+    model = _host_model(TINY)
+    flat = get_weights(model)
+    path = ("lm_head", "bias")
+    assert path in flat and flat[path].dtype == np.float32
+
+    def refused(weights, message):
+        with pytest.raises(ValueError, match=message):
+            set_weights(model, weights)
+        after = get_weights(model)
+        assert sorted(after) == sorted(flat)
+        for k, v in after.items():
+            np.testing.assert_array_equal(v, flat[k], err_msg=str(k))
+
+    refused({k: v for k, v in flat.items() if k != path}, r"missing \['lm_head/bias'\], unexpected \[\]")
+    refused({**flat, ("lm_head", "extra"): np.zeros(3, np.float32)},
+            r"missing \[\], unexpected \['lm_head/extra'\]")
+    shape = flat[path].shape
+    refused({**flat, path: np.zeros((shape[0] + 1,), np.float32)},
+            rf"weight lm_head/bias has shape \({shape[0] + 1},\), the model expects \({shape[0]},\)")
+    refused({**flat, path: flat[path][None]}, r"weight lm_head/bias has shape \(1, ")
+
+    half = (flat[path] + 1.0).astype(np.float16)
+    set_weights(model, {**flat, path: half})
+    after = get_weights(model)
+    assert after[path].dtype == np.float32
+    np.testing.assert_array_equal(after[path], half.astype(np.float32))
+    assert not np.array_equal(after[path], flat[path])
+
+
 # ---- round trips --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
