@@ -65,3 +65,28 @@ def test_the_flag_takes_the_values_that_turn_the_cache_off_and_expands_a_tilde(m
     for value in ("", "none", "OFF"):
         assert p.parse_args(["--compile-cache", value]).compile_cache == value
     assert p.parse_args(["--compile-cache", "~/xla"]).compile_cache == str(tmp_path / "xla")
+
+
+def test_enable_takes_none_and_off_in_any_case_and_the_empty_string_as_off(tmp_path, monkeypatch):
+    """`enable` itself (not only the flag's parser): "none", "off" and "" (an unset variable), in any
+    case and with spaces around, turn the cache off even where the environment names a directory,
+    and make no directory (neither one of that name nor the default one)."""
+    saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "root"))
+    try:
+        for env in (None, str(tmp_path / "env")):
+            if env is None:
+                monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+            else:
+                monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", env)
+            for value in ("none", "None", "NONE", "off", "OFF", "Off", "", " none ", "off\n"):
+                jax.config.update("jax_enable_compilation_cache", True)
+                assert xla_cache.enable(value) is None, (value, env)
+                assert not jax.config.jax_enable_compilation_cache, (value, env)
+                assert os.listdir(tmp_path) == [], (value, env)
+        # a name that only contains an off word is a directory
+        assert xla_cache.enable("offline") == str(tmp_path / "offline") and jax.config.jax_enable_compilation_cache
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
