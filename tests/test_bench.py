@@ -497,6 +497,9 @@ ENTRY %main (x: f32[4,4]) -> (f32[4,4], f32[4,4]) {
     (["--seed", "4294967296"], "argument --seed: must be in 0 .. 2**32 - 1, got 4294967296"),
     (["--tolerance=-1"], "--tolerance must be a positive number, got -1.0"),
     (["--tolerance", "nan"], "--tolerance must be a positive number, got nan"),
+    (["--tolerance", "0"], "--tolerance must be a positive number, got 0.0"),
+    (["--tolerance=-0"], "--tolerance must be a positive number, got -0.0"),
+    (["--tolerance", "inf"], "--tolerance must be a positive number, got inf"),
 ])
 def test_compare_frameworks_bad_input_is_one_line_and_exit_2(args, message, capsys):
     """Refused before anything is trained: a seed NumPy refused later without naming the flag, a
