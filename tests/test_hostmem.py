@@ -34,6 +34,18 @@ def test_tuned_environ_applies_only_where_it_can_help():
     assert hostmem.tuned_environ({}, thp="never", libc="glibc") is None
 
 
+def test_the_opt_out_takes_0_false_off_no_in_any_case_and_nothing_else():
+    """`JAXLLM_HUGE_PAGES`: 0, false, off and no (any case, spaces around) turn the tunable off;
+    any other value (1, yes, an empty one) leaves it as where the variable is unset."""
+    want = hostmem.tuned_environ({}, thp="madvise", libc="glibc")
+    assert want == {"GLIBC_TUNABLES": hostmem.TUNABLE}
+    for value in ("0", "false", "off", "no", "FALSE", "Off", "NO", " 0 ", "off\n"):
+        assert hostmem.tuned_environ({hostmem.OPT_OUT: value}, thp="madvise", libc="glibc") is None, value
+    for value in ("1", "true", "on", "yes", "", "00"):
+        env = hostmem.tuned_environ({hostmem.OPT_OUT: value}, thp="madvise", libc="glibc")
+        assert env == {**want, hostmem.OPT_OUT: value}, value
+
+
 CHILD = """
 import os, sys
 from jaxllm import hostmem
