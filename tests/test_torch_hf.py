@@ -176,6 +176,25 @@ def test_a_plain_call_outside_training_returns_its_cache_as_hugging_face_models_
     assert loaded.config.use_cache is False and getattr(loaded(ids), _CACHE_FIELD) is None
 
 
+def test_a_cache_fills_the_position_table_exactly_and_one_token_more_is_refused():
+    """Tokens fed on a cache count its length: a prompt and then cached steps up to exactly
+    `max_position_embeddings` tokens run, with the whole sequence's logits; one token more on that
+    cache is refused by name (not an embedding's IndexError) and leaves the cache as it was."""
+    model = _tiny().eval()
+    n = model.config.max_position_embeddings
+    ids = _ids((2, n))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = getattr(model(ids[:, :n - 4]), _CACHE_FIELD)
+        steps = [model(ids[:, n - 4:n - 1], past_key_values=cache).logits,  # several tokens, then one
+                 model(ids[:, n - 1:], past_key_values=cache).logits]
+        torch.testing.assert_close(torch.cat(steps, 1), full[:, n - 4:], rtol=1e-5, atol=1e-5)
+        assert cache.get_seq_length() == n
+        with pytest.raises(ValueError, match=rf"sequence length {n + 1} exceeds max_position_embeddings \({n}\)"):
+            model(ids[:, :1], past_key_values=cache)
+    assert cache.get_seq_length() == n
+
+
 def test_eager_attention_decodes_on_the_cache_without_padding(tmp_path):
     """Decoding with the cache and no attention mask (no padding): eager attention's default mask is
     causal over the last T of S keys (`tril(S - T)`), as SDPA's path; a one-token step sees every key."""
@@ -217,6 +236,36 @@ def test_save_pretrained_ships_the_modeling_code_so_that_the_copy_loads_anywhere
     with pytest.raises(ValueError, match=r"call model.push_to_hub\(repo_id\)"):
         model.save_pretrained(tmp_path / "c", push_to_hub=True)
     assert not (tmp_path / "c").exists()
+
+
+def test_save_pretrained_leaves_the_model_s_own_config_as_it_was(tmp_path):
+    """The saved config.json names the shipped code in `auto_map`; the live config gets no
+    `auto_map` (a new model) or keeps its own (here one naming code in another Hub repository).
+    A process other than the main one writes nothing."""
+    import json
+
+    from torch_ref.modeling_customllm import AUTO_MAP
+
+    def config_json(path):
+        with open(path / "config.json") as f:
+            return json.load(f)
+
+    def rest(config):  # transformers' own save sets `architectures` and `dtype`, as for any model
+        return {k: v for k, v in config.to_dict().items() if k not in ("architectures", "dtype")}
+
+    model = _tiny()
+    before = rest(model.config)
+    model.save_pretrained(tmp_path / "a")
+    assert config_json(tmp_path / "a")["auto_map"] == AUTO_MAP
+    assert "auto_map" not in model.config.to_dict() and rest(model.config) == before
+    loaded = CustomLLM.from_pretrained(tmp_path / "a")
+    own = {k: f"someone/customllm-code--{v}" for k, v in AUTO_MAP.items()}
+    loaded.config.auto_map = own
+    loaded.save_pretrained(tmp_path / "b")
+    assert config_json(tmp_path / "b")["auto_map"] == AUTO_MAP
+    assert loaded.config.auto_map == own
+    model.save_pretrained(tmp_path / "c", is_main_process=False)
+    assert list((tmp_path / "c").glob("*")) == []
 
 
 def test_a_trainer_s_label_smoothing_shifts_the_labels_as_for_other_causal_lms(tmp_path):
@@ -264,3 +313,34 @@ def test_a_config_a_quantized_load_saved_loads_again(tmp_path):
     config.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).quantization_config == {"quant_method": "bitsandbytes"}
 
+
+def test_logits_to_keep_gives_the_last_positions_logits():
+    """`logits_to_keep=k` (generate() passes 1, assisted decoding more) applies the head to the last
+    k positions only: the full call's last k logits; 0 keeps every position."""
+    model = _tiny().eval()
+    x = _ids((2, 10))
+    with torch.no_grad():
+        full = model(x).logits
+        for k in (1, 3):
+            torch.testing.assert_close(model(x, logits_to_keep=k).logits, full[:, -k:], rtol=1e-6, atol=1e-6)
+        assert torch.equal(model(x, logits_to_keep=0).logits, full)
+
+
+def test_resize_token_embeddings_grows_the_vocabulary_and_keeps_the_old_tokens_logits(tmp_path):
+    """`resize_token_embeddings` (tokens added to a tokenizer) goes through the model's input and
+    output embeddings: the table, `lm_head` and its bias grow, the old tokens' logits stay as they
+    were, a new token runs, and the model saves and loads at its new size."""
+    model = _tiny().eval()
+    x = _ids((2, 8))
+    with torch.no_grad():
+        want = model(x).logits
+    model.resize_token_embeddings(520)
+    assert model.config.vocab_size == 520 and model.lm_head.bias.shape == (520,)
+    x = torch.cat([x, torch.tensor([[519], [512]])], 1)
+    with torch.no_grad():
+        got = model(x).logits
+    assert got.shape == (2, 9, 520)
+    torch.testing.assert_close(got[:, :8, :512], want, rtol=1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(CustomLLM.from_pretrained(tmp_path).eval()(x).logits, got, rtol=0, atol=0)
