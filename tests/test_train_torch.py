@@ -114,6 +114,42 @@ def test_an_expert_no_token_chose_still_gets_weight_decay_as_in_optax(tmp_path):
     torch.testing.assert_close(after, before * (1 - 1e-2 * rc.weight_decay), rtol=1e-6, atol=0)
 
 
+def test_a_parameter_left_out_of_a_step_is_updated_as_jax_s_optimizer_updates_it(tmp_path):
+    """A parameter with no gradient in a step (`grad is None`: torch's AdamW skipped it, its moments,
+    weight decay and step count) moves as under `jaxllm.train.make_optimizer`, which sees a zero
+    gradient: here a decayed matrix used in steps 1 and 3 only, with a known gradient."""
+    import jax.numpy as jnp
+
+    from jaxllm.train import OptimConfig, make_optimizer
+
+    model = CustomLLM(CustomLLMConfig.from_llm_config(TINY))
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    model.register_parameter("extra", torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(1))))
+    start = model.extra.detach().clone()
+    calls = []
+
+    def use_extra_in_steps_1_and_3(module, inputs, out):  # one micro-batch per step; gradient w
+        calls.append(None)
+        if len(calls) != 2:
+            out.lm_loss = out.lm_loss + (module.extra * w).sum()
+        return out
+
+    model.register_forward_hook(use_extra_in_steps_1_and_3)
+    tr = _trainer(tmp_path, model=model, steps=3, warmup_steps=1, lr=1e-2, weight_decay=0.1, clip_norm=0.0)
+    tr.train_dataset = FixedBatches(np.random.RandomState(0).randint(0, TINY.vocab_size, (3, 2, 8)), 2)
+    assert "extra" in tr.get_decay_parameter_names(model)
+    tr.train()
+    assert len(calls) == 3
+
+    tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=3, weight_decay=0.1, clip_norm=0.0))
+    params = {"extra": jnp.asarray(start.numpy())}
+    opt = tx.init(params)
+    for g in (w.numpy(), np.zeros_like(w.numpy()), w.numpy()):
+        updates, opt = tx.update({"extra": jnp.asarray(g)}, opt, params)
+        params = {"extra": params["extra"] + updates["extra"]}
+    np.testing.assert_allclose(model.extra.detach().numpy(), np.asarray(params["extra"]), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("major, want", [(7, "float32"), (8, "bfloat16"), (9, "bfloat16")])
 def test_dtype_auto_is_bfloat16_only_on_gpus_that_compute_in_it(monkeypatch, major, want):
     """A T4 / V100 (compute capability 7.x) holds bfloat16 tensors but has no bfloat16 arithmetic:
@@ -451,6 +487,40 @@ def test_generation_is_seeded_and_leaves_the_global_rng_alone(trained):
     assert greedy == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_samples_stop_at_the_position_table_and_leave_the_model_s_generation_settings():
+    """The end's samples: --max-new-tokens beyond `max_position_embeddings` generates up to the
+    table's end (not an error), with the sampling settings of the call, not those of the model's
+    `generation_config` (an --init-from directory's), which stays the model's afterwards, as does
+    its training mode, also when a prompt leaves no room."""
+    from transformers import GenerationConfig
+
+    from torch_ref.training import generate_samples
+
+    n = 12
+    torch.manual_seed(0)
+    model = CustomLLM(CustomLLMConfig.from_llm_config(dataclasses.replace(TINY, max_position_embeddings=n)))
+    tok = data_lib.load_tokenizer()
+    with torch.no_grad():
+        model.lm_head.bias[tok.eos_token_id] = -1e4  # never ends early: runs to the table's end
+    ids = tok("The cat", add_special_tokens=False)["input_ids"]
+    given = len(ids)
+    assert 1 < given < n
+    model.eval()
+    with torch.no_grad():
+        while len(ids) < n:
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    # settings that would change the greedy continuation: its first token suppressed
+    own = GenerationConfig(suppress_tokens=[ids[given]], do_sample=True, temperature=5.0, top_k=3, max_new_tokens=2)
+    model.generation_config = own
+    model.train()
+    assert generate_samples(model, tok, ["The cat"], 100, temperature=0) == \
+        [("The cat", tok.decode(ids, skip_special_tokens=True))]
+    assert model.generation_config is own and model.training
+    with pytest.raises(ValueError, match=rf"no room left in max_position_embeddings \({n}\)"):
+        generate_samples(model, tok, ["The cat " * n], 4)
+    assert model.generation_config is own and model.training
+
+
 def test_a_finished_run_trains_no_further(trained, tmp_path):
     rc, summary = trained
     shutil.copytree(rc.ckpt_dir, tmp_path / "run")
@@ -752,6 +822,70 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     args, rc = train_torch.parse_args(["--recipe", "seed", "--steps", "7"])
     assert rc.preset == "seed-973m" and rc.grad_accum == 8 and rc.steps == 7 and rc.lr == 2e-5
     assert train_torch.parse_args([])[1].ckpt_dir == "ckpt-torch"
+
+
+def _main_keeping_the_summary(monkeypatch, argv) -> tuple[int, dict]:
+    """train_torch.py's `main(argv)` in this process, and the summary of its `run`."""
+    from torch_ref import training
+
+    train_torch, kept = _train_torch(), {}
+
+    def run_and_keep(*args, **kwargs):
+        kept.update(run(*args, **kwargs))  # (this file's `run`: torch_ref.training's own)
+        return kept
+
+    monkeypatch.setattr(training, "run", run_and_keep)
+    return train_torch.main(argv), kept
+
+
+def _tiny_command(tmp_path, *flags) -> list[str]:
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(TINY.to_json_string())
+    return ["--config", str(cfg), "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--save-every", "100",
+            "--prompt", "The", "--max-new-tokens", "4", "--no-progress", *flags]
+
+
+def test_no_dropout_turns_the_training_model_s_dropout_off_and_keeps_the_saved_config(tmp_path, monkeypatch):
+    """--no-dropout reaches the run: the model trained has no embedding dropout (a runtime switch),
+    its saved config.json keeps the model's `embedding_dropout`; without the flag it is on."""
+    for flags, p in (((), TINY.embedding_dropout), (("--no-dropout",), 0.0)):
+        out_dir = tmp_path / f"run{len(flags)}"
+        status, summary = _main_keeping_the_summary(
+            monkeypatch, _tiny_command(tmp_path, "--steps", "1", "--ckpt-dir", str(out_dir), *flags))
+        assert status == 0 and summary["end_step"] == 1
+        assert summary["model"].dropout.p == p and summary["model"].training
+        with open(out_dir / "checkpoint-1" / "config.json") as f:
+            assert json.load(f)["embedding_dropout"] == TINY.embedding_dropout
+
+
+def test_a_signal_stops_with_128_plus_its_number_unless_it_comes_in_the_last_step(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C (SIGINT) or SIGTERM in step 2 of 3 saves step 2 and exits with 130 / 143, without the
+    end's samples; one in the last step changes nothing: the run finishes (its samples, exit 0)."""
+    import signal
+
+    from torch_ref import training
+
+    before, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for signum, at, status, end in ((signal.SIGINT, 2, 130, 2), (signal.SIGTERM, 2, 143, 2), (signal.SIGINT, 3, 0, 3)):
+        class SignalInStep(training.MPSCallback):  # (on_step_end: before the stop callback's own)
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == at:
+                    os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(training, "MPSCallback", SignalInStep)
+        out_dir = tmp_path / f"run-{signum.name}-{at}"
+        got, summary = _main_keeping_the_summary(monkeypatch, _tiny_command(tmp_path, "--ckpt-dir", str(out_dir)))
+        out = capsys.readouterr().out
+        assert (got, summary["end_step"]) == (status, end), out[-2000:]
+        assert [n for n in os.listdir(out_dir) if n.startswith("checkpoint-")] == [f"checkpoint-{end}"]
+        assert (out_dir / f"checkpoint-{end}" / "trainer_state.json").is_file()
+        assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is before_term
+        if status:
+            assert summary["stopped_by"] == signum.name and not summary["samples"] and "generated text:" not in out
+            assert f"{signum.name}: saved a checkpoint at step {end} in {out_dir}; run the same command" in out
+        else:
+            assert summary["stopped_by"] is None and [p for p, _ in summary["samples"]] == ["The"]
+            assert "generated text:" in out and "saved a checkpoint" not in out
 
 
 def test_metrics_record_the_logging_steps_own_loss(tmp_path):
