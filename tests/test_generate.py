@@ -679,6 +679,67 @@ def test_evaluate_script_reads_each_document_once(evaluate_script, checkpoints, 
     assert f"(the data holds {result['batches']} full batches of 3 x 16 tokens, not the 1000" in "".join(out.pieces)
 
 
+
+def test_evaluate_takes_the_batches_of_the_first_pass_when_the_data_ends_at_or_just_short_of_a_batch_s_end(
+        evaluate_script, tokenizer_json, tmp_path):
+    """`batches_of_one_pass` at the edges of the data: data holding exactly one batch (the batch
+    ends where the data does) gives that batch, and so does data a token short of one batch more,
+    or just short of two; data holding exactly two gives both. Never a batch reaching into the
+    second pass, whatever --batches asks for beyond them (fewer when it asks for fewer), and each
+    batch is the next stretch of the documents' tokens."""
+    from jaxllm.data import DataConfig, PackedBatches, load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_json))
+    docs = TEXTS[:3]
+    stream = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in docs])
+    n = len(stream)
+    once, twice = tmp_path / "once.jsonl", tmp_path / "twice.jsonl"
+    once.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    twice.write_text(once.read_text() * 2)
+    cases = [(once, 1, n, 1),            # exactly one batch
+             (once, 1, n - 1, 1),        # one batch and a token
+             (once, 1, n // 2 + 1, 1),   # a bit less than two batches
+             (once, 1, n + 1, 0),        # not one batch
+             (twice, 1, n, 2),           # exactly two batches
+             (twice, 2, n, 1)]           # exactly one batch of two rows
+    for path, rows, seq_len, held in cases:
+        for limit in (0, 1, held, held + 1, 10):
+            with PackedBatches(DataConfig(dataset=str(path), seq_len=seq_len), tok, rows=rows) as packed:
+                got = list(evaluate_script.batches_of_one_pass(packed, limit))
+            want = min(limit, held) if limit else held
+            assert len(got) == want, (path.name, rows, seq_len, limit)
+            flat = np.concatenate([b.reshape(-1) for b in got]) if got else np.zeros(0, stream.dtype)
+            np.testing.assert_array_equal(flat, np.tile(stream, 2)[:want * rows * seq_len])
+
+
+def test_evaluate_script_says_the_data_holds_fewer_batches_only_when_it_does(evaluate_script, checkpoints,
+                                                                              tokenizer_json, tmp_path):
+    """Data holding exactly one batch (it ends at the batch's end) or a bit less than two: one batch
+    is evaluated with --batches 0, 1 or 2; only where more were asked for than it holds does the
+    report say how many it holds (one, not the two asked for)."""
+    from jaxllm.data import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_json))
+    docs = TEXTS[:3]
+    n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in docs)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    assert 2 * (n // 2 + 1) <= TINY.max_position_embeddings  # (the rows fit the model)
+    for seq_len in (n, n // 2 + 1):
+        for asked in (0, 1, 2):
+            out = Writes()
+            argv = ["--checkpoint", checkpoints["orbax"], "--dataset", str(data), "--seq-len", str(seq_len),
+                    "--batch-size", "1", "--batches", str(asked)]
+            result = evaluate_script.run(evaluate_script.parse_args(argv), out=out)
+            text = "".join(out.pieces)
+            assert result["batches"] == 1 and result["tokens"] == seq_len - 1, (seq_len, asked)
+            if asked == 2:
+                assert "(the data holds 1 full batch" in text, text
+                assert f"of 1 x {seq_len} tokens, not the 2 asked for" in text, text
+            else:
+                assert "the data holds" not in text, (seq_len, asked, text)
+
+
 def test_evaluate_script_shows_progress_in_a_log(evaluate_script, checkpoints, held_out, capsys, monkeypatch):
     """Standard error not a terminal (a log, nohup): a progress line every PROGRESS_EVERY_S
     seconds (here every batch), where there was nothing between the first line and the result."""
