@@ -478,6 +478,38 @@ def test_both_frameworks_decode_as_told_whatever_a_directory_s_generation_config
         tm.generation_config = saved
 
 
+
+def test_script_starts_an_empty_prompt_from_the_bos_token_in_both_frameworks(pair, script, tokenizer_json, tmp_path):
+    """`--prompt ""` encodes to no tokens: generation starts from the config's BOS token (here 7,
+    not EOS, so that the two are told apart), in JAX and in PyTorch, and prints only the
+    continuation."""
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxllm import checkpoint
+
+    jm, _ = pair
+    config = TINY.replace(bos_token_id=7)
+    assert config.bos_token_id != config.eos_token_id
+    ckpt = tmp_path / "ckpt"
+    mngr = checkpoint.manager(ckpt)
+    checkpoint.save(mngr, 0, weights=checkpoint.split_weights(jm), config=config, tokenizer=str(tokenizer_json))
+    mngr.wait_until_finished()
+    mngr.close()
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
+
+    def continuation(start):
+        out = generate(jm, [[start]], max_new_tokens=8, on_token=lambda *a: None)
+        return tok.decode(out.tokens[0, :out.lengths[0]], skip_special_tokens=True) + "\n"
+
+    want = continuation(config.bos_token_id)
+    assert want != continuation(config.eos_token_id)  # (the start token shows in the text)
+    for framework in ("jax", "torch"):
+        out = Writes()
+        script.run(script.parse_args(["--checkpoint", str(ckpt), "--prompt", "", "--max-new-tokens", "8",
+                                      "--framework", framework]), out=out)
+        assert "".join(out.pieces) == want, framework
+
+
 def test_script_sampling_is_reproducible(script, checkpoints, capsys):
     argv = ["--checkpoint", checkpoints["orbax"], "--prompt", "The sun", "--max-new-tokens", "10",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "5"]
