@@ -417,6 +417,42 @@ def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 0, 0)
 
 
+
+_CORE_IMPORT = "from .customllm_config_core import "
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("configuration_customllm.py", lambda s: s.replace(_CORE_IMPORT, "from jaxllm.config import "),
+     "torch_ref/configuration_customllm.py: expected one 'from jaxllm.config import' line to make relative, found 0"),
+    ("configuration_customllm.py", lambda s: s.replace(_CORE_IMPORT, f"{_CORE_IMPORT}field_names\n{_CORE_IMPORT}"),
+     "to make relative, found 2"),
+    ("modeling_customllm.py", lambda s: s + "\nimport jax.numpy as jnp\n",
+     "remote code modeling_customllm.py imports jax, which an exported directory cannot ship"),
+    ("modeling_customllm.py", lambda s: s + "\ndef f():\n    from flax import nnx\n",
+     "remote code modeling_customllm.py imports flax,"),
+    ("customllm_config_core.py", lambda s: "from torch_ref import CustomLLM\n" + s,
+     "remote code customllm_config_core.py imports torch_ref,"),
+    ("configuration_customllm.py", lambda s: s + "\nimport convert.mapping\n",
+     "remote code configuration_customllm.py imports convert,"),
+])
+def test_remote_code_of_an_unexpected_shape_is_refused_before_a_file_is_written(name, change, message, tmp_path,
+                                                                                 monkeypatch):
+    """convert/remote_code.py checks the sources it ships: the configuration's one import of the
+    core module made relative (none or two: refused), and no import of this project or of JAX in
+    any file, even inside a function. Refused with a ConvertError naming the file, before a file is
+    written; the real sources pass unchanged."""
+    from convert import remote_code
+
+    real = remote_code.remote_code_sources()
+    assert remote_code.remote_code_files() == real and sorted(real) == sorted(remote_code.FILE_NAMES)
+    assert change(real[name]) != real[name]
+    monkeypatch.setattr(remote_code, "remote_code_sources", lambda: {**real, name: change(real[name])})
+    with pytest.raises(ConvertError) as e:
+        remote_code.write_remote_code(str(tmp_path))
+    assert message in str(e.value), str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
 # ---- tokenizer files ------------------------------------------------------------------------------
 
 def _word_tokenizer():
