@@ -508,3 +508,29 @@ def test_compare_frameworks_bad_input_is_one_line_and_exit_2(args, message, caps
         _script("compare_frameworks").main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("loss_gap, weight_gap", [(2e-6, 3e-5), (3e-5, 2e-6)])
+def test_compare_frameworks_verdict_and_exit_status_follow_the_tolerance(loss_gap, weight_gap, capsys, monkeypatch):
+    """PASS and exit status 0 when both the largest loss gap and the largest weight gap are within
+    --tolerance (a gap equal to it included), FAIL and status 1 when either exceeds it, however
+    small the tolerance. The comparison's result is given here (its training is tested in
+    tests/test_train_torch.py); the script's own data and arguments are real."""
+    from torch_ref import crosscheck
+
+    result = crosscheck.CrossCheck(jax_losses=[8.0, 7.5], torch_losses=[8.0, 7.5 * (1 + loss_gap)],
+                                   weight_gaps={"embed_tokens.weight": weight_gap / 10, "lm_head.weight": weight_gap},
+                                   router_bias_max_abs_diff=0.0)
+    loss_gap, weight_gap = result.max_loss_gap, result.max_weight_gap[1]  # (as the script computes them)
+    calls = []
+    monkeypatch.setattr(crosscheck, "cross_check", lambda *a, **kw: calls.append(a) or result)
+    script = _script("compare_frameworks")
+    argv = ["--steps", "2", "--grad-accum", "1", "--batch-size", "2", "--seq-len", "8"]
+    for tolerance, verdict in [(1e-300, "FAIL"), (min(loss_gap, weight_gap), "FAIL"),
+                               (max(loss_gap, weight_gap), "PASS"), (0.5, "PASS")]:
+        rc = script.main(argv + ["--tolerance", repr(tolerance)])
+        out, err = capsys.readouterr()
+        assert (rc, err) == ((0 if verdict == "PASS" else 1), ""), (tolerance, rc, err)
+        assert out.splitlines()[-1] == f"{verdict}: tolerance {tolerance:g} relative", out
+        assert result.table() in out
+    assert len(calls) == 4 and calls[0][1].shape == (2, 2, 8)  # (the batches of --steps x rows x --seq-len)
