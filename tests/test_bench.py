@@ -2,6 +2,7 @@
 input (no timing is asserted: speed lives in BENCHMARKS.md, measured side by side)."""
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -534,3 +535,22 @@ def test_compare_frameworks_verdict_and_exit_status_follow_the_tolerance(loss_ga
         assert out.splitlines()[-1] == f"{verdict}: tolerance {tolerance:g} relative", out
         assert result.table() in out
     assert len(calls) == 4 and calls[0][1].shape == (2, 2, 8)  # (the batches of --steps x rows x --seq-len)
+
+
+@pytest.mark.parametrize("where", ["loss", "weight"])
+def test_compare_frameworks_fails_on_a_nan_gap_wherever_it_comes(where, capsys, monkeypatch):
+    """A framework whose loss or weights became NaN after the first step is a FAIL (status 1), not a
+    PASS on the other gaps: NaN counts as the largest gap, wherever it comes in the steps or names."""
+    from torch_ref import crosscheck
+
+    nan = float("nan")
+    result = crosscheck.CrossCheck(jax_losses=[8.0, 7.5, 7.0], torch_losses=[8.0, nan if where == "loss" else 7.5, 7.0],
+                                   weight_gaps={"a": 1e-6, "b": nan if where == "weight" else 2e-6, "c": 1e-6},
+                                   router_bias_max_abs_diff=0.0)
+    assert math.isnan(result.max_loss_gap if where == "loss" else result.max_weight_gap[1])
+    assert result.max_weight_gap[0] == "b"
+    monkeypatch.setattr(crosscheck, "cross_check", lambda *a, **kw: result)
+    rc = _script("compare_frameworks").main(["--steps", "3", "--grad-accum", "1", "--batch-size", "2", "--seq-len", "8",
+                                             "--tolerance", "1e-4"])
+    out = capsys.readouterr().out
+    assert rc == 1 and out.splitlines()[-1] == "FAIL: tolerance 0.0001 relative", out

@@ -13,6 +13,7 @@ Needs JAX *and* PyTorch (unlike the rest of `torch_ref`, which runs without JAX)
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 
 import numpy as np
@@ -33,13 +34,15 @@ class CrossCheck:
     def loss_gaps(self) -> list[float]:
         return [abs(t - j) / abs(j) for j, t in zip(self.jax_losses, self.torch_losses)]
 
+    # A NaN gap (a loss or weight that became NaN on one side) counts as the largest, so that the
+    # check fails: `max` would skip it unless it came first.
     @property
     def max_loss_gap(self) -> float:
-        return max(self.loss_gaps)
+        return max(self.loss_gaps, key=_nan_first)
 
     @property
     def max_weight_gap(self) -> tuple[str, float]:
-        name = max(self.weight_gaps, key=self.weight_gaps.get)
+        name = max(self.weight_gaps, key=lambda k: _nan_first(self.weight_gaps[k]))
         return name, self.weight_gaps[name]
 
     def table(self) -> str:
@@ -51,6 +54,10 @@ class CrossCheck:
         lines.append(f"largest relative loss gap {self.max_loss_gap:.2e}; largest relative weight gap {gap:.2e} "
                      f"({name}); router_bias max |diff| {self.router_bias_max_abs_diff:.1e}")
         return "\n".join(lines)
+
+
+def _nan_first(gap: float) -> tuple[bool, float]:
+    return math.isnan(gap), gap
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
