@@ -209,9 +209,9 @@ def run(args, out=None) -> dict:
         loss = ce / n
         result["results"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "seconds": seconds}
         print(f"{NAMES[name]:>8}: loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f} over {n:,} predicted "
-              f"tokens ({batches} batches, {seconds:.1f} s{', compile included' if name == 'jax' else ''})", file=out)
+              f"tokens ({batches} batch{'es' if batches != 1 else ''}, {seconds:.1f} s{', compile included' if name == 'jax' else ''})", file=out)
     if args.batches and batches < args.batches:
-        print(f"(the data holds {batches} full batches of {args.batch_size} x {args.seq_len} tokens, not the "
+        print(f"(the data holds {batches} full batch{'es' if batches != 1 else ''} of {args.batch_size} x {args.seq_len} tokens, not the "
               f"{args.batches} asked for: each document is read once)", file=out)
     if len(frameworks) == 2:
         a, b = (result["results"][f]["loss"] for f in frameworks)

@@ -765,9 +765,9 @@ def test_evaluate_script_says_the_data_holds_fewer_batches_only_when_it_does(eva
             result = evaluate_script.run(evaluate_script.parse_args(argv), out=out)
             text = "".join(out.pieces)
             assert result["batches"] == 1 and result["tokens"] == seq_len - 1, (seq_len, asked)
+            assert f"over {seq_len - 1:,} predicted tokens (1 batch, " in text, text
             if asked == 2:
-                assert "(the data holds 1 full batch" in text, text
-                assert f"of 1 x {seq_len} tokens, not the 2 asked for" in text, text
+                assert f"(the data holds 1 full batch of 1 x {seq_len} tokens, not the 2 asked for" in text, text
             else:
                 assert "the data holds" not in text, (seq_len, asked, text)
 
