@@ -9,8 +9,8 @@ trainer's `checkpoint-N` and `save_model` too). Imports no JAX (it reads `torch_
 
 from __future__ import annotations
 
+import ast
 import os
-import re
 
 from convert import ConvertError
 from torch_ref.modeling_customllm import CORE_MODULE, remote_code_sources
@@ -25,16 +25,35 @@ def remote_code_files() -> dict[str, str]:
     too), checked: raises if the sources no longer have the expected shape (exactly one import of
     the core module, no import of this project or of JAX)."""
     files = remote_code_sources()
-    n = len(re.findall(rf"^from \.{CORE_MODULE} import ", files["configuration_customllm.py"], flags=re.M))
+    imports = {name: _imports(name, text) for name, text in files.items()}
+    n = imports["configuration_customllm.py"].count((1, CORE_MODULE))
     if n != 1:
         raise ConvertError(f"torch_ref/configuration_customllm.py: expected one 'from jaxllm.config import' "
                            f"line to make relative, found {n}")
-    for name, text in files.items():
-        bad = re.search(r"^\s*(?:from|import)\s+(jaxllm|torch_ref|convert|jax|flax)\b", text, re.M)
+    for name, found in imports.items():
+        bad = [root for level, module in found if level == 0 and (root := module.split(".")[0]) in UNSHIPPABLE]
         if bad:
-            raise ConvertError(f"remote code {name} imports {bad.group(1)}, which an exported directory "
-                               "cannot ship")
+            raise ConvertError(f"remote code {name} imports {bad[0]}, which an exported directory cannot ship")
     return files
+
+
+UNSHIPPABLE = ("jaxllm", "torch_ref", "convert", "jax", "flax")  # what a directory's code may not import
+
+
+def _imports(name: str, text: str) -> list[tuple[int, str]]:
+    """(level, module) of every import statement of a source, wherever it is (in a function, after
+    a `;`, among others in one `import a, b`): level 0 for an absolute import, 1 for `from .x`."""
+    try:
+        tree = ast.parse(text, filename=name)
+    except SyntaxError as e:
+        raise ConvertError(f"remote code {name} does not parse: {e.msg} (line {e.lineno})") from None
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
 
 
 def write_remote_code(out: str) -> None:

@@ -434,12 +434,18 @@ _CORE_IMPORT = "from .customllm_config_core import "
      "remote code customllm_config_core.py imports torch_ref,"),
     ("configuration_customllm.py", lambda s: s + "\nimport convert.mapping\n",
      "remote code configuration_customllm.py imports convert,"),
+    ("modeling_customllm.py", lambda s: s + "\nimport numpy, jax\n", "remote code modeling_customllm.py imports jax,"),
+    ("modeling_customllm.py", lambda s: s + "\nx = 1; import flax\n", "remote code modeling_customllm.py imports flax,"),
+    ("modeling_customllm.py", lambda s: s + "\ntry:\n    from jaxllm import model\nexcept ImportError:\n    pass\n",
+     "remote code modeling_customllm.py imports jaxllm,"),
+    ("customllm_config_core.py", lambda s: s + "\ndef f(:\n", "remote code customllm_config_core.py does not parse"),
 ])
 def test_remote_code_of_an_unexpected_shape_is_refused_before_a_file_is_written(name, change, message, tmp_path,
                                                                                  monkeypatch):
     """convert/remote_code.py checks the sources it ships: the configuration's one import of the
     core module made relative (none or two: refused), and no import of this project or of JAX in
-    any file, even inside a function. Refused with a ConvertError naming the file, before a file is
+    any file, wherever the statement is (in a function or a `try`, after a `;`, among other modules
+    in one `import`), and no source that does not parse. Refused with a ConvertError naming the file, before a file is
     written; the real sources pass unchanged."""
     from convert import remote_code
 
