@@ -204,15 +204,16 @@ def run(args, out=None) -> dict:
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "dataset": args.dataset or "embedded",
               "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": batches,
               "tokens": sums[frameworks[0]][1], "results": {}}
+    unit = "batch" if batches == 1 else "batches"
     for name in frameworks:
         ce, n, seconds = sums[name]
         loss = ce / n
         result["results"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "seconds": seconds}
         print(f"{NAMES[name]:>8}: loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f} over {n:,} predicted "
-              f"tokens ({batches} batch{'es' if batches != 1 else ''}, {seconds:.1f} s{', compile included' if name == 'jax' else ''})", file=out)
+              f"tokens ({batches} {unit}, {seconds:.1f} s{', compile included' if name == 'jax' else ''})", file=out)
     if args.batches and batches < args.batches:
-        print(f"(the data holds {batches} full batch{'es' if batches != 1 else ''} of {args.batch_size} x {args.seq_len} tokens, not the "
-              f"{args.batches} asked for: each document is read once)", file=out)
+        print(f"(the data holds {batches} full {unit} of {args.batch_size} x "
+              f"{args.seq_len} tokens, not the {args.batches} asked for: each document is read once)", file=out)
     if len(frameworks) == 2:
         a, b = (result["results"][f]["loss"] for f in frameworks)
         result["relative_difference"] = abs(a - b) / max(abs(b), 1e-30)
