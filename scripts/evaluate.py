@@ -12,7 +12,8 @@ document followed by EOS, no padding), from its start, once: the first --batches
 --batch-size rows (fewer where the data holds fewer), or with --batches 0 every full batch of it. The loss is the trainers' language
 -model loss alone (the mean shifted cross-entropy over every predicted token, without the router's
 balance loss), in float32 without dropout; perplexity = exp(loss). With --framework both, each batch
-runs in both frameworks and the relative difference of their losses is printed as well.
+runs in both frameworks and the relative difference of their losses is printed as well. A loss that
+is not finite (NaN or inf weights) is printed, then refused as an error (exit status 2, no --json).
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ def run(args, out=None) -> dict:
                     "torch": lambda: load_torch_model(args.checkpoint, kind)}
         losses = {name: (JaxLoss if name == "jax" else TorchLoss)(load[name]()) for name in frameworks}
         where = f"{args.checkpoint} (step {step})" if kind == "orbax" else args.checkpoint
-        print(f"evaluating {where} on {source}: "
-              f"{f'at most {args.batches} batches' if args.batches else 'every batch'} of {args.batch_size} x {args.seq_len} tokens, "
+        asked = f"at most {args.batches} {'batch' if args.batches == 1 else 'batches'}" if args.batches else "every batch"
+        print(f"evaluating {where} on {source}: {asked} of {args.batch_size} x {args.seq_len} tokens, "
               f"in {' and '.join(NAMES[f] for f in frameworks)}", file=out, flush=True)
         sums = {name: [0.0, 0, 0.0] for name in frameworks}  # cross-entropy, tokens, seconds
         bar = _progress(args.batches or None)
@@ -208,9 +209,17 @@ def run(args, out=None) -> dict:
     for name in frameworks:
         ce, n, seconds = sums[name]
         loss = ce / n
-        result["results"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "seconds": seconds}
-        print(f"{NAMES[name]:>8}: loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f} over {n:,} predicted "
+        perplexity = math.inf if loss > 700.0 else math.exp(loss)  # (exp overflows past 709.78; NaN stays NaN)
+        result["results"][name] = {"loss": loss, "perplexity": perplexity if math.isfinite(perplexity) else None,
+                                   "seconds": seconds}  # (JSON has no inf: null)
+        print(f"{NAMES[name]:>8}: loss {loss:.4f}, perplexity {perplexity:.2f} over {n:,} predicted "
               f"tokens ({batches} {unit}, {seconds:.1f} s{', compile included' if name == 'jax' else ''})", file=out)
+    broken = [f"{NAMES[name]} loss is {result['results'][name]['loss']}" for name in frameworks
+              if not math.isfinite(result["results"][name]["loss"])]
+    if broken:  # (weights holding NaN or inf: an error, not a figure to compare)
+        out.flush()
+        raise ValueError(f"{' and the '.join(broken)} on {source}: {where} does not give a finite loss"
+                         f"{f' (nothing written to {args.json})' if args.json else ''}")
     if args.batches and batches < args.batches:
         print(f"(the data holds {batches} full {unit} of {args.batch_size} x "
               f"{args.seq_len} tokens, not the {args.batches} asked for: each document is read once)", file=out)

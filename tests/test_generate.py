@@ -677,6 +677,51 @@ def test_evaluate_script_gives_each_frameworks_loss_of_the_packed_batches(
         assert f"loss {want:.4f}, perplexity " in text and "JAX and PyTorch losses differ by" in text, text
 
 
+def test_evaluate_script_refuses_a_loss_that_is_not_finite_after_reporting_it(evaluate_script, checkpoints, held_out,
+                                                                            tmp_path):
+    """Weights holding a NaN give a NaN loss: reported, then an error naming the frameworks whose loss
+    it is (exit status 2), with no --json written (it held the non-JSON token NaN, and the run exited
+    0). A finite loss past 700 has perplexity inf: null in the JSON, which stays standard JSON."""
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "hf"
+    shutil.copytree(checkpoints["hf"], bad)
+    weights = load_file(bad / "model.safetensors")
+    saved = tmp_path / "eval.json"
+    argv = ["--checkpoint", str(bad), "--dataset", str(held_out), "--seq-len", "16", "--batch-size", "2",
+            "--batches", "1", "--framework", "both", "--json", str(saved)]
+
+    printed = Writes()
+
+    def evaluate(change):
+        save_file({k: change(k, v.copy()) for k, v in weights.items()}, bad / "model.safetensors",
+                  metadata={"format": "pt"})
+        printed.pieces.clear()
+        return evaluate_script.run(evaluate_script.parse_args(argv), out=printed)
+
+    nan_embedding = lambda k, v: np.full_like(v, np.nan) if k == "token_embeddings.weight" else v  # noqa: E731
+    assert "token_embeddings.weight" in weights and "lm_head.bias" in weights
+    with pytest.raises(ValueError, match=rf"^JAX loss is nan and the PyTorch loss is nan on dataset .*: {bad} does "
+                                         rf"not give a finite loss \(nothing written to {saved}\)$"):
+        evaluate(nan_embedding)
+    text = "".join(printed.pieces)
+    assert "     JAX: loss nan, perplexity nan" in text and " PyTorch: loss nan, perplexity nan" in text, text
+    assert ": at most 1 batch of 2 x 16 tokens, in JAX and PyTorch\n" in text, text
+    assert not saved.exists()
+
+    def one_token_far_ahead(k, v):  # token 5's logit 1e4 above the rest: a loss of about 1e4
+        if k == "lm_head.bias":
+            v[5] = 1e4
+        return v
+
+    result = evaluate(one_token_far_ahead)
+    for name in ("jax", "torch"):
+        assert 700 < result["results"][name]["loss"] < float("inf") and result["results"][name]["perplexity"] is None
+    assert "perplexity inf over" in "".join(printed.pieces)
+    assert json.loads(saved.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == \
+        json.loads(json.dumps(result))
+
+
 def test_evaluate_script_leaves_a_checkpoint_inside_the_dataset_directory_out_of_the_data(
         evaluate_script, checkpoints, held_out, tmp_path):
     """As the trainers leave their --ckpt-dir out of a dataset directory holding it, evaluate.py
