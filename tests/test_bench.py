@@ -537,6 +537,22 @@ def test_compare_frameworks_verdict_and_exit_status_follow_the_tolerance(loss_ga
     assert len(calls) == 4 and calls[0][1].shape == (2, 2, 8)  # (the batches of --steps x rows x --seq-len)
 
 
+def test_compare_frameworks_reports_a_run_that_diverges_as_a_fail_with_its_table(capsys):
+    """A learning rate that makes the loss non-finite in step 3: the PyTorch side stops there
+    (`NonFiniteError`; the JAX step skips the update and goes on), which used to end the script in
+    a traceback; now both curves are printed (PyTorch's NaN from that step on), with why it
+    stopped, and the verdict is FAIL, exit status 1."""
+    rc = _script("compare_frameworks").main(["--lr", "1e30", "--warmup-steps", "1", "--steps", "3", "--grad-accum",
+                                             "1", "--batch-size", "2", "--seq-len", "16"])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert rc == 1 and lines[-1] == "FAIL: tolerance 0.0001 relative", out + err
+    assert lines[-2] == "the PyTorch run stopped: non-finite loss or gradient at step 3; the update was not applied"
+    rows = [line.split() for line in lines[1:4]]
+    assert [r[0] for r in rows] == ["1", "2", "3"] and rows[2][2] == "nan" and rows[0][2] != "nan", out
+    assert "largest relative loss gap nan; largest relative weight gap nan" in out
+
+
 @pytest.mark.parametrize("where", ["loss", "weight"])
 def test_compare_frameworks_fails_on_a_nan_gap_wherever_it_comes(where, capsys, monkeypatch):
     """A framework whose loss or weights became NaN after the first step is a FAIL (status 1), not a

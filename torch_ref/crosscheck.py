@@ -29,6 +29,7 @@ class CrossCheck:
     torch_losses: list[float]
     weight_gaps: dict[str, float]  # PyTorch tensor name -> |torch - jax| / |jax| (Frobenius norms)
     router_bias_max_abs_diff: float
+    torch_stopped: str | None = None  # why the PyTorch run ended early (its later losses: NaN)
 
     @property
     def loss_gaps(self) -> list[float]:
@@ -53,6 +54,8 @@ class CrossCheck:
         name, gap = self.max_weight_gap
         lines.append(f"largest relative loss gap {self.max_loss_gap:.2e}; largest relative weight gap {gap:.2e} "
                      f"({name}); router_bias max |diff| {self.router_bias_max_abs_diff:.1e}")
+        if self.torch_stopped:
+            lines.append(f"the PyTorch run stopped: {self.torch_stopped}")
         return "\n".join(lines)
 
 
@@ -88,6 +91,7 @@ def cross_check(config: LLMConfig, batches_SRT: np.ndarray, *, grad_accum: int =
 
     from convert.mapping import flax_to_torch
     from jaxllm import sharding as shd
+    from jaxllm.stopping import NonFiniteError
     from jaxllm.train import OptimConfig, Trainer
     from jaxllm.weights import flatten
     from torch_ref.configuration_customllm import CustomLLMConfig
@@ -127,17 +131,25 @@ def cross_check(config: LLMConfig, batches_SRT: np.ndarray, *, grad_accum: int =
     rc = RunConfig(steps=steps, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
                    clip_norm=clip_norm, log_every=1, seed=seed, progress=False)
     metrics = MetricsCallback(None, rows * seq_len)
+    stopped = None
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(rc, tmp, per_device_batch=batch, dtype="float32", save=False, use_cpu=True)
         trainer = CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches_SRT, batch),
                                    callbacks=[metrics])
         trainer.remove_callback(PrinterCallback)  # the curves are the result; no per-step log lines
-        trainer.train()
+        try:
+            trainer.train()
+        except NonFiniteError as e:  # (the JAX step skips such an update and goes on)
+            stopped = str(e)
     torch_losses = [r["loss"] for r in metrics.records]
+    if stopped is not None:  # a run that diverged: its curve ends in NaN, which fails the check
+        torch_losses += [math.nan] * (steps - len(torch_losses))
     if len(torch_losses) != steps:
         raise RuntimeError(f"the PyTorch run logged {len(torch_losses)} losses for {steps} steps")
     torch_final = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in jax_final}
 
-    gaps = {k: _rel(torch_final[k], jax_final[k]) for k in jax_final if not k.endswith("router_bias")}
-    rb_diff = max(float(np.max(np.abs(torch_final[k] - jax_final[k]))) for k in jax_final if k.endswith("router_bias"))
-    return CrossCheck(jax_losses, torch_losses, gaps, rb_diff)
+    gaps = {k: _rel(torch_final[k], jax_final[k]) if stopped is None else math.nan  # (weights of another step)
+            for k in jax_final if not k.endswith("router_bias")}
+    rb_diff = float(np.max([np.max(np.abs(torch_final[k] - jax_final[k]))  # (np.max: a NaN is not passed over)
+                            for k in jax_final if k.endswith("router_bias")]))
+    return CrossCheck(jax_losses, torch_losses, gaps, rb_diff, stopped)
