@@ -629,9 +629,22 @@ class DataConfig:
         return self.dataset is None or self.dataset == EMBEDDED
 
 
+def _literal_folder(pattern: str) -> str:
+    """A glob with its longest leading part that is an existing folder escaped (`glob.escape`): in
+    `data [v1]/*.jsonl`, the folder `data [v1]`, not `data v/` or `data 1/` (whichever exists, read
+    in its place without a word, or "no file matches")."""
+    head = os.path.dirname(pattern)
+    while head and not os.path.isdir(head):
+        if os.path.dirname(head) == head:
+            return pattern
+        head = os.path.dirname(head)
+    return glob.escape(head) + pattern[len(head):] if head and glob.has_magic(head) else pattern
+
+
 def _local_files(spec: str, skip_dir: str | None = None) -> tuple[str, list[str]]:
     """(builder, sorted files) of a local file, glob or directory; ValueError when none is usable.
-    A path that exists is taken as it is, even where its name holds glob characters (`[`, `*`, `?`).
+    A path that exists is taken as it is, even where its name holds glob characters (`[`, `*`, `?`),
+    and so is a glob's leading folder that exists (`_literal_folder`).
     Files inside `skip_dir` (the run's own --ckpt-dir: its metrics.jsonl and checkpoint files) are
     not part of a directory or glob that holds it: a dataset directory holding it reads the same on
     a resume (a dataset inside `skip_dir` is read whole)."""
@@ -658,7 +671,7 @@ def _local_files(spec: str, skip_dir: str | None = None) -> tuple[str, list[str]
     elif os.path.isfile(path):
         files = [path]
     elif glob.has_magic(path):
-        files = outside([f for f in glob.glob(path, recursive=True) if os.path.isfile(f)])
+        files = outside([f for f in glob.glob(_literal_folder(path), recursive=True) if os.path.isfile(f)])
         if not files:
             raise ValueError(f"dataset {spec}: no file matches{skipped}")
     else:

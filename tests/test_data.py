@@ -608,6 +608,13 @@ def test_paths_with_glob_characters_in_their_names_are_read_as_they_are(tmp_path
     assert docs(tmp_path / "corpus[v2].jsonl") == ["bracketed file"]
     assert docs(tmp_path / "dir[1]") == ["in a bracketed directory", "bracketed file in a bracketed directory"]
     assert docs(tmp_path / "corpus?.jsonl") == ["the file the pattern matches"]  # no such file: a pattern
+    # a glob's leading folder that exists is that folder (`dir[1]` would match `dir1`, read in its place)
+    (tmp_path / "dir1").mkdir()
+    write_jsonl(tmp_path / "dir1" / "old.jsonl", ["in the folder the pattern matches"])
+    assert docs(tmp_path / "dir[1]" / "a*.jsonl") == ["in a bracketed directory"]
+    assert docs(tmp_path / "dir[1]" / "**" / "*.jsonl") == ["in a bracketed directory",
+                                                            "bracketed file in a bracketed directory"]
+    assert docs(tmp_path / "dir[!x]" / "*.jsonl") == ["in the folder the pattern matches"]  # no such folder: a pattern
 
 
 def test_json_records_may_differ_in_their_other_keys(tmp_path, monkeypatch):
