@@ -591,7 +591,7 @@ def main(argv=None) -> int:
                    help=f"seconds of rest before each peak sample on a CPU (default {SETTLE_S:g}: a product right "
                         "after a large step runs slower for about a second)")
     p.add_argument("--peak-flops", type=float, default=None, help="datasheet peak per device (known GPUs/TPUs are looked up)")
-    p.add_argument("--json", help="also write the figures as JSON here")
+    p.add_argument("--json", type=cli.path, help="also write the figures as JSON here")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker (default 1800)")
     p.add_argument("--budget", type=int, default=None,
                    help="seconds for the whole run: each worker's timeout is cut to what is left, so that what was "

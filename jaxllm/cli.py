@@ -31,6 +31,8 @@ def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowes
 
 def check_json_path(p: argparse.ArgumentParser, path: str | None) -> None:
     """`p.error` for a `--json PATH` that cannot be written: before the measurement, not after it."""
+    if path and path.endswith((os.sep, "/")):  # (abspath drops the slash: the folder checked was the path's own)
+        p.error(f"--json: {path} ends in a slash, a folder's name (give a file name)")
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         p.error(f"--json: the folder of {path} does not exist")
     if path and os.path.isdir(path):

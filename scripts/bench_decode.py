@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from jaxllm.bench import measure_decode, report, torch_float32_as_jax
 
     torch_float32_as_jax(torch)  # float32 products as JAX computes them (TF32 on NVIDIA GPUs)
-    from jaxllm.cli import check_at_least, check_json_path, parser
+    from jaxllm.cli import check_at_least, check_json_path, parser, path
 
     p = parser(__file__, __doc__)
     p.add_argument("--preset", default="small", help="model preset (default small)")
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--framework", choices=["jax", "torch"], action="append", help="only this one (repeatable)")
     p.add_argument("--torch-threads", type=int, help="PyTorch intra-op threads (default: PyTorch's choice)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--json", type=path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     check_at_least(p, args, new_tokens=1, prompt_len=1, batch_size=1, torch_threads=1)
     check_json_path(p, args.json)

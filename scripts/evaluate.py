@@ -62,7 +62,7 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     a("--batches", type=int, default=20,
       help="batches to evaluate at most, from the data's start, each document once; 0: all of them (default 20)")
-    a("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    a("--json", metavar="PATH", type=path, help="also write the figures to PATH as JSON")
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
     check_json_path(p, args.json)

@@ -233,10 +233,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="time only")
     p.add_argument("--top", type=int, default=25, help="heaviest kernels listed (default 25)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: datasheet)")
-    p.add_argument("--out", default=None, help="keep the first profiled trace (.xplane.pb) and its HLO here")
+    p.add_argument("--out", type=cli.path, default=None, help="keep the first profiled trace (.xplane.pb) and its HLO here")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: one device; MFU is against the peak of all the mesh's devices)")
     p.add_argument("--budget", type=float, default=None, help="start no variant after this many seconds")
-    p.add_argument("--json", default=None, help="write every variant's figures here (after each variant)")
+    p.add_argument("--json", type=cli.path, default=None, help="write every variant's figures here (after each variant)")
     p.add_argument("--scan-unroll", type=int, default=None,
                    help="unroll the scan over layers N at a time (default: the model's, whole up to 8 layers)")
     args = p.parse_args(argv)

@@ -100,6 +100,7 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--preset", "tiny", "--seq-len", "64", "--decode-tokens", "120"], "--decode-tokens: preset tiny"),
     (["--quick", "--json", "/nonexistent/bench.json"], "--json"),
     (["--quick", "--json", "/tmp"], "--json: /tmp is a directory"),
+    (["--quick", "--json=~/no folder/bench.json"], "--json: the folder of {home}/no folder/bench.json does not exist"),
     (["--quick", "--json", "/proc/bench.json"], "--json: cannot write a file in the folder of /proc/bench.json ("),
     (["--quick", "--moe-block", "0"], "--moe-block must be at least 1"),
     (["--quick", "--scan-unroll", "0"], "--scan-unroll must be at least 1"),
@@ -108,9 +109,11 @@ def test_the_decode_measurement_times_both_frameworks_on_the_same_tokens():
     (["--quick", "--settle-s", "nan"], "--settle-s must be a number of seconds"),
     (["--quick", "--attn-impl", "cudnn", "--dtype", "bfloat16"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
 ])
-def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message, capsys):
+def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(args, message, capsys, tmp_path, monkeypatch):
     from jaxllm.bench import main
 
+    monkeypatch.setenv("HOME", str(tmp_path))  # (`~` expanded, as in every path flag)
+    message = message.format(home=tmp_path)
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
@@ -366,12 +369,16 @@ def _profile_step():
     (["--json", "/nonexistent/decode.json"], "--json: the folder of /nonexistent/decode.json does not exist"),
     (["--json", "/tmp"], "--json: /tmp is a directory (give a file name)"),
     (["--json", "/proc/x.json"], "--json: cannot write a file in the folder of /proc/x.json ("),
+    (["--json", "/tmp/no folder/"], "--json: /tmp/no folder/ ends in a slash, a folder's name (give a file name)"),
+    (["--json=~/no folder/decode.json"], "--json: the folder of {home}/no folder/decode.json does not exist"),
     (["--torch-threads", "-1"], "--torch-threads must be at least 1, got -1"),
     (["--torch-threads", "0"], "--torch-threads must be at least 1, got 0"),
     (["--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
     (["--prompt-len", "0"], "--prompt-len must be at least 1, got 0"),
 ])
-def test_bench_decode_refuses_bad_input_before_it_runs(args, message, capsys):
+def test_bench_decode_refuses_bad_input_before_it_runs(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # (`~` expanded, as in every path flag)
+    message = message.format(home=tmp_path)
     with pytest.raises(SystemExit) as e:
         _script("bench_decode").main(["--preset", "tiny", *args])
     assert e.value.code == 2
@@ -413,12 +420,15 @@ def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
     (["--json", "/nonexistent/steps.json"], "--json: the folder of /nonexistent/steps.json does not exist"),
     (["--json", "/tmp"], "--json: /tmp is a directory (give a file name)"),
     (["--json", "/proc/x.json"], "--json: cannot write a file in the folder of /proc/x.json ("),
+    (["--json=~/no folder/steps.json"], "--json: the folder of {home}/no folder/steps.json does not exist"),
     (["--peak-flops=-5e10"], "--peak-flops must be a positive number, got -50000000000.0"),
     (["--peak-flops", "0"], "--peak-flops must be a positive number, got 0.0"),
     (["--budget=-5"], "--budget must be a positive number of seconds, got -5.0"),
     (["--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
 ])
-def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys):
+def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    message = message.format(home=tmp_path)
     with pytest.raises(SystemExit) as e:
         _profile_step().main(args)
     assert e.value.code == 2

@@ -885,16 +885,22 @@ def test_evaluate_script_reads_the_newest_step_of_a_run_still_saving(evaluate_sc
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--batches", "-1"], "--batches must be non-negative (0: one whole pass), got -1"),
     (["--json", "/proc/eval.json"], "--json: cannot write a file in the folder of /proc/eval.json ("),
+    (["--json", "{tmp}/results/"], "--json: {tmp}/results/ ends in a slash, a folder's name (give a file name)"),
+    (["--json=~/eval.json"], "--json: the folder of {tmp}/home/eval.json does not exist"),  # (~ expanded)
     (["--checkpoint", "{hf}", "--step", "1"], "--step applies to an Orbax checkpoint directory"),
     (["--dataset", "{tiny_data}"], "holds fewer than 1024 tokens: not one batch of 8 x 128"),
     (["--dataset", "{missing}"], "no such file or directory"),
     (["--framework", "jax2"], "argument --framework: invalid choice"),
 ])
 def test_evaluate_script_bad_input_is_one_line_and_exit_2(evaluate_script, checkpoints, tmp_path, capsys, argv,
-                                                          message):
+                                                          message, monkeypatch):
     (tmp_path / "tiny.txt").write_text("A few words only.\n")
-    fill = {"hf": checkpoints["hf"], "tiny_data": str(tmp_path / "tiny.txt"), "missing": str(tmp_path / "no.jsonl")}
+    fill = {"hf": checkpoints["hf"], "tiny_data": str(tmp_path / "tiny.txt"), "missing": str(tmp_path / "no.jsonl"),
+            "tmp": str(tmp_path)}
     argv = ["--checkpoint", checkpoints["orbax"]] + [a.format(**fill) for a in argv]
+    message = message.format(**fill)
+    (tmp_path / "results").mkdir()  # (a folder that exists: the slash is what is refused)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     try:
         rc = evaluate_script.main(argv)
     except SystemExit as e:  # argparse
