@@ -39,7 +39,10 @@ def check_output(out_dir: str, *, force: bool, kind: str, is_kind: Callable[[str
         if overlap(out, src) or overlap(os.path.realpath(out), os.path.realpath(src)):  # (also through a link)
             raise ConvertError(f"output {out} overlaps the input {src}; choose another output directory")
     if os.path.lexists(out):
-        if not os.path.isdir(out) or os.path.islink(out):
+        if os.path.islink(out):  # (replacing it would replace the link, not what it names)
+            raise ConvertError(f"output {out} is a symbolic link (to {os.readlink(out)}); give the directory itself "
+                               "as the output")
+        if not os.path.isdir(out):
             raise ConvertError(f"output {out} exists and is not a {kind} directory; refusing to replace it")
         names = sorted(os.listdir(out))
         held = (extras(out) or ([] if is_kind(out) else names)) if names else []

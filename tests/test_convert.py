@@ -823,6 +823,11 @@ def test_the_libraries_raise_convert_errors(parity, tmp_path):
     os.symlink(parity.ckpt, tmp_path / "link")
     with pytest.raises(ConvertError, match="overlaps the input"):  # (it wrote into the input through the link)
         export_hf(parity.ckpt, tmp_path / "link" / "hf")
+    os.symlink(parity.hf_dir, tmp_path / "hf_link")  # (an output of this kind, given through a link: not replaced,
+    for force in (False, True):                     # and not said to be of another kind)
+        with pytest.raises(ConvertError, match=rf"^output {tmp_path / 'hf_link'} is a symbolic link \(to "
+                                               rf"{parity.hf_dir}\); give the directory itself as the output$"):
+            export_hf(parity.ckpt, tmp_path / "hf_link", force=force)
     with pytest.raises(ConvertError, match="does not exist"):
         import_hf(tmp_path / "nothing", tmp_path / "ckpt")
     with pytest.raises(ConvertError, match=r"already exists \(force=True replaces it\)$"):
