@@ -64,6 +64,10 @@ def checkpoint_kind(path: str) -> str:
     if trainer:
         raise ValueError(f"--checkpoint {path} is a Trainer output directory (scripts/train_torch.py): pass one of "
                          f"its checkpoints, e.g. the latest, {os.path.join(path, f'checkpoint-{max(trainer)}')}")
+    if os.path.isdir(os.path.join(path, "params")) or "_CHECKPOINT_METADATA" in names:
+        above, name = os.path.split(os.path.abspath(path))
+        raise ValueError(f"--checkpoint {path} is one step of an Orbax checkpoint directory: pass the directory "
+                         f"above it, {above}" + (f", with --step {int(name)}" if name.isdigit() else ""))
     raise ValueError(f"--checkpoint {path} is neither a Hugging Face directory (no config.json) nor an Orbax "
                      "checkpoint directory (no numbered steps)")
 

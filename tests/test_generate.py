@@ -558,6 +558,9 @@ def test_text_stream_holds_back_split_characters(assets, script):
      "--top-k only applies to sampling: give --temperature > 0 too (0 decodes greedily)"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "4", "--top-p", "0.9"], "--top-k and --top-p only apply"),
     (["--prompt", "x"], "--checkpoint"),
+    (["--checkpoint", "{orbax}/0", "--prompt", "x"],
+     "--checkpoint {orbax}/0 is one step of an Orbax checkpoint directory: pass the directory above it, {orbax}, "
+     "with --step 0"),
 ])
 def test_script_bad_input_is_one_line_on_stderr_and_exit_2(script, checkpoints, tokenizer_json, tmp_path, capsys,
                                                             argv, message):
