@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxllm.cli import listing, step_dirs
+from jaxllm.cli import is_one_step, listing, step_dirs
 from jaxllm.config import IGNORED_KEYS, LLMConfig, field_names
 from jaxllm.stopping import add_unraisable_hook
 
@@ -315,7 +315,7 @@ def no_checkpoint_found(where: str) -> CheckpointError:
     hint = (": a Hugging Face directory (convert/torch_to_flax.py makes a checkpoint of it)"
             if os.path.isfile(os.path.join(where, "config.json")) else
             ": a step of a checkpoint directory? pass the directory above it"
-            if os.path.isdir(os.path.join(where, "params")) or os.path.isfile(os.path.join(where, "_CHECKPOINT_METADATA"))
+            if is_one_step(where)
             else f": a PyTorch (Trainer) run's directory, whose {trainer[-1]} is a Hugging Face directory "
                  f"(convert/torch_to_flax.py makes a checkpoint of it)" if trainer
             else "")

@@ -244,6 +244,13 @@ def step_dirs(path: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
 
 
+def is_one_step(path: str) -> bool:
+    """Whether `path` is one step inside an Orbax checkpoint directory (Orbax's record of the step,
+    or the items saved), not the directory of steps: the easy slip of pointing at a checkpoint."""
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    return "_CHECKPOINT_METADATA" in names or {"params", "meta"} <= names
+
+
 def not_a_run_directory(path: str, framework: str) -> str | None:
     """The error for a `--ckpt-dir` that exists, holds nothing to resume, and is not a run's
     directory but one checkpoint inside a run, or a model directory (pointing at the checkpoint
@@ -251,7 +258,7 @@ def not_a_run_directory(path: str, framework: str) -> str | None:
     status 0. `framework` ("jax" or "torch") is the trainer's, for the way out. None otherwise."""
     names, above = set(os.listdir(path)), os.path.dirname(os.path.abspath(path))
     jax = framework == "jax"
-    if "_CHECKPOINT_METADATA" in names or {"params", "meta"} <= names:
+    if is_one_step(path):
         what, fix = "one step of a JAX run's checkpoint directory", (
             f"to resume that run, pass the directory above it ({above})" if jax else
             f"convert/flax_to_torch.py {above} makes a Hugging Face directory of it for --init-from")

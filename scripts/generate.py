@@ -55,7 +55,7 @@ def checkpoint_kind(path: str) -> str:
         raise ValueError(f"--checkpoint {path} is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
-    from jaxllm.cli import step_dirs
+    from jaxllm.cli import is_one_step, step_dirs
 
     if step_dirs(path):
         return "orbax"
@@ -64,7 +64,7 @@ def checkpoint_kind(path: str) -> str:
     if trainer:
         raise ValueError(f"--checkpoint {path} is a Trainer output directory (scripts/train_torch.py): pass one of "
                          f"its checkpoints, e.g. the latest, {os.path.join(path, f'checkpoint-{max(trainer)}')}")
-    if os.path.isdir(os.path.join(path, "params")) or "_CHECKPOINT_METADATA" in names:
+    if is_one_step(path):
         above, name = os.path.split(os.path.abspath(path))
         raise ValueError(f"--checkpoint {path} is one step of an Orbax checkpoint directory: pass the directory "
                          f"above it, {above}" + (f", with --step {int(name)}" if name.isdigit() else ""))
