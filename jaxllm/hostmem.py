@@ -11,7 +11,7 @@ themselves once with it set (`reexec_with_huge_pages`), before anything else run
 
 It applies where it can help: Linux with glibc, and the kernel's transparent huge pages in
 `madvise` mode (in `always` mode every process has them already; in `never` mode nothing can).
-`JAXLLM_HUGE_PAGES=0` (or `false`, `off`, `no`) turns it off. Pure Python (no JAX import).
+`JAXLLM_HUGE_PAGES=0` (or `false`, `off`, `no`, `none`) turns it off. Pure Python (no JAX import).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "JAXLLM_HUGE_PAGES"
+OFF = ("0", "false", "off", "no", "none")  # "none" as for --compile-cache
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -40,7 +41,7 @@ def tuned_environ(environ=None, *, thp: str | None = None, libc: str | None = No
     """`environ` with the tunable added to `GLIBC_TUNABLES`, or None where it does not apply or is
     already set (so a re-executed process does not re-execute again)."""
     environ = dict(os.environ if environ is None else environ)
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no"):
+    if environ.get(OPT_OUT, "1").strip().lower() in OFF:
         return None
     if (libc if libc is not None else platform.libc_ver()[0]) != "glibc":
         return None

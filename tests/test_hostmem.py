@@ -34,12 +34,12 @@ def test_tuned_environ_applies_only_where_it_can_help():
     assert hostmem.tuned_environ({}, thp="never", libc="glibc") is None
 
 
-def test_the_opt_out_takes_0_false_off_no_in_any_case_and_nothing_else():
-    """`JAXLLM_HUGE_PAGES`: 0, false, off and no (any case, spaces around) turn the tunable off;
+def test_the_opt_out_takes_0_false_off_no_none_in_any_case_and_nothing_else():
+    """`JAXLLM_HUGE_PAGES`: 0, false, off, no and none (any case, spaces around) turn the tunable off;
     any other value (1, yes, an empty one) leaves it as where the variable is unset."""
     want = hostmem.tuned_environ({}, thp="madvise", libc="glibc")
     assert want == {"GLIBC_TUNABLES": hostmem.TUNABLE}
-    for value in ("0", "false", "off", "no", "FALSE", "Off", "NO", " 0 ", "off\n"):
+    for value in ("0", "false", "off", "no", "none", "FALSE", "Off", "NO", "None", " 0 ", "off\n"):
         assert hostmem.tuned_environ({hostmem.OPT_OUT: value}, thp="madvise", libc="glibc") is None, value
     for value in ("1", "true", "on", "yes", "", "00"):
         env = hostmem.tuned_environ({hostmem.OPT_OUT: value}, thp="madvise", libc="glibc")
