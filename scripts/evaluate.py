@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -80,6 +81,14 @@ def check_args(args, config) -> None:
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
+
+
+def run_directory(checkpoint: str) -> str:
+    """The run that `checkpoint` belongs to, which a dataset directory or glob holding it leaves out
+    (its files are not data): a Trainer's `checkpoint-N`, the output directory above it (its other
+    checkpoints' JSON files and metrics.jsonl), else the checkpoint itself."""
+    path = os.path.abspath(checkpoint)
+    return os.path.dirname(path) if re.fullmatch(r"checkpoint-\d+", os.path.basename(path)) else checkpoint
 
 
 def batches_of_one_pass(packed, limit: int):
@@ -154,7 +163,7 @@ def run(args, out=None) -> dict:
                  else checkpoint_tokenizer(recorded, config, saved, where=args.checkpoint))
     cfg = DataConfig(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
                      text_column=args.text_column, seq_len=args.seq_len,
-                     skip_dir=args.checkpoint)  # (a run's directory inside the dataset's: not data)
+                     skip_dir=run_directory(args.checkpoint))  # (a run's directory inside the dataset's: not data)
     frameworks = FRAMEWORKS[args.framework]
     if "jax" in frameworks:
         from jaxllm import xla_cache

@@ -742,6 +742,24 @@ def test_evaluate_script_leaves_a_checkpoint_inside_the_dataset_directory_out_of
     assert same(results["inside"]) == same(results["outside"]) and results["inside"]["batches"] > 0
 
 
+def test_evaluate_script_leaves_the_trainer_run_of_a_checkpoint_inside_the_dataset_directory_out_of_the_data(
+        evaluate_script, checkpoints, held_out, tmp_path):
+    """A Trainer's `checkpoint-N` inside the dataset directory: its whole run is left out, not only
+    `checkpoint-N` (the other checkpoints' config.json was read as a JSON dataset's records, and
+    failed; in a parquet dataset the run's files made the data "mix file types")."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(held_out, tmp_path / "data")
+    run = tmp_path / "data" / "run"
+    for step in (1, 3):
+        shutil.copytree(checkpoints["hf"], run / f"checkpoint-{step}")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
+    argv = ["--checkpoint", str(run / "checkpoint-3"), "--dataset", str(tmp_path / "data"), "--seq-len", "16",
+            "--batch-size", "2", "--batches", "0", "--framework", "torch"]
+    inside = evaluate_script.run(evaluate_script.parse_args(argv), out=Writes())
+    alone = evaluate_script.run(evaluate_script.parse_args([*argv[:3], str(held_out), *argv[4:]]), out=Writes())
+    assert (inside["batches"], inside["tokens"]) == (alone["batches"], alone["tokens"]) and inside["batches"] > 0
+
+
 def test_evaluate_script_reads_each_document_once(evaluate_script, checkpoints, tokenizer_json, held_out):
     from jaxllm.data import DataConfig, iter_documents, load_tokenizer
 
