@@ -939,6 +939,28 @@ def test_a_data_position_of_another_process_count_is_dropped_with_one_warning(tm
                                        "the data stream starts from its beginning\n")
 
 
+def test_a_damaged_data_position_restarts_the_stream_with_a_warning_naming_it(tmp_path, capsys):
+    """A data position that cannot be read (truncated, overwritten) is treated as a missing one: a
+    warning naming the file, and the stream starts from its beginning. It ended the run with the bare
+    JSON error ("train_torch.py: error: Unterminated string starting at: line 1 column 45"), naming no
+    file, or with a traceback for JSON holding no position."""
+    from torch_ref.training import read_data_state
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    path = ckpt / "data_state.rank0.json"
+    whole = json.dumps({"process_count": 1, "state": {"epoch": 0, "documents": 2, "offset": 40}})
+    for damaged, why in ((whole[:50], "Unterminated string"), ("[1, 2]", "no data position in it"),
+                         ('{"process_count": 1, "state": null}', "no data position in it")):
+        path.write_text(damaged)
+        assert read_data_state(str(ckpt), 0, 1) is None
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: {path} cannot be read (") and why in err, err
+        assert err.endswith("); the data stream starts from its beginning\n") and err.count("\n") == 1, err
+    path.write_text(whole)
+    assert read_data_state(str(ckpt), 0, 1) == {"epoch": 0, "documents": 2, "offset": 40}
+
+
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     """config.json and model.safetensors of a tiny model, for checkpoints made by hand."""

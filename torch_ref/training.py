@@ -471,7 +471,7 @@ class DataStateSaver:
 def read_data_state(checkpoint: str, process_index: int, process_count: int,
                     source: dict | None = None) -> dict | None:
     """This process's data position saved in `checkpoint`, or None (with a warning on stderr)
-    when it is missing or was written by another number of processes. ValueError when it was
+    when it is missing, cannot be read or was written by another number of processes. ValueError when it was
     saved for another token stream than `source` (`jaxllm.data.check_same_stream`)."""
     from jaxllm import data as data_lib
 
@@ -479,8 +479,15 @@ def read_data_state(checkpoint: str, process_index: int, process_count: int,
     if not os.path.isfile(path):
         print(f"warning: {path} is missing; the data stream starts from its beginning", file=sys.stderr)
         return None
-    with open(path) as f:
-        record = json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or not isinstance(record.get("state"), dict):
+            raise ValueError("no data position in it")
+    except (OSError, ValueError) as e:  # damaged (truncated, overwritten): as if missing, not a bare JSON error
+        print(f"warning: {path} cannot be read ({error_line(e)}); the data stream starts from its beginning",
+              file=sys.stderr)
+        return None
     if source is not None:
         data_lib.check_same_stream(record.get("source"), source, os.path.dirname(checkpoint),
                                    quiet=process_index != 0)
