@@ -674,6 +674,9 @@ def _local_files(spec: str, skip_dir: str | None = None) -> tuple[str, list[str]
         files = outside([f for f in glob.glob(_literal_folder(path), recursive=True) if os.path.isfile(f)])
         if not files:
             raise ValueError(f"dataset {spec}: no file matches{skipped}")
+    elif os.path.exists(path):  # e.g. a shell's <(zcat data.jsonl.gz): once read, it is gone
+        raise ValueError(f"dataset {spec} is neither a file nor a directory (a pipe?): the data is read again every "
+                         "epoch and on a resume, so give a file, glob or directory")
     else:
         raise ValueError(f"dataset {spec}: no such file or directory")
     suffixes = sorted({os.path.splitext(f)[1].lower() for f in files})

@@ -662,6 +662,16 @@ def test_bad_local_paths(tmp_path, tokenizer, spec, message):
         PackedBatches(DataConfig(dataset=spec.format(tmp=tmp_path)), tokenizer, rows=1)
 
 
+def test_a_pipe_is_not_called_missing(tmp_path, tokenizer):
+    """A named pipe (what a shell's `<(zcat data.jsonl.gz)` gives) was "no such file or directory":
+    it exists, but the data is read again every epoch and on a resume."""
+    pipe = tmp_path / "data.jsonl"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match=rf"^dataset {re.escape(str(pipe))} is neither a file nor a directory "
+                                         r"\(a pipe\?\): the data is read again every epoch"):
+        PackedBatches(DataConfig(dataset=str(pipe)), tokenizer, rows=1)
+
+
 def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, tokenizer, monkeypatch):
     """A Hub id is "name" or "owner/name": "dir/" (and "./x", "../x", "/x") are local paths."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
