@@ -986,7 +986,11 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(weights_dir, tmp_p
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "checkpoint-6 lacks trainer_state.json" in err[0], err
     assert "checkpoint-4 lacks data_state.rank1.json" in err[1], err
-    checkpoint(4, "data_state.rank1.json")
+    (tmp_path / "checkpoint-4" / "data_state.rank0.json").write_text('{"process_count": 2, "sta')  # cut short
+    assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-2"), 2)
+    err = capsys.readouterr().err.splitlines()
+    assert "checkpoint-4 has an unreadable data_state.rank0.json (an interrupted save)" in err[1], err
+    checkpoint(4, "data_state.rank0.json", "data_state.rank1.json")
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint-4"), 4)
     # None complete: the newest with a trainer state still resumes (not a new run over the old one).
     shutil.rmtree(tmp_path / "checkpoint-2")

@@ -819,7 +819,8 @@ def latest_checkpoint(output_dir: str, *, warn: bool = True, notes: list | None 
     skipped = []
     for step, path in found:
         missing = _missing_from_checkpoint(path)
-        why = f"lacks {missing} (an interrupted save)" if missing else _unloadable(path)
+        why = ((f"has an unreadable {missing}" if os.path.exists(os.path.join(path, missing)) else f"lacks {missing}")
+               + " (an interrupted save)") if missing else _unloadable(path)
         if why is None:
             break
         skipped.append((path, why if missing else f"cannot be loaded: {why}"))
