@@ -10,7 +10,7 @@ use the same code and see the same batches.
   data_files=..., streaming=True)`, local `.jsonl` / `.json` files with
   `IterableDataset.from_generator` over their records (`_json_texts`); the embedded corpus
   (`embedded_corpus()`) with `Dataset.from_dict(...).to_iterable_dataset()`. In a `.txt` file a
-  document is a paragraph: text separated by a blank line (`DataConfig.sample_by` changes that).
+  document is a paragraph: text separated by an empty line (a line holding spaces is not one, as `datasets` reads it) (`DataConfig.sample_by` changes that).
   Of local parquet and JSON files only the text column is read (their other columns may differ
   from file to file, or record to record); every parquet file's footer, and the first 10 MiB of
   the first JSON file with records, are checked when the data is opened (a file that is no
