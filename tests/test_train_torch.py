@@ -610,6 +610,28 @@ def test_a_resume_without_model_flags_trains_the_model_it_holds(trained, tmp_pat
     assert "note: resumed with other settings than the checkpoint's: --steps 11 (was 10)\n" in log, log
 
 
+def test_a_resume_compares_the_precision_trained_in_not_the_dtype_flag(trained, tmp_path, capsys):
+    """Checkpoints record the precision `--dtype auto` chose, and a resume compares that: on a CPU
+    `auto` after float32 changes nothing (it was named a change, and a run moved from a GPU's
+    bfloat16 to a CPU's float32 under `auto` changed unnoticed). A checkpoint that recorded `auto`
+    (saved before) names no change of --dtype."""
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    capsys.readouterr()
+    run(dataclasses.replace(rc, ckpt_dir=str(copy), steps=11, dtype="auto"), dtype="auto")
+    log = capsys.readouterr().out
+    assert "note: resumed with other settings than the checkpoint's: --steps 11 (was 10)\n" in log, log
+    state_file = copy / "checkpoint-11" / "data_state.rank0.json"
+    state = json.loads(state_file.read_text())
+    assert state["settings"]["dtype"] == "float32"
+    state["settings"]["dtype"] = "auto"
+    state_file.write_text(json.dumps(state))
+    run(dataclasses.replace(rc, ckpt_dir=str(copy), steps=12), dtype="float32")
+    log = capsys.readouterr().out
+    assert "note: resumed with other settings than the checkpoint's: --steps 12 (was 11)\n" in log, log
+
+
 def test_init_from_refuses_what_the_converter_refuses(trained, tmp_path, capsys):
     """--init-from reads the directory's tensors as convert/torch_to_flax.py does (a missing one
     would start from random values); a JAX checkpoint or a Trainer output directory is named as

@@ -41,6 +41,7 @@ imports JAX.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import glob
@@ -1050,6 +1051,10 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
 
         hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype)
+    # The precision the run trains in, as checkpoints record it and a resume compares it: "auto" is
+    # bfloat16 on one machine and float32 on another (a resume there changed it unnoticed, and
+    # --dtype float32 after "auto" on a CPU was named a change that was none).
+    trained = dataclasses.replace(rc, dtype=dtype)
     dist = PartialState(cpu=cpu_only())  # reads the torchrun / accelerate launch environment, as the Trainer will
     rank, world = dist.process_index, dist.num_processes
     _check_same_settings(rc, dist)  # (first: a setting one process refuses alone would leave the others waiting)
@@ -1143,14 +1148,17 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
     trainer = CustomLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[metrics, MPSCallback(), stop, generation],
-        data_state=DataStateSaver(dataset, source, recorded_settings(rc)))
+        data_state=DataStateSaver(dataset, source, recorded_settings(trained)))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.2f}M parameters ({model_name(rc, bool(last))}) on {args.device.type}, {dtype}, "
          f"{world} process(es)", rank)
     _log(f"steps {start} -> {rc.steps}: {rc.grad_accum} x {rc.batch_size} x {rc.seq_len} = {tokens_per_step} "
          f"tokens per step, checkpoints in {out_dir}" + (f" (resuming from {last[0]})" if last else "")
          + (f"; --init-from {rc.init_from} only starts a new run: not used" if last and rc.init_from else ""), rank)
-    if last and (note := changed_settings(read_settings(last[0]), rc)):
+    recorded = read_settings(last[0]) if last else None
+    if recorded and recorded.get("dtype") == "auto":  # (saved before the precision was recorded: unknown)
+        del recorded["dtype"]
+    if note := changed_settings(recorded, trained):
         _log(note, rank)
     if start < rc.steps and (warning := warmup_warning(rc)):
         _log(warning, rank)
