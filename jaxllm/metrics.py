@@ -54,7 +54,8 @@ class MetricsWriter:
 
 
 def end_line(stopped: bool, end_step: int, first: dict | None, last: dict | None, seconds: float) -> str:
-    """Both trainers' last line: where the run ended, the loss of its first and last logged steps
+    """Both trainers' line at the end of training (followed by train_jax.py's generated samples;
+    train_torch.py prints its samples before it): where the run ended, the loss of its first and last logged steps
     (this run's: a resumed run starts after its checkpoint) and its time."""
     losses = (f", loss {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step {last['step']}"
               if first and last else "")
