@@ -27,7 +27,7 @@ from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_checkpo
                                 check_shared_directory, processes_where, raise_if_any_failed)
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, changed_settings, check_prompts, check_run, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, changed_settings, check_prompts, check_run, continuation_text, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.stopping import NonFiniteError, RunLock, SaveError, SignalStop, failing_together, save_failed  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
@@ -578,7 +578,7 @@ def print_samples(model, tokenizer, prompts, max_new_tokens: int, *, seed: int =
     longest = max(len(e) for e in encoded)
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - longest)
     out = generate(model, encoded, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k), seed=seed)
-    texts = [tokenizer.decode(tokens[:n], skip_special_tokens=True) for tokens, n in zip(out.tokens, out.lengths)]
+    texts = [continuation_text(tokenizer, e, tokens[:n]) for e, tokens, n in zip(encoded, out.tokens, out.lengths)]
     if jax.process_index() == 0:
         print("\ngenerated text:")
         for p, t in zip(prompts, texts):

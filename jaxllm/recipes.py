@@ -182,6 +182,18 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"])
 
 
+def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
+    """The text that `new_ids` add after `prompt_ids`: both decoded together, less the prompt's own
+    text (special tokens such as EOS left out). Decoded alone, the new tokens lost the space that
+    a Metaspace tokenizer (Llama's, T5's, ...) keeps in a word's first token: after "once upon a",
+    "▁time" alone decodes to "time", and the text read "once upon atime"."""
+    def decode(ids):
+        return tokenizer.decode([int(t) for t in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    prompt, text = decode(prompt_ids), decode(list(prompt_ids) + list(new_ids))
+    return text[len(prompt):] if text.startswith(prompt) else decode(new_ids)
+
+
 def check_prompts(rc: RunConfig, tokenizer, max_positions: int) -> None:
     """ValueError for a `--prompt` (the samples printed at the end) that leaves no room for a new
     token within `max_positions`: found before training rather than after it."""

@@ -147,17 +147,20 @@ def torch_model_of(model, config):
 
 
 class TextStream:
-    """Writes a continuation as its tokens arrive. Each time, all its tokens so far are decoded and
+    """Writes the continuation of `prompt_ids` as its tokens arrive. Each time, all its tokens so far
+    are decoded after the prompt's (`continuation_text`: the space before its first word kept) and
     the new end of the text is written, except while the text ends in U+FFFD (a character whose
     bytes are split over tokens is not complete yet)."""
 
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out, prompt_ids=()):
+        self.tokenizer, self.out, self.prompt_ids = tokenizer, out, list(prompt_ids)
         self.ids: list[int] = []
         self.written = 0
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        from jaxllm.recipes import continuation_text
+
+        return continuation_text(self.tokenizer, self.prompt_ids, self.ids)
 
     def push(self, token_id: int) -> None:
         self.ids.append(int(token_id))
@@ -209,7 +212,7 @@ def run(args, out=None) -> None:
     out = out or sys.stdout
     out.write(args.prompt)
     out.flush()
-    stream = TextStream(tokenizer, out)
+    stream = TextStream(tokenizer, out, prompt_ids)
     if args.framework == "jax":
         from jaxllm.generate import generate
 

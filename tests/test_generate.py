@@ -537,6 +537,37 @@ def test_text_stream_holds_back_split_characters(assets, script):
     assert not any("\ufffd" in p for p in out.pieces)
 
 
+def _metaspace_tokenizer():
+    """A word-level tokenizer of TINY's vocabulary with Metaspace's "▁" word starts (Llama's, T5's
+    kind), whose decoder drops the space of the first word it decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "<unk>", "▁once", "▁upon", "▁a", "▁time"]
+    words += [f"▁w{i}" for i in range(TINY.vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+def test_a_continuation_keeps_the_space_before_its_first_word_with_a_metaspace_tokenizer(script, pair, capsys):
+    from jaxllm.loop import print_samples
+    from jaxllm.recipes import encode_prompt
+
+    tok = _metaspace_tokenizer()
+    prompt = encode_prompt(tok, "once upon a")
+    assert prompt == [2, 3, 4] and tok.decode([5]) == "time"  # the case being tested: the space goes alone
+    out = Writes()
+    stream = script.TextStream(tok, out, prompt)
+    for t in (5, 0):  # " time", then EOS
+        stream.push(t)
+    stream.end()
+    assert "".join(out.pieces) == " time\n"  # was "time": "once upon atime"
+    texts = print_samples(pair[0], tok, ["once upon a"], 3)  # the JAX trainer's samples
+    assert texts[0].startswith(" ") or texts[0] == "", texts  # every word but the special tokens starts "▁"
+    assert "'once upon a' -> once upon a" + texts[0] in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint", "/nonexistent/ckpt", "--prompt", "x"], "does not exist"),
     (["--checkpoint", "{tok}", "--prompt", "x"], "is not a directory"),
