@@ -34,7 +34,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--checkpoint", required=True, type=path, help="Orbax checkpoint directory or Hugging Face model directory")
     a("--step", type=int, help="step of an Orbax checkpoint directory (default: the latest)")
-    a("--prompt", required=True, type=text, help="text to continue")
+    a("--prompt", required=True, type=text, action="append", help="text to continue (one)")
     a("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy, else at least 1e-30 (default 0)")
     a("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0; needs --temperature)")
@@ -43,7 +43,11 @@ def parse_args(argv=None):
     a("--framework", choices=["jax", "torch"], default="jax", help="which implementation runs (default jax)")
     a("--tokenizer", type=path, help="Hub id, local directory or tokenizer.json (default: recorded with the checkpoint)")
     add_compile_cache_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if len(args.prompt) > 1:  # (the trainers' --prompt is repeatable; here all but the last were dropped)
+        p.error(f"--prompt given {len(args.prompt)} times: generate.py continues one prompt (run it once per prompt)")
+    args.prompt = args.prompt[0]
+    return args
 
 
 def checkpoint_kind(path: str) -> str:

@@ -589,6 +589,8 @@ def test_a_continuation_keeps_the_space_before_its_first_word_with_a_metaspace_t
      "--top-k only applies to sampling: give --temperature > 0 too (0 decodes greedily)"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--top-k", "4", "--top-p", "0.9"], "--top-k and --top-p only apply"),
     (["--prompt", "x"], "--checkpoint"),
+    (["--checkpoint", "{orbax}", "--prompt", "a", "--prompt", "b"],
+     "--prompt given 2 times: generate.py continues one prompt (run it once per prompt)"),  # (was: "b" alone)
     (["--checkpoint", "{orbax}/0", "--prompt", "x"],
      "--checkpoint {orbax}/0 is one step of an Orbax checkpoint directory: pass the directory above it, {orbax}, "
      "with --step 0"),
