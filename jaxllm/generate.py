@@ -40,9 +40,10 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen. `temperature=0` is greedy (argmax, ties to the lower id);
-    otherwise the logits are divided by `temperature`, then cut to the `top_k` best (0: no cut),
-    then to the smallest set whose probability reaches `top_p` (1: no cut), and a token is drawn.
-    The order is Hugging Face's (temperature, top-k, top-p). A positive temperature is at least
+    otherwise the logits are divided by `temperature`, then cut to the `top_k` best (0: no cut;
+    tokens tied with the k-th kept), then to the smallest set whose probability reaches `top_p` (1: no
+    cut; of tokens tied at its edge, the higher ids), and a token is drawn. The order and the ties are
+    Hugging Face's (temperature, top-k, top-p). A positive temperature is at least
     `MIN_TEMPERATURE`: below it, float32 logits divided by it overflowed (JAX drew token 0 on every
     step, PyTorch's sampler failed on the infinite probabilities)."""
 
@@ -79,12 +80,16 @@ def sample_logits(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
         kth_B1 = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth_B1, -jnp.inf, logits)
     if sampling.top_p < 1.0:
-        sorted_BV = -jnp.sort(-logits, axis=-1)  # descending
-        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        # The n best tokens, equal logits ranked as Hugging Face's TopPLogitsWarper ranks them (the
+        # higher id first): a cut by value kept every token tied with the last one, more than the
+        # smallest set (uniform logits at top_p 0.5 kept all of them, PyTorch half).
+        B, V = logits.shape
+        order_BV = V - 1 - jnp.argsort(-logits[:, ::-1], axis=-1, stable=True)  # token ids, best first
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order_BV, axis=-1), axis=-1)
         before_BV = jnp.cumsum(probs, axis=-1) - probs  # probability of the better tokens
         n_keep_B1 = jnp.sum(before_BV < sampling.top_p, axis=-1, keepdims=True)  # >= 1
-        threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
-        logits = jnp.where(logits < threshold_B1, -jnp.inf, logits)
+        keep_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order_BV].set(jnp.arange(V) < n_keep_B1)
+        logits = jnp.where(keep_BV, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

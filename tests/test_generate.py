@@ -206,6 +206,26 @@ def test_top_k_and_top_p_keep_the_right_candidates():
     assert drawn(Sampling(temperature=2.0, top_p=0.7)) == {0, 1, 2}
 
 
+def test_top_k_and_top_p_keep_the_candidates_that_hugging_face_keeps_ties_included():
+    """Top-p keeps the smallest set reaching p, as Hugging Face's TopPLogitsWarper: of tokens tied at
+    its edge, as many as needed (the higher ids, its order), not all of them (uniform logits at 0.5
+    kept every token in JAX, half in PyTorch). Top-k keeps the ties with the k-th in both."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    keys = jax.random.split(jax.random.key(0), 400)
+    for probs, top_k, top_p in (([0.25] * 4, 0, 0.5), ([0.4, 0.3, 0.3], 0, 0.5), ([0.3, 0.3, 0.4], 0, 0.5),
+                                ([0.2, 0.4, 0.2, 0.2], 0, 0.7), ([0.4, 0.2, 0.2, 0.1, 0.1], 2, 0.9),
+                                ([0.5, 0.3, 0.15, 0.05], 0, 0.6), ([0.1] * 10, 0, 0.35)):
+        logits = np.log(np.array([probs], np.float32))
+        hf = torch.from_numpy(logits)
+        if top_k:
+            hf = TopKLogitsWarper(top_k)(None, hf)
+        hf_kept = set(torch.isfinite(TopPLogitsWarper(top_p)(None, hf))[0].nonzero()[:, 0].tolist())
+        sampling = Sampling(temperature=1.0, top_k=top_k, top_p=top_p)
+        drawn = set(np.asarray(jax.vmap(lambda k: sample_logits(jnp.asarray(logits), k, sampling))(keys)).ravel().tolist())
+        assert drawn == hf_kept, (probs, top_k, top_p)
+
+
 def test_each_decoding_step_draws_with_its_own_key(pair):
     """At a temperature that flattens the logits, 32 sampled tokens are nearly all different; with
     one key for every step (the same Gumbel noise) they would nearly all be the same token."""
