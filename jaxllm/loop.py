@@ -575,10 +575,16 @@ def print_samples(model, tokenizer, prompts, max_new_tokens: int, *, seed: int =
     from jaxllm.generate import Sampling, generate
 
     encoded = [encode_prompt(tokenizer, p) or [model.config.bos_token_id] for p in prompts]
-    longest = max(len(e) for e in encoded)
-    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - longest)
-    out = generate(model, encoded, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k), seed=seed)
-    texts = [continuation_text(tokenizer, e, tokens[:n]) for e, tokens, n in zip(encoded, out.tokens, out.lengths)]
+    # Each prompt up to `max_new_tokens`, as many as fit after it (as the PyTorch trainer's samples):
+    # one batch per length, so that a long prompt no longer cut the other prompts' continuations.
+    room = [min(max_new_tokens, model.config.max_position_embeddings - len(e)) for e in encoded]
+    texts = [""] * len(encoded)
+    for n in sorted(set(room)):
+        rows = [i for i, r in enumerate(room) if r == n]
+        out = generate(model, [encoded[i] for i in rows], max_new_tokens=n, sampling=Sampling(temperature, top_k),
+                       seed=seed)
+        for i, tokens, k in zip(rows, out.tokens, out.lengths):
+            texts[i] = continuation_text(tokenizer, encoded[i], tokens[:k])
     if jax.process_index() == 0:
         print("\ngenerated text:")
         for p, t in zip(prompts, texts):

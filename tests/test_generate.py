@@ -530,6 +530,26 @@ def test_script_starts_an_empty_prompt_from_the_bos_token_in_both_frameworks(pai
         assert "".join(out.pieces) == want, framework
 
 
+def test_the_jax_trainer_s_samples_give_each_prompt_its_own_room(pair, tokenizer_json, monkeypatch, capsys):
+    """`--max-new-tokens` tokens for each prompt at the end of training, or as many as fit after it,
+    as the PyTorch trainer's samples: a long prompt cut every prompt's continuation to its own room."""
+    import jaxllm.generate
+    from jaxllm.data import load_tokenizer
+    from jaxllm.loop import print_samples
+    from jaxllm.recipes import encode_prompt
+
+    tok = load_tokenizer(str(tokenizer_json))
+    long = next(t for t in ("the cat " * k for k in range(1, 200)) if len(encode_prompt(tok, t)) > 100)
+    n = len(encode_prompt(tok, long))
+    assert 88 < n < TINY.max_position_embeddings - 1  # the case being tested: 40 new tokens do not fit after it
+    asked, real = [], jaxllm.generate.generate
+    monkeypatch.setattr(jaxllm.generate, "generate",
+                        lambda m, p, **kw: asked.append((len(p), kw["max_new_tokens"])) or real(m, p, **kw))
+    texts = print_samples(pair[0], tok, ["The", long, ""], 40)
+    assert sorted(asked) == [(1, TINY.max_position_embeddings - n), (2, 40)]  # was [(3, 128 - n)]
+    assert len(texts) == 3 and f"'The' -> The{texts[0]}" in capsys.readouterr().out
+
+
 def test_script_sampling_is_reproducible(script, checkpoints, capsys):
     argv = ["--checkpoint", checkpoints["orbax"], "--prompt", "The sun", "--max-new-tokens", "10",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "5"]
