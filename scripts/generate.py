@@ -187,7 +187,11 @@ def run(args, out=None) -> None:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)  # raises ValueError naming the field
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:  # named as the flag: "top_p must be ..." -> "--top-p must be ..."
+        field = str(e).split(" ", 1)[0]
+        raise ValueError(f"--{field.replace('_', '-')} {str(e).split(' ', 1)[1]}") from None
     if sampling.greedy and (sampling.top_k or sampling.top_p != 1):
         given = [f for f, on in (("--top-k", sampling.top_k), ("--top-p", sampling.top_p != 1)) if on]
         raise ValueError(f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to sampling: "

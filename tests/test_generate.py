@@ -614,10 +614,10 @@ def test_a_continuation_keeps_the_space_before_its_first_word_with_a_metaspace_t
     (["--checkpoint", "{empty}", "--prompt", "x"], "neither a Hugging Face directory"),
     (["--checkpoint", "{trainer}", "--prompt", "x"], "is a Trainer output directory (scripts/train_torch.py): "
                                                      "pass one of its checkpoints, e.g. the latest, {trainer}/checkpoint-12"),
-    (["--checkpoint", "{orbax}", "--prompt", "x", "--top-p", "2"], "top_p"),
-    (["--checkpoint", "{orbax}", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+    (["--checkpoint", "{orbax}", "--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--checkpoint", "{hf}", "--prompt", "x", "--framework", "torch", "--temperature", "1e-39"],
-     "temperature must be 0 (greedy) or at least 1e-30"),
+     "--temperature must be 0 (greedy) or at least 1e-30"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--checkpoint", "{orbax}", "--prompt", "x", "--max-new-tokens", "1000"], "--max-new-tokens: the prompt's"),
     (["--checkpoint", "{orbax}", "--prompt", "x " * 200, "--max-new-tokens", "1"], "--prompt: its 400 tokens leave no room"),
