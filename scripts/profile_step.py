@@ -262,8 +262,9 @@ def main(argv=None) -> int:
     from jaxllm.flops import device_peak_flops, training_flops_per_token
     from jaxllm.model import training_dispatch
 
-    try:  # every variant's batch must divide over the mesh: refuse before any of them runs
+    try:  # the mesh, and every variant's batch on it, as training checks them: refuse before any variant runs
         mesh = shd.make_mesh(args.mesh, None if args.mesh else jax.devices()[:1])  # one device unless --mesh
+        shd.check_mesh(mesh, hidden_size=config.hidden_size, num_routed_experts=config.num_routed_experts)
         for b, *_ in variants:
             shd.check_batch(b, mesh)
     except ValueError as e:

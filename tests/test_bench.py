@@ -415,6 +415,9 @@ def test_profile_step_times_each_variant_on_the_cpu(tmp_path):
     (["--mesh", "data=8", "--variants", "8:dense:none", "3:dense:none"],
      "batch size 3 cannot be divided over the mesh's 8 batch shards"),
     (["--mesh", "data=3"], "--mesh"),
+    # an axis that splits nothing, refused as training refuses it (it profiled a replicated step)
+    (["--preset", "tiny", "--seq-len", "16", "--mesh", "expert=2,data=4", "--variants", "8:dense:none"],
+     "--mesh: expert=2 does not divide the 7 routed experts"),
     (["--attn-impl", "cudnn"], "--attn-impl: attn_impl 'cudnn' needs an NVIDIA GPU"),
     (["--scan-unroll", "0"], "--scan-unroll must be at least 1, got 0"),
     (["--json", "/nonexistent/steps.json"], "--json: the folder of /nonexistent/steps.json does not exist"),
