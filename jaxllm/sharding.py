@@ -203,6 +203,11 @@ def map_batch_shards(fn, batched: tuple, whole: tuple):
     if not axes:
         return fn(*batched, *whole)
     rows = P(axes)
+    # Manual over the axes of size 1 too (they split nothing): with any axis left to the
+    # partitioner, the psum of a `whole` array's gradient reduces through a sharding constraint,
+    # and XLA's CPU compiler aborts the process on such a bfloat16 all-reduce ("Invalid binary
+    # instruction opcode copy", JAX 0.10.2: --dtype bfloat16 on several CPU devices).
+    manual = set(axes) | {a for a in MESH_AXES if mesh.shape[a] == 1}
     # check_vma=False: jnp.searchsorted fails under shard_map's replication checks (JAX 0.10.2).
     return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * len(batched) + (P(),) * len(whole),
-                         out_specs=rows, axis_names=set(axes), check_vma=False)(*batched, *whole)
+                         out_specs=rows, axis_names=manual, check_vma=False)(*batched, *whole)

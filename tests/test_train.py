@@ -264,6 +264,36 @@ def test_a_checkpoint_saved_sharded_on_8_devices_loads_in_a_one_device_process(t
         np.testing.assert_array_equal(loaded["/".join(str(k.key) for k in path[1:])], np.asarray(v))
 
 
+def test_the_routed_experts_per_shard_compile_in_bfloat16_on_several_cpu_devices():
+    """`map_batch_shards` in bfloat16 under a mesh with axes of size 1 (`data=2`: fsdp and expert
+    1): left to the partitioner, those axes put a sharding constraint into the psum of the `whole`
+    arrays' gradient, and XLA's CPU compiler aborted the process on it ("Invalid binary instruction
+    opcode copy"): `--dtype bfloat16` on several CPU devices never trained. In a subprocess: an
+    abort would take pytest with it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT
+
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from jaxllm import sharding as shd
+        mesh = shd.make_mesh("data=2", jax.devices()[:2])
+        x = jnp.ones((4, 8), jnp.bfloat16)
+        def loss(w):
+            with shd.tracing_on(mesh):
+                y = shd.map_batch_shards(lambda x, w: x @ w, (x,), (w.astype(jnp.bfloat16),))
+            return jnp.sum(y.astype(jnp.float32))
+        print(float(jnp.sum(jax.jit(jax.grad(loss))(jnp.ones((8, 8), jnp.float32)))))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) == 256.0  # d(sum(x @ w))/dw = 4 per element, 64 elements
+
+
 def test_datasheet_peaks_by_device_kind():
     """MFU's datasheet peak: known chips by name (an NVIDIA GPU's float32 is TF32, as XLA runs it),
     None for CPUs and unknown chips."""
