@@ -114,10 +114,10 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
 
     optim = OptimConfig(lr=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                         weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
+    used = settings_in_use(rc, mesh, config)
     trainer = Trainer(config, optim, mesh, batch_size=rc.batch_size, grad_accum=rc.grad_accum, seq_len=rc.seq_len,
                       seed=rc.seed, dropout=rc.dropout, dtype=DTYPES[rc.dtype], moe_impl=rc.moe_impl,
-                      attn_impl=rc.attn_impl, scan_unroll=rc.scan_unroll,
-                      remat=resolve_remat(rc.remat, count_params(config), rc.grad_accum))
+                      attn_impl=rc.attn_impl, scan_unroll=rc.scan_unroll, remat=used.remat)
 
     # ---- state: resume, start from converted weights, or initialise -------------------------
     # Nothing is written before the data source has been opened and checked.
@@ -183,7 +183,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                 print(warning, file=sys.stderr, flush=True)
         log(f"resuming from {ckpt_dir} at step {start}"
             + (f" (--init-from {rc.init_from} only starts a new run: not used)" if rc.init_from else ""))
-        if note := changed_settings((saved_data or {}).get("settings"), rc):
+        if note := changed_settings(known_settings((saved_data or {}).get("settings")), used):
             log(note)
     elif rc.init_from:
         log(f"starting from the weights in {rc.init_from}"
@@ -200,7 +200,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                               train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
                               config=config, data={**gather_data_states(data.state_dict()), "source": source,
                                                    "skipped_nonfinite": summary["skipped_nonfinite"],
-                                                   "settings": recorded_settings(rc)},
+                                                   "settings": recorded_settings(used)},
                               tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
                               force=True)
         except (ValueError, OSError) as e:  # no space left, a read-only directory, ...: not bad input
@@ -356,6 +356,32 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     summary["model"] = trainer.model(state)
     summary["tokenizer"] = tokenizer
     return summary
+
+
+def settings_in_use(rc: RunConfig, mesh, config: LLMConfig) -> RunConfig:
+    """`rc` with the settings whose flag may be left to a default as this run resolves them: the
+    mesh (its sizes, as `--mesh` would give them), `--remat` and `--scan-unroll`. A checkpoint
+    records these and a resume's note compares them, not the flags as typed: "fsdp=4,data=2" is
+    "data=2,fsdp=4", and `--remat none` where the default is none changes nothing, while the default
+    mesh on 8 devices after one is a change."""
+    import dataclasses
+
+    from jaxllm.model import UNROLL_MAX_LAYERS
+
+    sizes = [f"{axis}={mesh.shape[axis]}" for axis in shd.MESH_AXES if mesh.shape[axis] > 1]
+    layers = config.num_hidden_layers
+    unroll = rc.scan_unroll if rc.scan_unroll is not None else (layers if layers <= UNROLL_MAX_LAYERS else 1)
+    return dataclasses.replace(rc, mesh=",".join(sizes) or "data=1", scan_unroll=min(unroll, layers),
+                               remat=resolve_remat(rc.remat, count_params(config), rc.grad_accum))
+
+
+def known_settings(recorded: dict | None) -> dict | None:
+    """The settings a checkpoint recorded, less those left to a default (None) by a checkpoint saved
+    before `settings_in_use` was recorded: what they resolved to is not known."""
+    if recorded is None:
+        return None
+    return {name: value for name, value in recorded.items()
+            if value is not None or name not in ("mesh", "remat", "scan_unroll")}
 
 
 TRAINER_CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # a Hugging Face Trainer's (scripts/train_torch.py)

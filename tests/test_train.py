@@ -560,6 +560,40 @@ def test_a_resume_names_the_settings_it_changes():
                                                  "default), dropout off (was on)")
 
 
+def test_a_resume_compares_the_settings_as_the_run_resolved_them():
+    """The mesh, --remat and --scan-unroll are recorded and compared as the run resolved them
+    (`loop.settings_in_use`), not as typed: the same mesh spelled in another order, or a flag
+    giving what the default is, is no change; the default mesh on 8 devices after 1 is one. Of a
+    checkpoint that recorded these as None (saved before), nothing is said."""
+    import dataclasses
+    import json
+
+    from jaxllm.loop import known_settings, settings_in_use
+    from jaxllm.recipes import RunConfig, changed_settings, recorded_settings
+
+    config, rc, devices = LLMConfig.from_preset("tiny"), RunConfig(preset="tiny"), jax.devices()
+    assert len(devices) == 8 and config.num_hidden_layers <= 8
+
+    def used(mesh=None, devices=devices, **kw):
+        return settings_in_use(dataclasses.replace(rc, mesh=mesh, **kw), shd.make_mesh(mesh, devices), config)
+
+    def note(was, now):
+        return changed_settings(known_settings(json.loads(json.dumps(recorded_settings(was)))), now)
+
+    assert used("fsdp=4,data=2").mesh == used("data=2,fsdp=-1").mesh == "data=2,fsdp=4"
+    assert note(used("fsdp=4,data=2"), used("data=2,fsdp=4")) is None  # (was: "--mesh data=2,fsdp=4 (was fsdp=4,data=2)")
+    assert used(devices=devices[:1]).mesh == "data=1"
+    assert note(used(devices=devices[:1]), used()) == (
+        "note: resumed with other settings than the checkpoint's: --mesh data=8 (was data=1)")  # (was: no note)
+    base = used()
+    assert (base.remat, base.scan_unroll) == ("none", config.num_hidden_layers)  # tiny: no remat, fully unrolled
+    assert note(base, used(remat="none", scan_unroll=config.num_hidden_layers)) is None  # (was: two changes)
+    assert note(base, used(remat="full", scan_unroll=1)) == (
+        "note: resumed with other settings than the checkpoint's: --scan-unroll 1 (was 2), --remat full (was none)")
+    old = recorded_settings(rc)  # a checkpoint saved before: the defaults recorded as None
+    assert note(rc, base) is None and changed_settings(old, base) is not None
+
+
 def test_mesh_specs_give_every_axis_its_size():
     """`--mesh`: missing axes are 1, one `-1` axis takes the devices left over (after all the
     others, `data` included); no flag puts every device on `data`; sizes of 0, or two `-1`, are
