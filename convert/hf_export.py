@@ -96,7 +96,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                        kind="Hugging Face model", is_kind=is_hf_dir, extras=hf_dir_extras, source=ckpt_dir)
     config, step, meta, flat, saved_tokenizer = read_flax_checkpoint(ckpt_dir, step)
     tensors = to_torch_tensors(flat, config, DTYPES[dtype])
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, force=force) as tmp:
         write_weights(tensors, tmp, max_shard_size=max_shard_size, step=step)
         del tensors
         write_config(config, tmp, dtype)

@@ -70,7 +70,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: b
                        extras=checkpoint_extras, source=hf_dir)
     flat = mapping.torch_to_flax(weights, config)  # reads tensor by tensor
     tokenizer, files, notes = read_tokenizer(hf_dir, config)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, force=force) as tmp:
         save_flax_checkpoint(tmp, flat, config, tokenizer=tokenizer, tokenizer_files=files)
     return ImportResult(out, weights.files, tokenizer, notes)
 

@@ -10,6 +10,7 @@ removed by the next conversion to the same target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -74,9 +75,12 @@ def parse_max_shard_size(size: int | str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str) -> Iterator[str]:
+def atomic_output_dir(out: str, *, force: bool = True) -> Iterator[str]:
     """Yield a fresh temporary directory next to `out`; on success rename it to `out` (replacing
     an existing `out`, which the caller has vetted with `check_output`); on any error remove it.
+    Without `force`, an `out` that appeared meanwhile (another conversion to the same output,
+    started at the same time, finished first) is not replaced: ConvertError, and this output is
+    removed.
     SIGTERM is handled as Ctrl-C while inside (`Terminated`, a SystemExit(143), from the main thread:
     the temporary directory is removed, the process exits with status 143, and from a command line
     with a line saying so), the previous handler restored after."""
@@ -84,7 +88,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
     if installed:
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        with _atomic_output_dir(out) as tmp:
+        with _atomic_output_dir(out, force) as tmp:
             yield tmp
     finally:
         if installed:  # (None: a handler set outside Python, which cannot be put back; the default then)
@@ -106,7 +110,7 @@ def _exit_on_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def _atomic_output_dir(out: str) -> Iterator[str]:
+def _atomic_output_dir(out: str, force: bool) -> Iterator[str]:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(out)
@@ -117,6 +121,8 @@ def _atomic_output_dir(out: str) -> Iterator[str]:
         yield tmp
         _default_permissions(tmp)
         if os.path.lexists(out):
+            if not force:
+                raise _appeared(out)
             old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
             os.rename(out, os.path.join(old, name))
             try:
@@ -128,7 +134,12 @@ def _atomic_output_dir(out: str) -> Iterator[str]:
             _written()
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError as e:  # (a directory made there since, not empty: not replaced)
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and not force:
+                    raise _appeared(out) from None
+                raise
             _written()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,6 +147,11 @@ def _atomic_output_dir(out: str) -> Iterator[str]:
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _appeared(out: str) -> ConvertError:
+    msg = f"output {out} was written by another process while this conversion ran; it was not replaced"
+    return ConvertError(f"{msg} (force=True replaces it)", cli=f"{msg} (--force replaces it)")
 
 
 def _lock(path: str) -> int | None:

@@ -922,6 +922,36 @@ def test_existing_output_needs_force_and_is_replaced_only_when_the_new_one_is_co
     assert rc == 0, err
 
 
+def test_an_output_another_conversion_wrote_meanwhile_is_not_replaced_without_force(tmp_path, capsys, monkeypatch):
+    """Two conversions to the same new --out started together (no --force): both passed the check
+    that the output does not exist, and the one that finished last replaced the other's output and
+    said "wrote" too (flax_to_torch.py of steps 2 and 4 at once: both exit 0, step 4's kept). The
+    later one now ends with one line and status 2, the other's output untouched, nothing left of
+    its own; with --force it replaces it, as asked."""
+    from convert import hf_export
+    from convert.flax_to_torch import main as flax_to_torch_main
+
+    ckpt = _save_flax(None, TINY, tmp_path / "ckpt", weights=_zeros(_flax_weights(TINY)))
+    out = tmp_path / "hf"
+    write_remote_code = hf_export.write_remote_code
+
+    def the_other_finishes_first(tmp):  # (while this conversion writes its temporary output)
+        write_remote_code(tmp)
+        if not out.exists():
+            out.mkdir()
+            (out / "config.json").write_text('{"the other": 1}')
+
+    monkeypatch.setattr(hf_export, "write_remote_code", the_other_finishes_first)
+    rc, err = _run_main(flax_to_torch_main, [ckpt, "--out", out], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"output {out} was written by another process while this conversion ran" in err
+    assert "(--force replaces it)" in err and "force=True" not in err
+    assert os.listdir(out) == ["config.json"] and _no_leftovers(tmp_path, "hf") == ["hf"]
+    rc, err = _run_main(flax_to_torch_main, [ckpt, "--out", out, "--force"], capsys)
+    assert rc == 0 and os.path.isfile(out / "model.safetensors"), err
+    assert _no_leftovers(tmp_path, "hf") == ["hf"]
+
+
 def _trainer_checkpoint(path, *, complete=True):
     """A `checkpoint-N` as scripts/train_torch.py saves it: a Hugging Face directory with the
     Trainer's state beside it (`complete=False`: a save cut short, before its trainer state)."""
