@@ -171,6 +171,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                 raise ValueError(f"--ckpt-dir {ckpt_dir}: another run saved checkpoints there (steps "
                                  f"{sorted(mngr.all_steps())}) while this one started; run the command again "
                                  "to resume")
+            check_no_earlier_run(ckpt_dir)  # (or a PyTorch run did: its metrics.jsonl is not this run's)
         else:
             _set_aside(mngr, [step for step, _ in skipped])
     except BaseException:

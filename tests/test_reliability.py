@@ -1450,6 +1450,31 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
     os.close(stopping.hold(str(fresh)))  # released by the run that took it (InUse otherwise)
 
 
+def test_a_pytorch_run_that_saved_in_a_new_directory_while_this_run_started_is_left_alone(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """train_torch.py and train_jax.py started together on a new --ckpt-dir, the PyTorch run saving
+    and ending before the JAX run took the directory's lock: the JAX run looked again for its own
+    kind of checkpoint only, truncated the PyTorch run's metrics.jsonl to nothing, trained and
+    saved its steps beside the Trainer's (exit status 0). Now one line and exit status 2, as for a
+    PyTorch run found at the start."""
+    from jaxllm import loop
+
+    fresh = tmp_path / "fresh"
+    real_check_prompts = loop.check_prompts
+    metrics = "".join(json.dumps({"step": s, "loss": 6.0, "lr": 1e-3}) + "\n" for s in (1, 2))
+
+    def a_pytorch_run_saved_meanwhile(*args):
+        (fresh / "checkpoint-2").mkdir(parents=True)
+        (fresh / "metrics.jsonl").write_text(metrics)
+        return real_check_prompts(*args)
+
+    monkeypatch.setattr(loop, "check_prompts", a_pytorch_run_saved_meanwhile)
+    code, err = _main(BASE + ["--ckpt-dir", str(fresh)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "holds a PyTorch run" in err, err
+    assert sorted(os.listdir(fresh)) == ["checkpoint-2", "metrics.jsonl"]
+    assert (fresh / "metrics.jsonl").read_text() == metrics
+
+
 def test_a_directory_of_an_earlier_run_without_a_readable_step_is_refused_and_kept(tmp_path, capsys):
     """A PyTorch Trainer's output directory, or one whose steps were all set aside as unreadable:
     exit 2 naming what is there, before its metrics.jsonl is truncated or its loss.png replaced.

@@ -723,6 +723,31 @@ def test_a_directory_another_run_is_training_in_is_refused_and_left_alone(traine
     os.close(stopping.hold(str(fresh)))  # released by the run that took it (InUse otherwise)
 
 
+def test_a_jax_run_that_saved_in_a_new_directory_while_this_run_started_is_left_alone(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """train_jax.py and train_torch.py started together on a new --ckpt-dir, the JAX run saving and
+    ending before the PyTorch run took the directory's lock: the PyTorch run looked again for its
+    own kind of checkpoint only, truncated the JAX run's metrics.jsonl to nothing and trained beside
+    its steps. Now one line and exit status 2, as for a JAX run found at the start."""
+    from torch_ref import training
+
+    fresh = tmp_path / "fresh"
+    real_check_prompts = training.check_prompts
+    metrics = "".join(json.dumps({"step": s, "loss": 6.0, "lr": 1e-3}) + "\n" for s in (1, 2))
+
+    def a_jax_run_saved_meanwhile(*a):
+        (fresh / "2" / "params").mkdir(parents=True)
+        (fresh / "metrics.jsonl").write_text(metrics)
+        return real_check_prompts(*a)
+
+    monkeypatch.setattr(training, "check_prompts", a_jax_run_saved_meanwhile)
+    code = _train_torch().main(["--preset", "tiny", "--seq-len", "16", "--steps", "2", "--max-new-tokens", "0",
+                                "--no-progress", "--ckpt-dir", str(fresh)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "holds a JAX (Orbax) checkpoint" in err, err
+    assert sorted(os.listdir(fresh)) == ["2", "metrics.jsonl"] and (fresh / "metrics.jsonl").read_text() == metrics
+
+
 def test_a_checkpoint_inside_a_run_or_a_model_directory_is_refused_as_the_output_directory(trained, tmp_path,
                                                                                            capsys):
     """--ckpt-dir pointing at the checkpoint to resume from (or at a JAX step, or at a model

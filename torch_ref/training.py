@@ -1029,6 +1029,12 @@ def _check_same_settings(rc: RunConfig, dist) -> None:
     _raise_if_any_failed(differing_settings(names, mine, first.tolist()), "comparing the processes' settings", dist)
 
 
+def _check_not_jax_run(out_dir: str) -> None:
+    if is_checkpoint_dir(out_dir):
+        raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
+                         "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
+
+
 def _take_lock(lock: RunLock, out_dir: str, dist, error: Exception | None = None) -> None:
     """Process 0 locks the output directory for the run (and checks that it can write there).
     Every process raises when that failed, or when any process brings an `error` (making the
@@ -1063,9 +1069,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
         config = model_config(rc)
         check_run(rc, config.max_position_embeddings)
         out_dir = os.path.abspath(rc.ckpt_dir)
-        if is_checkpoint_dir(out_dir):
-            raise ValueError(f"--ckpt-dir {out_dir} holds a JAX (Orbax) checkpoint; use another directory "
-                             "(convert/flax_to_torch.py turns it into a Hugging Face directory for --init-from)")
+        _check_not_jax_run(out_dir)
     _check_shared_directory(out_dir, dist)  # (several processes: they save and resume together)
     fresh = _as_rank_0_sees(not os.path.isdir(out_dir), dist)  # (locked when made, below)
     if not fresh:  # before anything in it is read as this run's, moved or truncated
@@ -1120,6 +1124,8 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
             if latest_checkpoint(out_dir, warn=False):  # another run saved there since this one looked
                 raise ValueError(f"--ckpt-dir {out_dir}: another run saved checkpoints there while this one "
                                  "started; run the command again to resume")
+            _check_not_jax_run(out_dir)  # (or a JAX run did: its metrics.jsonl is not this run's)
+            check_no_earlier_run(out_dir)
         except BaseException:
             dataset.close()
             raise
