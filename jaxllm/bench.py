@@ -152,9 +152,7 @@ def report(text: str, result: dict, json_path: str | None) -> None:
     """Print the markdown table; with `--json PATH`, write the same figures there."""
     print(text)
     if json_path:  # whole or not at all (a SIGTERM may come at any moment: `bench_gpu.sh` reads it after)
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(json_path + ".tmp", json_path)
+        cli.write_json(json_path, result)
 
 
 # ---- workers ------------------------------------------------------------------------------------

@@ -29,6 +29,24 @@ def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, **lowes
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
+def write_json(path: str, value) -> None:
+    """Write `value` to `path` as indented JSON, whole or not at all (a run may be killed at any
+    moment): through a temporary file beside it, named by this process, so that two runs given the
+    same `--json` do not write into one temporary file, nor over a user's `PATH.tmp`."""
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def check_json_path(p: argparse.ArgumentParser, path: str | None) -> None:
     """`p.error` for a `--json PATH` that cannot be written: before the measurement, not after it."""
     if path and path.endswith((os.sep, "/")):  # (abspath drops the slash: the folder checked was the path's own)

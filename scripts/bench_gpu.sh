@@ -64,8 +64,10 @@ sweep() {
 import glob, json, os, sys
 rows = [r for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json")), key=os.path.getmtime)
         for r in json.load(open(p))]
-json.dump(rows, open(sys.argv[2] + ".tmp", "w"), indent=2)
-os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+tmp = f"{sys.argv[2]}.{os.getpid()}.tmp"
+with open(tmp, "w") as f:
+    json.dump(rows, f, indent=2)
+os.replace(tmp, sys.argv[2])
 EOF
   { echo "### $name"; echo; echo '```'; cat "$work/$name.txt"; echo '```'; echo; } >>"$out/bench.md"
   (( rc == 0 )) || failures=$((failures + 1))

@@ -19,7 +19,6 @@ is not finite (NaN or inf weights) is printed, then refused as an error (exit st
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import re
@@ -238,10 +237,9 @@ def run(args, out=None) -> dict:
         print(f"JAX and PyTorch losses differ by {result['relative_difference']:.2e} (relative)", file=out)
     out.flush()
     if args.json:  # (whole or not at all, as the benchmarks write theirs; the folder was checked at the start)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(args.json + ".tmp", args.json)
+        from jaxllm.cli import write_json
+
+        write_json(args.json, result)
     return result
 
 

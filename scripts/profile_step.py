@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import os
 import re
 import shutil
@@ -283,9 +282,7 @@ def main(argv=None) -> int:
 
     def write():  # whole or not at all (a run may be killed at any moment)
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(records, f, indent=2)
-            os.replace(args.json + ".tmp", args.json)
+            cli.write_json(args.json, records)
 
     def record(**fields) -> dict:  # one variant's figures
         records.append({"preset": args.preset, "seq_len": args.seq_len, "dtype": args.dtype,

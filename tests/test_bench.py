@@ -26,6 +26,31 @@ def test_a_missing_mfu_reads_as_missing_not_as_a_negative_number():
     assert "| - / 13.4% |" in bench.markdown(result)
 
 
+def test_json_is_written_through_a_temporary_file_of_this_process(tmp_path, monkeypatch):
+    """`--json PATH` (the benchmarks, evaluate.py) is whole or not at all, through a temporary
+    file named by the process: with `PATH.tmp` for all, two runs given the same path wrote into one
+    file, and a user's own `PATH.tmp` was overwritten and taken away."""
+    import os
+
+    from jaxllm import cli
+
+    path = tmp_path / "out.json"
+    (tmp_path / "out.json.tmp").write_text("mine")
+    cli.write_json(str(path), {"a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2]} and path.read_text().endswith("}\n")
+    assert (tmp_path / "out.json.tmp").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.json.tmp"]
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    with pytest.raises(TypeError):  # not JSON: nothing half-written is left, the old file stays
+        cli.write_json(str(path), {"a": object()})
+    assert opened == [f"{path}.4242.tmp"]
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.json.tmp"]
+
+
 @pytest.mark.parametrize("returncode, said", [(-9, "killed by SIGKILL, out of memory?"), (-15, "killed by SIGTERM"),
                                               (1, "exit status 1")])
 def test_a_worker_that_dies_is_said_with_how_it_ended(monkeypatch, returncode, said):
