@@ -957,7 +957,12 @@ def create_model(config: LLMConfig, *, seed: int = 0, abstract: bool = False, sh
     The normal draws come from a few `jax.random.normal` calls over chunks of parameters inside
     one `jit` (XLA compiles one random call per parameter slowly on CPU). `shardings`, a function from the abstract state to
     a pytree of shardings, places every array where it belongs as it is created.
-    `abstract=True` allocates nothing: every variable is a `jax.ShapeDtypeStruct`."""
+    `abstract=True` allocates nothing: every variable is a `jax.ShapeDtypeStruct`. `seed` is an
+    integer in [0, 2**32) (a NumPy integer too), as `generate`'s and `--seed`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        # (a JAX key keeps 32 bits of it: seed 2**32 gave seed 0's weights, -1 those of 2**32 - 1)
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    seed = int(seed)  # (nnx.Rngs refuses a NumPy integer)
     model = nnx.eval_shape(lambda: CustomLLM(config, rngs=nnx.Rngs(seed), **model_kw))
     if abstract:
         return model

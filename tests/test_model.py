@@ -188,6 +188,17 @@ def test_token_ids_and_labels_outside_the_vocabulary_are_refused_in_both_framewo
     assert np.isfinite(float(loss_fn(jm, jnp.asarray(ids), labels=jnp.asarray(ignored))[0]))
 
 
+def test_create_model_takes_a_numpy_seed_and_refuses_one_outside_32_bits():
+    """A NumPy integer seed (from a sweep over `np.arange`) failed inside `nnx.Rngs`; a seed
+    outside [0, 2**32) was cut to 32 bits silently (2**32 gave seed 0's weights), where
+    `generate` and `--seed` refuse it."""
+    weights = create_model(TINY, seed=np.int64(3)).token_embeddings[...]
+    np.testing.assert_array_equal(weights, create_model(TINY, seed=3).token_embeddings[...])
+    for bad in (2**32, -1, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"seed must be an integer in [0, 2**32), got {bad!r}")):
+            create_model(TINY, seed=bad, abstract=True)
+
+
 def test_causality_in_both_frameworks():
     jm, tm = model_pair(TINY, seed=2)
     ids = _ids((1, 24), seed=5)
