@@ -54,6 +54,9 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):  # a NumPy number as the same Python float (np.float32 was refused)
+            if isinstance(getattr(self, name), (np.integer, np.floating)):
+                object.__setattr__(self, name, float(getattr(self, name)))
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature >= 0 or math.isinf(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
@@ -147,8 +150,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < c.vocab_size:
             raise ValueError(f"{name} must be a token id in [0, {c.vocab_size}), got {v!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)  # (a NumPy integer too, as seed and top_k; one jit cache key)
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a jaxllm.generate.Sampling, got {sampling!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         # (a JAX key keeps 32 bits of it: seeds 2**32 apart would draw the same samples)
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")

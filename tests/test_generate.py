@@ -4,6 +4,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,30 @@ def test_bad_arguments_raise_naming_the_field(pair):
     for bad in (-1, 2**32, 1.0, True):  # a key keeps 32 bits: 2**32 would draw seed 0's samples
         with pytest.raises(ValueError, match="seed"):
             generate(jm, PROMPTS, max_new_tokens=1, sampling=Sampling(1.0), seed=bad)
+
+
+def test_numpy_numbers_are_taken_as_python_ones(pair):
+    """`max_new_tokens=np.int64(2)` and `Sampling(temperature=np.float32(0.8))` (or top_p) were
+    refused ("must be a positive integer, got np.int64(2)") where the seed, top_k and token ids took
+    NumPy integers and temperature took np.float64 (a float subclass); a `sampling` that is not a
+    Sampling failed deep inside (None: an AttributeError; a dict: jit's hash of static arguments)."""
+    jm, _ = pair
+    t, p = float(np.float32(0.8)), float(np.float32(0.9))
+    assert Sampling(np.float32(0.8), np.int64(5), np.float32(0.9)) == Sampling(t, 5, p)
+    assert type(Sampling(np.float64(0.8)).temperature) is float and type(Sampling(top_p=np.int64(1)).top_p) is float
+    kw = dict(stop_at_eos=False, seed=np.uint32(3))
+    ours = generate(jm, PROMPTS[1:], max_new_tokens=np.int64(2),
+                    sampling=Sampling(np.float32(0.8), top_p=np.float32(0.9)), **kw)
+    python = generate(jm, PROMPTS[1:], max_new_tokens=2, sampling=Sampling(t, top_p=p), **kw)
+    np.testing.assert_array_equal(ours.tokens, python.tokens)
+    for bad in (np.float32(-1.0), np.float64("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            Sampling(bad)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got np.float64"):
+        generate(jm, PROMPTS, max_new_tokens=np.float64(2))
+    for bad in (None, {"temperature": 0.8}):
+        with pytest.raises(ValueError, match=re.escape(f"sampling must be a jaxllm.generate.Sampling, got {bad!r}")):
+            generate(jm, PROMPTS, max_new_tokens=2, sampling=bad)
 
 
 def test_torch_generate_past_the_position_table_is_refused_before_decoding(pair):
