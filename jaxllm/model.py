@@ -837,6 +837,11 @@ class CustomLLM(nnx.Module):
         `attention_mask` [B, S_max] is true. `last_logits`: logits of the last position only
         ([B, 1, V]; a prefill needs no more)."""
         c = self.config
+        # (static, so checked under jit too: a 1-D row failed to unpack, an empty batch divided by zero)
+        if not hasattr(input_ids, "dtype") or jnp.ndim(input_ids) != 2 or 0 in input_ids.shape \
+                or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            got = f"{input_ids.dtype}{list(input_ids.shape)}" if hasattr(input_ids, "dtype") else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer array [batch, seq] of at least one token, got {got}")
         B, T = input_ids.shape
         # Checked where concrete (a call outside jit; traced: unchecked): a gather clamps a token id,
         # position or cache index past its table silently, as JAX's indexing does.

@@ -188,6 +188,24 @@ def test_token_ids_and_labels_outside_the_vocabulary_are_refused_in_both_framewo
     assert np.isfinite(float(loss_fn(jm, jnp.asarray(ids), labels=jnp.asarray(ignored))[0]))
 
 
+def test_input_ids_that_are_not_an_integer_batch_of_tokens_are_refused_by_name():
+    """A 1-D row failed with 'not enough values to unpack', an empty batch with a ZeroDivisionError,
+    zero tokens with NumPy's 'zero-size array to reduction', float or bool ids with JAX indexing
+    errors: each is now one line naming input_ids and what was given, under jit too."""
+    jm = create_model(TINY, seed=0)
+    msg = "input_ids must be an integer array [batch, seq] of at least one token, got "
+    for bad, got in ((jnp.zeros((16,), jnp.int32), "int32[16]"), (jnp.zeros((0, 16), jnp.int32), "int32[0, 16]"),
+                     (jnp.zeros((2, 0), jnp.int32), "int32[2, 0]"), (jnp.zeros((2, 3, 4), jnp.int32), "int32[2, 3, 4]"),
+                     (jnp.ones((2, 4), jnp.float32), "float32[2, 4]"), (jnp.ones((2, 4), bool), "bool[2, 4]"),
+                     ([[1, 2, 3]], "list")):
+        with pytest.raises(ValueError, match=re.escape(msg + got)):
+            jm(bad)
+        if hasattr(bad, "dtype"):
+            with pytest.raises(ValueError, match=re.escape(msg + got)):
+                jax.jit(jm.__call__)(bad)
+    assert jm(np.ones((1, 1), np.uint32)).shape == (1, 1, TINY.vocab_size)
+
+
 def test_create_model_takes_a_numpy_seed_and_refuses_one_outside_32_bits():
     """A NumPy integer seed (from a sweep over `np.arange`) failed inside `nnx.Rngs`; a seed
     outside [0, 2**32) was cut to 32 bits silently (2**32 gave seed 0's weights), where
