@@ -323,6 +323,9 @@ def no_checkpoint_found(where: str) -> CheckpointError:
 
 
 def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        # ("7" was "step 7 not in ...; saved steps: [7]", and True read step 1)
+        raise CheckpointError(f"step must be an integer, got {step!r}")
     steps = mngr.all_steps()
     if not steps:
         raise no_checkpoint_found(os.fspath(mngr.directory))

@@ -812,6 +812,17 @@ def test_jaxllm_load_refuses_the_checkpoints_the_converter_refuses(case, tmp_pat
         jaxllm.load(tmp_path / "in")
 
 
+def test_jaxllm_load_names_a_step_that_is_not_an_integer(tmp_path):
+    """`jaxllm.load(ckpt, step="7")` (a name from `os.listdir`) said "step 7 not in ...; saved steps:
+    [7]", and `step=True` read step 1: the step is now refused as what it is; a NumPy integer is a step."""
+    ckpt = _save_flax(_flax_model(), TINY, tmp_path / "ckpt")
+    for bad in (str(STEP), float(STEP), True):
+        for read in (jaxllm.load, jaxllm.load_tokenizer):
+            with pytest.raises(ValueError, match=f"^step must be an integer, got {bad!r}$"):
+                read(ckpt, step=bad)
+    assert jaxllm.load(ckpt, step=np.int64(STEP))[1] == TINY
+
+
 def test_the_libraries_raise_convert_errors(parity, tmp_path):
     with pytest.raises(ConvertError, match="dtype must be one of float32, bfloat16"):
         export_hf(parity.ckpt, tmp_path / "hf", dtype="float16")
