@@ -195,7 +195,11 @@ class TorchWeights(Mapping):
             for name, f in names.items():
                 if name not in contents[f]:
                     raise ConvertError(f"{join(weights)} maps tensor {name} to {f}, which does not hold it")
-                self._register(name, contents[f][name], join(f))
+            # Every tensor of every shard, as `from_pretrained` loads them: one that two shards hold
+            # (it took the last shard's, this the index's) or that the index does not list is refused.
+            for f in files:
+                for name, content in contents[f].items():
+                    self._register(name, content, join(f))
             return files
         raise ConvertError(f"{self.hf_dir} has no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
 
@@ -245,7 +249,8 @@ class TorchWeights(Mapping):
         shape, dtype, tensor = (tuple(content.shape), content.dtype, content) if isinstance(content, torch.Tensor) \
             else (*content, None)
         if name in self._source:
-            raise ConvertError(f"{path}: tensor {name} appears twice in the directory")
+            raise ConvertError(f"{path}: tensor {name} appears twice in the directory (also in "
+                               f"{os.path.basename(self._source[name][0])})")
         if dtype not in FLOAT_DTYPES:
             raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
         self.shapes[name], self.dtypes[name], self._source[name] = shape, dtype, (path, tensor)

@@ -719,6 +719,38 @@ def test_a_shard_index_naming_a_file_outside_the_directory_or_the_wrong_shard_is
     assert _no_leftovers(tmp_path, "ckpt") == []
 
 
+def test_every_tensor_of_every_shard_is_read_as_from_pretrained_loads_them(tmp_path):
+    """`from_pretrained` loads every tensor of every shard the index lists, whatever the index maps
+    it to. The converter read only the index's entries: a tensor held by two shards became the
+    index's one in torch_to_flax.py and the last shard's in PyTorch (two models of one directory),
+    and a tensor no model has, refused in a model.safetensors, was passed over in a shard. Both are
+    refused now, and a shard's tensor that the index leaves out is read, as from_pretrained reads it."""
+    from convert.hf_import import TorchWeights, read_hf_dir
+    from torch_ref import CustomLLM
+
+    src, weight_map = _sharded(tmp_path / "dup")
+    first, last = sorted(set(weight_map.values()))[0], sorted(set(weight_map.values()))[-1]
+    name = next(k for k, f in weight_map.items() if f == first)
+    shard = load_file(src / last)
+    shard[name] = load_file(src / first)[name] * 2
+    save_file(shard, src / last, metadata={"format": "pt"})
+    assert torch.equal(CustomLLM.from_pretrained(src).state_dict()[name], shard[name])  # the other copy
+    with pytest.raises(ConvertError, match=f"{last}: tensor {name} appears twice in the directory "
+                                           f"\\(also in {first}\\)"):
+        read_hf_dir(str(src))
+
+    src, weight_map = _sharded(tmp_path / "extra")
+    shard = load_file(src / last)
+    save_file({**shard, "extra": torch.ones(3)}, src / last, metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match="unexpected tensor extra"):
+        read_hf_dir(str(src))
+
+    src, weight_map = _sharded(tmp_path / "unlisted")
+    _write_weight_map(src, {k: f for k, f in weight_map.items() if k != "lm_head.bias"})
+    np.testing.assert_array_equal(TorchWeights(str(src))["lm_head.bias"],
+                                  CustomLLM.from_pretrained(src).state_dict()["lm_head.bias"].numpy())
+
+
 def test_a_float16_source_becomes_float32_master_weights(tmp_path):
     """A half-precision Hugging Face directory: the arrays read from it and those of the Orbax
     checkpoint are float32 (float16 -> float32 is exact: the values are the source's)."""
