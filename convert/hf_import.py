@@ -207,9 +207,13 @@ class TorchWeights(Mapping):
     def _index(path: str) -> dict[str, str]:
         try:
             with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
+                index = json.load(f)
+            weight_map = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConvertError(f"{path}: not a readable weight index ({type(e).__name__}: {e})") from None
+        if not isinstance(index.get("metadata"), dict):  # (from_pretrained stops with a KeyError without one)
+            raise ConvertError(f"{path}: no \"metadata\" object beside the weight_map (from_pretrained needs one; "
+                               "save_pretrained writes {\"metadata\": {...}, \"weight_map\": {...}})")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ConvertError(f"{path}: weight_map must map tensor names to file names")
         for f in set(weight_map.values()):

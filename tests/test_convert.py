@@ -751,6 +751,33 @@ def test_every_tensor_of_every_shard_is_read_as_from_pretrained_loads_them(tmp_p
                                   CustomLLM.from_pretrained(src).state_dict()["lm_head.bias"].numpy())
 
 
+def test_a_shard_index_without_metadata_is_one_line_not_from_pretrained_s_key_error(tmp_path, capsys):
+    """A hand-written model.safetensors.index.json of a weight_map alone: `from_pretrained` stops
+    with a KeyError 'metadata', so generate.py and evaluate.py (which check the directory with
+    `read_hf_dir` first) ended in a traceback while torch_to_flax.py converted it. Each now refuses
+    it in one line, exit status 2."""
+    import importlib.util
+
+    from convert.torch_to_flax import main
+    from torch_ref import CustomLLM
+
+    src, weight_map = _sharded(tmp_path / "in")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(KeyError, match="metadata"):
+        CustomLLM.from_pretrained(src)
+    message = f'{src / "model.safetensors.index.json"}: no "metadata" object beside the weight_map'
+    capsys.readouterr()  # (the progress bars of the saves and loads above)
+    rc, err = _run_main(main, [src, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert _no_leftovers(tmp_path, "ckpt") == []
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    rc, err = _run_main(generate.main, ["--checkpoint", src, "--framework", "torch", "--prompt", "a"], capsys)
+    assert rc == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("generate.py: error: "), err
+    assert message in err.splitlines()[-1], err  # (after a note that no tokenizer is there)
+
+
 def test_a_float16_source_becomes_float32_master_weights(tmp_path):
     """A half-precision Hugging Face directory: the arrays read from it and those of the Orbax
     checkpoint are float32 (float16 -> float32 is exact: the values are the source's)."""
