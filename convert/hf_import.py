@@ -256,7 +256,8 @@ class TorchWeights(Mapping):
             raise ConvertError(f"{path}: tensor {name} appears twice in the directory (also in "
                                f"{os.path.basename(self._source[name][0])})")
         if dtype not in FLOAT_DTYPES:
-            raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
+            raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, expected float32, bfloat16, float16 or "
+                               "float64")  # (fp8, a floating-point type too, is not read)
         self.shapes[name], self.dtypes[name], self._source[name] = shape, dtype, (path, tensor)
 
     def __getitem__(self, name: str) -> np.ndarray:

@@ -665,7 +665,10 @@ TORCH_TO_FLAX_ERRORS = {
                           "unexpected tensor extra"),
     "integer tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.update(
         {"lm_head.bias": sd["lm_head.bias"].to(torch.int32)})),  # (the right shape: only its dtype is wrong)
-                       "tensor lm_head.bias has dtype torch.int32, expected a floating-point dtype"),
+                       "tensor lm_head.bias has dtype torch.int32, expected float32, bfloat16, float16 or float64"),
+    "fp8 tensor": (lambda d: _rewrite_weights(_copy(HF_SRC[0], d), lambda sd: sd.update(
+        {"lm_head.bias": sd["lm_head.bias"].to(torch.float8_e4m3fn)})),  # (was: "expected a floating-point dtype")
+                   "tensor lm_head.bias has dtype F8_E4M3, expected float32, bfloat16, float16 or float64"),
     "corrupt safetensors": (lambda d: _truncate(_copy(HF_SRC[0], d)), "not a readable safetensors file"),
     "garbage safetensors": (lambda d: (_copy(HF_SRC[0], d) / "model.safetensors").write_bytes(b"\x00" * 64),
                             "not a readable safetensors file"),
