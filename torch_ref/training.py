@@ -481,9 +481,8 @@ def read_data_state(checkpoint: str, process_index: int, process_count: int,
         print(f"warning: {path} is missing; the data stream starts from its beginning", file=sys.stderr)
         return None
     try:
-        with open(path) as f:
-            record = json.load(f)
-        if not isinstance(record, dict) or not isinstance(record.get("state"), dict):
+        record = _data_record(checkpoint, process_index)
+        if not isinstance(record.get("state"), dict):
             raise ValueError("no data position in it")
     except (OSError, ValueError) as e:  # damaged (truncated, overwritten): as if missing, not a bare JSON error
         print(f"warning: {path} cannot be read ({error_line(e)}); the data stream starts from its beginning",
@@ -500,12 +499,21 @@ def read_data_state(checkpoint: str, process_index: int, process_count: int,
     return record["state"]
 
 
+def _data_record(checkpoint: str, process_index: int) -> dict:
+    """The parsed `data_state.rank<i>.json` of `checkpoint` (what `DataStateSaver` wrote).
+    OSError / ValueError when it is missing, damaged or not a JSON object."""
+    with open(os.path.join(checkpoint, _data_state_name(process_index))) as f:
+        record = json.load(f)
+    if not isinstance(record, dict):
+        raise ValueError("no data position in it")
+    return record
+
+
 def read_settings(checkpoint: str) -> dict | None:
     """The run settings recorded with `checkpoint`'s data position (process 0's), or None."""
     try:
-        with open(os.path.join(checkpoint, _data_state_name(0))) as f:
-            return json.load(f).get("settings")
-    except (OSError, ValueError, AttributeError):
+        return _data_record(checkpoint, 0).get("settings")
+    except (OSError, ValueError):
         return None
 
 
@@ -751,8 +759,7 @@ def _missing_from_checkpoint(path: str) -> str | None:
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         return "trainer_state.json"
     try:
-        with open(os.path.join(path, _data_state_name(0))) as f:
-            count = int(json.load(f)["process_count"])
+        count = int(_data_record(path, 0)["process_count"])
     except (OSError, ValueError, KeyError, TypeError):
         return _data_state_name(0)
     return next((n for n in map(_data_state_name, range(1, count))
