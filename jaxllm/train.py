@@ -16,6 +16,8 @@ One call of the step:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -47,12 +49,25 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def __post_init__(self):
+        """ValueError naming the field for a value optax would take and train wrongly with, or fail on
+        at the first step (a string, a float step count, beta 1, an infinite learning rate)."""
+        for name in ("total_steps", "warmup_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("lr", "weight_decay", "b1", "b2", "eps", "clip_norm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         for name in ("lr", "total_steps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "clip_norm"):
+        for name in ("warmup_steps", "weight_decay", "eps", "clip_norm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("b1", "b2"):  # (torch.optim.AdamW's rule)
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 def lr_schedule(oc: OptimConfig) -> optax.Schedule:

@@ -620,3 +620,22 @@ def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
     assert warmup_warning(dataclasses.replace(rc, warmup_steps=5)) is None
     lrs = [float(lr_schedule(OptimConfig(lr=1e-3, warmup_steps=30, total_steps=5))(i)) for i in range(5)]
     assert lrs == sorted(lrs) and lrs[0] == 0.0 and lrs[-1] < 1e-3
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("lr", "1e-3", "lr must be a finite number"), ("lr", float("inf"), "lr must be a finite number"),
+    ("total_steps", 100.0, "total_steps must be an integer"), ("warmup_steps", True, "warmup_steps must be an integer"),
+    ("b1", 1.0, r"b1 must be in \[0, 1\)"), ("b2", -0.1, r"b2 must be in \[0, 1\)"),
+    ("eps", -1e-8, "eps must be non-negative"), ("eps", float("nan"), "eps must be a finite number"),
+    ("weight_decay", None, "weight_decay must be a finite number")])
+def test_optim_config_refuses_a_value_adamw_cannot_train_with_naming_the_field(field, value, why):
+    """A string learning rate failed in a comparison's TypeError, b1 = 1 (Adam's first moment
+    never moves) or an infinite learning rate trained to NaN; each is now refused by name. NumPy
+    numbers (a value read from an array) are numbers."""
+    import numpy as np
+
+    from jaxllm.train import OptimConfig
+
+    with pytest.raises(ValueError, match=why):
+        OptimConfig(**{field: value})
+    OptimConfig(lr=np.float32(1e-3), total_steps=np.int64(10), warmup_steps=np.int32(0), b1=np.float64(0.0), eps=0)
