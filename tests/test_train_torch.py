@@ -56,6 +56,28 @@ def _trainer(tmp_path, model=None, **rc_kw):
     return CustomLLMTrainer(model=model, args=args, train_dataset=FixedBatches(batches, 2))
 
 
+def test_one_process_that_sees_several_gpus_trains_on_one_and_says_how_to_use_them_all(tmp_path, monkeypatch, capsys):
+    """`python scripts/train_torch.py` on a machine of several GPUs (no torchrun): the Trainer
+    would wrap the model in nn.DataParallel, which averages the replicas' parts of the step's loss
+    (a sum over them) and concatenates their router-bias counts, and it takes a batch that many
+    times larger. One GPU trains, with a note. (No GPU here: the arguments are told they see two.)"""
+    import functools
+
+    from torch_ref import training
+
+    class TwoGPUs(training.TrainingArguments):
+        @functools.cached_property
+        def _setup_devices(self):
+            self._n_gpu = 2
+            return torch.device("cpu")
+
+    monkeypatch.setattr(training, "TrainingArguments", TwoGPUs)
+    args = training_arguments(RunConfig(steps=2, progress=False), str(tmp_path), per_device_batch=4, save=False)
+    assert (args.n_gpu, args.train_batch_size) == (1, 4)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sees 2 GPUs and trains on one" in err and "torchrun --nproc-per-node 2" in err, err
+
+
 def test_evaluation_gives_the_model_s_loss_whatever_the_training_accumulated(tmp_path):
     """`evaluate()` reports each batch's loss as the model computes it: it took the training step's
     part (the balance loss divided by the last step's gradient accumulation, the loss times the

@@ -730,7 +730,17 @@ def training_arguments(rc: RunConfig, output_dir: str, *, per_device_batch: int,
         ddp_find_unused_parameters=False,
     )
     kw.update(overrides)
-    return TrainingArguments(**kw)
+    args = TrainingArguments(**kw)
+    if args.n_gpu > 1:
+        # One process that sees several GPUs (not started by torchrun / accelerate launch): the
+        # Trainer would wrap the model in nn.DataParallel, which gathers the outputs of the replicas:
+        # the step's loss (`CustomLLMTrainer.compute_loss`: a sum of parts over the step's tokens)
+        # would be averaged over them, and the router-bias counts concatenated. One GPU trains.
+        print(f"note: this process sees {args.n_gpu} GPUs and trains on one ({args.device}); to train on all of "
+              f"them, start it with torchrun --nproc-per-node {args.n_gpu} (or accelerate launch)",
+              file=sys.stderr, flush=True)
+        args._n_gpu = 1  # (what the Trainer itself does for a model split over GPUs)
+    return args
 
 
 def model_config(rc: RunConfig) -> LLMConfig:
