@@ -154,6 +154,11 @@ def _covered_ns(intervals) -> int:
     return total
 
 
+def _rate(flops_per_s: float) -> str:
+    """FLOP/s in TFLOP/s, or GFLOP/s below one TFLOP/s (a CPU's peak: 250e9 is not "0 TFLOP/s")."""
+    return f"{flops_per_s / 1e12:,.0f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:,.0f} GFLOP/s"
+
+
 def _dur(seconds: float) -> str:
     return f"{seconds:.2f} s" if abs(seconds) >= 1 else f"{seconds * 1e3:.1f} ms"
 
@@ -275,7 +280,7 @@ def main(argv=None) -> int:
     profile = not args.no_profile
     on_cpu = device.platform == "cpu"
     print(f"{device.device_kind}, jax {jax.__version__}; {args.preset}, sequence {args.seq_len}, {args.dtype}"
-          + (f"; MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "; no peak known (--peak-flops)"), flush=True)
+          + (f"; MFU against {_rate(peak)}" if peak else "; no peak known (--peak-flops)"), flush=True)
     kept = False
     failed = 0
     records = []
@@ -291,12 +296,12 @@ def main(argv=None) -> int:
         write()
         return records[-1]
 
-    for b, impl, remat, block in variants:
+    for spec, (b, impl, remat, block) in zip(args.variants, variants):
         timed = None
         ran, block = training_dispatch(impl, block)  # what the step runs here, and its block
         shown = (impl if ran == impl else f"{impl} ({ran})") + (f"/{block}" if block else "")
         if args.budget is not None and time.time() - t_start > args.budget:
-            print(f"--budget spent: {b}:{impl}:{remat}:{block} and after not run")
+            print(f"--budget spent: {spec} and after not run")
             break
         try:  # one variant failing (out of memory, cuDNN) costs that variant only
             step, state, batch, compile_s = compiled_step(config, mesh, b, args.seq_len, dtype=args.dtype,
@@ -359,7 +364,7 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001
                 pass
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-            print(f"{b}:{impl}:{remat}:{block}: failed: {why}", flush=True)
+            print(f"{spec}: failed: {why}", flush=True)
             if timed is not None:  # timed, then its profile failed
                 timed["profile_error"] = why
                 write()

@@ -464,6 +464,19 @@ def test_profile_step_bad_input_is_one_line_and_exit_2(args, message, capsys, tm
     assert err.count("\n") == 1 and message in err, err
 
 
+def test_profile_step_names_a_cpu_peak_and_the_variants_left_out_as_given(capsys):
+    """A CPU's --peak-flops (hundreds of GFLOP/s) was announced as "MFU against 0 TFLOP/s", and the
+    variants a spent --budget left out as "2:dense:none:None" (the resolved block appended)."""
+    rc = _profile_step().main(["--preset", "tiny", "--seq-len", "16", "--dtype", "float32", "--no-profile",
+                               "--variants", "2:dense:none", "4:gather:dots", "--peak-flops", "2.5e11",
+                               "--budget", "1e-9"])  # spent before the first variant: nothing compiles
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "; MFU against 250 GFLOP/s" in out.splitlines()[0], out
+    assert "--budget spent: 2:dense:none and after not run" in out, out
+    assert _profile_step()._rate(989e12) == "989 TFLOP/s"
+
+
 def test_profile_step_names_the_jax_op_behind_a_kernel():
     """Kernels are named after HLO instructions (`fusion.12` runs as `fusion_12`); a fusion's op is
     the first one inside it that carries `op_name` metadata."""
