@@ -778,6 +778,24 @@ def test_evaluate_script_gives_each_frameworks_loss_of_the_packed_batches(
         assert f"loss {want:.4f}, perplexity " in text and "JAX and PyTorch losses differ by" in text, text
 
 
+def test_evaluate_script_json_names_the_data_it_measured_wherever_it_is_read(evaluate_script, checkpoints, held_out,
+                                                                            tmp_path, monkeypatch):
+    """The JSON named a local dataset as typed ("held.jsonl", relative to a directory it does not
+    record, beside the checkpoint's absolute path) and left out the text column, config and split:
+    two evaluations of one Hub dataset's validation and test splits wrote the same header. They are
+    recorded as a checkpoint records its data (`jaxllm.data.stream_source`)."""
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"content": r["text"]}) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", checkpoints["orbax"], "--dataset", "held.jsonl", "--text-column", "content",
+            "--seq-len", "16", "--batch-size", "2", "--batches", "1", "--json", "eval.json"]
+    evaluate_script.run(evaluate_script.parse_args(argv), out=Writes())
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert {k: written[k] for k in ("dataset", "dataset_config", "split", "text_column")} == {
+        "dataset": str(tmp_path / "held.jsonl"), "dataset_config": None, "split": "train", "text_column": "content"}
+    assert written["results"]["jax"]["loss"] > 0
+
+
 def test_evaluate_script_refuses_a_loss_that_is_not_finite_after_reporting_it(evaluate_script, checkpoints, held_out,
                                                                             tmp_path):
     """Weights holding a NaN give a NaN loss: reported, then an error naming the frameworks whose loss
