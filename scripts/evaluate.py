@@ -148,7 +148,7 @@ class TorchLoss:
 def run(args, out=None) -> dict:
     """Evaluate; print the report to `out` (default: standard output) and return its figures.
     Raises ValueError / OSError naming the problem."""
-    from jaxllm.data import DataConfig, PackedBatches, _looks_local, checkpoint_tokenizer, model_tokenizer
+    from jaxllm.data import DataConfig, PackedBatches, checkpoint_tokenizer, model_tokenizer, stream_source
 
     out = out or sys.stdout
     kind = checkpoint_kind(args.checkpoint)
@@ -210,12 +210,11 @@ def run(args, out=None) -> dict:
         finally:
             if bar is not None:
                 bar.close()
-    # The data as the trainers' checkpoints record it (jaxllm.data.stream_source): a local dataset's
-    # absolute path (as the checkpoint's), a Hub dataset's config and split, the text column.
-    dataset = ("embedded" if cfg.is_embedded else os.path.abspath(args.dataset) if _looks_local(args.dataset)
-               else args.dataset)
-    result = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "dataset": dataset,
-              "dataset_config": args.dataset_config, "split": args.split, "text_column": args.text_column,
+    # The data as the trainers' checkpoints record it: a local dataset's absolute path (as the
+    # checkpoint's), a Hub dataset's config and split, the text column.
+    recorded = stream_source(cfg, "")
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+              **{k: recorded[k] for k in ("dataset", "dataset_config", "split", "text_column")},
               "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": batches,
               "tokens": sums[frameworks[0]][1], "results": {}}
     unit = "batch" if batches == 1 else "batches"
