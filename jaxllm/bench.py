@@ -567,7 +567,9 @@ def main(argv=None) -> int:
                    help="turns of the JAX and PyTorch workers, alternating which goes first; the step times "
                         "pool over the rounds (default: 3 for presets under 200M parameters, 1 above)")
     p.add_argument("--frameworks", default="jax,torch", help="jax, torch, or jax,torch (default: both)")
-    p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS)
+    p.add_argument("--moe-impl", default="sparse", choices=MOE_IMPLS,
+                   help="the JAX step's routed-expert dispatch, equal results (default sparse: the platform's "
+                        "fastest sparse one)")
     p.add_argument("--moe-block", type=int, default=None,
                    help="rows per block of the sparse dispatches (default: by dispatch, jaxllm.model.MOE_BLOCKS)")
     p.add_argument("--scan-unroll", type=int, default=None,

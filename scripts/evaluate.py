@@ -9,11 +9,12 @@
 generate.py; either framework runs either kind (the weights are converted in memory). The data is
 read, tokenized and packed exactly as the trainers read theirs (rows of --seq-len tokens, each
 document followed by EOS, no padding), from its start, once: the first --batches N batches of
---batch-size rows (fewer where the data holds fewer), or with --batches 0 every full batch of it. The loss is the trainers' language
--model loss alone (the mean shifted cross-entropy over every predicted token, without the router's
-balance loss), in float32 without dropout; perplexity = exp(loss). With --framework both, each batch
-runs in both frameworks and the relative difference of their losses is printed as well. A loss that
-is not finite (NaN or inf weights) is printed, then refused as an error (exit status 2, no --json).
+--batch-size rows (fewer where the data holds fewer), or with --batches 0 every full batch of it.
+The loss is the trainers' language-model loss alone (the mean shifted cross-entropy over every
+predicted token, without the router's balance loss), in float32 without dropout; perplexity =
+exp(loss). With --framework both, each batch runs in both frameworks and the relative difference of
+their losses is printed as well. A loss that is not finite (NaN or inf weights) is printed, then
+refused as an error (exit status 2, no --json).
 """
 
 from __future__ import annotations
