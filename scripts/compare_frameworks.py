@@ -39,12 +39,18 @@ def main(argv=None) -> int:
         p.error(f"--tolerance must be a positive number, got {args.tolerance}")
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from jaxllm.config import LLMConfig
+        from jaxllm.config import PRESETS, LLMConfig
         from torch_ref.crosscheck import cross_check, embedded_batches
 
         for name in ("steps", "grad_accum", "batch_size", "seq_len"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not 0 < args.lr < float("inf"):
+            raise ValueError(f"--lr must be a finite positive number, got {args.lr}")
+        if args.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be non-negative, got {args.warmup_steps}")
+        if args.preset not in PRESETS:  # before the batches are built
+            raise ValueError(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
         batches, tokenizer = embedded_batches(args.steps, args.grad_accum * args.batch_size, args.seq_len,
                                               seed=args.seed)
         config = LLMConfig.from_preset(args.preset, vocab_size=len(tokenizer))

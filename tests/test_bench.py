@@ -562,6 +562,27 @@ def test_compare_frameworks_bad_input_is_one_line_and_exit_2(args, message, caps
     assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "0"], "--lr must be a finite positive number, got 0.0"),
+    (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
+    (["--warmup-steps=-1"], "--warmup-steps must be non-negative, got -1"),
+    (["--preset", "bogus"], "--preset: unknown preset 'bogus'; known presets: seed-973m, small, "),
+])
+def test_compare_frameworks_names_a_bad_setting_by_its_flag_before_building_the_batches(args, message, capsys,
+                                                                                       monkeypatch):
+    """The optimizer's own errors named the setting ("lr must be positive"), not the flag, and an
+    unknown preset was found only after the batches had been tokenized."""
+    import torch_ref.crosscheck
+
+    def not_reached(*a, **k):
+        raise AssertionError("the batches were built")
+
+    monkeypatch.setattr(torch_ref.crosscheck, "embedded_batches", not_reached)
+    assert _script("compare_frameworks").main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("compare_frameworks.py: error: " + message), err
+
+
 @pytest.mark.parametrize("loss_gap, weight_gap", [(2e-6, 3e-5), (3e-5, 2e-6)])
 def test_compare_frameworks_verdict_and_exit_status_follow_the_tolerance(loss_gap, weight_gap, capsys, monkeypatch):
     """PASS and exit status 0 when both the largest loss gap and the largest weight gap are within
