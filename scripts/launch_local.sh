@@ -14,6 +14,15 @@ here="$(cd "$(dirname "$0")" && pwd)"
 python=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
 port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-2}"
+logs=${LOG_DIR:-/tmp}
+# Each log file is made before any process starts: a process whose log cannot be written never
+# starts, and the others would wait --init-timeout seconds for it, then abort (status 134).
+for ((i = 1; i < n; i++)); do
+  if ! { : >"$logs/train_jax.process$i.log"; } 2>/dev/null; then
+    echo "$0: cannot write $logs/train_jax.process$i.log (LOG_DIR must be a writable directory); nothing started" >&2
+    exit 2
+  fi
+done
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for ((i = 0; i < n; i++)); do
@@ -21,7 +30,7 @@ for ((i = 0; i < n; i++)); do
     "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" "$@" &
   else
     "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
-      --no-progress "$@" >"${LOG_DIR:-/tmp}/train_jax.process$i.log" 2>&1 &
+      --no-progress "$@" >"$logs/train_jax.process$i.log" 2>&1 &
   fi
   pids+=($!)
 done

@@ -410,3 +410,22 @@ def test_launch_local_starts_n_processes_with_the_interpreter_it_is_given(tmp_pa
                        "--preset tiny"], started
     r = subprocess.run(["bash", script, "two"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("usage: "), r.stderr
+
+
+def test_launch_local_refuses_a_log_dir_it_cannot_write_before_starting_any_process(tmp_path):
+    """A `LOG_DIR` that does not exist: process 1's log could not be opened, so it never started,
+    and process 0 waited --init-timeout seconds (300) for it, then JAX aborted it (status 134, a C++
+    stack trace). Now the launcher says so in one line, status 2, and starts nothing."""
+    log = tmp_path / "started"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 12345; exit 0; fi\necho "$@" >> "$STARTED"\n')
+    fake.chmod(0o755)
+    missing = tmp_path / "no-such-dir"
+    env = {**os.environ, "PYTHON": str(fake), "STARTED": str(log), "LOG_DIR": str(missing)}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", "--preset", "tiny"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        f"{ROOT / 'scripts' / 'launch_local.sh'}: cannot write {missing}/train_jax.process1.log (LOG_DIR must be a "
+        "writable directory); nothing started"], r.stderr
+    assert not log.exists() and not missing.exists()
