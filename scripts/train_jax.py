@@ -109,6 +109,24 @@ def main(argv=None) -> int:
             os._exit(1)
         print(f"train_jax.py: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # anything else (a bug, a MemoryError): as raised, but not through JAX's shutdown
+        from jaxllm.cli import caused_by
+
+        jax = sys.modules.get("jax")
+        if (caused_by(e, KeyboardInterrupt) or jax is None or not jax.distributed.is_initialized()
+                or jax.process_count() == 1):
+            raise
+        # Raised as it is, the traceback was followed by JAX's shutdown barrier, which waited
+        # 300 s for the other processes (held inside the step's collectives, waiting for this one,
+        # and kept there by its heartbeats) and then aborted them all (status 134).
+        import traceback
+
+        traceback.print_exc()
+        print(f"train_jax.py: error in process {jax.process_index()} of {jax.process_count()}: "
+              f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr, flush=True)
+        from jaxllm.distributed import exit_together
+
+        exit_together(1)
     if summary.get("stopped_by"):  # saved, not finished: 128 + the signal, as a shell reports it
         return 128 + (signal.SIGINT if summary["stopped_by"] == "SIGINT" else signal.SIGTERM)
     if rc.prompts and rc.max_new_tokens > 0:

@@ -207,6 +207,47 @@ def test_a_non_finite_loss_ends_every_process_with_its_line_and_exit_1():
         assert lines == [f"train_jax.py: error in process {i} of 2: non-finite loss at step 7"], err[-2000:]
 
 
+def test_an_unexpected_error_in_one_process_ends_both_within_the_heartbeat_timeout():
+    """An exception of no kind train_jax.py handles (a bug, a MemoryError) in process 1 while
+    process 0 waits for it in a collective, as inside a step: process 1 printed its traceback,
+    then sat in JAX's shutdown barrier for 300 s, its heartbeats keeping process 0 waiting too,
+    and both were aborted (status 134). Now process 1 says which process failed and leaves after
+    at most --heartbeat-timeout seconds (10 here), and process 0 fails soon after."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import train_jax, jax, jaxllm.loop\n"
+            "def run(rc):\n"
+            "    import numpy as np\n"
+            "    from jax.sharding import NamedSharding, PartitionSpec\n"
+            "    mesh = jax.make_mesh((2,), ('data',))\n"
+            "    x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec('data')), np.ones(1), (2,))\n"
+            "    step = jax.jit(lambda a: a.sum())\n"
+            "    float(step(x))  # a first step together (gloo connects)\n"
+            "    if jax.process_index() == 1:\n"
+            "        raise TypeError('a bug in process 1')\n"
+            "    float(step(x))  # the next one, waiting for process 1\n"
+            "jaxllm.loop.run = run\n"
+            "sys.exit(train_jax.main(sys.argv[2:]))")
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    port = free_port()
+    started = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "scripts"), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "10",
+                               "--compile-cache", "none"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    took = time.time() - started
+    print(f"both ended in {took:.1f} s, status {[p.returncode for p in procs]}")
+    assert procs[1].returncode == 1, outs[1][-2000:]
+    assert "TypeError: a bug in process 1" in outs[1], outs[1][-2000:]
+    assert "train_jax.py: error in process 1 of 2: TypeError: a bug in process 1" in outs[1], outs[1][-2000:]
+    assert procs[0].returncode != 0, outs[0][-2000:]
+    assert took < 90
+
+
 def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_one_process(tmp_path):
     """The save is collective: a signal to one process must stop every process at the same step
     (each would otherwise wait for the others inside a different collective). The checkpoint then
