@@ -1,6 +1,6 @@
 """pyproject.toml's requirements: their floors are the versions `.ci/floors.txt` pins (the oldest
-tested), the torch range admits the CPU build that `.ci/run` installs, and README.md quotes both
-as they are."""
+tested), the torch range admits the CPU build that `.ci/run` installs, README.md quotes both as
+they are, and the `dev` extra admits no plugin release without the options of pyproject's `addopts`."""
 import re
 import tomllib
 
@@ -59,3 +59,28 @@ def test_the_readme_quotes_the_requirements_as_they_are():
     assert len(named) >= 5, sentence
     for name, version in named:
         assert Version(version) == pins[canonicalize_name(name)], f"README.md: {name} {version}"
+
+
+# The options of pyproject's `addopts` that a plugin adds, with the plugin's first release that has
+# them: with an older one installed (the `dev` extra's floor admits it, so pip keeps it), pytest
+# stops every run at "unrecognized arguments" before a test runs.
+PLUGIN_OPTIONS = {"-n": ("pytest-xdist", "3.0"), "--dist": ("pytest-xdist", "3.0"),
+                  "--no-loadscope-reorder": ("pytest-xdist", "3.8.0")}
+PYTEST_OPTIONS = {"-ra", "-q", "-v"}
+
+
+def test_the_dev_extra_admits_no_plugin_without_the_options_addopts_pass():
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)
+    dev = {canonicalize_name(r.name): r.specifier
+           for r in map(Requirement, project["project"]["optional-dependencies"]["dev"])}
+    options = [o.split("=")[0] for o in project["tool"]["pytest"]["ini_options"]["addopts"].split()
+               if o.startswith("-")]
+    for option in options:
+        if option in PYTEST_OPTIONS:
+            continue
+        assert option in PLUGIN_OPTIONS, f"addopts {option}: which plugin release has it? (PLUGIN_OPTIONS)"
+        plugin, since = PLUGIN_OPTIONS[option]
+        assert plugin in dev, f"addopts {option} needs {plugin}, which the dev extra does not require"
+        assert _floor(dev[plugin]) >= Version(since), \
+            f"addopts {option} needs {plugin} {since}; the dev extra admits {plugin}{dev[plugin]}"
