@@ -60,21 +60,24 @@ def model_grads(model, ids):
     return jax.jit(jax.grad(lambda p, r: loss_fn(nnx.merge(graphdef, p, r), ids)[0]))(params, rest)
 
 
-def logits_without_this_project(hf_dir, ids: np.ndarray, tmp_path) -> np.ndarray:
+def logits_without_this_project(hf_dir, ids: np.ndarray, tmp_path, python: str | None = None) -> np.ndarray:
     """The logits of `AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)` for
-    `ids`, computed in a fresh process where jaxllm, torch_ref, convert and JAX cannot be imported
-    and the repository is off sys.path: the directory's shipped modeling code must suffice."""
+    `ids`, computed in a fresh process (of `python`, default this one's interpreter) where jaxllm,
+    torch_ref, convert and JAX cannot be imported and the repository is off sys.path: the
+    directory's shipped modeling code must suffice. Only the repository leaves sys.path: after a
+    `pip install .` (not -e) site-packages holds jaxllm beside numpy, torch and transformers."""
     import os
     import subprocess
     import sys
     import textwrap
 
+    root = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     np.save(tmp_path / "ids.npy", ids)
     code = textwrap.dedent(f"""
         import os, sys
         for name in ("jaxllm", "torch_ref", "convert", "jax", "jaxlib", "flax", "orbax"):
             sys.modules[name] = None  # any import of them now fails
-        sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "jaxllm"))]
+        sys.path = [p for p in sys.path if os.path.realpath(p or ".") != {root!r}]
         import numpy as np, torch
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, trust_remote_code=True).eval()
@@ -88,7 +91,7 @@ def logits_without_this_project(hf_dir, ids: np.ndarray, tmp_path) -> np.ndarray
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    r = subprocess.run([python or sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return np.load(tmp_path / "logits.npy")

@@ -238,6 +238,40 @@ def test_save_pretrained_ships_the_modeling_code_so_that_the_copy_loads_anywhere
     assert not (tmp_path / "c").exists()
 
 
+def test_the_fresh_process_of_the_shipped_code_tests_works_where_the_project_is_installed(tmp_path):
+    """After `pip install ".[dev]"` (not -e) site-packages holds jaxllm, torch_ref and convert beside
+    numpy, torch and transformers: `logits_without_this_project` took every directory holding a
+    jaxllm package off sys.path, site-packages with it, and its process (three tests) ended in
+    "No module named 'numpy'". Here, in a virtual environment laid out as such an installation."""
+    import os
+    import shutil
+    import site
+    import subprocess
+    import venv
+
+    from conftest import ROOT
+    from helpers import logits_without_this_project
+
+    venv.EnvBuilder(symlinks=True).create(tmp_path / "venv")
+    python = str(tmp_path / "venv" / "bin" / "python")
+    packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    ours = ("jaxllm", "torch_ref", "convert")
+    for where in filter(os.path.isdir, site.getsitepackages()):  # this interpreter's packages, linked,
+        for name in os.listdir(where):                           # but not this project's (if installed)
+            if name not in ours and "jaxllm" not in name and not os.path.lexists(os.path.join(packages, name)):
+                os.symlink(os.path.join(where, name), os.path.join(packages, name))
+    for package in ours:  # as `pip install .` copies them
+        shutil.copytree(ROOT / package, os.path.join(packages, package), ignore=shutil.ignore_patterns("__pycache__"))
+    model = _tiny().eval()
+    model.save_pretrained(tmp_path / "hf")
+    ids = _ids((1, 8))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = logits_without_this_project(tmp_path / "hf", ids.numpy(), tmp_path, python=python)
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+
+
 def test_save_pretrained_leaves_the_model_s_own_config_as_it_was(tmp_path):
     """The saved config.json names the shipped code in `auto_map`; the live config gets no
     `auto_map` (a new model) or keeps its own (here one naming code in another Hub repository).
