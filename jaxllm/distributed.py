@@ -58,8 +58,15 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     global AGREE_TIMEOUT_S
     AGREE_TIMEOUT_S = min(AGREE_TIMEOUT_S, heartbeat_timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=init_timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=init_timeout)
+    except ValueError as e:  # JAX_COORDINATOR_ADDRESS alone: JAX said "Number of processes must be defined."
+        if coordinator is None and "must be defined" in str(e):
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set ({os.environ.get('JAX_COORDINATOR_ADDRESS')}) but no "
+                             "cluster gives the number of processes and this one's index: give --coordinator, "
+                             "--num-processes and --process-id, or unset it") from None
+        raise
     return True
 
 

@@ -42,6 +42,18 @@ def test_only_a_launcher_of_several_processes_starts_jax_distributed():
     assert not several({"COORDINATOR_ADDRESS": "10.0.0.1:1234"})  # (not JAX's: it would not find a coordinator)
 
 
+def test_jax_coordinator_address_alone_is_refused_naming_it_and_the_flags(tmp_path):
+    """JAX's coordinator variable with no cluster to give the number of processes ended the start
+    in JAX's "Number of processes must be defined.", which named neither the variable nor a flag."""
+    env = {**_env(), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_jax.py"), "--preset", "tiny", "--steps", "1",
+                        "--ckpt-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    assert r.stderr.startswith(f"train_jax.py: error: JAX_COORDINATOR_ADDRESS is set ({env['JAX_COORDINATOR_ADDRESS']})") \
+        and "give --coordinator, --num-processes and --process-id, or unset it" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_processes_match_one_process(tmp_path):
     port = free_port()
     procs = [subprocess.Popen(
