@@ -58,6 +58,10 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     global AGREE_TIMEOUT_S
     AGREE_TIMEOUT_S = min(AGREE_TIMEOUT_S, heartbeat_timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service catches SIGTERM (for `reached_preemption_sync_point`, which nothing
+    # here asks): one that came between this and the training loop's own handler was swallowed and
+    # the run trained on. The trainers agree on a stop themselves (`jaxllm.stopping`).
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                    heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=init_timeout)
