@@ -24,7 +24,17 @@ for ((i = 1; i < n; i++)); do
   fi
 done
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+# Ctrl-C, SIGTERM and a hang-up reach the processes once each, from here, as each signal reaches a
+# train_jax.py run alone (Ctrl-C: one line at start-up, else a save before the next step; status
+# 130). Started as background jobs of this script without job control, they ignored SIGINT and got
+# SIGTERM instead: at start-up they ended silently (143), or the run trained on (JAX's preemption
+# notifier takes SIGTERM there). Job control (`set -m`, on only while they start) gives each its own
+# process group, with SIGINT as the terminal's shell left it.
+forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
+trap 'forward INT' INT
+trap 'forward TERM' TERM
+trap 'forward HUP' HUP
+set -m
 for ((i = 0; i < n; i++)); do
   if [ "$i" -eq 0 ]; then
     "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" "$@" &
@@ -34,8 +44,11 @@ for ((i = 0; i < n; i++)); do
   fi
   pids+=($!)
 done
+set +m
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || { s=$?; [ "$status" -eq 0 ] && status=$s; }
+  # (a signal caught here ends `wait` early, with 128 + the signal: wait again while the process lives)
+  while wait "$pid"; s=$?; [ "$s" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do :; done
+  [ "$s" -ne 0 ] && [ "$status" -eq 0 ] && status=$s
 done
 exit $status

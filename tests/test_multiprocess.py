@@ -1,6 +1,7 @@
 """Several processes on 127.0.0.1 stand in for several hosts (jax.distributed + gloo)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -493,3 +494,55 @@ def test_launch_local_refuses_a_log_dir_it_cannot_write_before_starting_any_proc
         f"{ROOT / 'scripts' / 'launch_local.sh'}: cannot write {missing}/train_jax.process1.log (LOG_DIR must be a "
         "writable directory); nothing started"], r.stderr
     assert not log.exists() and not missing.exists()
+
+
+@pytest.mark.parametrize("sig, to_group", [("SIGINT", True), ("SIGINT", False), ("SIGTERM", False)])
+def test_launch_local_forwards_a_ctrl_c_or_sigterm_once_to_each_process_and_exits_with_their_status(tmp_path, sig,
+                                                                                                    to_group):
+    """Ctrl-C on the launcher (SIGINT to its terminal's process group) must reach each train_jax.py
+    as Ctrl-C reaches one run alone: one SIGINT, with Python's handler in place from the start (one
+    line and status 130 at start-up, else a save before the next step). Started as background jobs
+    of a script without job control, the processes ignored SIGINT, and the launcher sent them
+    SIGTERM: at start-up they ended silently with status 143, or trained on (JAX's preemption
+    notifier takes SIGTERM once it has started). A stand-in interpreter reports what it got; the
+    launcher's status is theirs (7 here), not that of its own interrupted `wait`."""
+    report = tmp_path / "report"
+    report.mkdir()
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n" + """import os, signal, sys, time
+if sys.argv[1] == "-c":
+    print(12345)
+    sys.exit(0)
+where = os.path.join(os.environ["REPORT"], sys.argv[sys.argv.index("--process-id") + 1])
+ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+def got(signum, frame):
+    with open(where, "a") as f:
+        f.write(f"{signal.Signals(signum).name} {'ignored' if ignored else 'handled'}\\n")
+    time.sleep(0.3)  # (a second signal would be reported too)
+    os._exit(7)
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, got)
+open(where + ".ready", "w").close()
+time.sleep(60)
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "REPORT": str(report), "LOG_DIR": str(tmp_path)}
+
+    def as_a_terminal_shell_starts_it():  # (this test may run where SIGINT is ignored: a background job)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    p = subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", "--preset", "tiny"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=as_a_terminal_shell_starts_it)
+    try:
+        deadline = time.monotonic() + 30
+        while not all((report / f"{i}.ready").exists() for i in "01") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (os.killpg if to_group else os.kill)(p.pid, getattr(signal, sig))
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    got = {i: (report / i).read_text() if (report / i).exists() else "" for i in "01"}
+    assert got == {"0": f"{sig} handled\n", "1": f"{sig} handled\n"}, got
+    assert (p.returncode, out, err) == (7, "", ""), (p.returncode, out, err)
