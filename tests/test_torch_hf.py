@@ -378,3 +378,27 @@ def test_resize_token_embeddings_grows_the_vocabulary_and_keeps_the_old_tokens_l
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(CustomLLM.from_pretrained(tmp_path).eval()(x).logits, got, rtol=0, atol=0)
+
+
+def test_a_device_map_that_offloads_a_layer_to_disk_computes_what_the_model_in_memory_computes(tmp_path):
+    """Under an offloading `device_map` (a layer on "disk"; on a GPU, layers on "cpu") accelerate
+    loads a module's weights as the module is called. The router's weight was read from outside its
+    module and stayed on the meta device: `F.linear` of a CPU input and a meta weight returns
+    uninitialised memory without an error, so that layer routed tokens at random (logits off by
+    ~1e-2, other generated tokens)."""
+    model = _tiny().eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"token_embeddings": "cpu", "position_embeddings": "cpu", "dropout": "cpu",
+                  "decoder_layers.0": "cpu", "decoder_layers.1": "disk", "lm_head": "cpu"}
+    offloaded = CustomLLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                          offload_folder=str(tmp_path / "offload")).eval()
+    assert offloaded.hf_device_map["decoder_layers.1"] == "disk"
+    x = _ids((2, 16))
+    with torch.no_grad():
+        want = model(x)
+        got = offloaded(x)
+    assert torch.equal(got.expert_counts, want.expert_counts)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    prompt = _ids((1, 5), seed=1)
+    assert torch.equal(offloaded.generate(prompt, max_new_tokens=8, do_sample=False),
+                       model.generate(prompt, max_new_tokens=8, do_sample=False))

@@ -226,6 +226,20 @@ def balance_loss(scores: torch.Tensor, chosen: torch.Tensor, num_experts: int) -
     return (f * p).sum(-1)
 
 
+class RouterLinear(nn.Linear):
+    """The router's `nn.Linear` (printed as one, the seed's tree), whose product runs in float32 with
+    autocast off: its input and weight are upcast. Computed in its own `forward`, not by reading
+    `router.weight` from outside, so that hooks that load a module's weights as it is called (an
+    offloading `device_map`, where the weight otherwise stays on the meta device) load it."""
+
+    def _get_name(self):
+        return "Linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
 class DeepSeekMoE(nn.Module):
     """1 always-on shared expert + top-k of the routed experts by sigmoid affinity. The routed
     experts run only on the tokens routed to them (dropless). `router_bias` is a persistent buffer
@@ -239,7 +253,7 @@ class DeepSeekMoE(nn.Module):
             [DeepSeekExpertLayer(c.hidden_size, c.intermediate_size) for _ in range(c.num_shared_experts)])
         self.routed_experts = nn.ModuleList(
             [DeepSeekExpertLayer(c.hidden_size, c.intermediate_size) for _ in range(c.num_routed_experts)])
-        self.router = nn.Linear(c.hidden_size, c.num_routed_experts, bias=False)
+        self.router = RouterLinear(c.hidden_size, c.num_routed_experts, bias=False)
         self.register_buffer("router_bias", torch.zeros(c.num_routed_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
@@ -257,8 +271,7 @@ class DeepSeekMoE(nn.Module):
         out = torch.zeros_like(xf)
         for expert in self.shared_experts:
             out = out + expert(xf)
-        with torch.autocast(xf.device.type, enabled=False):  # the router stays float32 under autocast
-            scores = torch.sigmoid(F.linear(xf.float(), self.router.weight.float()))  # [N, E]
+        scores = torch.sigmoid(self.router(xf))  # [N, E], float32 (also under autocast)
         chosen, w = route(scores, self.router_bias.float(), self.top_k)
         for e, expert in enumerate(self.routed_experts):
             tok, slot = torch.nonzero(chosen == e, as_tuple=True)
