@@ -29,7 +29,9 @@ pids=()
 # 130). Started as background jobs of this script without job control, they ignored SIGINT and got
 # SIGTERM instead: at start-up they ended silently (143), or the run trained on (JAX's preemption
 # notifier took SIGTERM there; `jaxllm.distributed` now turns it off). Job control (`set -m`, on only while they start) gives each its own
-# process group, with SIGINT as the terminal's shell left it.
+# process group, with SIGINT as the terminal's shell left it. Their standard input stays /dev/null, as
+# without job control: a read of the terminal from a process group of its own would stop that process
+# (SIGTTIN), and the launcher would wait for it for ever.
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward INT' INT
 trap 'forward TERM' TERM
@@ -37,10 +39,11 @@ trap 'forward HUP' HUP
 set -m
 for ((i = 0; i < n; i++)); do
   if [ "$i" -eq 0 ]; then
-    "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" "$@" &
+    "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" "$@" \
+      </dev/null &
   else
     "$python" "$here/train_jax.py" --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
-      --no-progress "$@" >"$logs/train_jax.process$i.log" 2>&1 &
+      --no-progress "$@" </dev/null >"$logs/train_jax.process$i.log" 2>&1 &
   fi
   pids+=($!)
 done

@@ -477,6 +477,23 @@ def test_launch_local_starts_n_processes_with_the_interpreter_it_is_given(tmp_pa
     assert r.returncode == 2 and r.stderr.startswith("usage: "), r.stderr
 
 
+def test_launch_local_gives_the_processes_no_standard_input(tmp_path):
+    """Started under job control (`set -m`, for Ctrl-C), the processes kept the launcher's standard
+    input, where background jobs without it read /dev/null: from a terminal, a read by one (in a
+    process group of its own) would stop it (SIGTTIN) and the launcher would wait for ever. The
+    stand-in interpreter reports what it reads from the input the launcher was given."""
+    log = tmp_path / "read"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 12345; exit 0; fi\n'
+                    'if read -r line; then echo "read $line" >> "$READ"; else echo "nothing" >> "$READ"; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "READ": str(log), "LOG_DIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2"], env=env, input="typed\n" * 2,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines() == ["nothing", "nothing"], log.read_text()
+
+
 def test_launch_local_refuses_a_log_dir_it_cannot_write_before_starting_any_process(tmp_path):
     """A `LOG_DIR` that does not exist: process 1's log could not be opened, so it never started,
     and process 0 waited --init-timeout seconds (300) for it, then JAX aborted it (status 134, a C++
