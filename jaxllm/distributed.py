@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 import jax
@@ -58,13 +60,18 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     global AGREE_TIMEOUT_S
     AGREE_TIMEOUT_S = min(AGREE_TIMEOUT_S, heartbeat_timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # JAX's preemption service catches SIGTERM (for `reached_preemption_sync_point`, which nothing
-    # here asks): one that came between this and the training loop's own handler was swallowed and
-    # the run trained on. The trainers agree on a stop themselves (`jaxllm.stopping`).
-    jax.config.update("jax_enable_preemption_service", False)
+    # JAX's preemption service catches SIGTERM (for `reached_preemption_sync_point`): one that came
+    # between this and the training loop's own handler was swallowed and the run trained on. The
+    # trainers agree on a stop themselves (`jaxllm.stopping`): SIGTERM's handler is put back as it
+    # was. (Not `jax_enable_preemption_service` off: JAX 0.8 has no such option, and Orbax 0.11
+    # asks the service at every save, which raises without it.)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if on_main_thread else None
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                    heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=init_timeout)
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     except ValueError as e:  # JAX_COORDINATOR_ADDRESS alone: JAX said "Number of processes must be defined."
         if coordinator is None and "must be defined" in str(e):
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set ({os.environ.get('JAX_COORDINATOR_ADDRESS')}) but no "

@@ -58,11 +58,15 @@ def test_jax_coordinator_address_alone_is_refused_naming_it_and_the_flags(tmp_pa
 def test_sigterm_after_jax_distributed_starts_is_not_swallowed_by_jax_s_preemption_service():
     """JAX's preemption service (on by default with `jax.distributed`) catches SIGTERM: one that
     came after `maybe_initialize` and before the training loop's handler was swallowed ("SIGTERM
-    caught" in JAX's log) and the run trained on. Without a handler of ours, SIGTERM now ends it."""
+    caught" in JAX's log) and the run trained on. Without a handler of ours, SIGTERM now ends it.
+    The service itself stays: Orbax 0.11 (the floor) asks it at every save, unguarded, and turned
+    off (`jax_enable_preemption_service`, which JAX 0.8 does not have) it raised a RuntimeError."""
     code = (f"import os, signal, time; from jaxllm.distributed import maybe_initialize; "
-            f"maybe_initialize('127.0.0.1:{free_port()}', 1, 0); os.kill(os.getpid(), signal.SIGTERM); "
-            "time.sleep(10); print('trained on')")
+            f"from jax.experimental.multihost_utils import reached_preemption_sync_point; "
+            f"maybe_initialize('127.0.0.1:{free_port()}', 1, 0); print('sync point', reached_preemption_sync_point(1)); "
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(10); print('trained on')")
     r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.stdout.splitlines()[:1] == ["sync point False"], (r.stdout, r.stderr[-2000:])
     assert r.returncode == -15 and "trained on" not in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
 
 
