@@ -28,7 +28,7 @@ pids=()
 # train_jax.py run alone (Ctrl-C: one line at start-up, else a save before the next step; status
 # 130). Started as background jobs of this script without job control, they ignored SIGINT and got
 # SIGTERM instead: at start-up they ended silently (143), or the run trained on (JAX's preemption
-# notifier took SIGTERM there; `jaxllm.distributed` now turns it off). Job control (`set -m`, on only while they start) gives each its own
+# notifier took SIGTERM there; `jaxllm.distributed` now puts SIGTERM's handler back). Job control (`set -m`, on only while they start) gives each its own
 # process group, with SIGINT as the terminal's shell left it. Their standard input stays /dev/null, as
 # without job control: a read of the terminal from a process group of its own would stop that process
 # (SIGTTIN), and the launcher would wait for it for ever.
