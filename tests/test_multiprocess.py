@@ -549,12 +549,13 @@ time.sleep(60)
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "REPORT": str(report), "LOG_DIR": str(tmp_path)}
 
-    def as_a_terminal_shell_starts_it():  # (this test may run where SIGINT is ignored: a background job)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    p = subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", "--preset", "tiny"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         preexec_fn=as_a_terminal_shell_starts_it)
+    # As a terminal's shell starts it, with SIGINT at its default (this test may run where SIGINT is
+    # ignored: a background job); through exec, as a preexec_fn would make JAX warn of os.fork().
+    as_a_terminal_shell_starts_it = [sys.executable, "-c", "import os, signal, sys; "
+                                     "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp('bash', ['bash', *sys.argv[1:]])"]
+    p = subprocess.Popen([*as_a_terminal_shell_starts_it, str(ROOT / "scripts" / "launch_local.sh"), "2", "--preset",
+                          "tiny"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not all((report / f"{i}.ready").exists() for i in "01") and time.monotonic() < deadline:
