@@ -192,6 +192,26 @@ def test_data_that_fails_on_one_process_ends_every_process_with_exit_2(tmp_path)
     assert not any(d.isdigit() for d in os.listdir(tmp_path / "ck")) if (tmp_path / "ck").exists() else True
 
 
+def _two_processes(code: str, heartbeat_timeout: int):
+    """Runs `code` (Python source: it gets the scripts folder, then train_jax.py's arguments) as
+    processes 0 and 1 of a 2-process train_jax.py run of one device each: the processes (ended),
+    their stderr and the seconds both took."""
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    port = free_port()
+    started = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "scripts"), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i),
+                               "--heartbeat-timeout", str(heartbeat_timeout), "--compile-cache", "none"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return procs, errs, time.time() - started
+
+
 def _two_train_jax_processes_whose_run_raises(error: str):
     """train_jax.py as 2 processes whose `run` raises `error` (Python source), process i after 3 i
     seconds: each process's return code and stderr lines (Gloo's aside)."""
@@ -201,18 +221,10 @@ def _two_train_jax_processes_whose_run_raises(error: str):
             f"    raise {error}\n"
             "jaxllm.loop.run = run\n"
             "sys.exit(train_jax.main(sys.argv[2:]))")
-    env = _env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    port = free_port()
-    started = time.time()
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "scripts"), "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20",
-                               "--compile-cache", "none"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    print(f"both ended in {time.time() - started:.1f} s")
+    procs, errs, took = _two_processes(code, heartbeat_timeout=20)
+    print(f"both ended in {took:.1f} s")
     return [(p.returncode, [line for line in err.splitlines() if not line.startswith("[Gloo]")], err)
-            for p, (_, err) in zip(procs, outs)]
+            for p, err in zip(procs, errs)]
 
 
 def test_an_error_every_process_meets_at_its_own_time_ends_each_with_its_line_and_exit_2():
@@ -254,20 +266,7 @@ def test_an_unexpected_error_in_one_process_ends_both_within_the_heartbeat_timeo
             "    float(step(x))  # the next one, waiting for process 1\n"
             "jaxllm.loop.run = run\n"
             "sys.exit(train_jax.main(sys.argv[2:]))")
-    env = _env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    port = free_port()
-    started = time.time()
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "scripts"), "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "10",
-                               "--compile-cache", "none"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    took = time.time() - started
+    procs, outs, took = _two_processes(code, heartbeat_timeout=10)
     print(f"both ended in {took:.1f} s, status {[p.returncode for p in procs]}")
     assert procs[1].returncode == 1, outs[1][-2000:]
     assert "TypeError: a bug in process 1" in outs[1], outs[1][-2000:]
