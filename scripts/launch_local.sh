@@ -50,8 +50,12 @@ done
 set +m
 status=0
 for pid in "${pids[@]}"; do
-  # (a signal caught here ends `wait` early, with 128 + the signal: wait again while the process lives)
-  while wait "$pid"; s=$?; [ "$s" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do :; done
+  # Polled, then `wait`ed for once it has ended (bash has its status then), because a signal caught
+  # during a `wait` ends it early with 128 + the signal, and if the process ends at that moment (it
+  # may end within microseconds of the signal forwarded to it) bash loses its status: `wait` then
+  # reported 143 or, asked again, -1 (255) instead of the process's own status.
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+  wait "$pid"; s=$?
   [ "$s" -ne 0 ] && [ "$status" -eq 0 ] && status=$s
 done
 exit $status

@@ -567,3 +567,29 @@ time.sleep(60)
     got = {i: (report / i).read_text() if (report / i).exists() else "" for i in "01"}
     assert got == {"0": f"{sig} handled\n", "1": f"{sig} handled\n"}, got
     assert (p.returncode, out, err) == (7, "", ""), (p.returncode, out, err)
+
+
+def test_launch_local_exits_with_the_status_of_a_process_that_ends_as_the_signal_reaches_the_launcher(tmp_path):
+    """A signal caught by the launcher during its `wait` ends that `wait` early (128 + the signal);
+    when the process it waited for ended at that moment (within about 100 µs), bash lost the
+    process's status and the launcher exited with 143 (5 of 20 launches here), or 255 when it asked
+    `wait` again. Here process 0 sends SIGTERM to the launcher and ends at once with status 7 (the
+    launcher forwards SIGTERM to process 1, which ends with 7 too): every launch must report 7."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable} -S\n" + """import os, signal, sys, time
+if sys.argv[1] == "-c":
+    print(12345)
+    sys.exit(0)
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda *_: os._exit(7))
+time.sleep(0.1)  # the launcher is waiting for process 0 by then
+if sys.argv[sys.argv.index("--process-id") + 1] == "0":
+    os.kill(os.getppid(), signal.SIGTERM)
+    os._exit(7)
+time.sleep(60)
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "LOG_DIR": str(tmp_path)}
+    statuses = [subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2"], env=env, capture_output=True,
+                               timeout=30).returncode for _ in range(20)]
+    assert statuses == [7] * 20, statuses
