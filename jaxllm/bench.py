@@ -7,13 +7,15 @@ Each measurement runs in its own subprocess (`python -m jaxllm.bench --worker ..
 memory is per framework and one framework's threads do not disturb the other's. With `--rounds R`
 the two frameworks' workers take turns R times (JAX first, then PyTorch first, ...), so that a
 shared machine's slow and fast minutes fall on both: the step times pool over the rounds, and
-each round's own JAX/PyTorch ratio is reported next to the pooled one.
+each round's own JAX/PyTorch ratio is reported next to the pooled one. A timed step whose loss or
+gradient norm is not finite is its case's error (exit status 1), not a throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import signal
@@ -65,6 +67,22 @@ def _timed_steps_with_peak(one, sample, warmup: int, iters: int, settle_s: float
     before = peak()
     times = _timeit(one, warmup, iters)
     return times, [before, peak()]
+
+
+class NonFiniteStep(RuntimeError):
+    """A timed training step whose loss or gradient norm is not finite: its time is no benchmark's (the
+    JAX step skips the update of such a step, PyTorch's fills the weights with NaN)."""
+
+
+def _check_finite(steps: list, warmup: int) -> None:
+    """`steps`: each step's (loss, gradient norm), the warm-up's first; NonFiniteStep names the first
+    timed step with a value that is not finite."""
+    timed = steps[warmup:]
+    for i, (loss, norm) in enumerate(timed, 1):
+        loss, norm = float(loss), float(norm)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteStep(f"timed step {i} of {len(timed)} has loss {loss}, gradient norm {norm}: "
+                                "a diverging step's time is no throughput")
 
 
 def _median_seconds(fn, repeats: int, warmup=None) -> float:
@@ -273,15 +291,18 @@ def worker_jax(args) -> dict:
         moe_impl=args.moe_impl, moe_block=args.moe_block, remat=remat, attn_impl=args.attn_impl,
         scan_unroll=args.scan_unroll)
     holder = {"state": state}
+    steps = []  # each step's (loss, gradient norm), read after the timing
 
     def one():
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready((holder["state"], m))  # all of the step's work, not only the loss
+        steps.append((m["loss"], m["grad_norm"]))
 
     # The matmul peak again, before and after the steps, in this process: the MFU's denominator
     # measured in the same minutes as its numerator (a shared machine's speed drifts within minutes).
     times, peaks = _timed_steps_with_peak(one, jax_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
                                           args.iters, args.settle_s, on_cpu=jax.devices()[0].platform == "cpu")
+    _check_finite(steps, args.warmup)
     out = {"jax_step_s": float(np.median(times)), "jax_step_times": times, "compile_s": compile_s,
            "jax_peak_rss_gb": _peak_rss_gb(), "remat": remat, "jax_peak_samples": peaks, "jax_devices": mesh.size}
     stats = jax.devices()[0].memory_stats() or {}
@@ -305,12 +326,13 @@ def worker_torch(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     rng = np.random.RandomState(0)
     ids = torch.from_numpy(rng.randint(0, config.vocab_size, (args.batch_size, args.seq_len))).to(device)
+    steps = []  # each step's (loss, gradient norm), read after the timing
 
     def one():
         with autocast:
             out = model(ids, labels=ids)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        steps.append((out.loss.detach(), torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_router_bias(out.expert_counts)
@@ -319,6 +341,7 @@ def worker_torch(args) -> dict:
 
     times, peaks = _timed_steps_with_peak(one, torch_matmul_sampler(args.matmul_size, args.dtype), args.warmup,
                                           args.iters, args.settle_s, on_cpu=device == "cpu")
+    _check_finite(steps, args.warmup)
     out = {"torch_step_s": float(np.median(times)), "torch_step_times": times, "torch_peak_rss_gb": _peak_rss_gb(),
            "torch_threads": torch.get_num_threads(), "torch_peak_samples": peaks}
     if float32_products:
@@ -349,9 +372,21 @@ WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "torch": worker_torch, "d
 def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
     cmd = [sys.executable, "-m", "jaxllm.bench", "--worker", kind, *argv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    said = _said(r.stdout)
+    if r.returncode != 0 and said:  # the worker's own one-line error (`NonFiniteStep`)
+        raise RuntimeError(f"{kind} worker: {said}")
     if r.returncode != 0:
         raise RuntimeError(f"{kind} worker failed ({_ended(r.returncode)}):\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _said(stdout: str) -> str | None:
+    """The error a worker reported as its last line of output (`{"error": ...}`), if any."""
+    try:
+        last = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return None
+    return last.get("error") if isinstance(last, dict) else None
 
 
 def _ended(returncode: int) -> str:
@@ -603,7 +638,11 @@ def main(argv=None) -> int:
     # (which inherit it, as under bench_gpu.sh); set it to override.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args)))
+        try:
+            print(json.dumps(WORKERS[args.worker](args)))
+        except NonFiniteStep as e:  # for the orchestrator: the case's error, in one line
+            print(json.dumps({"error": str(e)}))
+            return 1
         return 0
     frameworks = args.frameworks.split(",")
     if args.preset:

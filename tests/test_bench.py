@@ -294,6 +294,66 @@ def test_the_peak_is_sampled_before_the_warm_up_and_after_the_last_step_never_be
     assert len(times) == 3 and peaks == [5.0, 8.0]  # medians of (4, 5, 6) and (7, 8, 9)
 
 
+@pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_a_timed_step_whose_loss_is_not_finite_is_the_worker_s_error(fw, monkeypatch, capsys):
+    """The workers timed whatever the steps computed: a diverging (NaN) step was reported as a
+    throughput like any other (and the JAX step skips the update of such a step, so it is not even
+    the same work). A model whose weights are NaN: the worker reports an error in one line of JSON
+    and exits 1."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm import bench, xla_cache
+
+    if fw == "jax":
+        real = bench.compiled_step
+
+        def poisoned(*a, **kw):
+            step, state, batch, seconds = real(*a, **kw)
+            return step, {**state, "params": jax.tree.map(lambda x: x * jnp.nan, state["params"])}, batch, seconds
+
+        monkeypatch.setattr(bench, "compiled_step", poisoned)
+        monkeypatch.setattr(xla_cache, "disable", lambda: None)  # (this test process keeps its cache setting)
+    else:
+        import torch
+        import torch_ref
+
+        class Poisoned(torch_ref.CustomLLM):
+            def __init__(self, config):
+                super().__init__(config)
+                with torch.no_grad():
+                    next(self.parameters()).fill_(float("nan"))
+
+        monkeypatch.setattr(torch_ref, "CustomLLM", Poisoned)
+    argv = ["--worker", fw, "--preset", "tiny", "--batch-size", "1", "--seq-len", "8", "--iters", "2", "--warmup",
+            "1", "--matmul-size", "16", "--settle-s", "0"]
+    assert bench.main(argv) == 1
+    error = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+    assert error == "timed step 1 of 2 has loss nan, gradient norm nan: a diverging step's time is no throughput"
+
+
+def test_a_worker_s_non_finite_step_is_the_case_s_error_in_one_line(monkeypatch, tmp_path, capsys):
+    """The orchestrator gives the worker's own error as the case's error and exits 1."""
+    import subprocess
+
+    import jaxllm.bench as bench
+
+    said = "timed step 2 of 3 has loss nan, gradient norm nan: a diverging step's time is no throughput"
+
+    def run(cmd, **kw):
+        kind = cmd[cmd.index("--worker") + 1]
+        if kind == "matmul":
+            return subprocess.CompletedProcess(cmd, 0, json.dumps({"jax_matmul_float32_flops": 1e11}) + "\n", "")
+        return subprocess.CompletedProcess(cmd, 1, json.dumps({"error": said}) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--frameworks", "jax", "--decode-tokens", "0", "--json", str(out)]) == 1
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["error"] == f"jax worker: {said}" and "jax_tokens_per_sec" not in case
+    assert capsys.readouterr().err.endswith(f"bench.py: error: jax worker: {said}\n")
+
+
 def test_rounds_default_to_three_for_small_presets_and_one_for_seed_973m():
     from jaxllm.bench import default_rounds
 
