@@ -16,10 +16,12 @@ import os
 import signal
 import sys
 
-try:
-    import jaxllm  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# This file's checkout (found through any symbolic link) goes ahead of an installed jaxllm: after a
+# `pip install .` (not -e) the installed copy ran instead of the code beside this file. Where no
+# checkout holds this file (convert/ as pip installs it, a script copied alone), the installed packages serve.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml")) and os.path.isdir(os.path.join(_CHECKOUT, "jaxllm")):
+    sys.path.insert(0, _CHECKOUT)
 
 # The JAX run needs no PyTorch, but `datasets` and `transformers` import it when it is installed
 # (about 180 MB more in this process, on top of the model's state) unless told not to.

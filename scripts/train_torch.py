@@ -16,13 +16,16 @@ them); an existing --ckpt-dir resumes from its latest checkpoint automatically.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import signal
 import sys
 
-if importlib.util.find_spec("torch_ref") is None:  # run from a checkout without installing it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# This file's checkout (found through any symbolic link) goes ahead of an installed jaxllm: after a
+# `pip install .` (not -e) the installed copy ran instead of the code beside this file. Where no
+# checkout holds this file (convert/ as pip installs it, a script copied alone), the installed packages serve.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml")) and os.path.isdir(os.path.join(_CHECKOUT, "jaxllm")):
+    sys.path.insert(0, _CHECKOUT)
 
 
 def parse_args(argv=None):
