@@ -31,7 +31,9 @@ pids=()
 # notifier took SIGTERM there; `jaxllm.distributed` now puts SIGTERM's handler back). Job control (`set -m`, on only while they start) gives each its own
 # process group, with SIGINT as the terminal's shell left it. Their standard input stays /dev/null, as
 # without job control: a read of the terminal from a process group of its own would stop that process
-# (SIGTTIN), and the launcher would wait for it for ever.
+# (SIGTTIN), and the launcher would wait for it for ever. Ctrl-Z (SIGTSTP) stops this launcher alone, and is
+# not forwarded: processes stopped together for longer than --heartbeat-timeout are all aborted by JAX's
+# coordination service (134) as soon as they continue (20 s with --heartbeat-timeout 5, 2026-12-02).
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward INT' INT
 trap 'forward TERM' TERM
