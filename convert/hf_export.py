@@ -163,7 +163,8 @@ def write_weights(tensors: dict[str, torch.Tensor], out: str, *, max_shard_size:
 
 def write_config(config: LLMConfig, out: str, dtype: str) -> None:
     """`config.json` (the fields of `jaxllm/config.py`, `model_type` "customllm", `auto_map`) and
-    `generation_config.json` (the special token ids)."""
+    `generation_config.json` (the special token ids, and `max_length` = max_position_embeddings:
+    generation stops at the table's end, as `CustomLLM`'s own generation config says)."""
     from transformers import GenerationConfig
 
     from torch_ref import CustomLLMConfig
@@ -173,7 +174,8 @@ def write_config(config: LLMConfig, out: str, dtype: str) -> None:
                                                 dtype=dtype)
     hf_config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(out)
+                     pad_token_id=config.pad_token_id,
+                     max_length=config.max_position_embeddings).save_pretrained(out)
 
 
 def write_tokenizer(spec, config: LLMConfig, out: str, *, files: dict | None = None) -> tuple[str | None, list[str]]:

@@ -418,6 +418,34 @@ def test_exported_directory_loads_in_a_fresh_process_without_this_project(parity
 
 
 
+@pytest.mark.parametrize("source", ["flax_to_torch", "save_pretrained"])
+def test_a_plain_text_generation_pipeline_fits_the_position_table(source, parity, hf_src, caplog):
+    """`pipeline("text-generation", model=dir)` called with no length: its default of 256 new
+    tokens was refused (`tiny` has 128 positions). An export's and a `save_pretrained`'s
+    generation_config.json say `max_length` = max_position_embeddings: generation runs to the
+    table's end, never past it, and a `max_new_tokens` given replaces it without a warning."""
+    import logging
+
+    from transformers import pipeline
+
+    from helpers import word_tokenizer
+
+    hf_dir = parity.hf_dir if source == "flax_to_torch" else str(hf_src)
+    pipe = pipeline("text-generation", model=hf_dir, tokenizer=word_tokenizer(), trust_remote_code=True)
+    for prompt in ("the a the", " ".join(["a"] * 120)):
+        n_prompt = len(pipe.tokenizer(prompt)["input_ids"])
+        torch.manual_seed(0)
+        ids = pipe(prompt, return_tensors=True)[0]["generated_token_ids"]
+        assert n_prompt < len(ids) <= TINY.max_position_embeddings, (n_prompt, len(ids))
+    gen = json.loads(open(os.path.join(hf_dir, "generation_config.json")).read())
+    assert gen.get("max_length") == TINY.max_position_embeddings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        ids = pipe("the a the", max_new_tokens=4, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    assert len(ids) == len(pipe.tokenizer("the a the")["input_ids"]) + 4
+    assert not [r for r in caplog.records if "seem to have been set" in r.getMessage()], caplog.text
+
+
 _CORE_IMPORT = "from .customllm_config_core import "
 
 

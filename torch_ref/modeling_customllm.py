@@ -396,6 +396,12 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         self.decoder_layers = nn.ModuleList([DecoderLayer(c, i) for i in range(c.num_hidden_layers)])
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=c.lm_head_bias)
         self.post_init()
+        # Generation stops at the end of the position table unless told otherwise: `max_length`
+        # (prompt + new tokens) = max_position_embeddings, saved in generation_config.json. Without
+        # it a plain `pipeline("text-generation")` asked for its default 256 new tokens, which
+        # `tiny`'s 128 positions refuse (Llama 2's generation_config.json sets its 4,096 alike).
+        if self.generation_config is not None and self.generation_config.max_length is None:
+            self.generation_config.max_length = c.max_position_embeddings
         # transformers derives `loss_type` from the class name and finds none for "CustomLLM"; a
         # `Trainer` then counts `num_items_in_batch` over every label instead of the shifted
         # `labels[..., 1:]` this loss divides by (loss and gradients scaled by (T-1)/T).
@@ -533,7 +539,12 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
     def _prepare_generated_length(self, generation_config, has_default_max_length, has_default_min_length,
                                   model_input_name, input_ids_length, inputs_tensor):
         """The check above for a prompt given as `inputs_embeds` alone, whose positions Hugging Face
-        leaves out of `max_length` (only the new tokens come back): it decoded up to the table's end."""
+        leaves out of `max_length` (only the new tokens come back): it decoded up to the table's end.
+        The `max_length` of the model's own generation config (the table's end) is a default, not a
+        request: `max_new_tokens` replaces it without transformers' "both were set" warning."""
+        if (generation_config.max_new_tokens is not None and self.generation_config is not None
+                and generation_config.max_length == self.generation_config.max_length):
+            has_default_max_length = True
         generation_config = super()._prepare_generated_length(
             generation_config, has_default_max_length, has_default_min_length, model_input_name, input_ids_length,
             inputs_tensor)
