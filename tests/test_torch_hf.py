@@ -132,6 +132,39 @@ def test_eager_attention_equals_sdpa_and_output_attentions_returns_the_weights(t
     assert sdpa(x).attentions is None
 
 
+def test_inputs_that_are_not_a_batch_of_token_ids_are_refused_by_name():
+    """A 1-D row of ids failed with "not enough values to unpack", float or bool ids inside the
+    embedding's lookup, an empty batch or no tokens in a reshape, 1-D labels with "too many
+    indices": each is one ValueError naming the argument and what was given (the Flax model's
+    message). A single sequence is not taken as a batch of one, as Llama's and GPT-2's causal LMs
+    do not take it either; int32 ids work as int64."""
+    import re
+
+    model = _tiny().eval()
+    x = _ids((2, 4))
+    ids = "input_ids must be an integer tensor (int64 or int32) [batch, seq] of at least one token, got "
+    embeds = "inputs_embeds must be a floating-point tensor [batch, seq, hidden_size=64] of at least one token, got "
+    for kw, message in (
+            (dict(input_ids=x[0]), ids + "int64[4] (one sequence: give input_ids[None])"),
+            (dict(input_ids=x.float()), ids + "float32[2, 4]"),
+            (dict(input_ids=x.bool()), ids + "bool[2, 4]"),
+            (dict(input_ids=x.to(torch.int16)), ids + "int16[2, 4]"),
+            (dict(input_ids=x[:0]), ids + "int64[0, 4]"),
+            (dict(input_ids=x[:, :0]), ids + "int64[2, 0]"),
+            (dict(input_ids=x.tolist()), ids + "list"),
+            (dict(inputs_embeds=torch.ones(4, 64)), embeds + "float32[4, 64]"),
+            (dict(inputs_embeds=torch.ones(2, 4, 32)), embeds + "float32[2, 4, 32]"),
+            (dict(input_ids=x, labels=x[0]), "labels must be a tensor of the inputs' shape [2, 4] (token ids or -100), "
+                                             "got int64[4]")):
+        with pytest.raises(ValueError, match=re.escape(message) + "$"):
+            model(**kw)
+    with torch.no_grad():
+        want = model(x, labels=x)
+        got = model(x.to(torch.int32), labels=x)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+
+
 def test_inputs_embeds_stand_for_the_token_embeddings_in_forward_and_generate():
     """`inputs_embeds` (the token embeddings; the model adds the positions) give the logits, loss
     and greedy continuation of the `input_ids` they embed; giving both, or neither, is refused."""

@@ -448,6 +448,7 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give input_ids or inputs_embeds (the token embeddings, [batch, tokens, hidden]), "
                              "one of them")
+        self._check_inputs(input_ids, inputs_embeds, labels)
         tokens = input_ids if input_ids is not None else inputs_embeds
         cache = cache if cache is not None else past_key_values
         if cache is not None and cache.is_compileable:
@@ -526,6 +527,35 @@ class CustomLLM(CustomLLMPreTrainedModel, GenerationMixin):
             attentions=tuple(attentions) if attentions is not None else None,
             aux_loss=aux_total, lm_loss=lm_loss, expert_counts=torch.stack(all_counts))
         return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds, labels) -> None:
+        """ValueError naming what is wrong with `input_ids`, `inputs_embeds` or `labels`, which
+        otherwise failed deep inside: a 1-D `input_ids` with "not enough values to unpack", float or
+        bool ids in the embedding's lookup, an empty batch or no tokens in a reshape (the same
+        refusals as the Flax model's). As Hugging Face's causal LMs (Llama, GPT-2 fail on it too), a
+        single sequence is not taken as a batch of one: it needs its batch axis (`ids[None]`)."""
+
+        def got(t):
+            return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" if isinstance(t, torch.Tensor) \
+                else type(t).__name__
+
+        if input_ids is not None:
+            if not (isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.long, torch.int32)
+                    and input_ids.dim() == 2 and input_ids.numel() > 0):
+                one = isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 and input_ids.numel() > 0
+                raise ValueError("input_ids must be an integer tensor (int64 or int32) [batch, seq] of at least one "
+                                 f"token, got {got(input_ids)}" + (" (one sequence: give input_ids[None])" if one else ""))
+            shape = list(input_ids.shape)
+        else:
+            hidden = self.config.hidden_size
+            if not (isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.is_floating_point()
+                    and inputs_embeds.dim() == 3 and inputs_embeds.shape[-1] == hidden and inputs_embeds.numel() > 0):
+                raise ValueError(f"inputs_embeds must be a floating-point tensor [batch, seq, hidden_size={hidden}] "
+                                 f"of at least one token, got {got(inputs_embeds)}")
+            shape = list(inputs_embeds.shape[:2])
+        if labels is not None and not (isinstance(labels, torch.Tensor) and list(labels.shape) == shape):
+            raise ValueError(f"labels must be a tensor of the inputs' shape {shape} (token ids or -100), "
+                             f"got {got(labels)}")
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
         """`generate()`'s length checks, and one more before any token: a total length past the
