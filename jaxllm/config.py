@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any
 
@@ -44,6 +45,13 @@ class LLMConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        # NumPy numbers (np.int64(64) from an array or a sweep) count as the Python ones they
+        # equal, as OptimConfig takes them, and are stored as those (config.json is plain JSON).
+        # Bools stay refused where they were: np.bool_ is no `numbers.Real`.
+        for name in field_names():
+            v = getattr(self, name)
+            if type(v) not in (int, float, bool) and isinstance(v, numbers.Real):
+                object.__setattr__(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))
         validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------

@@ -71,6 +71,37 @@ def test_invalid_values_raise_valueerror_naming_the_field(overrides, field):
         LLMConfig.from_preset("tiny", **overrides)
 
 
+@pytest.mark.parametrize("cls", ["LLMConfig", "CustomLLMConfig"])
+def test_numpy_numbers_are_taken_as_the_python_ones_they_equal(cls, tmp_path):
+    """`hidden_size=np.int64(64)` (a size read from an array, a sweep over `np.arange`) was refused
+    ("must be an integer"), np.float32 for a float field too, where OptimConfig takes NumPy numbers.
+    They are now taken, stored as Python numbers (config.json stays plain JSON: the same file as
+    for Python values); bools, NumPy's too, and non-integral floats for sizes are still refused."""
+    import numpy as np
+
+    from torch_ref import CustomLLMConfig
+
+    def make(preset, **overrides):  # (CustomLLMConfig's own constructor: from_preset goes through LLMConfig)
+        return (LLMConfig if cls == "LLMConfig" else CustomLLMConfig)(**{**PRESETS[preset], **overrides})
+
+    numpy_values = dict(hidden_size=np.int64(64), num_shared_experts=np.uint8(1), bos_token_id=np.int32(1),
+                        rope_theta=np.float32(5000.0), rms_norm_eps=np.float64(1e-6),
+                        embedding_dropout=np.float32(0.25))
+    c = make("tiny", **numpy_values)
+    python_values = {k: v.item() for k, v in numpy_values.items()}
+    for k, v in python_values.items():
+        assert getattr(c, k) == v and type(getattr(c, k)) is type(v), (k, getattr(c, k))
+    assert c.to_json_string() == make("tiny", **python_values).to_json_string()
+    for bad, message in ((dict(hidden_size=np.float64(64.5)), "hidden_size must be an integer"),
+                         (dict(hidden_size=True), "hidden_size must be an integer"),
+                         (dict(bos_token_id=np.bool_(True)), "bos_token_id must be a non-negative integer"),
+                         (dict(rope_theta=np.bool_(True)), "rope_theta must be a finite positive number"),
+                         (dict(rope_theta=np.float32("nan")), "rope_theta must be a finite positive number"),
+                         (dict(num_hidden_layers=np.int64(0)), "num_hidden_layers must be positive")):
+        with pytest.raises(ValueError, match=message):
+            make("tiny", **bad)
+
+
 def test_unknown_preset_and_unknown_field_are_named():
     with pytest.raises(ValueError, match="huge"):
         LLMConfig.from_preset("huge")

@@ -20,7 +20,9 @@ class CustomLLMConfig(PretrainedConfig):
 
     def __init__(self, **kwargs):
         ours = {k: kwargs.pop(k, _DEFAULTS[k]) for k in field_names()}
-        LLMConfig(**ours)  # validates; raises ValueError naming the field
+        # validates (a ValueError naming the field), and gives NumPy numbers as Python ones
+        ours = LLMConfig(**ours).to_dict()
+        ours.pop("model_type")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
             kwargs[name] = ours.pop(name)
         for k, v in ours.items():
