@@ -15,6 +15,13 @@ predicted token, without the router's balance loss), in float32 without dropout;
 exp(loss). With --framework both, each batch runs in both frameworks and the relative difference of
 their losses is printed as well. A loss that is not finite (NaN or inf weights) is printed, then
 refused as an error (exit status 2, no --json).
+
+--json PATH writes: checkpoint, step, dataset, dataset_config, split, text_column, seq_len,
+batch_size, batches; input_tokens (the tokens read: batches x batch_size x seq_len);
+predicted_tokens (those the loss averages over: batches x batch_size x (seq_len - 1), a row's first
+token having no prediction); tokens (the same count as predicted_tokens, under the name earlier
+files used); results, per framework: loss, perplexity (null past exp(700)), seconds; and with
+--framework both, relative_difference.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     a("--batches", type=int, default=20,
       help="batches to evaluate at most, from the data's start, each document once; 0: all of them (default 20)")
-    a("--json", metavar="PATH", type=path, help="also write the figures to PATH as JSON")
+    a("--json", metavar="PATH", type=path, help="also write the figures to PATH as JSON (its fields: below)")
     add_compile_cache_flag(p)
     args = p.parse_args(argv)
     check_json_path(p, args.json)
@@ -219,6 +226,8 @@ def run(args, out=None) -> dict:
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
               **{k: recorded[k] for k in ("dataset", "dataset_config", "split", "text_column")},
               "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": batches,
+              "input_tokens": batches * args.batch_size * args.seq_len, "predicted_tokens": sums[frameworks[0]][1],
+              # (`tokens`: the predicted ones, not those read; the name earlier files used, kept for their readers)
               "tokens": sums[frameworks[0]][1], "results": {}}
     unit = "batch" if batches == 1 else "batches"
     for name in frameworks:

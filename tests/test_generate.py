@@ -778,6 +778,28 @@ def test_evaluate_script_gives_each_frameworks_loss_of_the_packed_batches(
         assert f"loss {want:.4f}, perplexity " in text and "JAX and PyTorch losses differ by" in text, text
 
 
+def test_evaluate_script_json_counts_the_tokens_read_and_those_predicted_and_help_names_every_field(
+        evaluate_script, checkpoints, held_out, tmp_path, capsys):
+    """The JSON's "tokens" was the predicted tokens, batches x rows x (seq_len - 1), where a reader
+    takes the name for the tokens read, and no field was documented. `input_tokens` (read) and
+    `predicted_tokens` (what the loss averages over) say which is which; "tokens" stays, the same
+    count as before, for earlier readers; --help lists every field the file holds."""
+    argv = ["--checkpoint", checkpoints["orbax"], "--dataset", str(held_out), "--seq-len", "16", "--batch-size", "2",
+            "--batches", "2", "--json", str(tmp_path / "eval.json")]
+    evaluate_script.run(evaluate_script.parse_args(argv), out=Writes())
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["batches"] == 2
+    assert (written["input_tokens"], written["predicted_tokens"], written["tokens"]) == (2 * 2 * 16, 2 * 2 * 15, 2 * 2 * 15)
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "input_tokens (the tokens read: batches x batch_size x seq_len)" in help_text
+    assert "predicted_tokens (those the loss averages over: batches x batch_size x (seq_len - 1)" in help_text
+    assert "tokens (the same count as predicted_tokens" in help_text
+    fields = list(written) + list(written["results"]["jax"]) + ["relative_difference"]
+    assert [f for f in fields if not re.search(rf"\b{f}\b", help_text)] == [], help_text
+
+
 def test_evaluate_script_json_names_the_data_it_measured_wherever_it_is_read(evaluate_script, checkpoints, held_out,
                                                                             tmp_path, monkeypatch):
     """The JSON named a local dataset as typed ("held.jsonl", relative to a directory it does not
