@@ -253,7 +253,10 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     step_fn = trainer.step_fn
     t_compile = None
     last_saved = start if existing else None
-    window_t, window_steps = time.perf_counter(), 0
+    # The logging window: its start, its steps, and the seconds spent saving checkpoints in it,
+    # which its tokens/s, step time and MFU leave out (a save counted there showed a falsely low
+    # throughput); `save_s` reports them.
+    window_t, window_steps, window_save_s = time.perf_counter(), 0, 0.0
     first = last = None  # this run's first and last logged records
     consecutive_skips = 0
     try:
@@ -315,12 +318,12 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                 window_steps += 1
                 if step % rc.log_every == 0 or step == rc.steps or step == start + 1:
                     m = jax.device_get(m)
-                    dt = time.perf_counter() - window_t
+                    dt = time.perf_counter() - window_t - window_save_s  # the steps' time, saves left out
                     tps = window_steps * tokens_per_step / dt if dt > 0 else 0.0
                     rec = {
                         "step": step, "loss": float(m["loss"]), "lm_loss": float(m["lm_loss"]),
                         "aux_loss": float(m["aux_loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                        "tokens_per_sec": tps, "step_time_s": dt / max(window_steps, 1),
+                        "tokens_per_sec": tps, "step_time_s": dt / max(window_steps, 1), "save_s": window_save_s,
                         "mfu": (tps / tokens_per_step * flops_per_step / peak_total) if peak_total else None,
                         "expert_load_min": [float(x) for x in m["expert_load_min"]],
                         "expert_load_max": [float(x) for x in m["expert_load_max"]],
@@ -333,11 +336,14 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                     else:
                         log(f"step {step}/{rc.steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
                             f"grad norm {rec['grad_norm']:.3f}, {tps:,.0f} tokens/s")
-                    window_t, window_steps = time.perf_counter(), 0
+                    window_t, window_steps, window_save_s = time.perf_counter(), 0, 0.0
                 if bar is not None:
                     bar.update(1)
                 if step % rc.save_every == 0 or step == rc.steps:
+                    jax.block_until_ready(state)  # (the step's own computation is the step's time)
+                    t_save = time.perf_counter()
                     save(step, state)
+                    window_save_s += time.perf_counter() - t_save
                     last_saved = step
     finally:
         if bar is not None:

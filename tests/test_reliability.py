@@ -1677,6 +1677,41 @@ def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, c
     assert len(calls) == 6
 
 
+def test_a_checkpoint_save_is_left_out_of_the_throughput_of_its_logging_window(tmp_path, capsys, monkeypatch):
+    """Each save (2 s long here) was counted in the tokens/s, step time and MFU of the logging
+    window it fell in: a window with a save showed a falsely low throughput. They are the steps'
+    own now, and `save_s` holds the seconds spent saving in the window (its wall time is the steps'
+    time plus that)."""
+    import jax
+
+    from jaxllm import checkpoint as ckpt_lib
+    from jaxllm.config import LLMConfig
+    from jaxllm.flops import training_flops_per_token
+
+    real_save = ckpt_lib.save
+
+    def slow_save(*a, **kw):
+        time.sleep(2.0)
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(ckpt_lib, "save", slow_save)
+    ck = tmp_path / "ck"
+    argv = BASE + ["--steps", "4", "--save-every", "1", "--log-every", "2", "--peak-flops", "1e12", "--ckpt-dir", str(ck)]
+    code, err = _main(argv, capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines()]
+    # logged at steps 1 (the first), 2 and 4; saves after steps 1, 2, 3 and 4 (the last, after its line)
+    assert [r["step"] for r in records] == [1, 2, 4]
+    tokens_per_step = 8 * 32
+    flops_per_token = training_flops_per_token(LLMConfig.from_preset("tiny"), 32)
+    for r in records:
+        assert r["step_time_s"] < 1.0, r  # the steps alone: milliseconds (a save's 2 s counted made it >= 1 s)
+        assert r["tokens_per_sec"] == pytest.approx(tokens_per_step / r["step_time_s"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * flops_per_token / (1e12 * jax.device_count()))
+    assert records[0]["save_s"] == 0.0
+    assert records[1]["save_s"] >= 2.0 and records[2]["save_s"] >= 4.0  # one save, then two
+
+
 def test_a_data_error_mid_run_saves_the_steps_taken_first(tmp_path, capsys, monkeypatch):
     """A corrupt record met mid-run (a second jsonl shard that is not JSON, reached after some 38
     steps: the first shard's 1,100 documents outlast the 1,024-row batch read at the start) ends

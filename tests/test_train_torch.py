@@ -1325,6 +1325,35 @@ def test_the_metrics_mfu_uses_the_gpus_bfloat16_datasheet_peak(monkeypatch):
     assert rec["step_time_s"] > 0.9 and rec["mfu"] == pytest.approx(5e12 / rec["step_time_s"] / 1e13)
 
 
+def test_a_checkpoint_save_is_left_out_of_the_throughput_of_its_logging_window(tmp_path, monkeypatch):
+    """As on the JAX side: each save (2 s long here) was counted in the tokens/s, step time and MFU
+    of the logging window it fell in (a falsely low throughput). They are the steps' own now, and
+    `save_s` holds the seconds spent saving in the window."""
+    from jaxllm.flops import training_flops_per_token
+    from torch_ref import training
+
+    real_save = CustomLLMTrainer._save_and_rotate
+
+    def slow_save(self, model, trial):
+        time.sleep(2.0)
+        real_save(self, model, trial)
+
+    monkeypatch.setattr(CustomLLMTrainer, "_save_and_rotate", slow_save)
+    monkeypatch.setattr(training, "_peak_flops", lambda dtype, devices: 1e12)
+    rc = _rc(tmp_path, steps=4, save_every=1, log_every=2, keep=5, max_new_tokens=0)
+    records = run(rc, dtype="float32")["records"]
+    # logged at steps 1 (the first), 2 and 4; saves after steps 1, 2, 3 and 4 (each after its step's line)
+    assert [r["step"] for r in records] == [1, 2, 4]
+    tokens_per_step = rc.batch_size * rc.grad_accum * rc.seq_len
+    flops_per_token = training_flops_per_token(TINY, rc.seq_len)
+    for r in records:
+        assert r["step_time_s"] < 1.0, r  # the steps alone (a save's 2 s counted made it >= 1 s)
+        assert r["tokens_per_sec"] == pytest.approx(tokens_per_step / r["step_time_s"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * flops_per_token / 1e12)
+    assert records[0]["save_s"] == 0.0
+    assert records[1]["save_s"] >= 2.0 and records[2]["save_s"] >= 4.0  # one save, then two
+
+
 # How a process sees an output directory through a shared file system's stale cache: without its
 # newest checkpoint-N. `python -c` this, then train_torch.py's path and flags.
 STALE_LISTING = (

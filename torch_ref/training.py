@@ -404,7 +404,9 @@ class MetricsCallback(TrainerCallback):
     `step_time_s`, expert loads) through `jaxllm.metrics.MetricsWriter`, and keeps the records
     (`records`) on process 0. `loss`, `lm_loss` and `aux_loss` are the logging step's own (`loss` =
     `lm_loss + router_aux_loss_coef * aux_loss`); the Trainer's console `loss` stays its mean over
-    the steps since the last log. Throughput and step time are means since the last log."""
+    the steps since the last log. Throughput, step time and MFU are means over the steps since the
+    last log, the checkpoint saves among them left out (`saved`: a save counted there showed a
+    falsely low throughput); `save_s` holds the seconds those saves took."""
 
     def __init__(self, out_dir: str | None, tokens_per_step: int, *, enabled: bool = True, start_step: int = 0,
                  flops_per_step: float | None = None, peak_flops: float | None = None):
@@ -416,9 +418,15 @@ class MetricsCallback(TrainerCallback):
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
         self.records: list[dict[str, Any]] = []
         self._t = self._step = self._first = None
+        self._save_s = 0.0  # seconds spent saving checkpoints since the last log
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint save took `seconds` (`CustomLLMTrainer._save_checkpoint`), which the
+        window's throughput leaves out."""
+        self._save_s += seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._t, self._step = time.perf_counter(), state.global_step
+        self._t, self._step, self._save_s = time.perf_counter(), state.global_step, 0.0
         self._first = state.global_step + 1
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -431,22 +439,31 @@ class MetricsCallback(TrainerCallback):
             return
         now = time.perf_counter()
         steps = max(state.global_step - self._step, 1)
-        dt = now - self._t
+        dt = now - self._t - self._save_s  # the steps' time, saves left out
         loss = logs["lm_loss"] + model.config.router_aux_loss_coef * logs["aux_loss"]
         rec = {"step": state.global_step, "loss": loss, "lr": float(logs.get("learning_rate", 0.0)),
                "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
-               "tokens_per_sec": steps * self.tokens_per_step / dt if dt > 0 else 0.0, "step_time_s": dt / steps}
+               "tokens_per_sec": steps * self.tokens_per_step / dt if dt > 0 else 0.0, "step_time_s": dt / steps,
+               "save_s": self._save_s}
         rec["mfu"] = (self.flops_per_step / rec["step_time_s"] / self.peak_flops
                       if self.peak_flops and self.flops_per_step and dt > 0 else None)
         rec.update({k: logs[k] for k in ("lm_loss", "aux_loss", "expert_load_min", "expert_load_max") if k in logs})
         self.records.append(rec)
         if self.writer is not None:
             self.writer.write(rec)
-        self._t, self._step = now, state.global_step
+        self._t, self._step, self._save_s = now, state.global_step, 0.0
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.writer is not None:
             self.writer.close()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on `device` (CUDA, MPS; nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 class DataStateSaver:
@@ -600,8 +617,13 @@ class CustomLLMTrainer(Trainer):
         # A checkpoint that cannot be written (a full disk: safetensors' or torch.save's error, the
         # latter "unexpected pos ..." without a word of space) ends the run in one line naming the
         # checkpoint and the last complete one; a lost peer's error is left as it is.
+        _synchronize(self.args.device)  # (the step's own kernels are the step's time)
+        t0 = time.perf_counter()
         try:
             self._save_and_rotate(model, trial)
+            for callback in self.callback_handler.callbacks:  # the save's time, out of the throughput
+                if isinstance(callback, MetricsCallback):
+                    callback.saved(time.perf_counter() - t0)
         except (OSError, RuntimeError, SafetensorError) as e:
             if isinstance(e, RuntimeError) and not _WRITE_FAILED.search(str(e)):  # (gloo's lost peer, ...)
                 raise
