@@ -201,6 +201,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
                               train_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
                               config=config, data={**gather_data_states(data.state_dict()), "source": source,
                                                    "skipped_nonfinite": summary["skipped_nonfinite"],
+                                                   "consecutive_nonfinite": consecutive_skips,
                                                    "settings": recorded_settings(used)},
                               tokenizer=source["tokenizer"], tokenizer_files=saved_tokenizer,
                               force=True)
@@ -258,7 +259,9 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     # throughput); `save_s` reports them.
     window_t, window_steps, window_save_s = time.perf_counter(), 0, 0.0
     first = last = None  # this run's first and last logged records
-    consecutive_skips = 0
+    # Non-finite steps skipped in a row (--skip-nonfinite): the checkpoint carries the streak, so
+    # that a resume does not restart it at 0 (0 for a checkpoint saved before it was recorded).
+    consecutive_skips = int((saved_data or {}).get("consecutive_nonfinite", 0)) if existing else 0
     try:
         with _Stop() as stop:
             step = start

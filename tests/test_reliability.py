@@ -1635,11 +1635,10 @@ def test_the_last_line_names_the_steps_of_the_losses_it_shows():
     assert end_line(True, 7, None, None, 1.0) == "stopped: step 7 in 1.0 s"
 
 
-def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, capsys, monkeypatch):
-    """`skipped_nonfinite` in metrics.jsonl counts the whole training's skipped steps: the resumed
-    run continues from the checkpoint's count (it restarted at 0). The second step call of the
-    first run is reported non-finite here (a stand-in: what the loop does with such a step is what
-    is tested)."""
+def _non_finite_calls(monkeypatch, bad):
+    """Make train_jax.py's step report a non-finite loss at its calls numbered in `bad` (from 1,
+    counted over every run of the test; a stand-in: what the loop does with such a step is what is
+    tested). Returns the list that grows by one item a call."""
     from types import SimpleNamespace
 
     import jax
@@ -1659,7 +1658,7 @@ def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, c
 
             def run(state, batch):
                 calls.append(None)
-                if len(calls) != 2:
+                if len(calls) not in bad:
                     return compiled(state, batch)
                 # the state unchanged (as the step's guard leaves it), the metrics of a step
                 _, m = compiled(jax.tree.map(jnp.copy, state), batch)
@@ -1668,6 +1667,15 @@ def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, c
         self.step_fn = SimpleNamespace(lower=lower)
 
     monkeypatch.setattr(train.Trainer, "__init__", init)
+    return calls
+
+
+def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, capsys, monkeypatch):
+    """`skipped_nonfinite` in metrics.jsonl counts the whole training's skipped steps: the resumed
+    run continues from the checkpoint's count (it restarted at 0). The second step call of the
+    first run is reported non-finite here (a stand-in: what the loop does with such a step is what
+    is tested)."""
+    calls = _non_finite_calls(monkeypatch, {2})
     ck = tmp_path / "ck"
     argv = BASE + ["--save-every", "1", "--log-every", "1", "--skip-nonfinite", "--ckpt-dir", str(ck)]
     assert _main([*argv, "--steps", "3"], capsys)[0] == 0
@@ -1675,6 +1683,46 @@ def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, c
     records = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_nonfinite"]) for r in records] == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)]
     assert len(calls) == 6
+
+
+def test_the_streak_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, capsys, monkeypatch):
+    """--skip-nonfinite gives up after MAX_CONSECUTIVE_SKIPS non-finite steps in a row (4 here). A
+    checkpoint saved inside a streak (a SIGTERM after two skipped batches, saving step 3) carries
+    the streak: the resumed run gives up after two more, as a run that was not stopped would (the
+    streak restarted at 0 and it went on). A checkpoint saved before the streak was recorded
+    resumes with none."""
+    from jaxllm import checkpoint as ckpt_lib
+    from jaxllm import loop
+
+    calls = _non_finite_calls(monkeypatch, {4, 5, 6, 7})
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_SKIPS", 4)
+    real_agreed = loop._Stop.agreed
+
+    def agreed(self):  # SIGTERM once, after the second skipped batch (the fifth call)
+        if len(calls) == 5 and not stopped:
+            stopped.append("SIGTERM")
+            return "SIGTERM"
+        return real_agreed(self)
+
+    stopped = []
+    monkeypatch.setattr(loop._Stop, "agreed", agreed)
+    ck = tmp_path / "ck"
+    argv = BASE + ["--save-every", "2", "--log-every", "1", "--skip-nonfinite", "--steps", "6", "--ckpt-dir", str(ck)]
+    code, err = _main(argv, capsys)
+    assert code == 143 and _steps(ck) == [2, 3], err
+    data = ckpt_lib.read_step_info(str(ck))[1]["data"]
+    old = tmp_path / "old"  # the same checkpoint as saved before the streak was recorded
+    shutil.copytree(ck, old)
+    meta_file = old / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["data"].pop("consecutive_nonfinite", None)
+    meta_file.write_text(json.dumps(meta))
+    code, err = _main(argv, capsys)
+    assert code == 1 and "4 batches in a row gave a non-finite loss or gradient at step 4" in err, err
+    assert len(calls) == 7 and _steps(ck) == [2, 3]
+    assert (data["skipped_nonfinite"], data["consecutive_nonfinite"]) == (2, 2)
+    code, err = _main([*argv[:-1], str(old)], capsys)  # (the calls from the eighth on are finite)
+    assert code == 0 and _steps(old)[-1] == 6, err
 
 
 def test_a_checkpoint_save_is_left_out_of_the_throughput_of_its_logging_window(tmp_path, capsys, monkeypatch):
