@@ -165,12 +165,13 @@ def check_run(rc: RunConfig, max_positions: int) -> None:
 
 
 def warmup_warning(rc: RunConfig) -> str | None:
-    """A line for a warm-up longer than the run, which both trainers' schedules cut to the run's
-    length (`jaxllm.train.lr_schedule`): the learning rate then rises over the whole run and never
-    reaches --lr nor decays. None otherwise."""
-    if rc.warmup_steps <= rc.steps:
+    """A line for a warm-up as long as the run or longer, which both trainers' schedules cut to the
+    run's length (`jaxllm.train.lr_schedule`): the learning rate then rises over the whole run and
+    never reaches --lr (step k of n trains at (k - 1) / n of it) nor decays. None otherwise."""
+    if rc.warmup_steps < rc.steps:
         return None
-    return (f"warning: --warmup-steps {rc.warmup_steps} is more than --steps {rc.steps}: the learning rate rises "
+    return (f"warning: --warmup-steps {rc.warmup_steps} is "
+            f"{'more than' if rc.warmup_steps > rc.steps else 'equal to'} --steps {rc.steps}: the learning rate rises "
             f"over all {rc.steps} steps, never reaching --lr {rc.lr:g} nor decaying")
 
 

@@ -607,9 +607,11 @@ def test_mesh_specs_give_every_axis_its_size():
         shd.parse_mesh_spec("data=-1,fsdp=-1", 8)
 
 
-def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
+def test_a_warm_up_as_long_as_the_run_or_longer_is_named_and_the_rate_never_reaches_lr():
     """Both trainers cut such a warm-up to the run (`lr_schedule`, and the Trainer's as JAX's):
-    the rate rises over every step and never gets to --lr, which each trainer's start-up says."""
+    the rate rises over every step and never gets to --lr, which each trainer's start-up says. A
+    warm-up of exactly --steps does the same (the last step trains at 4/5 of --lr here) and went
+    unnamed; one step shorter reaches --lr at the last step."""
     import dataclasses
 
     from jaxllm.recipes import RunConfig, warmup_warning
@@ -617,9 +619,14 @@ def test_a_warm_up_longer_than_the_run_is_named_and_the_rate_never_reaches_lr():
 
     rc = RunConfig(steps=5, warmup_steps=30, lr=1e-3)
     assert warmup_warning(rc).startswith("warning: --warmup-steps 30 is more than --steps 5")
-    assert warmup_warning(dataclasses.replace(rc, warmup_steps=5)) is None
-    lrs = [float(lr_schedule(OptimConfig(lr=1e-3, warmup_steps=30, total_steps=5))(i)) for i in range(5)]
-    assert lrs == sorted(lrs) and lrs[0] == 0.0 and lrs[-1] < 1e-3
+    assert warmup_warning(dataclasses.replace(rc, warmup_steps=5)) == (
+        "warning: --warmup-steps 5 is equal to --steps 5: the learning rate rises over all 5 steps, never reaching "
+        "--lr 0.001 nor decaying")
+    assert warmup_warning(dataclasses.replace(rc, warmup_steps=4)) is None
+    for warmup in (30, 5):
+        lrs = [float(lr_schedule(OptimConfig(lr=1e-3, warmup_steps=warmup, total_steps=5))(i)) for i in range(5)]
+        assert lrs == sorted(lrs) and lrs[0] == 0.0 and lrs[-1] < 1e-3
+    assert float(lr_schedule(OptimConfig(lr=1e-3, warmup_steps=4, total_steps=5))(4)) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("field, value, why", [
