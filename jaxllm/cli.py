@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+
+# A value that starts with "-" and reads as a number, exponent or infinity included: argparse
+# (before Python 3.13) took "-1e-3" or "-inf" for a flag and said "--lr: expected one argument",
+# where the flag's own check names what is wrong ("--lr must be positive, got -0.001").
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # (argparse's own, which knows no exponent)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -663,6 +663,10 @@ BAD_INPUTS = [
     ("negative weight decay", ["--weight-decay", "-0.1"], "--weight-decay must be non-negative"),
     ("negative sample length", ["--max-new-tokens", "-1"], "--max-new-tokens must be non-negative"),
     ("zero learning rate", ["--lr", "0"], "--lr must be positive"),
+    # argparse took a negative number with an exponent, or -inf, for a flag ("expected one argument")
+    ("negative learning rate with an exponent", ["--lr", "-1e-3"], "--lr must be positive, got -0.001"),
+    ("negative weight decay with an exponent", ["--weight-decay", "-1E-2"], "--weight-decay must be non-negative"),
+    ("minus infinite learning rate", ["--lr", "-inf"], "--lr must be a finite number, got -inf"),
     ("negative peak FLOP/s", ["--peak-flops", "-1"], "--peak-flops must be positive"),
     ("infinite learning rate", ["--lr", "inf"], "--lr must be a finite number, got inf"),
     ("learning rate whose first update overflows", ["--lr", "1e38"], "--lr 1e+38 is too large: AdamW's first update"),

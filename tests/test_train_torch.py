@@ -877,6 +877,10 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "--seq-len must be at least 2" in capsys.readouterr().err
     assert train_torch.main(["--lr", "1e38", "--ckpt-dir", str(tmp_path / "x")]) == 2  # (Adam's overflow: a traceback)
     assert "--lr 1e+38 is too large" in capsys.readouterr().err
+    # (argparse took "-1e-3" for a flag: "argument --lr: expected one argument")
+    assert train_torch.main(["--lr", "-1e-3", "--ckpt-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == "train_torch.py: error: --lr must be positive, got -0.001\n", err
     assert train_torch.main(["--shuffle-buffer", "64", "--ckpt-dir", str(tmp_path / "x")]) == 2
     assert "--shuffle-buffer 64: the embedded corpus is shuffled whole every epoch" in capsys.readouterr().err
     # The data is read before anything is written (a model, a progress bar, the output directory).
