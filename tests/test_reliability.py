@@ -1757,7 +1757,9 @@ def test_a_checkpoint_save_is_left_out_of_the_throughput_of_its_logging_window(t
     tokens_per_step = 8 * 32
     flops_per_token = training_flops_per_token(LLMConfig.from_preset("tiny"), 32)
     for r in records:
-        assert r["step_time_s"] < 1.0, r  # the steps alone: milliseconds (a save's 2 s counted made it >= 1 s)
+        # the windows of steps 2 and 4 hold saves: their steps alone take milliseconds (a save's 2 s
+        # counted made them >= 1 s); step 1's window holds no save but the first step's compile
+        assert r["step"] == 1 or r["step_time_s"] < 1.0, r
         assert r["tokens_per_sec"] == pytest.approx(tokens_per_step / r["step_time_s"])
         assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * flops_per_token / (1e12 * jax.device_count()))
     assert records[0]["save_s"] == 0.0
