@@ -369,9 +369,23 @@ WORKERS = {"matmul": worker_matmul, "jax": worker_jax, "torch": worker_torch, "d
 
 
 # ---- orchestration ----------------------------------------------------------------------------
+def _worker_command(kind: str, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The worker's command line and environment: it runs this process's own jaxllm (and torch_ref).
+    `python -m` puts the working directory first on sys.path, so a worker started from another
+    checkout (or a folder holding a jaxllm) ran that one's code: `-P` leaves the working directory
+    out, and the checkout around this file, if any, goes first on PYTHONPATH (an installed copy is
+    found as the orchestrator found it)."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "jaxllm")):
+        if env.get("PYTHONPATH", "").split(os.pathsep)[0] != root:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return [sys.executable, "-P", "-m", "jaxllm.bench", "--worker", kind, *argv], env
+
+
 def _run_worker(kind: str, argv: list[str], timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "jaxllm.bench", "--worker", kind, *argv]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    cmd, env = _worker_command(kind, argv)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     said = _said(r.stdout)
     if r.returncode != 0 and said:  # the worker's own one-line error (`NonFiniteStep`)
         raise RuntimeError(f"{kind} worker: {said}")

@@ -702,3 +702,22 @@ def test_compare_frameworks_fails_on_a_nan_gap_wherever_it_comes(where, capsys, 
                                              "--tolerance", "1e-4"])
     out = capsys.readouterr().out
     assert rc == 1 and out.splitlines()[-1] == "FAIL: tolerance 0.0001 relative", out
+
+
+def test_a_worker_runs_the_orchestrator_s_jaxllm_not_one_in_the_working_directory(tmp_path, monkeypatch):
+    """The workers were started with `python -m jaxllm.bench`, which puts the working directory first
+    on sys.path: run from another checkout (or any folder holding a jaxllm), the orchestrator measured
+    with that one's code, whatever scripts/bench.py had put on PYTHONPATH."""
+    import os
+
+    import jaxllm.bench as bench
+
+    (tmp_path / "jaxllm").mkdir()
+    (tmp_path / "jaxllm" / "__init__.py").write_text("")
+    (tmp_path / "jaxllm" / "bench.py").write_text(
+        'import json\nprint(json.dumps({"error": "the working directory\'s jaxllm ran"}))\nraise SystemExit(1)\n')
+    monkeypatch.chdir(tmp_path)
+    out = bench._run_worker("matmul", ["--matmul-size", "64"], 300)
+    assert out["jax_matmul_float32_flops"] > 0
+    cmd, env = bench._worker_command("matmul", [])
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # (this checkout's, found from the module)
