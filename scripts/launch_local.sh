@@ -10,7 +10,8 @@ if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 n=$1; shift
-here="$(cd "$(dirname "$0")" && pwd)"
+# (train_jax.py beside the real path of this file: through a link to it elsewhere, ~/bin say, none was found)
+here="$(cd "$(dirname "$(readlink -f "$0" 2>/dev/null || echo "$0")")" && pwd)"
 python=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
 port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-2}"

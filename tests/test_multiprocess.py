@@ -480,6 +480,23 @@ def test_launch_local_starts_n_processes_with_the_interpreter_it_is_given(tmp_pa
     assert r.returncode == 2 and r.stderr.startswith("usage: "), r.stderr
 
 
+def test_launch_local_reached_through_a_link_starts_its_own_checkout_s_train_jax_py(tmp_path):
+    """As the Python scripts: launch_local.sh linked elsewhere (~/bin, say) looked for train_jax.py
+    beside the link, and each process failed to start (python: can't open file .../bin/train_jax.py)."""
+    log = tmp_path / "started"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 12345; exit 0; fi\n'
+                    'test -f "$1" || exit 9\necho "$1" >> "$STARTED"\n')
+    fake.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    link = tmp_path / "bin" / "launch_local.sh"
+    link.symlink_to(ROOT / "scripts" / "launch_local.sh")
+    env = {**os.environ, "PYTHON": str(fake), "STARTED": str(log), "LOG_DIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(link), "2"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert log.read_text().splitlines() == [str(ROOT / "scripts" / "train_jax.py")] * 2, log.read_text()
+
+
 def test_launch_local_gives_the_processes_no_standard_input(tmp_path):
     """Started under job control (`set -m`, for Ctrl-C), the processes kept the launcher's standard
     input, where background jobs without it read /dev/null: from a terminal, a read by one (in a
