@@ -16,7 +16,9 @@ NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infini
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self._negative_number_matcher = NEGATIVE_NUMBER  # (argparse's own, which knows no exponent)
+        # argparse's own pattern (before 3.13 it knows no exponent; later ones may take more) or ours
+        own = self._negative_number_matcher.pattern
+        self._negative_number_matcher = re.compile(f"(?:{own})|(?:{NEGATIVE_NUMBER.pattern})", re.IGNORECASE)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -178,3 +178,37 @@ def test_the_settings_processes_compare_name_the_flags_that_differ():
     assert "--seed" in names  # another seed per process would train replicas apart
     assert str(differing_settings(names, setting_digests(dataclasses.replace(rc, seed=1))[1], digests)).startswith(
         "--seed differs")
+
+
+def test_the_scripts_parser_takes_negative_numbers_as_values_as_argparse_does_and_more(monkeypatch):
+    """jaxllm.cli's parser reads "-1e-3" and "-inf" as values (argparse before 3.13 took them for
+    flags), and keeps whatever argparse itself reads as a number: a later argparse may take more
+    (here one told that any "-digit..." is a number, as Python 3.13's is) and must not lose it."""
+    import argparse
+    import re
+
+    from jaxllm import cli
+
+    def values(parser):
+        parser.add_argument("--lr", type=float)
+        parser.add_argument("--prompt")
+        parser.add_argument("-x", action="store_true")
+        out = []
+        for argv in (["--lr", "-1e-3"], ["--lr", "-inf"], ["--lr", "-0.5"], ["--prompt", "-5C"]):
+            try:
+                out.append(vars(parser.parse_args(argv)))
+            except SystemExit:
+                out.append(None)
+        return out
+
+    lr = lambda v: {"lr": v, "prompt": None, "x": False}
+    prompt = {"lr": None, "prompt": "-5C", "x": False}
+    assert values(cli.parser("x.py", "")) == [lr(-1e-3), lr(float("-inf")), lr(-0.5), None]
+    real_init = argparse.ArgumentParser.__init__
+
+    def broader(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", broader)
+    assert values(cli.parser("x.py", "")) == [lr(-1e-3), lr(float("-inf")), lr(-0.5), prompt]
