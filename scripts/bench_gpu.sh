@@ -25,7 +25,8 @@
 # MATMUL_SIZE (default 8192), PYTHON (default: the `python` on the PATH, else `python3`).
 # Exit status 1 when a stage failed or was cut short (what was measured is still written).
 set -uo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
+# (the checkout around the real path of this file: through a link to it elsewhere, ~/bin say, none was found)
+here="$(cd "$(dirname "$(readlink -f "$0" 2>/dev/null || echo "$0")")/.." && pwd)"
 out="${1:-${OUT:-$here/bench-gpu}}"
 mkdir -p "$out" || exit 2
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -721,3 +721,26 @@ def test_a_worker_runs_the_orchestrator_s_jaxllm_not_one_in_the_working_director
     assert out["jax_matmul_float32_flops"] > 0
     cmd, env = bench._worker_command("matmul", [])
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # (this checkout's, found from the module)
+
+
+def test_bench_gpu_sh_reached_through_a_link_runs_its_own_checkout_s_scripts(tmp_path):
+    """bench_gpu.sh found the checkout from `dirname "$0"`: through a link elsewhere (~/bin) it put
+    the link's parent on PYTHONPATH and looked for profile_step.py there. A stand-in interpreter
+    records what it is asked to run and fails (the script then goes on to its next stages)."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "bench_gpu.sh").symlink_to(ROOT / "scripts" / "bench_gpu.sh")
+    calls = tmp_path / "calls.txt"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$PYTHONPATH $1" >> {calls}\nexit 3\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "BUDGET_S": "120", "PYTHONPATH": ""}
+    proc = subprocess.run(["bash", str(bin_dir / "bench_gpu.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    runs = [line.split(" ", 1) for line in calls.read_text().splitlines()]
+    scripts = [script for _, script in runs if script.endswith(".py")]
+    assert scripts and all(s == str(ROOT / "scripts" / "profile_step.py") for s in scripts), runs
+    assert all(path.split(os.pathsep)[0] == str(ROOT) for path, _ in runs), runs
