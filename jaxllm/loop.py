@@ -49,15 +49,21 @@ def model_config(rc: RunConfig) -> LLMConfig:
     """The run's model: its --config, its --preset, or (neither given) its --init-from checkpoint's."""
     if rc.config:
         return LLMConfig.from_json_file(rc.config)
-    if rc.preset is None:  # the model of the run's own latest checkpoint (a resume), else of --init-from's
-        saved = None
-        try:
-            saved = ckpt_lib.read_step_info(rc.ckpt_dir)[1]["config"]
-        except (ckpt_lib.CheckpointError, OSError, KeyError):
-            pass
-        if not processes_where(saved is None):  # (collective: the processes fall back together)
-            return LLMConfig.from_dict(saved)
-        if rc.init_from is None:  # its latest step unreadable: the default model, which the resume then checks
+    if rc.preset is None:  # the model of the run's own newest readable checkpoint (a resume), else of --init-from's
+        # Newest first, as the resume itself falls back (`restore_train_state`): a latest step whose
+        # metadata is missing or damaged made this the default model, which the resume then refused
+        # as "another model" than the step before it, the one it would have resumed.
+        steps, i = sorted(step_dirs(rc.ckpt_dir), reverse=True), 0
+        while as_process_0_sees(i < len(steps)):  # (collective: the processes try the same steps)
+            saved = None
+            try:
+                saved = ckpt_lib.read_step_info(rc.ckpt_dir, steps[i])[1]["config"]
+            except (ckpt_lib.CheckpointError, OSError, KeyError, IndexError):
+                pass
+            if not processes_where(saved is None):  # (collective: the processes fall back together)
+                return LLMConfig.from_dict(saved)
+            i += 1
+        if rc.init_from is None:  # no step readable: the default model, which the resume then checks
             return LLMConfig.from_preset(RunConfig.preset)
         with failing_together("checking --init-from", raise_if_any_failed):  # (before Orbax's collective reads)
             init_from_dir(rc.init_from)

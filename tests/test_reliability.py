@@ -1388,6 +1388,28 @@ def test_a_resume_without_model_flags_trains_the_model_it_holds(trained_ckpt, tm
     assert "note: resumed" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", ["missing", "not JSON"])
+def test_a_resume_without_model_flags_passes_over_a_latest_step_whose_metadata_is_unreadable(
+        damage, trained_ckpt, tmp_path, capsys):
+    """Its model was taken to be the default preset's, and the step before it, which the resume
+    falls back to, was refused as "another model"; it resumes that step, the unreadable one set
+    aside, as with --preset."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ckpt)
+    shutil.copytree(ckpt / "1", ckpt / "2")
+    if damage == "missing":
+        shutil.rmtree(ckpt / "2" / "meta")
+    else:
+        (ckpt / "2" / "meta" / "metadata").write_text("{")
+    without = [a for a in BASE if a not in ("--preset", "tiny")]
+    code = train_jax_main(without + ["--ckpt-dir", str(ckpt), "--steps", "1"])  # (nothing to train: no compile)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"resuming from {ckpt} at step 1" in out.out and f"(the model of {ckpt})" in out.out, out.out
+    assert "warning: cannot use checkpoint step 2" in out.err, out.err
+    assert _steps(ckpt) == [1] and [d for d in os.listdir(ckpt) if d.startswith("2.unreadable-")]  # kept
+
+
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
     from jaxllm.data import load_tokenizer
 
