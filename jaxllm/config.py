@@ -77,6 +77,10 @@ class LLMConfig:
             raise ValueError(f"model_type: expected {MODEL_TYPE!r}, got {d['model_type']!r}")
         return cls(**{k: v for k, v in d.items() if k in fields})
 
+    def preset(self) -> str | None:
+        """The name of the preset this config is, or None (a model of its own)."""
+        return next((name for name in PRESETS if LLMConfig.from_preset(name) == self), None)
+
     def differences(self, other: "LLMConfig") -> list[str]:
         """The fields in which `other` differs from this config (empty: the same model)."""
         mine, theirs = self.to_dict(), other.to_dict()

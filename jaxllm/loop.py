@@ -27,7 +27,7 @@ from jaxllm.distributed import (all_reach, as_process_0_sees, check_same_checkpo
                                 check_shared_directory, processes_where, raise_if_any_failed)
 from jaxllm.flops import device_peak_flops, training_flops_per_token
 from jaxllm.metrics import MetricsWriter, end_line, plot_loss_curve, truncate_metrics
-from jaxllm.recipes import RECIPES, RunConfig, changed_settings, check_prompts, check_run, continuation_text, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
+from jaxllm.recipes import RECIPES, RunConfig, another_model, changed_settings, check_prompts, check_run, continuation_text, encode_prompt, model_name, recorded_settings, resolve_remat, warmup_warning  # noqa: F401 (the settings live in one pure-Python place)
 from jaxllm.stopping import NonFiniteError, RunLock, SaveError, SignalStop, failing_together, save_failed  # noqa: F401 (NonFiniteError: train_jax.py's)
 from jaxllm.train import OptimConfig, Trainer
 
@@ -141,7 +141,7 @@ def _run(rc: RunConfig, lock: RunLock) -> dict:
     inherited, origin = (None, None), None
     skipped: list[tuple[int, str]] = []  # unreadable newer steps: said and set aside once the checks pass
     if existing:
-        state, saved_data, inherited = restore_train_state(mngr, trainer, config, skipped=skipped)
+        state, saved_data, inherited = restore_train_state(mngr, trainer, config, skipped=skipped, rc=rc)
         origin = ckpt_dir
     elif rc.init_from:
         with failing_together("checking --init-from", raise_if_any_failed):  # (Orbax's reads are collective)
@@ -471,13 +471,15 @@ def select_data_state(saved: dict | None) -> dict | None:
     return saved["states"][jax.process_index()]
 
 
-def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: list | None = None):
+def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: list | None = None,
+                        rc: RunConfig | None = None):
     """The newest readable checkpoint's train state, data position and tokenizer (what it names, as
     the run recorded it, and the files it saved). A checkpoint that cannot be read (a corrupt file)
     is skipped and the one before it is used; a checkpoint of another model is an error. The
     (step, warning) of each step skipped is appended to `skipped`, for the caller to print and set
     aside (`_set_aside`) once the run's start-up checks have passed (a run refused for bad input
-    changes nothing)."""
+    changes nothing). With the run's `rc`, the error for another model names the flag that asked
+    for the model and the model saved."""
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
@@ -490,7 +492,7 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: l
     error, unreadable = None, []
     for step in steps:
         try:
-            restored = _restore_step(mngr, step, trainer, config)
+            restored = _restore_step(mngr, step, trainer, config, rc)
         except ckpt_lib.CheckpointError as e:
             if not all_reach(f"unreadable_step_{step}"):
                 # Unreadable here but not in every process (a damaged file of this process's
@@ -551,11 +553,14 @@ def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:
                             if where.startswith("--init-from") else ""))
 
 
-def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig):
+def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig, rc: RunConfig | None = None):
     import orbax.checkpoint as ocp
 
     meta = ckpt_lib.read_meta(mngr, step)
-    _check_same_model(LLMConfig.from_dict(meta["config"]), config, str(mngr.directory))
+    saved = LLMConfig.from_dict(meta["config"])
+    if rc is not None and saved != config:
+        raise ValueError(another_model(rc, saved, config, f"--ckpt-dir {mngr.directory}"))
+    _check_same_model(saved, config, str(mngr.directory))
     target = trainer.abstract_state()
     weights = ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
     ts_target = {"opt_state": target["opt_state"], "step": target["step"], "rng": target["rng"]}

@@ -131,6 +131,17 @@ def named(rc: RunConfig, name: str) -> str:
     return f"{said} (the {rc.recipe} recipe's)" if name in rc.from_recipe else said
 
 
+def another_model(rc: RunConfig, saved, config, where: str) -> str:
+    """The error for a resume whose checkpoint (in `where`) holds the model `saved` while the run
+    asks for `config` (both `LLMConfig`s): it names the flag that asked and the model saved."""
+    asked = named(rc, "config" if rc.config else "preset") if rc.config or rc.preset else None
+    held = saved.preset()
+    return (f"{where} holds a checkpoint of another model" + (f" than {asked}" if asked else "")
+            + f" (differs in {', '.join(saved.differences(config))}"
+            + (f"; it holds the {held} preset" if held else "") + "): resume without --preset, --config or a recipe "
+            "naming a model to train the model it holds, or use another --ckpt-dir")
+
+
 def check_run(rc: RunConfig, max_positions: int) -> None:
     """ValueError naming the flag, for settings that no run can use (both trainers call it before
     anything is written; `max_positions`: the model's `max_position_embeddings`)."""

@@ -945,6 +945,9 @@ def test_checkpoint_of_another_model_is_refused_and_kept(trained_ckpt, tmp_path,
         code, err = _main(argv, capsys)
         print(err)
         assert code == 2 and len(err.splitlines()) == 1 and "another model" in err
+        if "--init-from" not in argv:  # the flag that asked, and the model saved
+            assert f"--ckpt-dir {ckpt} holds a checkpoint of another model than --config {tmp_path / 'other.json'} " \
+                   "(differs in hidden_size, v_head_dim; it holds the tiny preset): resume without --preset" in err, err
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt) for p in fs}
     assert before == after
     assert not (tmp_path / "new").exists()

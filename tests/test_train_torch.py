@@ -632,6 +632,23 @@ def test_a_resume_without_model_flags_trains_the_model_it_holds(trained, tmp_pat
     assert "note: resumed with other settings than the checkpoint's: --steps 11 (was 10)\n" in log, log
 
 
+def test_a_resume_asking_for_another_model_names_the_flag_and_is_refused_changing_nothing(trained, tmp_path):
+    """It said "holds another model (differs in ...)" and nothing of which flag asked for which model."""
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    before = tree_listing(copy)
+    with pytest.raises(ValueError) as refused:
+        run(dataclasses.replace(rc, ckpt_dir=str(copy), config=None, preset="small", steps=11), dtype="float32")
+    said = str(refused.value)
+    assert said.startswith(f"--ckpt-dir {copy} (checkpoint-10) holds a checkpoint of another model than --preset small "
+                           "(differs in "), said
+    assert said.endswith("resume without --preset, --config or a recipe naming a model to train the model it holds, "
+                         "or use another --ckpt-dir"), said
+    assert "it holds the" not in said  # (TINY here is no preset: its vocabulary is the embedded tokenizer's)
+    assert tree_listing(copy) == before
+
+
 def test_a_resume_compares_the_precision_trained_in_not_the_dtype_flag(trained, tmp_path, capsys):
     """Checkpoints record the precision `--dtype auto` chose, and a resume compares that: on a CPU
     `auto` after float32 changes nothing (it was named a change, and a run moved from a GPU's

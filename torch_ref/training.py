@@ -65,7 +65,7 @@ from convert import ConvertError, error_line
 from convert.hf_import import is_checkpoint_dir, read_hf_dir
 from jaxllm.config import LLMConfig
 from jaxllm.flops import training_flops_per_token
-from jaxllm.recipes import (RunConfig, changed_settings, check_prompts, check_run, differing_settings, encode_prompt,
+from jaxllm.recipes import (RunConfig, another_model, changed_settings, check_prompts, check_run, differing_settings, encode_prompt,
                             model_name, recorded_settings, setting_digests, warmup_warning)
 from jaxllm.stopping import (NonFiniteError, RunLock, SaveError, SignalStop, check_same_checkpoints,  # noqa: F401 (SaveError: train_torch.py's)
                              check_shared_directory, failing_together, raise_where_failed, save_failed)
@@ -936,12 +936,14 @@ def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str, advice: s
         raise ValueError(f"{where} holds another model (differs in {', '.join(saved.differences(config))}); {advice}")
 
 
-def _check_saved_config(path: str, config: LLMConfig, what: str) -> None:
+def _check_saved_config(path: str, config: LLMConfig, what: str, rc: RunConfig) -> None:
     try:
         saved = LLMConfig.from_json_file(os.path.join(path, "config.json"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{what} {path}: cannot read its config.json ({e})") from None
-    _check_same_model(saved, config, f"{what} {path}", "use another --ckpt-dir or the same --preset/--config")
+    if saved != config:  # naming the flag that asked for the model and the model saved
+        raise ValueError(another_model(rc, saved, config, f"--ckpt-dir {os.path.dirname(path)} "
+                                                          f"({os.path.basename(path)})"))
 
 
 def _refuse_orbax_init_from(path: str) -> None:
@@ -1130,7 +1132,7 @@ def _run(rc: RunConfig, lock: RunLock, dtype: str) -> dict[str, Any]:
             raise ValueError(f"--no-resume: {out_dir} already holds checkpoints (latest {last[0]}); "
                              "use an empty --ckpt-dir or drop --no-resume")
         if last:
-            _check_saved_config(last[0], config, "--ckpt-dir checkpoint")
+            _check_saved_config(last[0], config, "--ckpt-dir checkpoint", rc)
         elif rc.init_from:
             _check_init_from(rc.init_from, config)
 
