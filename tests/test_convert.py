@@ -1058,6 +1058,7 @@ def _trainer_checkpoint(path, *, complete=True):
     Trainer's state beside it (`complete=False`: a save cut short, before its trainer state)."""
     _copy(HF_SRC[0], path)
     torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
+    torch.save({}, path / "scheduler.pt")
     (path / "data_state.rank0.json").write_text(json.dumps({"process_count": 1, "state": None}))
     if complete:
         (path / "trainer_state.json").write_text("{}")
@@ -1087,7 +1088,7 @@ def test_force_never_replaces_training_state(parity, hf_src, tmp_path, capsys):
     files = {n: (ckpt / n).read_bytes() for n in os.listdir(ckpt)}
     rc, err = _run_main(flax_to_torch_main, [parity.ckpt, "--out", ckpt, "--force"], capsys)
     assert rc == 2 and err.count("\n") == 1, err
-    assert "training state (data_state.rank0.json, optimizer.pt, trainer_state.json)" in err, err
+    assert "training state (data_state.rank0.json, optimizer.pt, scheduler.pt, trainer_state.json)" in err, err
     assert {n: (ckpt / n).read_bytes() for n in os.listdir(ckpt)} == files
     assert _no_leftovers(tmp_path, "run") == ["run"] and _no_leftovers(tmp_path, "checkpoint-10") == ["checkpoint-10"]
 

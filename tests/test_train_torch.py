@@ -1066,6 +1066,8 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(weights_dir, tmp_p
         path = tmp_path / f"checkpoint-{step}"
         if not path.exists():
             shutil.copytree(weights_dir, path)
+            for state in ("optimizer.pt", "scheduler.pt"):  # (a checkpoint lacking them cannot be resumed)
+                torch.save({}, path / state)
         for name in names:
             (path / name).write_text(json.dumps({"process_count": 2, "state": None}))
 
@@ -1141,6 +1143,28 @@ def test_resume_skips_damaged_optimizer_state_and_refuses_when_nothing_loads(tra
     assert err.startswith(f"train_torch.py: error: no checkpoint of {copy} can be resumed: {copy / 'checkpoint-10'} "
                           "cannot be loaded (") and "nothing was deleted" in err, err
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize("lost", ["optimizer.pt", "scheduler.pt", "config.json"])
+def test_resume_skips_a_checkpoint_that_lost_a_file_and_keeps_it(lost, trained, tmp_path, capsys):
+    """A checkpoint whose optimizer.pt or scheduler.pt is gone was resumed from: the Trainer loads
+    neither then, silently, and trained on with a new optimizer state and the schedule from its
+    start (a learning rate of 0 after step 10 of a 1-step warm-up). It is skipped with a warning,
+    as a damaged one is, and set aside; a missing config.json is named as missing, not as JSON
+    that cannot be read."""
+    from torch_ref.training import latest_checkpoint, set_aside_damaged
+
+    rc, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(rc.ckpt_dir, copy)
+    os.remove(copy / "checkpoint-10" / lost)
+    assert latest_checkpoint(str(copy)) == (str(copy / "checkpoint-8"), 8)
+    err = capsys.readouterr().err
+    assert err == f"warning: {copy / 'checkpoint-10'} cannot be loaded: {copy / 'checkpoint-10' / lost} is missing; " \
+                  "not resuming from it\n", err
+    kept = set_aside_damaged(str(copy), 8)
+    assert len(kept) == 1 and os.path.basename(kept[0]).startswith("unloadable-checkpoint-10-")
+    assert os.path.isfile(os.path.join(kept[0], "trainer_state.json"))
 
 
 def test_a_checkpoint_of_another_version_is_refused_not_skipped(trained, tmp_path, capsys):

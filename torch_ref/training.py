@@ -801,14 +801,21 @@ def _missing_from_checkpoint(path: str) -> str | None:
 def _unloadable(path: str) -> str | None:
     """Why the Trainer cannot resume from the checkpoint `path` (a damaged file: truncated, cut
     short, overwritten), or None. Cheap: the trainer state is parsed, the weights' headers are
-    checked against its config.json (`convert.hf_import.read_hf_dir`), and the zip directory (at
-    the end of the file) of every optimizer / scheduler / RNG state is read."""
+    checked against its config.json (`convert.hf_import.read_hf_dir`), the optimizer and scheduler
+    states are there, and the zip directory (at the end of the file) of every optimizer / scheduler
+    / RNG state is read."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             json.load(f)
     except (OSError, ValueError) as e:
         return f"{os.path.join(path, 'trainer_state.json')}: not readable JSON ({error_line(e)})"
     config_path = os.path.join(path, "config.json")
+    # A checkpoint holding its trainer state (written last) and lacking one of these lost it: the
+    # Trainer resumes without either, silently, with a new optimizer state and the learning-rate
+    # schedule from its start (the rate of its warm-up's first step).
+    for name in ("config.json", "optimizer.pt", "scheduler.pt"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{os.path.join(path, name)} is missing"
     try:
         with open(config_path) as f:
             saved = json.load(f)
