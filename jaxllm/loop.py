@@ -478,8 +478,8 @@ def restore_train_state(mngr, trainer: Trainer, config: LLMConfig, *, skipped: l
     is skipped and the one before it is used; a checkpoint of another model is an error. The
     (step, warning) of each step skipped is appended to `skipped`, for the caller to print and set
     aside (`_set_aside`) once the run's start-up checks have passed (a run refused for bad input
-    changes nothing). With the run's `rc`, the error for another model names the flag that asked
-    for the model and the model saved."""
+    changes nothing). The error for another model names the model saved, and with the run's `rc`
+    the flag that asked for the model."""
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise ckpt_lib.CheckpointError(f"no checkpoint found in {mngr.directory}")
@@ -546,11 +546,12 @@ def _aside_path(mngr, step: int, stamp: str) -> str:
 
 
 def _check_same_model(saved: LLMConfig, config: LLMConfig, where: str) -> None:
+    """ValueError when the `--init-from` checkpoint (`where`) holds another model than `config` (a
+    resume's checkpoint: `another_model`)."""
     if saved != config:
         raise ValueError(f"{where} holds a checkpoint of another model "
-                         f"(differs in {', '.join(saved.differences(config))})"
-                         + ("; without --preset, --config or a recipe naming a model, --init-from trains the model it holds"
-                            if where.startswith("--init-from") else ""))
+                         f"(differs in {', '.join(saved.differences(config))}); without --preset, --config or "
+                         "a recipe naming a model, --init-from trains the model it holds")
 
 
 def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig, rc: RunConfig | None = None):
@@ -558,9 +559,8 @@ def _restore_step(mngr, step: int, trainer: Trainer, config: LLMConfig, rc: RunC
 
     meta = ckpt_lib.read_meta(mngr, step)
     saved = LLMConfig.from_dict(meta["config"])
-    if rc is not None and saved != config:
+    if saved != config:
         raise ValueError(another_model(rc, saved, config, f"--ckpt-dir {mngr.directory}"))
-    _check_same_model(saved, config, str(mngr.directory))
     target = trainer.abstract_state()
     weights = ckpt_lib.restore_weights(mngr, step, {"params": target["params"], "router_bias": target["router_bias"]})
     ts_target = {"opt_state": target["opt_state"], "step": target["step"], "rng": target["rng"]}

@@ -131,10 +131,11 @@ def named(rc: RunConfig, name: str) -> str:
     return f"{said} (the {rc.recipe} recipe's)" if name in rc.from_recipe else said
 
 
-def another_model(rc: RunConfig, saved, config, where: str) -> str:
+def another_model(rc: RunConfig | None, saved, config, where: str) -> str:
     """The error for a resume whose checkpoint (in `where`) holds the model `saved` while the run
-    asks for `config` (both `LLMConfig`s): it names the flag that asked and the model saved."""
-    asked = named(rc, "config" if rc.config else "preset") if rc.config or rc.preset else None
+    asks for `config` (both `LLMConfig`s): it names the model saved, and with the run's `rc` the
+    flag that asked."""
+    asked = named(rc, "config" if rc.config else "preset") if rc is not None and (rc.config or rc.preset) else None
     held = saved.preset()
     return (f"{where} holds a checkpoint of another model" + (f" than {asked}" if asked else "")
             + f" (differs in {', '.join(saved.differences(config))}"

@@ -1,5 +1,7 @@
 """The jitted train step: learning, sharding invariance, accumulation, balancing, FLOPs, resume."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,10 @@ def test_exact_resume_through_a_checkpoint(tmp_path):
     from jaxllm.loop import restore_train_state
 
     tr2 = _trainer(batch_size=4, lr=1e-3, warmup=2, steps=6)  # a new process would build a new trainer
+    other = dataclasses.replace(TINY, num_hidden_layers=TINY.num_hidden_layers + 1)  # refused before anything is read
+    with pytest.raises(ValueError, match=rf"^--ckpt-dir {tmp_path / 'ck'} holds a checkpoint of another model "
+                                         r"\(differs in num_hidden_layers; it holds the tiny preset\): resume without"):
+        restore_train_state(ckpt_lib.manager(tmp_path / "ck"), tr2, other)
     restored, _, _ = restore_train_state(ckpt_lib.manager(tmp_path / "ck"), tr2, TINY)
     resumed, _ = _run(tr2, batches[3:], state=restored)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
@@ -474,7 +480,6 @@ def test_step_temporary_memory_is_about_one_gradient():
     """With a batch too small to matter, the step's temporaries are the gradients: the optimizer
     updates the donated state in place (no second gradient-sized buffer for the clipped gradient,
     no copies of the old state for the non-finite guard)."""
-    import dataclasses
 
     config = dataclasses.replace(TINY, intermediate_size=512, num_hidden_layers=3)
     mesh = shd.make_mesh(None, jax.devices()[:1])
@@ -542,7 +547,6 @@ def test_a_resume_names_the_settings_it_changes():
     """Checkpoints record the settings that shape training (`recorded_settings`, as JSON); a resume
     names those it changes in one note (another --steps reshapes the schedule), and says nothing
     when none changed or the checkpoint recorded none (written before they were recorded)."""
-    import dataclasses
     import json
 
     from jaxllm.recipes import RunConfig, changed_settings, recorded_settings
@@ -565,7 +569,6 @@ def test_a_resume_compares_the_settings_as_the_run_resolved_them():
     (`loop.settings_in_use`), not as typed: the same mesh spelled in another order, or a flag
     giving what the default is, is no change; the default mesh on 8 devices after 1 is one. Of a
     checkpoint that recorded these as None (saved before), nothing is said."""
-    import dataclasses
     import json
 
     from jaxllm.loop import known_settings, settings_in_use
@@ -612,7 +615,6 @@ def test_a_warm_up_as_long_as_the_run_or_longer_is_named_and_the_rate_never_reac
     the rate rises over every step and never gets to --lr, which each trainer's start-up says. A
     warm-up of exactly --steps does the same (the last step trains at 4/5 of --lr here) and went
     unnamed; one step shorter reaches --lr at the last step."""
-    import dataclasses
 
     from jaxllm.recipes import RunConfig, warmup_warning
     from jaxllm.train import lr_schedule

@@ -554,6 +554,8 @@ class CustomLLMTrainer(Trainer):
     def __init__(self, *args, callbacks=None, data_state: DataStateSaver | None = None, **kwargs):
         self.router_bias_callback = RouterBiasCallback()
         self.data_state = data_state
+        # (told each checkpoint save's seconds, which its throughput leaves out)
+        self.metrics = next((c for c in callbacks or [] if isinstance(c, MetricsCallback)), None)
         model = kwargs.get("model", args[0] if args else None)
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(*args, callbacks=[self.router_bias_callback, DenseGradientsCallback(),
@@ -621,9 +623,8 @@ class CustomLLMTrainer(Trainer):
         t0 = time.perf_counter()
         try:
             self._save_and_rotate(model, trial)
-            for callback in self.callback_handler.callbacks:  # the save's time, out of the throughput
-                if isinstance(callback, MetricsCallback):
-                    callback.saved(time.perf_counter() - t0)
+            if self.metrics is not None:
+                self.metrics.saved(time.perf_counter() - t0)
         except (OSError, RuntimeError, SafetensorError) as e:
             if isinstance(e, RuntimeError) and not _WRITE_FAILED.search(str(e)):  # (gloo's lost peer, ...)
                 raise
