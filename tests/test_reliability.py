@@ -153,8 +153,12 @@ def test_a_save_cut_off_midway_is_passed_over_and_the_run_resumes_identical(tmp_
 
 @pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, monkeypatch, capsys):
+    # What the 8-step run of TINY_RUN leaves (--keep 3: steps 6-8), from the reference run in place
+    # of a launch of its own (the test is about the resume, not about that run)
     ckpt = tmp_path / "ck"
-    _run(ckpt, 8)
+    shutil.copytree(reference, ckpt, ignore=lambda d, names: [n for n in names if d == str(reference)
+                                                               and n.isdigit() and int(n) < 6])
+    assert _steps(ckpt) == [6, 7, 8]
     # Corrupt every data file of the last step's optimizer state.
     for root, _, files in os.walk(ckpt / "8" / "train_state"):
         for f in files:
