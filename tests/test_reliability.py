@@ -1710,8 +1710,10 @@ def test_the_count_of_skipped_non_finite_steps_carries_over_a_resume(tmp_path, c
     is tested)."""
     calls = _non_finite_calls(monkeypatch, {2})
     ck = tmp_path / "ck"
-    argv = BASE + ["--save-every", "1", "--log-every", "1", "--skip-nonfinite", "--ckpt-dir", str(ck)]
+    # (each run saves its last step only: the resume is from step 3, after the skipped step)
+    argv = BASE + ["--save-every", "100", "--log-every", "1", "--skip-nonfinite", "--ckpt-dir", str(ck)]
     assert _main([*argv, "--steps", "3"], capsys)[0] == 0
+    assert _steps(ck) == [3]
     assert _main([*argv, "--steps", "5"], capsys)[0] == 0
     records = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_nonfinite"]) for r in records] == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)]
