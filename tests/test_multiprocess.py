@@ -303,44 +303,63 @@ def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_on
         assert max(int(x) for x in os.listdir(d) if x.isdigit()) == step + 2
 
 
-def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_command_resumes_before_it(tmp_path):
+# A run of 2 processes (2 devices each, `fsdp` across them: each process writes its own shards) with
+# checkpoints at steps 1, 2 and 3. Every launch that uses it is the same command (`FSDP_RUN`): the
+# train step's program depends on --steps (the learning-rate schedule), so they all compile one.
+FSDP_RUN = ["--mesh", "fsdp=4", "--steps", "3", "--save-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_checkpoints(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("fsdp") / "ck"
+    _wait_all(_launch(2, 2, [*FSDP_RUN, "--ckpt-dir", str(ckpt)]))
+    assert sorted(d for d in os.listdir(ckpt) if d.isdigit()) == ["1", "2", "3"]
+    return ckpt
+
+
+def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_command_resumes_before_it(
+        tmp_path, fsdp_checkpoints):
     """With `fsdp` across the processes each one reads only its own shards: a damaged file of
     process 1's fails its restore alone, while process 0 waits for it inside Orbax's restore.
     Going on to an earlier step alone used to mismatch every collective after it (Gloo aborted
     both, no error line, and every rerun again). Now process 1 sets the step aside and ends with
     exit 2 and one line; process 0 fails too (its restore's collective is broken: an error, or JAX
     ends it); the same command then resumes from the step before it."""
+    import shutil
+
     ckpt = tmp_path / "ck"
-    run = lambda steps: _launch(2, 2, ["--mesh", "fsdp=4", "--steps", str(steps), "--save-every", "1",
-                                       "--ckpt-dir", str(ckpt)])
-    _wait_all(run(2))
-    damaged = list((ckpt / "2" / "train_state" / "ocdbt.process_1" / "d").iterdir())
+    shutil.copytree(fsdp_checkpoints, ckpt)
+    run = lambda: _launch(2, 2, [*FSDP_RUN, "--ckpt-dir", str(ckpt)])
+    damaged = list((ckpt / "3" / "train_state" / "ocdbt.process_1" / "d").iterdir())
     assert damaged
     for f in damaged:
         f.write_bytes(f.read_bytes()[:3])
-    procs = run(3)
+    procs = run()
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert procs[1].returncode == 2 and procs[0].returncode != 0, [o[-2000:] for o in outs]
-    assert "train_jax.py: error: checkpoint step 2 could not be restored in process 1 of 2" in outs[1], outs[1][-2000:]
+    assert "train_jax.py: error: checkpoint step 3 could not be restored in process 1 of 2" in outs[1], outs[1][-2000:]
     assert "run the same command again to resume from the step before it" in outs[1]
-    assert len([d for d in os.listdir(ckpt) if d.startswith("2.unreadable-")]) == 1
-    outs = _wait_all(run(3))
-    assert "resuming from" in outs[0] and "at step 1" in outs[0], outs[0][-2000:]
+    assert len([d for d in os.listdir(ckpt) if d.startswith("3.unreadable-")]) == 1
+    outs = _wait_all(run())
+    assert "resuming from" in outs[0] and "at step 2" in outs[0], outs[0][-2000:]
     assert sorted(d for d in os.listdir(ckpt) if d.isdigit()) == ["1", "2", "3"]
+    assert "done: step 3" in outs[0], outs[0][-2000:]  # (step 3 trained again, not only listed)
 
 
-def test_processes_that_list_other_checkpoints_end_with_exit_2_and_change_nothing(tmp_path):
+def test_processes_that_list_other_checkpoints_end_with_exit_2_and_change_nothing(tmp_path, fsdp_checkpoints):
     """Process 1 lists the shared --ckpt-dir without its newest step (a file system's stale cache).
     Each process used to resume the newest step it listed, process 0 step 2 and process 1 step 1,
     and both then waited inside Orbax's restore (still running when killed after 300 s; the
     heartbeat sees no process die). Now they compare what they list before reading any of it:
     both end with one line and status 2, and nothing in the directory changes."""
+    import shutil
+
     ckpt = tmp_path / "ck"
-    _wait_all(_launch(1, 4, ["--steps", "2", "--save-every", "1", "--ckpt-dir", str(ckpt)]))
+    shutil.copytree(fsdp_checkpoints, ckpt)
     files = lambda: sorted((str(p.relative_to(ckpt)), p.stat().st_mtime_ns, p.stat().st_size)
                            for p in ckpt.rglob("*") if p.is_file())
     before = files()
-    procs = _launch(2, 2, ["--steps", "3", "--save-every", "1", "--ckpt-dir", str(ckpt)], stale=[1])
+    procs = _launch(2, 2, [*FSDP_RUN, "--ckpt-dir", str(ckpt)], stale=[1])
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
@@ -350,8 +369,8 @@ def test_processes_that_list_other_checkpoints_end_with_exit_2_and_change_nothin
     lines = [[ln for ln in out.splitlines() if ln.startswith("train_jax.py: error:")] for out in outs]
     assert [len(ls) for ls in lines] == [1, 1], outs
     head = f"--ckpt-dir {ckpt}: process(es) 1 of 2 found other checkpoints there than process 0"
-    assert head + " (this process: steps [1, 2])" in lines[0][0], lines
-    assert head + " (this process: steps [1])" in lines[1][0], lines
+    assert head + " (this process: steps [1, 2, 3])" in lines[0][0], lines
+    assert head + " (this process: steps [1, 2])" in lines[1][0], lines
     assert "Traceback" not in outs[0] + outs[1]
     assert files() == before
 
