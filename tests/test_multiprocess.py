@@ -127,9 +127,15 @@ def _wait_all(procs, timeout=500):
     return outs
 
 
+# The --steps of `_two_training`: far enough ahead of the two steps it waits for that a signal or a
+# kill then comes before the end, and the --steps that the runs resuming it are given too: the train
+# step's program depends on --steps (the learning-rate schedule), so they load the one it compiled.
+TWO_TRAINING_STEPS = 30
+
+
 def _two_training(ckpt):
-    """Two processes of a long run into `ckpt`, returned once they have logged two steps."""
-    p0, p1 = _launch(2, 2, ["--steps", "1000", "--save-every", "1000", "--ckpt-dir", str(ckpt)])
+    """Two processes of a run of `TWO_TRAINING_STEPS` into `ckpt`, returned once they have logged two steps."""
+    p0, p1 = _launch(2, 2, ["--steps", str(TWO_TRAINING_STEPS), "--save-every", "1000", "--ckpt-dir", str(ckpt)])
     t0 = time.time()
     while time.time() - t0 < 400:
         if (ckpt / "metrics.jsonl").exists() and sum(1 for _ in open(ckpt / "metrics.jsonl")) >= 2:
@@ -288,11 +294,11 @@ def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_on
     for p, out in zip((p0, p1), outs):
         assert p.returncode == 128 + 15, out[-3000:]
     (step,) = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
-    assert 2 <= step < 1000
+    assert 2 <= step < TWO_TRAINING_STEPS
     assert f"a signal to process 1: saved a checkpoint at step {step}" in outs[0], outs[0][-2000:]
 
     shutil.copytree(ckpt, tmp_path / "ck1")
-    end = ["--steps", str(step + 2), "--save-every", "2"]
+    end = ["--steps", str(TWO_TRAINING_STEPS), "--save-every", "1000"]
     outs = _wait_all(_launch(2, 2, [*end, "--ckpt-dir", str(ckpt)]))
     assert "resuming from" in outs[0] and f"at step {step}" in outs[0]
     assert "restarts" not in outs[0]  # same process count: the data position is kept
@@ -300,7 +306,7 @@ def test_sigterm_to_one_process_stops_both_then_the_run_resumes_as_two_and_as_on
     assert "resuming from" in out and f"at step {step}" in out
     assert "data stream restarts" in out
     for d in (ckpt, tmp_path / "ck1"):
-        assert max(int(x) for x in os.listdir(d) if x.isdigit()) == step + 2
+        assert max(int(x) for x in os.listdir(d) if x.isdigit()) == TWO_TRAINING_STEPS
 
 
 # A run of 2 processes (2 devices each, `fsdp` across them: each process writes its own shards) with
