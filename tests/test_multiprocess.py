@@ -130,7 +130,7 @@ def _wait_all(procs, timeout=500):
 # The --steps of `_two_training`: far enough ahead of the two steps it waits for that a signal or a
 # kill then comes before the end, and the --steps that the runs resuming it are given too: the train
 # step's program depends on --steps (the learning-rate schedule), so they load the one it compiled.
-TWO_TRAINING_STEPS = 30
+TWO_TRAINING_STEPS = 60
 
 
 def _two_training(ckpt):
