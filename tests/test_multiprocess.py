@@ -354,7 +354,7 @@ def test_a_checkpoint_unreadable_in_one_process_only_is_set_aside_and_the_same_c
 
 def test_processes_that_list_other_checkpoints_end_with_exit_2_and_change_nothing(tmp_path, fsdp_checkpoints):
     """Process 1 lists the shared --ckpt-dir without its newest step (a file system's stale cache).
-    Each process used to resume the newest step it listed, process 0 step 2 and process 1 step 1,
+    Each process used to resume the newest step it listed, here process 0 step 3 and process 1 step 2,
     and both then waited inside Orbax's restore (still running when killed after 300 s; the
     heartbeat sees no process die). Now they compare what they list before reading any of it:
     both end with one line and status 2, and nothing in the directory changes."""
